@@ -1,0 +1,517 @@
+//! The async SphereDB client: routing cache, leader discovery, bounded retries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spheredb_storage::keys;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::ClientError;
+use crate::limits::{self, check_key, check_value};
+use crate::proto::v1::{
+    admin_client::AdminClient, kv_client::KvClient, BatchRequest, CompareAndSwapRequest, DeleteRequest, GetRequest,
+    Header, KeyValue, PutRequest, RangeDescriptor, RangeListRequest, RangeRef, ReadConsistency, ScanRequest,
+    StatusRequest, StatusResponse, WriteOp,
+};
+
+/// Default time budget of one client call, retries included.
+pub const DEFAULT_CALL_DEADLINE_MS: u64 = 10_000;
+/// Default most attempts of one client call.
+pub const DEFAULT_RETRY_BUDGET: u32 = 16;
+/// First backoff between attempts; doubles up to [`MAX_BACKOFF_MS`].
+pub const INITIAL_BACKOFF_MS: u64 = 20;
+/// Longest backoff between attempts.
+pub const MAX_BACKOFF_MS: u64 = 500;
+/// Time allowed to open a connection.
+pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+/// Client tuning.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Time budget of one call including retries.
+    pub call_deadline_ms: u64,
+    /// Most attempts of one call.
+    pub retry_budget: u32,
+    /// Read consistency of gets and scans.
+    pub consistency: Consistency,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            call_deadline_ms: DEFAULT_CALL_DEADLINE_MS,
+            retry_budget: DEFAULT_RETRY_BUDGET,
+            consistency: Consistency::Linearizable,
+        }
+    }
+}
+
+/// How reads are made linearizable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// ReadIndex: one quorum round trip per read batch.
+    Linearizable,
+    /// The leader's lease: no round trip while the lease holds.
+    Lease,
+}
+
+impl Consistency {
+    fn wire(self) -> i32 {
+        match self {
+            Consistency::Linearizable => ReadConsistency::Linearizable as i32,
+            Consistency::Lease => ReadConsistency::Lease as i32,
+        }
+    }
+}
+
+/// What the client knows about the cluster. Fixed from server hints.
+#[derive(Default)]
+struct RoutingCache {
+    /// Descriptors keyed by start key.
+    ranges: BTreeMap<Vec<u8>, RangeDescriptor>,
+    /// Node id to address.
+    nodes: HashMap<u64, String>,
+    /// Range id to the node believed to lead it.
+    leaders: HashMap<u64, u64>,
+}
+
+impl RoutingCache {
+    fn lookup(&self, key: &[u8]) -> Option<RangeDescriptor> {
+        let (_, desc) = self.ranges.range(..=key.to_vec()).next_back()?;
+        keys::span_contains(&desc.start_key, &desc.end_key, key).then(|| desc.clone())
+    }
+
+    fn install(&mut self, descriptors: &[RangeDescriptor]) {
+        for d in descriptors {
+            // Drop cached ranges the new descriptor overlaps, then insert it.
+            let stale: Vec<Vec<u8>> = self
+                .ranges
+                .values()
+                .filter(|old| spans_overlap(old, d))
+                .map(|old| old.start_key.clone())
+                .collect();
+            for k in stale {
+                self.ranges.remove(&k);
+            }
+            self.ranges.insert(d.start_key.clone(), d.clone());
+        }
+    }
+}
+
+fn spans_overlap(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
+    let a_before_b_end = b.end_key.is_empty() || a.start_key < b.end_key;
+    let b_before_a_end = a.end_key.is_empty() || b.start_key < a.end_key;
+    a_before_b_end && b_before_a_end
+}
+
+/// A SphereDB client. Cheap to clone; clones share connections and the routing cache.
+#[derive(Clone)]
+pub struct Client {
+    seeds: Arc<Vec<String>>,
+    options: ClientOptions,
+    cache: Arc<Mutex<RoutingCache>>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+/// Whether a call may be sent again after an outcome-unknown failure.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads: any failure may be retried.
+    Always,
+    /// Writes: retried only when the server guarantees it did not apply the request.
+    OnlyIfNotApplied,
+}
+
+impl Client {
+    /// Connects to a cluster through any of `seeds` (`host:port`) and loads the range map.
+    pub async fn connect<S: AsRef<str>>(seeds: &[S], options: ClientOptions) -> Result<Client, ClientError> {
+        if seeds.is_empty() {
+            return Err(ClientError::InvalidArgument("no seed address given".into()));
+        }
+        let client = Client {
+            seeds: Arc::new(seeds.iter().map(|s| s.as_ref().to_string()).collect()),
+            options,
+            cache: Arc::new(Mutex::new(RoutingCache::default())),
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        };
+        client.refresh_ranges().await?;
+        Ok(client)
+    }
+
+    /// The options this client was built with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true);
+        let ch = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn kv(&self, addr: &str) -> Result<KvClient<Channel>, ClientError> {
+        Ok(KvClient::new(self.channel(addr)?)
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES))
+    }
+
+    /// Admin stub for `addr`.
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, ClientError> {
+        Ok(AdminClient::new(self.channel(addr)?))
+    }
+
+    /// Reloads range descriptors and node addresses from the first seed or node that answers.
+    pub async fn refresh_ranges(&self) -> Result<(), ClientError> {
+        let mut candidates: Vec<String> = self.seeds.to_vec();
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            candidates.extend(cache.nodes.values().cloned());
+        }
+        candidates.dedup();
+        let mut last_error = ClientError::Unavailable("no node answered".into());
+        for addr in candidates {
+            let mut admin = self.admin(&addr)?;
+            let mut req = tonic::Request::new(RangeListRequest {});
+            req.set_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS * 2));
+            match admin.range_list(req).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    for n in &resp.nodes {
+                        cache.nodes.insert(n.node_id, n.addr.clone());
+                    }
+                    cache.install(&resp.ranges);
+                    if let Some(leader) = resp.leader_id {
+                        for r in &resp.ranges {
+                            cache.leaders.insert(r.range_id, leader);
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(status) => last_error = ClientError::from_status(&status),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Picks the address to send a request for `range` to on attempt `attempt`.
+    fn target(&self, range: &RangeDescriptor, attempt: u32) -> String {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(addr) = cache.leaders.get(&range.range_id).and_then(|id| cache.nodes.get(id)) {
+            return addr.clone();
+        }
+        let mut all: Vec<&String> = range.voters.iter().filter_map(|id| cache.nodes.get(id)).collect();
+        if all.is_empty() {
+            all = self.seeds.iter().collect();
+        }
+        all[attempt as usize % all.len()].clone()
+    }
+
+    fn note_failure(&self, range: &RangeDescriptor, err: &ClientError) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match err {
+            ClientError::NotLeader { leader: Some(l) } => {
+                cache.nodes.insert(l.node_id, l.addr.clone());
+                cache.leaders.insert(range.range_id, l.node_id);
+            }
+            ClientError::KeyNotInRange { descriptors, .. } | ClientError::StaleGeneration { descriptors, .. } => {
+                cache.install(descriptors);
+            }
+            _ => {
+                cache.leaders.remove(&range.range_id);
+            }
+        }
+    }
+
+    /// Runs `op` against the range holding `routing_key` with retries, backoff and deadline.
+    async fn call<T, F, Fut>(&self, routing_key: &[u8], retry: Retry, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(KvClient<Channel>, Header) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let deadline = Duration::from_millis(self.options.call_deadline_ms);
+        let mut backoff_ms = INITIAL_BACKOFF_MS;
+        let mut last_error = ClientError::Unavailable("no attempt made".into());
+        for attempt in 0..self.options.retry_budget {
+            let remaining = match deadline.checked_sub(started.elapsed()) {
+                Some(r) if !r.is_zero() => r,
+                _ => break,
+            };
+            let range = {
+                let found = self.cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(routing_key);
+                match found {
+                    Some(r) => r,
+                    None => {
+                        if let Err(e) = self.refresh_ranges().await {
+                            last_error = e;
+                            tokio::time::sleep(Duration::from_millis(backoff_ms).min(remaining)).await;
+                            backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+                            continue;
+                        }
+                        match self.cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(routing_key) {
+                            Some(r) => r,
+                            None => return Err(ClientError::RangeNotFound("no range covers the key".into())),
+                        }
+                    }
+                }
+            };
+            let header = Header {
+                sphere_id: keys::decode_kv_key(routing_key).map(|(s, _)| s).unwrap_or_default(),
+                range: Some(RangeRef {
+                    range_id: range.range_id,
+                    generation: range.generation,
+                }),
+            };
+            let addr = self.target(&range, attempt);
+            let result = match tokio::time::timeout(remaining, op(self.kv(&addr)?, header)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(status)) => ClientError::from_status(&status),
+                Err(_) => ClientError::Indeterminate(format!("no answer from {addr} before the deadline")),
+            };
+            match &result {
+                ClientError::InvalidArgument(_) | ClientError::Corruption(_) | ClientError::Internal(_) => {
+                    return Err(result)
+                }
+                e if retry == Retry::OnlyIfNotApplied && !e.is_rejected_before_apply() => return Err(result),
+                ClientError::RangeNotFound(_) => {
+                    self.cache.lock().unwrap_or_else(|p| p.into_inner()).ranges.clear();
+                }
+                _ => {}
+            }
+            self.note_failure(&range, &result);
+            let follow_hint = matches!(&result, ClientError::NotLeader { leader: Some(_) })
+                || matches!(&result, ClientError::KeyNotInRange { .. } | ClientError::StaleGeneration { .. });
+            last_error = result;
+            if !follow_hint {
+                tokio::time::sleep(Duration::from_millis(backoff_ms).min(remaining)).await;
+                backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+            }
+        }
+        Err(match last_error {
+            e @ ClientError::Indeterminate(_) => e,
+            e => ClientError::DeadlineExceeded {
+                deadline_ms: self.options.call_deadline_ms,
+                last_error: e.to_string(),
+            },
+        })
+    }
+
+    /// Reads `key` of `sphere`.
+    pub async fn get(&self, sphere: u64, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        check_key(key)?;
+        let consistency = self.options.consistency.wire();
+        self.call(&keys::kv_key(sphere, key), Retry::Always, |mut kv, header| async move {
+            let resp = kv
+                .get(GetRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    consistency,
+                })
+                .await?
+                .into_inner();
+            Ok(resp.found.then_some(resp.value))
+        })
+        .await
+    }
+
+    /// Writes `key = value` in `sphere`.
+    pub async fn put(&self, sphere: u64, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        check_key(key)?;
+        check_value(value)?;
+        self.call(&keys::kv_key(sphere, key), Retry::OnlyIfNotApplied, |mut kv, header| async move {
+            kv.put(PutRequest {
+                header: Some(header),
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, sphere: u64, key: &[u8]) -> Result<bool, ClientError> {
+        check_key(key)?;
+        self.call(&keys::kv_key(sphere, key), Retry::OnlyIfNotApplied, |mut kv, header| async move {
+            Ok(kv
+                .delete(DeleteRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                })
+                .await?
+                .into_inner()
+                .existed)
+        })
+        .await
+    }
+
+    /// Sets `key` to `new_value` (or deletes it when `None`) if it currently holds `expected`
+    /// (`None`: absent). Returns whether it swapped and the value found.
+    pub async fn compare_and_swap(
+        &self,
+        sphere: u64,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new_value: Option<&[u8]>,
+    ) -> Result<(bool, Option<Vec<u8>>), ClientError> {
+        check_key(key)?;
+        if let Some(v) = new_value {
+            check_value(v)?;
+        }
+        self.call(&keys::kv_key(sphere, key), Retry::OnlyIfNotApplied, |mut kv, header| async move {
+            let resp = kv
+                .compare_and_swap(CompareAndSwapRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    expected: expected.map(<[u8]>::to_vec),
+                    new_value: new_value.map(<[u8]>::to_vec),
+                })
+                .await?
+                .into_inner();
+            Ok((resp.succeeded, resp.current))
+        })
+        .await
+    }
+
+    /// Applies `ops` (`(key, Some(value))` puts, `(key, None)` deletes) atomically.
+    ///
+    /// All keys must lie in one range; until transactions exist, a batch spanning ranges is
+    /// rejected rather than applied partially.
+    pub async fn batch(&self, sphere: u64, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), ClientError> {
+        let Some((first, _)) = ops.first() else {
+            return Ok(());
+        };
+        if ops.len() > limits::MAX_BATCH_OPS {
+            return Err(ClientError::InvalidArgument(format!(
+                "batch of {} ops is over the limit of {}",
+                ops.len(),
+                limits::MAX_BATCH_OPS
+            )));
+        }
+        let mut total_bytes = 0usize;
+        for (k, v) in ops {
+            check_key(k)?;
+            if let Some(v) = v {
+                check_value(v)?;
+            }
+            total_bytes += k.len() + v.as_ref().map_or(0, Vec::len);
+        }
+        if total_bytes > limits::MAX_BATCH_SIZE_BYTES {
+            return Err(ClientError::InvalidArgument(format!(
+                "batch of {total_bytes} bytes is over the limit of {} bytes",
+                limits::MAX_BATCH_SIZE_BYTES
+            )));
+        }
+        let wire_ops: Vec<WriteOp> = ops
+            .iter()
+            .map(|(k, v)| WriteOp {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect();
+        let wire_ops = &wire_ops;
+        self.call(&keys::kv_key(sphere, first), Retry::OnlyIfNotApplied, |mut kv, header| async move {
+            kv.batch(BatchRequest {
+                header: Some(header),
+                ops: wire_ops.clone(),
+            })
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Returns up to `limit` pairs of `sphere` with `start <= key < end` (empty `end`: to the
+    /// end of the sphere), in key order, following the scan across ranges.
+    pub async fn scan(&self, sphere: u64, start: &[u8], end: &[u8], limit: u32) -> Result<Vec<KeyValue>, ClientError> {
+        let limit = if limit == 0 { limits::DEFAULT_SCAN_LIMIT } else { limit };
+        let consistency = self.options.consistency.wire();
+        let mut out: Vec<KeyValue> = Vec::new();
+        let mut cursor = start.to_vec();
+        while (out.len() as u32) < limit {
+            let want = limit - out.len() as u32;
+            let cursor_ref = &cursor;
+            let (pairs, more) = self
+                .call(&keys::kv_key(sphere, cursor_ref), Retry::Always, |mut kv, header| async move {
+                    let resp = kv
+                        .scan(ScanRequest {
+                            header: Some(header),
+                            start: cursor_ref.clone(),
+                            end: end.to_vec(),
+                            limit: want,
+                            consistency,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((resp.pairs, resp.more))
+                })
+                .await?;
+            let last = pairs.last().map(|kv| kv.key.clone());
+            out.extend(pairs);
+            match (more, last) {
+                (true, Some(mut last)) => {
+                    last.push(0);
+                    cursor = last;
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Status of the node at `addr`; `include_digest` adds a digest of each range's data.
+    pub async fn status(&self, addr: &str, include_digest: bool) -> Result<StatusResponse, ClientError> {
+        let mut req = tonic::Request::new(StatusRequest { include_digest });
+        req.set_timeout(Duration::from_millis(self.options.call_deadline_ms));
+        self.admin(addr)?
+            .status(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| ClientError::from_status(&s))
+    }
+
+    /// Known node addresses by id.
+    pub fn known_nodes(&self) -> HashMap<u64, String> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).nodes.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(id: u64, start: &[u8], end: &[u8]) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: id,
+            generation: 1,
+            start_key: start.to_vec(),
+            end_key: end.to_vec(),
+            voters: vec![],
+            learners: vec![],
+        }
+    }
+
+    #[test]
+    fn routing_cache_finds_the_covering_range_and_replaces_overlaps() {
+        let mut cache = RoutingCache::default();
+        cache.install(&[desc(1, b"", b"m"), desc(2, b"m", b"")]);
+        assert_eq!(cache.lookup(b"a").unwrap().range_id, 1);
+        assert_eq!(cache.lookup(b"m").unwrap().range_id, 2);
+        assert_eq!(cache.lookup(b"zzz").unwrap().range_id, 2);
+        // A merge covering both replaces them.
+        cache.install(&[desc(3, b"", b"")]);
+        assert_eq!(cache.ranges.len(), 1);
+        assert_eq!(cache.lookup(b"q").unwrap().range_id, 3);
+    }
+}

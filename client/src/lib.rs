@@ -1,0 +1,33 @@
+//! SphereDB client library.
+//!
+//! Holds the wire protocol (`.proto` files under `client/proto`) and an async client that
+//! connects to seed addresses, finds each range's leader, follows `NotLeader` hints, retries
+//! what is safe to retry with bounded backoff and a per-call deadline, and returns typed
+//! errors. It does not link RocksDB.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), spheredb_client::ClientError> {
+//! let client = spheredb_client::Client::connect(&["127.0.0.1:7400"], Default::default()).await?;
+//! client.put(1, b"greeting", b"hello").await?;
+//! assert_eq!(client.get(1, b"greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod error;
+pub mod limits;
+
+/// Generated protobuf types and gRPC stubs.
+pub mod proto {
+    /// Key-value and admin API.
+    pub mod v1 {
+        tonic::include_proto!("spheredb.v1");
+    }
+    /// Node-to-node Raft transport.
+    pub mod raft {
+        tonic::include_proto!("spheredb.raft.v1");
+    }
+}
+
+pub use client::{Client, ClientOptions, Consistency};
+pub use error::ClientError;

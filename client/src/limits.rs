@@ -1,0 +1,47 @@
+//! Request limits shared by the client (early checks) and the server (enforcement).
+
+use crate::ClientError;
+
+
+/// Largest key accepted, in bytes.
+pub const MAX_KEY_SIZE_BYTES: usize = 4 << 10;
+/// Largest value accepted, in bytes.
+pub const MAX_VALUE_SIZE_BYTES: usize = 8 << 20;
+/// Largest total of keys and values in one batch, in bytes.
+pub const MAX_BATCH_SIZE_BYTES: usize = 16 << 20;
+/// Most operations in one batch.
+pub const MAX_BATCH_OPS: usize = 10_000;
+/// Largest gRPC message a KV server or client decodes: one full batch plus framing.
+pub const MAX_GRPC_MESSAGE_SIZE_BYTES: usize = MAX_BATCH_SIZE_BYTES + (1 << 20);
+/// Rows a scan returns when the request gives no limit.
+pub const DEFAULT_SCAN_LIMIT: u32 = 1_000;
+/// Most rows one scan request may return.
+pub const MAX_SCAN_LIMIT: u32 = 100_000;
+
+/// Rejects an empty or oversized key.
+pub fn check_key(key: &[u8]) -> Result<(), ClientError> {
+    if key.is_empty() {
+        return Err(ClientError::InvalidArgument("key is empty".into()));
+    }
+    if key.len() > MAX_KEY_SIZE_BYTES {
+        return Err(ClientError::InvalidArgument(format!(
+            "key of {} bytes is over the limit of {} bytes",
+            key.len(),
+            MAX_KEY_SIZE_BYTES
+        )));
+    }
+    Ok(())
+}
+
+/// Rejects an oversized value.
+pub fn check_value(value: &[u8]) -> Result<(), ClientError> {
+    if value.len() > MAX_VALUE_SIZE_BYTES {
+        return Err(ClientError::InvalidArgument(format!(
+            "value of {} bytes is over the limit of {} bytes",
+            value.len(),
+            MAX_VALUE_SIZE_BYTES
+        )));
+    }
+    Ok(())
+}
+

@@ -1,0 +1,56 @@
+//! Node configuration and its defaults.
+
+use std::path::PathBuf;
+
+/// Default client/peer port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Default number of voters per range.
+pub const DEFAULT_REPLICATION_FACTOR: usize = 3;
+/// Default leader heartbeat period.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Default lower bound of the randomized election timeout; the upper bound is twice this.
+pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1_000;
+/// Default number of log entries since the last snapshot that triggers a new snapshot.
+pub const DEFAULT_SNAPSHOT_LOG_THRESHOLD: u64 = 10_000;
+/// Log entries kept behind a snapshot so slightly lagging followers avoid a snapshot install.
+pub const DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT: u64 = 1_000;
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where the node keeps its RocksDB and snapshots.
+    pub data_dir: PathBuf,
+    /// Address to bind for clients and peers (`host:port`; port 0 picks a free one).
+    pub listen: String,
+    /// Address other nodes and clients use to reach this node; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// Seeds of an existing cluster to join. Empty on the first node and on restarts.
+    pub join: Vec<String>,
+    /// Voters per range.
+    pub replication_factor: usize,
+    /// Leader heartbeat period.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the election timeout.
+    pub election_timeout_ms: u64,
+    /// Log entries since the last snapshot that trigger a new one.
+    pub snapshot_log_threshold: u64,
+    /// Log entries kept behind a snapshot.
+    pub log_kept_behind_snapshot: u64,
+}
+
+impl NodeConfig {
+    /// A configuration with defaults for everything but the data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            data_dir: data_dir.into(),
+            listen: DEFAULT_LISTEN.to_string(),
+            advertise: None,
+            join: Vec::new(),
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            election_timeout_ms: DEFAULT_ELECTION_TIMEOUT_MS,
+            snapshot_log_threshold: DEFAULT_SNAPSHOT_LOG_THRESHOLD,
+            log_kept_behind_snapshot: DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT,
+        }
+    }
+}

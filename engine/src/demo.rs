@@ -1,0 +1,175 @@
+//! `spheredb demo`: a local 3-node cluster with sample sphere data.
+
+use std::io::IsTerminal;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use spheredb_client::{Client, ClientOptions};
+
+/// Longest the demo waits for its cluster to form.
+pub const DEMO_STARTUP_DEADLINE_MS: u64 = 60_000;
+
+/// Child processes, killed when dropped.
+struct Children(Vec<(u64, String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, _, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port(preferred: u16) -> anyhow::Result<u16> {
+    if TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return Ok(preferred);
+    }
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn_node(dir: &Path, index: u16, addr: &str, join: Option<&str>) -> anyhow::Result<Child> {
+    let data = dir.join(format!("node{index}"));
+    std::fs::create_dir_all(&data)?;
+    let log = std::fs::File::create(dir.join(format!("node{index}.log")))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("start")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(addr)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(j) = join {
+        cmd.arg("--join").arg(j);
+    }
+    cmd.spawn().context("starting a node process")
+}
+
+async fn wait_for<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(DEMO_STARTUP_DEADLINE_MS) {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("timed out waiting for {what}")
+}
+
+async fn voters(addr: &str) -> Option<(usize, Option<u64>)> {
+    let client = Client::connect(&[addr], ClientOptions::default()).await.ok()?;
+    let status = client.status(addr, false).await.ok()?;
+    let range = status.ranges.first()?;
+    Some((range.descriptor.as_ref()?.voters.len(), range.leader_id))
+}
+
+const ALBUM_SPHERE: u64 = 1;
+const TEAM_SPHERE: u64 = 2;
+
+async fn load_sample(client: &Client) -> anyhow::Result<usize> {
+    let mut album = Vec::new();
+    for i in 0..100u32 {
+        album.push((
+            format!("photo/{i:04}").into_bytes(),
+            Some(format!("{{\"title\":\"Summer {i}\",\"by\":\"member{}\"}}", i % 7).into_bytes()),
+        ));
+    }
+    client.batch(ALBUM_SPHERE, &album).await?;
+    let mut team = Vec::new();
+    for i in 0..50u32 {
+        team.push((
+            format!("task/{i:03}").into_bytes(),
+            Some(format!("{{\"title\":\"Task {i}\",\"done\":{}}}", i % 3 == 0).into_bytes()),
+        ));
+    }
+    client.batch(TEAM_SPHERE, &team).await?;
+    client.put(ALBUM_SPHERE, b"name", b"Family album").await?;
+    client.put(TEAM_SPHERE, b"name", b"Platform team").await?;
+    Ok(album.len() + team.len() + 2)
+}
+
+/// Runs the demo.
+pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let dir = tempfile::Builder::new().prefix("spheredb-demo-").tempdir()?;
+    let mut addrs = Vec::new();
+    for i in 0..nodes {
+        let port = free_port(base_port.saturating_add(i))?;
+        addrs.push(format!("127.0.0.1:{port}"));
+    }
+    println!("Starting {nodes} SphereDB nodes in {}", dir.path().display());
+    let mut children = Children(Vec::new());
+    children.0.push((1, addrs[0].clone(), spawn_node(dir.path(), 1, &addrs[0], None)?));
+    wait_for("the first node", || async { voters(&addrs[0]).await.is_some_and(|(_, l)| l.is_some()) }).await?;
+    for i in 1..nodes {
+        let child = spawn_node(dir.path(), i + 1, &addrs[i as usize], Some(&addrs[0]))?;
+        children.0.push((u64::from(i) + 1, addrs[i as usize].clone(), child));
+    }
+    let want = usize::from(nodes.min(3));
+    wait_for("all nodes to join", || async { voters(&addrs[0]).await.is_some_and(|(v, _)| v >= want) }).await?;
+    let client = Client::connect(&addrs, ClientOptions::default()).await?;
+    let loaded = load_sample(&client).await?;
+    println!("Cluster is up: {} nodes, {loaded} sample keys in spheres {ALBUM_SPHERE} (album) and {TEAM_SPHERE} (team).\n", nodes);
+    let exe = std::env::current_exe()?.display().to_string();
+    println!("Try, in another terminal:");
+    println!("  {exe} status --host {}", addrs[0]);
+    println!("  {exe} kv --host {} --sphere {ALBUM_SPHERE} scan --limit 5", addrs[0]);
+    println!("  {exe} kv --host {} --sphere {TEAM_SPHERE} put task/999 '{{\"title\":\"ship it\"}}'", addrs[0]);
+    println!("Node logs are in {}.\n", dir.path().display());
+
+    if std::io::stdin().is_terminal() {
+        println!("Press Ctrl-C to stop the cluster and delete its data.");
+        tokio::signal::ctrl_c().await?;
+        println!("\nStopping.");
+        return Ok(());
+    }
+    tour(&client, &addrs, &mut children).await
+}
+
+async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> anyhow::Result<()> {
+    println!("== Tour (stdin is not a terminal) ==\n");
+    let (first, rows) = crate::status::gather(&addrs[0]).await?;
+    print!("{}", crate::status::to_text(&first, &rows));
+    println!("\n$ kv --sphere {ALBUM_SPHERE} scan --limit 3");
+    for kv in client.scan(ALBUM_SPHERE, b"photo/", b"", 3).await? {
+        println!("{}\t{}", String::from_utf8_lossy(&kv.key), String::from_utf8_lossy(&kv.value));
+    }
+    let leader = first.ranges.first().and_then(|r| r.leader_id);
+    if children.0.len() >= 3 {
+        if let Some(leader) = leader {
+            println!("\nKilling the leader (node {leader}) with SIGKILL...");
+            if let Some(pos) = children.0.iter().position(|(id, _, _)| *id == leader) {
+                let (_, _, mut child) = children.0.remove(pos);
+                child.kill()?;
+                child.wait()?;
+            }
+            let started = Instant::now();
+            let survivor = children.0[0].1.clone();
+            wait_for("a new leader", || async {
+                voters(&survivor).await.is_some_and(|(_, l)| l.is_some_and(|l| l != leader))
+            })
+            .await?;
+            println!("New leader elected after {} ms.", started.elapsed().as_millis());
+            let name = client.get(ALBUM_SPHERE, b"name").await?;
+            println!(
+                "Read back sphere {ALBUM_SPHERE} name: {}",
+                name.map_or("(missing!)".into(), |v| String::from_utf8_lossy(&v).into_owned())
+            );
+            let photos = client.scan(ALBUM_SPHERE, b"photo/", b"photo0", 1000).await?;
+            println!("All {} photos still readable.", photos.len());
+        }
+    }
+    println!("\nTour done; stopping the cluster.");
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The KV gRPC service over a sphere's raw keyspace.
+//!
+//! Validates every request before it reaches Raft (limits, range, generation), writes through
+//! Raft, and reads after a ReadIndex (or lease) barrier so reads are linearizable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ReadPolicy;
+use spheredb_client::limits::{self, check_key, check_value};
+use spheredb_client::proto::v1::kv_server::Kv;
+use spheredb_client::proto::v1::{
+    BatchRequest, BatchResponse, CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse,
+    GetRequest, GetResponse, Header, KeyValue, PutRequest, PutResponse, ReadConsistency, ScanRequest, ScanResponse,
+};
+use spheredb_client::ClientError;
+use spheredb_raft::state_machine::{read_value, scan_values};
+use spheredb_raft::{Command, CommandResponse, WriteOp};
+use spheredb_storage::keys;
+use tonic::{Request, Response, Status};
+
+use crate::errors::{read_error, storage_error, write_error};
+use crate::node::NodeShared;
+
+/// Longest a write waits for commit before answering "outcome unknown".
+pub const WRITE_TIMEOUT_MS: u64 = 5_000;
+/// Longest a read waits for its linearizability barrier.
+pub const READ_TIMEOUT_MS: u64 = 5_000;
+
+/// The KV service of a node.
+pub struct KvService {
+    node: Arc<NodeShared>,
+}
+
+impl KvService {
+    /// A service over `node`.
+    pub fn new(node: Arc<NodeShared>) -> Self {
+        KvService { node }
+    }
+
+    /// Checks the header and returns the sphere id.
+    fn check_header(&self, header: &Option<Header>) -> Result<u64, ClientError> {
+        let Some(header) = header else {
+            return Err(ClientError::InvalidArgument(
+                "request has no header: name the sphere and the range (Admin.RangeList lists ranges)".into(),
+            ));
+        };
+        let Some(range) = &header.range else {
+            return Err(ClientError::InvalidArgument(
+                "request names no range: set header.range from Admin.RangeList".into(),
+            ));
+        };
+        self.node.check_range(range.range_id, range.generation)?;
+        Ok(header.sphere_id)
+    }
+
+    async fn write(&self, cmd: Command) -> Result<CommandResponse, ClientError> {
+        let result = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), self.node.raft.client_write(cmd)).await;
+        match result {
+            Err(_) => Err(ClientError::Indeterminate(format!(
+                "write not committed within {WRITE_TIMEOUT_MS} ms; it may still apply"
+            ))),
+            Ok(Err(e)) => Err(write_error(e)),
+            Ok(Ok(resp)) => match resp.data {
+                CommandResponse::Rejected { reason } => Err(ClientError::InvalidArgument(reason)),
+                other => Ok(other),
+            },
+        }
+    }
+
+    async fn read_barrier(&self, consistency: i32) -> Result<(), ClientError> {
+        let policy = match ReadConsistency::try_from(consistency) {
+            Ok(ReadConsistency::Lease) => ReadPolicy::LeaseRead,
+            Ok(ReadConsistency::Linearizable) => ReadPolicy::ReadIndex,
+            Err(_) => return Err(ClientError::InvalidArgument(format!("unknown read consistency {consistency}"))),
+        };
+        let barrier = async {
+            match self.node.raft.ensure_linearizable(policy.clone()).await {
+                // An expired lease is not an error for the caller: fall back to ReadIndex.
+                Err(_) if policy == ReadPolicy::LeaseRead => {
+                    self.node.raft.ensure_linearizable(ReadPolicy::ReadIndex).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(Duration::from_millis(READ_TIMEOUT_MS), barrier).await {
+            Err(_) => Err(ClientError::Unavailable(format!(
+                "could not confirm leadership within {READ_TIMEOUT_MS} ms"
+            ))),
+            Ok(Err(e)) => Err(read_error(e)),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+}
+
+fn unexpected(resp: CommandResponse) -> ClientError {
+    ClientError::Internal(format!("unexpected command response {resp:?}"))
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn answer<T>(r: Result<T, ClientError>) -> Reply<T> {
+    r.map(Response::new).map_err(|e| e.to_status())
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, request: Request<GetRequest>) -> Reply<GetResponse> {
+        let req = request.into_inner();
+        answer(async {
+            let sphere = self.check_header(&req.header)?;
+            check_key(&req.key)?;
+            self.read_barrier(req.consistency).await?;
+            let value = read_value(&self.node.db, &keys::kv_key(sphere, &req.key)).map_err(storage_error)?;
+            Ok(GetResponse {
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+            })
+        }
+        .await)
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Reply<PutResponse> {
+        let req = request.into_inner();
+        answer(async {
+            let sphere = self.check_header(&req.header)?;
+            check_key(&req.key)?;
+            check_value(&req.value)?;
+            let op = WriteOp {
+                key: keys::kv_key(sphere, &req.key),
+                value: Some(req.value),
+            };
+            match self.write(Command::Write { ops: vec![op] }).await? {
+                CommandResponse::Done => Ok(PutResponse {}),
+                other => Err(unexpected(other)),
+            }
+        }
+        .await)
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Reply<DeleteResponse> {
+        let req = request.into_inner();
+        answer(async {
+            let sphere = self.check_header(&req.header)?;
+            check_key(&req.key)?;
+            match self
+                .write(Command::Delete {
+                    key: keys::kv_key(sphere, &req.key),
+                })
+                .await?
+            {
+                CommandResponse::Deleted { existed } => Ok(DeleteResponse { existed }),
+                other => Err(unexpected(other)),
+            }
+        }
+        .await)
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Reply<ScanResponse> {
+        let req = request.into_inner();
+        answer(async {
+            let sphere = self.check_header(&req.header)?;
+            let limit = match req.limit {
+                0 => limits::DEFAULT_SCAN_LIMIT,
+                n if n > limits::MAX_SCAN_LIMIT => {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "scan limit {n} is over the maximum of {}",
+                        limits::MAX_SCAN_LIMIT
+                    )))
+                }
+                n => n,
+            };
+            if !req.end.is_empty() && req.end <= req.start {
+                return Ok(ScanResponse {
+                    pairs: vec![],
+                    more: false,
+                });
+            }
+            self.read_barrier(req.consistency).await?;
+            let start = keys::kv_key(sphere, &req.start);
+            let end = if req.end.is_empty() {
+                keys::kv_sphere_span(sphere).1
+            } else {
+                keys::kv_key(sphere, &req.end)
+            };
+            let (pairs, more) = scan_values(&self.node.db, &start, &end, limit as usize).map_err(storage_error)?;
+            let pairs = pairs
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    keys::decode_kv_key(&k).map(|(_, user)| KeyValue {
+                        key: user.to_vec(),
+                        value: v,
+                    })
+                })
+                .collect();
+            Ok(ScanResponse { pairs, more })
+        }
+        .await)
+    }
+
+    async fn compare_and_swap(&self, request: Request<CompareAndSwapRequest>) -> Reply<CompareAndSwapResponse> {
+        let req = request.into_inner();
+        answer(async {
+            let sphere = self.check_header(&req.header)?;
+            check_key(&req.key)?;
+            if let Some(v) = &req.expected {
+                check_value(v)?;
+            }
+            if let Some(v) = &req.new_value {
+                check_value(v)?;
+            }
+            match self
+                .write(Command::CompareAndSwap {
+                    key: keys::kv_key(sphere, &req.key),
+                    expected: req.expected,
+                    new_value: req.new_value,
+                })
+                .await?
+            {
+                CommandResponse::Swapped { succeeded, current } => Ok(CompareAndSwapResponse { succeeded, current }),
+                other => Err(unexpected(other)),
+            }
+        }
+        .await)
+    }
+
+    async fn batch(&self, request: Request<BatchRequest>) -> Reply<BatchResponse> {
+        let req = request.into_inner();
+        answer(async {
+            let sphere = self.check_header(&req.header)?;
+            if req.ops.len() > limits::MAX_BATCH_OPS {
+                return Err(ClientError::InvalidArgument(format!(
+                    "batch of {} ops is over the limit of {}",
+                    req.ops.len(),
+                    limits::MAX_BATCH_OPS
+                )));
+            }
+            let mut total_bytes = 0usize;
+            let mut ops = Vec::with_capacity(req.ops.len());
+            for op in req.ops {
+                check_key(&op.key)?;
+                if let Some(v) = &op.value {
+                    check_value(v)?;
+                }
+                total_bytes += op.key.len() + op.value.as_ref().map_or(0, Vec::len);
+                ops.push(WriteOp {
+                    key: keys::kv_key(sphere, &op.key),
+                    value: op.value,
+                });
+            }
+            if total_bytes > limits::MAX_BATCH_SIZE_BYTES {
+                return Err(ClientError::InvalidArgument(format!(
+                    "batch of {total_bytes} bytes is over the limit of {} bytes",
+                    limits::MAX_BATCH_SIZE_BYTES
+                )));
+            }
+            if ops.is_empty() {
+                return Ok(BatchResponse {});
+            }
+            match self.write(Command::Write { ops }).await? {
+                CommandResponse::Done => Ok(BatchResponse {}),
+                other => Err(unexpected(other)),
+            }
+        }
+        .await)
+    }
+}

@@ -1,0 +1,14 @@
+//! The SphereDB node: ranges, membership, the KV and admin services, and the `spheredb`
+//! command line.
+
+pub mod admin_service;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod errors;
+pub mod kv_service;
+pub mod node;
+pub mod status;
+
+pub use config::NodeConfig;
+pub use node::Node;

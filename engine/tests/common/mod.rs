@@ -1,0 +1,188 @@
+//! Helpers for multi-node tests: real `spheredb` processes on loopback, and polling with
+//! generous deadlines (tests never assert timings).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use spheredb_client::proto::v1::StatusResponse;
+use spheredb_client::{Client, ClientOptions};
+
+/// Generous liveness deadline for anything a test waits on.
+pub const LIVENESS_DEADLINE_MS: u64 = 60_000;
+
+/// Polls `check` until it returns `Some` or the liveness deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(LIVENESS_DEADLINE_MS),
+            "timed out after {LIVENESS_DEADLINE_MS} ms waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A loopback port nobody is listening on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Status of the node at `addr`, if it answers.
+pub async fn status(addr: &str, digest: bool) -> Option<StatusResponse> {
+    let options = ClientOptions {
+        call_deadline_ms: 2_000,
+        ..Default::default()
+    };
+    let client = Client::connect(&[addr], options).await.ok()?;
+    client.status(addr, digest).await.ok()
+}
+
+/// One `spheredb start` process.
+pub struct Proc {
+    pub data_dir: PathBuf,
+    pub addr: String,
+    pub child: Option<Child>,
+    extra_args: Vec<String>,
+    log: PathBuf,
+}
+
+/// A cluster of real processes in a temporary directory. Every process is killed on drop.
+pub struct ProcCluster {
+    pub dir: tempfile::TempDir,
+    pub procs: Vec<Proc>,
+}
+
+impl ProcCluster {
+    /// Starts `n` nodes: the first bootstraps, the rest join it. Waits for `n.min(3)` voters.
+    pub async fn start(n: usize, extra_args: &[&str]) -> ProcCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = ProcCluster { dir, procs: Vec::new() };
+        for i in 0..n {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let data_dir = cluster.dir.path().join(format!("node{}", i + 1));
+            let log = cluster.dir.path().join(format!("node{}.log", i + 1));
+            let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+            if i > 0 {
+                args.push("--join".into());
+                args.push(cluster.procs[0].addr.clone());
+            }
+            let mut p = Proc {
+                data_dir,
+                addr,
+                child: None,
+                extra_args: args,
+                log,
+            };
+            p.spawn();
+            cluster.procs.push(p);
+            if i == 0 {
+                let a = cluster.procs[0].addr.clone();
+                eventually("the first node to lead", || async {
+                    status(&a, false).await?.ranges.first()?.leader_id
+                })
+                .await;
+            }
+        }
+        let want = n.min(3);
+        let a = cluster.procs[0].addr.clone();
+        eventually("every node to become a voter", || async {
+            let s = status(&a, false).await?;
+            (s.ranges.first()?.descriptor.as_ref()?.voters.len() >= want).then_some(())
+        })
+        .await;
+        cluster
+    }
+
+    /// Every node address.
+    pub fn addrs(&self) -> Vec<String> {
+        self.procs.iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// Index of the node the cluster agrees is leader.
+    pub async fn leader(&self) -> usize {
+        let addrs = self.addrs();
+        eventually("a leader", || async {
+            for a in &addrs {
+                if let Some(s) = status(a, false).await {
+                    if let Some(l) = s.ranges.first().and_then(|r| r.leader_id) {
+                        let leader_addr = s.nodes.iter().find(|n| n.node_id == l)?.addr.clone();
+                        let idx = addrs.iter().position(|x| *x == leader_addr)?;
+                        if self.procs[idx].child.is_some() {
+                            return Some(idx);
+                        }
+                    }
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// A client with every node as a seed.
+    pub async fn client(&self) -> Client {
+        let addrs = self.addrs();
+        eventually("a client connection", || async {
+            Client::connect(&addrs, ClientOptions::default()).await.ok()
+        })
+        .await
+    }
+
+    /// Contents of node `i`'s log, for failure messages.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.procs[i].log).unwrap_or_default()
+    }
+}
+
+impl Proc {
+    /// Starts (or restarts) the process with its data dir and listen address.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_spheredb"))
+            .arg("start")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(&self.addr)
+            .args(&self.extra_args)
+            .env("SPHEREDB_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning spheredb");
+        self.child = Some(child);
+    }
+
+    /// Restarts with only --data-dir and --listen (as an operator would after a crash).
+    pub fn restart_plain(&mut self) {
+        self.extra_args.clear();
+        self.spawn();
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            p.kill9();
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Multi-node behaviour with in-process nodes over real tonic on loopback, where the test
+//! needs a handle on a node (transport fault injection, direct reads of a replica).
+
+mod common;
+
+use openraft::async_runtime::WatchReceiver;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::eventually;
+use prost::Message;
+use spheredb_client::proto::v1::kv_client::KvClient;
+use spheredb_client::proto::v1::{ErrorCode, GetRequest, Header, PutRequest, RangeRef};
+use spheredb_client::{Client, ClientOptions};
+use spheredb_engine::{Node, NodeConfig};
+use spheredb_raft::state_machine::read_value;
+use spheredb_raft::{Command, WriteOp};
+use spheredb_storage::keys;
+
+fn config(dir: &std::path::Path, name: &str, join: Option<&str>, rf: usize) -> NodeConfig {
+    let mut c = NodeConfig::new(dir.join(name));
+    c.listen = "127.0.0.1:0".into();
+    c.join = join.map(|j| vec![j.to_string()]).unwrap_or_default();
+    c.replication_factor = rf;
+    c.heartbeat_interval_ms = 50;
+    c.election_timeout_ms = 300;
+    c
+}
+
+async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
+    let first = Node::start(config(dir, "n1", None, 3)).await.unwrap();
+    let seed = first.addr().to_string();
+    let second = Node::start(config(dir, "n2", Some(&seed), 3)).await.unwrap();
+    let third = Node::start(config(dir, "n3", Some(&seed), 3)).await.unwrap();
+    let nodes = vec![first, second, third];
+    eventually("three voters", || async {
+        let m = nodes[0].raft().metrics().borrow_watched().clone();
+        (m.membership_config.membership().voter_ids().count() == 3).then_some(())
+    })
+    .await;
+    nodes
+}
+
+fn local(node: &Node, sphere: u64, key: &[u8]) -> Option<Vec<u8>> {
+    read_value(node.db(), &keys::kv_key(sphere, key)).unwrap()
+}
+
+async fn shutdown(nodes: Vec<Node>) {
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_on_any_node_reach_all_three_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(dir.path()).await;
+    for (i, node) in nodes.iter().enumerate() {
+        // A client seeded with only this node follows NotLeader hints to the leader.
+        let client = Client::connect(&[node.addr()], ClientOptions::default()).await.unwrap();
+        client
+            .put(5, format!("from-{i}").as_bytes(), format!("v{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    for node in &nodes {
+        eventually("every write on every replica", || async {
+            (0..3)
+                .all(|i| local(node, 5, format!("from-{i}").as_bytes()) == Some(format!("v{i}").into_bytes()))
+                .then_some(())
+        })
+        .await;
+    }
+    shutdown(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(dir.path()).await;
+    let leader_id = eventually("a leader", || async { nodes[0].raft().current_leader().await }).await;
+    let isolated = nodes.iter().position(|n| n.node_id() == leader_id).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != isolated).collect();
+    nodes[isolated].faults().block(others.iter().map(|i| nodes[*i].node_id()));
+    for i in &others {
+        nodes[*i].faults().block([nodes[isolated].node_id()]);
+    }
+
+    // The isolated (old) leader must not commit anything.
+    let doomed = Command::Write {
+        ops: vec![WriteOp {
+            key: keys::kv_key(9, b"doomed"),
+            value: Some(b"lost".to_vec()),
+        }],
+    };
+    let attempt = tokio::time::timeout(Duration::from_secs(3), nodes[isolated].raft().client_write(doomed)).await;
+    assert!(!matches!(attempt, Ok(Ok(_))), "an isolated node committed a write");
+
+    // The majority elects a new leader and keeps committing.
+    let majority: Vec<String> = others.iter().map(|i| nodes[*i].addr().to_string()).collect();
+    let client = Client::connect(&majority, ClientOptions::default()).await.unwrap();
+    client.put(9, b"during", b"partition").await.unwrap();
+    assert_eq!(local(&nodes[isolated], 9, b"during"), None);
+
+    for n in &nodes {
+        n.faults().heal();
+    }
+    eventually("the healed node to catch up", || async {
+        (local(&nodes[isolated], 9, b"during") == Some(b"partition".to_vec())).then_some(())
+    })
+    .await;
+    for n in &nodes {
+        assert_eq!(local(n, 9, b"doomed"), None, "uncommitted write surfaced on node {}", n.node_id());
+    }
+    shutdown(nodes).await;
+}
+
+fn code_of(status: &tonic::Status) -> ErrorCode {
+    let wire = spheredb_client::proto::v1::Error::decode(status.details()).expect("status carries an Error");
+    ErrorCode::try_from(wire.code).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(config(dir.path(), "n1", None, 1)).await.unwrap();
+    let addr = node.addr().to_string();
+    let client = Client::connect(&[addr.as_str()], ClientOptions::default()).await.unwrap();
+    client.put(1, b"k", b"v").await.unwrap();
+
+    let mut raw = KvClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let header = |range_id| {
+        Some(Header {
+            sphere_id: 1,
+            range: Some(RangeRef {
+                range_id,
+                generation: 1,
+            }),
+        })
+    };
+    let put = |key: Vec<u8>, value: Vec<u8>, range_id| PutRequest {
+        header: header(range_id),
+        key,
+        value,
+    };
+    let err = raw.put(put(vec![], b"v".to_vec(), 1)).await.unwrap_err();
+    assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
+    assert!(err.message().contains("key is empty"), "{}", err.message());
+
+    let err = raw.put(put(vec![b'k'; 5 << 10], b"v".to_vec(), 1)).await.unwrap_err();
+    assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
+    assert!(err.message().contains("over the limit"), "{}", err.message());
+
+    let err = raw.put(put(b"k".to_vec(), vec![0; 9 << 20], 1)).await.unwrap_err();
+    assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
+
+    let err = raw.put(put(b"k".to_vec(), b"v".to_vec(), 99)).await.unwrap_err();
+    assert_eq!(code_of(&err), ErrorCode::RangeNotFound);
+
+    let err = raw
+        .get(GetRequest {
+            header: None,
+            key: b"k".to_vec(),
+            consistency: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
+
+    // Larger than any message the server decodes: refused by the transport, not a crash.
+    let err = raw.put(put(b"k".to_vec(), vec![0; 40 << 20], 1)).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+
+    // The client library refuses bad input before sending it.
+    assert!(matches!(
+        client.put(1, b"", b"v").await,
+        Err(spheredb_client::ClientError::InvalidArgument(_))
+    ));
+
+    // Garbage bytes on the gRPC port: the connection is dropped, the node keeps serving.
+    for seed in 0u8..3 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let _ = s.write_all(&garbage);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    client.put(1, b"after", b"garbage").await.unwrap();
+    assert_eq!(client.get(1, b"after").await.unwrap().as_deref(), Some(&b"garbage"[..]));
+    assert_eq!(client.get(1, b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    node.shutdown().await.unwrap();
+}

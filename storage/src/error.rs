@@ -1,0 +1,44 @@
+//! Typed storage errors.
+
+use std::io;
+
+/// Errors raised by the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A record failed its checksum or could not be decoded. Never served as data.
+    #[error("corruption in {what}: {detail}")]
+    Corruption { what: String, detail: String },
+    /// RocksDB returned an error.
+    #[cfg(feature = "rocksdb")]
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A file system operation failed.
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl StorageError {
+    /// Builds a `Corruption` error.
+    pub fn corruption(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        StorageError::Corruption {
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// True when the error is a detected corruption.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, StorageError::Corruption { .. })
+    }
+}
+
+impl From<StorageError> for io::Error {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Io(e) => e,
+            StorageError::Corruption { .. } => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+            #[cfg(feature = "rocksdb")]
+            StorageError::Rocks(e) => io::Error::other(e.to_string()),
+        }
+    }
+}

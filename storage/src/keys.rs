@@ -1,0 +1,292 @@
+//! Order-preserving ("memcomparable") key encoding.
+//!
+//! Byte order of an encoded key equals the order of the values it encodes, so key spans
+//! map to value ranges. Layout (see DESIGN.md, "Keys"):
+//!
+//! ```text
+//! 0x00 <name>                                                  system keys
+//! 0x01 sphere_id:u64be table_id:u32be index_id:u32be <pk>      SQL rows (pk memcomparable)
+//! 0x02 sphere_id:u64be <user key bytes>                        raw KV keyspace of a sphere
+//! ```
+//!
+//! ```
+//! use spheredb_storage::keys;
+//! let a = keys::kv_key(7, b"apple");
+//! let b = keys::kv_key(7, b"banana");
+//! assert!(a < b);
+//! assert_eq!(keys::decode_kv_key(&a).unwrap(), (7, &b"apple"[..]));
+//! ```
+
+use crate::StorageError;
+
+/// Prefix of system keys (descriptors, node registry, catalog).
+pub const SYSTEM_PREFIX: u8 = 0x00;
+/// Prefix of SQL row keys.
+pub const SQL_PREFIX: u8 = 0x01;
+/// Prefix of a sphere's raw key-value keyspace.
+pub const KV_PREFIX: u8 = 0x02;
+
+/// Encodes a system key.
+pub fn system_key(name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(SYSTEM_PREFIX);
+    k.extend_from_slice(name);
+    k
+}
+
+/// Encodes a raw KV key of `sphere_id`.
+pub fn kv_key(sphere_id: u64, user_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + user_key.len());
+    k.push(KV_PREFIX);
+    k.extend_from_slice(&sphere_id.to_be_bytes());
+    k.extend_from_slice(user_key);
+    k
+}
+
+/// Splits a raw KV key into `(sphere_id, user_key)`; `None` if it is not a raw KV key.
+pub fn decode_kv_key(key: &[u8]) -> Option<(u64, &[u8])> {
+    if key.len() < 9 || key[0] != KV_PREFIX {
+        return None;
+    }
+    let mut sphere = [0u8; 8];
+    sphere.copy_from_slice(&key[1..9]);
+    Some((u64::from_be_bytes(sphere), &key[9..]))
+}
+
+/// The half-open span `[start, end)` holding every raw KV key of `sphere_id`.
+pub fn kv_sphere_span(sphere_id: u64) -> (Vec<u8>, Vec<u8>) {
+    let start = kv_key(sphere_id, b"");
+    let end = prefix_end(&start);
+    (start, end)
+}
+
+/// The smallest key greater than every key that starts with `prefix`
+/// (empty when no such key exists, meaning "end of keyspace").
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last != 0xFF {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// One primary-key column value of a SQL row.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Datum {
+    /// SQL NULL sorts first.
+    Null,
+    Bool(bool),
+    Int(i64),
+    Bytes(Vec<u8>),
+    Text(String),
+}
+
+const TAG_NULL: u8 = 0x01;
+const TAG_FALSE: u8 = 0x02;
+const TAG_TRUE: u8 = 0x03;
+const TAG_INT: u8 = 0x10;
+const TAG_BYTES: u8 = 0x20;
+const TAG_TEXT: u8 = 0x21;
+/// Inside an escaped byte string, 0x00 is written as `0x00 0xFF` and the string ends with
+/// `0x00 0x01`, so a prefix always sorts before its extensions.
+const ESCAPE: u8 = 0xFF;
+const TERMINATOR: u8 = 0x01;
+
+/// Encodes a SQL row key.
+pub fn sql_row_key(sphere_id: u64, table_id: u32, index_id: u32, pk: &[Datum]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17 + pk.len() * 9);
+    k.push(SQL_PREFIX);
+    k.extend_from_slice(&sphere_id.to_be_bytes());
+    k.extend_from_slice(&table_id.to_be_bytes());
+    k.extend_from_slice(&index_id.to_be_bytes());
+    for d in pk {
+        encode_datum(&mut k, d);
+    }
+    k
+}
+
+/// A decoded SQL row key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlRowKey {
+    pub sphere_id: u64,
+    pub table_id: u32,
+    pub index_id: u32,
+    pub pk: Vec<Datum>,
+}
+
+/// Decodes a key produced by [`sql_row_key`].
+pub fn decode_sql_row_key(key: &[u8]) -> Result<SqlRowKey, StorageError> {
+    let bad = |d: &str| StorageError::corruption("sql row key", d.to_string());
+    if key.len() < 17 || key[0] != SQL_PREFIX {
+        return Err(bad("missing SQL prefix or header"));
+    }
+    let sphere_id = u64::from_be_bytes(key[1..9].try_into().map_err(|_| bad("sphere id"))?);
+    let table_id = u32::from_be_bytes(key[9..13].try_into().map_err(|_| bad("table id"))?);
+    let index_id = u32::from_be_bytes(key[13..17].try_into().map_err(|_| bad("index id"))?);
+    let mut rest = &key[17..];
+    let mut pk = Vec::new();
+    while !rest.is_empty() {
+        let (d, used) = decode_datum(rest).ok_or_else(|| bad("malformed pk column"))?;
+        pk.push(d);
+        rest = &rest[used..];
+    }
+    Ok(SqlRowKey {
+        sphere_id,
+        table_id,
+        index_id,
+        pk,
+    })
+}
+
+fn encode_datum(out: &mut Vec<u8>, d: &Datum) {
+    match d {
+        Datum::Null => out.push(TAG_NULL),
+        Datum::Bool(false) => out.push(TAG_FALSE),
+        Datum::Bool(true) => out.push(TAG_TRUE),
+        Datum::Int(v) => {
+            out.push(TAG_INT);
+            // Flipping the sign bit makes two's complement sort as unsigned big-endian.
+            out.extend_from_slice(&((*v as u64) ^ (1 << 63)).to_be_bytes());
+        }
+        Datum::Bytes(b) => {
+            out.push(TAG_BYTES);
+            encode_escaped(out, b);
+        }
+        Datum::Text(s) => {
+            out.push(TAG_TEXT);
+            encode_escaped(out, s.as_bytes());
+        }
+    }
+}
+
+fn encode_escaped(out: &mut Vec<u8>, b: &[u8]) {
+    for &byte in b {
+        out.push(byte);
+        if byte == 0 {
+            out.push(ESCAPE);
+        }
+    }
+    out.push(0);
+    out.push(TERMINATOR);
+}
+
+fn decode_escaped(input: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        let byte = *input.get(i)?;
+        if byte != 0 {
+            out.push(byte);
+            i += 1;
+            continue;
+        }
+        match *input.get(i + 1)? {
+            ESCAPE => out.push(0),
+            TERMINATOR => return Some((out, i + 2)),
+            _ => return None,
+        }
+        i += 2;
+    }
+}
+
+fn decode_datum(input: &[u8]) -> Option<(Datum, usize)> {
+    let tag = *input.first()?;
+    match tag {
+        TAG_NULL => Some((Datum::Null, 1)),
+        TAG_FALSE => Some((Datum::Bool(false), 1)),
+        TAG_TRUE => Some((Datum::Bool(true), 1)),
+        TAG_INT => {
+            let raw: [u8; 8] = input.get(1..9)?.try_into().ok()?;
+            Some((Datum::Int((u64::from_be_bytes(raw) ^ (1 << 63)) as i64), 9))
+        }
+        TAG_BYTES => {
+            let (b, used) = decode_escaped(&input[1..])?;
+            Some((Datum::Bytes(b), 1 + used))
+        }
+        TAG_TEXT => {
+            let (b, used) = decode_escaped(&input[1..])?;
+            Some((Datum::Text(String::from_utf8(b).ok()?), 1 + used))
+        }
+        _ => None,
+    }
+}
+
+/// True when `key` lies in the half-open span `[start, end)`; an empty `end` is unbounded.
+pub fn span_contains(start: &[u8], end: &[u8], key: &[u8]) -> bool {
+    key >= start && (end.is_empty() || key < end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn datum() -> impl Strategy<Value = Datum> {
+        prop_oneof![
+            Just(Datum::Null),
+            any::<bool>().prop_map(Datum::Bool),
+            any::<i64>().prop_map(Datum::Int),
+            proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(0xFFu8), any::<u8>()], 0..12)
+                .prop_map(Datum::Bytes),
+            "[a-c\u{0}]{0,6}".prop_map(Datum::Text),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn kv_key_round_trips(sphere in any::<u64>(), key in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let enc = kv_key(sphere, &key);
+            prop_assert_eq!(decode_kv_key(&enc), Some((sphere, &key[..])));
+        }
+
+        #[test]
+        fn kv_key_preserves_order(a in (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..16)),
+                                  b in (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..16))) {
+            prop_assert_eq!(a.cmp(&b), kv_key(a.0, &a.1).cmp(&kv_key(b.0, &b.1)));
+        }
+
+        #[test]
+        fn kv_keys_stay_inside_their_sphere_span(sphere in 0u64..u64::MAX, key in proptest::collection::vec(any::<u8>(), 0..16)) {
+            let (start, end) = kv_sphere_span(sphere);
+            prop_assert!(span_contains(&start, &end, &kv_key(sphere, &key)));
+            prop_assert!(!span_contains(&start, &end, &kv_key(sphere + 1, &key)));
+        }
+
+        #[test]
+        fn sql_key_round_trips(sphere in any::<u64>(), table in any::<u32>(), index in any::<u32>(),
+                               pk in proptest::collection::vec(datum(), 0..4)) {
+            let enc = sql_row_key(sphere, table, index, &pk);
+            let dec = decode_sql_row_key(&enc).unwrap();
+            prop_assert_eq!(dec, SqlRowKey { sphere_id: sphere, table_id: table, index_id: index, pk });
+        }
+
+        #[test]
+        fn sql_key_preserves_order(a in proptest::collection::vec(datum(), 1..4),
+                                   b in proptest::collection::vec(datum(), 1..4)) {
+            let ka = sql_row_key(1, 2, 3, &a);
+            let kb = sql_row_key(1, 2, 3, &b);
+            prop_assert_eq!(a.cmp(&b), ka.cmp(&kb), "{:?} vs {:?}", a, b);
+        }
+    }
+
+    #[test]
+    fn prefixes_order_system_before_sql_before_kv() {
+        assert!(system_key(b"\xFF\xFF") < sql_row_key(0, 0, 0, &[]));
+        assert!(sql_row_key(u64::MAX, u32::MAX, u32::MAX, &[Datum::Text("z".into())]) < kv_key(0, b""));
+    }
+
+    #[test]
+    fn prefix_end_handles_trailing_ff() {
+        assert_eq!(prefix_end(&[1, 2, 0xFF]), vec![1, 3]);
+        assert_eq!(prefix_end(&[0xFF, 0xFF]), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn truncated_sql_key_is_corruption() {
+        let enc = sql_row_key(1, 2, 3, &[Datum::Text("abc".into())]);
+        assert!(decode_sql_row_key(&enc[..enc.len() - 1]).unwrap_err().is_corruption());
+    }
+}
