@@ -10,9 +10,9 @@ use tonic::transport::{Channel, Endpoint};
 use crate::error::ClientError;
 use crate::limits::{self, check_key, check_value};
 use crate::proto::v1::{
-    admin_client::AdminClient, kv_client::KvClient, BatchRequest, CompareAndSwapRequest, DeleteRequest, GetRequest,
-    Header, KeyValue, PutRequest, RangeDescriptor, RangeListRequest, RangeRef, ReadConsistency, ScanRequest,
-    StatusRequest, StatusResponse, WriteOp,
+    admin_client::AdminClient, kv_client::KvClient, BatchRequest, CompareAndSwapRequest,
+    DeleteRequest, GetRequest, Header, KeyValue, PutRequest, RangeDescriptor, RangeListRequest,
+    RangeRef, ReadConsistency, ScanRequest, StatusRequest, StatusResponse, WriteOp,
 };
 
 /// Default time budget of one client call, retries included.
@@ -125,7 +125,10 @@ enum Retry {
 
 impl Client {
     /// Connects to a cluster through any of `seeds` (`host:port`) and loads the range map.
-    pub async fn connect<S: AsRef<str>>(seeds: &[S], options: ClientOptions) -> Result<Client, ClientError> {
+    pub async fn connect<S: AsRef<str>>(
+        seeds: &[S],
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
         if seeds.is_empty() {
             return Err(ClientError::InvalidArgument("no seed address given".into()));
         }
@@ -206,10 +209,18 @@ impl Client {
     /// Picks the address to send a request for `range` to on attempt `attempt`.
     fn target(&self, range: &RangeDescriptor, attempt: u32) -> String {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(addr) = cache.leaders.get(&range.range_id).and_then(|id| cache.nodes.get(id)) {
+        if let Some(addr) = cache
+            .leaders
+            .get(&range.range_id)
+            .and_then(|id| cache.nodes.get(id))
+        {
             return addr.clone();
         }
-        let mut all: Vec<&String> = range.voters.iter().filter_map(|id| cache.nodes.get(id)).collect();
+        let mut all: Vec<&String> = range
+            .voters
+            .iter()
+            .filter_map(|id| cache.nodes.get(id))
+            .collect();
         if all.is_empty() {
             all = self.seeds.iter().collect();
         }
@@ -223,7 +234,8 @@ impl Client {
                 cache.nodes.insert(l.node_id, l.addr.clone());
                 cache.leaders.insert(range.range_id, l.node_id);
             }
-            ClientError::KeyNotInRange { descriptors, .. } | ClientError::StaleGeneration { descriptors, .. } => {
+            ClientError::KeyNotInRange { descriptors, .. }
+            | ClientError::StaleGeneration { descriptors, .. } => {
                 cache.install(descriptors);
             }
             _ => {
@@ -233,7 +245,12 @@ impl Client {
     }
 
     /// Runs `op` against the range holding `routing_key` with retries, backoff and deadline.
-    async fn call<T, F, Fut>(&self, routing_key: &[u8], retry: Retry, op: F) -> Result<T, ClientError>
+    async fn call<T, F, Fut>(
+        &self,
+        routing_key: &[u8],
+        retry: Retry,
+        op: F,
+    ) -> Result<T, ClientError>
     where
         F: Fn(KvClient<Channel>, Header) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
@@ -248,25 +265,41 @@ impl Client {
                 _ => break,
             };
             let range = {
-                let found = self.cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(routing_key);
+                let found = self
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .lookup(routing_key);
                 match found {
                     Some(r) => r,
                     None => {
                         if let Err(e) = self.refresh_ranges().await {
                             last_error = e;
-                            tokio::time::sleep(Duration::from_millis(backoff_ms).min(remaining)).await;
+                            tokio::time::sleep(Duration::from_millis(backoff_ms).min(remaining))
+                                .await;
                             backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
                             continue;
                         }
-                        match self.cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(routing_key) {
+                        match self
+                            .cache
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .lookup(routing_key)
+                        {
                             Some(r) => r,
-                            None => return Err(ClientError::RangeNotFound("no range covers the key".into())),
+                            None => {
+                                return Err(ClientError::RangeNotFound(
+                                    "no range covers the key".into(),
+                                ))
+                            }
                         }
                     }
                 }
             };
             let header = Header {
-                sphere_id: keys::decode_kv_key(routing_key).map(|(s, _)| s).unwrap_or_default(),
+                sphere_id: keys::decode_kv_key(routing_key)
+                    .map(|(s, _)| s)
+                    .unwrap_or_default(),
                 range: Some(RangeRef {
                     range_id: range.range_id,
                     generation: range.generation,
@@ -276,21 +309,32 @@ impl Client {
             let result = match tokio::time::timeout(remaining, op(self.kv(&addr)?, header)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) => ClientError::from_status(&status),
-                Err(_) => ClientError::Indeterminate(format!("no answer from {addr} before the deadline")),
+                Err(_) => {
+                    ClientError::Indeterminate(format!("no answer from {addr} before the deadline"))
+                }
             };
             match &result {
-                ClientError::InvalidArgument(_) | ClientError::Corruption(_) | ClientError::Internal(_) => {
+                ClientError::InvalidArgument(_)
+                | ClientError::Corruption(_)
+                | ClientError::Internal(_) => return Err(result),
+                e if retry == Retry::OnlyIfNotApplied && !e.is_rejected_before_apply() => {
                     return Err(result)
                 }
-                e if retry == Retry::OnlyIfNotApplied && !e.is_rejected_before_apply() => return Err(result),
                 ClientError::RangeNotFound(_) => {
-                    self.cache.lock().unwrap_or_else(|p| p.into_inner()).ranges.clear();
+                    self.cache
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .ranges
+                        .clear();
                 }
                 _ => {}
             }
             self.note_failure(&range, &result);
             let follow_hint = matches!(&result, ClientError::NotLeader { leader: Some(_) })
-                || matches!(&result, ClientError::KeyNotInRange { .. } | ClientError::StaleGeneration { .. });
+                || matches!(
+                    &result,
+                    ClientError::KeyNotInRange { .. } | ClientError::StaleGeneration { .. }
+                );
             last_error = result;
             if !follow_hint {
                 tokio::time::sleep(Duration::from_millis(backoff_ms).min(remaining)).await;
@@ -310,17 +354,21 @@ impl Client {
     pub async fn get(&self, sphere: u64, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
         check_key(key)?;
         let consistency = self.options.consistency.wire();
-        self.call(&keys::kv_key(sphere, key), Retry::Always, |mut kv, header| async move {
-            let resp = kv
-                .get(GetRequest {
-                    header: Some(header),
-                    key: key.to_vec(),
-                    consistency,
-                })
-                .await?
-                .into_inner();
-            Ok(resp.found.then_some(resp.value))
-        })
+        self.call(
+            &keys::kv_key(sphere, key),
+            Retry::Always,
+            |mut kv, header| async move {
+                let resp = kv
+                    .get(GetRequest {
+                        header: Some(header),
+                        key: key.to_vec(),
+                        consistency,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(resp.found.then_some(resp.value))
+            },
+        )
         .await
     }
 
@@ -328,31 +376,39 @@ impl Client {
     pub async fn put(&self, sphere: u64, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
         check_key(key)?;
         check_value(value)?;
-        self.call(&keys::kv_key(sphere, key), Retry::OnlyIfNotApplied, |mut kv, header| async move {
-            kv.put(PutRequest {
-                header: Some(header),
-                key: key.to_vec(),
-                value: value.to_vec(),
-            })
-            .await?;
-            Ok(())
-        })
+        self.call(
+            &keys::kv_key(sphere, key),
+            Retry::OnlyIfNotApplied,
+            |mut kv, header| async move {
+                kv.put(PutRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                })
+                .await?;
+                Ok(())
+            },
+        )
         .await
     }
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, sphere: u64, key: &[u8]) -> Result<bool, ClientError> {
         check_key(key)?;
-        self.call(&keys::kv_key(sphere, key), Retry::OnlyIfNotApplied, |mut kv, header| async move {
-            Ok(kv
-                .delete(DeleteRequest {
-                    header: Some(header),
-                    key: key.to_vec(),
-                })
-                .await?
-                .into_inner()
-                .existed)
-        })
+        self.call(
+            &keys::kv_key(sphere, key),
+            Retry::OnlyIfNotApplied,
+            |mut kv, header| async move {
+                Ok(kv
+                    .delete(DeleteRequest {
+                        header: Some(header),
+                        key: key.to_vec(),
+                    })
+                    .await?
+                    .into_inner()
+                    .existed)
+            },
+        )
         .await
     }
 
@@ -369,18 +425,22 @@ impl Client {
         if let Some(v) = new_value {
             check_value(v)?;
         }
-        self.call(&keys::kv_key(sphere, key), Retry::OnlyIfNotApplied, |mut kv, header| async move {
-            let resp = kv
-                .compare_and_swap(CompareAndSwapRequest {
-                    header: Some(header),
-                    key: key.to_vec(),
-                    expected: expected.map(<[u8]>::to_vec),
-                    new_value: new_value.map(<[u8]>::to_vec),
-                })
-                .await?
-                .into_inner();
-            Ok((resp.succeeded, resp.current))
-        })
+        self.call(
+            &keys::kv_key(sphere, key),
+            Retry::OnlyIfNotApplied,
+            |mut kv, header| async move {
+                let resp = kv
+                    .compare_and_swap(CompareAndSwapRequest {
+                        header: Some(header),
+                        key: key.to_vec(),
+                        expected: expected.map(<[u8]>::to_vec),
+                        new_value: new_value.map(<[u8]>::to_vec),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((resp.succeeded, resp.current))
+            },
+        )
         .await
     }
 
@@ -388,7 +448,11 @@ impl Client {
     ///
     /// All keys must lie in one range; until transactions exist, a batch spanning ranges is
     /// rejected rather than applied partially.
-    pub async fn batch(&self, sphere: u64, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), ClientError> {
+    pub async fn batch(
+        &self,
+        sphere: u64,
+        ops: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), ClientError> {
         let Some((first, _)) = ops.first() else {
             return Ok(());
         };
@@ -421,21 +485,35 @@ impl Client {
             })
             .collect();
         let wire_ops = &wire_ops;
-        self.call(&keys::kv_key(sphere, first), Retry::OnlyIfNotApplied, |mut kv, header| async move {
-            kv.batch(BatchRequest {
-                header: Some(header),
-                ops: wire_ops.clone(),
-            })
-            .await?;
-            Ok(())
-        })
+        self.call(
+            &keys::kv_key(sphere, first),
+            Retry::OnlyIfNotApplied,
+            |mut kv, header| async move {
+                kv.batch(BatchRequest {
+                    header: Some(header),
+                    ops: wire_ops.clone(),
+                })
+                .await?;
+                Ok(())
+            },
+        )
         .await
     }
 
     /// Returns up to `limit` pairs of `sphere` with `start <= key < end` (empty `end`: to the
     /// end of the sphere), in key order, following the scan across ranges.
-    pub async fn scan(&self, sphere: u64, start: &[u8], end: &[u8], limit: u32) -> Result<Vec<KeyValue>, ClientError> {
-        let limit = if limit == 0 { limits::DEFAULT_SCAN_LIMIT } else { limit };
+    pub async fn scan(
+        &self,
+        sphere: u64,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+    ) -> Result<Vec<KeyValue>, ClientError> {
+        let limit = if limit == 0 {
+            limits::DEFAULT_SCAN_LIMIT
+        } else {
+            limit
+        };
         let consistency = self.options.consistency.wire();
         let mut out: Vec<KeyValue> = Vec::new();
         let mut cursor = start.to_vec();
@@ -443,19 +521,23 @@ impl Client {
             let want = limit - out.len() as u32;
             let cursor_ref = &cursor;
             let (pairs, more) = self
-                .call(&keys::kv_key(sphere, cursor_ref), Retry::Always, |mut kv, header| async move {
-                    let resp = kv
-                        .scan(ScanRequest {
-                            header: Some(header),
-                            start: cursor_ref.clone(),
-                            end: end.to_vec(),
-                            limit: want,
-                            consistency,
-                        })
-                        .await?
-                        .into_inner();
-                    Ok((resp.pairs, resp.more))
-                })
+                .call(
+                    &keys::kv_key(sphere, cursor_ref),
+                    Retry::Always,
+                    |mut kv, header| async move {
+                        let resp = kv
+                            .scan(ScanRequest {
+                                header: Some(header),
+                                start: cursor_ref.clone(),
+                                end: end.to_vec(),
+                                limit: want,
+                                consistency,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((resp.pairs, resp.more))
+                    },
+                )
                 .await?;
             let last = pairs.last().map(|kv| kv.key.clone());
             out.extend(pairs);
@@ -471,7 +553,11 @@ impl Client {
     }
 
     /// Status of the node at `addr`; `include_digest` adds a digest of each range's data.
-    pub async fn status(&self, addr: &str, include_digest: bool) -> Result<StatusResponse, ClientError> {
+    pub async fn status(
+        &self,
+        addr: &str,
+        include_digest: bool,
+    ) -> Result<StatusResponse, ClientError> {
         let mut req = tonic::Request::new(StatusRequest { include_digest });
         req.set_timeout(Duration::from_millis(self.options.call_deadline_ms));
         self.admin(addr)?
@@ -483,7 +569,11 @@ impl Client {
 
     /// Known node addresses by id.
     pub fn known_nodes(&self) -> HashMap<u64, String> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).nodes.clone()
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes
+            .clone()
     }
 }
 

@@ -12,10 +12,16 @@ pub enum ClientError {
     NotLeader { leader: Option<NodeInfo> },
     /// The key is outside the range named in the request; refresh descriptors.
     #[error("key not in range: {message}")]
-    KeyNotInRange { message: String, descriptors: Vec<RangeDescriptor> },
+    KeyNotInRange {
+        message: String,
+        descriptors: Vec<RangeDescriptor>,
+    },
     /// The request named an old generation of the range; refresh descriptors.
     #[error("stale range generation: {message}")]
-    StaleGeneration { message: String, descriptors: Vec<RangeDescriptor> },
+    StaleGeneration {
+        message: String,
+        descriptors: Vec<RangeDescriptor>,
+    },
     /// No such range on the node.
     #[error("range not found: {0}")]
     RangeNotFound(String),
@@ -33,7 +39,10 @@ pub enum ClientError {
     Corruption(String),
     /// The per-call deadline passed before the call succeeded.
     #[error("deadline of {deadline_ms} ms exceeded: {last_error}")]
-    DeadlineExceeded { deadline_ms: u64, last_error: String },
+    DeadlineExceeded {
+        deadline_ms: u64,
+        last_error: String,
+    },
     /// An unexpected server-side failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -44,13 +53,17 @@ impl ClientError {
     pub fn to_wire(&self) -> WireError {
         let (code, leader_hint, descriptors) = match self {
             ClientError::NotLeader { leader } => (ErrorCode::NotLeader, leader.clone(), vec![]),
-            ClientError::KeyNotInRange { descriptors, .. } => (ErrorCode::KeyNotInRange, None, descriptors.clone()),
+            ClientError::KeyNotInRange { descriptors, .. } => {
+                (ErrorCode::KeyNotInRange, None, descriptors.clone())
+            }
             ClientError::StaleGeneration { descriptors, .. } => {
                 (ErrorCode::StaleGeneration, None, descriptors.clone())
             }
             ClientError::RangeNotFound(_) => (ErrorCode::RangeNotFound, None, vec![]),
             ClientError::InvalidArgument(_) => (ErrorCode::InvalidArgument, None, vec![]),
-            ClientError::Unavailable(_) | ClientError::DeadlineExceeded { .. } => (ErrorCode::Unavailable, None, vec![]),
+            ClientError::Unavailable(_) | ClientError::DeadlineExceeded { .. } => {
+                (ErrorCode::Unavailable, None, vec![])
+            }
             ClientError::Indeterminate(_) => (ErrorCode::OutcomeUnknown, None, vec![]),
             ClientError::Corruption(_) => (ErrorCode::Corruption, None, vec![]),
             ClientError::Internal(_) => (ErrorCode::Internal, None, vec![]),
@@ -92,8 +105,13 @@ impl ClientError {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => {
                 ClientError::InvalidArgument(status.message().to_string())
             }
-            _ if is_connect_failure(status) => ClientError::Unavailable(status.message().to_string()),
-            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+            _ if is_connect_failure(status) => {
+                ClientError::Unavailable(status.message().to_string())
+            }
+            tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown => {
                 ClientError::Indeterminate(format!("{}: {}", status.code(), status.message()))
             }
             _ => ClientError::Internal(format!("{}: {}", status.code(), status.message())),
@@ -171,7 +189,9 @@ mod tests {
         };
         let back = ClientError::from_status(&err.to_status());
         match back {
-            ClientError::NotLeader { leader: Some(l) } => assert_eq!((l.node_id, l.addr.as_str()), (3, "127.0.0.1:7403")),
+            ClientError::NotLeader { leader: Some(l) } => {
+                assert_eq!((l.node_id, l.addr.as_str()), (3, "127.0.0.1:7403"))
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -2,7 +2,6 @@
 
 use crate::ClientError;
 
-
 /// Largest key accepted, in bytes.
 pub const MAX_KEY_SIZE_BYTES: usize = 4 << 10;
 /// Largest value accepted, in bytes.
@@ -44,4 +43,3 @@ pub fn check_value(value: &[u8]) -> Result<(), ClientError> {
     }
     Ok(())
 }
-

@@ -8,8 +8,8 @@ use openraft::{Instant as _, ServerState};
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 use spheredb_client::proto::v1::admin_server::Admin;
 use spheredb_client::proto::v1::{
-    JoinRequest, JoinResponse, NodeInfo, RangeListRequest, RangeListResponse, RangeStatus, ReplicaProgress,
-    StatusRequest, StatusResponse,
+    JoinRequest, JoinResponse, NodeInfo, RangeListRequest, RangeListResponse, RangeStatus,
+    ReplicaProgress, StatusRequest, StatusResponse,
 };
 use spheredb_client::ClientError;
 use spheredb_raft::{registry, Command, CommandResponse};
@@ -84,7 +84,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let include_digest = request.into_inner().include_digest;
         let metrics = self.node.raft.metrics().borrow_watched().clone();
         let replicas = match (metrics.state, &metrics.replication) {
@@ -101,7 +104,7 @@ impl Admin for AdminService {
                             heartbeat
                                 .get(id)
                                 .and_then(|t| t.as_ref())
-                                .map(|t| t.clone().into_inner().elapsed().as_millis() as u64)
+                                .map(|t| (*t).into_inner().elapsed().as_millis() as u64)
                         },
                     })
                     .collect()
@@ -139,7 +142,9 @@ impl Admin for AdminService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let req = request.into_inner();
         let result = async {
-            if req.addr.is_empty() || req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':') {
+            if req.addr.is_empty()
+                || req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':')
+            {
                 return Err(ClientError::InvalidArgument(format!(
                     "join address {:?} is not HOST:PORT",
                     req.addr
@@ -155,12 +160,22 @@ impl Admin for AdminService {
                 addr: req.addr,
             });
             match tokio::time::timeout(Duration::from_millis(JOIN_COMMIT_TIMEOUT_MS), write).await {
-                Err(_) => Err(ClientError::Unavailable("join not committed in time; retry".into())),
+                Err(_) => Err(ClientError::Unavailable(
+                    "join not committed in time; retry".into(),
+                )),
                 Ok(Err(e)) => Err(write_error(e)),
                 Ok(Ok(resp)) => match resp.data {
-                    CommandResponse::NodeRegistered { node_id, cluster_id } => Ok(JoinResponse { node_id, cluster_id }),
+                    CommandResponse::NodeRegistered {
+                        node_id,
+                        cluster_id,
+                    } => Ok(JoinResponse {
+                        node_id,
+                        cluster_id,
+                    }),
                     CommandResponse::Rejected { reason } => Err(ClientError::Unavailable(reason)),
-                    other => Err(ClientError::Internal(format!("unexpected response {other:?}"))),
+                    other => Err(ClientError::Internal(format!(
+                        "unexpected response {other:?}"
+                    ))),
                 },
             }
         }
@@ -168,7 +183,10 @@ impl Admin for AdminService {
         result.map(Response::new).map_err(|e| e.to_status())
     }
 
-    async fn range_list(&self, _request: Request<RangeListRequest>) -> Result<Response<RangeListResponse>, Status> {
+    async fn range_list(
+        &self,
+        _request: Request<RangeListRequest>,
+    ) -> Result<Response<RangeListResponse>, Status> {
         let leader_id = self.node.raft.metrics().borrow_watched().current_leader;
         Ok(Response::new(RangeListResponse {
             ranges: vec![self.node.descriptor()],

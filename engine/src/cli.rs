@@ -133,7 +133,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("asking {host} for status (is a node running there?)"))?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&crate::status::to_json(&first, &rows))?),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&crate::status::to_json(&first, &rows))?
+                ),
                 Format::Text => print!("{}", crate::status::to_text(&first, &rows)),
             }
             Ok(())
@@ -145,7 +148,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             op,
         } => {
             let options = ClientOptions {
-                consistency: if lease_reads { Consistency::Lease } else { Consistency::Linearizable },
+                consistency: if lease_reads {
+                    Consistency::Lease
+                } else {
+                    Consistency::Linearizable
+                },
                 ..Default::default()
             };
             let client = Client::connect(&[host.as_str()], options)
@@ -184,21 +191,34 @@ async fn kv(client: &Client, sphere: u64, op: KvOp) -> anyhow::Result<()> {
                 anyhow::bail!("give --expect VALUE or --expect-absent");
             }
             let (ok, current) = client
-                .compare_and_swap(sphere, key.as_bytes(), expect.as_deref().map(str::as_bytes), Some(new.as_bytes()))
+                .compare_and_swap(
+                    sphere,
+                    key.as_bytes(),
+                    expect.as_deref().map(str::as_bytes),
+                    Some(new.as_bytes()),
+                )
                 .await?;
             if ok {
                 println!("swapped");
             } else {
                 println!(
                     "not swapped; current value: {}",
-                    current.map_or("(absent)".to_string(), |v| String::from_utf8_lossy(&v).into_owned())
+                    current.map_or("(absent)".to_string(), |v| String::from_utf8_lossy(&v)
+                        .into_owned())
                 );
                 std::process::exit(1);
             }
         }
         KvOp::Scan { start, end, limit } => {
-            for kv in client.scan(sphere, start.as_bytes(), end.as_bytes(), limit).await? {
-                println!("{}\t{}", String::from_utf8_lossy(&kv.key), String::from_utf8_lossy(&kv.value));
+            for kv in client
+                .scan(sphere, start.as_bytes(), end.as_bytes(), limit)
+                .await?
+            {
+                println!(
+                    "{}\t{}",
+                    String::from_utf8_lossy(&kv.key),
+                    String::from_utf8_lossy(&kv.value)
+                );
             }
         }
     }
@@ -218,7 +238,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         log_kept_behind_snapshot: args.log_kept_behind_snapshot,
     };
     let node = Node::start(cfg).await?;
-    eprintln!("spheredb node {} serving on {}", node.node_id(), node.addr());
+    eprintln!(
+        "spheredb node {} serving on {}",
+        node.node_id(),
+        node.addr()
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -66,7 +66,9 @@ where
 }
 
 async fn voters(addr: &str) -> Option<(usize, Option<u64>)> {
-    let client = Client::connect(&[addr], ClientOptions::default()).await.ok()?;
+    let client = Client::connect(&[addr], ClientOptions::default())
+        .await
+        .ok()?;
     let status = client.status(addr, false).await.ok()?;
     let range = status.ranges.first()?;
     Some((range.descriptor.as_ref()?.voters.len(), range.leader_id))
@@ -102,30 +104,53 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    let dir = tempfile::Builder::new().prefix("spheredb-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("spheredb-demo-")
+        .tempdir()?;
     let mut addrs = Vec::new();
     for i in 0..nodes {
         let port = free_port(base_port.saturating_add(i))?;
         addrs.push(format!("127.0.0.1:{port}"));
     }
-    println!("Starting {nodes} SphereDB nodes in {}", dir.path().display());
+    println!(
+        "Starting {nodes} SphereDB nodes in {}",
+        dir.path().display()
+    );
     let mut children = Children(Vec::new());
-    children.0.push((1, addrs[0].clone(), spawn_node(dir.path(), 1, &addrs[0], None)?));
-    wait_for("the first node", || async { voters(&addrs[0]).await.is_some_and(|(_, l)| l.is_some()) }).await?;
+    children.0.push((
+        1,
+        addrs[0].clone(),
+        spawn_node(dir.path(), 1, &addrs[0], None)?,
+    ));
+    wait_for("the first node", || async {
+        voters(&addrs[0]).await.is_some_and(|(_, l)| l.is_some())
+    })
+    .await?;
     for i in 1..nodes {
         let child = spawn_node(dir.path(), i + 1, &addrs[i as usize], Some(&addrs[0]))?;
-        children.0.push((u64::from(i) + 1, addrs[i as usize].clone(), child));
+        children
+            .0
+            .push((u64::from(i) + 1, addrs[i as usize].clone(), child));
     }
     let want = usize::from(nodes.min(3));
-    wait_for("all nodes to join", || async { voters(&addrs[0]).await.is_some_and(|(v, _)| v >= want) }).await?;
+    wait_for("all nodes to join", || async {
+        voters(&addrs[0]).await.is_some_and(|(v, _)| v >= want)
+    })
+    .await?;
     let client = Client::connect(&addrs, ClientOptions::default()).await?;
     let loaded = load_sample(&client).await?;
     println!("Cluster is up: {} nodes, {loaded} sample keys in spheres {ALBUM_SPHERE} (album) and {TEAM_SPHERE} (team).\n", nodes);
     let exe = std::env::current_exe()?.display().to_string();
     println!("Try, in another terminal:");
     println!("  {exe} status --host {}", addrs[0]);
-    println!("  {exe} kv --host {} --sphere {ALBUM_SPHERE} scan --limit 5", addrs[0]);
-    println!("  {exe} kv --host {} --sphere {TEAM_SPHERE} put task/999 '{{\"title\":\"ship it\"}}'", addrs[0]);
+    println!(
+        "  {exe} kv --host {} --sphere {ALBUM_SPHERE} scan --limit 5",
+        addrs[0]
+    );
+    println!(
+        "  {exe} kv --host {} --sphere {TEAM_SPHERE} put task/999 '{{\"title\":\"ship it\"}}'",
+        addrs[0]
+    );
     println!("Node logs are in {}.\n", dir.path().display());
 
     if std::io::stdin().is_terminal() {
@@ -143,7 +168,11 @@ async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> any
     print!("{}", crate::status::to_text(&first, &rows));
     println!("\n$ kv --sphere {ALBUM_SPHERE} scan --limit 3");
     for kv in client.scan(ALBUM_SPHERE, b"photo/", b"", 3).await? {
-        println!("{}\t{}", String::from_utf8_lossy(&kv.key), String::from_utf8_lossy(&kv.value));
+        println!(
+            "{}\t{}",
+            String::from_utf8_lossy(&kv.key),
+            String::from_utf8_lossy(&kv.value)
+        );
     }
     let leader = first.ranges.first().and_then(|r| r.leader_id);
     if children.0.len() >= 3 {
@@ -157,16 +186,24 @@ async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> any
             let started = Instant::now();
             let survivor = children.0[0].1.clone();
             wait_for("a new leader", || async {
-                voters(&survivor).await.is_some_and(|(_, l)| l.is_some_and(|l| l != leader))
+                voters(&survivor)
+                    .await
+                    .is_some_and(|(_, l)| l.is_some_and(|l| l != leader))
             })
             .await?;
-            println!("New leader elected after {} ms.", started.elapsed().as_millis());
+            println!(
+                "New leader elected after {} ms.",
+                started.elapsed().as_millis()
+            );
             let name = client.get(ALBUM_SPHERE, b"name").await?;
             println!(
                 "Read back sphere {ALBUM_SPHERE} name: {}",
-                name.map_or("(missing!)".into(), |v| String::from_utf8_lossy(&v).into_owned())
+                name.map_or("(missing!)".into(), |v| String::from_utf8_lossy(&v)
+                    .into_owned())
             );
-            let photos = client.scan(ALBUM_SPHERE, b"photo/", b"photo0", 1000).await?;
+            let photos = client
+                .scan(ALBUM_SPHERE, b"photo/", b"photo0", 1000)
+                .await?;
             println!("All {} photos still readable.", photos.len());
         }
     }

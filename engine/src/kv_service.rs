@@ -10,8 +10,9 @@ use openraft::ReadPolicy;
 use spheredb_client::limits::{self, check_key, check_value};
 use spheredb_client::proto::v1::kv_server::Kv;
 use spheredb_client::proto::v1::{
-    BatchRequest, BatchResponse, CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, Header, KeyValue, PutRequest, PutResponse, ReadConsistency, ScanRequest, ScanResponse,
+    BatchRequest, BatchResponse, CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest,
+    DeleteResponse, GetRequest, GetResponse, Header, KeyValue, PutRequest, PutResponse,
+    ReadConsistency, ScanRequest, ScanResponse,
 };
 use spheredb_client::ClientError;
 use spheredb_raft::state_machine::{read_value, scan_values};
@@ -55,7 +56,11 @@ impl KvService {
     }
 
     async fn write(&self, cmd: Command) -> Result<CommandResponse, ClientError> {
-        let result = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), self.node.raft.client_write(cmd)).await;
+        let result = tokio::time::timeout(
+            Duration::from_millis(WRITE_TIMEOUT_MS),
+            self.node.raft.client_write(cmd),
+        )
+        .await;
         match result {
             Err(_) => Err(ClientError::Indeterminate(format!(
                 "write not committed within {WRITE_TIMEOUT_MS} ms; it may still apply"
@@ -72,13 +77,20 @@ impl KvService {
         let policy = match ReadConsistency::try_from(consistency) {
             Ok(ReadConsistency::Lease) => ReadPolicy::LeaseRead,
             Ok(ReadConsistency::Linearizable) => ReadPolicy::ReadIndex,
-            Err(_) => return Err(ClientError::InvalidArgument(format!("unknown read consistency {consistency}"))),
+            Err(_) => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "unknown read consistency {consistency}"
+                )))
+            }
         };
         let barrier = async {
             match self.node.raft.ensure_linearizable(policy.clone()).await {
                 // An expired lease is not an error for the caller: fall back to ReadIndex.
                 Err(_) if policy == ReadPolicy::LeaseRead => {
-                    self.node.raft.ensure_linearizable(ReadPolicy::ReadIndex).await
+                    self.node
+                        .raft
+                        .ensure_linearizable(ReadPolicy::ReadIndex)
+                        .await
                 }
                 other => other,
             }
@@ -107,161 +119,180 @@ fn answer<T>(r: Result<T, ClientError>) -> Reply<T> {
 impl Kv for KvService {
     async fn get(&self, request: Request<GetRequest>) -> Reply<GetResponse> {
         let req = request.into_inner();
-        answer(async {
-            let sphere = self.check_header(&req.header)?;
-            check_key(&req.key)?;
-            self.read_barrier(req.consistency).await?;
-            let value = read_value(&self.node.db, &keys::kv_key(sphere, &req.key)).map_err(storage_error)?;
-            Ok(GetResponse {
-                found: value.is_some(),
-                value: value.unwrap_or_default(),
-            })
-        }
-        .await)
+        answer(
+            async {
+                let sphere = self.check_header(&req.header)?;
+                check_key(&req.key)?;
+                self.read_barrier(req.consistency).await?;
+                let value = read_value(&self.node.db, &keys::kv_key(sphere, &req.key))
+                    .map_err(storage_error)?;
+                Ok(GetResponse {
+                    found: value.is_some(),
+                    value: value.unwrap_or_default(),
+                })
+            }
+            .await,
+        )
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Reply<PutResponse> {
         let req = request.into_inner();
-        answer(async {
-            let sphere = self.check_header(&req.header)?;
-            check_key(&req.key)?;
-            check_value(&req.value)?;
-            let op = WriteOp {
-                key: keys::kv_key(sphere, &req.key),
-                value: Some(req.value),
-            };
-            match self.write(Command::Write { ops: vec![op] }).await? {
-                CommandResponse::Done => Ok(PutResponse {}),
-                other => Err(unexpected(other)),
+        answer(
+            async {
+                let sphere = self.check_header(&req.header)?;
+                check_key(&req.key)?;
+                check_value(&req.value)?;
+                let op = WriteOp {
+                    key: keys::kv_key(sphere, &req.key),
+                    value: Some(req.value),
+                };
+                match self.write(Command::Write { ops: vec![op] }).await? {
+                    CommandResponse::Done => Ok(PutResponse {}),
+                    other => Err(unexpected(other)),
+                }
             }
-        }
-        .await)
+            .await,
+        )
     }
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Reply<DeleteResponse> {
         let req = request.into_inner();
-        answer(async {
-            let sphere = self.check_header(&req.header)?;
-            check_key(&req.key)?;
-            match self
-                .write(Command::Delete {
-                    key: keys::kv_key(sphere, &req.key),
-                })
-                .await?
-            {
-                CommandResponse::Deleted { existed } => Ok(DeleteResponse { existed }),
-                other => Err(unexpected(other)),
+        answer(
+            async {
+                let sphere = self.check_header(&req.header)?;
+                check_key(&req.key)?;
+                match self
+                    .write(Command::Delete {
+                        key: keys::kv_key(sphere, &req.key),
+                    })
+                    .await?
+                {
+                    CommandResponse::Deleted { existed } => Ok(DeleteResponse { existed }),
+                    other => Err(unexpected(other)),
+                }
             }
-        }
-        .await)
+            .await,
+        )
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Reply<ScanResponse> {
         let req = request.into_inner();
-        answer(async {
-            let sphere = self.check_header(&req.header)?;
-            let limit = match req.limit {
-                0 => limits::DEFAULT_SCAN_LIMIT,
-                n if n > limits::MAX_SCAN_LIMIT => {
-                    return Err(ClientError::InvalidArgument(format!(
-                        "scan limit {n} is over the maximum of {}",
-                        limits::MAX_SCAN_LIMIT
-                    )))
+        answer(
+            async {
+                let sphere = self.check_header(&req.header)?;
+                let limit = match req.limit {
+                    0 => limits::DEFAULT_SCAN_LIMIT,
+                    n if n > limits::MAX_SCAN_LIMIT => {
+                        return Err(ClientError::InvalidArgument(format!(
+                            "scan limit {n} is over the maximum of {}",
+                            limits::MAX_SCAN_LIMIT
+                        )))
+                    }
+                    n => n,
+                };
+                if !req.end.is_empty() && req.end <= req.start {
+                    return Ok(ScanResponse {
+                        pairs: vec![],
+                        more: false,
+                    });
                 }
-                n => n,
-            };
-            if !req.end.is_empty() && req.end <= req.start {
-                return Ok(ScanResponse {
-                    pairs: vec![],
-                    more: false,
-                });
-            }
-            self.read_barrier(req.consistency).await?;
-            let start = keys::kv_key(sphere, &req.start);
-            let end = if req.end.is_empty() {
-                keys::kv_sphere_span(sphere).1
-            } else {
-                keys::kv_key(sphere, &req.end)
-            };
-            let (pairs, more) = scan_values(&self.node.db, &start, &end, limit as usize).map_err(storage_error)?;
-            let pairs = pairs
-                .into_iter()
-                .filter_map(|(k, v)| {
-                    keys::decode_kv_key(&k).map(|(_, user)| KeyValue {
-                        key: user.to_vec(),
-                        value: v,
+                self.read_barrier(req.consistency).await?;
+                let start = keys::kv_key(sphere, &req.start);
+                let end = if req.end.is_empty() {
+                    keys::kv_sphere_span(sphere).1
+                } else {
+                    keys::kv_key(sphere, &req.end)
+                };
+                let (pairs, more) = scan_values(&self.node.db, &start, &end, limit as usize)
+                    .map_err(storage_error)?;
+                let pairs = pairs
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        keys::decode_kv_key(&k).map(|(_, user)| KeyValue {
+                            key: user.to_vec(),
+                            value: v,
+                        })
                     })
-                })
-                .collect();
-            Ok(ScanResponse { pairs, more })
-        }
-        .await)
+                    .collect();
+                Ok(ScanResponse { pairs, more })
+            }
+            .await,
+        )
     }
 
-    async fn compare_and_swap(&self, request: Request<CompareAndSwapRequest>) -> Reply<CompareAndSwapResponse> {
+    async fn compare_and_swap(
+        &self,
+        request: Request<CompareAndSwapRequest>,
+    ) -> Reply<CompareAndSwapResponse> {
         let req = request.into_inner();
-        answer(async {
-            let sphere = self.check_header(&req.header)?;
-            check_key(&req.key)?;
-            if let Some(v) = &req.expected {
-                check_value(v)?;
+        answer(
+            async {
+                let sphere = self.check_header(&req.header)?;
+                check_key(&req.key)?;
+                if let Some(v) = &req.expected {
+                    check_value(v)?;
+                }
+                if let Some(v) = &req.new_value {
+                    check_value(v)?;
+                }
+                match self
+                    .write(Command::CompareAndSwap {
+                        key: keys::kv_key(sphere, &req.key),
+                        expected: req.expected,
+                        new_value: req.new_value,
+                    })
+                    .await?
+                {
+                    CommandResponse::Swapped { succeeded, current } => {
+                        Ok(CompareAndSwapResponse { succeeded, current })
+                    }
+                    other => Err(unexpected(other)),
+                }
             }
-            if let Some(v) = &req.new_value {
-                check_value(v)?;
-            }
-            match self
-                .write(Command::CompareAndSwap {
-                    key: keys::kv_key(sphere, &req.key),
-                    expected: req.expected,
-                    new_value: req.new_value,
-                })
-                .await?
-            {
-                CommandResponse::Swapped { succeeded, current } => Ok(CompareAndSwapResponse { succeeded, current }),
-                other => Err(unexpected(other)),
-            }
-        }
-        .await)
+            .await,
+        )
     }
 
     async fn batch(&self, request: Request<BatchRequest>) -> Reply<BatchResponse> {
         let req = request.into_inner();
-        answer(async {
-            let sphere = self.check_header(&req.header)?;
-            if req.ops.len() > limits::MAX_BATCH_OPS {
-                return Err(ClientError::InvalidArgument(format!(
-                    "batch of {} ops is over the limit of {}",
-                    req.ops.len(),
-                    limits::MAX_BATCH_OPS
-                )));
-            }
-            let mut total_bytes = 0usize;
-            let mut ops = Vec::with_capacity(req.ops.len());
-            for op in req.ops {
-                check_key(&op.key)?;
-                if let Some(v) = &op.value {
-                    check_value(v)?;
+        answer(
+            async {
+                let sphere = self.check_header(&req.header)?;
+                if req.ops.len() > limits::MAX_BATCH_OPS {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "batch of {} ops is over the limit of {}",
+                        req.ops.len(),
+                        limits::MAX_BATCH_OPS
+                    )));
                 }
-                total_bytes += op.key.len() + op.value.as_ref().map_or(0, Vec::len);
-                ops.push(WriteOp {
-                    key: keys::kv_key(sphere, &op.key),
-                    value: op.value,
-                });
+                let mut total_bytes = 0usize;
+                let mut ops = Vec::with_capacity(req.ops.len());
+                for op in req.ops {
+                    check_key(&op.key)?;
+                    if let Some(v) = &op.value {
+                        check_value(v)?;
+                    }
+                    total_bytes += op.key.len() + op.value.as_ref().map_or(0, Vec::len);
+                    ops.push(WriteOp {
+                        key: keys::kv_key(sphere, &op.key),
+                        value: op.value,
+                    });
+                }
+                if total_bytes > limits::MAX_BATCH_SIZE_BYTES {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "batch of {total_bytes} bytes is over the limit of {} bytes",
+                        limits::MAX_BATCH_SIZE_BYTES
+                    )));
+                }
+                if ops.is_empty() {
+                    return Ok(BatchResponse {});
+                }
+                match self.write(Command::Write { ops }).await? {
+                    CommandResponse::Done => Ok(BatchResponse {}),
+                    other => Err(unexpected(other)),
+                }
             }
-            if total_bytes > limits::MAX_BATCH_SIZE_BYTES {
-                return Err(ClientError::InvalidArgument(format!(
-                    "batch of {total_bytes} bytes is over the limit of {} bytes",
-                    limits::MAX_BATCH_SIZE_BYTES
-                )));
-            }
-            if ops.is_empty() {
-                return Ok(BatchResponse {});
-            }
-            match self.write(Command::Write { ops }).await? {
-                CommandResponse::Done => Ok(BatchResponse {}),
-                other => Err(unexpected(other)),
-            }
-        }
-        .await)
+            .await,
+        )
     }
 }

@@ -11,16 +11,18 @@ use anyhow::{anyhow, bail, Context};
 use openraft::{BasicNode, ChangeMembers, Config, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use spheredb_client::limits;
+use spheredb_client::proto::raft::raft_transport_server::RaftTransportServer;
 use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::admin_server::AdminServer;
 use spheredb_client::proto::v1::kv_server::KvServer;
 use spheredb_client::proto::v1::{JoinRequest, RangeDescriptor};
-use spheredb_client::proto::raft::raft_transport_server::RaftTransportServer;
 use spheredb_client::ClientError;
 use spheredb_raft::group_commit::GroupCommit;
 use spheredb_raft::layout::{StateTag, NODE_RECORDS};
 use spheredb_raft::log_store::{read_state, write_state, LogStore};
-use spheredb_raft::network::{PeerChannels, RaftService, RangeRegistry, TransportFaults, MAX_RAFT_MESSAGE_SIZE_BYTES};
+use spheredb_raft::network::{
+    PeerChannels, RaftService, RangeRegistry, TransportFaults, MAX_RAFT_MESSAGE_SIZE_BYTES,
+};
 use spheredb_raft::state_machine::StateMachine;
 use spheredb_raft::{registry, Command, NodeId, RaftHandle, RangeId};
 use spheredb_storage::{Db, DbOptions};
@@ -130,7 +132,9 @@ fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<Config>> {
         install_snapshot_timeout: 60_000,
         ..Default::default()
     };
-    Ok(Arc::new(config.validate().context("invalid raft configuration")?))
+    Ok(Arc::new(
+        config.validate().context("invalid raft configuration")?,
+    ))
 }
 
 async fn join_cluster(seeds: &[String], addr: &str, token: &[u8]) -> anyhow::Result<(NodeId, u64)> {
@@ -187,13 +191,17 @@ impl Node {
             .with_context(|| format!("opening the database under {}", cfg.data_dir.display()))?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
-            .with_context(|| format!("binding {} (is another node using this port?)", cfg.listen))?;
+            .with_context(|| {
+                format!("binding {} (is another node using this port?)", cfg.listen)
+            })?;
         let local_addr = listener.local_addr()?;
 
         let identity: Option<NodeIdentity> = read_state(&db, NODE_RECORDS, StateTag::NodeIdentity)?;
         let advertise = match (&cfg.advertise, &identity) {
             (Some(a), _) => a.clone(),
-            (None, Some(id)) if cfg.listen == id.addr || local_addr.to_string() == id.addr => id.addr.clone(),
+            (None, Some(id)) if cfg.listen == id.addr || local_addr.to_string() == id.addr => {
+                id.addr.clone()
+            }
             (None, _) if local_addr.ip().is_unspecified() => {
                 bail!("--listen {} binds every interface; give --advertise HOST:PORT so peers can reach this node", cfg.listen)
             }
@@ -203,7 +211,10 @@ impl Node {
         let (identity, bootstrap) = match identity {
             Some(id) => {
                 if !cfg.join.is_empty() {
-                    tracing::info!(node_id = id.node_id, "data directory already belongs to a cluster; ignoring --join");
+                    tracing::info!(
+                        node_id = id.node_id,
+                        "data directory already belongs to a cluster; ignoring --join"
+                    );
                 }
                 (id, false)
             }
@@ -245,11 +256,24 @@ impl Node {
         let faults = Arc::new(TransportFaults::default());
         let peers = PeerChannels::new(node_id, faults.clone());
         let log_store = LogStore::new(db.clone(), FIRST_RANGE_ID, group_commit.clone());
-        let sm = StateMachine::open(db.clone(), FIRST_RANGE_ID, Vec::new(), Vec::new(), &cfg.data_dir.join("snapshots"))?;
-        let raft = RaftHandle::new(node_id, raft_config(&cfg)?, peers.factory(FIRST_RANGE_ID), log_store, sm)
-            .await
-            .map_err(|e| anyhow!("starting raft for range {FIRST_RANGE_ID}: {e}"))?;
-        let ranges: RangeRegistry = Arc::new(RwLock::new(HashMap::from([(FIRST_RANGE_ID, raft.clone())])));
+        let sm = StateMachine::open(
+            db.clone(),
+            FIRST_RANGE_ID,
+            Vec::new(),
+            Vec::new(),
+            &cfg.data_dir.join("snapshots"),
+        )?;
+        let raft = RaftHandle::new(
+            node_id,
+            raft_config(&cfg)?,
+            peers.factory(FIRST_RANGE_ID),
+            log_store,
+            sm,
+        )
+        .await
+        .map_err(|e| anyhow!("starting raft for range {FIRST_RANGE_ID}: {e}"))?;
+        let ranges: RangeRegistry =
+            Arc::new(RwLock::new(HashMap::from([(FIRST_RANGE_ID, raft.clone())])));
 
         let shared = Arc::new(NodeShared {
             node_id,
@@ -268,9 +292,10 @@ impl Node {
                 .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
                 .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
             let admin = AdminServer::new(AdminService::new(shared.clone()));
-            let raft_svc = RaftTransportServer::new(RaftService::new(ranges.clone(), faults.clone()))
-                .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
-                .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
+            let raft_svc =
+                RaftTransportServer::new(RaftService::new(ranges.clone(), faults.clone()))
+                    .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
+                    .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             tokio::spawn(
                 tonic::transport::Server::builder()
@@ -291,7 +316,11 @@ impl Node {
                 .map_err(|e| anyhow!("initialising the cluster: {e}"))?;
         }
 
-        let reconciler = tokio::spawn(reconcile_loop(shared.clone(), cfg.replication_factor, stop_rx));
+        let reconciler = tokio::spawn(reconcile_loop(
+            shared.clone(),
+            cfg.replication_factor,
+            stop_rx,
+        ));
         tracing::info!(node_id, %addr, "node serving");
         Ok(Node {
             shared,
@@ -369,7 +398,11 @@ impl Node {
 /// On the leader: initialise the registry if a crash interrupted bootstrap, add registered
 /// nodes as learners, and promote caught-up learners until the range has enough voters.
 /// One membership change at a time.
-async fn reconcile_loop(shared: Arc<NodeShared>, replication_factor: usize, mut stop: watch::Receiver<bool>) {
+async fn reconcile_loop(
+    shared: Arc<NodeShared>,
+    replication_factor: usize,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

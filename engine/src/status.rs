@@ -116,7 +116,11 @@ pub fn to_text(first: &StatusResponse, rows: &[NodeRow]) -> String {
             "{:<6} {:<22} {:<6} {:<8} {:>10} {:>10} {:>10}\n",
             id,
             n["addr"].as_str().unwrap_or(""),
-            if n["live"].as_bool() == Some(true) { "yes" } else { "NO" },
+            if n["live"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "NO"
+            },
             role,
             opt(&n["applied_index"]),
             opt(&n["matched_index"]),
@@ -130,7 +134,11 @@ pub fn to_text(first: &StatusResponse, rows: &[NodeRow]) -> String {
             r["range_id"],
             r["generation"],
             r["start_key"].as_str().unwrap_or(""),
-            if r["end_key"].as_str() == Some("") { "∞" } else { r["end_key"].as_str().unwrap_or("") },
+            if r["end_key"].as_str() == Some("") {
+                "∞"
+            } else {
+                r["end_key"].as_str().unwrap_or("")
+            },
             r["voters"],
             r["learners"],
             opt(&r["leader_id"]),

@@ -30,8 +30,12 @@ fn config(dir: &std::path::Path, name: &str, join: Option<&str>, rf: usize) -> N
 async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
     let first = Node::start(config(dir, "n1", None, 3)).await.unwrap();
     let seed = first.addr().to_string();
-    let second = Node::start(config(dir, "n2", Some(&seed), 3)).await.unwrap();
-    let third = Node::start(config(dir, "n3", Some(&seed), 3)).await.unwrap();
+    let second = Node::start(config(dir, "n2", Some(&seed), 3))
+        .await
+        .unwrap();
+    let third = Node::start(config(dir, "n3", Some(&seed), 3))
+        .await
+        .unwrap();
     let nodes = vec![first, second, third];
     eventually("three voters", || async {
         let m = nodes[0].raft().metrics().borrow_watched().clone();
@@ -57,16 +61,25 @@ async fn writes_on_any_node_reach_all_three_replicas() {
     let nodes = three_nodes(dir.path()).await;
     for (i, node) in nodes.iter().enumerate() {
         // A client seeded with only this node follows NotLeader hints to the leader.
-        let client = Client::connect(&[node.addr()], ClientOptions::default()).await.unwrap();
+        let client = Client::connect(&[node.addr()], ClientOptions::default())
+            .await
+            .unwrap();
         client
-            .put(5, format!("from-{i}").as_bytes(), format!("v{i}").as_bytes())
+            .put(
+                5,
+                format!("from-{i}").as_bytes(),
+                format!("v{i}").as_bytes(),
+            )
             .await
             .unwrap();
     }
     for node in &nodes {
         eventually("every write on every replica", || async {
             (0..3)
-                .all(|i| local(node, 5, format!("from-{i}").as_bytes()) == Some(format!("v{i}").into_bytes()))
+                .all(|i| {
+                    local(node, 5, format!("from-{i}").as_bytes())
+                        == Some(format!("v{i}").into_bytes())
+                })
                 .then_some(())
         })
         .await;
@@ -78,10 +91,15 @@ async fn writes_on_any_node_reach_all_three_replicas() {
 async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = three_nodes(dir.path()).await;
-    let leader_id = eventually("a leader", || async { nodes[0].raft().current_leader().await }).await;
+    let leader_id = eventually("a leader", || async {
+        nodes[0].raft().current_leader().await
+    })
+    .await;
     let isolated = nodes.iter().position(|n| n.node_id() == leader_id).unwrap();
     let others: Vec<usize> = (0..3).filter(|i| *i != isolated).collect();
-    nodes[isolated].faults().block(others.iter().map(|i| nodes[*i].node_id()));
+    nodes[isolated]
+        .faults()
+        .block(others.iter().map(|i| nodes[*i].node_id()));
     for i in &others {
         nodes[*i].faults().block([nodes[isolated].node_id()]);
     }
@@ -93,12 +111,24 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
             value: Some(b"lost".to_vec()),
         }],
     };
-    let attempt = tokio::time::timeout(Duration::from_secs(3), nodes[isolated].raft().client_write(doomed)).await;
-    assert!(!matches!(attempt, Ok(Ok(_))), "an isolated node committed a write");
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(3),
+        nodes[isolated].raft().client_write(doomed),
+    )
+    .await;
+    assert!(
+        !matches!(attempt, Ok(Ok(_))),
+        "an isolated node committed a write"
+    );
 
     // The majority elects a new leader and keeps committing.
-    let majority: Vec<String> = others.iter().map(|i| nodes[*i].addr().to_string()).collect();
-    let client = Client::connect(&majority, ClientOptions::default()).await.unwrap();
+    let majority: Vec<String> = others
+        .iter()
+        .map(|i| nodes[*i].addr().to_string())
+        .collect();
+    let client = Client::connect(&majority, ClientOptions::default())
+        .await
+        .unwrap();
     client.put(9, b"during", b"partition").await.unwrap();
     assert_eq!(local(&nodes[isolated], 9, b"during"), None);
 
@@ -110,22 +140,32 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
     })
     .await;
     for n in &nodes {
-        assert_eq!(local(n, 9, b"doomed"), None, "uncommitted write surfaced on node {}", n.node_id());
+        assert_eq!(
+            local(n, 9, b"doomed"),
+            None,
+            "uncommitted write surfaced on node {}",
+            n.node_id()
+        );
     }
     shutdown(nodes).await;
 }
 
 fn code_of(status: &tonic::Status) -> ErrorCode {
-    let wire = spheredb_client::proto::v1::Error::decode(status.details()).expect("status carries an Error");
+    let wire = spheredb_client::proto::v1::Error::decode(status.details())
+        .expect("status carries an Error");
     ErrorCode::try_from(wire.code).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(config(dir.path(), "n1", None, 1)).await.unwrap();
+    let node = Node::start(config(dir.path(), "n1", None, 1))
+        .await
+        .unwrap();
     let addr = node.addr().to_string();
-    let client = Client::connect(&[addr.as_str()], ClientOptions::default()).await.unwrap();
+    let client = Client::connect(&[addr.as_str()], ClientOptions::default())
+        .await
+        .unwrap();
     client.put(1, b"k", b"v").await.unwrap();
 
     let mut raw = KvClient::connect(format!("http://{addr}"))
@@ -150,14 +190,27 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
     assert!(err.message().contains("key is empty"), "{}", err.message());
 
-    let err = raw.put(put(vec![b'k'; 5 << 10], b"v".to_vec(), 1)).await.unwrap_err();
+    let err = raw
+        .put(put(vec![b'k'; 5 << 10], b"v".to_vec(), 1))
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
-    assert!(err.message().contains("over the limit"), "{}", err.message());
+    assert!(
+        err.message().contains("over the limit"),
+        "{}",
+        err.message()
+    );
 
-    let err = raw.put(put(b"k".to_vec(), vec![0; 9 << 20], 1)).await.unwrap_err();
+    let err = raw
+        .put(put(b"k".to_vec(), vec![0; 9 << 20], 1))
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
 
-    let err = raw.put(put(b"k".to_vec(), b"v".to_vec(), 99)).await.unwrap_err();
+    let err = raw
+        .put(put(b"k".to_vec(), b"v".to_vec(), 99))
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&err), ErrorCode::RangeNotFound);
 
     let err = raw
@@ -171,7 +224,10 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
 
     // Larger than any message the server decodes: refused by the transport, not a crash.
-    let err = raw.put(put(b"k".to_vec(), vec![0; 40 << 20], 1)).await.unwrap_err();
+    let err = raw
+        .put(put(b"k".to_vec(), vec![0; 40 << 20], 1))
+        .await
+        .unwrap_err();
     assert_ne!(err.code(), tonic::Code::Ok);
 
     // The client library refuses bad input before sending it.
@@ -184,13 +240,21 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     for seed in 0u8..3 {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let garbage: Vec<u8> = (0..4096u32).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let garbage: Vec<u8> = (0..4096u32)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
         let _ = s.write_all(&garbage);
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     }
     client.put(1, b"after", b"garbage").await.unwrap();
-    assert_eq!(client.get(1, b"after").await.unwrap().as_deref(), Some(&b"garbage"[..]));
-    assert_eq!(client.get(1, b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        client.get(1, b"after").await.unwrap().as_deref(),
+        Some(&b"garbage"[..])
+    );
+    assert_eq!(
+        client.get(1, b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
     node.shutdown().await.unwrap();
 }

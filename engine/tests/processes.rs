@@ -8,7 +8,12 @@ use std::time::Instant;
 
 use common::{eventually, status, ProcCluster};
 
-const FAST_ELECTIONS: &[&str] = &["--heartbeat-interval-ms", "50", "--election-timeout-ms", "300"];
+const FAST_ELECTIONS: &[&str] = &[
+    "--heartbeat-interval-ms",
+    "50",
+    "--election-timeout-ms",
+    "300",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acked_writes_survive_leader_kill() {
@@ -65,14 +70,23 @@ async fn acked_writes_survive_leader_kill() {
     eprintln!("{} acknowledged writes", acked.len());
     for (k, v) in &acked {
         let got = client.get(7, k.as_bytes()).await.unwrap();
-        assert_eq!(got.as_deref(), Some(v.as_bytes()), "acknowledged write {k} lost");
+        assert_eq!(
+            got.as_deref(),
+            Some(v.as_bytes()),
+            "acknowledged write {k} lost"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_node_catches_up_via_snapshot_after_log_purge() {
     let mut args = FAST_ELECTIONS.to_vec();
-    args.extend(["--snapshot-log-threshold", "20", "--log-kept-behind-snapshot", "0"]);
+    args.extend([
+        "--snapshot-log-threshold",
+        "20",
+        "--log-kept-behind-snapshot",
+        "0",
+    ]);
     let mut cluster = ProcCluster::start(3, &args).await;
     let client = cluster.client().await;
     client.put(1, b"before", b"stop").await.unwrap();
@@ -81,7 +95,10 @@ async fn restarted_node_catches_up_via_snapshot_after_log_purge() {
     cluster.procs[follower].kill9();
 
     for i in 0..200u32 {
-        client.put(1, format!("k{i:03}").as_bytes(), format!("v{i}").as_bytes()).await.unwrap();
+        client
+            .put(1, format!("k{i:03}").as_bytes(), format!("v{i}").as_bytes())
+            .await
+            .unwrap();
     }
     let leader_addr = cluster.procs[leader].addr.clone();
     let leader_status = eventually("the leader to snapshot and purge", || async {
@@ -128,14 +145,24 @@ async fn status_and_kv_commands_work_from_the_cli() {
             .output()
             .expect("running spheredb")
     };
-    let put = run(&["kv", "--host", &addr, "--sphere", "3", "put", "hello", "world"]);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    let put = run(&[
+        "kv", "--host", &addr, "--sphere", "3", "put", "hello", "world",
+    ]);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
     let get = run(&["kv", "--host", &addr, "--sphere", "3", "get", "hello"]);
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "world");
     let other_sphere = run(&["kv", "--host", &addr, "--sphere", "4", "get", "hello"]);
-    assert!(!other_sphere.status.success(), "spheres must not share keys");
+    assert!(
+        !other_sphere.status.success(),
+        "spheres must not share keys"
+    );
     let st = run(&["status", "--host", &addr, "--format", "json"]);
-    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status --format json prints JSON");
+    let v: serde_json::Value =
+        serde_json::from_slice(&st.stdout).expect("status --format json prints JSON");
     assert_eq!(v["nodes"][0]["live"], true);
     assert_eq!(v["ranges"][0]["voters"].as_array().unwrap().len(), 1);
     let down = run(&["status", "--host", "127.0.0.1:1"]);

@@ -69,12 +69,16 @@ impl GroupCommit {
                     while let Some(batch) = queue.pop_batch(MAX_GROUP_COMMIT_BATCH) {
                         let result = wal.sync_wal();
                         stats.syncs.fetch_add(1, Ordering::Relaxed);
-                        stats.completions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        stats
+                            .completions
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
                         let n = batch.len();
                         for done in batch {
                             done(match &result {
                                 Ok(()) => Ok(()),
-                                Err(e) => Err(io::Error::new(e.kind(), format!("WAL sync failed: {e}"))),
+                                Err(e) => {
+                                    Err(io::Error::new(e.kind(), format!("WAL sync failed: {e}")))
+                                }
                             });
                         }
                         slots.add_permits(n);
@@ -206,7 +210,10 @@ mod tests {
             assert!(w.await.unwrap());
         }
         let syncs = wal.0.load(Ordering::SeqCst);
-        assert!(syncs < 1000, "expected batching, got {syncs} syncs for 1000 appends");
+        assert!(
+            syncs < 1000,
+            "expected batching, got {syncs} syncs for 1000 appends"
+        );
         assert_eq!(gc.stats().completions.load(Ordering::Relaxed), 1000);
         gc.shutdown();
     }

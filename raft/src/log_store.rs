@@ -22,19 +22,28 @@ use crate::types::{Entry, LogId, RangeId, TypeConfig, Vote};
 
 /// Encodes a value as a crc-framed postcard record.
 pub fn encode_record<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    let payload = postcard::to_stdvec(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let payload =
+        postcard::to_stdvec(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     Ok(record::encode(&payload))
 }
 
 /// Decodes a crc-framed postcard record; damage is an `InvalidData` error naming `what`.
 pub fn decode_record<T: DeserializeOwned>(what: &str, framed: &[u8]) -> io::Result<T> {
     let payload = record::decode(what, framed).map_err(io::Error::from)?;
-    postcard::from_bytes(payload)
-        .map_err(|e| io::Error::from(StorageError::corruption(what, format!("undecodable record: {e}"))))
+    postcard::from_bytes(payload).map_err(|e| {
+        io::Error::from(StorageError::corruption(
+            what,
+            format!("undecodable record: {e}"),
+        ))
+    })
 }
 
 /// Reads a per-range state record.
-pub fn read_state<T: DeserializeOwned>(db: &Db, range_id: RangeId, tag: StateTag) -> io::Result<Option<T>> {
+pub fn read_state<T: DeserializeOwned>(
+    db: &Db,
+    range_id: RangeId,
+    tag: StateTag,
+) -> io::Result<Option<T>> {
     let key = state_key(range_id, tag);
     match db
         .raw()
@@ -42,14 +51,26 @@ pub fn read_state<T: DeserializeOwned>(db: &Db, range_id: RangeId, tag: StateTag
         .map_err(io::Error::other)?
     {
         None => Ok(None),
-        Some(framed) => decode_record(&format!("raft state {tag:?} of range {range_id}"), &framed).map(Some),
+        Some(framed) => {
+            decode_record(&format!("raft state {tag:?} of range {range_id}"), &framed).map(Some)
+        }
     }
 }
 
 /// Writes a per-range state record, synced when `sync`.
-pub fn write_state<T: Serialize>(db: &Db, range_id: RangeId, tag: StateTag, value: &T, sync: bool) -> io::Result<()> {
+pub fn write_state<T: Serialize>(
+    db: &Db,
+    range_id: RangeId,
+    tag: StateTag,
+    value: &T,
+    sync: bool,
+) -> io::Result<()> {
     let mut batch = WriteBatch::default();
-    batch.put_cf(db.cf(ColumnFamilyName::RaftState), state_key(range_id, tag), encode_record(value)?);
+    batch.put_cf(
+        db.cf(ColumnFamilyName::RaftState),
+        state_key(range_id, tag),
+        encode_record(value)?,
+    );
     db.write(batch, sync).map_err(io::Error::from)
 }
 
@@ -79,24 +100,33 @@ impl LogStore {
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(log_key(self.range_id, 0).to_vec());
         let upper = log_key(self.range_id, u64::MAX);
-        let mut iter = self
-            .db
-            .raw()
-            .iterator_cf_opt(self.cf(), opts, IteratorMode::From(&upper, Direction::Reverse));
+        let mut iter = self.db.raw().iterator_cf_opt(
+            self.cf(),
+            opts,
+            IteratorMode::From(&upper, Direction::Reverse),
+        );
         match iter.next() {
             None => Ok(None),
             Some(item) => {
                 let (key, value) = item.map_err(io::Error::other)?;
-                let index = log_key_index(self.range_id, &key)
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "foreign key in range log"))?;
-                let entry: Entry = decode_record(&format!("log entry {index} of range {}", self.range_id), &value)?;
+                let index = log_key_index(self.range_id, &key).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "foreign key in range log")
+                })?;
+                let entry: Entry = decode_record(
+                    &format!("log entry {index} of range {}", self.range_id),
+                    &value,
+                )?;
                 Ok(Some(entry.log_id))
             }
         }
     }
 
     fn delete_from(&self, batch: &mut WriteBatch, first_index: u64) {
-        batch.delete_range_cf(self.cf(), log_key(self.range_id, first_index), log_key(self.range_id, u64::MAX));
+        batch.delete_range_cf(
+            self.cf(),
+            log_key(self.range_id, first_index),
+            log_key(self.range_id, u64::MAX),
+        );
         // delete_range's end is exclusive; the last possible index is removed explicitly.
         batch.delete_cf(self.cf(), log_key(self.range_id, u64::MAX));
     }
@@ -123,10 +153,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(log_key(self.range_id, end_exclusive).to_vec());
         let from = log_key(self.range_id, start);
-        let iter = self
-            .db
-            .raw()
-            .iterator_cf_opt(self.cf(), opts, IteratorMode::From(&from, Direction::Forward));
+        let iter = self.db.raw().iterator_cf_opt(
+            self.cf(),
+            opts,
+            IteratorMode::From(&from, Direction::Forward),
+        );
         let mut entries = Vec::new();
         let mut expected = start;
         for item in iter {
@@ -134,7 +165,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let Some(index) = log_key_index(self.range_id, &key) else {
                 break;
             };
-            let entry: Entry = decode_record(&format!("log entry {index} of range {}", self.range_id), &value)?;
+            let entry: Entry = decode_record(
+                &format!("log entry {index} of range {}", self.range_id),
+                &value,
+            )?;
             if entry.log_id.index != index || (!entries.is_empty() && index != expected) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -160,7 +194,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged: Option<LogId> = read_state(&self.db, self.range_id, StateTag::LastPurged)?;
-        let last = self.last_entry_log_id()?.or_else(|| last_purged.clone());
+        let last = self.last_entry_log_id()?.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -177,21 +211,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         // Not synced: the committed id only speeds up recovery; losing it is safe.
-        write_state(&self.db, self.range_id, StateTag::Committed, &committed, false)
+        write_state(
+            &self.db,
+            self.range_id,
+            StateTag::Committed,
+            &committed,
+            false,
+        )
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
         Ok(read_state::<Option<LogId>>(&self.db, self.range_id, StateTag::Committed)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
         for entry in entries {
-            batch.put_cf(self.cf(), log_key(self.range_id, entry.log_id.index), encode_record(&entry)?);
+            batch.put_cf(
+                self.cf(),
+                log_key(self.range_id, entry.log_id.index),
+                encode_record(&entry)?,
+            );
         }
         // Visible to readers now; durable only after the group commit's fsync, which is when
         // the callback fires.
@@ -215,7 +263,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             state_key(self.range_id, StateTag::LastPurged),
             encode_record(&log_id)?,
         );
-        batch.delete_range_cf(self.cf(), log_key(self.range_id, 0), log_key(self.range_id, log_id.index + 1));
+        batch.delete_range_cf(
+            self.cf(),
+            log_key(self.range_id, 0),
+            log_key(self.range_id, log_id.index + 1),
+        );
         // Not synced: a purge lost in a crash only leaves extra log behind.
         self.db.write(batch, false).map_err(io::Error::from)
     }
@@ -231,7 +283,10 @@ mod tests {
     use std::sync::Arc;
 
     fn log_id(term: u64, index: u64) -> LogId {
-        openraft::LogId::new(openraft::vote::leader_id_adv::LeaderId::<u64, u64>::new_committed(term, 1), index)
+        openraft::LogId::new(
+            openraft::vote::leader_id_adv::LeaderId::<u64, u64>::new_committed(term, 1),
+            index,
+        )
     }
 
     fn entry(term: u64, index: u64) -> Entry {
@@ -262,10 +317,16 @@ mod tests {
 
             append(&mut store, (1..=10).map(|i| entry(1, i)).collect()).await;
             let got = store.try_get_log_entries(3..6).await.unwrap();
-            assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![3, 4, 5]);
+            assert_eq!(
+                got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+                vec![3, 4, 5]
+            );
 
             store.truncate_after(Some(log_id(1, 7))).await.unwrap();
-            assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 7)));
+            assert_eq!(
+                store.get_log_state().await.unwrap().last_log_id,
+                Some(log_id(1, 7))
+            );
             append(&mut store, vec![entry(2, 8)]).await;
 
             store.purge(log_id(1, 4)).await.unwrap();
@@ -284,7 +345,10 @@ mod tests {
         assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
         assert_eq!(state.last_log_id, Some(log_id(2, 8)));
         let got = store.try_get_log_entries(..).await.unwrap();
-        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![5, 6, 7, 8]
+        );
         assert_eq!(got.last().unwrap().log_id, log_id(2, 8));
         assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
         let mut other = LogStore::new(db, 8, gc.clone());
@@ -312,10 +376,16 @@ mod tests {
         let mut store = LogStore::new(db.clone(), 1, gc.clone());
         append(&mut store, (1..=3).map(|i| entry(1, i)).collect()).await;
         let key = log_key(1, 2);
-        let mut raw = db.raw().get_cf(db.cf(ColumnFamilyName::RaftLog), key).unwrap().unwrap();
+        let mut raw = db
+            .raw()
+            .get_cf(db.cf(ColumnFamilyName::RaftLog), key)
+            .unwrap()
+            .unwrap();
         let last = raw.len() - 1;
         raw[last] ^= 0x40;
-        db.raw().put_cf(db.cf(ColumnFamilyName::RaftLog), key, raw).unwrap();
+        db.raw()
+            .put_cf(db.cf(ColumnFamilyName::RaftLog), key, raw)
+            .unwrap();
         let err = store.try_get_log_entries(1..4).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("corruption"), "{err}");

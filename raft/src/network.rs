@@ -12,7 +12,9 @@ use std::time::Duration;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::storage::Snapshot;
 use openraft::{BasicNode, OptionalSend};
 use serde::de::DeserializeOwned;
@@ -32,7 +34,11 @@ pub const SNAPSHOT_CHUNK_SIZE_BYTES: usize = 1 << 20;
 /// Time allowed to open a peer connection.
 pub const PEER_CONNECT_TIMEOUT_MS: u64 = 500;
 
-fn encode<T: Serialize>(range_id: RangeId, from_node: NodeId, value: &T) -> Result<RaftMessage, String> {
+fn encode<T: Serialize>(
+    range_id: RangeId,
+    from_node: NodeId,
+    value: &T,
+) -> Result<RaftMessage, String> {
     let payload = postcard::to_stdvec(value).map_err(|e| e.to_string())?;
     Ok(RaftMessage {
         range_id,
@@ -62,17 +68,26 @@ pub struct TransportFaults {
 impl TransportFaults {
     /// Drops all traffic to and from `peers`.
     pub fn block(&self, peers: impl IntoIterator<Item = NodeId>) {
-        self.blocked.write().unwrap_or_else(|p| p.into_inner()).extend(peers);
+        self.blocked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(peers);
     }
 
     /// Restores traffic with every peer.
     pub fn heal(&self) {
-        self.blocked.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.blocked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// True when traffic with `peer` is dropped.
     pub fn is_blocked(&self, peer: NodeId) -> bool {
-        self.blocked.read().unwrap_or_else(|p| p.into_inner()).contains(&peer)
+        self.blocked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&peer)
     }
 }
 
@@ -159,14 +174,22 @@ fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
 impl PeerClient {
     fn check_faults(&self) -> Result<(), RPCError<TypeConfig>> {
         if self.peers.faults.is_blocked(self.target) {
-            return Err(unreachable(format!("link to node {} is cut by fault injection", self.target)));
+            return Err(unreachable(format!(
+                "link to node {} is cut by fault injection",
+                self.target
+            )));
         }
         Ok(())
     }
 
     fn map_status(&self, status: Status) -> RPCError<TypeConfig> {
         match status.code() {
-            tonic::Code::Unavailable => unreachable(format!("node {} at {}: {}", self.target, self.addr, status.message())),
+            tonic::Code::Unavailable => unreachable(format!(
+                "node {} at {}: {}",
+                self.target,
+                self.addr,
+                status.message()
+            )),
             _ => RPCError::Network(NetworkError::from_string(format!(
                 "node {} at {}: {}: {}",
                 self.target,
@@ -184,7 +207,8 @@ impl PeerClient {
         vote: bool,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         self.check_faults()?;
-        let msg = encode(self.range_id, self.peers.node_id, req).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        let msg = encode(self.range_id, self.peers.node_id, req)
+            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         let mut client = self.peers.client(&self.addr).map_err(unreachable)?;
         let mut request = Request::new(msg);
         request.set_timeout(option.hard_ttl());
@@ -257,7 +281,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             closed = &mut cancel => return Err(StreamingError::Closed(closed)),
             reply = client.snapshot(request) => reply.map_err(|s| self.map_status(s))?,
         };
-        decode(reply.get_ref()).map_err(|e| StreamingError::from(RPCError::Network(NetworkError::from_string(e))))
+        decode(reply.get_ref())
+            .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::from_string(e))))
     }
 }
 
@@ -278,19 +303,25 @@ impl RaftService {
 
     fn raft(&self, range_id: RangeId, from_node: NodeId) -> Result<RaftHandle, Status> {
         if self.faults.is_blocked(from_node) {
-            return Err(Status::unavailable(format!("link from node {from_node} is cut by fault injection")));
+            return Err(Status::unavailable(format!(
+                "link from node {from_node} is cut by fault injection"
+            )));
         }
         self.ranges
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&range_id)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("range {range_id} has no replica on this node")))
+            .ok_or_else(|| {
+                Status::not_found(format!("range {range_id} has no replica on this node"))
+            })
     }
 }
 
 fn reply<T: Serialize>(range_id: RangeId, value: &T) -> Result<Response<RaftMessage>, Status> {
-    encode(range_id, 0, value).map(Response::new).map_err(Status::internal)
+    encode(range_id, 0, value)
+        .map(Response::new)
+        .map_err(Status::internal)
 }
 
 #[tonic::async_trait]
@@ -298,7 +329,8 @@ impl RaftTransport for RaftService {
     async fn append(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let msg = request.into_inner();
         let raft = self.raft(msg.range_id, msg.from_node)?;
-        let req: AppendEntriesRequest<TypeConfig> = decode(&msg).map_err(Status::invalid_argument)?;
+        let req: AppendEntriesRequest<TypeConfig> =
+            decode(&msg).map_err(Status::invalid_argument)?;
         let resp = raft
             .append_entries(req)
             .await
@@ -310,11 +342,17 @@ impl RaftTransport for RaftService {
         let msg = request.into_inner();
         let raft = self.raft(msg.range_id, msg.from_node)?;
         let req: VoteRequest<TypeConfig> = decode(&msg).map_err(Status::invalid_argument)?;
-        let resp = raft.vote(req).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = raft
+            .vote(req)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(msg.range_id, &resp)
     }
 
-    async fn snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let mut stream = request.into_inner();
         let mut header: Option<(Vote, SnapshotMeta)> = None;
         let mut data: Vec<u8> = Vec::new();
@@ -330,10 +368,10 @@ impl RaftTransport for RaftService {
                 )));
             }
             if header.is_none() {
-                header = Some(
-                    postcard::from_bytes(&chunk.header)
-                        .map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?,
-                );
+                header =
+                    Some(postcard::from_bytes(&chunk.header).map_err(|e| {
+                        Status::invalid_argument(format!("bad snapshot header: {e}"))
+                    })?);
                 range = Some((chunk.range_id, chunk.from_node));
             }
             data.extend_from_slice(&chunk.data);
@@ -343,7 +381,13 @@ impl RaftTransport for RaftService {
         };
         let raft = self.raft(range_id, from_node)?;
         let resp = raft
-            .install_full_snapshot(vote, Snapshot { meta, snapshot: data })
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: data,
+                },
+            )
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(range_id, &resp)

@@ -68,9 +68,11 @@ pub fn nodes(db: &Db) -> io::Result<Vec<NodeRecord>> {
     };
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
-    let iter = db
-        .raw()
-        .iterator_cf_opt(db.cf(ColumnFamilyName::Data), opts, IteratorMode::From(&prefix, Direction::Forward));
+    let iter = db.raw().iterator_cf_opt(
+        db.cf(ColumnFamilyName::Data),
+        opts,
+        IteratorMode::From(&prefix, Direction::Forward),
+    );
     let mut out = Vec::new();
     for item in iter {
         let (_, v) = item.map_err(io::Error::other)?;
@@ -80,7 +82,12 @@ pub fn nodes(db: &Db) -> io::Result<Vec<NodeRecord>> {
 }
 
 /// Adds the writes of cluster initialisation to `batch`.
-pub fn init_cluster(db: &Db, batch: &mut WriteBatch, cluster_id: u64, node: &NodeRecord) -> io::Result<()> {
+pub fn init_cluster(
+    db: &Db,
+    batch: &mut WriteBatch,
+    cluster_id: u64,
+    node: &NodeRecord,
+) -> io::Result<()> {
     put(db, batch, &cluster_id_key(), &cluster_id)?;
     put(db, batch, &next_node_id_key(), &(node.node_id + 1))?;
     put(db, batch, &node_key(node.node_id), node)
@@ -88,21 +95,40 @@ pub fn init_cluster(db: &Db, batch: &mut WriteBatch, cluster_id: u64, node: &Nod
 
 /// Allocates the node id of `join_token` (or returns the one it already has) and records the
 /// node; adds the writes to `batch`.
-pub fn register(db: &Db, batch: &mut WriteBatch, join_token: &[u8], addr: &str) -> io::Result<NodeId> {
+pub fn register(
+    db: &Db,
+    batch: &mut WriteBatch,
+    join_token: &[u8],
+    addr: &str,
+) -> io::Result<NodeId> {
     if let Some(existing) = get::<NodeId>(db, &join_key(join_token), "join token")? {
-        put(db, batch, &node_key(existing), &NodeRecord {
-            node_id: existing,
-            addr: addr.to_string(),
-        })?;
+        put(
+            db,
+            batch,
+            &node_key(existing),
+            &NodeRecord {
+                node_id: existing,
+                addr: addr.to_string(),
+            },
+        )?;
         return Ok(existing);
     }
-    let next: NodeId = get(db, &next_node_id_key(), "next node id")?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "cluster not initialised: no node id counter"))?;
+    let next: NodeId = get(db, &next_node_id_key(), "next node id")?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "cluster not initialised: no node id counter",
+        )
+    })?;
     put(db, batch, &next_node_id_key(), &(next + 1))?;
     put(db, batch, &join_key(join_token), &next)?;
-    put(db, batch, &node_key(next), &NodeRecord {
-        node_id: next,
-        addr: addr.to_string(),
-    })?;
+    put(
+        db,
+        batch,
+        &node_key(next),
+        &NodeRecord {
+            node_id: next,
+            addr: addr.to_string(),
+        },
+    )?;
     Ok(next)
 }

@@ -19,7 +19,8 @@ use crate::layout::{state_key, StateTag};
 use crate::log_store::{decode_record, encode_record, read_state};
 use crate::registry::{self, NodeRecord};
 use crate::types::{
-    Command, CommandResponse, LogId, RangeId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
+    Command, CommandResponse, LogId, RangeId, SnapshotData, SnapshotMeta, StoredMembership,
+    TypeConfig, WriteOp,
 };
 
 /// Largest snapshot accepted on install; a bigger one is refused as corrupt or hostile.
@@ -40,6 +41,9 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// A key and its value.
+pub type KvPair = (Vec<u8>, Vec<u8>);
+
 /// Reads the value of an encoded key; verifies its checksum.
 pub fn read_value(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
     db.get_record(ColumnFamilyName::Data, key)
@@ -47,14 +51,21 @@ pub fn read_value(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> 
 
 /// Reads up to `limit` pairs with `start <= key < end` (empty `end`: unbounded). The boolean
 /// is true when more pairs remain.
-pub fn scan_values(db: &Db, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), StorageError> {
+pub fn scan_values(
+    db: &Db,
+    start: &[u8],
+    end: &[u8],
+    limit: usize,
+) -> Result<(Vec<KvPair>, bool), StorageError> {
     let mut opts = ReadOptions::default();
     if !end.is_empty() {
         opts.set_iterate_upper_bound(end.to_vec());
     }
-    let iter = db
-        .raw()
-        .iterator_cf_opt(db.cf(ColumnFamilyName::Data), opts, IteratorMode::From(start, Direction::Forward));
+    let iter = db.raw().iterator_cf_opt(
+        db.cf(ColumnFamilyName::Data),
+        opts,
+        IteratorMode::From(start, Direction::Forward),
+    );
     let mut out = Vec::new();
     for item in iter {
         let (k, v) = item?;
@@ -99,7 +110,8 @@ impl StateMachine {
     }
 
     fn snapshot_path(&self) -> PathBuf {
-        self.snapshot_dir.join(format!("range-{}.snap", self.range_id))
+        self.snapshot_dir
+            .join(format!("range-{}.snap", self.range_id))
     }
 
     fn data_cf(&self) -> &rocksdb::ColumnFamily {
@@ -184,7 +196,10 @@ impl StateMachine {
                     });
                 }
                 registry::init_cluster(&self.db, batch, cluster_id, &NodeRecord { node_id, addr })?;
-                Ok(CommandResponse::NodeRegistered { node_id, cluster_id })
+                Ok(CommandResponse::NodeRegistered {
+                    node_id,
+                    cluster_id,
+                })
             }
             Command::RegisterNode { join_token, addr } => {
                 let Some(cluster_id) = registry::cluster_id(&self.db)? else {
@@ -193,7 +208,10 @@ impl StateMachine {
                     });
                 };
                 let node_id = registry::register(&self.db, batch, &join_token, &addr)?;
-                Ok(CommandResponse::NodeRegistered { node_id, cluster_id })
+                Ok(CommandResponse::NodeRegistered {
+                    node_id,
+                    cluster_id,
+                })
             }
         }
     }
@@ -238,7 +256,9 @@ impl StateMachine {
 
     fn read_snapshot_file(&self) -> io::Result<Option<StoredSnapshot>> {
         match std::fs::read(self.snapshot_path()) {
-            Ok(bytes) => decode_record(&format!("snapshot of range {}", self.range_id), &bytes).map(Some),
+            Ok(bytes) => {
+                decode_record(&format!("snapshot of range {}", self.range_id), &bytes).map(Some)
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -285,11 +305,16 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotData;
 
-    async fn build_snapshot(&mut self) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
         let sm = &self.sm;
         let rocks_snapshot = sm.db.raw().snapshot();
         let applied: AppliedState = match rocks_snapshot
-            .get_cf(sm.db.cf(ColumnFamilyName::RaftState), state_key(sm.range_id, StateTag::Applied))
+            .get_cf(
+                sm.db.cf(ColumnFamilyName::RaftState),
+                state_key(sm.range_id, StateTag::Applied),
+            )
             .map_err(io::Error::other)?
         {
             Some(framed) => decode_record("applied state", &framed)?,
@@ -298,7 +323,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let data = sm.export_span(&rocks_snapshot)?;
         drop(rocks_snapshot);
         let meta = SnapshotMeta {
-            last_log_id: applied.last_applied.clone(),
+            last_log_id: applied.last_applied,
             last_membership: applied.membership.clone(),
         };
         let stored = StoredSnapshot { meta, data };
@@ -316,7 +341,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok((self.applied.last_applied.clone(), self.applied.membership.clone()))
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -329,14 +354,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => CommandResponse::Done,
                 EntryPayload::Normal(cmd) => self.apply_command(&mut batch, cmd)?,
                 EntryPayload::Membership(m) => {
-                    self.applied.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                    self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     CommandResponse::Done
                 }
             };
             if matches!(response, CommandResponse::Rejected { .. }) {
                 batch = WriteBatch::default();
             }
-            self.applied.last_applied = Some(entry.log_id.clone());
+            self.applied.last_applied = Some(entry.log_id);
             self.put_applied(&mut batch)?;
             self.db.write(batch, false).map_err(io::Error::from)?;
             if let Some(responder) = responder {
@@ -359,7 +384,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
         let pairs = parse_snapshot(&snapshot)?;
         let mut batch = WriteBatch::default();
         // Clear the span, then load the snapshot's pairs, in one atomic batch.
@@ -382,7 +411,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         drop(pairs);
         self.applied = AppliedState {
-            last_applied: meta.last_log_id.clone(),
+            last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
         self.put_applied(&mut batch)?;
@@ -395,7 +424,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
         Ok(self.read_snapshot_file()?.map(|s| Snapshot {
             meta: s.meta,
             snapshot: s.data,

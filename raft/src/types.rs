@@ -55,7 +55,11 @@ pub enum Command {
         new_value: Option<Vec<u8>>,
     },
     /// First command of a new cluster: records its id and the bootstrap node.
-    InitCluster { cluster_id: u64, node_id: NodeId, addr: String },
+    InitCluster {
+        cluster_id: u64,
+        node_id: NodeId,
+        addr: String,
+    },
     /// Allocate (or look up, for a retried join) the node id for `join_token`.
     RegisterNode { join_token: Vec<u8>, addr: String },
 }
@@ -65,11 +69,21 @@ pub enum Command {
 pub enum CommandResponse {
     /// Blank and membership entries, plain writes.
     Done,
-    Deleted { existed: bool },
-    Swapped { succeeded: bool, current: Option<Vec<u8>> },
-    NodeRegistered { node_id: NodeId, cluster_id: u64 },
+    Deleted {
+        existed: bool,
+    },
+    Swapped {
+        succeeded: bool,
+        current: Option<Vec<u8>>,
+    },
+    NodeRegistered {
+        node_id: NodeId,
+        cluster_id: u64,
+    },
     /// The command could not be applied; nothing was written.
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -78,7 +92,11 @@ impl std::fmt::Display for Command {
             Command::Write { ops } => write!(f, "write({} ops)", ops.len()),
             Command::Delete { .. } => write!(f, "delete"),
             Command::CompareAndSwap { .. } => write!(f, "compare-and-swap"),
-            Command::InitCluster { cluster_id, node_id, .. } => {
+            Command::InitCluster {
+                cluster_id,
+                node_id,
+                ..
+            } => {
                 write!(f, "init-cluster({cluster_id:016x}, node {node_id})")
             }
             Command::RegisterNode { addr, .. } => write!(f, "register-node({addr})"),

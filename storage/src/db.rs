@@ -120,7 +120,11 @@ impl Db {
     }
 
     /// Reads a checksummed record; `Ok(None)` when absent, `Corruption` when damaged.
-    pub fn get_record(&self, cf: ColumnFamilyName, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    pub fn get_record(
+        &self,
+        cf: ColumnFamilyName,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
         match self.inner.get_pinned_cf(self.cf(cf), key)? {
             None => Ok(None),
             Some(framed) => Ok(Some(record::decode(cf.as_str(), &framed)?.to_vec())),
@@ -128,7 +132,13 @@ impl Db {
     }
 
     /// Adds a checksummed put to `batch`.
-    pub fn batch_put_record(&self, batch: &mut WriteBatch, cf: ColumnFamilyName, key: &[u8], payload: &[u8]) {
+    pub fn batch_put_record(
+        &self,
+        batch: &mut WriteBatch,
+        cf: ColumnFamilyName,
+        key: &[u8],
+        payload: &[u8],
+    ) {
         batch.put_cf(self.cf(cf), key, record::encode(payload));
     }
 
@@ -158,12 +168,27 @@ mod tests {
             let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
             let mut b = WriteBatch::default();
             db.batch_put_record(&mut b, ColumnFamilyName::Data, b"k", b"v");
-            b.put_cf(db.cf(ColumnFamilyName::Data), b"bad", b"\x00\x00\x00\x00xyz");
+            b.put_cf(
+                db.cf(ColumnFamilyName::Data),
+                b"bad",
+                b"\x00\x00\x00\x00xyz",
+            );
             db.write(b, true).unwrap();
         }
         let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
-        assert_eq!(db.get_record(ColumnFamilyName::Data, b"k").unwrap().unwrap(), b"v");
-        assert_eq!(db.get_record(ColumnFamilyName::Data, b"none").unwrap(), None);
-        assert!(db.get_record(ColumnFamilyName::Data, b"bad").unwrap_err().is_corruption());
+        assert_eq!(
+            db.get_record(ColumnFamilyName::Data, b"k")
+                .unwrap()
+                .unwrap(),
+            b"v"
+        );
+        assert_eq!(
+            db.get_record(ColumnFamilyName::Data, b"none").unwrap(),
+            None
+        );
+        assert!(db
+            .get_record(ColumnFamilyName::Data, b"bad")
+            .unwrap_err()
+            .is_corruption());
     }
 }

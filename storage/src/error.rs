@@ -36,7 +36,9 @@ impl From<StorageError> for io::Error {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Io(e) => e,
-            StorageError::Corruption { .. } => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+            StorageError::Corruption { .. } => {
+                io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+            }
             #[cfg(feature = "rocksdb")]
             StorageError::Rocks(e) => io::Error::other(e.to_string()),
         }

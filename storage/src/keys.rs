@@ -229,8 +229,11 @@ mod tests {
             Just(Datum::Null),
             any::<bool>().prop_map(Datum::Bool),
             any::<i64>().prop_map(Datum::Int),
-            proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(0xFFu8), any::<u8>()], 0..12)
-                .prop_map(Datum::Bytes),
+            proptest::collection::vec(
+                prop_oneof![Just(0u8), Just(1u8), Just(0xFFu8), any::<u8>()],
+                0..12
+            )
+            .prop_map(Datum::Bytes),
             "[a-c\u{0}]{0,6}".prop_map(Datum::Text),
         ]
     }
@@ -275,7 +278,9 @@ mod tests {
     #[test]
     fn prefixes_order_system_before_sql_before_kv() {
         assert!(system_key(b"\xFF\xFF") < sql_row_key(0, 0, 0, &[]));
-        assert!(sql_row_key(u64::MAX, u32::MAX, u32::MAX, &[Datum::Text("z".into())]) < kv_key(0, b""));
+        assert!(
+            sql_row_key(u64::MAX, u32::MAX, u32::MAX, &[Datum::Text("z".into())]) < kv_key(0, b"")
+        );
     }
 
     #[test]
@@ -287,6 +292,8 @@ mod tests {
     #[test]
     fn truncated_sql_key_is_corruption() {
         let enc = sql_row_key(1, 2, 3, &[Datum::Text("abc".into())]);
-        assert!(decode_sql_row_key(&enc[..enc.len() - 1]).unwrap_err().is_corruption());
+        assert!(decode_sql_row_key(&enc[..enc.len() - 1])
+            .unwrap_err()
+            .is_corruption());
     }
 }

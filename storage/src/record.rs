@@ -22,7 +22,10 @@ pub fn decode<'a>(what: &str, framed: &'a [u8]) -> Result<&'a [u8], StorageError
     if framed.len() < CHECKSUM_SIZE_BYTES {
         return Err(StorageError::corruption(
             what,
-            format!("record of {} bytes is shorter than its checksum", framed.len()),
+            format!(
+                "record of {} bytes is shorter than its checksum",
+                framed.len()
+            ),
         ));
     }
     let (head, payload) = framed.split_at(CHECKSUM_SIZE_BYTES);

@@ -35,7 +35,11 @@ where
 
 /// A loopback port nobody is listening on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Status of the node at `addr`, if it answers.
@@ -67,7 +71,10 @@ impl ProcCluster {
     /// Starts `n` nodes: the first bootstraps, the rest join it. Waits for `n.min(3)` voters.
     pub async fn start(n: usize, extra_args: &[&str]) -> ProcCluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut cluster = ProcCluster { dir, procs: Vec::new() };
+        let mut cluster = ProcCluster {
+            dir,
+            procs: Vec::new(),
+        };
         for i in 0..n {
             let addr = format!("127.0.0.1:{}", free_port());
             let data_dir = cluster.dir.path().join(format!("node{}", i + 1));
@@ -147,7 +154,11 @@ impl ProcCluster {
 impl Proc {
     /// Starts (or restarts) the process with its data dir and listen address.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_spheredb"))
             .arg("start")
             .arg("--data-dir")
