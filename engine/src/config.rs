@@ -9,7 +9,7 @@ pub const DEFAULT_REPLICATION_FACTOR: usize = 3;
 /// Default leader heartbeat period.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// Default lower bound of the randomized election timeout; the upper bound is twice this.
-pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1_000;
+pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 500;
 /// Default number of log entries since the last snapshot that triggers a new snapshot.
 pub const DEFAULT_SNAPSHOT_LOG_THRESHOLD: u64 = 10_000;
 /// Log entries kept behind a snapshot so slightly lagging followers avoid a snapshot install.

@@ -126,17 +126,18 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
         voters(&addrs[0]).await.is_some_and(|(_, l)| l.is_some())
     })
     .await?;
+    // One at a time, so node ids follow the port order.
     for i in 1..nodes {
         let child = spawn_node(dir.path(), i + 1, &addrs[i as usize], Some(&addrs[0]))?;
         children
             .0
             .push((u64::from(i) + 1, addrs[i as usize].clone(), child));
+        let want = usize::from((i + 1).min(3));
+        wait_for(&format!("node {} to join", i + 1), || async {
+            voters(&addrs[0]).await.is_some_and(|(v, _)| v >= want)
+        })
+        .await?;
     }
-    let want = usize::from(nodes.min(3));
-    wait_for("all nodes to join", || async {
-        voters(&addrs[0]).await.is_some_and(|(v, _)| v >= want)
-    })
-    .await?;
     let client = Client::connect(&addrs, ClientOptions::default()).await?;
     let loaded = load_sample(&client).await?;
     println!("Cluster is up: {} nodes, {loaded} sample keys in spheres {ALBUM_SPHERE} (album) and {TEAM_SPHERE} (team).\n", nodes);
