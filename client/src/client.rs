@@ -23,6 +23,10 @@ pub const DEFAULT_RETRY_BUDGET: u32 = 16;
 pub const INITIAL_BACKOFF_MS: u64 = 20;
 /// Longest backoff between attempts.
 pub const MAX_BACKOFF_MS: u64 = 500;
+/// Longest one read attempt waits before trying another node (a paused or partitioned
+/// node never answers; writes wait out the whole deadline since their outcome would be
+/// unknown anyway).
+pub const READ_ATTEMPT_TIMEOUT_MS: u64 = 2_000;
 /// Time allowed to open a connection.
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
 
@@ -306,13 +310,18 @@ impl Client {
                 }),
             };
             let addr = self.target(&range, attempt);
-            let result = match tokio::time::timeout(remaining, op(self.kv(&addr)?, header)).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(status)) => ClientError::from_status(&status),
-                Err(_) => {
-                    ClientError::Indeterminate(format!("no answer from {addr} before the deadline"))
-                }
+            let attempt_budget = match retry {
+                Retry::Always => remaining.min(Duration::from_millis(READ_ATTEMPT_TIMEOUT_MS)),
+                Retry::OnlyIfNotApplied => remaining,
             };
+            let result =
+                match tokio::time::timeout(attempt_budget, op(self.kv(&addr)?, header)).await {
+                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(status)) => ClientError::from_status(&status),
+                    Err(_) => ClientError::Indeterminate(format!(
+                        "no answer from {addr} before the deadline"
+                    )),
+                };
             match &result {
                 ClientError::InvalidArgument(_)
                 | ClientError::Corruption(_)

@@ -11,7 +11,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// Default lower bound of the randomized election timeout; the upper bound is twice this.
 pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 500;
 /// Default number of log entries since the last snapshot that triggers a new snapshot.
-pub const DEFAULT_SNAPSHOT_LOG_THRESHOLD: u64 = 10_000;
+/// (etcd's `--snapshot-count` default is also 100,000.)
+pub const DEFAULT_SNAPSHOT_LOG_THRESHOLD: u64 = 100_000;
 /// Log entries kept behind a snapshot so slightly lagging followers avoid a snapshot install.
 pub const DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT: u64 = 1_000;
 

@@ -208,7 +208,7 @@ impl Node {
             (None, _) => local_addr.to_string(),
         };
 
-        let (identity, bootstrap) = match identity {
+        let identity = match identity {
             Some(id) => {
                 if !cfg.join.is_empty() {
                     tracing::info!(
@@ -216,7 +216,7 @@ impl Node {
                         "data directory already belongs to a cluster; ignoring --join"
                     );
                 }
-                (id, false)
+                id
             }
             None if cfg.join.is_empty() => {
                 let id = NodeIdentity {
@@ -226,7 +226,7 @@ impl Node {
                 };
                 write_state(&db, NODE_RECORDS, StateTag::NodeIdentity, &id, true)?;
                 tracing::info!(cluster_id = id.cluster_id, "bootstrapping a new cluster");
-                (id, true)
+                id
             }
             None => {
                 let token: Vec<u8> = match read_state(&db, NODE_RECORDS, StateTag::JoinToken)? {
@@ -246,7 +246,7 @@ impl Node {
                 };
                 write_state(&db, NODE_RECORDS, StateTag::NodeIdentity, &id, true)?;
                 tracing::info!(node_id, "joined cluster");
-                (id, false)
+                id
             }
         };
         let node_id = identity.node_id;
@@ -254,7 +254,14 @@ impl Node {
 
         let group_commit = GroupCommit::start(Arc::new(db.clone()))?;
         let faults = Arc::new(TransportFaults::default());
-        let peers = PeerChannels::new(node_id, faults.clone());
+        // Peer connections leave from the advertised IP (when it is a concrete address) so
+        // per-link network rules can tell nodes apart on one host.
+        let local_ip = addr
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified());
+        let peers = PeerChannels::new(node_id, local_ip, faults.clone());
         let log_store = LogStore::new(db.clone(), FIRST_RANGE_ID, group_commit.clone());
         let sm = StateMachine::open(
             db.clone(),
@@ -296,7 +303,10 @@ impl Node {
                 RaftTransportServer::new(RaftService::new(ranges.clone(), faults.clone()))
                     .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
                     .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // A custom incoming stream bypasses the builder's socket options: without
+            // TCP_NODELAY here, small responses wait on delayed ACKs (~40 ms tail latency).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .tcp_nodelay(true)
@@ -309,7 +319,13 @@ impl Node {
             )
         };
 
-        if bootstrap {
+        // Node 1 is always the bootstrapping node. Checking the Raft state rather than whether
+        // this start created the identity also finishes a bootstrap a crash interrupted.
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| anyhow!("reading raft state: {e}"))?;
+        if node_id == 1 && !initialized {
             let members = BTreeMap::from([(node_id, BasicNode { addr: addr.clone() })]);
             raft.initialize(members)
                 .await

@@ -95,15 +95,23 @@ impl TransportFaults {
 #[derive(Clone)]
 pub struct PeerChannels {
     node_id: NodeId,
+    /// Source address of outgoing connections: the node's advertised IP, so per-link network
+    /// rules (firewalls, fault injection by address pairs) see who is talking.
+    local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     faults: Arc<TransportFaults>,
 }
 
 impl PeerChannels {
-    /// Connections of node `node_id`.
-    pub fn new(node_id: NodeId, faults: Arc<TransportFaults>) -> Self {
+    /// Connections of node `node_id`, made from `local_ip` when given.
+    pub fn new(
+        node_id: NodeId,
+        local_ip: Option<std::net::IpAddr>,
+        faults: Arc<TransportFaults>,
+    ) -> Self {
         PeerChannels {
             node_id,
+            local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
             faults,
         }
@@ -119,6 +127,7 @@ impl PeerChannels {
                     .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
                     .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
                     .tcp_nodelay(true)
+                    .local_address(self.local_ip)
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .connect_lazy();

@@ -27,6 +27,23 @@ use crate::types::{
 pub const MAX_SNAPSHOT_SIZE_BYTES: usize = 1 << 30;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP1";
 
+/// Most responses held back by one apply batch before it is written.
+pub const MAX_APPLY_BATCH_ENTRIES: usize = 1024;
+/// Largest apply batch before it is written.
+pub const MAX_APPLY_BATCH_BYTES: usize = 32 << 20;
+
+/// Writes of applied entries not yet handed to RocksDB, with an overlay so later entries of
+/// the batch read what earlier ones wrote.
+#[derive(Default)]
+struct PendingApply {
+    batch: WriteBatch,
+    overlay: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    responders: Vec<(
+        openraft::storage::ApplyResponder<TypeConfig>,
+        CommandResponse,
+    )>,
+}
+
 /// Applied state as persisted with the data.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct AppliedState {
@@ -135,9 +152,18 @@ impl StateMachine {
         }
     }
 
-    /// Applies one command into `batch`; reads see every earlier entry (already written).
-    fn apply_command(&self, batch: &mut WriteBatch, cmd: Command) -> io::Result<CommandResponse> {
-        let current = |key: &[u8]| read_value(&self.db, key).map_err(io::Error::from);
+    /// Applies one command into `pending`. Reads see earlier entries of the same batch
+    /// through its overlay. Every rejection happens before the command adds any write.
+    fn apply_command(
+        &self,
+        pending: &mut PendingApply,
+        cmd: Command,
+    ) -> io::Result<CommandResponse> {
+        let current = |pending: &PendingApply, key: &[u8]| match pending.overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => read_value(&self.db, key).map_err(io::Error::from),
+        };
+        let batch = &mut pending.batch;
         match cmd {
             Command::Write { ops } => {
                 for op in &ops {
@@ -146,10 +172,11 @@ impl StateMachine {
                     }
                 }
                 for WriteOp { key, value } in ops {
-                    match value {
-                        Some(v) => batch.put_cf(self.data_cf(), key, record::encode(&v)),
-                        None => batch.delete_cf(self.data_cf(), key),
+                    match &value {
+                        Some(v) => batch.put_cf(self.data_cf(), &key, record::encode(v)),
+                        None => batch.delete_cf(self.data_cf(), &key),
                     }
+                    pending.overlay.insert(key, value);
                 }
                 Ok(CommandResponse::Done)
             }
@@ -157,8 +184,9 @@ impl StateMachine {
                 if let Err(reason) = self.check_in_span(&key) {
                     return Ok(CommandResponse::Rejected { reason });
                 }
-                let existed = current(&key)?.is_some();
-                batch.delete_cf(self.data_cf(), key);
+                let existed = current(pending, &key)?.is_some();
+                pending.batch.delete_cf(self.data_cf(), &key);
+                pending.overlay.insert(key, None);
                 Ok(CommandResponse::Deleted { existed })
             }
             Command::CompareAndSwap {
@@ -169,7 +197,7 @@ impl StateMachine {
                 if let Err(reason) = self.check_in_span(&key) {
                     return Ok(CommandResponse::Rejected { reason });
                 }
-                let found = current(&key)?;
+                let found = current(pending, &key)?;
                 if found != expected {
                     return Ok(CommandResponse::Swapped {
                         succeeded: false,
@@ -177,9 +205,12 @@ impl StateMachine {
                     });
                 }
                 match &new_value {
-                    Some(v) => batch.put_cf(self.data_cf(), &key, record::encode(v)),
-                    None => batch.delete_cf(self.data_cf(), &key),
+                    Some(v) => pending
+                        .batch
+                        .put_cf(self.data_cf(), &key, record::encode(v)),
+                    None => pending.batch.delete_cf(self.data_cf(), &key),
                 }
+                pending.overlay.insert(key, new_value.clone());
                 Ok(CommandResponse::Swapped {
                     succeeded: true,
                     current: new_value,
@@ -195,7 +226,12 @@ impl StateMachine {
                         reason: "cluster already initialised".into(),
                     });
                 }
-                registry::init_cluster(&self.db, batch, cluster_id, &NodeRecord { node_id, addr })?;
+                registry::init_cluster(
+                    &self.db,
+                    &mut pending.batch,
+                    cluster_id,
+                    &NodeRecord { node_id, addr },
+                )?;
                 Ok(CommandResponse::NodeRegistered {
                     node_id,
                     cluster_id,
@@ -207,7 +243,7 @@ impl StateMachine {
                         reason: "cluster not initialised".into(),
                     });
                 };
-                let node_id = registry::register(&self.db, batch, &join_token, &addr)?;
+                let node_id = registry::register(&self.db, &mut pending.batch, &join_token, &addr)?;
                 Ok(CommandResponse::NodeRegistered {
                     node_id,
                     cluster_id,
@@ -238,6 +274,56 @@ impl StateMachine {
             out.extend_from_slice(&v);
         }
         Ok(out)
+    }
+
+    /// Writes the pending batch with the applied state, then answers its clients.
+    fn flush(&mut self, pending: &mut PendingApply) -> io::Result<()> {
+        let mut taken = std::mem::take(pending);
+        self.put_applied(&mut taken.batch)?;
+        self.db.write(taken.batch, false).map_err(io::Error::from)?;
+        for (responder, response) in taken.responders {
+            responder.send(response);
+        }
+        Ok(())
+    }
+
+    /// Another handle on the same range state, for work off the apply task.
+    fn handle(&self) -> StateMachine {
+        StateMachine {
+            db: self.db.clone(),
+            range_id: self.range_id,
+            span_start: self.span_start.clone(),
+            span_end: self.span_end.clone(),
+            applied: self.applied.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
+        }
+    }
+
+    /// Exports the range at a consistent point and persists it as the current snapshot.
+    fn build_snapshot_blocking(&self) -> io::Result<StoredSnapshot> {
+        let rocks_snapshot = self.db.raw().snapshot();
+        let applied: AppliedState = match rocks_snapshot
+            .get_cf(
+                self.db.cf(ColumnFamilyName::RaftState),
+                state_key(self.range_id, StateTag::Applied),
+            )
+            .map_err(io::Error::other)?
+        {
+            Some(framed) => decode_record("applied state", &framed)?,
+            None => AppliedState::default(),
+        };
+        let data = self.export_span(&rocks_snapshot)?;
+        drop(rocks_snapshot);
+        let stored = StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership,
+            },
+            data,
+        };
+        self.write_snapshot_file(&stored)?;
+        tracing::info!(range_id = self.range_id, last_log_id = ?stored.meta.last_log_id, size_bytes = stored.data.len(), "built snapshot");
+        Ok(stored)
     }
 
     fn write_snapshot_file(&self, snap: &StoredSnapshot) -> io::Result<()> {
@@ -308,27 +394,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(
         &mut self,
     ) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
-        let sm = &self.sm;
-        let rocks_snapshot = sm.db.raw().snapshot();
-        let applied: AppliedState = match rocks_snapshot
-            .get_cf(
-                sm.db.cf(ColumnFamilyName::RaftState),
-                state_key(sm.range_id, StateTag::Applied),
-            )
-            .map_err(io::Error::other)?
-        {
-            Some(framed) => decode_record("applied state", &framed)?,
-            None => AppliedState::default(),
-        };
-        let data = sm.export_span(&rocks_snapshot)?;
-        drop(rocks_snapshot);
-        let meta = SnapshotMeta {
-            last_log_id: applied.last_applied,
-            last_membership: applied.membership.clone(),
-        };
-        let stored = StoredSnapshot { meta, data };
-        sm.write_snapshot_file(&stored)?;
-        tracing::info!(range_id = sm.range_id, last_log_id = ?stored.meta.last_log_id, size_bytes = stored.data.len(), "built snapshot");
+        // Reading the whole range and fsyncing the file would stall an async worker for as
+        // long as it takes; run it on the blocking pool.
+        let sm = self.sm.handle();
+        let stored = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: stored.data,
@@ -348,40 +419,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        // Entries are applied into one write batch (flushed at the bounds below), so a burst
+        // of commits costs one RocksDB write, not one per entry.
+        let mut pending = PendingApply::default();
         while let Some((entry, responder)) = entries.try_next().await? {
-            let mut batch = WriteBatch::default();
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Done,
-                EntryPayload::Normal(cmd) => self.apply_command(&mut batch, cmd)?,
+                EntryPayload::Normal(cmd) if cmd.reads_registry() => {
+                    // Registry commands read the database directly: apply them alone.
+                    self.flush(&mut pending)?;
+                    let r = self.apply_command(&mut pending, cmd)?;
+                    self.applied.last_applied = Some(entry.log_id);
+                    pending.responders.extend(responder.map(|x| (x, r)));
+                    self.flush(&mut pending)?;
+                    continue;
+                }
+                EntryPayload::Normal(cmd) => self.apply_command(&mut pending, cmd)?,
                 EntryPayload::Membership(m) => {
                     self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     CommandResponse::Done
                 }
             };
-            if matches!(response, CommandResponse::Rejected { .. }) {
-                batch = WriteBatch::default();
-            }
             self.applied.last_applied = Some(entry.log_id);
-            self.put_applied(&mut batch)?;
-            self.db.write(batch, false).map_err(io::Error::from)?;
-            if let Some(responder) = responder {
-                responder.send(response);
+            pending.responders.extend(responder.map(|x| (x, response)));
+            if pending.responders.len() >= MAX_APPLY_BATCH_ENTRIES
+                || pending.batch.size_in_bytes() >= MAX_APPLY_BATCH_BYTES
+            {
+                self.flush(&mut pending)?;
             }
         }
-        Ok(())
+        self.flush(&mut pending)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            sm: StateMachine {
-                db: self.db.clone(),
-                range_id: self.range_id,
-                span_start: self.span_start.clone(),
-                span_end: self.span_end.clone(),
-                applied: self.applied.clone(),
-                snapshot_dir: self.snapshot_dir.clone(),
-            },
-        }
+        SnapshotBuilder { sm: self.handle() }
     }
 
     async fn install_snapshot(

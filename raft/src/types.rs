@@ -86,6 +86,16 @@ pub enum CommandResponse {
     },
 }
 
+impl Command {
+    /// True for commands that read the node registry straight from the database.
+    pub fn reads_registry(&self) -> bool {
+        matches!(
+            self,
+            Command::InitCluster { .. } | Command::RegisterNode { .. }
+        )
+    }
+}
+
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

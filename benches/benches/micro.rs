@@ -1,0 +1,160 @@
+//! Micro-benchmarks of the hot paths: key encoding, log append with group commit, state
+//! machine apply, point read. Run with `cargo bench -p spheredb-bench`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::type_config::TypeConfigExt;
+use openraft::vote::RaftLeaderIdExt;
+use spheredb_raft::group_commit::GroupCommit;
+use spheredb_raft::log_store::LogStore;
+use spheredb_raft::state_machine::{read_value, StateMachine};
+use spheredb_raft::{Command, Entry, LogId, TypeConfig, WriteOp};
+use spheredb_storage::keys::{self, Datum};
+use spheredb_storage::{Db, DbOptions};
+
+/// Concurrent appenders in the group-commit benchmark (ranges writing at once).
+const APPENDERS: usize = 64;
+/// Value size used throughout, as in the load benchmarks.
+const VALUE_SIZE_BYTES: usize = 256;
+
+fn log_id(index: u64) -> LogId {
+    openraft::LogId::new(
+        openraft::vote::leader_id_adv::LeaderId::<u64, u64>::new_committed(1, 1),
+        index,
+    )
+}
+
+fn write_entry(index: u64) -> Entry {
+    Entry::new_normal(
+        log_id(index),
+        Command::Write {
+            ops: vec![WriteOp {
+                key: keys::kv_key(1, format!("user{index:012}").as_bytes()),
+                value: Some(vec![b'x'; VALUE_SIZE_BYTES]),
+            }],
+        },
+    )
+}
+
+fn key_encoding(c: &mut Criterion) {
+    let mut g = c.benchmark_group("keys");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("kv_key", |b| {
+        b.iter(|| keys::kv_key(std::hint::black_box(42), b"user000000001234"))
+    });
+    let pk = vec![Datum::Int(123_456), Datum::Text("album/summer".into())];
+    g.bench_function("sql_row_key", |b| {
+        b.iter(|| keys::sql_row_key(1, 2, 3, std::hint::black_box(&pk)))
+    });
+    let encoded = keys::sql_row_key(1, 2, 3, &pk);
+    g.bench_function("decode_sql_row_key", |b| {
+        b.iter(|| keys::decode_sql_row_key(std::hint::black_box(&encoded)))
+    });
+    g.finish();
+}
+
+fn log_append(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = Db::open(dir.path(), &DbOptions::default()).expect("open db");
+    let gc = GroupCommit::start(Arc::new(db.clone())).expect("group commit");
+    let stores: Vec<LogStore> = (0..APPENDERS as u64)
+        .map(|r| LogStore::new(db.clone(), r + 1, gc.clone()))
+        .collect();
+    let mut next_index = 1u64;
+    let mut g = c.benchmark_group("log_append");
+    g.throughput(Throughput::Elements(APPENDERS as u64));
+    g.sample_size(20);
+    let (syncs_before, done_before) = (
+        gc.stats().syncs.load(Ordering::Relaxed),
+        gc.stats().completions.load(Ordering::Relaxed),
+    );
+    g.bench_function(format!("{APPENDERS}_ranges_one_entry_each_durable"), |b| {
+        b.iter(|| {
+            let index = next_index;
+            next_index += 1;
+            rt.block_on(async {
+                let waits: Vec<_> = stores
+                    .iter()
+                    .map(|s| {
+                        let mut s = s.clone();
+                        tokio::spawn(async move {
+                            let (tx, rx) = TypeConfig::oneshot();
+                            s.append([write_entry(index)], IOFlushed::signal(tx))
+                                .await
+                                .expect("append");
+                            rx.await.expect("callback").expect("durable");
+                        })
+                    })
+                    .collect();
+                for w in waits {
+                    w.await.expect("appender");
+                }
+            })
+        })
+    });
+    g.finish();
+    let syncs = gc.stats().syncs.load(Ordering::Relaxed) - syncs_before;
+    let done = gc.stats().completions.load(Ordering::Relaxed) - done_before;
+    eprintln!(
+        "group commit: {done} appends in {syncs} WAL fsyncs = {:.1} appends per fsync",
+        done as f64 / syncs.max(1) as f64
+    );
+    gc.shutdown();
+}
+
+fn apply_and_read(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = Db::open(&dir.path().join("db"), &DbOptions::default()).expect("open db");
+    let mut sm = StateMachine::open(
+        db.clone(),
+        1,
+        Vec::new(),
+        Vec::new(),
+        &dir.path().join("snap"),
+    )
+    .expect("sm");
+    let mut next_index = 1u64;
+    let mut g = c.benchmark_group("state_machine");
+    const ENTRIES_PER_APPLY: u64 = 64;
+    g.throughput(Throughput::Elements(ENTRIES_PER_APPLY));
+    g.bench_function("apply_64_puts", |b| {
+        b.iter_batched(
+            || {
+                let first = next_index;
+                next_index += ENTRIES_PER_APPLY;
+                (first..first + ENTRIES_PER_APPLY)
+                    .map(write_entry)
+                    .collect::<Vec<_>>()
+            },
+            |entries| {
+                rt.block_on(sm.apply(futures::stream::iter(
+                    entries.into_iter().map(|e| Ok((e, None))),
+                )))
+                .expect("apply")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("read");
+    g.throughput(Throughput::Elements(1));
+    let written = next_index.max(2);
+    let mut i = 0u64;
+    g.bench_function("point_read", |b| {
+        b.iter(|| {
+            i = (i + 7919) % (written - 1) + 1;
+            read_value(&db, &keys::kv_key(1, format!("user{i:012}").as_bytes())).expect("read")
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, key_encoding, log_append, apply_and_read);
+criterion_main!(benches);

@@ -1,0 +1,186 @@
+//! `spheredb-bench`: load generator for SphereDB and etcd, and their side-by-side comparison.
+
+mod compare;
+mod cpu;
+/// Generated client of etcd's KV service (subset).
+mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+mod runner;
+mod target;
+mod workload;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use runner::RunConfig;
+use target::{Conn, ReadConsistency, System};
+use workload::{KeyDistribution, Workload};
+
+/// Default measured window.
+const DEFAULT_DURATION_SECS: f64 = 10.0;
+/// Default warm-up excluded from the results.
+const DEFAULT_WARMUP_SECS: f64 = 2.0;
+/// Default key space.
+const DEFAULT_KEYS: u64 = 10_000;
+/// Default value size (the targets are stated for 256 B values).
+const DEFAULT_VALUE_SIZE_BYTES: usize = 256;
+
+#[derive(Parser)]
+#[command(
+    name = "spheredb-bench",
+    version,
+    about = "Load generator comparing SphereDB with etcd"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One measurement against a cluster this tool starts, or an existing one (--endpoints).
+    Run {
+        #[arg(long, value_enum, default_value = "spheredb")]
+        target: System,
+        /// Existing cluster addresses (host:port, comma separated); default: start a fresh 3-node cluster.
+        #[arg(long, value_delimiter = ',')]
+        endpoints: Vec<String>,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Open loop at this many operations per second in total (default: closed loop).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Skip the preload (the keys already exist).
+        #[arg(long)]
+        no_preload: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// SphereDB and etcd interleaved over a client sweep, each run on fresh clusters:
+    /// a Markdown table of medians and per-pair ratios, plus JSON and an SVG plot.
+    Compare {
+        /// Client counts to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        clients: Vec<usize>,
+        /// Interleaved SphereDB/etcd pairs per point.
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
+        /// Where compare.md, compare.json and compare.svg go.
+        #[arg(long, default_value = "bench-results")]
+        out_dir: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    #[arg(long, value_enum, default_value = "kv0")]
+    workload: Workload,
+    #[arg(long, value_enum, default_value = "zipfian")]
+    distribution: KeyDistribution,
+    #[arg(long, value_enum, default_value = "linearizable")]
+    read_consistency: ReadConsistency,
+    /// Keys in the key space (preloaded before measuring).
+    #[arg(long, default_value_t = DEFAULT_KEYS)]
+    keys: u64,
+    #[arg(long, default_value_t = DEFAULT_VALUE_SIZE_BYTES)]
+    value_size_bytes: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = DEFAULT_DURATION_SECS)]
+    duration_secs: f64,
+    /// Warm-up seconds per run, excluded from results.
+    #[arg(long, default_value_t = DEFAULT_WARMUP_SECS)]
+    warmup_secs: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The spheredb binary [default: next to this one].
+    #[arg(long)]
+    spheredb_bin: Option<PathBuf>,
+    /// The etcd binary (Debian: apt-get install -y etcd-server).
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: PathBuf,
+}
+
+impl Common {
+    fn run_config(&self, clients: usize, rate: Option<f64>) -> RunConfig {
+        RunConfig {
+            workload: self.workload,
+            clients,
+            rate_ops_per_sec: rate,
+            warmup_secs: self.warmup_secs,
+            duration_secs: self.duration_secs,
+            keys: self.keys,
+            value_size_bytes: self.value_size_bytes,
+            distribution: self.distribution,
+            consistency: self.read_consistency,
+            seed: self.seed,
+        }
+    }
+
+    fn spheredb_bin(&self) -> PathBuf {
+        self.spheredb_bin
+            .clone()
+            .unwrap_or_else(target::default_spheredb_bin)
+    }
+}
+
+async fn main_inner() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run {
+            target: system,
+            endpoints,
+            clients,
+            rate,
+            no_preload,
+            common,
+        } => {
+            let cfg = common.run_config(clients, rate);
+            let result = if endpoints.is_empty() {
+                compare::fresh_run(system, &cfg, &common.spheredb_bin(), &common.etcd_bin).await?
+            } else {
+                let cluster = target::Cluster::existing(system, endpoints);
+                let mut conn = Conn::connect(&cluster, cfg.consistency).await?;
+                if !no_preload {
+                    runner::preload(&mut conn, &cfg).await?;
+                }
+                runner::run(system, conn, &cfg, &[]).await?
+            };
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Cmd::Compare {
+            clients,
+            pairs,
+            out_dir,
+            common,
+        } => {
+            anyhow::ensure!(pairs > 0, "--pairs must be at least 1");
+            let md = compare::run(compare::CompareConfig {
+                base: common.run_config(1, None),
+                client_sweep: clients,
+                pairs,
+                spheredb_bin: common.spheredb_bin(),
+                etcd_bin: common.etcd_bin.clone(),
+                out_dir: out_dir.clone(),
+            })
+            .await?;
+            println!("{md}");
+            eprintln!(
+                "wrote {0}/compare.md, {0}/compare.json, {0}/compare.svg",
+                out_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = main_inner().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}

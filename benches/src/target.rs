@@ -1,0 +1,377 @@
+//! The systems under test: starting a local 3-node cluster of each, and one client type that
+//! speaks to either.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tonic::transport::Channel;
+
+use crate::etcd::kv_client::KvClient as EtcdKv;
+use crate::etcd::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
+
+/// Longest a cluster may take to come up.
+pub const CLUSTER_STARTUP_DEADLINE_MS: u64 = 60_000;
+/// Keys per write during preload (etcd's default `--max-txn-ops` is 128).
+pub const PRELOAD_CHUNK_KEYS: usize = 128;
+/// Sphere the benchmark writes into.
+pub const BENCH_SPHERE: u64 = 1;
+
+/// A system the benchmark can drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum System {
+    Spheredb,
+    Etcd,
+}
+
+impl std::fmt::Display for System {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            System::Spheredb => "spheredb",
+            System::Etcd => "etcd",
+        })
+    }
+}
+
+/// Read consistency requested of the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum ReadConsistency {
+    /// SphereDB ReadIndex; etcd's default linearizable read.
+    Linearizable,
+    /// SphereDB leader lease; etcd has none and reads linearizably.
+    Lease,
+    /// etcd serializable (any member); SphereDB does not serve follower reads yet.
+    Follower,
+}
+
+/// A cluster of local processes, killed on drop.
+pub struct Cluster {
+    pub system: System,
+    pub endpoints: Vec<String>,
+    children: Vec<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// A cluster someone else runs, reached at `endpoints`.
+    pub fn existing(system: System, endpoints: Vec<String>) -> Cluster {
+        Cluster {
+            system,
+            endpoints,
+            children: Vec::new(),
+            _dir: None,
+        }
+    }
+
+    /// Process ids of the members, for CPU accounting.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
+    let f = std::fs::File::create(dir.join(name))?;
+    Ok((Stdio::from(f.try_clone()?), Stdio::from(f)))
+}
+
+async fn wait_until<F, Fut>(what: &str, mut ready: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(CLUSTER_STARTUP_DEADLINE_MS) {
+        if ready().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{what} did not come up within {CLUSTER_STARTUP_DEADLINE_MS} ms")
+}
+
+async fn spheredb_voters(addr: &str) -> usize {
+    let Ok(client) = spheredb_client::Client::connect(&[addr], Default::default()).await else {
+        return 0;
+    };
+    let Ok(status) = client.status(addr, false).await else {
+        return 0;
+    };
+    status
+        .ranges
+        .first()
+        .filter(|r| r.leader_id.is_some())
+        .and_then(|r| r.descriptor.as_ref())
+        .map_or(0, |d| d.voters.len())
+}
+
+/// Starts a fresh 3-node SphereDB cluster from `bin`.
+pub async fn start_spheredb(bin: &Path, nodes: usize) -> anyhow::Result<Cluster> {
+    let dir = tempfile::Builder::new()
+        .prefix("spheredb-bench-")
+        .tempdir()?;
+    let mut cluster = Cluster {
+        system: System::Spheredb,
+        endpoints: Vec::new(),
+        children: Vec::new(),
+        _dir: Some(dir),
+    };
+    let dir = cluster
+        ._dir
+        .as_ref()
+        .map(|d| d.path().to_path_buf())
+        .unwrap_or_default();
+    for i in 0..nodes {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let (out, err) = log_file(&dir, &format!("node{i}.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("start")
+            .arg("--data-dir")
+            .arg(dir.join(format!("node{i}")))
+            .arg("--listen")
+            .arg(&addr)
+            .arg("--replication-factor")
+            .arg(nodes.min(3).to_string())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if i > 0 {
+            cmd.arg("--join").arg(&cluster.endpoints[0]);
+        }
+        cluster.children.push(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", bin.display()))?,
+        );
+        cluster.endpoints.push(addr);
+        let (first, want) = (cluster.endpoints[0].clone(), i + 1);
+        wait_until("spheredb", || async {
+            spheredb_voters(&first).await >= want.min(3)
+        })
+        .await?;
+    }
+    Ok(cluster)
+}
+
+/// Starts a fresh 3-member etcd cluster from `bin` (fsync on, as etcd always does).
+pub async fn start_etcd(bin: &Path, members: usize) -> anyhow::Result<Cluster> {
+    let dir = tempfile::Builder::new().prefix("etcd-bench-").tempdir()?;
+    let mut peers = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..members {
+        peers.push((
+            format!("m{i}"),
+            format!("http://127.0.0.1:{}", free_port()?),
+        ));
+        clients.push(format!("127.0.0.1:{}", free_port()?));
+    }
+    let initial: Vec<String> = peers.iter().map(|(n, u)| format!("{n}={u}")).collect();
+    let mut children = Vec::new();
+    for (i, (name, peer)) in peers.iter().enumerate() {
+        let (out, err) = log_file(dir.path(), &format!("{name}.log"))?;
+        let client_url = format!("http://{}", clients[i]);
+        let child = Command::new(bin)
+            .args(["--name", name])
+            .arg("--data-dir")
+            .arg(dir.path().join(name))
+            .args([
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+            ])
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args([
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args([
+                "--initial-cluster-token",
+                "spheredb-bench",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (install it with: apt-get install -y etcd-server)",
+                    bin.display()
+                )
+            })?;
+        children.push(child);
+    }
+    let cluster = Cluster {
+        system: System::Etcd,
+        endpoints: clients,
+        children,
+        _dir: Some(dir),
+    };
+    let eps = cluster.endpoints.clone();
+    wait_until("etcd", || async {
+        match etcd_connect(&eps).await {
+            Ok(mut kv) => kv
+                .put(PutRequest {
+                    key: b"bench-ready".to_vec(),
+                    value: b"1".to_vec(),
+                    lease: 0,
+                })
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await?;
+    Ok(cluster)
+}
+
+/// One etcd connection balanced over every member, as etcd's own clients do.
+async fn etcd_connect(endpoints: &[String]) -> anyhow::Result<EtcdKv<Channel>> {
+    let endpoints = endpoints
+        .iter()
+        .map(|e| Channel::from_shared(format!("http://{e}")).map(|c| c.tcp_nodelay(true)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let channel = Channel::balance_list(endpoints.into_iter());
+    let mut kv = EtcdKv::new(channel);
+    kv.range(RangeRequest {
+        key: b"bench-probe".to_vec(),
+        serializable: true,
+        ..Default::default()
+    })
+    .await?;
+    Ok(kv)
+}
+
+/// A client of either system.
+#[derive(Clone)]
+pub enum Conn {
+    Spheredb(spheredb_client::Client),
+    Etcd(EtcdKv<Channel>, ReadConsistency),
+}
+
+impl Conn {
+    /// Connects to `cluster` with the requested read consistency.
+    pub async fn connect(cluster: &Cluster, consistency: ReadConsistency) -> anyhow::Result<Conn> {
+        match cluster.system {
+            System::Spheredb => {
+                let consistency = match consistency {
+                    ReadConsistency::Linearizable => spheredb_client::Consistency::Linearizable,
+                    ReadConsistency::Lease => spheredb_client::Consistency::Lease,
+                    ReadConsistency::Follower => {
+                        bail!("SphereDB does not serve follower reads yet")
+                    }
+                };
+                let options = spheredb_client::ClientOptions {
+                    consistency,
+                    ..Default::default()
+                };
+                Ok(Conn::Spheredb(
+                    spheredb_client::Client::connect(&cluster.endpoints, options).await?,
+                ))
+            }
+            System::Etcd => Ok(Conn::Etcd(
+                etcd_connect(&cluster.endpoints).await?,
+                consistency,
+            )),
+        }
+    }
+
+    /// Reads `key`.
+    pub async fn get(&mut self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        match self {
+            Conn::Spheredb(c) => Ok(c.get(BENCH_SPHERE, key).await?),
+            Conn::Etcd(kv, consistency) => {
+                let resp = kv
+                    .range(RangeRequest {
+                        key: key.to_vec(),
+                        serializable: *consistency == ReadConsistency::Follower,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                Ok(resp.kvs.into_iter().next().map(|kv| kv.value))
+            }
+        }
+    }
+
+    /// Writes `key = value`.
+    pub async fn put(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Conn::Spheredb(c) => Ok(c.put(BENCH_SPHERE, key, value).await?),
+            Conn::Etcd(kv, _) => {
+                kv.put(PutRequest {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                    lease: 0,
+                })
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `pairs` in chunks of [`PRELOAD_CHUNK_KEYS`].
+    pub async fn preload(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
+        for chunk in pairs.chunks(PRELOAD_CHUNK_KEYS) {
+            match self {
+                Conn::Spheredb(c) => {
+                    let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = chunk
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Some(v.clone())))
+                        .collect();
+                    c.batch(BENCH_SPHERE, &ops).await?;
+                }
+                Conn::Etcd(kv, _) => {
+                    let success = chunk
+                        .iter()
+                        .map(|(k, v)| RequestOp {
+                            request: Some(request_op::Request::RequestPut(PutRequest {
+                                key: k.clone(),
+                                value: v.clone(),
+                                lease: 0,
+                            })),
+                        })
+                        .collect();
+                    kv.txn(TxnRequest {
+                        success,
+                        failure: vec![],
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds the `spheredb` binary next to this one, or says how to build it.
+pub fn default_spheredb_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("spheredb")))
+        .unwrap_or_else(|| PathBuf::from("spheredb"))
+}
