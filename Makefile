@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps demo test lint build bench-compare
+.PHONY: deps demo test lint build bench-compare jepsen-deps jepsen-ci jepsen-long
 
 deps:
 	@./scripts/install-deps.sh
@@ -14,7 +14,9 @@ build: deps
 demo: build
 	$(CARGO) run --quiet --bin spheredb -- demo
 
-test: deps
+# The workspace tests include the Jepsen tester's own tests (jepsen/tests/tester.rs), which
+# partition clusters with iptables.
+test: deps jepsen-deps
 	$(CARGO) test --workspace
 
 lint: deps
@@ -29,3 +31,25 @@ bench-compare: deps
 	./target/release/spheredb-bench compare --workload kv0 --clients 1,16,64,256 --pairs 3 --duration-secs 5 --out-dir bench-results/kv0
 	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 3 --duration-secs 5 --read-consistency linearizable --out-dir bench-results/reads-linearizable
 	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 3 --duration-secs 5 --read-consistency lease --out-dir bench-results/reads-lease
+
+jepsen-deps:
+	@./scripts/install-jepsen-deps.sh
+
+# Short fault-injection check (about 75 s): register and set workloads on a 3-node
+# cluster of the debug build under kill and partition faults. Needs root (iptables).
+# Run folders go to jepsen/store/.
+jepsen-ci: deps jepsen-deps
+	$(CARGO) build --bin spheredb --bin spheredb-jepsen
+	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload register \
+		--nemesis kill,partition --time-limit 30 --quiet-ms 2000 --fault-ms 3000 --seed 1
+	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload set \
+		--nemesis kill,partition --time-limit 30 --quiet-ms 2000 --fault-ms 3000 --seed 1
+
+# Long run (about 12 minutes): every fault, clock skew included (libfaketime), on 5 nodes.
+jepsen-long: deps
+	@./scripts/install-jepsen-deps.sh --clock
+	$(CARGO) build --bin spheredb --bin spheredb-jepsen
+	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload register \
+		--nemesis all --nodes 5 --time-limit 300 --concurrency 10 --seed 2
+	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload set \
+		--nemesis all --nodes 5 --time-limit 300 --concurrency 10 --seed 2

@@ -56,6 +56,19 @@ impl KvService {
     }
 
     async fn write(&self, cmd: Command) -> Result<CommandResponse, ClientError> {
+        if ack_write_before_commit() {
+            // Deliberately broken (failpoint `kv-write-ack-before-commit`, off unless
+            // FAILPOINTS names it): the write is proposed in the background and reported
+            // as done at once, so a crash or leader change can lose an acknowledged write
+            // and a read right after the ack can miss it. The Jepsen tests use it to show
+            // the tester detects lost writes.
+            let raft = self.node.raft.clone();
+            let acked = fake_success(&cmd);
+            tokio::spawn(async move {
+                let _ = raft.client_write(cmd).await;
+            });
+            return Ok(acked);
+        }
         let result = tokio::time::timeout(
             Duration::from_millis(WRITE_TIMEOUT_MS),
             self.node.raft.client_write(cmd),
@@ -105,6 +118,32 @@ impl KvService {
     }
 }
 
+/// Whether the failpoint `kv-read-skip-barrier` is active. Always false unless the engine is
+/// built with the `failpoints` feature and FAILPOINTS activates it (e.g. `=return`).
+fn skip_read_barrier() -> bool {
+    fail::fail_point!("kv-read-skip-barrier", |_| true);
+    false
+}
+
+/// Whether the failpoint `kv-write-ack-before-commit` is active; see [`skip_read_barrier`].
+fn ack_write_before_commit() -> bool {
+    fail::fail_point!("kv-write-ack-before-commit", |_| true);
+    false
+}
+
+/// The answer an applied `cmd` would most likely get, for acknowledging it before it commits
+/// (failpoint `kv-write-ack-before-commit` only).
+fn fake_success(cmd: &Command) -> CommandResponse {
+    match cmd {
+        Command::CompareAndSwap { new_value, .. } => CommandResponse::Swapped {
+            succeeded: true,
+            current: new_value.clone(),
+        },
+        Command::Delete { .. } => CommandResponse::Deleted { existed: true },
+        _ => CommandResponse::Done,
+    }
+}
+
 fn unexpected(resp: CommandResponse) -> ClientError {
     ClientError::Internal(format!("unexpected command response {resp:?}"))
 }
@@ -123,7 +162,12 @@ impl Kv for KvService {
             async {
                 let sphere = self.check_header(&req.header)?;
                 check_key(&req.key)?;
-                self.read_barrier(req.consistency).await?;
+                // The failpoint `kv-read-skip-barrier` (off unless FAILPOINTS names it)
+                // serves the read from local state without confirming leadership, so a
+                // deposed leader or a follower answers with possibly stale data.
+                if !skip_read_barrier() {
+                    self.read_barrier(req.consistency).await?;
+                }
                 let value = read_value(&self.node.db, &keys::kv_key(sphere, &req.key))
                     .map_err(storage_error)?;
                 Ok(GetResponse {
@@ -196,7 +240,10 @@ impl Kv for KvService {
                         more: false,
                     });
                 }
-                self.read_barrier(req.consistency).await?;
+                // Same failpoint as in `get`: stale scans from any node.
+                if !skip_read_barrier() {
+                    self.read_barrier(req.consistency).await?;
+                }
                 let start = keys::kv_key(sphere, &req.start);
                 let end = if req.end.is_empty() {
                     keys::kv_sphere_span(sphere).1

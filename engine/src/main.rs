@@ -9,6 +9,17 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Fault injection for the Jepsen tester: activates the failpoints named in the
+    // FAILPOINTS environment variable. Compiled only with the `failpoints` feature, so a
+    // normal build carries neither the hook nor the points.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    // Says so in the log, so a tester can tell a binary without the feature (where
+    // FAILPOINTS would silently do nothing) from one with it.
+    #[cfg(feature = "failpoints")]
+    if let Ok(spec) = std::env::var("FAILPOINTS") {
+        tracing::warn!(%spec, "failpoints active");
+    }
     let cli = spheredb_engine::cli::Cli::parse();
     if let Err(e) = spheredb_engine::cli::run(cli).await {
         eprintln!("error: {e:#}");

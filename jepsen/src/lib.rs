@@ -1,4 +1,7 @@
-//! Linearizability checking for SphereDB's Jepsen-style tests.
+//! Linearizability checking and fault-injection testing for SphereDB.
+//!
+//! [`tester`] runs a real cluster under a workload and a nemesis and records a history;
+//! the rest of the crate checks histories, the tester's or any Jepsen-style one.
 //!
 //! A history of client operations (invocations and their completions) is
 //! read from a file ([`parse`]), paired into operations ([`history`]), and
@@ -29,3 +32,4 @@ pub mod check;
 pub mod history;
 pub mod model;
 pub mod parse;
+pub mod tester;

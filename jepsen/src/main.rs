@@ -1,5 +1,6 @@
 //! Command-line entry point: `spheredb-jepsen check` reads history files,
-//! checks each one, prints one result line per file and sets the exit code.
+//! checks each one, prints one result line per file and sets the exit code;
+//! `spheredb-jepsen test` runs a cluster under faults and checks what it did.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -9,6 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use spheredb_jepsen::check::{check_events, CheckOptions, CheckReport, Verdict};
 use spheredb_jepsen::model::ModelKind;
 use spheredb_jepsen::parse::{load, Format};
+use spheredb_jepsen::tester::nemesis::parse_nemesis;
+use spheredb_jepsen::tester::workload::WorkloadKind;
+use spheredb_jepsen::tester::{self, TestOptions};
 
 /// Every history is linearizable.
 const EXIT_OK: u8 = 0;
@@ -68,6 +72,133 @@ enum Command {
     /// search got stuck; an unknown one by the budget that ran out.
     #[command(after_help = CHECK_HELP)]
     Check(CheckArgs),
+    /// Run a real cluster under a workload and faults, then check the history.
+    ///
+    /// Starts `spheredb start` processes on 127.0.0.11, 127.0.0.12, ... in fresh data
+    /// directories, runs client workers, injects faults on a seeded schedule, heals, does
+    /// final reads and checks. Writes history.jsonl, results.json, report.html and the
+    /// node logs to a new folder under --store.
+    #[command(after_help = TEST_HELP)]
+    Test(TestArgs),
+}
+
+const TEST_HELP: &str = "\
+Nemeses (--nemesis, comma-separated; groups or single faults):
+  none
+  kill       kill-random, kill-leader, kill-minority (kill -9, restarted at heal)
+  pause      pause-random, pause-leader (SIGSTOP, SIGCONT at heal)
+  partition  partition-one, partition-leader, partition-halves, partition-ring,
+             partition-bridge (iptables; needs root and the `iptables` package)
+  clock      clock-skew (libfaketime; needs the `faketime` package)
+  all        every fault above
+
+Examples:
+  spheredb-jepsen test --workload register --nemesis kill,partition --time-limit 60
+  spheredb-jepsen test --workload set --nemesis kill-leader --failpoints \
+      kv-write-ack-before-commit=return --time-limit 20
+
+Exit status:
+  0  the history is valid
+  1  the checker found an anomaly
+  2  unknown (checker budget exhausted, or no final read succeeded)
+  3  the test could not run (options, missing binary, iptables or faketime)";
+
+#[derive(Debug, Args)]
+struct TestArgs {
+    /// What the clients do.
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Register)]
+    workload: WorkloadArg,
+
+    /// Faults to inject: none, kill, pause, partition, clock, all, or single faults.
+    #[arg(long, default_value = "none")]
+    nemesis: String,
+
+    /// Cluster size (every node a voter).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+
+    /// Seconds of workload and faults (setup, recovery and checking come on top).
+    #[arg(
+        long = "time-limit",
+        visible_alias = "time-limit-secs",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    time_limit_secs: u64,
+
+    /// Concurrent client workers.
+    #[arg(long, default_value_t = 6)]
+    concurrency: usize,
+
+    /// Target operations per second, all workers together.
+    #[arg(long = "rate", value_name = "OPS", default_value_t = 50.0)]
+    rate_ops_per_sec: f64,
+
+    /// Seed of the operation mix and of the fault schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+
+    /// The spheredb binary.
+    #[arg(long, value_name = "PATH", default_value = "target/debug/spheredb")]
+    bin: PathBuf,
+
+    /// Folder for run folders.
+    #[arg(long, value_name = "DIR", default_value = "jepsen/store")]
+    store: PathBuf,
+
+    /// FAILPOINTS for every node, e.g. `kv-read-skip-barrier=return` (the binary must be
+    /// built with `--features spheredb-engine/failpoints`).
+    #[arg(long, value_name = "SPEC")]
+    failpoints: Option<String>,
+
+    /// Mean quiet time between faults, in milliseconds.
+    #[arg(long, default_value_t = 4_000)]
+    quiet_ms: u64,
+
+    /// Mean length of a fault, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    fault_ms: u64,
+
+    /// Client call deadline, in milliseconds.
+    #[arg(long, default_value_t = 1_500)]
+    op_timeout_ms: u64,
+
+    /// Register keys in use at a time.
+    #[arg(long = "keys", default_value_t = 8)]
+    key_count: usize,
+
+    /// Operations on one register key before a fresh key replaces it.
+    #[arg(long, default_value_t = 120)]
+    ops_per_key: usize,
+
+    /// Node heartbeat interval, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    heartbeat_interval_ms: u64,
+
+    /// Node minimum election timeout, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    election_timeout_ms: u64,
+
+    /// Time budget of the linearizability check, in seconds.
+    #[arg(long, default_value_t = 60)]
+    check_time_limit_secs: u64,
+
+    /// Keep the nodes' data directories (logs are always kept).
+    #[arg(long)]
+    keep_data: bool,
+
+    /// Clock nemesis: jump the monotonic clock too (by default only the wall clock is
+    /// skewed; a real monotonic clock never goes back).
+    #[arg(long)]
+    clock_monotonic: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    /// Compare-and-set registers, many keys, checked for linearizability per key.
+    Register,
+    /// Unique adds and a final read: lost or phantom elements.
+    Set,
 }
 
 #[derive(Debug, Args)]
@@ -133,12 +264,79 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let Command::Check(args) = cli.command;
+    let args = match cli.command {
+        Command::Check(args) => args,
+        Command::Test(args) => return ExitCode::from(run_test(&args)),
+    };
     match run_check(&args) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("spheredb-jepsen: cannot write output: {err}");
             ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn run_test(args: &TestArgs) -> u8 {
+    let faults = match parse_nemesis(&args.nemesis) {
+        Ok(f) => f,
+        Err(message) => {
+            eprintln!("spheredb-jepsen: --nemesis: {message}");
+            return tester::EXIT_ERROR;
+        }
+    };
+    let workload = match args.workload {
+        WorkloadArg::Register => WorkloadKind::Register,
+        WorkloadArg::Set => WorkloadKind::Set,
+    };
+    let mut options = TestOptions::new(workload, args.bin.clone());
+    options.faults = faults;
+    options.nodes = args.nodes;
+    options.time_limit_secs = args.time_limit_secs;
+    options.concurrency = args.concurrency;
+    options.rate_ops_per_sec = args.rate_ops_per_sec;
+    options.seed = args.seed;
+    options.store = args.store.clone();
+    options.failpoints = args.failpoints.clone();
+    options.quiet_ms = args.quiet_ms;
+    options.fault_ms = args.fault_ms;
+    options.op_timeout_ms = args.op_timeout_ms;
+    options.key_count = args.key_count;
+    options.ops_per_key = args.ops_per_key;
+    options.heartbeat_interval_ms = args.heartbeat_interval_ms;
+    options.election_timeout_ms = args.election_timeout_ms;
+    options.check_time_limit_secs = args.check_time_limit_secs;
+    options.keep_data = args.keep_data;
+    options.clock_monotonic = args.clock_monotonic;
+    match tester::run_test(&options) {
+        Ok(outcome) => {
+            let c = &outcome.counts;
+            println!(
+                "{}\t{}\n    {} operations ({} ok, {} fail, {} info), {} faults, {:.1} s",
+                outcome.run_dir.display(),
+                outcome.validity.label(),
+                c.invoked,
+                c.ok,
+                c.fail,
+                c.info,
+                outcome.faults_injected,
+                outcome.elapsed.as_secs_f64()
+            );
+            for line in &outcome.checker_lines {
+                println!("    {line}");
+            }
+            for note in &outcome.notes {
+                println!("    note: {note}");
+            }
+            println!(
+                "    report: {}",
+                outcome.run_dir.join("report.html").display()
+            );
+            outcome.validity.exit_code()
+        }
+        Err(err) => {
+            eprintln!("spheredb-jepsen: {err}");
+            tester::EXIT_ERROR
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A single compare-and-set register, initially nil, with read, write and
 //! cas. A cas that completed `:ok` was applied, so the register must have
 //! held `from`; an indeterminate cas applies if the register holds `from`
-//! and otherwise leaves it alone, as a failed compare would.
+//! and otherwise leaves it alone, as a failed compare would. Operations with
+//! different `:key`s are different registers, checked independently.
 
 use super::{Model, ModelError};
 use crate::history::{Function, Operation, Outcome, Value};
@@ -57,6 +58,12 @@ impl Model for CasRegister {
                 ":read, :write and :cas",
             )),
         }
+    }
+
+    /// Operations carrying a `:key` are independent registers, one per key (Jepsen's
+    /// "independent" register tests); without keys there is one register.
+    fn partition_key(&self, op: &Operation) -> Option<Value> {
+        op.key.clone()
     }
 
     fn step(&self, state: &Value, op: &RegisterOp) -> Option<Value> {
@@ -244,6 +251,37 @@ mod tests {
             "1 :ok :cas [2 5]",
         ]);
         assert!(matches!(check(&h), Verdict::Illegal(_)));
+    }
+
+    #[test]
+    fn keys_are_independent_registers() {
+        let op = |p: u32, kind: &str, f: &str, key: u32, value: &str| {
+            format!("{{\"process\":{p},\"type\":\"{kind}\",\"f\":\"{f}\",\"key\":{key},\"value\":{value}}}\n")
+        };
+        let h = [
+            op(0, "invoke", "write", 1, "1"),
+            op(0, "ok", "write", 1, "1"),
+            op(1, "invoke", "read", 2, "null"),
+            op(1, "ok", "read", 2, "null"),
+            op(1, "invoke", "read", 1, "null"),
+            op(1, "ok", "read", 1, "1"),
+        ]
+        .concat();
+        let events = parse_str(Format::Jsonl, &h).expect("valid JSONL");
+        let report = check_events(ModelKind::CasRegister, &events, &CheckOptions::default())
+            .expect("checkable");
+        assert_eq!(report.verdict, Verdict::Ok);
+        assert_eq!(report.partitions, 2);
+        // A stale read on one key is found even though the other key is fine.
+        let stale = h.replace(
+            &op(1, "ok", "read", 1, "1"),
+            &op(1, "ok", "read", 1, "null"),
+        );
+        let events = parse_str(Format::Jsonl, &stale).expect("valid JSONL");
+        let verdict = check_events(ModelKind::CasRegister, &events, &CheckOptions::default())
+            .expect("checkable")
+            .verdict;
+        assert!(matches!(verdict, Verdict::Illegal(_)), "{verdict:?}");
     }
 
     #[test]

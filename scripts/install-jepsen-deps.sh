@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs what the Jepsen tester's faults need: iptables for partitions and, with
+# --clock, libfaketime (Debian package `faketime`) for clock skew. Both are used as root.
+set -eu
+
+pkgs=""
+command -v iptables >/dev/null 2>&1 || pkgs=" iptables"
+if [ "${1:-}" = "--clock" ]; then
+    found=0
+    for f in /usr/lib/*-linux-gnu/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1; do
+        [ -e "$f" ] && found=1
+    done
+    [ "$found" = 1 ] || pkgs="$pkgs faketime"
+fi
+[ -z "$pkgs" ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing$pkgs (needed by the Jepsen tester's faults)..."
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
+else
+    echo "error: the Jepsen tester needs the package(s)$pkgs; install with: sudo apt-get install -y$pkgs" >&2
+    exit 1
+fi
