@@ -575,15 +575,6 @@ impl Client {
             .map(tonic::Response::into_inner)
             .map_err(|s| ClientError::from_status(&s))
     }
-
-    /// Known node addresses by id.
-    pub fn known_nodes(&self) -> HashMap<u64, String> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .nodes
-            .clone()
-    }
 }
 
 #[cfg(test)]

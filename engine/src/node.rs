@@ -82,16 +82,6 @@ impl NodeShared {
         }
     }
 
-    /// Address of `node_id` from the range membership.
-    pub fn node_addr(&self, node_id: NodeId) -> Option<String> {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        metrics
-            .membership_config
-            .membership()
-            .get_node(&node_id)
-            .map(|n| n.addr.clone())
-    }
-
     /// Checks the range named by a request against this node's view.
     pub fn check_range(&self, range_id: u64, generation: u64) -> Result<(), ClientError> {
         if range_id != FIRST_RANGE_ID {

@@ -310,23 +310,13 @@ fn run_test(args: &TestArgs) -> u8 {
     options.clock_monotonic = args.clock_monotonic;
     match tester::run_test(&options) {
         Ok(outcome) => {
-            let c = &outcome.counts;
             println!(
-                "{}\t{}\n    {} operations ({} ok, {} fail, {} info), {} faults, {:.1} s",
+                "{}\t{}",
                 outcome.run_dir.display(),
-                outcome.validity.label(),
-                c.invoked,
-                c.ok,
-                c.fail,
-                c.info,
-                outcome.faults_injected,
-                outcome.elapsed.as_secs_f64()
+                outcome.validity.label()
             );
-            for line in &outcome.checker_lines {
+            for line in outcome.summary_lines() {
                 println!("    {line}");
-            }
-            for note in &outcome.notes {
-                println!("    note: {note}");
             }
             println!(
                 "    report: {}",

@@ -74,24 +74,14 @@ fn options(workload: WorkloadKind, nemesis: &str, seed: u64) -> TestOptions {
 fn run(options: &TestOptions) -> TestOutcome {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let outcome = tester::run_test(options).unwrap_or_else(|e| panic!("tester failed: {e}"));
-    let c = &outcome.counts;
     eprintln!(
-        "{}: {} in {:.1} s; {} ops ({} ok, {} fail, {} info), {} faults; {}",
+        "{}: {} in {}",
         options.title(),
         outcome.validity.label(),
-        outcome.elapsed.as_secs_f64(),
-        c.invoked,
-        c.ok,
-        c.fail,
-        c.info,
-        outcome.faults_injected,
         outcome.run_dir.display()
     );
-    for line in &outcome.checker_lines {
+    for line in outcome.summary_lines() {
         eprintln!("    {line}");
-    }
-    for note in &outcome.notes {
-        eprintln!("    note: {note}");
     }
     outcome
 }

@@ -236,6 +236,25 @@ pub struct TestOutcome {
     pub elapsed: Duration,
 }
 
+impl TestOutcome {
+    /// The run in a few lines: counts, faults, time, the checker's explanation and notes.
+    pub fn summary_lines(&self) -> Vec<String> {
+        let c = &self.counts;
+        let mut lines = vec![format!(
+            "{} operations ({} ok, {} fail, {} info), {} faults, {:.1} s",
+            c.invoked,
+            c.ok,
+            c.fail,
+            c.info,
+            self.faults_injected,
+            self.elapsed.as_secs_f64()
+        )];
+        lines.extend(self.checker_lines.iter().cloned());
+        lines.extend(self.notes.iter().map(|n| format!("note: {n}")));
+        lines
+    }
+}
+
 /// Why a run could not be carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum TesterError {
