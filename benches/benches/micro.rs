@@ -111,14 +111,22 @@ fn apply_and_read(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Db::open(&dir.path().join("db"), &DbOptions::default()).expect("open db");
-    let mut sm = StateMachine::open(
-        db.clone(),
-        1,
-        Vec::new(),
-        Vec::new(),
-        &dir.path().join("snap"),
-    )
-    .expect("sm");
+    // A range covering the whole keyspace, as bootstrap creates it.
+    let span = spheredb_raft::RangeSpan {
+        range_id: 1,
+        start_key: Vec::new(),
+        end_key: Vec::new(),
+        generation: 1,
+        next_replica_id: 2,
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    spheredb_raft::state_machine::write_range_origin(&db, &mut batch, &span, Default::default())
+        .expect("origin");
+    db.write(batch, true).expect("write origin");
+    let (events, _events_rx) =
+        tokio::sync::mpsc::channel(spheredb_raft::state_machine::MAX_PENDING_RANGE_EVENTS);
+    let (mut sm, _shared) =
+        StateMachine::open(db.clone(), 1, &dir.path().join("snap"), events).expect("sm");
     let mut next_index = 1u64;
     let mut g = c.benchmark_group("state_machine");
     const ENTRIES_PER_APPLY: u64 = 64;

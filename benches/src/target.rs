@@ -111,12 +111,18 @@ async fn spheredb_voters(addr: &str) -> usize {
     let Ok(status) = client.status(addr, false).await else {
         return 0;
     };
+    // The fewest voters of any range the node holds; a range without a leader counts as 0.
     status
         .ranges
-        .first()
-        .filter(|r| r.leader_id.is_some())
-        .and_then(|r| r.descriptor.as_ref())
-        .map_or(0, |d| d.voters.len())
+        .iter()
+        .map(|r| {
+            r.descriptor
+                .as_ref()
+                .filter(|_| r.leader_id.is_some())
+                .map_or(0, |d| d.voters.len())
+        })
+        .min()
+        .unwrap_or(0)
 }
 
 /// Starts a fresh 3-node SphereDB cluster from `bin`.

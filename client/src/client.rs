@@ -11,8 +11,9 @@ use crate::error::ClientError;
 use crate::limits::{self, check_key, check_value};
 use crate::proto::v1::{
     admin_client::AdminClient, kv_client::KvClient, BatchRequest, CompareAndSwapRequest,
-    DeleteRequest, GetRequest, Header, KeyValue, PutRequest, RangeDescriptor, RangeListRequest,
-    RangeRef, ReadConsistency, ScanRequest, StatusRequest, StatusResponse, WriteOp,
+    DecommissionRequest, DeleteRequest, GetRequest, Header, KeyValue, PutRequest, RangeDescriptor,
+    RangeListRequest, RangeListResponse, RangeRef, ReadConsistency, ScanRequest, SplitRequest,
+    SplitResponse, StatusRequest, StatusResponse, WriteOp,
 };
 
 /// Default time budget of one client call, retries included.
@@ -176,38 +177,134 @@ impl Client {
         Ok(AdminClient::new(self.channel(addr)?))
     }
 
-    /// Reloads range descriptors and node addresses from the first seed or node that answers.
-    pub async fn refresh_ranges(&self) -> Result<(), ClientError> {
-        let mut candidates: Vec<String> = self.seeds.to_vec();
+    /// Calls an admin RPC on the first node that answers, starting with `preferred`, then the
+    /// seeds and known nodes, following `NotLeader` hints.
+    async fn admin_call<T, F, Fut>(&self, preferred: Vec<String>, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut candidates = preferred;
+        candidates.extend(self.seeds.iter().cloned());
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            candidates.extend(cache.nodes.values().cloned());
+            let mut known: Vec<(&u64, &String)> = cache.nodes.iter().collect();
+            known.sort();
+            candidates.extend(known.into_iter().map(|(_, a)| a.clone()));
         }
-        candidates.dedup();
+        let mut tried: Vec<String> = Vec::new();
         let mut last_error = ClientError::Unavailable("no node answered".into());
-        for addr in candidates {
-            let mut admin = self.admin(&addr)?;
-            let mut req = tonic::Request::new(RangeListRequest {});
-            req.set_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS * 2));
-            match admin.range_list(req).await {
-                Ok(resp) => {
-                    let resp = resp.into_inner();
-                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                    for n in &resp.nodes {
-                        cache.nodes.insert(n.node_id, n.addr.clone());
-                    }
-                    cache.install(&resp.ranges);
-                    if let Some(leader) = resp.leader_id {
-                        for r in &resp.ranges {
-                            cache.leaders.insert(r.range_id, leader);
+        while let Some(addr) = candidates.iter().find(|c| !tried.contains(c)).cloned() {
+            if tried.len() as u32 >= self.options.retry_budget {
+                break;
+            }
+            tried.push(addr.clone());
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(self.options.call_deadline_ms),
+                call(self.admin(&addr)?),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => {
+                    let e = ClientError::from_status(&status);
+                    if let ClientError::NotLeader { leader: Some(l) } = &e {
+                        self.cache
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .nodes
+                            .insert(l.node_id, l.addr.clone());
+                        if !tried.contains(&l.addr) {
+                            candidates.insert(0, l.addr.clone());
                         }
                     }
-                    return Ok(());
+                    if matches!(e, ClientError::InvalidArgument(_)) {
+                        return Err(e);
+                    }
+                    last_error = e;
                 }
-                Err(status) => last_error = ClientError::from_status(&status),
+                Err(_) => last_error = ClientError::Unavailable(format!("{addr} did not answer")),
             }
         }
         Err(last_error)
+    }
+
+    /// The range map from the meta range, with each range's leader and load when the
+    /// meta-range leader answered.
+    pub async fn range_list(&self) -> Result<RangeListResponse, ClientError> {
+        let list = |preferred: Vec<String>| {
+            self.admin_call(preferred, |mut admin| async move {
+                let mut req = tonic::Request::new(RangeListRequest {});
+                req.set_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS * 2));
+                admin.range_list(req).await
+            })
+        };
+        let mut resp = list(Vec::new()).await?;
+        // Any meta replica lists the ranges; only the meta leader knows leaders and load.
+        // Ask it once when the first answer came from elsewhere.
+        if resp.loads.is_empty() {
+            let leader_addr = resp
+                .leader_id
+                .and_then(|id| resp.nodes.iter().find(|n| n.node_id == id))
+                .map(|n| n.addr.clone());
+            if let Some(addr) = leader_addr {
+                if let Ok(from_leader) = list(vec![addr]).await {
+                    if !from_leader.loads.is_empty() {
+                        resp = from_leader;
+                    }
+                }
+            }
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        for n in &resp.nodes {
+            cache.nodes.insert(n.node_id, n.addr.clone());
+        }
+        cache.install(&resp.ranges);
+        for l in &resp.loads {
+            if let Some(leader) = l.leader_node_id {
+                cache.leaders.insert(l.range_id, leader);
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Reloads range descriptors and node addresses from the meta range.
+    pub async fn refresh_ranges(&self) -> Result<(), ClientError> {
+        self.range_list().await.map(|_| ())
+    }
+
+    /// Splits the range holding the encoded key `split_key` at that key's row.
+    pub async fn split(&self, split_key: &[u8]) -> Result<SplitResponse, ClientError> {
+        self.refresh_ranges().await?;
+        let preferred = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.lookup(split_key) {
+                Some(d) => {
+                    let leader = cache.leaders.get(&d.range_id).copied();
+                    leader
+                        .into_iter()
+                        .chain(d.voters.iter().copied())
+                        .filter_map(|id| cache.nodes.get(&id).cloned())
+                        .collect()
+                }
+                None => Vec::new(),
+            }
+        };
+        let key = split_key.to_vec();
+        self.admin_call(preferred, |mut admin| {
+            let key = key.clone();
+            async move { admin.split(SplitRequest { split_key: key }).await }
+        })
+        .await
+    }
+
+    /// Starts (or continues) draining `node_id`; returns how many replicas it still holds.
+    pub async fn decommission(&self, node_id: u64) -> Result<u64, ClientError> {
+        self.admin_call(Vec::new(), |mut admin| async move {
+            admin.decommission(DecommissionRequest { node_id }).await
+        })
+        .await
+        .map(|r| r.replicas_left)
     }
 
     /// Picks the address to send a request for `range` to on attempt `attempt`.
@@ -256,7 +353,7 @@ impl Client {
         op: F,
     ) -> Result<T, ClientError>
     where
-        F: Fn(KvClient<Channel>, Header) -> Fut,
+        F: Fn(KvClient<Channel>, Header, RangeDescriptor) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let started = Instant::now();
@@ -314,14 +411,18 @@ impl Client {
                 Retry::Always => remaining.min(Duration::from_millis(READ_ATTEMPT_TIMEOUT_MS)),
                 Retry::OnlyIfNotApplied => remaining,
             };
-            let result =
-                match tokio::time::timeout(attempt_budget, op(self.kv(&addr)?, header)).await {
-                    Ok(Ok(v)) => return Ok(v),
-                    Ok(Err(status)) => ClientError::from_status(&status),
-                    Err(_) => ClientError::Indeterminate(format!(
-                        "no answer from {addr} before the deadline"
-                    )),
-                };
+            let result = match tokio::time::timeout(
+                attempt_budget,
+                op(self.kv(&addr)?, header, range.clone()),
+            )
+            .await
+            {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(status)) => ClientError::from_status(&status),
+                Err(_) => {
+                    ClientError::Indeterminate(format!("no answer from {addr} before the deadline"))
+                }
+            };
             match &result {
                 ClientError::InvalidArgument(_)
                 | ClientError::Corruption(_)
@@ -366,7 +467,7 @@ impl Client {
         self.call(
             &keys::kv_key(sphere, key),
             Retry::Always,
-            |mut kv, header| async move {
+            |mut kv, header, _| async move {
                 let resp = kv
                     .get(GetRequest {
                         header: Some(header),
@@ -388,7 +489,7 @@ impl Client {
         self.call(
             &keys::kv_key(sphere, key),
             Retry::OnlyIfNotApplied,
-            |mut kv, header| async move {
+            |mut kv, header, _| async move {
                 kv.put(PutRequest {
                     header: Some(header),
                     key: key.to_vec(),
@@ -407,7 +508,7 @@ impl Client {
         self.call(
             &keys::kv_key(sphere, key),
             Retry::OnlyIfNotApplied,
-            |mut kv, header| async move {
+            |mut kv, header, _| async move {
                 Ok(kv
                     .delete(DeleteRequest {
                         header: Some(header),
@@ -437,7 +538,7 @@ impl Client {
         self.call(
             &keys::kv_key(sphere, key),
             Retry::OnlyIfNotApplied,
-            |mut kv, header| async move {
+            |mut kv, header, _| async move {
                 let resp = kv
                     .compare_and_swap(CompareAndSwapRequest {
                         header: Some(header),
@@ -453,10 +554,11 @@ impl Client {
         .await
     }
 
-    /// Applies `ops` (`(key, Some(value))` puts, `(key, None)` deletes) atomically.
+    /// Applies `ops` (`(key, Some(value))` puts, `(key, None)` deletes).
     ///
-    /// All keys must lie in one range; until transactions exist, a batch spanning ranges is
-    /// rejected rather than applied partially.
+    /// Atomic when every key lies in one range. A batch whose keys span ranges is sent as one
+    /// atomic batch per range, in key order: **not atomic as a whole** until transactions
+    /// exist; if a part fails, earlier parts stay applied and the error says so.
     pub async fn batch(
         &self,
         sphere: u64,
@@ -497,7 +599,7 @@ impl Client {
         self.call(
             &keys::kv_key(sphere, first),
             Retry::OnlyIfNotApplied,
-            |mut kv, header| async move {
+            |mut kv, header, _| async move {
                 kv.batch(BatchRequest {
                     header: Some(header),
                     ops: wire_ops.clone(),
@@ -529,11 +631,11 @@ impl Client {
         while (out.len() as u32) < limit {
             let want = limit - out.len() as u32;
             let cursor_ref = &cursor;
-            let (pairs, more) = self
+            let (pairs, more, range_end) = self
                 .call(
                     &keys::kv_key(sphere, cursor_ref),
                     Retry::Always,
-                    |mut kv, header| async move {
+                    |mut kv, header, range| async move {
                         let resp = kv
                             .scan(ScanRequest {
                                 header: Some(header),
@@ -544,7 +646,7 @@ impl Client {
                             })
                             .await?
                             .into_inner();
-                        Ok((resp.pairs, resp.more))
+                        Ok((resp.pairs, resp.more, range.end_key))
                     },
                 )
                 .await?;
@@ -555,7 +657,23 @@ impl Client {
                     last.push(0);
                     cursor = last;
                 }
-                _ => break,
+                _ => {
+                    // The server stops at its range's end: go on in the next range while
+                    // that lies inside the sphere and before `end`.
+                    let sphere_end = keys::kv_sphere_span(sphere).1;
+                    let request_end = if end.is_empty() {
+                        sphere_end.clone()
+                    } else {
+                        keys::kv_key(sphere, end)
+                    };
+                    if range_end.is_empty() || range_end >= request_end {
+                        break;
+                    }
+                    match keys::decode_kv_key(&range_end) {
+                        Some((s, user)) if s == sphere => cursor = user.to_vec(),
+                        _ => break,
+                    }
+                }
             }
         }
         Ok(out)
@@ -589,6 +707,7 @@ mod tests {
             end_key: end.to_vec(),
             voters: vec![],
             learners: vec![],
+            replicas: vec![],
         }
     }
 

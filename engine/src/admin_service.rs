@@ -1,32 +1,57 @@
-//! The admin gRPC service: status, join, range list.
+//! The admin gRPC service: status, join, the range map, splits, decommissioning, leadership
+//! transfers, and the node-to-node calls of the meta range and the allocator.
 
-use openraft::async_runtime::WatchReceiver;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::{Instant as _, ServerState};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, Instant as _, ServerState};
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 use spheredb_client::proto::v1::admin_server::Admin;
 use spheredb_client::proto::v1::{
-    JoinRequest, JoinResponse, NodeInfo, RangeListRequest, RangeListResponse, RangeStatus,
-    ReplicaProgress, StatusRequest, StatusResponse,
+    AllocRangeIdsRequest, AllocRangeIdsResponse, ChangeReplicasRequest, ChangeReplicasResponse,
+    DecommissionRequest, DecommissionResponse, JoinRequest, JoinResponse, NodeHeartbeatRequest,
+    NodeHeartbeatResponse, NodeInfo, RangeListRequest, RangeListResponse, RangeLoad, RangeStatus,
+    ReplicaProgress, SplitRequest, SplitResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use spheredb_client::ClientError;
-use spheredb_raft::{registry, Command, CommandResponse};
+use spheredb_raft::network::Replica;
+use spheredb_raft::registry::{self, NodeRecord, NodeState};
+use spheredb_raft::{Command, CommandResponse, RangeSpan, ReplicaNode, WriteOp};
 use spheredb_storage::ColumnFamilyName;
 use tonic::{Request, Response, Status};
 
-use crate::errors::write_error;
-use crate::node::NodeShared;
+use crate::errors::{not_leader_hint, write_error};
+use crate::meta::write_meta;
+use crate::node::{wire_descriptor, NodeShared};
 
 /// Largest join token accepted.
 pub const MAX_JOIN_TOKEN_SIZE_BYTES: usize = 64;
 /// Longest a join waits for its registration to commit.
 pub const JOIN_COMMIT_TIMEOUT_MS: u64 = 5_000;
+/// Most range ids one call allocates.
+pub const MAX_RANGE_IDS_PER_CALL: u64 = 1024;
+/// Longest a new replica may take to catch up before it is promoted to voter.
+pub const LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 30_000;
+/// Longest a membership change waits to commit.
+pub const MEMBERSHIP_CHANGE_TIMEOUT_MS: u64 = 10_000;
 
 /// The admin service of a node.
 pub struct AdminService {
     node: Arc<NodeShared>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn answer<T>(r: Result<T, ClientError>) -> Reply<T> {
+    r.map(Response::new).map_err(|e| e.to_status())
+}
+
+fn internal(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Internal(e.to_string())
 }
 
 impl AdminService {
@@ -35,44 +60,48 @@ impl AdminService {
         AdminService { node }
     }
 
+    /// Every node this node knows, from the registry when it holds the meta range.
     fn nodes(&self) -> Vec<NodeInfo> {
-        let metrics = self.node.raft.metrics().borrow_watched().clone();
-        let mut nodes: Vec<NodeInfo> = metrics
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, n)| NodeInfo {
-                node_id: *id,
-                addr: n.addr.clone(),
-            })
-            .collect();
-        // Registered nodes not yet in the membership (joining) are listed too.
-        if let Ok(registered) = registry::nodes(&self.node.db) {
-            for r in registered {
-                if !nodes.iter().any(|n| n.node_id == r.node_id) {
-                    nodes.push(NodeInfo {
-                        node_id: r.node_id,
-                        addr: r.addr,
-                    });
-                }
-            }
-        }
+        let mut nodes: Vec<NodeInfo> = match self
+            .node
+            .meta_replica()
+            .map(|_| registry::nodes(&self.node.db))
+        {
+            Some(Ok(registered)) => registered
+                .into_iter()
+                .map(|r| NodeInfo {
+                    node_id: r.node_id,
+                    addr: r.addr,
+                })
+                .collect(),
+            _ => self
+                .node
+                .known_nodes()
+                .into_iter()
+                .filter(|(id, _)| *id < u64::MAX / 2)
+                .map(|(node_id, addr)| NodeInfo { node_id, addr })
+                .collect(),
+        };
         nodes.sort_by_key(|n| n.node_id);
         nodes
     }
 
-    /// Key count and crc32 over every pair of the range, in key order.
-    fn digest(&self) -> Result<(u64, u32), ClientError> {
+    /// Key count and crc32 over every pair of `span`, in key order.
+    fn digest(&self, span: &RangeSpan) -> Result<(u64, u32), ClientError> {
         let db = &self.node.db;
+        let mut opts = ReadOptions::default();
+        if !span.end_key.is_empty() {
+            opts.set_iterate_upper_bound(span.end_key.clone());
+        }
         let iter = db.raw().iterator_cf_opt(
             db.cf(ColumnFamilyName::Data),
-            ReadOptions::default(),
-            IteratorMode::From(&[], Direction::Forward),
+            opts,
+            IteratorMode::From(&span.start_key, Direction::Forward),
         );
         let mut hasher = crc32fast::Hasher::new();
         let mut count = 0u64;
         for item in iter {
-            let (k, v) = item.map_err(|e| ClientError::Internal(e.to_string()))?;
+            let (k, v) = item.map_err(internal)?;
             hasher.update(&(k.len() as u32).to_le_bytes());
             hasher.update(&k);
             hasher.update(&v);
@@ -80,25 +109,30 @@ impl AdminService {
         }
         Ok((count, hasher.finalize()))
     }
-}
 
-#[tonic::async_trait]
-impl Admin for AdminService {
-    async fn status(
+    fn range_status(
         &self,
-        request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        let include_digest = request.into_inner().include_digest;
-        let metrics = self.node.raft.metrics().borrow_watched().clone();
-        let replicas = match (metrics.state, &metrics.replication) {
-            (ServerState::Leader, Some(replication)) => {
+        replica: &Replica,
+        include_digest: bool,
+    ) -> Result<RangeStatus, ClientError> {
+        let metrics = replica.raft.metrics().borrow_watched().clone();
+        let node_of = |id: &u64| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(id)
+                .map_or(0, |n: &ReplicaNode| n.node_id)
+        };
+        let leader = metrics.state == ServerState::Leader;
+        let replicas = match (leader, &metrics.replication) {
+            (true, Some(replication)) => {
                 let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
                 replication
                     .iter()
                     .map(|(id, matched)| ReplicaProgress {
-                        node_id: *id,
+                        node_id: node_of(id),
                         matched_index: matched.as_ref().map(|l| l.index),
-                        last_ack_ms: if *id == self.node.node_id {
+                        last_ack_ms: if *id == metrics.id {
                             Some(0)
                         } else {
                             heartbeat
@@ -111,15 +145,17 @@ impl Admin for AdminService {
             }
             _ => Vec::new(),
         };
-        let (key_count, data_crc32) = if include_digest {
-            let (c, crc) = self.digest().map_err(|e| e.to_status())?;
-            (Some(c), Some(crc))
-        } else {
-            (None, None)
+        let span = replica.shared.span();
+        let (key_count, data_crc32) = match (&span, include_digest) {
+            (Some(span), true) => {
+                let (c, crc) = self.digest(span)?;
+                (Some(c), Some(crc))
+            }
+            _ => (None, None),
         };
-        let range = RangeStatus {
-            descriptor: Some(self.node.descriptor()),
-            leader_id: metrics.current_leader,
+        Ok(RangeStatus {
+            descriptor: self.node.descriptor(replica),
+            leader_id: metrics.current_leader.as_ref().map(node_of),
             term: metrics.current_term,
             applied_index: metrics.last_applied.as_ref().map(|l| l.index),
             last_log_index: metrics.last_log_index,
@@ -127,19 +163,203 @@ impl Admin for AdminService {
             replicas,
             key_count,
             data_crc32,
-        };
-        Ok(Response::new(StatusResponse {
-            node_id: self.node.node_id,
-            addr: self.node.addr.clone(),
-            cluster_id: self.node.cluster_id,
-            nodes: self.nodes(),
-            ranges: vec![range],
-            uptime_ms: self.node.started.elapsed().as_millis() as u64,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        }))
+            size_bytes: if leader {
+                replica.size_bytes.load(Ordering::Relaxed)
+            } else {
+                0
+            },
+            qps: if leader { replica.qps() } else { 0.0 },
+            quiesced: replica.quiesced.load(Ordering::Acquire),
+        })
     }
 
-    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+    /// The local replica of `range_id`, which must lead the range.
+    fn leading(&self, range_id: u64) -> Result<Arc<Replica>, ClientError> {
+        let replica = self.node.replica(range_id).ok_or_else(|| {
+            ClientError::RangeNotFound(format!(
+                "range {range_id} has no replica on node {}",
+                self.node.node_id
+            ))
+        })?;
+        if !replica.raft.is_leader() {
+            return Err(not_leader_hint(self.node.leader_node(&replica)));
+        }
+        replica.touch();
+        Ok(replica)
+    }
+
+    /// The local meta replica, which must lead the meta range.
+    fn meta_leading(&self) -> Result<Arc<Replica>, ClientError> {
+        self.node
+            .meta_replica()
+            .filter(|r| r.raft.is_leader())
+            .ok_or_else(|| not_leader_hint(self.node.meta_leader_hint()))
+    }
+
+    async fn change_replicas_inner(
+        &self,
+        req: ChangeReplicasRequest,
+    ) -> Result<ChangeReplicasResponse, ClientError> {
+        let replica = self.leading(req.range_id)?;
+        let metrics = replica.raft.metrics().borrow_watched().clone();
+        let Some(span) = replica.shared.span() else {
+            return Err(ClientError::Unavailable(
+                "range has no applied span yet".into(),
+            ));
+        };
+        if span.generation != req.expected_generation {
+            return Err(ClientError::StaleGeneration {
+                message: format!(
+                    "range {} is at generation {}",
+                    req.range_id, span.generation
+                ),
+                descriptors: self.node.descriptor(&replica).into_iter().collect(),
+            });
+        }
+        if metrics.membership_config.log_id() != metrics.committed_membership_config.log_id() {
+            return Err(ClientError::Unavailable(
+                "a replica change is still in progress".into(),
+            ));
+        }
+        let membership = metrics.membership_config.membership().clone();
+        let replica_of = |node: u64| {
+            membership
+                .nodes()
+                .find(|(_, n)| n.node_id == node)
+                .map(|(id, _)| *id)
+        };
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let timed = |ms: u64| Duration::from_millis(ms);
+        match (req.add_node_id, req.remove_node_id) {
+            (Some(node), None) => {
+                let rid = match replica_of(node) {
+                    Some(rid) if voters.contains(&rid) => None,
+                    Some(rid) => Some(rid),
+                    None => {
+                        let addr =
+                            self.node.known_nodes().get(&node).cloned().ok_or_else(|| {
+                                ClientError::Unavailable(format!(
+                                    "address of node {node} not known yet"
+                                ))
+                            })?;
+                        let highest = membership.nodes().map(|(id, _)| *id).max().unwrap_or(0);
+                        let rid = span.next_replica_id.max(highest + 1);
+                        let add = replica.raft.add_learner(
+                            rid,
+                            ReplicaNode {
+                                node_id: node,
+                                addr,
+                            },
+                            true,
+                        );
+                        tokio::time::timeout(timed(LEARNER_CATCH_UP_TIMEOUT_MS), add)
+                            .await
+                            .map_err(|_| {
+                                ClientError::Unavailable(
+                                    "new replica did not catch up in time".into(),
+                                )
+                            })?
+                            .map_err(write_error)?;
+                        Some(rid)
+                    }
+                };
+                if let Some(rid) = rid {
+                    let change = replica.raft.change_membership(
+                        ChangeMembers::AddVoterIds(BTreeSet::from([rid])),
+                        false,
+                    );
+                    tokio::time::timeout(timed(MEMBERSHIP_CHANGE_TIMEOUT_MS), change)
+                        .await
+                        .map_err(|_| {
+                            ClientError::Indeterminate("promotion did not commit in time".into())
+                        })?
+                        .map_err(write_error)?;
+                }
+            }
+            (None, Some(node)) => {
+                let Some(rid) = replica_of(node) else {
+                    return Ok(ChangeReplicasResponse {
+                        descriptor: self.node.descriptor(&replica),
+                    });
+                };
+                if rid == metrics.id {
+                    // Never remove the leader under itself: hand over first.
+                    if let Some(to) = voters.iter().find(|v| **v != rid) {
+                        replica
+                            .raft
+                            .trigger()
+                            .transfer_leader(*to)
+                            .await
+                            .map_err(internal)?;
+                    }
+                    return Err(ClientError::Unavailable(
+                        "the leader's own replica: leadership is being transferred first".into(),
+                    ));
+                }
+                let change = if voters.contains(&rid) {
+                    replica.raft.change_membership(
+                        ChangeMembers::RemoveVoters(BTreeSet::from([rid])),
+                        false,
+                    )
+                } else {
+                    replica
+                        .raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([rid])), false)
+                };
+                tokio::time::timeout(timed(MEMBERSHIP_CHANGE_TIMEOUT_MS), change)
+                    .await
+                    .map_err(|_| {
+                        ClientError::Indeterminate("removal did not commit in time".into())
+                    })?
+                    .map_err(write_error)?;
+            }
+            _ => {
+                return Err(ClientError::InvalidArgument(
+                    "set exactly one of add_node_id and remove_node_id".into(),
+                ))
+            }
+        }
+        Ok(ChangeReplicasResponse {
+            descriptor: self.node.descriptor(&replica),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, request: Request<StatusRequest>) -> Reply<StatusResponse> {
+        let include_digest = request.into_inner().include_digest;
+        let result = (|| {
+            let mut replicas = self.node.replicas.all();
+            replicas.sort_by_key(|r| r.shared.range_id);
+            let ranges = replicas
+                .iter()
+                .map(|r| self.range_status(r, include_digest))
+                .collect::<Result<Vec<_>, _>>()?;
+            let counters = self
+                .node
+                .meta
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect();
+            Ok(StatusResponse {
+                node_id: self.node.node_id,
+                addr: self.node.addr.clone(),
+                cluster_id: self.node.cluster_id,
+                nodes: self.nodes(),
+                ranges,
+                uptime_ms: self.node.started.elapsed().as_millis() as u64,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                counters,
+            })
+        })();
+        answer(result)
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Reply<JoinResponse> {
         let req = request.into_inner();
         let result = async {
             if req.addr.is_empty()
@@ -155,7 +375,8 @@ impl Admin for AdminService {
                     "join token must be 1..={MAX_JOIN_TOKEN_SIZE_BYTES} bytes"
                 )));
             }
-            let write = self.node.raft.client_write(Command::RegisterNode {
+            let meta = self.meta_leading()?;
+            let write = meta.raft.client_write(Command::RegisterNode {
                 join_token: req.join_token,
                 addr: req.addr,
             });
@@ -173,25 +394,176 @@ impl Admin for AdminService {
                         cluster_id,
                     }),
                     CommandResponse::Rejected { reason } => Err(ClientError::Unavailable(reason)),
-                    other => Err(ClientError::Internal(format!(
-                        "unexpected response {other:?}"
-                    ))),
+                    other => Err(internal(format!("unexpected response {other:?}"))),
                 },
             }
         }
         .await;
-        result.map(Response::new).map_err(|e| e.to_status())
+        answer(result)
     }
 
-    async fn range_list(
+    async fn range_list(&self, _request: Request<RangeListRequest>) -> Reply<RangeListResponse> {
+        let result = (|| {
+            let Some(meta) = self.node.meta_replica() else {
+                return Err(not_leader_hint(self.node.meta_leader_hint()));
+            };
+            let records = registry::ranges(&self.node.db).map_err(internal)?;
+            let loads = self
+                .node
+                .meta
+                .loads()
+                .into_iter()
+                .map(|(range_id, l)| RangeLoad {
+                    range_id,
+                    leader_node_id: l.leader_node,
+                    size_bytes: l.size_bytes,
+                    qps: l.qps,
+                })
+                .collect();
+            Ok(RangeListResponse {
+                ranges: records.iter().map(wire_descriptor).collect(),
+                nodes: self.nodes(),
+                leader_id: self.node.leader_node(&meta).map(|n| n.node_id),
+                loads: if meta.raft.is_leader() {
+                    loads
+                } else {
+                    Vec::new()
+                },
+            })
+        })();
+        answer(result)
+    }
+
+    async fn split(&self, request: Request<SplitRequest>) -> Reply<SplitResponse> {
+        let req = request.into_inner();
+        let result = async {
+            let replica = self.node.replicas.covering(&req.split_key).ok_or_else(|| {
+                ClientError::RangeNotFound(format!(
+                    "no range holding the key has a replica on node {}; send the split to the range's leader",
+                    self.node.node_id
+                ))
+            })?;
+            let (left, right) = crate::split::split_range(&self.node, &replica, &req.split_key).await?;
+            Ok(SplitResponse {
+                left: Some(wire_descriptor(&left)),
+                right: Some(wire_descriptor(&right)),
+            })
+        }
+        .await;
+        answer(result)
+    }
+
+    async fn decommission(
         &self,
-        _request: Request<RangeListRequest>,
-    ) -> Result<Response<RangeListResponse>, Status> {
-        let leader_id = self.node.raft.metrics().borrow_watched().current_leader;
-        Ok(Response::new(RangeListResponse {
-            ranges: vec![self.node.descriptor()],
-            nodes: self.nodes(),
-            leader_id,
-        }))
+        request: Request<DecommissionRequest>,
+    ) -> Reply<DecommissionResponse> {
+        let req = request.into_inner();
+        let result = async {
+            let meta = self.meta_leading()?;
+            let nodes = registry::nodes(&self.node.db).map_err(internal)?;
+            let Some(node) = nodes.iter().find(|n| n.node_id == req.node_id) else {
+                return Err(ClientError::InvalidArgument(format!("node {} is not registered", req.node_id)));
+            };
+            let active_others = nodes
+                .iter()
+                .filter(|n| n.node_id != req.node_id && n.state == NodeState::Active)
+                .count();
+            if node.state == NodeState::Active {
+                if active_others < self.node.cfg.replication_factor {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "only {active_others} other active nodes: decommissioning node {} would leave ranges under the replication factor of {}",
+                        req.node_id, self.node.cfg.replication_factor
+                    )));
+                }
+                let draining = NodeRecord { state: NodeState::Decommissioning, ..node.clone() };
+                let value = registry::encode(&draining).map_err(internal)?;
+                write_meta(&meta.raft, vec![WriteOp { key: registry::node_key(req.node_id), value: Some(value) }]).await?;
+                tracing::info!(node_id = req.node_id, "decommissioning");
+            }
+            let replicas_left = registry::ranges(&self.node.db)
+                .map_err(internal)?
+                .iter()
+                .filter(|r| r.replica_on(req.node_id).is_some())
+                .count() as u64;
+            Ok(DecommissionResponse { replicas_left })
+        }
+        .await;
+        answer(result)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Reply<TransferLeaderResponse> {
+        let req = request.into_inner();
+        let result = async {
+            let replica = self.leading(req.range_id)?;
+            let metrics = replica.raft.metrics().borrow_watched().clone();
+            let target = metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .find(|(_, n)| n.node_id == req.to_node_id)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| {
+                    ClientError::InvalidArgument(format!(
+                        "node {} has no replica of range {}",
+                        req.to_node_id, req.range_id
+                    ))
+                })?;
+            if target != metrics.id {
+                replica
+                    .raft
+                    .trigger()
+                    .transfer_leader(target)
+                    .await
+                    .map_err(internal)?;
+            }
+            Ok(TransferLeaderResponse {})
+        }
+        .await;
+        answer(result)
+    }
+
+    async fn change_replicas(
+        &self,
+        request: Request<ChangeReplicasRequest>,
+    ) -> Reply<ChangeReplicasResponse> {
+        answer(self.change_replicas_inner(request.into_inner()).await)
+    }
+
+    async fn node_heartbeat(
+        &self,
+        request: Request<NodeHeartbeatRequest>,
+    ) -> Reply<NodeHeartbeatResponse> {
+        answer(crate::meta::handle_heartbeat(&self.node, request.into_inner()).await)
+    }
+
+    async fn alloc_range_ids(
+        &self,
+        request: Request<AllocRangeIdsRequest>,
+    ) -> Reply<AllocRangeIdsResponse> {
+        let count = request.into_inner().count;
+        let result = async {
+            if count == 0 || count > MAX_RANGE_IDS_PER_CALL {
+                return Err(ClientError::InvalidArgument(format!(
+                    "count must be 1..={MAX_RANGE_IDS_PER_CALL}"
+                )));
+            }
+            let meta = self.meta_leading()?;
+            let write = meta.raft.client_write(Command::AllocRangeIds { count });
+            match tokio::time::timeout(Duration::from_millis(JOIN_COMMIT_TIMEOUT_MS), write).await {
+                Err(_) => Err(ClientError::Indeterminate(
+                    "allocation not committed in time".into(),
+                )),
+                Ok(Err(e)) => Err(write_error(e)),
+                Ok(Ok(resp)) => match resp.data {
+                    CommandResponse::RangeIds { first, .. } => Ok(AllocRangeIdsResponse { first }),
+                    other => Err(internal(format!("unexpected response {other:?}"))),
+                },
+            }
+        }
+        .await;
+        answer(result)
     }
 }

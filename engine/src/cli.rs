@@ -29,7 +29,8 @@ pub enum Command {
     /// Start a node. Without --join it bootstraps a new cluster; with --join it joins one.
     /// A restarted node needs only --data-dir and --listen.
     Start(StartArgs),
-    /// Show the cluster: nodes, liveness, range leader, applied index per replica.
+    /// Show the cluster: nodes (liveness, replicas, leaders, actions), and ranges (span,
+    /// replicas, leader, size, load).
     Status {
         /// Any node of the cluster.
         #[arg(long, env = "SPHEREDB_HOST", default_value = config::DEFAULT_LISTEN)]
@@ -50,6 +51,22 @@ pub enum Command {
         lease_reads: bool,
         #[command(subcommand)]
         op: KvOp,
+    },
+    /// Inspect and split ranges.
+    Range {
+        /// Any node of the cluster.
+        #[arg(long, env = "SPHEREDB_HOST", default_value = config::DEFAULT_LISTEN)]
+        host: String,
+        #[command(subcommand)]
+        op: RangeOp,
+    },
+    /// Manage nodes.
+    Node {
+        /// Any node of the cluster.
+        #[arg(long, env = "SPHEREDB_HOST", default_value = config::DEFAULT_LISTEN)]
+        host: String,
+        #[command(subcommand)]
+        op: NodeOp,
     },
     /// Start a 3-node cluster on loopback in a temporary directory, load sample data and
     /// show how to use it. Stays up until Ctrl-C; with stdin not a terminal it runs a short
@@ -93,6 +110,62 @@ pub struct StartArgs {
     /// Log entries kept behind a snapshot for lagging followers.
     #[arg(long, env = "SPHEREDB_LOG_KEPT_BEHIND_SNAPSHOT", default_value_t = config::DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT)]
     pub log_kept_behind_snapshot: u64,
+    /// A range whose data grows past this many bytes splits in two.
+    #[arg(long, env = "SPHEREDB_RANGE_SPLIT_SIZE_BYTES", default_value_t = config::DEFAULT_RANGE_SPLIT_SIZE_BYTES)]
+    pub range_split_size_bytes: u64,
+    /// A range serving more requests per second than this splits in two.
+    #[arg(long, env = "SPHEREDB_RANGE_SPLIT_QPS", default_value_t = config::DEFAULT_RANGE_SPLIT_QPS)]
+    pub range_split_qps: f64,
+    /// A node silent this long (ms) is dead: its replicas are re-created on other nodes.
+    #[arg(long, env = "SPHEREDB_DEAD_NODE_TIMEOUT_MS", default_value_t = config::DEFAULT_DEAD_NODE_TIMEOUT_MS)]
+    pub dead_node_timeout_ms: u64,
+    /// A range idle this long (ms) stops heartbeating until the next request (0: never).
+    #[arg(long, env = "SPHEREDB_QUIESCE_AFTER_MS", default_value_t = config::DEFAULT_QUIESCE_AFTER_MS)]
+    pub quiesce_after_ms: u64,
+    /// Period (ms) of the node's report to the meta range; the allocator runs at this period.
+    #[arg(long, env = "SPHEREDB_NODE_HEARTBEAT_INTERVAL_MS", default_value_t = config::DEFAULT_NODE_HEARTBEAT_INTERVAL_MS)]
+    pub node_heartbeat_interval_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RangeOp {
+    /// List every range: span, generation, replicas, leader, size and load.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Split the range holding a key at that key's row.
+    Split {
+        /// The sphere of --key.
+        #[arg(long, default_value_t = 0)]
+        sphere: u64,
+        /// A key of the sphere's raw keyspace to split at.
+        #[arg(
+            long,
+            conflicts_with = "encoded_key",
+            required_unless_present = "encoded_key"
+        )]
+        key: Option<String>,
+        /// An encoded key (hex) to split at, for SQL rows or other keyspaces.
+        #[arg(long)]
+        encoded_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeOp {
+    /// Move every replica off a node; it then holds nothing and can be stopped. Waits until
+    /// the node is empty unless --no-wait.
+    Decommission {
+        #[arg(long)]
+        node: u64,
+        /// Return once the drain has started.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest to wait for the drain, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,15 +202,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Start(args) => start(args).await,
         Command::Status { host, format } => {
-            let (first, rows) = crate::status::gather(&host)
+            let (list, rows) = crate::status::gather(&host)
                 .await
                 .with_context(|| format!("asking {host} for status (is a node running there?)"))?;
             match format {
                 Format::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&crate::status::to_json(&first, &rows))?
+                    serde_json::to_string_pretty(&crate::status::to_json(&list, &rows))?
                 ),
-                Format::Text => print!("{}", crate::status::to_text(&first, &rows)),
+                Format::Text => print!("{}", crate::status::to_text(&list, &rows)),
             }
             Ok(())
         }
@@ -160,8 +233,99 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to {host} (is a node running there?)"))?;
             kv(&client, sphere, op).await
         }
+        Command::Range { host, op } => {
+            let client = Client::connect(&[host.as_str()], ClientOptions::default())
+                .await
+                .with_context(|| format!("connecting to {host} (is a node running there?)"))?;
+            range(&client, op).await
+        }
+        Command::Node { host, op } => {
+            let client = Client::connect(&[host.as_str()], ClientOptions::default())
+                .await
+                .with_context(|| format!("connecting to {host} (is a node running there?)"))?;
+            node(&client, op).await
+        }
         Command::Demo { base_port, nodes } => crate::demo::run(base_port, nodes).await,
     }
+}
+
+async fn range(client: &Client, op: RangeOp) -> anyhow::Result<()> {
+    match op {
+        RangeOp::List { format } => {
+            let list = client.range_list().await?;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&crate::status::ranges_json(&list))?
+                ),
+                Format::Text => print!("{}", crate::status::ranges_text(&list)),
+            }
+        }
+        RangeOp::Split {
+            sphere,
+            key,
+            encoded_key,
+        } => {
+            let split_key = match (key, encoded_key) {
+                (Some(k), _) => spheredb_storage::keys::kv_key(sphere, k.as_bytes()),
+                (None, Some(hex)) => decode_hex(&hex)?,
+                (None, None) => anyhow::bail!("give --key or --encoded-key"),
+            };
+            let resp = client.split(&split_key).await?;
+            for d in [resp.left, resp.right].into_iter().flatten() {
+                println!(
+                    "range {} generation {} [{}, {})",
+                    d.range_id,
+                    d.generation,
+                    crate::status::show_key(&d.start_key),
+                    crate::status::show_key(&d.end_key)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn node(client: &Client, op: NodeOp) -> anyhow::Result<()> {
+    match op {
+        NodeOp::Decommission {
+            node,
+            no_wait,
+            timeout_secs,
+        } => {
+            let started = std::time::Instant::now();
+            loop {
+                let left = client.decommission(node).await?;
+                if left == 0 {
+                    println!("node {node} holds no replicas; it can be stopped");
+                    return Ok(());
+                }
+                if no_wait {
+                    println!("node {node} is draining; {left} replicas left");
+                    return Ok(());
+                }
+                if started.elapsed().as_secs() >= timeout_secs {
+                    anyhow::bail!("node {node} still holds {left} replicas after {timeout_secs} s; it keeps draining, run the command again to follow it");
+                }
+                eprintln!("draining node {node}: {left} replicas left");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn decode_hex(hex: &str) -> anyhow::Result<Vec<u8>> {
+    let hex = hex.trim_start_matches("0x");
+    if !hex.len().is_multiple_of(2) {
+        anyhow::bail!("--encoded-key must have an even number of hex digits");
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&hex[i..i + 2], 16)
+                .with_context(|| format!("--encoded-key: bad hex at {i}"))
+        })
+        .collect()
 }
 
 async fn kv(client: &Client, sphere: u64, op: KvOp) -> anyhow::Result<()> {
@@ -236,6 +400,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         election_timeout_ms: args.election_timeout_ms,
         snapshot_log_threshold: args.snapshot_log_threshold,
         log_kept_behind_snapshot: args.log_kept_behind_snapshot,
+        range_split_size_bytes: args.range_split_size_bytes,
+        range_split_qps: args.range_split_qps,
+        dead_node_timeout_ms: args.dead_node_timeout_ms,
+        quiesce_after_ms: args.quiesce_after_ms,
+        node_heartbeat_interval_ms: args.node_heartbeat_interval_ms,
     };
     let node = Node::start(cfg).await?;
     eprintln!(

@@ -16,6 +16,18 @@ pub const DEFAULT_SNAPSHOT_LOG_THRESHOLD: u64 = 100_000;
 /// Log entries kept behind a snapshot so slightly lagging followers avoid a snapshot install.
 pub const DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT: u64 = 1_000;
 
+/// Default range size past which a range splits.
+pub const DEFAULT_RANGE_SPLIT_SIZE_BYTES: u64 = 64 << 20;
+/// Default load (requests per second, averaged over the load window) past which a range
+/// splits.
+pub const DEFAULT_RANGE_SPLIT_QPS: f64 = 2_500.0;
+/// Default time after a node's last heartbeat when its replicas are replaced elsewhere.
+pub const DEFAULT_DEAD_NODE_TIMEOUT_MS: u64 = 5 * 60_000;
+/// Default idle time after which a range stops heartbeating.
+pub const DEFAULT_QUIESCE_AFTER_MS: u64 = 3_000;
+/// Default period of the node's heartbeat to the meta-range leader.
+pub const DEFAULT_NODE_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -37,6 +49,17 @@ pub struct NodeConfig {
     pub snapshot_log_threshold: u64,
     /// Log entries kept behind a snapshot.
     pub log_kept_behind_snapshot: u64,
+    /// A range larger than this splits.
+    pub range_split_size_bytes: u64,
+    /// A range busier than this (requests/s over the load window) splits.
+    pub range_split_qps: f64,
+    /// A node silent this long is dead: its replicas are replaced on other nodes.
+    pub dead_node_timeout_ms: u64,
+    /// A range idle this long stops heartbeating (0: never).
+    pub quiesce_after_ms: u64,
+    /// Period of the node's heartbeat to the meta-range leader (the allocator runs at the
+    /// same period).
+    pub node_heartbeat_interval_ms: u64,
 }
 
 impl NodeConfig {
@@ -52,6 +75,11 @@ impl NodeConfig {
             election_timeout_ms: DEFAULT_ELECTION_TIMEOUT_MS,
             snapshot_log_threshold: DEFAULT_SNAPSHOT_LOG_THRESHOLD,
             log_kept_behind_snapshot: DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT,
+            range_split_size_bytes: DEFAULT_RANGE_SPLIT_SIZE_BYTES,
+            range_split_qps: DEFAULT_RANGE_SPLIT_QPS,
+            dead_node_timeout_ms: DEFAULT_DEAD_NODE_TIMEOUT_MS,
+            quiesce_after_ms: DEFAULT_QUIESCE_AFTER_MS,
+            node_heartbeat_interval_ms: DEFAULT_NODE_HEARTBEAT_INTERVAL_MS,
         }
     }
 }

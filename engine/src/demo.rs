@@ -11,6 +11,10 @@ use spheredb_client::{Client, ClientOptions};
 
 /// Longest the demo waits for its cluster to form.
 pub const DEMO_STARTUP_DEADLINE_MS: u64 = 60_000;
+/// The demo's range size threshold: small, so its sample data splits into several ranges.
+pub const DEMO_RANGE_SPLIT_SIZE_BYTES: u64 = 8 << 10;
+/// Ranges the demo waits for after loading its sample data.
+pub const DEMO_MIN_RANGES: usize = 4;
 
 /// Child processes, killed when dropped.
 struct Children(Vec<(u64, String, Child)>);
@@ -41,6 +45,8 @@ fn spawn_node(dir: &Path, index: u16, addr: &str, join: Option<&str>) -> anyhow:
         .arg(&data)
         .arg("--listen")
         .arg(addr)
+        .arg("--range-split-size-bytes")
+        .arg(DEMO_RANGE_SPLIT_SIZE_BYTES.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -65,13 +71,18 @@ where
     bail!("timed out waiting for {what}")
 }
 
+/// The fewest voters of any range the node at `addr` holds, and the meta range's leader.
 async fn voters(addr: &str) -> Option<(usize, Option<u64>)> {
     let client = Client::connect(&[addr], ClientOptions::default())
         .await
         .ok()?;
     let status = client.status(addr, false).await.ok()?;
-    let range = status.ranges.first()?;
-    Some((range.descriptor.as_ref()?.voters.len(), range.leader_id))
+    let fewest = status
+        .ranges
+        .iter()
+        .map(|r| r.descriptor.as_ref().map_or(0, |d| d.voters.len()))
+        .min()?;
+    Some((fewest, status.ranges.first()?.leader_id))
 }
 
 const ALBUM_SPHERE: u64 = 1;
@@ -79,7 +90,7 @@ const TEAM_SPHERE: u64 = 2;
 
 async fn load_sample(client: &Client) -> anyhow::Result<usize> {
     let mut album = Vec::new();
-    for i in 0..100u32 {
+    for i in 0..400u32 {
         album.push((
             format!("photo/{i:04}").into_bytes(),
             Some(format!("{{\"title\":\"Summer {i}\",\"by\":\"member{}\"}}", i % 7).into_bytes()),
@@ -87,7 +98,7 @@ async fn load_sample(client: &Client) -> anyhow::Result<usize> {
     }
     client.batch(ALBUM_SPHERE, &album).await?;
     let mut team = Vec::new();
-    for i in 0..50u32 {
+    for i in 0..200u32 {
         team.push((
             format!("task/{i:03}").into_bytes(),
             Some(format!("{{\"title\":\"Task {i}\",\"done\":{}}}", i % 3 == 0).into_bytes()),
@@ -140,7 +151,10 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
     }
     let client = Client::connect(&addrs, ClientOptions::default()).await?;
     let loaded = load_sample(&client).await?;
-    println!("Cluster is up: {} nodes, {loaded} sample keys in spheres {ALBUM_SPHERE} (album) and {TEAM_SPHERE} (team).\n", nodes);
+    println!("Cluster is up: {} nodes, {loaded} sample keys in spheres {ALBUM_SPHERE} (album) and {TEAM_SPHERE} (team).", nodes);
+    println!("Ranges split past {DEMO_RANGE_SPLIT_SIZE_BYTES} bytes in this demo (64 MiB by default); waiting for the splits...");
+    let ranges = wait_for_ranges(&client).await;
+    println!("{ranges} ranges.\n");
     let exe = std::env::current_exe()?.display().to_string();
     println!("Try, in another terminal:");
     println!("  {exe} status --host {}", addrs[0]);
@@ -163,10 +177,25 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
     tour(&client, &addrs, &mut children).await
 }
 
+/// Waits (bounded) until the sample data has split into [`DEMO_MIN_RANGES`] ranges; returns
+/// the number of ranges seen last.
+async fn wait_for_ranges(client: &Client) -> usize {
+    let started = Instant::now();
+    let mut seen = 0;
+    while started.elapsed() < Duration::from_millis(DEMO_STARTUP_DEADLINE_MS) {
+        seen = client.range_list().await.map_or(seen, |l| l.ranges.len());
+        if seen >= DEMO_MIN_RANGES {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    seen
+}
+
 async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> anyhow::Result<()> {
     println!("== Tour (stdin is not a terminal) ==\n");
-    let (first, rows) = crate::status::gather(&addrs[0]).await?;
-    print!("{}", crate::status::to_text(&first, &rows));
+    let (list, rows) = crate::status::gather(&addrs[0]).await?;
+    print!("{}", crate::status::to_text(&list, &rows));
     println!("\n$ kv --sphere {ALBUM_SPHERE} scan --limit 3");
     for kv in client.scan(ALBUM_SPHERE, b"photo/", b"", 3).await? {
         println!(
@@ -175,10 +204,10 @@ async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> any
             String::from_utf8_lossy(&kv.value)
         );
     }
-    let leader = first.ranges.first().and_then(|r| r.leader_id);
+    let leader = list.leader_id;
     if children.0.len() >= 3 {
         if let Some(leader) = leader {
-            println!("\nKilling the leader (node {leader}) with SIGKILL...");
+            println!("\nKilling the meta range's leader (node {leader}) with SIGKILL...");
             if let Some(pos) = children.0.iter().position(|(id, _, _)| *id == leader) {
                 let (_, _, mut child) = children.0.remove(pos);
                 child.kill()?;
@@ -203,7 +232,7 @@ async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> any
                     .into_owned())
             );
             let photos = client
-                .scan(ALBUM_SPHERE, b"photo/", b"photo0", 1000)
+                .scan(ALBUM_SPHERE, b"photo/", b"photo0", 10_000)
                 .await?;
             println!("All {} photos still readable.", photos.len());
         }

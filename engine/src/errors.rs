@@ -6,17 +6,17 @@ use spheredb_client::ClientError;
 use spheredb_raft::TypeConfig;
 use spheredb_storage::StorageError;
 
-/// `NotLeader` with the leader's address when openraft knows it.
+/// `NotLeader` with the leader's node when openraft knows it.
 pub fn not_leader(f: &ForwardToLeader<TypeConfig>) -> ClientError {
-    ClientError::NotLeader {
-        leader: match (&f.leader_id, &f.leader_node) {
-            (Some(id), Some(node)) => Some(NodeInfo {
-                node_id: *id,
-                addr: node.addr.clone(),
-            }),
-            _ => None,
-        },
-    }
+    not_leader_hint(f.leader_node.as_ref().map(|node| NodeInfo {
+        node_id: node.node_id,
+        addr: node.addr.clone(),
+    }))
+}
+
+/// `NotLeader` pointing at `leader`, when known.
+pub fn not_leader_hint(leader: Option<NodeInfo>) -> ClientError {
+    ClientError::NotLeader { leader }
 }
 
 /// Maps a failed write. Only errors raised before the entry was appended say "not applied".

@@ -3,7 +3,10 @@
 //! Validates every request before it reaches Raft (limits, range, generation), writes through
 //! Raft, and reads after a ReadIndex (or lease) barrier so reads are linearizable.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use openraft::async_runtime::WatchReceiver;
 use std::time::Duration;
 
 use openraft::ReadPolicy;
@@ -15,8 +18,9 @@ use spheredb_client::proto::v1::{
     ReadConsistency, ScanRequest, ScanResponse,
 };
 use spheredb_client::ClientError;
+use spheredb_raft::network::Replica;
 use spheredb_raft::state_machine::{read_value, scan_values};
-use spheredb_raft::{Command, CommandResponse, WriteOp};
+use spheredb_raft::{Command, CommandResponse, RangeRecord, WriteOp};
 use spheredb_storage::keys;
 use tonic::{Request, Response, Status};
 
@@ -39,8 +43,13 @@ impl KvService {
         KvService { node }
     }
 
-    /// Checks the header and returns the sphere id.
-    fn check_header(&self, header: &Option<Header>) -> Result<u64, ClientError> {
+    /// Checks the header and finds the local replica for `user_key` of the named sphere.
+    /// Returns the sphere id and the replica.
+    fn route(
+        &self,
+        header: &Option<Header>,
+        user_key: &[u8],
+    ) -> Result<(u64, Arc<Replica>), ClientError> {
         let Some(header) = header else {
             return Err(ClientError::InvalidArgument(
                 "request has no header: name the sphere and the range (Admin.RangeList lists ranges)".into(),
@@ -51,18 +60,43 @@ impl KvService {
                 "request names no range: set header.range from Admin.RangeList".into(),
             ));
         };
-        self.node.check_range(range.range_id, range.generation)?;
-        Ok(header.sphere_id)
+        let key = keys::kv_key(header.sphere_id, user_key);
+        let replica = self.node.route(range.range_id, range.generation, &key)?;
+        replica.ops.fetch_add(1, Ordering::Relaxed);
+        Ok((header.sphere_id, replica))
     }
 
-    async fn write(&self, cmd: Command) -> Result<CommandResponse, ClientError> {
+    /// `KeyNotInRange` with the range's current descriptor.
+    fn outside(&self, replica: &Replica, span: Option<spheredb_raft::RangeSpan>) -> ClientError {
+        let descriptors = span
+            .map(|s| {
+                let m = replica
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .membership()
+                    .clone();
+                vec![crate::node::wire_descriptor(&RangeRecord::new(s, &m))]
+            })
+            .unwrap_or_default();
+        ClientError::KeyNotInRange {
+            message: format!(
+                "range {} changed its span while the request was in flight; nothing was written",
+                replica.shared.range_id
+            ),
+            descriptors,
+        }
+    }
+
+    async fn write(&self, replica: &Replica, cmd: Command) -> Result<CommandResponse, ClientError> {
         if ack_write_before_commit() {
             // Deliberately broken (failpoint `kv-write-ack-before-commit`, off unless
             // FAILPOINTS names it): the write is proposed in the background and reported
             // as done at once, so a crash or leader change can lose an acknowledged write
             // and a read right after the ack can miss it. The Jepsen tests use it to show
             // the tester detects lost writes.
-            let raft = self.node.raft.clone();
+            let raft = replica.raft.clone();
             let acked = fake_success(&cmd);
             tokio::spawn(async move {
                 let _ = raft.client_write(cmd).await;
@@ -71,7 +105,7 @@ impl KvService {
         }
         let result = tokio::time::timeout(
             Duration::from_millis(WRITE_TIMEOUT_MS),
-            self.node.raft.client_write(cmd),
+            replica.raft.client_write(cmd),
         )
         .await;
         match result {
@@ -81,12 +115,15 @@ impl KvService {
             Ok(Err(e)) => Err(write_error(e)),
             Ok(Ok(resp)) => match resp.data {
                 CommandResponse::Rejected { reason } => Err(ClientError::InvalidArgument(reason)),
+                CommandResponse::OutsideSpan { span } => {
+                    Err(self.outside(replica, span.map(|s| *s)))
+                }
                 other => Ok(other),
             },
         }
     }
 
-    async fn read_barrier(&self, consistency: i32) -> Result<(), ClientError> {
+    async fn read_barrier(&self, replica: &Replica, consistency: i32) -> Result<(), ClientError> {
         let policy = match ReadConsistency::try_from(consistency) {
             Ok(ReadConsistency::Lease) => ReadPolicy::LeaseRead,
             Ok(ReadConsistency::Linearizable) => ReadPolicy::ReadIndex,
@@ -97,10 +134,10 @@ impl KvService {
             }
         };
         let barrier = async {
-            match self.node.raft.ensure_linearizable(policy.clone()).await {
+            match replica.raft.ensure_linearizable(policy.clone()).await {
                 // An expired lease is not an error for the caller: fall back to ReadIndex.
                 Err(_) if policy == ReadPolicy::LeaseRead => {
-                    self.node
+                    replica
                         .raft
                         .ensure_linearizable(ReadPolicy::ReadIndex)
                         .await
@@ -114,6 +151,17 @@ impl KvService {
             ))),
             Ok(Err(e)) => Err(read_error(e)),
             Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// After the barrier: the span may have changed while waiting (a split applied); the
+    /// read is only correct if the key is still in the range.
+    fn check_still_in_span(&self, replica: &Replica, key: &[u8]) -> Result<(), ClientError> {
+        let span = replica.shared.span();
+        if span.as_ref().is_some_and(|s| s.contains(key)) {
+            Ok(())
+        } else {
+            Err(self.outside(replica, span))
         }
     }
 }
@@ -160,16 +208,17 @@ impl Kv for KvService {
         let req = request.into_inner();
         answer(
             async {
-                let sphere = self.check_header(&req.header)?;
                 check_key(&req.key)?;
+                let (sphere, replica) = self.route(&req.header, &req.key)?;
                 // The failpoint `kv-read-skip-barrier` (off unless FAILPOINTS names it)
                 // serves the read from local state without confirming leadership, so a
                 // deposed leader or a follower answers with possibly stale data.
                 if !skip_read_barrier() {
-                    self.read_barrier(req.consistency).await?;
+                    self.read_barrier(&replica, req.consistency).await?;
                 }
-                let value = read_value(&self.node.db, &keys::kv_key(sphere, &req.key))
-                    .map_err(storage_error)?;
+                let key = keys::kv_key(sphere, &req.key);
+                self.check_still_in_span(&replica, &key)?;
+                let value = read_value(&self.node.db, &key).map_err(storage_error)?;
                 Ok(GetResponse {
                     found: value.is_some(),
                     value: value.unwrap_or_default(),
@@ -183,14 +232,17 @@ impl Kv for KvService {
         let req = request.into_inner();
         answer(
             async {
-                let sphere = self.check_header(&req.header)?;
                 check_key(&req.key)?;
                 check_value(&req.value)?;
+                let (sphere, replica) = self.route(&req.header, &req.key)?;
                 let op = WriteOp {
                     key: keys::kv_key(sphere, &req.key),
                     value: Some(req.value),
                 };
-                match self.write(Command::Write { ops: vec![op] }).await? {
+                match self
+                    .write(&replica, Command::Write { ops: vec![op] })
+                    .await?
+                {
                     CommandResponse::Done => Ok(PutResponse {}),
                     other => Err(unexpected(other)),
                 }
@@ -203,12 +255,15 @@ impl Kv for KvService {
         let req = request.into_inner();
         answer(
             async {
-                let sphere = self.check_header(&req.header)?;
                 check_key(&req.key)?;
+                let (sphere, replica) = self.route(&req.header, &req.key)?;
                 match self
-                    .write(Command::Delete {
-                        key: keys::kv_key(sphere, &req.key),
-                    })
+                    .write(
+                        &replica,
+                        Command::Delete {
+                            key: keys::kv_key(sphere, &req.key),
+                        },
+                    )
                     .await?
                 {
                     CommandResponse::Deleted { existed } => Ok(DeleteResponse { existed }),
@@ -223,7 +278,7 @@ impl Kv for KvService {
         let req = request.into_inner();
         answer(
             async {
-                let sphere = self.check_header(&req.header)?;
+                let (sphere, replica) = self.route(&req.header, &req.start)?;
                 let limit = match req.limit {
                     0 => limits::DEFAULT_SCAN_LIMIT,
                     n if n > limits::MAX_SCAN_LIMIT => {
@@ -242,14 +297,21 @@ impl Kv for KvService {
                 }
                 // Same failpoint as in `get`: stale scans from any node.
                 if !skip_read_barrier() {
-                    self.read_barrier(req.consistency).await?;
+                    self.read_barrier(&replica, req.consistency).await?;
                 }
                 let start = keys::kv_key(sphere, &req.start);
-                let end = if req.end.is_empty() {
+                self.check_still_in_span(&replica, &start)?;
+                let mut end = if req.end.is_empty() {
                     keys::kv_sphere_span(sphere).1
                 } else {
                     keys::kv_key(sphere, &req.end)
                 };
+                // One range per scan: stop at the range's end; the client goes on from there.
+                if let Some(span) = replica.shared.span() {
+                    if !span.end_key.is_empty() && span.end_key < end {
+                        end = span.end_key;
+                    }
+                }
                 let (pairs, more) = scan_values(&self.node.db, &start, &end, limit as usize)
                     .map_err(storage_error)?;
                 let pairs = pairs
@@ -274,8 +336,8 @@ impl Kv for KvService {
         let req = request.into_inner();
         answer(
             async {
-                let sphere = self.check_header(&req.header)?;
                 check_key(&req.key)?;
+                let (sphere, replica) = self.route(&req.header, &req.key)?;
                 if let Some(v) = &req.expected {
                     check_value(v)?;
                 }
@@ -283,11 +345,14 @@ impl Kv for KvService {
                     check_value(v)?;
                 }
                 match self
-                    .write(Command::CompareAndSwap {
-                        key: keys::kv_key(sphere, &req.key),
-                        expected: req.expected,
-                        new_value: req.new_value,
-                    })
+                    .write(
+                        &replica,
+                        Command::CompareAndSwap {
+                            key: keys::kv_key(sphere, &req.key),
+                            expected: req.expected,
+                            new_value: req.new_value,
+                        },
+                    )
                     .await?
                 {
                     CommandResponse::Swapped { succeeded, current } => {
@@ -304,7 +369,8 @@ impl Kv for KvService {
         let req = request.into_inner();
         answer(
             async {
-                let sphere = self.check_header(&req.header)?;
+                let first = req.ops.first().map(|op| op.key.clone()).unwrap_or_default();
+                let (sphere, replica) = self.route(&req.header, &first)?;
                 if req.ops.len() > limits::MAX_BATCH_OPS {
                     return Err(ClientError::InvalidArgument(format!(
                         "batch of {} ops is over the limit of {}",
@@ -334,7 +400,14 @@ impl Kv for KvService {
                 if ops.is_empty() {
                     return Ok(BatchResponse {});
                 }
-                match self.write(Command::Write { ops }).await? {
+                let span = replica.shared.span();
+                if !ops
+                    .iter()
+                    .all(|op| span.as_ref().is_some_and(|s| s.contains(&op.key)))
+                {
+                    return Err(self.outside(&replica, span));
+                }
+                match self.write(&replica, Command::Write { ops }).await? {
                     CommandResponse::Done => Ok(BatchResponse {}),
                     other => Err(unexpected(other)),
                 }

@@ -2,12 +2,16 @@
 //! command line.
 
 pub mod admin_service;
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod errors;
 pub mod kv_service;
+pub mod meta;
 pub mod node;
+pub mod quiesce;
+pub mod split;
 pub mod status;
 
 pub use config::NodeConfig;

@@ -1,52 +1,70 @@
-//! A running SphereDB node: storage, the Raft group of each range, the gRPC server, and the
-//! membership reconciler that grows a range to its replication factor.
+//! A running SphereDB node: storage, one Raft group per range replica, the gRPC server, and
+//! the background loops that keep ranges placed (heartbeats to the meta range, the allocator
+//! on the meta-range leader, splits, quiescence, replica creation and destruction).
 
-use openraft::async_runtime::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use openraft::{BasicNode, ChangeMembers, Config, SnapshotPolicy};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{Config, SnapshotPolicy};
+use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 use spheredb_client::limits;
 use spheredb_client::proto::raft::raft_transport_server::RaftTransportServer;
 use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::admin_server::AdminServer;
 use spheredb_client::proto::v1::kv_server::KvServer;
-use spheredb_client::proto::v1::{JoinRequest, RangeDescriptor};
+use spheredb_client::proto::v1::{JoinRequest, NodeInfo, RangeDescriptor, Replica as WireReplica};
 use spheredb_client::ClientError;
 use spheredb_raft::group_commit::GroupCommit;
-use spheredb_raft::layout::{StateTag, NODE_RECORDS};
-use spheredb_raft::log_store::{read_state, write_state, LogStore};
-use spheredb_raft::network::{
-    PeerChannels, RaftService, RangeRegistry, TransportFaults, MAX_RAFT_MESSAGE_SIZE_BYTES,
+use spheredb_raft::layout::{state_key, StateTag, NODE_RECORDS};
+use spheredb_raft::log_store::{
+    destroy_replica, encode_record, local_ranges, read_state, write_state, LogStore,
 };
-use spheredb_raft::state_machine::StateMachine;
-use spheredb_raft::{registry, Command, NodeId, RaftHandle, RangeId};
-use spheredb_storage::{Db, DbOptions};
-use tokio::sync::watch;
+use spheredb_raft::network::{
+    MissingReplica, PeerChannels, RaftService, Replica, ReplicaDirectory, TransportFaults,
+    MAX_PENDING_REPLICA_CREATIONS, MAX_RAFT_MESSAGE_SIZE_BYTES,
+};
+use spheredb_raft::registry::{self, NodeRecord, NodeState};
+use spheredb_raft::state_machine::{
+    stored_state, write_range_origin, RangeEvent, StateMachine, MAX_PENDING_RANGE_EVENTS,
+};
+use spheredb_raft::{
+    Membership, NodeId, RaftHandle, RangeId, RangeRecord, RangeSpan, ReplicaId, ReplicaNode,
+};
+use spheredb_storage::{keys, ColumnFamilyName, Db, DbOptions};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 
 use crate::admin_service::AdminService;
 use crate::config::NodeConfig;
 use crate::kv_service::KvService;
+use crate::meta::MetaState;
 
-/// The one range of the foundation release: it covers the whole keyspace.
-pub const FIRST_RANGE_ID: RangeId = 1;
-/// Generation of a range that has never split, merged or changed replicas.
-pub const FIRST_GENERATION: u64 = 1;
-/// Period of the membership reconciler on the leader.
-pub const RECONCILE_INTERVAL_MS: u64 = 300;
-/// A learner this close to the leader's last log index is promoted to voter.
-pub const PROMOTE_LAG_ENTRIES: u64 = 64;
+/// The meta range: descriptors, node registry, liveness. Never splits, never quiesces.
+pub const META_RANGE_ID: RangeId = 1;
+/// The range a new cluster starts with for all user data.
+pub const FIRST_USER_RANGE_ID: RangeId = 2;
 /// How long a joining node keeps trying to reach the cluster.
 pub const JOIN_DEADLINE_MS: u64 = 120_000;
 /// Time allowed for one join attempt.
 pub const JOIN_ATTEMPT_TIMEOUT_MS: u64 = 5_000;
 /// Pause between join attempts.
 pub const JOIN_RETRY_PAUSE_MS: u64 = 500;
+/// Time allowed for one node-to-node admin call.
+pub const PEER_CALL_TIMEOUT_MS: u64 = 5_000;
+/// Most nodes a call to the meta-range leader tries before giving up.
+pub const META_CALL_ATTEMPTS: usize = 6;
+
+/// The meta range's span: every system key.
+pub fn meta_span() -> (Vec<u8>, Vec<u8>) {
+    (Vec::new(), vec![keys::SQL_PREFIX])
+}
 
 /// What a node remembers about itself across restarts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,46 +74,424 @@ struct NodeIdentity {
     addr: String,
 }
 
-/// State shared by the services of a node.
+/// State shared by the services and loops of a node.
 pub struct NodeShared {
     pub node_id: NodeId,
     pub cluster_id: u64,
     pub addr: String,
     pub db: Db,
-    pub raft: RaftHandle,
     pub started: Instant,
     pub group_commit: GroupCommit,
+    pub cfg: NodeConfig,
+    pub replicas: Arc<ReplicaDirectory>,
+    peers: PeerChannels,
+    raft_config: Arc<Config>,
+    events: mpsc::Sender<RangeEvent>,
+    snapshot_dir: PathBuf,
+    /// Addresses of the nodes this node knows, by id.
+    known_nodes: RwLock<HashMap<NodeId, String>>,
+    /// The node believed to lead the meta range.
+    meta_leader: RwLock<Option<NodeId>>,
+    admin_channels: Mutex<HashMap<String, Channel>>,
+    /// The meta-range leader's view of the cluster (used only while this node leads it).
+    pub meta: MetaState,
 }
 
 impl NodeShared {
-    /// The descriptor of the node's range as the node sees it.
-    pub fn descriptor(&self) -> RangeDescriptor {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        let membership = metrics.membership_config.membership();
-        RangeDescriptor {
-            range_id: FIRST_RANGE_ID,
-            generation: FIRST_GENERATION,
-            start_key: Vec::new(),
-            end_key: Vec::new(),
-            voters: membership.voter_ids().collect(),
-            learners: membership.learner_ids().collect(),
+    /// The local replica of `range_id`.
+    pub fn replica(&self, range_id: RangeId) -> Option<Arc<Replica>> {
+        self.replicas.get(range_id)
+    }
+
+    /// The local replica of the meta range.
+    pub fn meta_replica(&self) -> Option<Arc<Replica>> {
+        self.replica(META_RANGE_ID)
+    }
+
+    /// The descriptor of a local replica as it has applied it.
+    pub fn record(&self, replica: &Replica) -> Option<RangeRecord> {
+        let span = replica.shared.span()?;
+        let metrics = replica.raft.metrics().borrow_watched().clone();
+        Some(RangeRecord::new(
+            span,
+            metrics.membership_config.membership(),
+        ))
+    }
+
+    /// The descriptor of a local replica on the wire.
+    pub fn descriptor(&self, replica: &Replica) -> Option<RangeDescriptor> {
+        self.record(replica).map(|r| wire_descriptor(&r))
+    }
+
+    /// The node hosting replica `replica_id` of a local range, from its membership.
+    pub fn replica_node(&self, replica: &Replica, replica_id: ReplicaId) -> Option<NodeInfo> {
+        let metrics = replica.raft.metrics().borrow_watched().clone();
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&replica_id)
+            .map(|n| NodeInfo {
+                node_id: n.node_id,
+                addr: n.addr.clone(),
+            })
+    }
+
+    /// The node leading a local range, when known.
+    pub fn leader_node(&self, replica: &Replica) -> Option<NodeInfo> {
+        let leader = replica.raft.metrics().borrow_watched().current_leader?;
+        self.replica_node(replica, leader)
+    }
+
+    /// True when the local replica of `range_id` leads it.
+    pub fn is_leader(&self, range_id: RangeId) -> bool {
+        self.replica(range_id).is_some_and(|r| r.raft.is_leader())
+    }
+
+    /// Finds the local replica a request for `range_id` at `generation` touching `key` must go
+    /// to, or the error that tells the client where to go instead.
+    pub fn route(
+        &self,
+        range_id: RangeId,
+        generation: u64,
+        key: &[u8],
+    ) -> Result<Arc<Replica>, ClientError> {
+        let Some(replica) = self.replica(range_id) else {
+            return Err(self.not_here(range_id, key));
+        };
+        let Some(desc) = self.descriptor(&replica) else {
+            return Err(ClientError::RangeNotFound(format!(
+                "range {range_id} is still being copied to this node; ask its leader"
+            )));
+        };
+        if desc.generation != generation {
+            return Err(ClientError::StaleGeneration {
+                message: format!(
+                    "range {range_id} is at generation {}, the request named {generation}",
+                    desc.generation
+                ),
+                descriptors: self.hint_descriptors(&desc, key),
+            });
+        }
+        if !keys::span_contains(&desc.start_key, &desc.end_key, key) {
+            return Err(ClientError::KeyNotInRange {
+                message: format!("key is outside range {range_id}"),
+                descriptors: self.hint_descriptors(&desc, key),
+            });
+        }
+        replica.touch();
+        Ok(replica)
+    }
+
+    /// The error for a request naming a range this node has no replica of.
+    fn not_here(&self, range_id: RangeId, key: &[u8]) -> ClientError {
+        match self
+            .replicas
+            .covering(key)
+            .and_then(|r| self.descriptor(&r))
+        {
+            Some(desc) => ClientError::KeyNotInRange {
+                message: format!(
+                    "range {range_id} has no replica on node {}; range {} holds the key",
+                    self.node_id, desc.range_id
+                ),
+                descriptors: vec![desc],
+            },
+            None => ClientError::RangeNotFound(format!(
+                "range {range_id} has no replica on node {}; reload the range map (Admin.RangeList)",
+                self.node_id
+            )),
         }
     }
 
-    /// Checks the range named by a request against this node's view.
-    pub fn check_range(&self, range_id: u64, generation: u64) -> Result<(), ClientError> {
-        if range_id != FIRST_RANGE_ID {
-            return Err(ClientError::RangeNotFound(format!(
-                "range {range_id} does not exist; call Admin.RangeList for the current ranges"
-            )));
+    /// `desc`, plus the local range now holding `key` when that is another one.
+    fn hint_descriptors(&self, desc: &RangeDescriptor, key: &[u8]) -> Vec<RangeDescriptor> {
+        let mut out = vec![desc.clone()];
+        if let Some(other) = self.replicas.covering(key) {
+            if other.shared.range_id != desc.range_id {
+                out.extend(self.descriptor(&other));
+            }
         }
-        if generation != FIRST_GENERATION {
-            return Err(ClientError::StaleGeneration {
-                message: format!("range {range_id} is at generation {FIRST_GENERATION}, request named {generation}"),
-                descriptors: vec![self.descriptor()],
-            });
+        out
+    }
+
+    /// Addresses of the nodes this node knows.
+    pub fn known_nodes(&self) -> HashMap<NodeId, String> {
+        self.known_nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records node addresses learnt from the meta range.
+    pub fn learn_nodes(&self, nodes: impl IntoIterator<Item = (NodeId, String)>) {
+        let mut known = self.known_nodes.write().unwrap_or_else(|p| p.into_inner());
+        for (id, addr) in nodes {
+            known.insert(id, addr);
         }
+    }
+
+    /// The node's connections to its peers.
+    pub fn peers(&self) -> &PeerChannels {
+        &self.peers
+    }
+
+    /// The meta-range leader as this node knows it.
+    pub fn meta_leader_hint(&self) -> Option<NodeInfo> {
+        if let Some(r) = self.meta_replica() {
+            if let Some(n) = self.leader_node(&r) {
+                return Some(n);
+            }
+        }
+        let id = (*self.meta_leader.read().unwrap_or_else(|p| p.into_inner()))?;
+        let addr = self.known_nodes().get(&id)?.clone();
+        Some(NodeInfo { node_id: id, addr })
+    }
+
+    /// An admin stub for the node at `addr`.
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, ClientError> {
+        let mut channels = self
+            .admin_channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr}: {e}")))?
+                    .connect_timeout(Duration::from_millis(PEER_CALL_TIMEOUT_MS))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                channels.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(AdminClient::new(channel)
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES))
+    }
+
+    /// Calls the meta-range leader, following `NotLeader` hints, trying at most
+    /// [`META_CALL_ATTEMPTS`] nodes.
+    pub async fn call_meta<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some(l) = self.meta_leader_hint() {
+            candidates.push(l.addr);
+        }
+        let mut others: Vec<(NodeId, String)> = self.known_nodes().into_iter().collect();
+        others.sort();
+        candidates.extend(others.into_iter().map(|(_, a)| a));
+        candidates.dedup();
+        let mut last = ClientError::Unavailable("no node of the meta range is known".into());
+        let mut tried = 0;
+        while let Some(addr) = (!candidates.is_empty()).then(|| candidates.remove(0)) {
+            if tried == META_CALL_ATTEMPTS {
+                break;
+            }
+            tried += 1;
+            let result = tokio::time::timeout(
+                Duration::from_millis(PEER_CALL_TIMEOUT_MS),
+                call(self.admin(&addr)?),
+            )
+            .await;
+            match result {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => {
+                    let e = ClientError::from_status(&status);
+                    if let ClientError::NotLeader { leader: Some(l) } = &e {
+                        *self.meta_leader.write().unwrap_or_else(|p| p.into_inner()) =
+                            Some(l.node_id);
+                        self.learn_nodes([(l.node_id, l.addr.clone())]);
+                        if l.addr != addr {
+                            candidates.retain(|c| c != &l.addr);
+                            candidates.insert(0, l.addr.clone());
+                        }
+                    }
+                    last = e;
+                }
+                Err(_) => last = ClientError::Unavailable(format!("{addr} did not answer")),
+            }
+        }
+        Err(last)
+    }
+
+    /// Starts the Raft group of this node's replica `replica_id` of `range_id`, from whatever
+    /// state it has on disk (none: an empty replica waiting for a snapshot).
+    pub async fn start_replica(
+        &self,
+        range_id: RangeId,
+        replica_id: ReplicaId,
+    ) -> anyhow::Result<Arc<Replica>> {
+        if let Some(existing) = self.replica(range_id) {
+            return Ok(existing);
+        }
+        write_state(
+            &self.db,
+            range_id,
+            StateTag::LocalReplica,
+            &replica_id,
+            false,
+        )?;
+        let log_store = LogStore::new(self.db.clone(), range_id, self.group_commit.clone());
+        let (sm, shared) = StateMachine::open(
+            self.db.clone(),
+            range_id,
+            &self.snapshot_dir,
+            self.events.clone(),
+        )?;
+        let raft = RaftHandle::new(
+            replica_id,
+            self.raft_config.clone(),
+            self.peers.factory(range_id),
+            log_store,
+            sm,
+        )
+        .await
+        .map_err(|e| anyhow!("starting raft for range {range_id}: {e}"))?;
+        let replica = Arc::new(Replica::new(raft, shared));
+        replica.touch();
+        if !self.replicas.insert(replica.clone()) {
+            let _ = replica.raft.shutdown().await;
+            return self
+                .replica(range_id)
+                .ok_or_else(|| anyhow!("range {range_id} vanished while starting"));
+        }
+        tracing::debug!(range_id, replica_id, "replica started");
+        Ok(replica)
+    }
+
+    /// This node's replica id in `range_id` as stored, or from the stored membership.
+    fn local_replica_id(&self, range_id: RangeId) -> anyhow::Result<Option<ReplicaId>> {
+        if let Some(id) = read_state::<ReplicaId>(&self.db, range_id, StateTag::LocalReplica)? {
+            return Ok(Some(id));
+        }
+        Ok(
+            stored_state(&self.db, range_id)?.and_then(|(_, membership)| {
+                membership
+                    .nodes()
+                    .find(|(_, n)| n.node_id == self.node_id)
+                    .map(|(id, _)| *id)
+            }),
+        )
+    }
+
+    /// Stops and deletes this node's replica of `range_id` (its data too, unless another
+    /// local replica covers it), leaving a tombstone.
+    pub async fn destroy_replica(&self, range_id: RangeId) -> anyhow::Result<()> {
+        let Some(replica) = self.replicas.remove(range_id) else {
+            return Ok(());
+        };
+        let replica_id = replica.raft.metrics().borrow_watched().id;
+        if let Err(e) = replica.raft.shutdown().await {
+            tracing::warn!(range_id, "raft shutdown while destroying: {e}");
+        }
+        let span = replica.shared.span();
+        let data_span = span.as_ref().and_then(|s| {
+            // Spans of initialized replicas on a node never overlap; keep the data anyway if
+            // that invariant is broken, rather than delete another range's keys.
+            match self.replicas.overlapping(s, range_id) {
+                Some(other) => {
+                    tracing::error!(
+                        range_id,
+                        other,
+                        "destroyed replica overlaps another; keeping data"
+                    );
+                    None
+                }
+                None => Some((s.start_key.clone(), s.end_key.clone())),
+            }
+        });
+        destroy_replica(&self.db, range_id, replica_id, data_span)?;
+        let snap = self.snapshot_dir.join(format!("range-{range_id}.snap"));
+        match std::fs::remove_file(&snap) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %snap.display(), "removing snapshot: {e}"),
+        }
+        tracing::info!(range_id, replica_id, "replica destroyed");
         Ok(())
+    }
+
+    /// Creates an empty replica a peer asked for, unless this node destroyed one with that id.
+    async fn create_missing(&self, missing: MissingReplica) -> anyhow::Result<()> {
+        if self.replica(missing.range_id).is_some() || missing.replica_id == 0 {
+            return Ok(());
+        }
+        let floor: ReplicaId =
+            read_state(&self.db, missing.range_id, StateTag::Tombstone)?.unwrap_or(0);
+        if missing.replica_id < floor {
+            tracing::debug!(
+                ?missing,
+                floor,
+                "ignoring a message for a destroyed replica"
+            );
+            return Ok(());
+        }
+        if let Some(existing) = self.local_replica_id(missing.range_id)? {
+            if existing != missing.replica_id {
+                tracing::warn!(?missing, existing, "replica id mismatch; not creating");
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            range_id = missing.range_id,
+            replica_id = missing.replica_id,
+            "creating replica asked for by a peer"
+        );
+        self.start_replica(missing.range_id, missing.replica_id)
+            .await
+            .map(|_| ())
+    }
+
+    /// Starts the right half of a split applied here.
+    async fn on_range_event(&self, event: RangeEvent) -> anyhow::Result<()> {
+        match event {
+            RangeEvent::Split { parent, child } => {
+                let Some(replica_id) = self.local_replica_id(child)? else {
+                    bail!(
+                        "range {child} split from {parent} has no replica for node {}",
+                        self.node_id
+                    );
+                };
+                self.start_replica(child, replica_id).await?;
+                tracing::info!(parent, child, "range split");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A range descriptor on the wire.
+pub fn wire_descriptor(r: &RangeRecord) -> RangeDescriptor {
+    RangeDescriptor {
+        range_id: r.span.range_id,
+        generation: r.span.generation,
+        start_key: r.span.start_key.clone(),
+        end_key: r.span.end_key.clone(),
+        voters: r
+            .replicas
+            .iter()
+            .filter(|x| x.voter)
+            .map(|x| x.node_id)
+            .collect(),
+        learners: r
+            .replicas
+            .iter()
+            .filter(|x| !x.voter)
+            .map(|x| x.node_id)
+            .collect(),
+        replicas: r
+            .replicas
+            .iter()
+            .map(|x| WireReplica {
+                replica_id: x.replica_id,
+                node_id: x.node_id,
+                voter: x.voter,
+            })
+            .collect(),
     }
 }
 
@@ -103,11 +499,10 @@ impl NodeShared {
 pub struct Node {
     shared: Arc<NodeShared>,
     faults: Arc<TransportFaults>,
-    ranges: RangeRegistry,
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
-    reconciler: Option<JoinHandle<()>>,
+    loops: Vec<JoinHandle<()>>,
 }
 
 fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<Config>> {
@@ -171,6 +566,73 @@ async fn join_cluster(seeds: &[String], addr: &str, token: &[u8]) -> anyhow::Res
     bail!("could not join the cluster through {seeds:?} within {JOIN_DEADLINE_MS} ms: {last_error}")
 }
 
+/// Writes, in one synced batch, everything a new cluster starts from: this node's identity,
+/// the meta records, and the origin state of the meta range and of the first user range,
+/// both with this node as their only voter.
+fn bootstrap(db: &Db, identity: &NodeIdentity) -> anyhow::Result<()> {
+    let replica_id: ReplicaId = 1;
+    let membership = Membership::new(
+        vec![BTreeSet::from([replica_id])],
+        BTreeMap::from([(
+            replica_id,
+            ReplicaNode {
+                node_id: identity.node_id,
+                addr: identity.addr.clone(),
+            },
+        )]),
+    )
+    .map_err(|e| anyhow!("bootstrap membership: {e}"))?;
+    let (meta_start, meta_end) = meta_span();
+    let spans = [
+        RangeSpan {
+            range_id: META_RANGE_ID,
+            start_key: meta_start,
+            end_key: meta_end.clone(),
+            generation: 1,
+            next_replica_id: replica_id + 1,
+        },
+        RangeSpan {
+            range_id: FIRST_USER_RANGE_ID,
+            start_key: meta_end,
+            end_key: Vec::new(),
+            generation: 1,
+            next_replica_id: replica_id + 1,
+        },
+    ];
+    let mut batch = WriteBatch::default();
+    let state = db.cf(ColumnFamilyName::RaftState);
+    batch.put_cf(
+        state,
+        state_key(NODE_RECORDS, StateTag::NodeIdentity),
+        encode_record(identity)?,
+    );
+    let records: Vec<RangeRecord> = spans
+        .iter()
+        .map(|s| RangeRecord::new(s.clone(), &membership))
+        .collect();
+    registry::init_cluster(
+        db,
+        &mut batch,
+        identity.cluster_id,
+        &NodeRecord {
+            node_id: identity.node_id,
+            addr: identity.addr.clone(),
+            state: NodeState::Active,
+        },
+        &records,
+    )?;
+    for span in &spans {
+        write_range_origin(db, &mut batch, span, membership.clone())?;
+        batch.put_cf(
+            state,
+            state_key(span.range_id, StateTag::LocalReplica),
+            encode_record(&replica_id)?,
+        );
+    }
+    db.write(batch, true)?;
+    Ok(())
+}
+
 impl Node {
     /// Opens the data directory, joins or bootstraps the cluster as needed, and starts serving.
     pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
@@ -214,8 +676,8 @@ impl Node {
                     cluster_id: rand::random::<u64>() | 1,
                     addr: advertise.clone(),
                 };
-                write_state(&db, NODE_RECORDS, StateTag::NodeIdentity, &id, true)?;
-                tracing::info!(cluster_id = id.cluster_id, "bootstrapping a new cluster");
+                bootstrap(&db, &id)?;
+                tracing::info!(cluster_id = id.cluster_id, "bootstrapped a new cluster");
                 id
             }
             None => {
@@ -252,35 +714,44 @@ impl Node {
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified());
         let peers = PeerChannels::new(node_id, local_ip, faults.clone());
-        let log_store = LogStore::new(db.clone(), FIRST_RANGE_ID, group_commit.clone());
-        let sm = StateMachine::open(
-            db.clone(),
-            FIRST_RANGE_ID,
-            Vec::new(),
-            Vec::new(),
-            &cfg.data_dir.join("snapshots"),
-        )?;
-        let raft = RaftHandle::new(
-            node_id,
-            raft_config(&cfg)?,
-            peers.factory(FIRST_RANGE_ID),
-            log_store,
-            sm,
-        )
-        .await
-        .map_err(|e| anyhow!("starting raft for range {FIRST_RANGE_ID}: {e}"))?;
-        let ranges: RangeRegistry =
-            Arc::new(RwLock::new(HashMap::from([(FIRST_RANGE_ID, raft.clone())])));
+        let (events_tx, events_rx) = mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let (missing_tx, missing_rx) = mpsc::channel(MAX_PENDING_REPLICA_CREATIONS);
+        let replicas = Arc::new(ReplicaDirectory::new(missing_tx));
+        let mut known = HashMap::from([(node_id, addr.clone())]);
+        for (i, seed) in cfg.join.iter().enumerate() {
+            // Placeholder ids above any real one until the meta range names them.
+            known.insert(u64::MAX - i as u64, seed.clone());
+        }
 
         let shared = Arc::new(NodeShared {
             node_id,
             cluster_id: identity.cluster_id,
             addr: addr.clone(),
-            db,
-            raft: raft.clone(),
+            db: db.clone(),
             started: Instant::now(),
             group_commit,
+            raft_config: raft_config(&cfg)?,
+            cfg: cfg.clone(),
+            replicas: replicas.clone(),
+            peers,
+            events: events_tx,
+            snapshot_dir: cfg.data_dir.join("snapshots"),
+            known_nodes: RwLock::new(known),
+            meta_leader: RwLock::new(None),
+            admin_channels: Mutex::new(HashMap::new()),
+            meta: MetaState::default(),
         });
+
+        let ranges = local_ranges(&db)?;
+        for range_id in &ranges {
+            match shared.local_replica_id(*range_id)? {
+                Some(replica_id) => {
+                    shared.start_replica(*range_id, replica_id).await?;
+                }
+                None => tracing::warn!(range_id, "range state without a replica id; skipped"),
+            }
+        }
+        tracing::info!(node_id, replicas = ranges.len(), "replicas started");
 
         let (stop, stop_rx) = watch::channel(false);
         let server = {
@@ -288,11 +759,12 @@ impl Node {
             let kv = KvServer::new(KvService::new(shared.clone()))
                 .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
                 .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
-            let admin = AdminServer::new(AdminService::new(shared.clone()));
-            let raft_svc =
-                RaftTransportServer::new(RaftService::new(ranges.clone(), faults.clone()))
-                    .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
-                    .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
+            let admin = AdminServer::new(AdminService::new(shared.clone()))
+                .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+                .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
+            let raft_svc = RaftTransportServer::new(RaftService::new(replicas, faults.clone()))
+                .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
             // A custom incoming stream bypasses the builder's socket options: without
             // TCP_NODELAY here, small responses wait on delayed ACKs (~40 ms tail latency).
             let incoming =
@@ -309,33 +781,25 @@ impl Node {
             )
         };
 
-        // Node 1 is always the bootstrapping node. Checking the Raft state rather than whether
-        // this start created the identity also finishes a bootstrap a crash interrupted.
-        let initialized = raft
-            .is_initialized()
-            .await
-            .map_err(|e| anyhow!("reading raft state: {e}"))?;
-        if node_id == 1 && !initialized {
-            let members = BTreeMap::from([(node_id, BasicNode { addr: addr.clone() })]);
-            raft.initialize(members)
-                .await
-                .map_err(|e| anyhow!("initialising the cluster: {e}"))?;
-        }
-
-        let reconciler = tokio::spawn(reconcile_loop(
-            shared.clone(),
-            cfg.replication_factor,
-            stop_rx,
-        ));
+        let loops = vec![
+            tokio::spawn(events_loop(shared.clone(), events_rx, stop_rx.clone())),
+            tokio::spawn(missing_loop(shared.clone(), missing_rx, stop_rx.clone())),
+            tokio::spawn(crate::meta::heartbeat_loop(shared.clone(), stop_rx.clone())),
+            tokio::spawn(crate::allocator::allocator_loop(
+                shared.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::split::split_loop(shared.clone(), stop_rx.clone())),
+            tokio::spawn(crate::quiesce::quiesce_loop(shared.clone(), stop_rx)),
+        ];
         tracing::info!(node_id, %addr, "node serving");
         Ok(Node {
             shared,
             faults,
-            ranges,
             local_addr,
             stop,
             server: Some(server),
-            reconciler: Some(reconciler),
+            loops,
         })
     }
 
@@ -354,9 +818,14 @@ impl Node {
         &self.shared.addr
     }
 
-    /// The Raft group of the node's range.
-    pub fn raft(&self) -> &RaftHandle {
-        &self.shared.raft
+    /// The Raft group of this node's replica of `range_id`.
+    pub fn raft(&self, range_id: RangeId) -> Option<RaftHandle> {
+        self.shared.replica(range_id).map(|r| r.raft.clone())
+    }
+
+    /// State shared by the node's services.
+    pub fn shared(&self) -> &Arc<NodeShared> {
+        &self.shared
     }
 
     /// The node's database.
@@ -372,9 +841,9 @@ impl Node {
     /// Stops serving, stops Raft, and syncs the WAL.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        if let Some(r) = self.reconciler.take() {
-            r.abort();
-            let _ = r.await;
+        for l in self.loops.drain(..) {
+            l.abort();
+            let _ = l.await;
         }
         if let Some(s) = self.server.take() {
             match s.await {
@@ -383,15 +852,9 @@ impl Node {
                 Err(e) => tracing::warn!("server task failed: {e}"),
             }
         }
-        let rafts: Vec<RaftHandle> = self
-            .ranges
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, r)| r)
-            .collect();
-        for raft in rafts {
-            if let Err(e) = raft.shutdown().await {
+        for replica in self.shared.replicas.all() {
+            self.shared.replicas.remove(replica.shared.range_id);
+            if let Err(e) = replica.raft.shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
             }
         }
@@ -401,75 +864,36 @@ impl Node {
     }
 }
 
-/// On the leader: initialise the registry if a crash interrupted bootstrap, add registered
-/// nodes as learners, and promote caught-up learners until the range has enough voters.
-/// One membership change at a time.
-async fn reconcile_loop(
+/// Starts the right halves of splits as the state machines apply them.
+async fn events_loop(
     shared: Arc<NodeShared>,
-    replication_factor: usize,
+    mut events: mpsc::Receiver<RangeEvent>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        tokio::select! {
+        let event = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(Duration::from_millis(RECONCILE_INTERVAL_MS)) => {}
-        }
-        if let Err(e) = reconcile_once(&shared, replication_factor).await {
-            tracing::debug!("membership reconcile: {e:#}");
+            e = events.recv() => match e { Some(e) => e, None => return },
+        };
+        if let Err(e) = shared.on_range_event(event.clone()).await {
+            tracing::error!(?event, "handling range event: {e:#}");
         }
     }
 }
 
-async fn reconcile_once(shared: &NodeShared, replication_factor: usize) -> anyhow::Result<()> {
-    if !shared.raft.is_leader() {
-        return Ok(());
-    }
-    if registry::cluster_id(&shared.db)?.is_none() {
-        shared
-            .raft
-            .client_write(Command::InitCluster {
-                cluster_id: shared.cluster_id,
-                node_id: shared.node_id,
-                addr: shared.addr.clone(),
-            })
-            .await?;
-        return Ok(());
-    }
-    let metrics = shared.raft.metrics().borrow_watched().clone();
-    let membership = metrics.membership_config.membership().clone();
-    if metrics.membership_config.log_id() != metrics.committed_membership_config.log_id() {
-        return Ok(()); // a change is still in flight
-    }
-    let in_config: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-    for node in registry::nodes(&shared.db)? {
-        if !in_config.contains(&node.node_id) {
-            tracing::info!(node_id = node.node_id, addr = %node.addr, "adding learner");
-            shared
-                .raft
-                .add_learner(node.node_id, BasicNode { addr: node.addr }, false)
-                .await?;
-            return Ok(());
+/// Creates replicas that peers address but this node does not have yet.
+async fn missing_loop(
+    shared: Arc<NodeShared>,
+    mut missing: mpsc::Receiver<MissingReplica>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let m = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            m = missing.recv() => match m { Some(m) => m, None => return },
+        };
+        if let Err(e) = shared.create_missing(m).await {
+            tracing::warn!(?m, "creating replica: {e:#}");
         }
     }
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    if voters.len() >= replication_factor {
-        return Ok(());
-    }
-    let last_index = metrics.last_log_index.unwrap_or(0);
-    let replication = metrics.replication.unwrap_or_default();
-    for learner in membership.learner_ids() {
-        let matched = replication
-            .get(&learner)
-            .and_then(|m| m.as_ref())
-            .map_or(0, |l| l.index);
-        if matched + PROMOTE_LAG_ENTRIES >= last_index {
-            tracing::info!(node_id = learner, "promoting learner to voter");
-            shared
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([learner])), true)
-                .await?;
-            return Ok(());
-        }
-    }
-    Ok(())
 }

@@ -14,7 +14,7 @@ use spheredb_client::proto::v1::{ErrorCode, GetRequest, Header, PutRequest, Rang
 use spheredb_client::{Client, ClientOptions};
 use spheredb_engine::{Node, NodeConfig};
 use spheredb_raft::state_machine::read_value;
-use spheredb_raft::{Command, WriteOp};
+use spheredb_raft::{Command, RaftHandle, WriteOp};
 use spheredb_storage::keys;
 
 fn config(dir: &std::path::Path, name: &str, join: Option<&str>, rf: usize) -> NodeConfig {
@@ -27,6 +27,22 @@ fn config(dir: &std::path::Path, name: &str, join: Option<&str>, rf: usize) -> N
     c
 }
 
+/// The user range's Raft group on `node`.
+fn user_raft(node: &Node) -> RaftHandle {
+    node.raft(common::USER_RANGE)
+        .expect("node holds the user range")
+}
+
+/// The node leading the user range, as `node` sees it.
+fn leader_node(node: &Node) -> Option<u64> {
+    let m = user_raft(node).metrics().borrow_watched().clone();
+    let leader = m.current_leader?;
+    m.membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.node_id)
+}
+
 async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
     let first = Node::start(config(dir, "n1", None, 3)).await.unwrap();
     let seed = first.addr().to_string();
@@ -37,9 +53,19 @@ async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
         .await
         .unwrap();
     let nodes = vec![first, second, third];
-    eventually("three voters", || async {
-        let m = nodes[0].raft().metrics().borrow_watched().clone();
-        (m.membership_config.membership().voter_ids().count() == 3).then_some(())
+    eventually("three voters in every range on every node", || async {
+        nodes
+            .iter()
+            .all(|n| {
+                [1, common::USER_RANGE].iter().all(|r| {
+                    n.raft(*r).is_some_and(|raft| {
+                        let m = raft.metrics().borrow_watched().clone();
+                        m.membership_config.membership().voter_ids().count() == 3
+                            && m.current_leader.is_some()
+                    })
+                })
+            })
+            .then_some(())
     })
     .await;
     nodes
@@ -91,10 +117,7 @@ async fn writes_on_any_node_reach_all_three_replicas() {
 async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = three_nodes(dir.path()).await;
-    let leader_id = eventually("a leader", || async {
-        nodes[0].raft().current_leader().await
-    })
-    .await;
+    let leader_id = eventually("a leader", || async { leader_node(&nodes[0]) }).await;
     let isolated = nodes.iter().position(|n| n.node_id() == leader_id).unwrap();
     let others: Vec<usize> = (0..3).filter(|i| *i != isolated).collect();
     nodes[isolated]
@@ -113,7 +136,7 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
     };
     let attempt = tokio::time::timeout(
         Duration::from_secs(3),
-        nodes[isolated].raft().client_write(doomed),
+        user_raft(&nodes[isolated]).client_write(doomed),
     )
     .await;
     assert!(
@@ -172,12 +195,21 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         .await
         .unwrap()
         .max_encoding_message_size(64 << 20);
+    let generation = client
+        .range_list()
+        .await
+        .unwrap()
+        .ranges
+        .iter()
+        .find(|d| d.range_id == common::USER_RANGE)
+        .unwrap()
+        .generation;
     let header = |range_id| {
         Some(Header {
             sphere_id: 1,
             range: Some(RangeRef {
                 range_id,
-                generation: 1,
+                generation,
             }),
         })
     };
@@ -186,12 +218,15 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         key,
         value,
     };
-    let err = raw.put(put(vec![], b"v".to_vec(), 1)).await.unwrap_err();
+    let err = raw
+        .put(put(vec![], b"v".to_vec(), common::USER_RANGE))
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
     assert!(err.message().contains("key is empty"), "{}", err.message());
 
     let err = raw
-        .put(put(vec![b'k'; 5 << 10], b"v".to_vec(), 1))
+        .put(put(vec![b'k'; 5 << 10], b"v".to_vec(), common::USER_RANGE))
         .await
         .unwrap_err();
     assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
@@ -202,7 +237,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     );
 
     let err = raw
-        .put(put(b"k".to_vec(), vec![0; 9 << 20], 1))
+        .put(put(b"k".to_vec(), vec![0; 9 << 20], common::USER_RANGE))
         .await
         .unwrap_err();
     assert_eq!(code_of(&err), ErrorCode::InvalidArgument);
@@ -211,7 +246,10 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         .put(put(b"k".to_vec(), b"v".to_vec(), 99))
         .await
         .unwrap_err();
-    assert_eq!(code_of(&err), ErrorCode::RangeNotFound);
+    // No range 99: the answer names the range that holds the key, so the client can retry.
+    assert_eq!(code_of(&err), ErrorCode::KeyNotInRange);
+    let hint = spheredb_client::proto::v1::Error::decode(err.details()).unwrap();
+    assert_eq!(hint.descriptors[0].range_id, common::USER_RANGE);
 
     let err = raw
         .get(GetRequest {
@@ -225,7 +263,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
 
     // Larger than any message the server decodes: refused by the transport, not a crash.
     let err = raw
-        .put(put(b"k".to_vec(), vec![0; 40 << 20], 1))
+        .put(put(b"k".to_vec(), vec![0; 40 << 20], common::USER_RANGE))
         .await
         .unwrap_err();
     assert_ne!(err.code(), tonic::Code::Ok);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use common::{eventually, status, ProcCluster};
+use common::{eventually, range, status, ProcCluster, USER_RANGE};
 
 const FAST_ELECTIONS: &[&str] = &[
     "--heartbeat-interval-ms",
@@ -51,7 +51,7 @@ async fn acked_writes_survive_leader_kill() {
     let old_leader_addr = cluster.procs[leader].addr.clone();
     eventually("a new leader after kill -9", || async {
         let s = status(&survivor, false).await?;
-        let l = s.ranges.first()?.leader_id?;
+        let l = range(&s, USER_RANGE)?.leader_id?;
         let addr = &s.nodes.iter().find(|n| n.node_id == l)?.addr;
         (*addr != old_leader_addr).then_some(())
     })
@@ -103,7 +103,7 @@ async fn restarted_node_catches_up_via_snapshot_after_log_purge() {
     let leader_addr = cluster.procs[leader].addr.clone();
     let leader_status = eventually("the leader to snapshot and purge", || async {
         let s = status(&leader_addr, true).await?;
-        let r = s.ranges.first()?;
+        let r = range(&s, USER_RANGE)?;
         (r.snapshot_index? > 150).then(|| r.clone())
     })
     .await;
@@ -113,7 +113,7 @@ async fn restarted_node_catches_up_via_snapshot_after_log_purge() {
     let want_applied = leader_status.applied_index.unwrap();
     let caught_up = eventually("the restarted node to catch up", || async {
         let s = status(&follower_addr, true).await?;
-        let r = s.ranges.first()?.clone();
+        let r = range(&s, USER_RANGE)?.clone();
         (r.applied_index? >= want_applied).then_some(r)
     })
     .await;
@@ -126,11 +126,12 @@ async fn restarted_node_catches_up_via_snapshot_after_log_purge() {
     let leader_now = status(&leader_addr, true).await.unwrap();
     let follower_now = eventually("digests to match", || async {
         let f = status(&follower_addr, true).await?;
-        let (fr, lr) = (f.ranges.first()?, leader_now.ranges.first()?);
+        let (fr, lr) = (range(&f, USER_RANGE)?, range(&leader_now, USER_RANGE)?);
         (fr.applied_index == lr.applied_index).then(|| f.clone())
     })
     .await;
-    let (fr, lr) = (&follower_now.ranges[0], &leader_now.ranges[0]);
+    let fr = range(&follower_now, USER_RANGE).unwrap();
+    let lr = range(&leader_now, USER_RANGE).unwrap();
     assert_eq!((fr.key_count, fr.data_crc32), (lr.key_count, lr.data_crc32));
     assert!(fr.key_count.unwrap() >= 201);
 }
@@ -164,7 +165,9 @@ async fn status_and_kv_commands_work_from_the_cli() {
     let v: serde_json::Value =
         serde_json::from_slice(&st.stdout).expect("status --format json prints JSON");
     assert_eq!(v["nodes"][0]["live"], true);
-    assert_eq!(v["ranges"][0]["voters"].as_array().unwrap().len(), 1);
+    let ranges = v["range_map"]["ranges"].as_array().unwrap();
+    assert!(ranges.len() >= 2, "meta range and a user range: {v}");
+    assert_eq!(ranges[0]["voters"].as_array().unwrap().len(), 1);
     let down = run(&["status", "--host", "127.0.0.1:1"]);
     assert!(!down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("is a node running there"));

@@ -16,8 +16,12 @@ pub enum StateTag {
     Vote = 1,
     Committed = 2,
     LastPurged = 3,
-    /// Applied log id and membership, written atomically with the data they cover.
+    /// Applied log id, membership and span, written atomically with the data they cover.
     Applied = 4,
+    /// Lowest replica id this node may still host for a range whose replica it destroyed.
+    Tombstone = 5,
+    /// This node's replica id in the range.
+    LocalReplica = 6,
     /// Node-wide: this node's identity.
     NodeIdentity = 16,
     /// Node-wide: the token of a join in progress.
@@ -40,6 +44,16 @@ pub fn log_key_index(range_id: RangeId, key: &[u8]) -> Option<u64> {
     let mut idx = [0u8; 8];
     idx.copy_from_slice(&key[8..]);
     Some(u64::from_be_bytes(idx))
+}
+
+/// Range and tag of a `raft_state` key.
+pub fn parse_state_key(key: &[u8]) -> Option<(RangeId, u8)> {
+    if key.len() != 9 {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&key[..8]);
+    Some((u64::from_be_bytes(id), key[8]))
 }
 
 /// Key of a `raft_state` record.

@@ -74,6 +74,67 @@ pub fn write_state<T: Serialize>(
     db.write(batch, sync).map_err(io::Error::from)
 }
 
+/// Ranges with a replica on this node: those with applied state or a local replica id.
+pub fn local_ranges(db: &Db) -> io::Result<Vec<RangeId>> {
+    let iter = db
+        .raw()
+        .iterator_cf(db.cf(ColumnFamilyName::RaftState), IteratorMode::Start);
+    let mut out = Vec::new();
+    for item in iter {
+        let (key, _) = item.map_err(io::Error::other)?;
+        if let Some((range_id, tag)) = crate::layout::parse_state_key(&key) {
+            let is_replica = tag == StateTag::Applied as u8 || tag == StateTag::LocalReplica as u8;
+            if range_id != crate::layout::NODE_RECORDS
+                && is_replica
+                && out.last() != Some(&range_id)
+            {
+                out.push(range_id);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes the replica of `range_id` from this node: its log, its Raft state, and the data
+/// in `data_span` (`(start, end)`, empty end: unbounded), and leaves a tombstone so no
+/// replica id up to `replica_id` is ever hosted here again. Synced.
+pub fn destroy_replica(
+    db: &Db,
+    range_id: RangeId,
+    replica_id: u64,
+    data_span: Option<(Vec<u8>, Vec<u8>)>,
+) -> io::Result<()> {
+    let mut batch = WriteBatch::default();
+    let log = db.cf(ColumnFamilyName::RaftLog);
+    batch.delete_range_cf(log, log_key(range_id, 0), log_key(range_id, u64::MAX));
+    batch.delete_cf(log, log_key(range_id, u64::MAX));
+    let state = db.cf(ColumnFamilyName::RaftState);
+    for tag in [
+        StateTag::Vote,
+        StateTag::Committed,
+        StateTag::LastPurged,
+        StateTag::Applied,
+        StateTag::LocalReplica,
+    ] {
+        batch.delete_cf(state, state_key(range_id, tag));
+    }
+    batch.put_cf(
+        state,
+        state_key(range_id, StateTag::Tombstone),
+        encode_record(&(replica_id + 1))?,
+    );
+    if let Some((start, end)) = data_span {
+        let data = db.cf(ColumnFamilyName::Data);
+        if end.is_empty() {
+            // No upper bound key exists: delete up to a key above every encoded key.
+            batch.delete_range_cf(data, &start, &vec![0xffu8; 16]);
+        } else {
+            batch.delete_range_cf(data, &start, &end);
+        }
+    }
+    db.write(batch, true).map_err(io::Error::from)
+}
+
 /// The log store of one range. Clones share the database and the group committer.
 #[derive(Clone)]
 pub struct LogStore {

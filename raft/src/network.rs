@@ -6,17 +6,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::Snapshot;
-use openraft::{BasicNode, OptionalSend};
+use openraft::OptionalSend;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use spheredb_client::proto::raft::raft_transport_client::RaftTransportClient;
@@ -25,7 +28,11 @@ use spheredb_client::proto::raft::{RaftMessage, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::types::{NodeId, RaftHandle, RangeId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
+use crate::state_machine::{snapshot_span, ReplicaShared};
+use crate::types::{
+    NodeId, RaftHandle, RangeId, RangeSpan, ReplicaId, ReplicaNode, SnapshotData, SnapshotMeta,
+    TypeConfig, Vote,
+};
 
 /// Largest Raft message sent or accepted, in bytes. Bounds one AppendEntries batch.
 pub const MAX_RAFT_MESSAGE_SIZE_BYTES: usize = 256 << 20;
@@ -37,6 +44,7 @@ pub const PEER_CONNECT_TIMEOUT_MS: u64 = 500;
 fn encode<T: Serialize>(
     range_id: RangeId,
     from_node: NodeId,
+    to_replica: ReplicaId,
     value: &T,
 ) -> Result<RaftMessage, String> {
     let payload = postcard::to_stdvec(value).map_err(|e| e.to_string())?;
@@ -45,6 +53,7 @@ fn encode<T: Serialize>(
         crc32: crc32fast::hash(&payload),
         payload,
         from_node,
+        to_replica,
     })
 }
 
@@ -158,21 +167,32 @@ pub struct NetworkFactory {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: ReplicaId, node: &ReplicaNode) -> Self::Network {
         PeerClient {
             peers: self.peers.clone(),
             range_id: self.range_id,
             target,
+            target_node: node.node_id,
             addr: node.addr.clone(),
         }
     }
 }
 
-/// Sends one range's Raft messages to one peer.
+/// The unary Raft calls.
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    PreVote,
+    TransferLeader,
+}
+
+/// Sends one range's Raft messages to one replica on a peer node.
 pub struct PeerClient {
     peers: PeerChannels,
     range_id: RangeId,
-    target: NodeId,
+    target: ReplicaId,
+    target_node: NodeId,
     addr: String,
 }
 
@@ -182,10 +202,10 @@ fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
 
 impl PeerClient {
     fn check_faults(&self) -> Result<(), RPCError<TypeConfig>> {
-        if self.peers.faults.is_blocked(self.target) {
+        if self.peers.faults.is_blocked(self.target_node) {
             return Err(unreachable(format!(
                 "link to node {} is cut by fault injection",
-                self.target
+                self.target_node
             )));
         }
         Ok(())
@@ -195,13 +215,13 @@ impl PeerClient {
         match status.code() {
             tonic::Code::Unavailable => unreachable(format!(
                 "node {} at {}: {}",
-                self.target,
+                self.target_node,
                 self.addr,
                 status.message()
             )),
             _ => RPCError::Network(NetworkError::from_string(format!(
                 "node {} at {}: {}: {}",
-                self.target,
+                self.target_node,
                 self.addr,
                 status.code(),
                 status.message()
@@ -213,18 +233,19 @@ impl PeerClient {
         &self,
         req: &Req,
         option: &RPCOption,
-        vote: bool,
+        rpc: Rpc,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         self.check_faults()?;
-        let msg = encode(self.range_id, self.peers.node_id, req)
+        let msg = encode(self.range_id, self.peers.node_id, self.target, req)
             .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         let mut client = self.peers.client(&self.addr).map_err(unreachable)?;
         let mut request = Request::new(msg);
         request.set_timeout(option.hard_ttl());
-        let reply = if vote {
-            client.vote(request).await
-        } else {
-            client.append(request).await
+        let reply = match rpc {
+            Rpc::Append => client.append(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::PreVote => client.pre_vote(request).await,
+            Rpc::TransferLeader => client.transfer_leader(request).await,
         }
         .map_err(|s| self.map_status(s))?;
         decode(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
@@ -239,7 +260,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(&rpc, &option, false).await
+        self.unary(&rpc, &option, Rpc::Append).await
     }
 
     async fn vote(
@@ -247,7 +268,23 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(&rpc, &option, true).await
+        self.unary(&rpc, &option, Rpc::Vote).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(&rpc, &option, Rpc::PreVote).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(&req, &option, Rpc::TransferLeader).await
     }
 
     async fn full_snapshot(
@@ -260,7 +297,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         self.check_faults()?;
         let header = postcard::to_stdvec(&(&vote, &snapshot.meta))
             .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::from_string(e))))?;
-        let (range_id, from_node) = (self.range_id, self.peers.node_id);
+        let (range_id, from_node, to_replica) = (self.range_id, self.peers.node_id, self.target);
         let data = snapshot.snapshot;
         let mut chunks: Vec<SnapshotChunk> = data
             .chunks(SNAPSHOT_CHUNK_SIZE_BYTES)
@@ -270,6 +307,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 crc32: crc32fast::hash(c),
                 data: c.to_vec(),
                 from_node,
+                to_replica,
             })
             .collect();
         if chunks.is_empty() {
@@ -279,6 +317,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 crc32: crc32fast::hash(&[]),
                 data: Vec::new(),
                 from_node,
+                to_replica,
             });
         }
         chunks[0].header = header;
@@ -295,40 +334,238 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
-/// The node's Raft groups by range id.
-pub type RangeRegistry = Arc<RwLock<HashMap<RangeId, RaftHandle>>>;
+/// Most requests for missing replicas queued for the node; more are dropped (the sender
+/// retries).
+pub const MAX_PENDING_REPLICA_CREATIONS: usize = 1024;
+
+/// One range's replica on this node.
+pub struct Replica {
+    pub raft: RaftHandle,
+    pub shared: Arc<ReplicaShared>,
+    /// Requests served since the node last sampled the range's load.
+    pub ops: AtomicU64,
+    /// When a request or Raft message last touched the range, as ms since `epoch`.
+    last_active_ms: AtomicU64,
+    epoch: Instant,
+    /// True while the range is quiesced: ticks (elections, heartbeats) paused.
+    pub quiesced: AtomicBool,
+    /// Size of the range's data when the node last measured it.
+    pub size_bytes: AtomicU64,
+    /// Requests per second over the last heartbeat period, as `f64` bits.
+    qps_bits: AtomicU64,
+}
+
+impl Replica {
+    /// A replica running `raft`.
+    pub fn new(raft: RaftHandle, shared: Arc<ReplicaShared>) -> Replica {
+        Replica {
+            raft,
+            shared,
+            ops: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            quiesced: AtomicBool::new(false),
+            size_bytes: AtomicU64::new(0),
+            qps_bits: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests per second over the last heartbeat period.
+    pub fn qps(&self) -> f64 {
+        f64::from_bits(self.qps_bits.load(Ordering::Relaxed))
+    }
+
+    /// Records the load measured over the last heartbeat period.
+    pub fn set_qps(&self, qps: f64) {
+        self.qps_bits.store(qps.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Records activity, and wakes the range if it is quiesced.
+    pub fn touch(&self) {
+        self.last_active_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if self.quiesced.swap(false, Ordering::AcqRel) {
+            self.raft.runtime_config().tick(true);
+        }
+    }
+
+    /// Milliseconds since the range was last touched.
+    pub fn idle_ms(&self) -> u64 {
+        (self.epoch.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_active_ms.load(Ordering::Relaxed))
+    }
+
+    /// Asks the follower replica `target` on `node` to quiesce: it stops ticking if it agrees
+    /// with this leader's vote and last log index.
+    pub async fn ask_quiesce(
+        &self,
+        peers: &PeerChannels,
+        range_id: RangeId,
+        target: ReplicaId,
+        node: &ReplicaNode,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if peers.faults.is_blocked(node.node_id) {
+            return Err(format!("link to node {} is cut", node.node_id));
+        }
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let msg = encode(
+            range_id,
+            peers.node_id,
+            target,
+            &(metrics.vote, metrics.last_log_index),
+        )?;
+        let mut client = peers.client(&node.addr)?;
+        let mut request = Request::new(msg);
+        request.set_timeout(timeout);
+        client
+            .quiesce(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+
+    /// Pauses ticks: no heartbeats, no elections, until [`Replica::touch`].
+    pub fn quiesce(&self) {
+        if !self.quiesced.swap(true, Ordering::AcqRel) {
+            self.raft.runtime_config().tick(false);
+        }
+    }
+}
+
+/// A request for a replica this node does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingReplica {
+    pub range_id: RangeId,
+    pub replica_id: ReplicaId,
+}
+
+/// The node's replicas by range id.
+pub struct ReplicaDirectory {
+    replicas: RwLock<HashMap<RangeId, Arc<Replica>>>,
+    missing: tokio::sync::mpsc::Sender<MissingReplica>,
+}
+
+impl ReplicaDirectory {
+    /// An empty directory; requests for missing replicas go to `missing`.
+    pub fn new(missing: tokio::sync::mpsc::Sender<MissingReplica>) -> ReplicaDirectory {
+        ReplicaDirectory {
+            replicas: RwLock::new(HashMap::new()),
+            missing,
+        }
+    }
+
+    /// The replica of `range_id`.
+    pub fn get(&self, range_id: RangeId) -> Option<Arc<Replica>> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&range_id)
+            .cloned()
+    }
+
+    /// Adds a replica; returns false (and adds nothing) if the range already has one.
+    pub fn insert(&self, replica: Arc<Replica>) -> bool {
+        let mut map = self.replicas.write().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&replica.shared.range_id) {
+            return false;
+        }
+        map.insert(replica.shared.range_id, replica);
+        true
+    }
+
+    /// Removes the replica of `range_id`.
+    pub fn remove(&self, range_id: RangeId) -> Option<Arc<Replica>> {
+        self.replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&range_id)
+    }
+
+    /// Every replica.
+    pub fn all(&self) -> Vec<Arc<Replica>> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Number of replicas.
+    pub fn len(&self) -> usize {
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// True when the node has no replica.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The replica whose span holds `key`.
+    pub fn covering(&self, key: &[u8]) -> Option<Arc<Replica>> {
+        self.all()
+            .into_iter()
+            .find(|r| r.shared.span().is_some_and(|s| s.contains(key)))
+    }
+
+    /// A replica other than `range_id` whose span overlaps `span`.
+    pub fn overlapping(&self, span: &RangeSpan, range_id: RangeId) -> Option<RangeId> {
+        self.all().into_iter().find_map(|r| {
+            let id = r.shared.range_id;
+            (id != range_id && r.shared.span().is_some_and(|s| s.overlaps(span))).then_some(id)
+        })
+    }
+}
 
 /// Receives Raft traffic for every range on this node.
 pub struct RaftService {
-    ranges: RangeRegistry,
+    replicas: Arc<ReplicaDirectory>,
     faults: Arc<TransportFaults>,
 }
 
 impl RaftService {
-    /// A service dispatching to `ranges`.
-    pub fn new(ranges: RangeRegistry, faults: Arc<TransportFaults>) -> Self {
-        RaftService { ranges, faults }
+    /// A service dispatching to `replicas`.
+    pub fn new(replicas: Arc<ReplicaDirectory>, faults: Arc<TransportFaults>) -> Self {
+        RaftService { replicas, faults }
     }
 
-    fn raft(&self, range_id: RangeId, from_node: NodeId) -> Result<RaftHandle, Status> {
+    fn raft(
+        &self,
+        range_id: RangeId,
+        from_node: NodeId,
+        to_replica: ReplicaId,
+    ) -> Result<RaftHandle, Status> {
         if self.faults.is_blocked(from_node) {
             return Err(Status::unavailable(format!(
                 "link from node {from_node} is cut by fault injection"
             )));
         }
-        self.ranges
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&range_id)
-            .cloned()
-            .ok_or_else(|| {
-                Status::not_found(format!("range {range_id} has no replica on this node"))
-            })
+        match self.replicas.get(range_id) {
+            Some(r) => {
+                r.touch();
+                Ok(r.raft.clone())
+            }
+            None => {
+                // The node creates the replica in the background; the sender retries. A full
+                // queue drops the request: the sender's next retry asks again.
+                let _ = self.replicas.missing.try_send(MissingReplica {
+                    range_id,
+                    replica_id: to_replica,
+                });
+                Err(Status::unavailable(format!(
+                    "range {range_id} has no replica on this node yet"
+                )))
+            }
+        }
     }
 }
 
 fn reply<T: Serialize>(range_id: RangeId, value: &T) -> Result<Response<RaftMessage>, Status> {
-    encode(range_id, 0, value)
+    encode(range_id, 0, 0, value)
         .map(Response::new)
         .map_err(Status::internal)
 }
@@ -337,7 +574,7 @@ fn reply<T: Serialize>(range_id: RangeId, value: &T) -> Result<Response<RaftMess
 impl RaftTransport for RaftService {
     async fn append(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let msg = request.into_inner();
-        let raft = self.raft(msg.range_id, msg.from_node)?;
+        let raft = self.raft(msg.range_id, msg.from_node, msg.to_replica)?;
         let req: AppendEntriesRequest<TypeConfig> =
             decode(&msg).map_err(Status::invalid_argument)?;
         let resp = raft
@@ -349,13 +586,66 @@ impl RaftTransport for RaftService {
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let msg = request.into_inner();
-        let raft = self.raft(msg.range_id, msg.from_node)?;
+        let raft = self.raft(msg.range_id, msg.from_node, msg.to_replica)?;
         let req: VoteRequest<TypeConfig> = decode(&msg).map_err(Status::invalid_argument)?;
         let resp = raft
             .vote(req)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(msg.range_id, &resp)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        let raft = self.raft(msg.range_id, msg.from_node, msg.to_replica)?;
+        let req: VoteRequest<TypeConfig> = decode(&msg).map_err(Status::invalid_argument)?;
+        let resp = raft
+            .pre_vote(req)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        reply(msg.range_id, &resp)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        let raft = self.raft(msg.range_id, msg.from_node, msg.to_replica)?;
+        let req: TransferLeaderRequest<TypeConfig> =
+            decode(&msg).map_err(Status::invalid_argument)?;
+        let resp = raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        reply(msg.range_id, &resp)
+    }
+
+    async fn quiesce(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        if self.faults.is_blocked(msg.from_node) {
+            return Err(Status::unavailable("link cut by fault injection"));
+        }
+        let (vote, last_log_index): (Vote, Option<u64>) =
+            decode(&msg).map_err(Status::invalid_argument)?;
+        let replica = self
+            .replicas
+            .get(msg.range_id)
+            .ok_or_else(|| Status::not_found(format!("range {} is not here", msg.range_id)))?;
+        let metrics = replica.raft.metrics().borrow_watched().clone();
+        if metrics.vote != vote || metrics.last_log_index != last_log_index {
+            return Err(Status::failed_precondition(
+                "follower is not in step with the leader; not quiescing",
+            ));
+        }
+        replica.quiesce();
+        reply(msg.range_id, &())
     }
 
     async fn snapshot(
@@ -365,7 +655,7 @@ impl RaftTransport for RaftService {
         let mut stream = request.into_inner();
         let mut header: Option<(Vote, SnapshotMeta)> = None;
         let mut data: Vec<u8> = Vec::new();
-        let mut range: Option<(RangeId, NodeId)> = None;
+        let mut range: Option<(RangeId, NodeId, ReplicaId)> = None;
         while let Some(chunk) = stream.message().await? {
             if crc32fast::hash(&chunk.data) != chunk.crc32 {
                 return Err(Status::data_loss("snapshot chunk checksum mismatch"));
@@ -381,14 +671,26 @@ impl RaftTransport for RaftService {
                     Some(postcard::from_bytes(&chunk.header).map_err(|e| {
                         Status::invalid_argument(format!("bad snapshot header: {e}"))
                     })?);
-                range = Some((chunk.range_id, chunk.from_node));
+                range = Some((chunk.range_id, chunk.from_node, chunk.to_replica));
             }
             data.extend_from_slice(&chunk.data);
         }
-        let (Some((vote, meta)), Some((range_id, from_node))) = (header, range) else {
+        let (Some((vote, meta)), Some((range_id, from_node, to_replica))) = (header, range) else {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
-        let raft = self.raft(range_id, from_node)?;
+        let raft = self.raft(range_id, from_node, to_replica)?;
+        // Installing clears the snapshot's span. While another replica here still covers part
+        // of it (a parent that has not applied its split yet, a removed replica not yet
+        // destroyed), that replica could later write over the installed data: refuse, and
+        // let the sender retry.
+        let span = snapshot_span(&data).map_err(|e| Status::data_loss(e.to_string()))?;
+        if let Some(span) = &span {
+            if let Some(other) = self.replicas.overlapping(span, range_id) {
+                return Err(Status::unavailable(format!(
+                    "snapshot of range {range_id} overlaps range {other} on this node; retry later"
+                )));
+            }
+        }
         let resp = raft
             .install_full_snapshot(
                 vote,

@@ -1,7 +1,8 @@
-//! The cluster's node registry, kept under system keys in the replicated data.
+//! The meta range's records, kept under system keys: the node registry, node liveness, range
+//! descriptors and the range id counter.
 //!
-//! Node ids come from a counter that only grows, so an id is never handed out twice, and a
-//! join token maps to its id so a retried join gets the same answer.
+//! Node and range ids come from counters that only grow, so an id is never handed out twice,
+//! and a join token maps to its id so a retried join gets the same answer.
 
 use std::io;
 
@@ -10,16 +11,61 @@ use serde::{Deserialize, Serialize};
 use spheredb_storage::{keys, ColumnFamilyName, Db};
 
 use crate::log_store::{decode_record, encode_record};
-use crate::types::NodeId;
+use crate::types::{NodeId, RangeId, RangeRecord};
+
+/// What the cluster asks of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Holds replicas.
+    Active,
+    /// Its replicas are being moved away.
+    Decommissioning,
+    /// Holds no replicas and gets none.
+    Decommissioned,
+}
 
 /// A registered node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub node_id: NodeId,
     pub addr: String,
+    pub state: NodeState,
+}
+
+/// A node's liveness as the meta-range leader last declared it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivenessRecord {
+    pub node_id: NodeId,
+    /// False once the node missed heartbeats for longer than the dead timeout.
+    pub live: bool,
+    /// Wall-clock time of the declaration, ms since the Unix epoch.
+    pub since_unix_ms: u64,
 }
 
 const NODE_PREFIX: &[u8] = b"node/";
+const RANGE_PREFIX: &[u8] = b"range/";
+const LIVENESS_PREFIX: &[u8] = b"liveness/";
+
+fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
+    let mut name = prefix.to_vec();
+    name.extend_from_slice(&id.to_be_bytes());
+    keys::system_key(&name)
+}
+
+/// Key of the range id counter.
+pub fn next_range_id_key() -> Vec<u8> {
+    keys::system_key(b"next_range_id")
+}
+
+/// Key of the descriptor of `range_id`.
+pub fn range_key(range_id: RangeId) -> Vec<u8> {
+    id_key(RANGE_PREFIX, range_id)
+}
+
+/// Key of the liveness record of `node_id`.
+pub fn liveness_key(node_id: NodeId) -> Vec<u8> {
+    id_key(LIVENESS_PREFIX, node_id)
+}
 
 fn cluster_id_key() -> Vec<u8> {
     keys::system_key(b"cluster_id")
@@ -27,10 +73,9 @@ fn cluster_id_key() -> Vec<u8> {
 fn next_node_id_key() -> Vec<u8> {
     keys::system_key(b"next_node_id")
 }
-fn node_key(node_id: NodeId) -> Vec<u8> {
-    let mut name = NODE_PREFIX.to_vec();
-    name.extend_from_slice(&node_id.to_be_bytes());
-    keys::system_key(&name)
+/// Key of the record of `node_id`.
+pub fn node_key(node_id: NodeId) -> Vec<u8> {
+    id_key(NODE_PREFIX, node_id)
 }
 fn join_key(token: &[u8]) -> Vec<u8> {
     let mut name = b"join/".to_vec();
@@ -61,9 +106,29 @@ pub fn cluster_id(db: &Db) -> io::Result<Option<u64>> {
 
 /// Every registered node, by id.
 pub fn nodes(db: &Db) -> io::Result<Vec<NodeRecord>> {
+    list(db, NODE_PREFIX, "node record")
+}
+
+/// Every range descriptor, by range id.
+pub fn ranges(db: &Db) -> io::Result<Vec<RangeRecord>> {
+    list(db, RANGE_PREFIX, "range descriptor")
+}
+
+/// Every liveness record, by node id.
+pub fn liveness(db: &Db) -> io::Result<Vec<LivenessRecord>> {
+    list(db, LIVENESS_PREFIX, "liveness record")
+}
+
+/// Encodes a record as the value of a meta `Write` command (the state machine adds the
+/// checksum framing when it stores it).
+pub fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    postcard::to_stdvec(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+fn list<T: for<'de> Deserialize<'de>>(db: &Db, name: &[u8], what: &str) -> io::Result<Vec<T>> {
     let prefix = {
         let mut p = vec![keys::SYSTEM_PREFIX];
-        p.extend_from_slice(NODE_PREFIX);
+        p.extend_from_slice(name);
         p
     };
     let mut opts = ReadOptions::default();
@@ -76,21 +141,41 @@ pub fn nodes(db: &Db) -> io::Result<Vec<NodeRecord>> {
     let mut out = Vec::new();
     for item in iter {
         let (_, v) = item.map_err(io::Error::other)?;
-        out.push(decode_record("node record", &v)?);
+        out.push(decode_record(what, &v)?);
     }
     Ok(out)
 }
 
-/// Adds the writes of cluster initialisation to `batch`.
+/// Adds the meta records of a new cluster to `batch`: its id, the bootstrap node, and the
+/// descriptors of the first ranges.
 pub fn init_cluster(
     db: &Db,
     batch: &mut WriteBatch,
     cluster_id: u64,
     node: &NodeRecord,
+    ranges: &[RangeRecord],
 ) -> io::Result<()> {
     put(db, batch, &cluster_id_key(), &cluster_id)?;
     put(db, batch, &next_node_id_key(), &(node.node_id + 1))?;
-    put(db, batch, &node_key(node.node_id), node)
+    put(db, batch, &node_key(node.node_id), node)?;
+    let next_range: RangeId = ranges.iter().map(|r| r.span.range_id).max().unwrap_or(0) + 1;
+    put(db, batch, &next_range_id_key(), &next_range)?;
+    for r in ranges {
+        put(db, batch, &range_key(r.span.range_id), r)?;
+    }
+    Ok(())
+}
+
+/// Allocates `count` range ids; returns the first. Adds the counter's update to `batch`.
+pub fn alloc_range_ids(db: &Db, batch: &mut WriteBatch, count: u64) -> io::Result<RangeId> {
+    let next: RangeId = get(db, &next_range_id_key(), "next range id")?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "cluster not initialised: no range id counter",
+        )
+    })?;
+    put(db, batch, &next_range_id_key(), &(next + count))?;
+    Ok(next)
 }
 
 /// Allocates the node id of `join_token` (or returns the one it already has) and records the
@@ -109,6 +194,7 @@ pub fn register(
             &NodeRecord {
                 node_id: existing,
                 addr: addr.to_string(),
+                state: NodeState::Active,
             },
         )?;
         return Ok(existing);
@@ -128,6 +214,7 @@ pub fn register(
         &NodeRecord {
             node_id: next,
             addr: addr.to_string(),
+            state: NodeState::Active,
         },
     )?;
     Ok(next)

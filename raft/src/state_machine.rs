@@ -7,25 +7,112 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
-use spheredb_storage::{keys, record, ColumnFamilyName, Db, StorageError};
+use spheredb_storage::{record, ColumnFamilyName, Db, StorageError};
 
 use crate::layout::{state_key, StateTag};
 use crate::log_store::{decode_record, encode_record, read_state};
-use crate::registry::{self, NodeRecord};
+use crate::registry;
 use crate::types::{
-    Command, CommandResponse, LogId, RangeId, SnapshotData, SnapshotMeta, StoredMembership,
-    TypeConfig, WriteOp,
+    Command, CommandResponse, LogId, Membership, RangeId, RangeSpan, ReplicaId, SnapshotData,
+    SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
 };
 
 /// Largest snapshot accepted on install; a bigger one is refused as corrupt or hostile.
 pub const MAX_SNAPSHOT_SIZE_BYTES: usize = 1 << 30;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP1";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP2";
+/// Most range events queued for the node before apply waits for it to catch up.
+pub const MAX_PENDING_RANGE_EVENTS: usize = 4096;
+
+/// What the node must act on after an apply: a new range to start, a span that changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RangeEvent {
+    /// `parent` split; its replica of `child` exists on disk and must be started.
+    Split { parent: RangeId, child: RangeId },
+}
+
+/// What a range's state machine shares with the rest of the node.
+#[derive(Debug)]
+pub struct ReplicaShared {
+    pub range_id: RangeId,
+    span: RwLock<Option<RangeSpan>>,
+    /// Bytes written by applied commands since the node last measured the range.
+    pub written_bytes: AtomicU64,
+}
+
+impl ReplicaShared {
+    fn new(range_id: RangeId, span: Option<RangeSpan>) -> ReplicaShared {
+        ReplicaShared {
+            range_id,
+            span: RwLock::new(span),
+            written_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The span as last applied; `None` until the replica received its first snapshot.
+    pub fn span(&self) -> Option<RangeSpan> {
+        self.span.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_span(&self, span: Option<RangeSpan>) {
+        *self.span.write().unwrap_or_else(|p| p.into_inner()) = span;
+    }
+}
+
+/// The log id at which a range created by bootstrap or by a split starts: its log is
+/// "purged" up to here, so a new replica always starts from a snapshot of the data, never
+/// from a replay that would miss what the data held before the range existed.
+pub fn range_origin_log_id() -> LogId {
+    use openraft::vote::RaftLeaderIdExt;
+    openraft::LogId::new(
+        openraft::vote::leader_id_adv::LeaderId::<u64, u64>::new_committed(0, 0),
+        0,
+    )
+}
+
+/// Adds to `batch` the on-disk state of a new replica of `span` whose members are
+/// `membership`: applied and purged up to [`range_origin_log_id`], no log, no vote.
+pub fn write_range_origin(
+    db: &Db,
+    batch: &mut WriteBatch,
+    span: &RangeSpan,
+    membership: Membership,
+) -> io::Result<()> {
+    let origin = range_origin_log_id();
+    let applied = AppliedState {
+        last_applied: Some(origin),
+        membership: StoredMembership::new(Some(origin), membership),
+        span: Some(span.clone()),
+    };
+    let state = db.cf(ColumnFamilyName::RaftState);
+    batch.put_cf(
+        state,
+        state_key(span.range_id, StateTag::Applied),
+        encode_record(&applied)?,
+    );
+    batch.put_cf(
+        state,
+        state_key(span.range_id, StateTag::LastPurged),
+        encode_record(&origin)?,
+    );
+    Ok(())
+}
+
+/// The span and membership a replica of `range_id` on this node has applied, if any.
+pub fn stored_state(
+    db: &Db,
+    range_id: RangeId,
+) -> io::Result<Option<(Option<RangeSpan>, Membership)>> {
+    Ok(read_state::<AppliedState>(db, range_id, StateTag::Applied)?
+        .map(|a| (a.span, a.membership.membership().clone())))
+}
 
 /// Most responses held back by one apply batch before it is written.
 pub const MAX_APPLY_BATCH_ENTRIES: usize = 1024;
@@ -38,6 +125,7 @@ pub const MAX_APPLY_BATCH_BYTES: usize = 32 << 20;
 struct PendingApply {
     batch: WriteBatch,
     overlay: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    events: Vec<RangeEvent>,
     responders: Vec<(
         openraft::storage::ApplyResponder<TypeConfig>,
         CommandResponse,
@@ -49,6 +137,8 @@ struct PendingApply {
 struct AppliedState {
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    /// `None` for a replica created empty, until its first snapshot.
+    span: Option<RangeSpan>,
 }
 
 /// A snapshot as kept on disk.
@@ -99,31 +189,44 @@ pub fn scan_values(
 pub struct StateMachine {
     db: Db,
     range_id: RangeId,
-    span_start: Vec<u8>,
-    span_end: Vec<u8>,
     applied: AppliedState,
     snapshot_dir: PathBuf,
+    shared: Arc<ReplicaShared>,
+    events: tokio::sync::mpsc::Sender<RangeEvent>,
 }
 
 impl StateMachine {
-    /// Opens the state machine of `range_id` covering `[span_start, span_end)`.
+    /// Opens the state machine of `range_id` (its span comes from its applied state).
+    /// Returns it with the state it shares with the node.
     pub fn open(
         db: Db,
         range_id: RangeId,
-        span_start: Vec<u8>,
-        span_end: Vec<u8>,
         snapshot_dir: &Path,
-    ) -> io::Result<StateMachine> {
+        events: tokio::sync::mpsc::Sender<RangeEvent>,
+    ) -> io::Result<(StateMachine, Arc<ReplicaShared>)> {
         std::fs::create_dir_all(snapshot_dir)?;
-        let applied = read_state(&db, range_id, StateTag::Applied)?.unwrap_or_default();
-        Ok(StateMachine {
-            db,
-            range_id,
-            span_start,
-            span_end,
-            applied,
-            snapshot_dir: snapshot_dir.to_path_buf(),
-        })
+        let applied: AppliedState =
+            read_state(&db, range_id, StateTag::Applied)?.unwrap_or_default();
+        let shared = Arc::new(ReplicaShared::new(range_id, applied.span.clone()));
+        Ok((
+            StateMachine {
+                db,
+                range_id,
+                applied,
+                snapshot_dir: snapshot_dir.to_path_buf(),
+                shared: shared.clone(),
+                events,
+            },
+            shared,
+        ))
+    }
+
+    fn span_bounds(&self) -> (Vec<u8>, Vec<u8>) {
+        match &self.applied.span {
+            Some(s) => (s.start_key.clone(), s.end_key.clone()),
+            // An empty replica owns nothing: an empty interval at the start.
+            None => (Vec::new(), vec![0]),
+        }
     }
 
     fn snapshot_path(&self) -> PathBuf {
@@ -144,18 +247,82 @@ impl StateMachine {
         Ok(())
     }
 
-    fn check_in_span(&self, key: &[u8]) -> Result<(), String> {
-        if keys::span_contains(&self.span_start, &self.span_end, key) {
-            Ok(())
-        } else {
-            Err(format!("key outside the span of range {}", self.range_id))
+    fn check_in_span(&self, key: &[u8]) -> Result<(), CommandResponse> {
+        match &self.applied.span {
+            Some(span) if span.contains(key) => Ok(()),
+            span => Err(CommandResponse::OutsideSpan {
+                span: span.clone().map(Box::new),
+            }),
         }
+    }
+
+    /// Splits the range at `split_key`: shrinks this span and writes the origin state of the
+    /// right half's replica on this node, all in the pending batch.
+    fn apply_split(
+        &mut self,
+        pending: &mut PendingApply,
+        split_key: Vec<u8>,
+        new_range_id: RangeId,
+        expected_generation: u64,
+    ) -> io::Result<CommandResponse> {
+        let Some(span) = self.applied.span.clone() else {
+            return Ok(CommandResponse::OutsideSpan { span: None });
+        };
+        if span.generation != expected_generation {
+            return Ok(CommandResponse::Rejected {
+                reason: format!(
+                    "range {} is at generation {}, the split expected {expected_generation}",
+                    self.range_id, span.generation
+                ),
+            });
+        }
+        if split_key <= span.start_key || !span.contains(&split_key) {
+            return Ok(CommandResponse::Rejected {
+                reason: format!("split key is not strictly inside range {}", self.range_id),
+            });
+        }
+        let membership = self.applied.membership.membership().clone();
+        if membership.get_joint_config().len() > 1 {
+            return Ok(CommandResponse::Rejected {
+                reason: "a replica change is in progress; split after it".into(),
+            });
+        }
+        let generation = span.generation + 1;
+        let left = RangeSpan {
+            end_key: split_key.clone(),
+            generation,
+            ..span.clone()
+        };
+        let right = RangeSpan {
+            range_id: new_range_id,
+            start_key: split_key,
+            end_key: span.end_key.clone(),
+            generation,
+            next_replica_id: span.next_replica_id,
+        };
+        if read_state::<AppliedState>(&self.db, new_range_id, StateTag::Applied)?.is_some() {
+            // This node already holds the right half (it cannot, while the parent's span
+            // covers it; refuse rather than overwrite).
+            return Ok(CommandResponse::Rejected {
+                reason: format!("range {new_range_id} already exists on this node"),
+            });
+        }
+        write_range_origin(&self.db, &mut pending.batch, &right, membership)?;
+        self.applied.span = Some(left.clone());
+        pending.events.push(RangeEvent::Split {
+            parent: self.range_id,
+            child: new_range_id,
+        });
+        Ok(CommandResponse::SplitDone {
+            left: Box::new(left),
+            right: Box::new(right),
+        })
     }
 
     /// Applies one command into `pending`. Reads see earlier entries of the same batch
     /// through its overlay. Every rejection happens before the command adds any write.
     fn apply_command(
-        &self,
+        &mut self,
         pending: &mut PendingApply,
         cmd: Command,
     ) -> io::Result<CommandResponse> {
@@ -167,10 +334,17 @@ impl StateMachine {
         match cmd {
             Command::Write { ops } => {
                 for op in &ops {
-                    if let Err(reason) = self.check_in_span(&op.key) {
-                        return Ok(CommandResponse::Rejected { reason });
+                    if let Err(outside) = self.check_in_span(&op.key) {
+                        return Ok(outside);
                     }
                 }
+                let written: usize = ops
+                    .iter()
+                    .map(|op| op.key.len() + op.value.as_ref().map_or(0, Vec::len))
+                    .sum();
+                self.shared
+                    .written_bytes
+                    .fetch_add(written as u64, Ordering::Relaxed);
                 for WriteOp { key, value } in ops {
                     match &value {
                         Some(v) => batch.put_cf(self.data_cf(), &key, record::encode(v)),
@@ -181,8 +355,8 @@ impl StateMachine {
                 Ok(CommandResponse::Done)
             }
             Command::Delete { key } => {
-                if let Err(reason) = self.check_in_span(&key) {
-                    return Ok(CommandResponse::Rejected { reason });
+                if let Err(outside) = self.check_in_span(&key) {
+                    return Ok(outside);
                 }
                 let existed = current(pending, &key)?.is_some();
                 pending.batch.delete_cf(self.data_cf(), &key);
@@ -194,8 +368,8 @@ impl StateMachine {
                 expected,
                 new_value,
             } => {
-                if let Err(reason) = self.check_in_span(&key) {
-                    return Ok(CommandResponse::Rejected { reason });
+                if let Err(outside) = self.check_in_span(&key) {
+                    return Ok(outside);
                 }
                 let found = current(pending, &key)?;
                 if found != expected {
@@ -216,27 +390,6 @@ impl StateMachine {
                     current: new_value,
                 })
             }
-            Command::InitCluster {
-                cluster_id,
-                node_id,
-                addr,
-            } => {
-                if registry::cluster_id(&self.db)?.is_some() {
-                    return Ok(CommandResponse::Rejected {
-                        reason: "cluster already initialised".into(),
-                    });
-                }
-                registry::init_cluster(
-                    &self.db,
-                    &mut pending.batch,
-                    cluster_id,
-                    &NodeRecord { node_id, addr },
-                )?;
-                Ok(CommandResponse::NodeRegistered {
-                    node_id,
-                    cluster_id,
-                })
-            }
             Command::RegisterNode { join_token, addr } => {
                 let Some(cluster_id) = registry::cluster_id(&self.db)? else {
                     return Ok(CommandResponse::Rejected {
@@ -249,20 +402,42 @@ impl StateMachine {
                     cluster_id,
                 })
             }
+            Command::Split {
+                split_key,
+                new_range_id,
+                expected_generation,
+            } => self.apply_split(pending, split_key, new_range_id, expected_generation),
+            Command::AllocRangeIds { count } => {
+                if let Err(outside) = self.check_in_span(&registry::next_range_id_key()) {
+                    return Ok(outside);
+                }
+                let first = registry::alloc_range_ids(&self.db, &mut pending.batch, count)?;
+                Ok(CommandResponse::RangeIds { first, count })
+            }
         }
     }
 
     /// Serialises every pair of the span as `len key len framed-value` records.
-    fn export_span(&self, rocks_snapshot: &rocksdb::Snapshot<'_>) -> io::Result<Vec<u8>> {
+    fn export_span(
+        &self,
+        rocks_snapshot: &rocksdb::Snapshot<'_>,
+        span: &Option<RangeSpan>,
+    ) -> io::Result<Vec<u8>> {
         let mut out = SNAPSHOT_MAGIC.to_vec();
+        let header = encode_record(span)?;
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        let Some(span) = span else {
+            return Ok(out);
+        };
         let mut opts = ReadOptions::default();
-        if !self.span_end.is_empty() {
-            opts.set_iterate_upper_bound(self.span_end.clone());
+        if !span.end_key.is_empty() {
+            opts.set_iterate_upper_bound(span.end_key.clone());
         }
         let iter = rocks_snapshot.iterator_cf_opt(
             self.data_cf(),
             opts,
-            IteratorMode::From(&self.span_start, Direction::Forward),
+            IteratorMode::From(&span.start_key, Direction::Forward),
         );
         for item in iter {
             let (k, v) = item.map_err(io::Error::other)?;
@@ -277,10 +452,15 @@ impl StateMachine {
     }
 
     /// Writes the pending batch with the applied state, then answers its clients.
-    fn flush(&mut self, pending: &mut PendingApply) -> io::Result<()> {
+    async fn flush(&mut self, pending: &mut PendingApply) -> io::Result<()> {
         let mut taken = std::mem::take(pending);
         self.put_applied(&mut taken.batch)?;
         self.db.write(taken.batch, false).map_err(io::Error::from)?;
+        self.shared.set_span(self.applied.span.clone());
+        for event in taken.events {
+            // The node is gone only when it shuts down; nothing is left to start then.
+            let _ = self.events.send(event).await;
+        }
         for (responder, response) in taken.responders {
             responder.send(response);
         }
@@ -292,10 +472,10 @@ impl StateMachine {
         StateMachine {
             db: self.db.clone(),
             range_id: self.range_id,
-            span_start: self.span_start.clone(),
-            span_end: self.span_end.clone(),
             applied: self.applied.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
+            shared: self.shared.clone(),
+            events: self.events.clone(),
         }
     }
 
@@ -312,7 +492,7 @@ impl StateMachine {
             Some(framed) => decode_record("applied state", &framed)?,
             None => AppliedState::default(),
         };
-        let data = self.export_span(&rocks_snapshot)?;
+        let data = self.export_span(&rocks_snapshot, &applied.span)?;
         drop(rocks_snapshot);
         let stored = StoredSnapshot {
             meta: SnapshotMeta {
@@ -366,21 +546,38 @@ fn take_field<'a>(rest: &mut &'a [u8]) -> io::Result<&'a [u8]> {
     Ok(field)
 }
 
-/// Parses a snapshot blob into `(key, framed value)` pairs, verifying every checksum.
-fn parse_snapshot(data: &[u8]) -> io::Result<Vec<(&[u8], &[u8])>> {
+/// The span a snapshot blob carries, read from its header.
+pub fn snapshot_span(data: &[u8]) -> io::Result<Option<RangeSpan>> {
     let corrupt = |d: &str| io::Error::from(StorageError::corruption("snapshot", d.to_string()));
-    let rest = data
+    let mut rest = data
         .strip_prefix(SNAPSHOT_MAGIC.as_slice())
         .ok_or_else(|| corrupt("bad magic"))?;
+    decode_record("snapshot header", take_field(&mut rest)?)
+}
+
+/// A parsed snapshot: the span and its `(key, framed value)` pairs.
+type ParsedSnapshot<'a> = (Option<RangeSpan>, Vec<(&'a [u8], &'a [u8])>);
+
+/// Parses a snapshot blob, verifying every checksum.
+fn parse_snapshot(data: &[u8]) -> io::Result<ParsedSnapshot<'_>> {
+    let corrupt = |d: &str| io::Error::from(StorageError::corruption("snapshot", d.to_string()));
+    let mut rest = data
+        .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+        .ok_or_else(|| corrupt("bad magic"))?;
+    let span: Option<RangeSpan> = decode_record("snapshot header", take_field(&mut rest)?)?;
     let mut pairs = Vec::new();
-    let mut rest = rest;
     while !rest.is_empty() {
         let key = take_field(&mut rest)?;
         let value = take_field(&mut rest)?;
         record::decode("snapshot value", value).map_err(io::Error::from)?;
+        if let Some(span) = &span {
+            if !span.contains(key) {
+                return Err(corrupt("key outside the snapshot's span"));
+            }
+        }
         pairs.push((key, value));
     }
-    Ok(pairs)
+    Ok((span, pairs))
 }
 
 /// Builds snapshots from a consistent RocksDB snapshot.
@@ -426,16 +623,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Done,
                 EntryPayload::Normal(cmd) if cmd.reads_registry() => {
-                    // Registry commands read the database directly: apply them alone.
-                    self.flush(&mut pending)?;
+                    // These read the database directly or change the range: apply them alone.
+                    self.flush(&mut pending).await?;
                     let r = self.apply_command(&mut pending, cmd)?;
                     self.applied.last_applied = Some(entry.log_id);
                     pending.responders.extend(responder.map(|x| (x, r)));
-                    self.flush(&mut pending)?;
+                    self.flush(&mut pending).await?;
                     continue;
                 }
                 EntryPayload::Normal(cmd) => self.apply_command(&mut pending, cmd)?,
                 EntryPayload::Membership(m) => {
+                    if let Some(span) = &mut self.applied.span {
+                        span.generation += 1;
+                        let highest: Option<ReplicaId> = m.nodes().map(|(id, _)| *id).max();
+                        if let Some(h) = highest {
+                            span.next_replica_id = span.next_replica_id.max(h + 1);
+                        }
+                    }
                     self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     CommandResponse::Done
                 }
@@ -445,10 +649,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if pending.responders.len() >= MAX_APPLY_BATCH_ENTRIES
                 || pending.batch.size_in_bytes() >= MAX_APPLY_BATCH_BYTES
             {
-                self.flush(&mut pending)?;
+                self.flush(&mut pending).await?;
             }
         }
-        self.flush(&mut pending)
+        self.flush(&mut pending).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -460,17 +664,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let pairs = parse_snapshot(&snapshot)?;
+        let (span, pairs) = parse_snapshot(&snapshot)?;
         let mut batch = WriteBatch::default();
-        // Clear the span, then load the snapshot's pairs, in one atomic batch.
+        // Clear the snapshot's span, then load its pairs, in one atomic batch. The node
+        // admits a snapshot only when no other replica here overlaps its span.
+        let (start, end) = match &span {
+            Some(s) => (s.start_key.clone(), s.end_key.clone()),
+            None => self.span_bounds(),
+        };
         let mut opts = ReadOptions::default();
-        if !self.span_end.is_empty() {
-            opts.set_iterate_upper_bound(self.span_end.clone());
+        if !end.is_empty() {
+            opts.set_iterate_upper_bound(end);
         }
         let iter = self.db.raw().iterator_cf_opt(
             self.data_cf(),
             opts,
-            IteratorMode::From(&self.span_start, Direction::Forward),
+            IteratorMode::From(&start, Direction::Forward),
         );
         for item in iter {
             let (k, _) = item.map_err(io::Error::other)?;
@@ -484,9 +693,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.applied = AppliedState {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
+            span,
         };
         self.put_applied(&mut batch)?;
         self.db.write(batch, true).map_err(io::Error::from)?;
+        self.shared.set_span(self.applied.span.clone());
         self.write_snapshot_file(&StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,

@@ -2,26 +2,103 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A node's id. Allocated by the cluster's node registry and never reused, so it doubles as
-/// the replica id of the node's replica in every range.
+/// A node's id. Allocated by the cluster's node registry and never reused.
 pub type NodeId = u64;
 
-/// A range's id.
+/// A replica's id within its range: openraft's node id. Never reused within a range, so a
+/// replica that was removed and comes back on the same node starts as a new member and can
+/// never vote twice in a term under an old identity.
+pub type ReplicaId = u64;
+
+/// A range's id. Allocated by the meta range and never reused.
 pub type RangeId = u64;
+
+/// Where a replica lives: openraft's `Node` type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaNode {
+    pub node_id: NodeId,
+    pub addr: String,
+}
 
 openraft::declare_raft_types!(
     /// SphereDB's Raft types.
     pub TypeConfig:
         D = Command,
         R = CommandResponse,
-        NodeId = NodeId,
-        Node = openraft::BasicNode,
+        NodeId = ReplicaId,
+        Node = ReplicaNode,
 );
+
+/// A range's identity and span as its replicas hold it, written atomically with the applied
+/// state; the replica set is the Raft membership stored next to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeSpan {
+    pub range_id: RangeId,
+    /// Inclusive start (encoded key); empty is the start of the keyspace.
+    pub start_key: Vec<u8>,
+    /// Exclusive end; empty is the end of the keyspace.
+    pub end_key: Vec<u8>,
+    /// Bumped by every split, merge and replica change.
+    pub generation: u64,
+    /// Lowest replica id never used in this range.
+    pub next_replica_id: ReplicaId,
+}
+
+impl RangeSpan {
+    /// True when `key` lies in `[start_key, end_key)`.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        spheredb_storage::keys::span_contains(&self.start_key, &self.end_key, key)
+    }
+
+    /// True when the two spans share a key.
+    pub fn overlaps(&self, other: &RangeSpan) -> bool {
+        let a_before_b_end = other.end_key.is_empty() || self.start_key < other.end_key;
+        let b_before_a_end = self.end_key.is_empty() || other.start_key < self.end_key;
+        a_before_b_end && b_before_a_end
+    }
+}
 
 /// A Raft handle for one range.
 pub type RaftHandle = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;
 /// Snapshot payload: the range's data in the format of `state_machine::snapshot_format`.
 pub type SnapshotData = Vec<u8>;
+/// One replica of a range as the meta range records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub replica_id: ReplicaId,
+    pub node_id: NodeId,
+    /// False for a learner.
+    pub voter: bool,
+}
+
+/// A range descriptor: span, generation and replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRecord {
+    pub span: RangeSpan,
+    pub replicas: Vec<ReplicaRecord>,
+}
+
+impl RangeRecord {
+    /// The descriptor of a range with `span` and `membership`.
+    pub fn new(span: RangeSpan, membership: &Membership) -> RangeRecord {
+        let voters: std::collections::BTreeSet<ReplicaId> = membership.voter_ids().collect();
+        let replicas = membership
+            .nodes()
+            .map(|(id, node)| ReplicaRecord {
+                replica_id: *id,
+                node_id: node.node_id,
+                voter: voters.contains(id),
+            })
+            .collect();
+        RangeRecord { span, replicas }
+    }
+
+    /// The replica on `node_id`, if any.
+    pub fn replica_on(&self, node_id: NodeId) -> Option<&ReplicaRecord> {
+        self.replicas.iter().find(|r| r.node_id == node_id)
+    }
+}
+
 /// A log id.
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 /// A vote.
@@ -30,6 +107,8 @@ pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 /// Membership as stored with the applied state.
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+/// A range's Raft membership.
+pub type Membership = openraft::Membership<ReplicaId, ReplicaNode>;
 /// Snapshot metadata.
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 
@@ -54,14 +133,17 @@ pub enum Command {
         expected: Option<Vec<u8>>,
         new_value: Option<Vec<u8>>,
     },
-    /// First command of a new cluster: records its id and the bootstrap node.
-    InitCluster {
-        cluster_id: u64,
-        node_id: NodeId,
-        addr: String,
-    },
     /// Allocate (or look up, for a retried join) the node id for `join_token`.
     RegisterNode { join_token: Vec<u8>, addr: String },
+    /// Split the range at `split_key` (meta range: allocated by the caller) if it is still at
+    /// `expected_generation`. The right half becomes range `new_range_id` on the same replicas.
+    Split {
+        split_key: Vec<u8>,
+        new_range_id: RangeId,
+        expected_generation: u64,
+    },
+    /// Meta range only: allocate `count` range ids.
+    AllocRangeIds { count: u64 },
 }
 
 /// The result of applying a [`Command`].
@@ -80,6 +162,21 @@ pub enum CommandResponse {
         node_id: NodeId,
         cluster_id: u64,
     },
+    /// The range split; the spans of both halves.
+    SplitDone {
+        left: Box<RangeSpan>,
+        right: Box<RangeSpan>,
+    },
+    /// The first of `count` newly allocated range ids.
+    RangeIds {
+        first: RangeId,
+        count: u64,
+    },
+    /// A key of the command lies outside the range (it split or merged since the command was
+    /// proposed); nothing was written.
+    OutsideSpan {
+        span: Option<Box<RangeSpan>>,
+    },
     /// The command could not be applied; nothing was written.
     Rejected {
         reason: String,
@@ -87,11 +184,11 @@ pub enum CommandResponse {
 }
 
 impl Command {
-    /// True for commands that read the node registry straight from the database.
+    /// True for commands applied alone: they read the database directly or change the range.
     pub fn reads_registry(&self) -> bool {
         matches!(
             self,
-            Command::InitCluster { .. } | Command::RegisterNode { .. }
+            Command::RegisterNode { .. } | Command::Split { .. } | Command::AllocRangeIds { .. }
         )
     }
 }
@@ -102,14 +199,9 @@ impl std::fmt::Display for Command {
             Command::Write { ops } => write!(f, "write({} ops)", ops.len()),
             Command::Delete { .. } => write!(f, "delete"),
             Command::CompareAndSwap { .. } => write!(f, "compare-and-swap"),
-            Command::InitCluster {
-                cluster_id,
-                node_id,
-                ..
-            } => {
-                write!(f, "init-cluster({cluster_id:016x}, node {node_id})")
-            }
             Command::RegisterNode { addr, .. } => write!(f, "register-node({addr})"),
+            Command::Split { new_range_id, .. } => write!(f, "split(new range {new_range_id})"),
+            Command::AllocRangeIds { count } => write!(f, "alloc-range-ids({count})"),
         }
     }
 }

@@ -214,6 +214,24 @@ fn decode_datum(input: &[u8]) -> Option<(Datum, usize)> {
     }
 }
 
+/// The start of the row `key` belongs to: a range split at this key keeps every key of the
+/// row on one side. For SQL keys that is the header plus the whole primary-key columns (a
+/// trailing part that is not a column, such as a column-family suffix, is cut off); a raw
+/// KV or system key is its own row.
+pub fn row_prefix(key: &[u8]) -> &[u8] {
+    if key.first() != Some(&SQL_PREFIX) || key.len() < 17 {
+        return key;
+    }
+    let mut end = 17;
+    while end < key.len() {
+        match decode_datum(&key[end..]) {
+            Some((_, used)) if used > 0 => end += used,
+            _ => break,
+        }
+    }
+    &key[..end]
+}
+
 /// True when `key` lies in the half-open span `[start, end)`; an empty `end` is unbounded.
 pub fn span_contains(start: &[u8], end: &[u8], key: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)
@@ -223,6 +241,17 @@ pub fn span_contains(start: &[u8], end: &[u8], key: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn row_prefix_keeps_a_rows_keys_together() {
+        let row = sql_row_key(7, 1, 1, &[Datum::Int(5), Datum::Text("a".into())]);
+        let mut with_suffix = row.clone();
+        with_suffix.push(0xfe); // not a datum tag
+        assert_eq!(row_prefix(&with_suffix), row.as_slice());
+        assert_eq!(row_prefix(&row), row.as_slice());
+        let kv = kv_key(3, b"k");
+        assert_eq!(row_prefix(&kv), kv.as_slice());
+    }
 
     fn datum() -> impl Strategy<Value = Datum> {
         prop_oneof![

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use spheredb_client::proto::v1::StatusResponse;
+use spheredb_client::proto::v1::{RangeStatus, StatusResponse};
 use spheredb_client::{Client, ClientOptions};
 
 /// Generous liveness deadline for anything a test waits on.
@@ -30,6 +30,33 @@ where
             "timed out after {LIVENESS_DEADLINE_MS} ms waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The range a new cluster keeps user data in until it splits.
+pub const USER_RANGE: u64 = spheredb_engine::node::FIRST_USER_RANGE_ID;
+
+/// The status of range `range_id` in a node's status.
+pub fn range(s: &StatusResponse, range_id: u64) -> Option<&RangeStatus> {
+    s.ranges.iter().find(|r| {
+        r.descriptor
+            .as_ref()
+            .is_some_and(|d| d.range_id == range_id)
+    })
+}
+
+/// True when every range in the cluster's map has at least `want` voters and a known leader.
+pub async fn fully_replicated(client: &Client, want: usize) -> bool {
+    match client.range_list().await {
+        Ok(list) => list.ranges.iter().all(|d| {
+            d.voters.len() >= want
+                && d.learners.is_empty()
+                && list
+                    .loads
+                    .iter()
+                    .any(|l| l.range_id == d.range_id && l.leader_node_id.is_some())
+        }),
+        Err(_) => false,
     }
 }
 
@@ -96,16 +123,15 @@ impl ProcCluster {
             if i == 0 {
                 let a = cluster.procs[0].addr.clone();
                 eventually("the first node to lead", || async {
-                    status(&a, false).await?.ranges.first()?.leader_id
+                    range(&status(&a, false).await?, USER_RANGE)?.leader_id
                 })
                 .await;
             }
         }
         let want = n.min(3);
-        let a = cluster.procs[0].addr.clone();
-        eventually("every node to become a voter", || async {
-            let s = status(&a, false).await?;
-            (s.ranges.first()?.descriptor.as_ref()?.voters.len() >= want).then_some(())
+        let client = cluster.client().await;
+        eventually("every range to reach its replication factor", || async {
+            fully_replicated(&client, want).await.then_some(())
         })
         .await;
         cluster
@@ -116,13 +142,13 @@ impl ProcCluster {
         self.procs.iter().map(|p| p.addr.clone()).collect()
     }
 
-    /// Index of the node the cluster agrees is leader.
+    /// Index of the node leading the first user range.
     pub async fn leader(&self) -> usize {
         let addrs = self.addrs();
         eventually("a leader", || async {
             for a in &addrs {
                 if let Some(s) = status(a, false).await {
-                    if let Some(l) = s.ranges.first().and_then(|r| r.leader_id) {
+                    if let Some(l) = range(&s, USER_RANGE).and_then(|r| r.leader_id) {
                         let leader_addr = s.nodes.iter().find(|n| n.node_id == l)?.addr.clone();
                         let idx = addrs.iter().position(|x| *x == leader_addr)?;
                         if self.procs[idx].child.is_some() {

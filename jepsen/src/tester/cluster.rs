@@ -395,6 +395,19 @@ pub struct StatusView {
     addrs: Vec<String>,
 }
 
+/// The range a fresh cluster keeps all user data in (the tester's workloads stay far below
+/// the split threshold, so it never splits).
+pub const USER_RANGE_ID: u64 = 2;
+
+/// The status of the user range in a node's status.
+fn user_range(s: &StatusResponse) -> Option<&spheredb_client::proto::v1::RangeStatus> {
+    s.ranges.iter().find(|r| {
+        r.descriptor
+            .as_ref()
+            .is_some_and(|d| d.range_id == USER_RANGE_ID)
+    })
+}
+
 /// What the nodes said about leadership.
 #[derive(Debug, Clone, Default)]
 pub struct LeaderView {
@@ -453,7 +466,7 @@ impl StatusView {
         let best = answers
             .iter()
             .filter_map(|(_, s)| {
-                let range = s.ranges.first()?;
+                let range = user_range(s)?;
                 let leader_id = range.leader_id?;
                 Some((range.term, leader_id, s))
             })
@@ -467,14 +480,12 @@ impl StatusView {
             .find(|n| n.node_id == leader_id)
             .map(|n| n.addr.clone());
         view.leader = leader_addr.and_then(|a| self.addrs.iter().position(|x| *x == a));
-        view.voters = status
-            .ranges
-            .first()
+        view.voters = user_range(status)
             .and_then(|r| r.descriptor.as_ref())
             .map_or(0, |d| d.voters.len());
         view.agreed = answers
             .iter()
-            .all(|(_, s)| s.ranges.first().and_then(|r| r.leader_id) == Some(leader_id));
+            .all(|(_, s)| user_range(s).and_then(|r| r.leader_id) == Some(leader_id));
         view
     }
 }

@@ -1,0 +1,582 @@
+//! The allocator, run by the meta-range leader: keeps every range at its replication factor
+//! on live nodes, drains decommissioning and dead nodes, and spreads replicas and leaders.
+//!
+//! [`plan`] is a pure function from a cluster view to actions; the loop around it executes
+//! them against range leaders (`Admin.ChangeReplicas`, `Admin.TransferLeader`), at most one
+//! action per range at a time and [`MAX_CONCURRENT_ACTIONS`] in all. A replica moves as
+//! add (learner, then voter) → remove, each its own membership change, so a range never
+//! drops below its replication factor during a move.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spheredb_client::proto::v1::{ChangeReplicasRequest, TransferLeaderRequest};
+use spheredb_client::ClientError;
+use spheredb_raft::registry::{self, LivenessRecord, NodeRecord, NodeState};
+use spheredb_raft::{NodeId, RangeId, RangeRecord, WriteOp};
+use tokio::sync::watch;
+
+use crate::meta::{write_liveness, write_meta};
+use crate::node::NodeShared;
+
+/// Most allocator actions in flight at once.
+pub const MAX_CONCURRENT_ACTIONS: usize = 8;
+/// Most rebalancing moves (replicas or leaders) planned per round; repairs are not limited.
+pub const MAX_REBALANCE_PER_ROUND: usize = 4;
+/// Longest one allocator action may take (a new replica's snapshot included).
+pub const ACTION_TIMEOUT_MS: u64 = 60_000;
+
+/// A node as the allocator sees it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub node_id: NodeId,
+    pub state: NodeState,
+    /// Reported within the dead timeout.
+    pub live: bool,
+}
+
+/// A range as the allocator sees it.
+#[derive(Debug, Clone)]
+pub struct RangeView {
+    pub record: RangeRecord,
+    pub leader_node: Option<NodeId>,
+}
+
+/// What the allocator asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    AddReplica {
+        range_id: RangeId,
+        generation: u64,
+        node_id: NodeId,
+    },
+    RemoveReplica {
+        range_id: RangeId,
+        generation: u64,
+        node_id: NodeId,
+    },
+    TransferLeader {
+        range_id: RangeId,
+        to_node: NodeId,
+    },
+}
+
+impl Action {
+    pub fn range_id(&self) -> RangeId {
+        match self {
+            Action::AddReplica { range_id, .. }
+            | Action::RemoveReplica { range_id, .. }
+            | Action::TransferLeader { range_id, .. } => *range_id,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Action::AddReplica { .. } => "replicas_added",
+            Action::RemoveReplica { .. } => "replicas_removed",
+            Action::TransferLeader { .. } => "leader_transfers",
+        }
+    }
+}
+
+/// Plans actions for `ranges` on `nodes`, skipping ranges in `busy`.
+pub fn plan(
+    nodes: &[NodeView],
+    ranges: &[RangeView],
+    replication_factor: usize,
+    busy: &std::collections::HashSet<RangeId>,
+) -> Vec<Action> {
+    let usable = |id: NodeId| {
+        nodes
+            .iter()
+            .any(|n| n.node_id == id && n.live && n.state == NodeState::Active)
+    };
+    let usable_count = nodes
+        .iter()
+        .filter(|n| n.live && n.state == NodeState::Active)
+        .count();
+    let want = replication_factor.min(usable_count).max(1);
+    // Replica and leader counts per usable node, updated as actions are planned.
+    let mut replica_count: BTreeMap<NodeId, usize> = nodes
+        .iter()
+        .filter(|n| usable(n.node_id))
+        .map(|n| (n.node_id, 0))
+        .collect();
+    let mut leader_count = replica_count.clone();
+    for r in ranges {
+        for rep in &r.record.replicas {
+            if let Some(c) = replica_count.get_mut(&rep.node_id) {
+                *c += 1;
+            }
+        }
+        if let Some(c) = r.leader_node.and_then(|l| leader_count.get_mut(&l)) {
+            *c += 1;
+        }
+    }
+    let mut actions = Vec::new();
+    let mut rebalances = 0usize;
+    for r in ranges {
+        let range_id = r.record.span.range_id;
+        let Some(leader) = r.leader_node else {
+            continue;
+        };
+        if busy.contains(&range_id) {
+            continue;
+        }
+        let generation = r.record.span.generation;
+        let voters: Vec<NodeId> = r
+            .record
+            .replicas
+            .iter()
+            .filter(|x| x.voter)
+            .map(|x| x.node_id)
+            .collect();
+        let learners: Vec<NodeId> = r
+            .record
+            .replicas
+            .iter()
+            .filter(|x| !x.voter)
+            .map(|x| x.node_id)
+            .collect();
+        let good: Vec<NodeId> = voters.iter().copied().filter(|n| usable(*n)).collect();
+        let has = |n: NodeId| r.record.replicas.iter().any(|x| x.node_id == n);
+        // The usable node without a replica of the range that holds the fewest replicas.
+        let target = replica_count
+            .iter()
+            .filter(|(n, _)| !has(**n))
+            .min_by_key(|(n, c)| (**c, **n))
+            .map(|(n, c)| (*n, *c));
+
+        // A learner left behind by an interrupted move: finish or undo it.
+        if let Some(&l) = learners.first() {
+            let action = if usable(l) && good.len() < want {
+                Action::AddReplica {
+                    range_id,
+                    generation,
+                    node_id: l,
+                }
+            } else {
+                Action::RemoveReplica {
+                    range_id,
+                    generation,
+                    node_id: l,
+                }
+            };
+            actions.push(action);
+            continue;
+        }
+        if good.len() < want {
+            if let Some((node_id, _)) = target {
+                *replica_count.entry(node_id).or_default() += 1;
+                actions.push(Action::AddReplica {
+                    range_id,
+                    generation,
+                    node_id,
+                });
+            }
+            continue;
+        }
+        // Too many voters, or voters on dead or draining nodes: remove one, preferring an
+        // unusable node, then the node with the most replicas.
+        if voters.len() > want {
+            let victim = voters
+                .iter()
+                .copied()
+                .max_by_key(|n| (!usable(*n), replica_count.get(n).copied().unwrap_or(0), *n))
+                .unwrap_or(leader);
+            if victim == leader {
+                if let Some(&to) = good
+                    .iter()
+                    .filter(|n| **n != leader)
+                    .min_by_key(|n| leader_count.get(n).copied().unwrap_or(0))
+                {
+                    actions.push(Action::TransferLeader {
+                        range_id,
+                        to_node: to,
+                    });
+                }
+            } else {
+                if let Some(c) = replica_count.get_mut(&victim) {
+                    *c = c.saturating_sub(1);
+                }
+                actions.push(Action::RemoveReplica {
+                    range_id,
+                    generation,
+                    node_id: victim,
+                });
+            }
+            continue;
+        }
+        if rebalances >= MAX_REBALANCE_PER_ROUND {
+            continue;
+        }
+        // Replica balance: move one replica from the fullest node of the range to the
+        // emptiest node without one, when that evens counts out by at least two.
+        let fullest = voters
+            .iter()
+            .copied()
+            .max_by_key(|n| (replica_count.get(n).copied().unwrap_or(0), *n));
+        if let (Some(from), Some((to, to_count))) = (fullest, target) {
+            let from_count = replica_count.get(&from).copied().unwrap_or(0);
+            if from_count >= to_count + 2 {
+                *replica_count.entry(to).or_default() += 1;
+                if let Some(c) = replica_count.get_mut(&from) {
+                    *c = c.saturating_sub(1);
+                }
+                rebalances += 1;
+                actions.push(Action::AddReplica {
+                    range_id,
+                    generation,
+                    node_id: to,
+                });
+                continue;
+            }
+        }
+        // Leader balance: hand leadership to the voter leading the fewest ranges when that
+        // evens counts out by at least two.
+        let from_count = leader_count.get(&leader).copied().unwrap_or(0);
+        if let Some((&to, &to_count)) = leader_count
+            .iter()
+            .filter(|(n, _)| good.contains(n) && **n != leader)
+            .min_by_key(|(n, c)| (**c, **n))
+        {
+            if from_count >= to_count + 2 {
+                *leader_count.entry(to).or_default() += 1;
+                if let Some(c) = leader_count.get_mut(&leader) {
+                    *c = c.saturating_sub(1);
+                }
+                rebalances += 1;
+                actions.push(Action::TransferLeader {
+                    range_id,
+                    to_node: to,
+                });
+            }
+        }
+    }
+    actions
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs the allocator every heartbeat period while this node leads the meta range.
+pub async fn allocator_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = allocate_once(&shared).await {
+            tracing::debug!("allocator round: {e}");
+        }
+    }
+}
+
+async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
+    let Some(meta) = shared.meta_replica().filter(|r| r.raft.is_leader()) else {
+        return Ok(());
+    };
+    let internal = |e: std::io::Error| ClientError::Internal(e.to_string());
+    let records = registry::ranges(&shared.db).map_err(internal)?;
+    let node_records = registry::nodes(&shared.db).map_err(internal)?;
+    let liveness: HashMap<NodeId, LivenessRecord> = registry::liveness(&shared.db)
+        .map_err(internal)?
+        .into_iter()
+        .map(|l| (l.node_id, l))
+        .collect();
+    let dead_after = shared.cfg.dead_node_timeout_ms;
+    let mut nodes = Vec::new();
+    for n in &node_records {
+        let live = n.node_id == shared.node_id || shared.meta.silence_ms(n.node_id) < dead_after;
+        let recorded = liveness.get(&n.node_id).is_none_or(|l| l.live);
+        if live != recorded {
+            tracing::info!(node_id = n.node_id, live, "node liveness changed");
+            write_liveness(
+                &meta.raft,
+                LivenessRecord {
+                    node_id: n.node_id,
+                    live,
+                    since_unix_ms: unix_ms(),
+                },
+            )
+            .await?;
+        }
+        nodes.push(NodeView {
+            node_id: n.node_id,
+            state: n.state,
+            live,
+        });
+    }
+    finish_decommissions(shared, &meta.raft, &node_records, &records).await?;
+    let loads = shared.meta.loads();
+    let ranges: Vec<RangeView> = records
+        .into_iter()
+        .map(|record| {
+            let leader_node = loads.get(&record.span.range_id).and_then(|l| l.leader_node);
+            RangeView {
+                record,
+                leader_node,
+            }
+        })
+        .collect();
+    let busy = shared
+        .meta
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let free_slots = MAX_CONCURRENT_ACTIONS.saturating_sub(busy.len());
+    let actions = plan(&nodes, &ranges, shared.cfg.replication_factor, &busy);
+    for action in actions.into_iter().take(free_slots) {
+        let Some(leader) = ranges
+            .iter()
+            .find(|r| r.record.span.range_id == action.range_id())
+            .and_then(|r| r.leader_node)
+        else {
+            continue;
+        };
+        let Some(addr) = shared.known_nodes().get(&leader).cloned() else {
+            continue;
+        };
+        shared
+            .meta
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(action.range_id());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(
+                Duration::from_millis(ACTION_TIMEOUT_MS),
+                execute(&shared, &addr, &action),
+            )
+            .await;
+            match result {
+                Ok(Ok(())) => {
+                    tracing::info!(?action, "allocator action done");
+                    shared.meta.count(action.kind());
+                }
+                Ok(Err(e)) => tracing::info!(?action, "allocator action failed: {e}"),
+                Err(_) => tracing::warn!(?action, "allocator action timed out"),
+            }
+            shared
+                .meta
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&action.range_id());
+        });
+    }
+    Ok(())
+}
+
+/// Marks draining nodes that hold no replica any more as decommissioned.
+async fn finish_decommissions(
+    shared: &NodeShared,
+    meta: &spheredb_raft::RaftHandle,
+    nodes: &[NodeRecord],
+    records: &[RangeRecord],
+) -> Result<(), ClientError> {
+    for n in nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Decommissioning)
+    {
+        if records.iter().any(|r| r.replica_on(n.node_id).is_some()) {
+            continue;
+        }
+        let done = NodeRecord {
+            state: NodeState::Decommissioned,
+            ..n.clone()
+        };
+        let value = registry::encode(&done).map_err(|e| ClientError::Internal(e.to_string()))?;
+        write_meta(
+            meta,
+            vec![WriteOp {
+                key: registry::node_key(n.node_id),
+                value: Some(value),
+            }],
+        )
+        .await?;
+        tracing::info!(
+            node_id = n.node_id,
+            by = shared.node_id,
+            "node decommissioned"
+        );
+    }
+    Ok(())
+}
+
+async fn execute(
+    shared: &NodeShared,
+    leader_addr: &str,
+    action: &Action,
+) -> Result<(), ClientError> {
+    let mut admin = shared.admin(leader_addr)?;
+    let result = match action {
+        Action::AddReplica {
+            range_id,
+            generation,
+            node_id,
+        } => admin
+            .change_replicas(ChangeReplicasRequest {
+                range_id: *range_id,
+                add_node_id: Some(*node_id),
+                remove_node_id: None,
+                expected_generation: *generation,
+            })
+            .await
+            .map(|_| ()),
+        Action::RemoveReplica {
+            range_id,
+            generation,
+            node_id,
+        } => admin
+            .change_replicas(ChangeReplicasRequest {
+                range_id: *range_id,
+                add_node_id: None,
+                remove_node_id: Some(*node_id),
+                expected_generation: *generation,
+            })
+            .await
+            .map(|_| ()),
+        Action::TransferLeader { range_id, to_node } => admin
+            .transfer_leader(TransferLeaderRequest {
+                range_id: *range_id,
+                to_node_id: *to_node,
+            })
+            .await
+            .map(|_| ()),
+    };
+    result.map_err(|s| ClientError::from_status(&s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spheredb_raft::{RangeSpan, ReplicaRecord};
+    use std::collections::HashSet;
+
+    fn node(id: NodeId) -> NodeView {
+        NodeView {
+            node_id: id,
+            state: NodeState::Active,
+            live: true,
+        }
+    }
+
+    fn range(id: RangeId, on: &[NodeId], leader: NodeId) -> RangeView {
+        RangeView {
+            record: RangeRecord {
+                span: RangeSpan {
+                    range_id: id,
+                    start_key: vec![id as u8],
+                    end_key: vec![id as u8 + 1],
+                    generation: 1,
+                    next_replica_id: 10,
+                },
+                replicas: on
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| ReplicaRecord {
+                        replica_id: i as u64 + 1,
+                        node_id: *n,
+                        voter: true,
+                    })
+                    .collect(),
+            },
+            leader_node: Some(leader),
+        }
+    }
+
+    #[test]
+    fn under_replicated_ranges_gain_a_replica_on_the_emptiest_node() {
+        let nodes = [node(1), node(2), node(3)];
+        let ranges = [range(2, &[1], 1), range(3, &[1, 2], 1)];
+        let actions = plan(&nodes, &ranges, 3, &HashSet::new());
+        assert_eq!(
+            actions,
+            vec![
+                Action::AddReplica {
+                    range_id: 2,
+                    generation: 1,
+                    node_id: 3
+                },
+                Action::AddReplica {
+                    range_id: 3,
+                    generation: 1,
+                    node_id: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dead_nodes_replica_is_replaced_then_removed() {
+        let mut nodes = vec![node(1), node(2), node(3), node(4)];
+        nodes[2].live = false;
+        let before = [range(2, &[1, 2, 3], 1)];
+        assert_eq!(
+            plan(&nodes, &before, 3, &HashSet::new()),
+            vec![Action::AddReplica {
+                range_id: 2,
+                generation: 1,
+                node_id: 4
+            }]
+        );
+        let after = [range(2, &[1, 2, 3, 4], 1)];
+        assert_eq!(
+            plan(&nodes, &after, 3, &HashSet::new()),
+            vec![Action::RemoveReplica {
+                range_id: 2,
+                generation: 1,
+                node_id: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn a_draining_leader_hands_over_before_its_replica_goes() {
+        let mut nodes = vec![node(1), node(2), node(3), node(4)];
+        nodes[0].state = NodeState::Decommissioning;
+        let ranges = [range(2, &[1, 2, 3, 4], 1)];
+        assert_eq!(
+            plan(&nodes, &ranges, 3, &HashSet::new()),
+            vec![Action::TransferLeader {
+                range_id: 2,
+                to_node: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn replicas_spread_to_a_new_node() {
+        let nodes = [node(1), node(2), node(3), node(4)];
+        let ranges: Vec<RangeView> = (2..8).map(|id| range(id, &[1, 2, 3], 1 + id % 3)).collect();
+        let actions = plan(&nodes, &ranges, 3, &HashSet::new());
+        let adds = actions
+            .iter()
+            .filter(|a| matches!(a, Action::AddReplica { node_id: 4, .. }))
+            .count();
+        assert!((1..=MAX_REBALANCE_PER_ROUND).contains(&adds), "{actions:?}");
+        // Balanced placement plans nothing.
+        let balanced: Vec<RangeView> = vec![
+            range(2, &[1, 2, 3], 1),
+            range(3, &[2, 3, 4], 2),
+            range(4, &[3, 4, 1], 3),
+            range(5, &[4, 1, 2], 4),
+        ];
+        assert!(plan(&nodes, &balanced, 3, &HashSet::new()).is_empty());
+    }
+
+    #[test]
+    fn busy_ranges_are_left_alone() {
+        let nodes = [node(1), node(2), node(3)];
+        let ranges = [range(2, &[1], 1)];
+        assert!(plan(&nodes, &ranges, 3, &HashSet::from([2])).is_empty());
+    }
+}

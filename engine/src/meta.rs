@@ -1,0 +1,396 @@
+//! The meta range's leader as the cluster's bookkeeper, and every node's heartbeat to it.
+//!
+//! Each node reports its replicas every heartbeat period (descriptor, leadership, size,
+//! load). The meta-range leader keeps liveness and load in memory, writes any descriptor it
+//! sees at a newer generation into the meta range, and answers with the replicas the node
+//! must destroy (removed from their range) and the nodes that stopped reporting (so quiesced
+//! ranges they lead wake up and elect).
+//!
+//! A range's own replicas hold the authoritative descriptor, changed atomically with the
+//! split or replica change in the range's log; the meta range's copy follows within one
+//! heartbeat period, and clients correct a stale copy from the hints in server errors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use spheredb_client::proto::v1::{
+    NodeHeartbeatRequest, NodeHeartbeatResponse, NodeInfo, RangeDescriptor, ReplicaReport,
+};
+use spheredb_client::ClientError;
+use spheredb_raft::registry::{self, LivenessRecord};
+use spheredb_raft::{
+    Command, NodeId, RangeId, RangeRecord, RangeSpan, ReplicaId, ReplicaRecord, WriteOp,
+};
+use tokio::sync::watch;
+
+use crate::errors::{not_leader_hint, write_error};
+use crate::node::{NodeShared, META_RANGE_ID};
+
+/// A node silent for this many heartbeat periods is unreachable: quiesced ranges it leads
+/// are woken so they can elect another leader.
+pub const UNREACHABLE_AFTER_HEARTBEATS: u64 = 3;
+/// A replica missing from its range's descriptor this long is destroyed (the grace covers a
+/// replica being added while the meta copy still shows the previous generation).
+pub const REPLICA_GC_GRACE_MS: u64 = 3_000;
+/// Longest the meta leader waits for its writes of descriptors to commit.
+pub const META_WRITE_TIMEOUT_MS: u64 = 5_000;
+
+/// Load of one range as its leader reported it.
+#[derive(Debug, Clone, Default)]
+pub struct RangeLoad {
+    pub leader_node: Option<NodeId>,
+    pub size_bytes: u64,
+    pub qps: f64,
+}
+
+/// In-memory view of the meta-range leader; reset whenever leadership changes.
+#[derive(Default)]
+struct MetaInner {
+    /// Term of the meta range in which this view was built.
+    term: Option<u64>,
+    /// When this node became meta leader: nodes get a full dead timeout from then.
+    since: Option<Instant>,
+    last_seen: HashMap<NodeId, Instant>,
+    loads: HashMap<RangeId, RangeLoad>,
+    gc_candidates: HashMap<(NodeId, RangeId), Instant>,
+}
+
+/// The meta-range leader's view of the cluster.
+#[derive(Default)]
+pub struct MetaState {
+    inner: Mutex<MetaInner>,
+    /// Ranges with an allocator action in flight.
+    pub in_flight: Mutex<std::collections::HashSet<RangeId>>,
+    /// Splits, replica additions, removals and leader transfers done since start.
+    pub counters: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl MetaState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MetaInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resets the view if the meta range's term moved on since it was built.
+    fn sync_term(&self, term: u64) {
+        let mut inner = self.lock();
+        if inner.term != Some(term) {
+            *inner = MetaInner {
+                term: Some(term),
+                since: Some(Instant::now()),
+                ..MetaInner::default()
+            };
+        }
+    }
+
+    /// Milliseconds since `node` last reported (or since this view began, if never).
+    pub fn silence_ms(&self, node: NodeId) -> u64 {
+        let inner = self.lock();
+        inner
+            .last_seen
+            .get(&node)
+            .or(inner.since.as_ref())
+            .map_or(0, |t| t.elapsed().as_millis() as u64)
+    }
+
+    /// Load of every range that reported.
+    pub fn loads(&self) -> HashMap<RangeId, RangeLoad> {
+        self.lock().loads.clone()
+    }
+
+    /// Counts one action of `kind`.
+    pub fn count(&self, kind: &'static str) {
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default() += 1;
+    }
+}
+
+/// A descriptor from the wire.
+pub fn record_from_wire(d: &RangeDescriptor, next_replica_id: ReplicaId) -> RangeRecord {
+    RangeRecord {
+        span: RangeSpan {
+            range_id: d.range_id,
+            start_key: d.start_key.clone(),
+            end_key: d.end_key.clone(),
+            generation: d.generation,
+            next_replica_id,
+        },
+        replicas: d
+            .replicas
+            .iter()
+            .map(|r| ReplicaRecord {
+                replica_id: r.replica_id,
+                node_id: r.node_id,
+                voter: r.voter,
+            })
+            .collect(),
+    }
+}
+
+/// Handles a node's heartbeat on the meta-range leader.
+pub async fn handle_heartbeat(
+    shared: &NodeShared,
+    req: NodeHeartbeatRequest,
+) -> Result<NodeHeartbeatResponse, ClientError> {
+    let meta = shared
+        .meta_replica()
+        .filter(|r| r.raft.is_leader())
+        .ok_or_else(|| not_leader_hint(shared.meta_leader_hint()))?;
+    let term = meta.raft.metrics().borrow_watched().current_term;
+    shared.meta.sync_term(term);
+    let now = Instant::now();
+    let stored: HashMap<RangeId, RangeRecord> = registry::ranges(&shared.db)
+        .map_err(|e| ClientError::Internal(e.to_string()))?
+        .into_iter()
+        .map(|r| (r.span.range_id, r))
+        .collect();
+
+    let mut upserts: Vec<RangeRecord> = Vec::new();
+    let mut destroy = Vec::new();
+    {
+        let mut inner = shared.meta.lock();
+        inner.last_seen.insert(req.node_id, now);
+        for report in &req.replicas {
+            track_report(&mut inner, req.node_id, report, &stored, now, &mut destroy);
+            let Some(d) = &report.descriptor else {
+                continue;
+            };
+            let newer = stored
+                .get(&d.range_id)
+                .is_none_or(|s| s.span.generation < d.generation);
+            if newer && !upserts.iter().any(|u| u.span.range_id == d.range_id) {
+                upserts.push(record_from_wire(d, report_next_replica_id(report, d)));
+            }
+        }
+    }
+    if !upserts.is_empty() {
+        write_descriptors(shared, &meta.raft, &stored, upserts).await?;
+    }
+
+    let interval_ms = shared.cfg.node_heartbeat_interval_ms;
+    let nodes = registry::nodes(&shared.db).map_err(|e| ClientError::Internal(e.to_string()))?;
+    let unreachable = nodes
+        .iter()
+        .map(|n| n.node_id)
+        .filter(|id| shared.meta.silence_ms(*id) > interval_ms * UNREACHABLE_AFTER_HEARTBEATS)
+        .collect();
+    Ok(NodeHeartbeatResponse {
+        destroy_ranges: destroy,
+        unreachable_nodes: unreachable,
+        nodes: nodes
+            .into_iter()
+            .map(|n| NodeInfo {
+                node_id: n.node_id,
+                addr: n.addr,
+            })
+            .collect(),
+    })
+}
+
+/// The next replica id a report implies: above every replica id it names.
+fn report_next_replica_id(report: &ReplicaReport, d: &RangeDescriptor) -> ReplicaId {
+    d.replicas
+        .iter()
+        .map(|r| r.replica_id + 1)
+        .chain([report.replica_id + 1])
+        .max()
+        .unwrap_or(1)
+}
+
+/// Updates load and decides whether the reporting node's replica was removed from its range.
+fn track_report(
+    inner: &mut MetaInner,
+    node_id: NodeId,
+    report: &ReplicaReport,
+    stored: &HashMap<RangeId, RangeRecord>,
+    now: Instant,
+    destroy: &mut Vec<RangeId>,
+) {
+    if report.leader {
+        inner.loads.insert(
+            report.range_id,
+            RangeLoad {
+                leader_node: Some(node_id),
+                size_bytes: report.size_bytes,
+                qps: report.qps,
+            },
+        );
+    }
+    let reported_generation = report.descriptor.as_ref().map_or(0, |d| d.generation);
+    let removed = stored.get(&report.range_id).is_some_and(|s| {
+        s.span.generation > reported_generation
+            && report.replica_id < s.span.next_replica_id
+            && !s.replicas.iter().any(|r| r.replica_id == report.replica_id)
+    });
+    let key = (node_id, report.range_id);
+    if !removed {
+        inner.gc_candidates.remove(&key);
+        return;
+    }
+    let first = *inner.gc_candidates.entry(key).or_insert(now);
+    if now.duration_since(first) >= Duration::from_millis(REPLICA_GC_GRACE_MS) {
+        inner.gc_candidates.remove(&key);
+        destroy.push(report.range_id);
+    }
+}
+
+/// Writes newer descriptors into the meta range, deleting stored descriptors of other ranges
+/// they overlap at a lower generation (the range merged away or the view was stale).
+async fn write_descriptors(
+    shared: &NodeShared,
+    meta: &spheredb_raft::RaftHandle,
+    stored: &HashMap<RangeId, RangeRecord>,
+    upserts: Vec<RangeRecord>,
+) -> Result<(), ClientError> {
+    let mut ops = Vec::new();
+    for u in &upserts {
+        for s in stored.values() {
+            let other = s.span.range_id != u.span.range_id;
+            let superseded = upserts.iter().all(|x| x.span.range_id != s.span.range_id);
+            if other
+                && superseded
+                && s.span.overlaps(&u.span)
+                && s.span.generation < u.span.generation
+            {
+                ops.push(WriteOp {
+                    key: registry::range_key(s.span.range_id),
+                    value: None,
+                });
+            }
+        }
+        ops.push(WriteOp {
+            key: registry::range_key(u.span.range_id),
+            value: Some(registry::encode(u).map_err(|e| ClientError::Internal(e.to_string()))?),
+        });
+    }
+    write_meta(meta, ops).await?;
+    tracing::debug!(
+        node_id = shared.node_id,
+        count = upserts.len(),
+        "meta descriptors updated"
+    );
+    Ok(())
+}
+
+/// Proposes `ops` on the meta range.
+pub async fn write_meta(
+    meta: &spheredb_raft::RaftHandle,
+    ops: Vec<WriteOp>,
+) -> Result<(), ClientError> {
+    match tokio::time::timeout(
+        Duration::from_millis(META_WRITE_TIMEOUT_MS),
+        meta.client_write(Command::Write { ops }),
+    )
+    .await
+    {
+        Err(_) => Err(ClientError::Unavailable(
+            "meta write did not commit in time".into(),
+        )),
+        Ok(Err(e)) => Err(write_error(e)),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// Records a node's liveness change in the meta range.
+pub async fn write_liveness(
+    meta: &spheredb_raft::RaftHandle,
+    record: LivenessRecord,
+) -> Result<(), ClientError> {
+    let value = registry::encode(&record).map_err(|e| ClientError::Internal(e.to_string()))?;
+    write_meta(
+        meta,
+        vec![WriteOp {
+            key: registry::liveness_key(record.node_id),
+            value: Some(value),
+        }],
+    )
+    .await
+}
+
+/// This node's report of its replicas.
+fn build_report(shared: &NodeShared, interval: Duration) -> NodeHeartbeatRequest {
+    let mut replicas = Vec::new();
+    for r in shared.replicas.all() {
+        let ops = r.ops.swap(0, std::sync::atomic::Ordering::Relaxed);
+        r.set_qps(ops as f64 / interval.as_secs_f64().max(0.001));
+        let metrics = r.raft.metrics().borrow_watched().clone();
+        let leader = r.raft.is_leader();
+        replicas.push(ReplicaReport {
+            range_id: r.shared.range_id,
+            replica_id: metrics.id,
+            descriptor: shared.descriptor(&r),
+            leader,
+            size_bytes: if leader {
+                r.size_bytes.load(std::sync::atomic::Ordering::Relaxed)
+            } else {
+                0
+            },
+            qps: if leader { r.qps() } else { 0.0 },
+        });
+    }
+    NodeHeartbeatRequest {
+        node_id: shared.node_id,
+        addr: shared.addr.clone(),
+        replicas,
+    }
+}
+
+/// Reports to the meta-range leader every heartbeat period and acts on its answer.
+pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let report = build_report(&shared, interval);
+        let resp = shared
+            .call_meta(|mut admin| {
+                let report = report.clone();
+                async move { admin.node_heartbeat(report).await }
+            })
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("heartbeat to the meta range failed: {e}");
+                continue;
+            }
+        };
+        shared.learn_nodes(resp.nodes.iter().map(|n| (n.node_id, n.addr.clone())));
+        for range_id in resp.destroy_ranges {
+            if range_id == META_RANGE_ID && shared.is_leader(META_RANGE_ID) {
+                continue;
+            }
+            if let Err(e) = shared.destroy_replica(range_id).await {
+                tracing::warn!(range_id, "destroying removed replica: {e:#}");
+            }
+        }
+        if !resp.unreachable_nodes.is_empty() {
+            wake_ranges_led_by(&shared, &resp.unreachable_nodes);
+        }
+    }
+}
+
+/// Wakes quiesced ranges whose leader is on one of `nodes`, so they elect a new one.
+fn wake_ranges_led_by(shared: &NodeShared, nodes: &[NodeId]) {
+    for r in shared.replicas.all() {
+        if !r.quiesced.load(std::sync::atomic::Ordering::Acquire) {
+            continue;
+        }
+        let leader_node = shared.leader_node(&r).map(|n| n.node_id);
+        if leader_node.is_none_or(|n| nodes.contains(&n)) {
+            tracing::info!(
+                range_id = r.shared.range_id,
+                ?leader_node,
+                "waking range: its leader is unreachable"
+            );
+            r.touch();
+        }
+    }
+}

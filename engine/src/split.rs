@@ -1,0 +1,270 @@
+//! Range splits: the size and load checks each range leader runs over its ranges, and the
+//! split itself (one `Split` command on the parent's log; the right half starts as a new
+//! Raft group on the same replicas, from the data already on each node).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use openraft::async_runtime::WatchReceiver;
+use std::time::Duration;
+
+use rocksdb::{Direction, IteratorMode, ReadOptions};
+use spheredb_client::proto::v1::AllocRangeIdsRequest;
+use spheredb_client::ClientError;
+use spheredb_raft::network::Replica;
+use spheredb_raft::{Command, CommandResponse, RangeId, RangeRecord, RangeSpan};
+use spheredb_storage::{keys, ColumnFamilyName, Db};
+use tokio::sync::watch;
+
+use crate::errors::{not_leader_hint, write_error};
+use crate::node::{NodeShared, META_RANGE_ID};
+
+/// Period of the split check on each node.
+pub const SPLIT_CHECK_INTERVAL_MS: u64 = 1_000;
+/// Most splits one node starts per check.
+pub const MAX_SPLITS_PER_CHECK: usize = 4;
+/// Longest a split waits for its command to commit.
+pub const SPLIT_TIMEOUT_MS: u64 = 10_000;
+
+/// Size of a span's data and the row boundary near its middle by bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanSize {
+    pub size_bytes: u64,
+    /// Where to split to halve the range; `None` when no row boundary lies strictly inside.
+    pub middle_key: Option<Vec<u8>>,
+}
+
+fn span_iter<'a>(
+    db: &'a Db,
+    span: &RangeSpan,
+) -> rocksdb::DBIteratorWithThreadMode<'a, rocksdb::DB> {
+    let mut opts = ReadOptions::default();
+    if !span.end_key.is_empty() {
+        opts.set_iterate_upper_bound(span.end_key.clone());
+    }
+    db.raw().iterator_cf_opt(
+        db.cf(ColumnFamilyName::Data),
+        opts,
+        IteratorMode::From(&span.start_key, Direction::Forward),
+    )
+}
+
+/// Measures `span`: two passes, one for the total and one to find the middle.
+pub fn measure_span(db: &Db, span: &RangeSpan) -> Result<SpanSize, rocksdb::Error> {
+    let mut total = 0u64;
+    for item in span_iter(db, span) {
+        let (k, v) = item?;
+        total += (k.len() + v.len()) as u64;
+    }
+    let mut seen = 0u64;
+    let mut middle_key = None;
+    for item in span_iter(db, span) {
+        let (k, v) = item?;
+        seen += (k.len() + v.len()) as u64;
+        if seen * 2 >= total {
+            middle_key = split_point(span, &k);
+            if middle_key.is_some() {
+                break;
+            }
+        }
+    }
+    Ok(SpanSize {
+        size_bytes: total,
+        middle_key,
+    })
+}
+
+/// The row boundary at or below `key` if it lies strictly inside `span`.
+pub fn split_point(span: &RangeSpan, key: &[u8]) -> Option<Vec<u8>> {
+    let row = keys::row_prefix(key);
+    (row > span.start_key.as_slice() && span.contains(row)).then(|| row.to_vec())
+}
+
+/// Splits the range of `replica` (this node must lead it) at the row boundary of `key`.
+pub async fn split_range(
+    shared: &NodeShared,
+    replica: &Replica,
+    key: &[u8],
+) -> Result<(RangeRecord, RangeRecord), ClientError> {
+    let range_id = replica.shared.range_id;
+    if !replica.raft.is_leader() {
+        return Err(not_leader_hint(shared.leader_node(replica)));
+    }
+    if range_id == META_RANGE_ID {
+        return Err(ClientError::InvalidArgument(
+            "the meta range does not split".into(),
+        ));
+    }
+    let Some(span) = replica.shared.span() else {
+        return Err(ClientError::Unavailable(format!(
+            "range {range_id} has no data yet"
+        )));
+    };
+    let Some(split_key) = split_point(&span, key) else {
+        return Err(ClientError::InvalidArgument(format!(
+            "the split key's row boundary is not strictly inside range {range_id}"
+        )));
+    };
+    let new_range_id = shared
+        .call_meta(|mut admin| async move {
+            admin
+                .alloc_range_ids(AllocRangeIdsRequest { count: 1 })
+                .await
+        })
+        .await?
+        .first;
+    let write = replica.raft.client_write(Command::Split {
+        split_key,
+        new_range_id,
+        expected_generation: span.generation,
+    });
+    let resp = match tokio::time::timeout(Duration::from_millis(SPLIT_TIMEOUT_MS), write).await {
+        Err(_) => {
+            return Err(ClientError::Indeterminate(
+                "split not committed in time".into(),
+            ))
+        }
+        Ok(Err(e)) => return Err(write_error(e)),
+        Ok(Ok(r)) => r.data,
+    };
+    match resp {
+        CommandResponse::SplitDone { left, right } => {
+            shared.meta.count("splits");
+            let membership = replica
+                .raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .clone();
+            tracing::info!(range_id, new_range_id, "split");
+            Ok((
+                RangeRecord::new(*left, &membership),
+                RangeRecord::new(*right, &membership),
+            ))
+        }
+        CommandResponse::Rejected { reason } => Err(ClientError::Unavailable(reason)),
+        other => Err(ClientError::Internal(format!(
+            "unexpected split response {other:?}"
+        ))),
+    }
+}
+
+/// Checks the ranges this node leads every [`SPLIT_CHECK_INTERVAL_MS`] and splits those past
+/// the size or load threshold.
+pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+    // Bytes written since the last measurement of each range; a range is measured again
+    // once writes could have moved it by an eighth of the threshold.
+    let mut measured: HashMap<RangeId, SpanSize> = HashMap::new();
+    let remeasure_bytes = (shared.cfg.range_split_size_bytes / 8).max(1);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(SPLIT_CHECK_INTERVAL_MS)) => {}
+        }
+        let mut splits = 0usize;
+        for replica in shared.replicas.all() {
+            let range_id = replica.shared.range_id;
+            if range_id == META_RANGE_ID
+                || !replica.raft.is_leader()
+                || splits >= MAX_SPLITS_PER_CHECK
+            {
+                continue;
+            }
+            let Some(span) = replica.shared.span() else {
+                continue;
+            };
+            let written = replica.shared.written_bytes.load(Ordering::Relaxed);
+            let stale = measured
+                .get(&range_id)
+                .is_none_or(|_| written >= remeasure_bytes);
+            if stale {
+                replica.shared.written_bytes.store(0, Ordering::Relaxed);
+                let db = shared.db.clone();
+                let s = span.clone();
+                match tokio::task::spawn_blocking(move || measure_span(&db, &s)).await {
+                    Ok(Ok(size)) => {
+                        replica.size_bytes.store(size.size_bytes, Ordering::Relaxed);
+                        measured.insert(range_id, size);
+                    }
+                    Ok(Err(e)) => tracing::warn!(range_id, "measuring range: {e}"),
+                    Err(e) => tracing::warn!(range_id, "measuring task failed: {e}"),
+                }
+            }
+            let Some(size) = measured.get(&range_id).cloned() else {
+                continue;
+            };
+            let too_big = size.size_bytes > shared.cfg.range_split_size_bytes;
+            let too_busy = replica.qps() > shared.cfg.range_split_qps;
+            let Some(key) = size.middle_key.clone().filter(|_| too_big || too_busy) else {
+                continue;
+            };
+            match split_range(&shared, &replica, &key).await {
+                Ok(_) => {
+                    splits += 1;
+                    measured.remove(&range_id);
+                    tracing::info!(
+                        range_id,
+                        size_bytes = size.size_bytes,
+                        qps = replica.qps(),
+                        too_big,
+                        "range split by the size/load check"
+                    );
+                }
+                Err(e) => tracing::info!(range_id, "split failed: {e}"),
+            }
+        }
+        measured.retain(|id, _| shared.replica(*id).is_some());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: &[u8], end: &[u8]) -> RangeSpan {
+        RangeSpan {
+            range_id: 2,
+            start_key: start.to_vec(),
+            end_key: end.to_vec(),
+            generation: 1,
+            next_replica_id: 2,
+        }
+    }
+
+    #[test]
+    fn split_points_lie_strictly_inside_the_span_at_row_boundaries() {
+        let s = span(&keys::kv_key(1, b"a"), &keys::kv_key(1, b"z"));
+        assert_eq!(
+            split_point(&s, &keys::kv_key(1, b"m")),
+            Some(keys::kv_key(1, b"m"))
+        );
+        assert_eq!(split_point(&s, &keys::kv_key(1, b"a")), None);
+        assert_eq!(split_point(&s, &keys::kv_key(1, b"z")), None);
+        let row = keys::sql_row_key(1, 1, 1, &[keys::Datum::Int(3)]);
+        let mut family = row.clone();
+        family.push(0xfe);
+        let s = span(&[keys::SQL_PREFIX], &[]);
+        assert_eq!(split_point(&s, &family), Some(row));
+    }
+
+    #[test]
+    fn measuring_finds_the_middle_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &spheredb_storage::DbOptions::default()).unwrap();
+        for i in 0..100u32 {
+            let key = keys::kv_key(1, format!("k{i:03}").as_bytes());
+            db.raw()
+                .put_cf(db.cf(ColumnFamilyName::Data), key, [0u8; 100])
+                .unwrap();
+        }
+        let size = measure_span(&db, &span(&[keys::KV_PREFIX], &[])).unwrap();
+        assert_eq!(size.size_bytes, 100 * (100 + 9 + 4));
+        let middle = size.middle_key.unwrap();
+        assert!(
+            middle >= keys::kv_key(1, b"k048") && middle <= keys::kv_key(1, b"k051"),
+            "{middle:?}"
+        );
+    }
+}
