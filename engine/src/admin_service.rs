@@ -201,6 +201,14 @@ impl AdminService {
         req: ChangeReplicasRequest,
     ) -> Result<ChangeReplicasResponse, ClientError> {
         let replica = self.leading(req.range_id)?;
+        // One membership change at a time per range, whoever asks (two meta leaders in a
+        // row may both have asked).
+        let Some(_claim) = self.node.claim_change(req.range_id) else {
+            return Err(ClientError::Unavailable(format!(
+                "another replica change of range {} is running",
+                req.range_id
+            )));
+        };
         let metrics = replica.raft.metrics().borrow_watched().clone();
         let Some(span) = replica.shared.span() else {
             return Err(ClientError::Unavailable(
@@ -217,9 +225,15 @@ impl AdminService {
             });
         }
         if metrics.membership_config.log_id() != metrics.committed_membership_config.log_id() {
-            return Err(ClientError::Unavailable(
-                "a replica change is still in progress".into(),
-            ));
+            return Err(ClientError::Unavailable(format!(
+                "a replica change is still in progress: membership {} (committed {}), last log {:?}, committed {:?}, replication {:?}, state {:?}",
+                metrics.membership_config,
+                metrics.committed_membership_config,
+                metrics.last_log_index,
+                metrics.local_committed,
+                metrics.replication,
+                metrics.state,
+            )));
         }
         let membership = metrics.membership_config.membership().clone();
         let replica_of = |node: u64| {
@@ -512,6 +526,30 @@ impl Admin for AdminService {
                     ))
                 })?;
             if target != metrics.id {
+                // A fresh entry first: it wakes quiesced followers and makes the target's
+                // flushed log (which openraft checks before taking over) current.
+                let nudge = replica
+                    .raft
+                    .client_write(Command::Write { ops: Vec::new() });
+                tokio::time::timeout(Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS), nudge)
+                    .await
+                    .map_err(|_| ClientError::Unavailable("range did not commit in time".into()))?
+                    .map_err(write_error)?;
+                let metrics = replica.raft.metrics().borrow_watched().clone();
+                // Only to a replica holding the whole log: openraft's transfer stops the
+                // leader from serving until the target wins, which a lagging one cannot.
+                let last = metrics.last_log_index;
+                let caught_up = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&target))
+                    .is_some_and(|m| m.as_ref().map(|l| l.index) == last);
+                if !caught_up {
+                    return Err(ClientError::Unavailable(format!(
+                        "node {} is not caught up with range {}; not transferring",
+                        req.to_node_id, req.range_id
+                    )));
+                }
                 replica
                     .raft
                     .trigger()

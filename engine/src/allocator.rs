@@ -18,7 +18,7 @@ use spheredb_raft::{NodeId, RangeId, RangeRecord, WriteOp};
 use tokio::sync::watch;
 
 use crate::meta::{write_liveness, write_meta};
-use crate::node::NodeShared;
+use crate::node::{NodeShared, META_RANGE_ID};
 
 /// Most allocator actions in flight at once.
 pub const MAX_CONCURRENT_ACTIONS: usize = 8;
@@ -234,7 +234,11 @@ pub fn plan(
             }
         }
         // Leader balance: hand leadership to the voter leading the fewest ranges when that
-        // evens counts out by at least two.
+        // evens counts out by at least two. Not for the meta range: moving its leader resets
+        // the allocator's view of the cluster for nothing.
+        if range_id == META_RANGE_ID {
+            continue;
+        }
         let from_count = leader_count.get(&leader).copied().unwrap_or(0);
         if let Some((&to, &to_count)) = leader_count
             .iter()

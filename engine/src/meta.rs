@@ -169,7 +169,7 @@ pub async fn handle_heartbeat(
         }
     }
     if !upserts.is_empty() {
-        write_descriptors(shared, &meta.raft, &stored, upserts).await?;
+        write_descriptors(shared, &meta.raft, upserts).await?;
     }
 
     let interval_ms = shared.cfg.node_heartbeat_interval_ms;
@@ -235,34 +235,31 @@ fn track_report(
     let first = *inner.gc_candidates.entry(key).or_insert(now);
     if now.duration_since(first) >= Duration::from_millis(REPLICA_GC_GRACE_MS) {
         inner.gc_candidates.remove(&key);
+        if let Some(s) = stored.get(&report.range_id) {
+            tracing::info!(
+                node_id,
+                range_id = report.range_id,
+                replica_id = report.replica_id,
+                reported_generation,
+                generation = s.span.generation,
+                replicas = ?s.replicas,
+                "replica no longer in its range; telling its node to destroy it"
+            );
+        }
         destroy.push(report.range_id);
     }
 }
 
-/// Writes newer descriptors into the meta range, deleting stored descriptors of other ranges
-/// they overlap at a lower generation (the range merged away or the view was stale).
+/// Writes newer descriptors into the meta range. A split's parent and child may overlap
+/// here for a moment (the child reported first); routing prefers the range with the later
+/// start, which is the child, and the parent's next report narrows it.
 async fn write_descriptors(
     shared: &NodeShared,
     meta: &spheredb_raft::RaftHandle,
-    stored: &HashMap<RangeId, RangeRecord>,
     upserts: Vec<RangeRecord>,
 ) -> Result<(), ClientError> {
     let mut ops = Vec::new();
     for u in &upserts {
-        for s in stored.values() {
-            let other = s.span.range_id != u.span.range_id;
-            let superseded = upserts.iter().all(|x| x.span.range_id != s.span.range_id);
-            if other
-                && superseded
-                && s.span.overlaps(&u.span)
-                && s.span.generation < u.span.generation
-            {
-                ops.push(WriteOp {
-                    key: registry::range_key(s.span.range_id),
-                    value: None,
-                });
-            }
-        }
         ops.push(WriteOp {
             key: registry::range_key(u.span.range_id),
             value: Some(registry::encode(u).map_err(|e| ClientError::Internal(e.to_string()))?),

@@ -93,6 +93,8 @@ pub struct NodeShared {
     /// The node believed to lead the meta range.
     meta_leader: RwLock<Option<NodeId>>,
     admin_channels: Mutex<HashMap<String, Channel>>,
+    /// Ranges with a replica change running on this node (as their leader).
+    changing: Mutex<std::collections::HashSet<RangeId>>,
     /// The meta-range leader's view of the cluster (used only while this node leads it).
     pub meta: MetaState,
 }
@@ -110,12 +112,7 @@ impl NodeShared {
 
     /// The descriptor of a local replica as it has applied it.
     pub fn record(&self, replica: &Replica) -> Option<RangeRecord> {
-        let span = replica.shared.span()?;
-        let metrics = replica.raft.metrics().borrow_watched().clone();
-        Some(RangeRecord::new(
-            span,
-            metrics.membership_config.membership(),
-        ))
+        replica.shared.record()
     }
 
     /// The descriptor of a local replica on the wire.
@@ -230,6 +227,22 @@ impl NodeShared {
         }
     }
 
+    /// Claims `range_id` for one replica change; `None` while another change of the range
+    /// runs here. The claim ends when the guard drops.
+    pub fn claim_change(&self, range_id: RangeId) -> Option<ChangeGuard<'_>> {
+        let claimed = self
+            .changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(range_id);
+        // The guard is built only on success, and after the lock is released: dropping it
+        // takes the lock.
+        claimed.then(|| ChangeGuard {
+            shared: self,
+            range_id,
+        })
+    }
+
     /// The node's connections to its peers.
     pub fn peers(&self) -> &PeerChannels {
         &self.peers
@@ -339,6 +352,7 @@ impl NodeShared {
         let (sm, shared) = StateMachine::open(
             self.db.clone(),
             range_id,
+            replica_id,
             &self.snapshot_dir,
             self.events.clone(),
         )?;
@@ -449,7 +463,21 @@ impl NodeShared {
     /// Starts the right half of a split applied here.
     async fn on_range_event(&self, event: RangeEvent) -> anyhow::Result<()> {
         match event {
-            RangeEvent::Split { parent, child } => {
+            RangeEvent::Split {
+                parent,
+                child,
+                child_here,
+            } => {
+                if !child_here {
+                    if let Some(p) = self.replica(parent) {
+                        p.raft
+                            .trigger()
+                            .snapshot()
+                            .await
+                            .map_err(|e| anyhow!("{e}"))?;
+                    }
+                    return Ok(());
+                }
                 let Some(replica_id) = self.local_replica_id(child)? else {
                     bail!(
                         "range {child} split from {parent} has no replica for node {}",
@@ -457,10 +485,34 @@ impl NodeShared {
                     );
                 };
                 self.start_replica(child, replica_id).await?;
+                // The parent's stored snapshot still carries its old, wider span; a new
+                // replica sent that one would overlap the right half (and be refused). A fresh
+                // snapshot carries the new span.
+                if let Some(p) = self.replica(parent) {
+                    if let Err(e) = p.raft.trigger().snapshot().await {
+                        tracing::warn!(parent, "snapshot after split: {e}");
+                    }
+                }
                 tracing::info!(parent, child, "range split");
                 Ok(())
             }
         }
+    }
+}
+
+/// A claim on one range's replica changes; see [`NodeShared::claim_change`].
+pub struct ChangeGuard<'a> {
+    shared: &'a NodeShared,
+    range_id: RangeId,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.range_id);
     }
 }
 
@@ -739,6 +791,7 @@ impl Node {
             known_nodes: RwLock::new(known),
             meta_leader: RwLock::new(None),
             admin_channels: Mutex::new(HashMap::new()),
+            changing: Mutex::new(std::collections::HashSet::new()),
             meta: MetaState::default(),
         });
 

@@ -40,6 +40,17 @@ pub const MAX_RAFT_MESSAGE_SIZE_BYTES: usize = 256 << 20;
 pub const SNAPSHOT_CHUNK_SIZE_BYTES: usize = 1 << 20;
 /// Time allowed to open a peer connection.
 pub const PEER_CONNECT_TIMEOUT_MS: u64 = 500;
+/// Shortest deadline given to a Raft RPC. openraft asks for the heartbeat interval on
+/// appends and heartbeats; on a busy node with many ranges an answer can take longer, and
+/// cancelling it only makes the leader send it again (and lose its lease meanwhile).
+pub const MIN_RAFT_RPC_TIMEOUT_MS: u64 = 1_000;
+
+/// The deadline of a Raft RPC openraft gave `option`.
+fn rpc_timeout(option: &RPCOption) -> Duration {
+    option
+        .hard_ttl()
+        .max(Duration::from_millis(MIN_RAFT_RPC_TIMEOUT_MS))
+}
 
 fn encode<T: Serialize>(
     range_id: RangeId,
@@ -240,7 +251,7 @@ impl PeerClient {
             .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         let mut client = self.peers.client(&self.addr).map_err(unreachable)?;
         let mut request = Request::new(msg);
-        request.set_timeout(option.hard_ttl());
+        request.set_timeout(rpc_timeout(option));
         let reply = match rpc {
             Rpc::Append => client.append(request).await,
             Rpc::Vote => client.vote(request).await,

@@ -21,8 +21,8 @@ use crate::layout::{state_key, StateTag};
 use crate::log_store::{decode_record, encode_record, read_state};
 use crate::registry;
 use crate::types::{
-    Command, CommandResponse, LogId, Membership, RangeId, RangeSpan, ReplicaId, SnapshotData,
-    SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
+    Command, CommandResponse, LogId, Membership, RangeId, RangeRecord, RangeSpan, ReplicaId,
+    SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
 };
 
 /// Largest snapshot accepted on install; a bigger one is refused as corrupt or hostile.
@@ -34,35 +34,52 @@ pub const MAX_PENDING_RANGE_EVENTS: usize = 4096;
 /// What the node must act on after an apply: a new range to start, a span that changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RangeEvent {
-    /// `parent` split; its replica of `child` exists on disk and must be started.
-    Split { parent: RangeId, child: RangeId },
+    /// `parent` split off `child`. When `child_here`, this node's replica of `child` exists on
+    /// disk and must be started.
+    Split {
+        parent: RangeId,
+        child: RangeId,
+        child_here: bool,
+    },
 }
 
 /// What a range's state machine shares with the rest of the node.
 #[derive(Debug)]
 pub struct ReplicaShared {
     pub range_id: RangeId,
-    span: RwLock<Option<RangeSpan>>,
+    /// Span and membership as last applied, always from the same apply.
+    applied: RwLock<(Option<RangeSpan>, Membership)>,
     /// Bytes written by applied commands since the node last measured the range.
     pub written_bytes: AtomicU64,
 }
 
 impl ReplicaShared {
-    fn new(range_id: RangeId, span: Option<RangeSpan>) -> ReplicaShared {
+    fn new(range_id: RangeId, span: Option<RangeSpan>, membership: Membership) -> ReplicaShared {
         ReplicaShared {
             range_id,
-            span: RwLock::new(span),
+            applied: RwLock::new((span, membership)),
             written_bytes: AtomicU64::new(0),
         }
     }
 
     /// The span as last applied; `None` until the replica received its first snapshot.
     pub fn span(&self) -> Option<RangeSpan> {
-        self.span.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.applied
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
     }
 
-    fn set_span(&self, span: Option<RangeSpan>) {
-        *self.span.write().unwrap_or_else(|p| p.into_inner()) = span;
+    /// The descriptor as last applied: span and the membership applied with it.
+    pub fn record(&self) -> Option<RangeRecord> {
+        let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
+        let span = applied.0.clone()?;
+        Some(RangeRecord::new(span, &applied.1))
+    }
+
+    fn set_applied(&self, span: Option<RangeSpan>, membership: Membership) {
+        *self.applied.write().unwrap_or_else(|p| p.into_inner()) = (span, membership);
     }
 }
 
@@ -189,6 +206,8 @@ pub fn scan_values(
 pub struct StateMachine {
     db: Db,
     range_id: RangeId,
+    /// This replica's id in the range.
+    replica_id: ReplicaId,
     applied: AppliedState,
     snapshot_dir: PathBuf,
     shared: Arc<ReplicaShared>,
@@ -201,17 +220,23 @@ impl StateMachine {
     pub fn open(
         db: Db,
         range_id: RangeId,
+        replica_id: ReplicaId,
         snapshot_dir: &Path,
         events: tokio::sync::mpsc::Sender<RangeEvent>,
     ) -> io::Result<(StateMachine, Arc<ReplicaShared>)> {
         std::fs::create_dir_all(snapshot_dir)?;
         let applied: AppliedState =
             read_state(&db, range_id, StateTag::Applied)?.unwrap_or_default();
-        let shared = Arc::new(ReplicaShared::new(range_id, applied.span.clone()));
+        let shared = Arc::new(ReplicaShared::new(
+            range_id,
+            applied.span.clone(),
+            applied.membership.membership().clone(),
+        ));
         Ok((
             StateMachine {
                 db,
                 range_id,
+                replica_id,
                 applied,
                 snapshot_dir: snapshot_dir.to_path_buf(),
                 shared: shared.clone(),
@@ -300,6 +325,30 @@ impl StateMachine {
             generation,
             next_replica_id: span.next_replica_id,
         };
+        if !membership.nodes().any(|(id, _)| *id == self.replica_id) {
+            // This replica joined after the split was proposed (it caught up from an older
+            // snapshot): the right half has no replica here. Its keys are not ours any more.
+            self.applied.span = Some(left.clone());
+            let data = self.db.cf(ColumnFamilyName::Data);
+            if right.end_key.is_empty() {
+                pending
+                    .batch
+                    .delete_range_cf(data, &right.start_key, &vec![0xffu8; 16]);
+            } else {
+                pending
+                    .batch
+                    .delete_range_cf(data, &right.start_key, &right.end_key);
+            }
+            pending.events.push(RangeEvent::Split {
+                parent: self.range_id,
+                child: new_range_id,
+                child_here: false,
+            });
+            return Ok(CommandResponse::SplitDone {
+                left: Box::new(left),
+                right: Box::new(right),
+            });
+        }
         if read_state::<AppliedState>(&self.db, new_range_id, StateTag::Applied)?.is_some() {
             // This node already holds the right half (it cannot, while the parent's span
             // covers it; refuse rather than overwrite).
@@ -312,6 +361,7 @@ impl StateMachine {
         pending.events.push(RangeEvent::Split {
             parent: self.range_id,
             child: new_range_id,
+            child_here: true,
         });
         Ok(CommandResponse::SplitDone {
             left: Box::new(left),
@@ -456,7 +506,10 @@ impl StateMachine {
         let mut taken = std::mem::take(pending);
         self.put_applied(&mut taken.batch)?;
         self.db.write(taken.batch, false).map_err(io::Error::from)?;
-        self.shared.set_span(self.applied.span.clone());
+        self.shared.set_applied(
+            self.applied.span.clone(),
+            self.applied.membership.membership().clone(),
+        );
         for event in taken.events {
             // The node is gone only when it shuts down; nothing is left to start then.
             let _ = self.events.send(event).await;
@@ -472,6 +525,7 @@ impl StateMachine {
         StateMachine {
             db: self.db.clone(),
             range_id: self.range_id,
+            replica_id: self.replica_id,
             applied: self.applied.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
             shared: self.shared.clone(),
@@ -697,7 +751,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.put_applied(&mut batch)?;
         self.db.write(batch, true).map_err(io::Error::from)?;
-        self.shared.set_span(self.applied.span.clone());
+        self.shared.set_applied(
+            self.applied.span.clone(),
+            self.applied.membership.membership().clone(),
+        );
         self.write_snapshot_file(&StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,

@@ -95,6 +95,29 @@ pub struct ProcCluster {
 }
 
 impl ProcCluster {
+    /// Starts one more node that joins through the first; returns its index.
+    pub fn add_node(&mut self, extra_args: &[&str]) -> usize {
+        let i = self.procs.len();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let data_dir = self.dir.path().join(format!("node{}", i + 1));
+        let log = self.dir.path().join(format!("node{}.log", i + 1));
+        let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        if i > 0 {
+            args.push("--join".into());
+            args.push(self.procs[0].addr.clone());
+        }
+        let mut p = Proc {
+            data_dir,
+            addr,
+            child: None,
+            extra_args: args,
+            log,
+        };
+        p.spawn();
+        self.procs.push(p);
+        i
+    }
+
     /// Starts `n` nodes: the first bootstraps, the rest join it. Waits for `n.min(3)` voters.
     pub async fn start(n: usize, extra_args: &[&str]) -> ProcCluster {
         let dir = tempfile::tempdir().unwrap();
@@ -103,23 +126,7 @@ impl ProcCluster {
             procs: Vec::new(),
         };
         for i in 0..n {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let data_dir = cluster.dir.path().join(format!("node{}", i + 1));
-            let log = cluster.dir.path().join(format!("node{}.log", i + 1));
-            let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-            if i > 0 {
-                args.push("--join".into());
-                args.push(cluster.procs[0].addr.clone());
-            }
-            let mut p = Proc {
-                data_dir,
-                addr,
-                child: None,
-                extra_args: args,
-                log,
-            };
-            p.spawn();
-            cluster.procs.push(p);
+            cluster.add_node(extra_args);
             if i == 0 {
                 let a = cluster.procs[0].addr.clone();
                 eventually("the first node to lead", || async {
@@ -207,6 +214,17 @@ impl Proc {
         self.spawn();
     }
 
+    /// CPU time (user + system) the process has used so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    }
+
     /// kill -9.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -220,6 +238,11 @@ impl Drop for ProcCluster {
     fn drop(&mut self) {
         for p in &mut self.procs {
             p.kill9();
+        }
+        if std::thread::panicking() {
+            // Keep the nodes' logs and data of a failed test.
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            eprintln!("test failed; node logs kept in {}", kept.display());
         }
     }
 }

@@ -1,0 +1,359 @@
+//! Range sharding with real processes: splits under load, replicas spreading to new nodes,
+//! decommissioning, re-replication after a node dies, and idle cost of many ranges.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, fully_replicated, ProcCluster};
+use spheredb_client::proto::v1::RangeListResponse;
+use spheredb_client::{Client, ClientOptions};
+use spheredb_storage::keys;
+
+const SPHERE: u64 = 42;
+
+/// Small thresholds and fast timers so a test sees many ranges and quick reactions.
+/// Five nodes and a hundred Raft groups share two cores here: heartbeats (which openraft
+/// also uses as the RPC deadline) get room so a busy moment is not a lost lease.
+const SHARDING_ARGS: &[&str] = &[
+    "--heartbeat-interval-ms",
+    "250",
+    "--election-timeout-ms",
+    "1250",
+    "--range-split-size-bytes",
+    "12000",
+    "--node-heartbeat-interval-ms",
+    "300",
+    "--dead-node-timeout-ms",
+    "4000",
+];
+
+fn key(i: u32) -> Vec<u8> {
+    format!("item/{i:05}").into_bytes()
+}
+
+fn value(i: u32) -> Vec<u8> {
+    format!("{i:05}-{}", "v".repeat(200)).into_bytes()
+}
+
+/// Writes keys `0..count` in batches (which the client splits across ranges).
+async fn load(client: &Client, count: u32) {
+    const BATCH_KEYS: u32 = 25;
+    for start in (0..count).step_by(BATCH_KEYS as usize) {
+        let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = (start..(start + BATCH_KEYS).min(count))
+            .map(|i| (key(i), Some(value(i))))
+            .collect();
+        client.batch(SPHERE, &ops).await.unwrap();
+    }
+}
+
+/// Reads every key through `client` (and a full scan), asserting each value.
+async fn check_all(client: &Client, count: u32, who: &str) {
+    for i in 0..count {
+        let got = client
+            .get(SPHERE, &key(i))
+            .await
+            .unwrap_or_else(|e| panic!("{who}: reading key {i}: {e}"));
+        assert_eq!(got, Some(value(i)), "{who}: key {i}");
+    }
+    let scanned = client.scan(SPHERE, b"", b"", 100_000).await.unwrap();
+    assert_eq!(scanned.len(), count as usize, "{who}: scan across ranges");
+    for (i, kv) in scanned.iter().enumerate() {
+        assert_eq!(kv.key, key(i as u32), "{who}: scan order");
+    }
+}
+
+/// A reader that keeps reading known keys until stopped; counts reads, fails on any error.
+fn spawn_reader(
+    client: Client,
+    count: u32,
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut i = 0u32;
+        // Bounded: stops when told, or after this many reads.
+        const MAX_READS: u64 = 1_000_000;
+        while !stop.load(Ordering::Relaxed) && reads.load(Ordering::Relaxed) < MAX_READS {
+            i = (i + 7919) % count;
+            let got = client
+                .get(SPHERE, &key(i))
+                .await
+                .unwrap_or_else(|e| panic!("reading key {i} while ranges change: {e}"));
+            assert_eq!(got, Some(value(i)), "key {i} while ranges change");
+            reads.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+}
+
+/// Replicas and leaders per node in the range map.
+fn spread(list: &RangeListResponse) -> (BTreeMap<u64, usize>, BTreeMap<u64, usize>) {
+    let mut replicas: BTreeMap<u64, usize> = list.nodes.iter().map(|n| (n.node_id, 0)).collect();
+    let mut leaders = replicas.clone();
+    for d in &list.ranges {
+        for r in &d.replicas {
+            *replicas.entry(r.node_id).or_default() += 1;
+        }
+    }
+    for l in &list.loads {
+        if let Some(n) = l.leader_node_id {
+            *leaders.entry(n).or_default() += 1;
+        }
+    }
+    (replicas, leaders)
+}
+
+/// True when no node in `counts` (restricted to `nodes`) holds more than 1.5× the mean.
+fn balanced(counts: &BTreeMap<u64, usize>, nodes: &[u64]) -> bool {
+    let total: usize = nodes
+        .iter()
+        .map(|n| counts.get(n).copied().unwrap_or(0))
+        .sum();
+    let mean = total as f64 / nodes.len() as f64;
+    nodes
+        .iter()
+        .all(|n| counts.get(n).copied().unwrap_or(0) as f64 <= 1.5 * mean)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranges_split_spread_to_new_nodes_and_drain_without_losing_a_key() {
+    let mut cluster = ProcCluster::start(3, SHARDING_ARGS).await;
+    let client = cluster.client().await;
+    // A client whose range cache is filled now, while there are two ranges, and never
+    // refreshed by hand: it must find its way through every split and move by hints.
+    let stale = cluster.client().await;
+    stale.get(SPHERE, b"warm-up").await.unwrap();
+
+    const KEYS: u32 = 1_500;
+    load(&client, 100).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = spawn_reader(stale.clone(), 100, stop.clone(), reads.clone());
+    load(&client, KEYS).await;
+
+    let ranges = eventually("at least 20 ranges from splits", || async {
+        let list = client.range_list().await.ok()?;
+        (list.ranges.len() >= 20).then_some(list.ranges.len())
+    })
+    .await;
+    eprintln!("{ranges} ranges after loading {KEYS} keys");
+    eventually("every range fully replicated", || async {
+        fully_replicated(&client, 3).await.then_some(())
+    })
+    .await;
+    check_all(&stale, KEYS, "stale client after splits").await;
+
+    // Two more nodes: replicas and leaders spread out while the reader keeps reading.
+    cluster.add_node(SHARDING_ARGS);
+    cluster.add_node(SHARDING_ARGS);
+    let list = eventually("replicas and leaders spread over 5 nodes", || async {
+        let list = client.range_list().await.ok()?;
+        let (replicas, leaders) = spread(&list);
+        let nodes: Vec<u64> = list.nodes.iter().map(|n| n.node_id).collect();
+        let settled = nodes.len() == 5
+            && balanced(&replicas, &nodes)
+            && balanced(&leaders, &nodes)
+            && fully_replicated(&client, 3).await;
+        settled.then_some(list)
+    })
+    .await;
+    let (replicas, leaders) = spread(&list);
+    eprintln!("after adding nodes 4 and 5: replicas {replicas:?}, leaders {leaders:?}");
+    check_all(&stale, KEYS, "stale client after replica moves").await;
+
+    // Drain node 2: every replica leaves it, no key is lost.
+    let drained = list.nodes.iter().find(|n| n.node_id == 2).unwrap().node_id;
+    let left = client.decommission(drained).await.unwrap();
+    eprintln!("decommissioning node {drained}: {left} replicas to move");
+    eventually("node 2 to hold no replica", || async {
+        let left = client.decommission(drained).await.ok()?;
+        (left == 0 && fully_replicated(&client, 3).await).then_some(())
+    })
+    .await;
+    let list = client.range_list().await.unwrap();
+    assert!(
+        list.ranges
+            .iter()
+            .all(|d| d.replicas.iter().all(|r| r.node_id != drained)),
+        "a range still lists node {drained}"
+    );
+    cluster.procs[1].kill9();
+    check_all(&stale, KEYS, "stale client after decommission").await;
+
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    eprintln!(
+        "{} reads by the stale client while ranges changed",
+        reads.load(Ordering::Relaxed)
+    );
+    let counters = node_counters(&cluster).await;
+    eprintln!("actions per node: {counters:?}");
+}
+
+/// Counters (splits, replicas added/removed, leader transfers) of every live node.
+async fn node_counters(cluster: &ProcCluster) -> Vec<(String, HashMap<String, u64>)> {
+    let mut out = Vec::new();
+    for p in cluster.procs.iter().filter(|p| p.child.is_some()) {
+        if let Some(s) = common::status(&p.addr, false).await {
+            out.push((p.addr.clone(), s.counters));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_nodes_ranges_return_to_full_replication() {
+    let mut cluster = ProcCluster::start(4, SHARDING_ARGS).await;
+    let client = cluster.client().await;
+    load(&client, 200).await;
+    // Manual splits through the command line, so there are several ranges to repair.
+    for at in ["item/00040", "item/00080", "item/00120", "item/00160"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spheredb"))
+            .args(["range", "--host", &cluster.procs[0].addr, "split"])
+            .args(["--sphere", &SPHERE.to_string(), "--key", at])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let list = eventually("split ranges fully replicated", || async {
+        let list = client.range_list().await.ok()?;
+        (list.ranges.len() >= 6 && fully_replicated(&client, 3).await).then_some(list)
+    })
+    .await;
+    // Kill a node that holds replicas (not node 1, the client's seed).
+    let (replicas, _) = spread(&list);
+    let victim = *replicas
+        .iter()
+        .filter(|(n, c)| **n != 1 && **c > 0)
+        .max_by_key(|(_, c)| **c)
+        .unwrap()
+        .0;
+    let idx = cluster
+        .procs
+        .iter()
+        .position(|p| {
+            list.nodes
+                .iter()
+                .any(|n| n.node_id == victim && n.addr == p.addr)
+        })
+        .unwrap();
+    eprintln!(
+        "killing node {victim} holding {} replicas",
+        replicas[&victim]
+    );
+    cluster.procs[idx].kill9();
+    eventually("every range back to 3 live voters", || async {
+        let list = client.range_list().await.ok()?;
+        let repaired = list
+            .ranges
+            .iter()
+            .all(|d| d.voters.len() == 3 && !d.replicas.iter().any(|r| r.node_id == victim));
+        (repaired && fully_replicated(&client, 3).await).then_some(())
+    })
+    .await;
+    check_all(&client, 200, "after re-replication").await;
+}
+
+/// Splits the user range into `ranges` ranges, splitting at keys in an order that spreads
+/// concurrent splits over different ranges.
+async fn split_into(client: &Client, ranges: u32) {
+    const CONCURRENT_SPLITS: usize = 8;
+    // Bit-reversed order: halves first, then quarters, and so on.
+    let bits = 32 - (ranges - 1).leading_zeros();
+    let mut order: Vec<u32> = (1..ranges).collect();
+    order.sort_by_key(|i| i.reverse_bits() >> (32 - bits));
+    let mut pending = order.into_iter();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        while tasks.len() < CONCURRENT_SPLITS {
+            let Some(i) = pending.next() else { break };
+            let client = client.clone();
+            tasks.spawn(async move {
+                let at = keys::kv_key(SPHERE, format!("r{i:06}").as_bytes());
+                // Bounded retries: a concurrent split of the same range makes one give way.
+                const SPLIT_ATTEMPTS: u64 = 20;
+                for attempt in 1..=SPLIT_ATTEMPTS {
+                    match client.split(&at).await {
+                        Ok(_) => return,
+                        Err(e) if attempt == SPLIT_ATTEMPTS => panic!("split at r{i:06}: {e}"),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
+                    }
+                }
+            });
+        }
+        match tasks.join_next().await {
+            Some(r) => r.unwrap(),
+            None => break,
+        }
+    }
+}
+
+/// 1,000 idle ranges on 3 nodes: reports the CPU the nodes use once the ranges quiesce.
+/// No timing assertion; the numbers go to stderr (and the closing note of the change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_idle_ranges_report_idle_cpu() {
+    const RANGES: u32 = 1_000;
+    let cluster = ProcCluster::start(3, &["--quiesce-after-ms", "2000"]).await;
+    let options = ClientOptions {
+        call_deadline_ms: 30_000,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&cluster.addrs(), options).await.unwrap();
+    let started = std::time::Instant::now();
+    split_into(&client, RANGES).await;
+    let total = eventually("1,000 user ranges in the meta range", || async {
+        let list = client.range_list().await.ok()?;
+        (list.ranges.len() > RANGES as usize).then_some(list.ranges.len())
+    })
+    .await;
+    eprintln!(
+        "{total} ranges (meta included) after {} s of splitting",
+        started.elapsed().as_secs()
+    );
+    let quiesced = eventually("the idle ranges to quiesce", || async {
+        let mut quiesced = 0usize;
+        for a in cluster.addrs() {
+            let s = common::status(&a, false).await?;
+            quiesced += s.ranges.iter().filter(|r| r.quiesced).count();
+        }
+        (quiesced >= 3 * RANGES as usize * 9 / 10).then_some(quiesced)
+    })
+    .await;
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    const WINDOW_SECS: u64 = 10;
+    let before: Vec<u64> = cluster
+        .procs
+        .iter()
+        .map(|p| p.cpu_ticks().unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_secs(WINDOW_SECS)).await;
+    let after: Vec<u64> = cluster
+        .procs
+        .iter()
+        .map(|p| p.cpu_ticks().unwrap())
+        .collect();
+    let per_node: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) as f64 / ticks_per_sec / WINDOW_SECS as f64 * 100.0)
+        .collect();
+    eprintln!(
+        "IDLE CPU with {total} ranges, {quiesced} of {} replicas quiesced: {:?} % of a core per node, {:.1} % in all",
+        3 * total,
+        per_node.iter().map(|p| format!("{p:.1}")).collect::<Vec<_>>(),
+        per_node.iter().sum::<f64>()
+    );
+    // Still serving: a write and a read in an idle range wake it.
+    client.put(SPHERE, b"r000500x", b"awake").await.unwrap();
+    assert_eq!(
+        client.get(SPHERE, b"r000500x").await.unwrap().as_deref(),
+        Some(&b"awake"[..])
+    );
+}
