@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps demo test lint build bench-compare jepsen-deps jepsen-ci jepsen-long
+.PHONY: deps demo test lint build bench-compare idle-ranges jepsen-deps jepsen-ci jepsen-long
 
 deps:
 	@./scripts/install-deps.sh
@@ -31,6 +31,11 @@ bench-compare: deps
 	./target/release/spheredb-bench compare --workload kv0 --clients 1,16,64,256 --pairs 3 --duration-secs 5 --out-dir bench-results/kv0
 	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 3 --duration-secs 5 --read-consistency linearizable --out-dir bench-results/reads-linearizable
 	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 3 --duration-secs 5 --read-consistency lease --out-dir bench-results/reads-lease
+
+# 1,000 ranges on a 3-node cluster (999 splits), then the nodes' CPU while they idle.
+# Minutes long; prints "IDLE CPU ..." with the numbers.
+idle-ranges: deps
+	$(CARGO) test -p spheredb-engine --test ranges thousand_idle_ranges_report_idle_cpu -- --ignored --nocapture
 
 jepsen-deps:
 	@./scripts/install-jepsen-deps.sh

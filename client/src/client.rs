@@ -221,7 +221,16 @@ impl Client {
                     if matches!(e, ClientError::InvalidArgument(_)) {
                         return Err(e);
                     }
-                    last_error = e;
+                    // A leader's own error says more than another node's redirect to it.
+                    let redirect = matches!(e, ClientError::NotLeader { .. });
+                    if !redirect
+                        || matches!(
+                            last_error,
+                            ClientError::NotLeader { .. } | ClientError::Unavailable(_)
+                        )
+                    {
+                        last_error = e;
+                    }
                 }
                 Err(_) => last_error = ClientError::Unavailable(format!("{addr} did not answer")),
             }
@@ -273,29 +282,50 @@ impl Client {
         self.range_list().await.map(|_| ())
     }
 
-    /// Splits the range holding the encoded key `split_key` at that key's row.
+    /// Splits the range holding the encoded key `split_key` at that key's row. Retries
+    /// (within the call deadline) while the range moves or changes leader.
     pub async fn split(&self, split_key: &[u8]) -> Result<SplitResponse, ClientError> {
-        self.refresh_ranges().await?;
-        let preferred = {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.lookup(split_key) {
-                Some(d) => {
-                    let leader = cache.leaders.get(&d.range_id).copied();
-                    leader
-                        .into_iter()
-                        .chain(d.voters.iter().copied())
-                        .filter_map(|id| cache.nodes.get(&id).cloned())
-                        .collect()
-                }
-                None => Vec::new(),
+        let started = Instant::now();
+        let mut backoff_ms = INITIAL_BACKOFF_MS;
+        let mut last_error = ClientError::Unavailable("no attempt made".into());
+        for _ in 0..self.options.retry_budget {
+            if started.elapsed() >= Duration::from_millis(self.options.call_deadline_ms) {
+                break;
             }
-        };
-        let key = split_key.to_vec();
-        self.admin_call(preferred, |mut admin| {
-            let key = key.clone();
-            async move { admin.split(SplitRequest { split_key: key }).await }
-        })
-        .await
+            if let Err(e) = self.refresh_ranges().await {
+                last_error = e;
+            } else {
+                let preferred = {
+                    let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    match cache.lookup(split_key) {
+                        Some(d) => {
+                            let leader = cache.leaders.get(&d.range_id).copied();
+                            leader
+                                .into_iter()
+                                .chain(d.voters.iter().copied())
+                                .filter_map(|id| cache.nodes.get(&id).cloned())
+                                .collect()
+                        }
+                        None => Vec::new(),
+                    }
+                };
+                let key = split_key.to_vec();
+                let attempt = self
+                    .admin_call(preferred, |mut admin| {
+                        let key = key.clone();
+                        async move { admin.split(SplitRequest { split_key: key }).await }
+                    })
+                    .await;
+                match attempt {
+                    Ok(resp) => return Ok(resp),
+                    Err(e @ ClientError::InvalidArgument(_)) => return Err(e),
+                    Err(e) => last_error = e,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+        }
+        Err(last_error)
     }
 
     /// Starts (or continues) draining `node_id`; returns how many replicas it still holds.

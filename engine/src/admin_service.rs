@@ -21,7 +21,7 @@ use spheredb_client::ClientError;
 use spheredb_raft::network::Replica;
 use spheredb_raft::registry::{self, NodeRecord, NodeState};
 use spheredb_raft::{Command, CommandResponse, RangeSpan, ReplicaNode, WriteOp};
-use spheredb_storage::ColumnFamilyName;
+use spheredb_storage::{keys, ColumnFamilyName};
 use tonic::{Request, Response, Status};
 
 use crate::errors::{not_leader_hint, write_error};
@@ -170,6 +170,7 @@ impl AdminService {
             },
             qps: if leader { replica.qps() } else { 0.0 },
             quiesced: replica.quiesced.load(Ordering::Acquire),
+            role: format!("{:?}", metrics.state).to_lowercase(),
         })
     }
 
@@ -457,6 +458,15 @@ impl Admin for AdminService {
                     self.node.node_id
                 ))
             })?;
+            // Splitting where a range already starts is done already (a retried split).
+            if let Some(record) = replica.shared.record() {
+                if record.span.start_key.as_slice() == keys::row_prefix(&req.split_key) {
+                    return Ok(SplitResponse {
+                        left: None,
+                        right: Some(wire_descriptor(&record)),
+                    });
+                }
+            }
             let (left, right) = crate::split::split_range(&self.node, &replica, &req.split_key).await?;
             Ok(SplitResponse {
                 left: Some(wire_descriptor(&left)),
@@ -550,6 +560,7 @@ impl Admin for AdminService {
                         req.to_node_id, req.range_id
                     )));
                 }
+                replica.note_transfer();
                 replica
                     .raft
                     .trigger()

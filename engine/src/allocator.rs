@@ -24,6 +24,9 @@ use crate::node::{NodeShared, META_RANGE_ID};
 pub const MAX_CONCURRENT_ACTIONS: usize = 8;
 /// Most rebalancing moves (replicas or leaders) planned per round; repairs are not limited.
 pub const MAX_REBALANCE_PER_ROUND: usize = 4;
+/// How far above the mean a node's replica or leader count must be before the allocator
+/// moves one away.
+pub const REBALANCE_TOLERANCE: f64 = 0.1;
 /// Longest one allocator action may take (a new replica's snapshot included).
 pub const ACTION_TIMEOUT_MS: u64 = 60_000;
 
@@ -114,6 +117,10 @@ pub fn plan(
             *c += 1;
         }
     }
+    let mean = |counts: &BTreeMap<NodeId, usize>| {
+        counts.values().sum::<usize>() as f64 / counts.len().max(1) as f64
+    };
+    let (mean_replicas, mean_leaders) = (mean(&replica_count), mean(&leader_count));
     let mut actions = Vec::new();
     let mut rebalances = 0usize;
     for r in ranges {
@@ -219,7 +226,7 @@ pub fn plan(
             .max_by_key(|n| (replica_count.get(n).copied().unwrap_or(0), *n));
         if let (Some(from), Some((to, to_count))) = (fullest, target) {
             let from_count = replica_count.get(&from).copied().unwrap_or(0);
-            if from_count >= to_count + 2 {
+            if worth_moving(from_count, to_count, mean_replicas) {
                 *replica_count.entry(to).or_default() += 1;
                 if let Some(c) = replica_count.get_mut(&from) {
                     *c = c.saturating_sub(1);
@@ -245,7 +252,7 @@ pub fn plan(
             .filter(|(n, _)| good.contains(n) && **n != leader)
             .min_by_key(|(n, c)| (**c, **n))
         {
-            if from_count >= to_count + 2 {
+            if worth_moving(from_count, to_count, mean_leaders) {
                 *leader_count.entry(to).or_default() += 1;
                 if let Some(c) = leader_count.get_mut(&leader) {
                     *c = c.saturating_sub(1);
@@ -259,6 +266,14 @@ pub fn plan(
         }
     }
     actions
+}
+
+/// Whether moving one replica (or leader) from a node holding `from` to one holding `to`
+/// is worth it: the counts differ by two or more and the source is above the mean by
+/// [`REBALANCE_TOLERANCE`] (and the target below it), so a cluster that is nearly even
+/// does not keep shuffling as new ranges appear.
+fn worth_moving(from: usize, to: usize, mean: f64) -> bool {
+    from >= to + 2 && from as f64 > mean * (1.0 + REBALANCE_TOLERANCE) && (to as f64) < mean
 }
 
 fn unix_ms() -> u64 {

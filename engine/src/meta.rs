@@ -30,7 +30,7 @@ use crate::node::{NodeShared, META_RANGE_ID};
 
 /// A node silent for this many heartbeat periods is unreachable: quiesced ranges it leads
 /// are woken so they can elect another leader.
-pub const UNREACHABLE_AFTER_HEARTBEATS: u64 = 3;
+pub const UNREACHABLE_AFTER_HEARTBEATS: u64 = 5;
 /// A replica missing from its range's descriptor this long is destroyed (the grace covers a
 /// replica being added while the meta copy still shows the previous generation).
 pub const REPLICA_GC_GRACE_MS: u64 = 3_000;
@@ -221,7 +221,7 @@ fn track_report(
             },
         );
     }
-    let reported_generation = report.descriptor.as_ref().map_or(0, |d| d.generation);
+    let reported_generation = report.generation;
     let removed = stored.get(&report.range_id).is_some_and(|s| {
         s.span.generation > reported_generation
             && report.replica_id < s.span.next_replica_id
@@ -309,18 +309,27 @@ pub async fn write_liveness(
     .await
 }
 
-/// This node's report of its replicas.
-fn build_report(shared: &NodeShared, interval: Duration) -> NodeHeartbeatRequest {
+/// This node's report of its replicas. Descriptors go only for replicas whose generation
+/// differs from `sent` (what the current meta leader last accepted).
+fn build_report(
+    shared: &NodeShared,
+    interval: Duration,
+    sent: &HashMap<RangeId, u64>,
+) -> NodeHeartbeatRequest {
     let mut replicas = Vec::new();
     for r in shared.replicas.all() {
         let ops = r.ops.swap(0, std::sync::atomic::Ordering::Relaxed);
         r.set_qps(ops as f64 / interval.as_secs_f64().max(0.001));
         let metrics = r.raft.metrics().borrow_watched().clone();
         let leader = r.raft.is_leader();
+        let descriptor = shared.descriptor(&r);
+        let generation = descriptor.as_ref().map_or(0, |d| d.generation);
+        let changed = sent.get(&r.shared.range_id) != Some(&generation);
         replicas.push(ReplicaReport {
             range_id: r.shared.range_id,
             replica_id: metrics.id,
-            descriptor: shared.descriptor(&r),
+            descriptor: descriptor.filter(|_| changed),
+            generation,
             leader,
             size_bytes: if leader {
                 r.size_bytes.load(std::sync::atomic::Ordering::Relaxed)
@@ -340,12 +349,20 @@ fn build_report(shared: &NodeShared, interval: Duration) -> NodeHeartbeatRequest
 /// Reports to the meta-range leader every heartbeat period and acts on its answer.
 pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
+    // Generations of the descriptors the current meta leader has accepted, and who that is.
+    let mut sent: HashMap<RangeId, u64> = HashMap::new();
+    let mut sent_to: Option<NodeId> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let report = build_report(&shared, interval);
+        let meta_leader = shared.meta_leader_hint().map(|n| n.node_id);
+        if meta_leader != sent_to {
+            sent.clear();
+            sent_to = meta_leader;
+        }
+        let report = build_report(&shared, interval, &sent);
         let resp = shared
             .call_meta(|mut admin| {
                 let report = report.clone();
@@ -356,9 +373,16 @@ pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch:
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!("heartbeat to the meta range failed: {e}");
+                sent.clear();
                 continue;
             }
         };
+        for r in &report.replicas {
+            if r.descriptor.is_some() {
+                sent.insert(r.range_id, r.generation);
+            }
+        }
+        sent.retain(|id, _| shared.replica(*id).is_some());
         shared.learn_nodes(resp.nodes.iter().map(|n| (n.node_id, n.addr.clone())));
         for range_id in resp.destroy_ranges {
             if range_id == META_RANGE_ID && shared.is_leader(META_RANGE_ID) {
@@ -378,6 +402,9 @@ pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch:
 fn wake_ranges_led_by(shared: &NodeShared, nodes: &[NodeId]) {
     for r in shared.replicas.all() {
         if !r.quiesced.load(std::sync::atomic::Ordering::Acquire) {
+            continue;
+        }
+        if r.raft.is_leader() {
             continue;
         }
         let leader_node = shared.leader_node(&r).map(|n| n.node_id);

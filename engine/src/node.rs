@@ -175,7 +175,12 @@ impl NodeShared {
                 descriptors: self.hint_descriptors(&desc, key),
             });
         }
-        replica.touch();
+        // A leader wakes for the request. A follower stays as it is: it only answers
+        // NotLeader, and waking its election timer while the leader sleeps would start an
+        // election nobody needs.
+        if replica.raft.is_leader() {
+            replica.touch();
+        }
         Ok(replica)
     }
 

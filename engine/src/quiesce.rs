@@ -21,6 +21,10 @@ use crate::node::{NodeShared, META_RANGE_ID};
 pub const QUIESCE_CHECK_INTERVAL_MS: u64 = 500;
 /// Time allowed for a follower to answer a quiesce request.
 pub const QUIESCE_REQUEST_TIMEOUT_MS: u64 = 1_000;
+/// A range is not quiesced this long after a leadership transfer was asked of it: openraft's
+/// transferring leader stops heartbeating but still reports itself leader, and quiescing
+/// the followers then would leave nobody to elect a new one if the transfer fails.
+pub const NO_QUIESCE_AFTER_TRANSFER_MS: u64 = 10_000;
 
 /// True when `replica` leads a settled range: one committed, non-joint membership and every
 /// replica holding the whole log, applied.
@@ -52,6 +56,9 @@ pub async fn quiesce_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<boo
             if replica.shared.range_id == META_RANGE_ID
                 || replica.quiesced.load(Ordering::Acquire)
                 || replica.idle_ms() < after_ms
+                || replica
+                    .since_transfer_ms()
+                    .is_some_and(|ms| ms < NO_QUIESCE_AFTER_TRANSFER_MS)
                 || !replica.raft.is_leader()
                 || !settled(&replica)
             {

@@ -88,6 +88,7 @@ pub async fn split_range(
     key: &[u8],
 ) -> Result<(RangeRecord, RangeRecord), ClientError> {
     let range_id = replica.shared.range_id;
+    replica.touch();
     if !replica.raft.is_leader() {
         return Err(not_leader_hint(shared.leader_node(replica)));
     }
@@ -112,7 +113,10 @@ pub async fn split_range(
                 .alloc_range_ids(AllocRangeIdsRequest { count: 1 })
                 .await
         })
-        .await?
+        .await
+        .map_err(|e| {
+            ClientError::Unavailable(format!("allocating a range id from the meta range: {e}"))
+        })?
         .first;
     let write = replica.raft.client_write(Command::Split {
         split_key,

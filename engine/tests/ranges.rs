@@ -106,16 +106,17 @@ fn spread(list: &RangeListResponse) -> (BTreeMap<u64, usize>, BTreeMap<u64, usiz
     (replicas, leaders)
 }
 
-/// True when no node in `counts` (restricted to `nodes`) holds more than 1.5× the mean.
+/// True when every node in `nodes` holds between half and 1.5× the mean of `counts`.
 fn balanced(counts: &BTreeMap<u64, usize>, nodes: &[u64]) -> bool {
     let total: usize = nodes
         .iter()
         .map(|n| counts.get(n).copied().unwrap_or(0))
         .sum();
     let mean = total as f64 / nodes.len() as f64;
-    nodes
-        .iter()
-        .all(|n| counts.get(n).copied().unwrap_or(0) as f64 <= 1.5 * mean)
+    nodes.iter().all(|n| {
+        let c = counts.get(n).copied().unwrap_or(0) as f64;
+        c <= 1.5 * mean && c >= 0.5 * mean
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -282,7 +283,12 @@ async fn split_into(client: &Client, ranges: u32) {
                 for attempt in 1..=SPLIT_ATTEMPTS {
                     match client.split(&at).await {
                         Ok(_) => return,
-                        Err(e) if attempt == SPLIT_ATTEMPTS => panic!("split at r{i:06}: {e}"),
+                        Err(e) if attempt == SPLIT_ATTEMPTS => {
+                            panic!(
+                                "split at r{i:06}: {e}\n{}",
+                                describe_key(&client, &at).await
+                            )
+                        }
                         Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
                     }
                 }
@@ -295,9 +301,35 @@ async fn split_into(client: &Client, ranges: u32) {
     }
 }
 
+/// What every node says about the replicas covering `key`, for failure messages.
+async fn describe_key(client: &Client, key: &[u8]) -> String {
+    let mut out = String::new();
+    let Ok(list) = client.range_list().await else {
+        return "range list unavailable".into();
+    };
+    for n in &list.nodes {
+        let Ok(s) = client.status(&n.addr, false).await else {
+            continue;
+        };
+        for r in &s.ranges {
+            let Some(d) = &r.descriptor else { continue };
+            if keys::span_contains(&d.start_key, &d.end_key, key) {
+                out.push_str(&format!(
+                    "node {}: range {} gen {} role {} leader {:?} term {} applied {:?} last {:?} quiesced {} voters {:?}\n",
+                    n.node_id, d.range_id, d.generation, r.role, r.leader_id, r.term,
+                    r.applied_index, r.last_log_index, r.quiesced, d.voters
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// 1,000 idle ranges on 3 nodes: reports the CPU the nodes use once the ranges quiesce.
-/// No timing assertion; the numbers go to stderr (and the closing note of the change).
+/// No timing assertion; the numbers go to stderr. It takes minutes (999 splits on two
+/// cores), so it runs with `make idle-ranges`, not in the default suite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "minutes long; run with make idle-ranges"]
 async fn thousand_idle_ranges_report_idle_cpu() {
     const RANGES: u32 = 1_000;
     let cluster = ProcCluster::start(3, &["--quiesce-after-ms", "2000"]).await;

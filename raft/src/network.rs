@@ -364,6 +364,9 @@ pub struct Replica {
     pub size_bytes: AtomicU64,
     /// Requests per second over the last heartbeat period, as `f64` bits.
     qps_bits: AtomicU64,
+    /// When this node last asked the range to hand leadership over, as ms since `epoch`
+    /// (0: never).
+    transfer_requested_ms: AtomicU64,
 }
 
 impl Replica {
@@ -378,6 +381,23 @@ impl Replica {
             quiesced: AtomicBool::new(false),
             size_bytes: AtomicU64::new(0),
             qps_bits: AtomicU64::new(0),
+            transfer_requested_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes that leadership transfer was just requested.
+    pub fn note_transfer(&self) {
+        self.transfer_requested_ms.store(
+            self.epoch.elapsed().as_millis() as u64 + 1,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Milliseconds since leadership transfer was last requested, if ever.
+    pub fn since_transfer_ms(&self) -> Option<u64> {
+        match self.transfer_requested_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some((self.epoch.elapsed().as_millis() as u64).saturating_sub(at - 1)),
         }
     }
 
@@ -516,11 +536,14 @@ impl ReplicaDirectory {
         self.len() == 0
     }
 
-    /// The replica whose span holds `key`.
+    /// The replica whose span holds `key`. Should two (a parent that has not applied its
+    /// split yet, and the right half), the one starting later is the current one.
     pub fn covering(&self, key: &[u8]) -> Option<Arc<Replica>> {
         self.all()
             .into_iter()
-            .find(|r| r.shared.span().is_some_and(|s| s.contains(key)))
+            .filter_map(|r| r.shared.span().filter(|s| s.contains(key)).map(|s| (s, r)))
+            .max_by(|(a, _), (b, _)| a.start_key.cmp(&b.start_key))
+            .map(|(_, r)| r)
     }
 
     /// A replica other than `range_id` whose span overlaps `span`.
