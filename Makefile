@@ -33,9 +33,10 @@ bench-compare: deps
 	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 3 --duration-secs 5 --read-consistency lease --out-dir bench-results/reads-lease
 
 # 1,000 ranges on a 3-node cluster (999 splits), then the nodes' CPU while they idle.
-# Minutes long; prints "IDLE CPU ..." with the numbers.
+# Release build (a debug build spends several times the CPU per Raft message); minutes
+# long; prints "IDLE CPU ..." with the numbers.
 idle-ranges: deps
-	$(CARGO) test -p spheredb-engine --test ranges thousand_idle_ranges_report_idle_cpu -- --ignored --nocapture
+	$(CARGO) test --release -p spheredb-engine --test ranges thousand_idle_ranges_report_idle_cpu -- --ignored --nocapture
 
 jepsen-deps:
 	@./scripts/install-jepsen-deps.sh

@@ -60,8 +60,11 @@ pub async fn quiesce_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<boo
                     .since_transfer_ms()
                     .is_some_and(|ms| ms < NO_QUIESCE_AFTER_TRANSFER_MS)
                 || !replica.raft.is_leader()
-                || !settled(&replica)
             {
+                continue;
+            }
+            if !settled(&replica) {
+                tracing::debug!(range_id = replica.shared.range_id, "idle but not settled; not quiescing");
                 continue;
             }
             if shared.quiesce_followers(&replica).await {

@@ -327,7 +327,8 @@ async fn describe_key(client: &Client, key: &[u8]) -> String {
 
 /// 1,000 idle ranges on 3 nodes: reports the CPU the nodes use once the ranges quiesce.
 /// No timing assertion; the numbers go to stderr. It takes minutes (999 splits on two
-/// cores), so it runs with `make idle-ranges`, not in the default suite.
+/// cores) and wants a release build, so it runs with `make idle-ranges`, not in the
+/// default suite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "minutes long; run with make idle-ranges"]
 async fn thousand_idle_ranges_report_idle_cpu() {

@@ -199,7 +199,10 @@ impl Proc {
             .arg("--listen")
             .arg(&self.addr)
             .args(&self.extra_args)
-            .env("SPHEREDB_LOG", "info,openraft=warn")
+            .env(
+                "SPHEREDB_LOG",
+                std::env::var("SPHEREDB_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -239,10 +242,10 @@ impl Drop for ProcCluster {
         for p in &mut self.procs {
             p.kill9();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("SPHEREDB_TEST_KEEP").is_some() {
             // Keep the nodes' logs and data of a failed test.
             let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
-            eprintln!("test failed; node logs kept in {}", kept.display());
+            eprintln!("node logs kept in {}", kept.display());
         }
     }
 }
