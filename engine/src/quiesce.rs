@@ -64,7 +64,10 @@ pub async fn quiesce_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<boo
                 continue;
             }
             if !settled(&replica) {
-                tracing::debug!(range_id = replica.shared.range_id, "idle but not settled; not quiescing");
+                tracing::debug!(
+                    range_id = replica.shared.range_id,
+                    "idle but not settled; not quiescing"
+                );
                 continue;
             }
             if shared.quiesce_followers(&replica).await {
