@@ -15,6 +15,10 @@ use spheredb_storage::keys;
 
 const SPHERE: u64 = 42;
 
+/// These tests run one at a time: each runs up to five nodes, and two clusters at once on a
+/// small machine starve each other's heartbeats.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Small thresholds and fast timers so a test sees many ranges and quick reactions.
 /// Five nodes and a hundred Raft groups share two cores here: heartbeats (which openraft
 /// also uses as the RPC deadline) get room so a busy moment is not a lost lease.
@@ -129,6 +133,7 @@ fn balanced(counts: &BTreeMap<u64, usize>, nodes: &[u64]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ranges_split_spread_to_new_nodes_and_drain_without_losing_a_key() {
+    let _one_at_a_time = SERIAL.lock().await;
     let mut cluster = ProcCluster::start(3, SHARDING_ARGS).await;
     let client = cluster.client().await;
     // A client whose range cache is filled now, while there are two ranges, and never
@@ -215,6 +220,7 @@ async fn node_counters(cluster: &ProcCluster) -> Vec<(String, HashMap<String, u6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_nodes_ranges_return_to_full_replication() {
+    let _one_at_a_time = SERIAL.lock().await;
     let mut cluster = ProcCluster::start(4, SHARDING_ARGS).await;
     let client = cluster.client().await;
     load(&client, 200).await;
@@ -340,6 +346,7 @@ async fn describe_key(client: &Client, key: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "minutes long; run with make idle-ranges"]
 async fn thousand_idle_ranges_report_idle_cpu() {
+    let _one_at_a_time = SERIAL.lock().await;
     const RANGES: u32 = 1_000;
     let cluster = ProcCluster::start(3, &["--quiesce-after-ms", "2000"]).await;
     let options = ClientOptions {
