@@ -89,6 +89,17 @@ impl RoutingCache {
 
     fn install(&mut self, descriptors: &[RangeDescriptor]) {
         for d in descriptors {
+            // A descriptor older than a cached one it overlaps comes from a stale replica
+            // (a parent that has not applied its split, a removed replica): ignore it.
+            // Splits and merges raise the generation of every range they produce above
+            // that of the ranges they replace, so the newer view always wins.
+            let newer_cached = self
+                .ranges
+                .values()
+                .any(|old| spans_overlap(old, d) && old.generation > d.generation);
+            if newer_cached {
+                continue;
+            }
             // Drop cached ranges the new descriptor overlaps, then insert it.
             let stale: Vec<Vec<u8>> = self
                 .ranges
@@ -270,8 +281,19 @@ impl Client {
         }
         cache.install(&resp.ranges);
         for l in &resp.loads {
-            if let Some(leader) = l.leader_node_id {
-                cache.leaders.insert(l.range_id, leader);
+            // A leader the meta range reported that is no longer a voter is stale.
+            let voter = |n: u64| {
+                resp.ranges
+                    .iter()
+                    .any(|d| d.range_id == l.range_id && d.voters.contains(&n))
+            };
+            match l.leader_node_id {
+                Some(leader) if voter(leader) => {
+                    cache.leaders.insert(l.range_id, leader);
+                }
+                _ => {
+                    cache.leaders.remove(&l.range_id);
+                }
             }
         }
         Ok(resp)
@@ -411,17 +433,25 @@ impl Client {
                             backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
                             continue;
                         }
-                        match self
+                        let found = self
                             .cache
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .lookup(routing_key)
-                        {
+                            .lookup(routing_key);
+                        match found {
                             Some(r) => r,
                             None => {
-                                return Err(ClientError::RangeNotFound(
-                                    "no range covers the key".into(),
-                                ))
+                                // The meta range's copy lags a split by up to a heartbeat
+                                // period: wait and look again.
+                                last_error = ClientError::RangeNotFound(
+                                    "no range in the range map covers the key".into(),
+                                );
+                                tokio::time::sleep(
+                                    Duration::from_millis(backoff_ms).min(remaining),
+                                )
+                                .await;
+                                backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+                                continue;
                             }
                         }
                     }
@@ -435,6 +465,19 @@ impl Client {
                     range_id: range.range_id,
                     generation: range.generation,
                 }),
+            };
+            // A replica on a node this client has not heard of (added since the last range
+            // map): reload the map, which names every node.
+            let unknown_voter = {
+                let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                range.voters.iter().any(|id| !cache.nodes.contains_key(id))
+            };
+            // On failure the call goes on with the addresses it knows; the reload's error is
+            // reported with the attempt's, should that fail too.
+            let reload_error = if unknown_voter {
+                self.refresh_ranges().await.err()
+            } else {
+                None
             };
             let addr = self.target(&range, attempt);
             let attempt_budget = match retry {
@@ -475,7 +518,12 @@ impl Client {
                     &result,
                     ClientError::KeyNotInRange { .. } | ClientError::StaleGeneration { .. }
                 );
-            last_error = result;
+            last_error = match reload_error {
+                Some(reload) => ClientError::Unavailable(format!(
+                    "{result}; reloading the range map also failed: {reload}"
+                )),
+                None => result,
+            };
             if !follow_hint {
                 tokio::time::sleep(Duration::from_millis(backoff_ms).min(remaining)).await;
                 backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
@@ -739,6 +787,22 @@ mod tests {
             learners: vec![],
             replicas: vec![],
         }
+    }
+
+    #[test]
+    fn routing_cache_ignores_descriptors_older_than_what_it_holds() {
+        let mut cache = RoutingCache::default();
+        let mut left = desc(2, b"", b"m");
+        left.generation = 5;
+        let mut right = desc(7, b"m", b"");
+        right.generation = 5;
+        cache.install(&[left, right]);
+        // A stale replica of the parent, from before the split, hints its old span.
+        let mut parent = desc(2, b"", b"");
+        parent.generation = 4;
+        cache.install(&[parent]);
+        assert_eq!(cache.lookup(b"q").unwrap().range_id, 7);
+        assert_eq!(cache.ranges.len(), 2);
     }
 
     #[test]

@@ -220,6 +220,11 @@ fn track_report(
                 qps: report.qps,
             },
         );
+    } else if let Some(load) = inner.loads.get_mut(&report.range_id) {
+        // The node we took for the leader says it is not (any more).
+        if load.leader_node == Some(node_id) {
+            load.leader_node = None;
+        }
     }
     let reported_generation = report.generation;
     let removed = stored.get(&report.range_id).is_some_and(|s| {
@@ -309,13 +314,8 @@ pub async fn write_liveness(
     .await
 }
 
-/// This node's report of its replicas. Descriptors go only for replicas whose generation
-/// differs from `sent` (what the current meta leader last accepted).
-fn build_report(
-    shared: &NodeShared,
-    interval: Duration,
-    sent: &HashMap<RangeId, u64>,
-) -> NodeHeartbeatRequest {
+/// This node's report of its replicas.
+fn build_report(shared: &NodeShared, interval: Duration) -> NodeHeartbeatRequest {
     let mut replicas = Vec::new();
     for r in shared.replicas.all() {
         let ops = r.ops.swap(0, std::sync::atomic::Ordering::Relaxed);
@@ -324,11 +324,10 @@ fn build_report(
         let leader = r.raft.is_leader();
         let descriptor = shared.descriptor(&r);
         let generation = descriptor.as_ref().map_or(0, |d| d.generation);
-        let changed = sent.get(&r.shared.range_id) != Some(&generation);
         replicas.push(ReplicaReport {
             range_id: r.shared.range_id,
             replica_id: metrics.id,
-            descriptor: descriptor.filter(|_| changed),
+            descriptor,
             generation,
             leader,
             size_bytes: if leader {
@@ -349,20 +348,12 @@ fn build_report(
 /// Reports to the meta-range leader every heartbeat period and acts on its answer.
 pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
-    // Generations of the descriptors the current meta leader has accepted, and who that is.
-    let mut sent: HashMap<RangeId, u64> = HashMap::new();
-    let mut sent_to: Option<NodeId> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let meta_leader = shared.meta_leader_hint().map(|n| n.node_id);
-        if meta_leader != sent_to {
-            sent.clear();
-            sent_to = meta_leader;
-        }
-        let report = build_report(&shared, interval, &sent);
+        let report = build_report(&shared, interval);
         let resp = shared
             .call_meta(|mut admin| {
                 let report = report.clone();
@@ -373,16 +364,9 @@ pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch:
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!("heartbeat to the meta range failed: {e}");
-                sent.clear();
                 continue;
             }
         };
-        for r in &report.replicas {
-            if r.descriptor.is_some() {
-                sent.insert(r.range_id, r.generation);
-            }
-        }
-        sent.retain(|id, _| shared.replica(*id).is_some());
         shared.learn_nodes(resp.nodes.iter().map(|n| (n.node_id, n.addr.clone())));
         for range_id in resp.destroy_ranges {
             if range_id == META_RANGE_ID && shared.is_leader(META_RANGE_ID) {

@@ -57,10 +57,13 @@ async fn load(client: &Client, count: u32) {
 /// Reads every key through `client` (and a full scan), asserting each value.
 async fn check_all(client: &Client, count: u32, who: &str) {
     for i in 0..count {
-        let got = client
-            .get(SPHERE, &key(i))
-            .await
-            .unwrap_or_else(|e| panic!("{who}: reading key {i}: {e}"));
+        let got = match client.get(SPHERE, &key(i)).await {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "{who}: reading key {i}: {e}\n{}",
+                describe_key(client, &keys::kv_key(SPHERE, &key(i))).await
+            ),
+        };
         assert_eq!(got, Some(value(i)), "{who}: key {i}");
     }
     let scanned = client.scan(SPHERE, b"", b"", 100_000).await.unwrap();
