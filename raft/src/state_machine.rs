@@ -349,14 +349,18 @@ impl StateMachine {
                 right: Box::new(right),
             });
         }
+        // Every replica applies the split the same way (the parent's span is replicated
+        // state); only what this node keeps of the right half is local. A right half that
+        // already has state here (it cannot, while the parent's span covers it) is kept.
         if read_state::<AppliedState>(&self.db, new_range_id, StateTag::Applied)?.is_some() {
-            // This node already holds the right half (it cannot, while the parent's span
-            // covers it; refuse rather than overwrite).
-            return Ok(CommandResponse::Rejected {
-                reason: format!("range {new_range_id} already exists on this node"),
-            });
+            tracing::error!(
+                range_id = self.range_id,
+                new_range_id,
+                "right half of a split already exists on this node; keeping its state"
+            );
+        } else {
+            write_range_origin(&self.db, &mut pending.batch, &right, membership)?;
         }
-        write_range_origin(&self.db, &mut pending.batch, &right, membership)?;
         self.applied.span = Some(left.clone());
         pending.events.push(RangeEvent::Split {
             parent: self.range_id,
