@@ -157,6 +157,7 @@ pub enum NodeOp {
     /// Move every replica off a node; it then holds nothing and can be stopped. Waits until
     /// the node is empty unless --no-wait.
     Decommission {
+        /// Id of the node to drain (`spheredb status` lists them).
         #[arg(long)]
         node: u64,
         /// Return once the drain has started.
