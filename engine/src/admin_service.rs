@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::{ChangeMembers, Instant as _, ServerState};
-use rocksdb::{Direction, IteratorMode, ReadOptions};
 use spheredb_client::proto::v1::admin_server::Admin;
 use spheredb_client::proto::v1::{
     AllocRangeIdsRequest, AllocRangeIdsResponse, ChangeReplicasRequest, ChangeReplicasResponse,
@@ -88,16 +87,10 @@ impl AdminService {
 
     /// Key count and crc32 over every pair of `span`, in key order.
     fn digest(&self, span: &RangeSpan) -> Result<(u64, u32), ClientError> {
-        let db = &self.node.db;
-        let mut opts = ReadOptions::default();
-        if !span.end_key.is_empty() {
-            opts.set_iterate_upper_bound(span.end_key.clone());
-        }
-        let iter = db.raw().iterator_cf_opt(
-            db.cf(ColumnFamilyName::Data),
-            opts,
-            IteratorMode::From(&span.start_key, Direction::Forward),
-        );
+        let iter = self
+            .node
+            .db
+            .iter_span(ColumnFamilyName::Data, &span.start_key, &span.end_key);
         let mut hasher = crc32fast::Hasher::new();
         let mut count = 0u64;
         for item in iter {

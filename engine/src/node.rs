@@ -881,11 +881,6 @@ impl Node {
         self.shared.replica(range_id).map(|r| r.raft.clone())
     }
 
-    /// State shared by the node's services.
-    pub fn shared(&self) -> &Arc<NodeShared> {
-        &self.shared
-    }
-
     /// The node's database.
     pub fn db(&self) -> &Db {
         &self.shared.db

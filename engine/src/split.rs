@@ -9,7 +9,6 @@ use std::sync::Arc;
 use openraft::async_runtime::WatchReceiver;
 use std::time::Duration;
 
-use rocksdb::{Direction, IteratorMode, ReadOptions};
 use spheredb_client::proto::v1::AllocRangeIdsRequest;
 use spheredb_client::ClientError;
 use spheredb_raft::network::Replica;
@@ -35,31 +34,16 @@ pub struct SpanSize {
     pub middle_key: Option<Vec<u8>>,
 }
 
-fn span_iter<'a>(
-    db: &'a Db,
-    span: &RangeSpan,
-) -> rocksdb::DBIteratorWithThreadMode<'a, rocksdb::DB> {
-    let mut opts = ReadOptions::default();
-    if !span.end_key.is_empty() {
-        opts.set_iterate_upper_bound(span.end_key.clone());
-    }
-    db.raw().iterator_cf_opt(
-        db.cf(ColumnFamilyName::Data),
-        opts,
-        IteratorMode::From(&span.start_key, Direction::Forward),
-    )
-}
-
 /// Measures `span`: two passes, one for the total and one to find the middle.
 pub fn measure_span(db: &Db, span: &RangeSpan) -> Result<SpanSize, rocksdb::Error> {
     let mut total = 0u64;
-    for item in span_iter(db, span) {
+    for item in db.iter_span(ColumnFamilyName::Data, &span.start_key, &span.end_key) {
         let (k, v) = item?;
         total += (k.len() + v.len()) as u64;
     }
     let mut seen = 0u64;
     let mut middle_key = None;
-    for item in span_iter(db, span) {
+    for item in db.iter_span(ColumnFamilyName::Data, &span.start_key, &span.end_key) {
         let (k, v) = item?;
         seen += (k.len() + v.len()) as u64;
         if seen * 2 >= total {

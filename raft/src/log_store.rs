@@ -124,13 +124,7 @@ pub fn destroy_replica(
         encode_record(&(replica_id + 1))?,
     );
     if let Some((start, end)) = data_span {
-        let data = db.cf(ColumnFamilyName::Data);
-        if end.is_empty() {
-            // No upper bound key exists: delete up to a key above every encoded key.
-            batch.delete_range_cf(data, &start, &vec![0xffu8; 16]);
-        } else {
-            batch.delete_range_cf(data, &start, &end);
-        }
+        db.batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);
     }
     db.write(batch, true).map_err(io::Error::from)
 }

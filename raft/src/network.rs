@@ -523,19 +523,6 @@ impl ReplicaDirectory {
             .collect()
     }
 
-    /// Number of replicas.
-    pub fn len(&self) -> usize {
-        self.replicas
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-    }
-
-    /// True when the node has no replica.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The replica whose span holds `key`. Should two (a parent that has not applied its
     /// split yet, and the right half), the one starting later is the current one.
     pub fn covering(&self, key: &[u8]) -> Option<Arc<Replica>> {

@@ -181,15 +181,7 @@ pub fn scan_values(
     end: &[u8],
     limit: usize,
 ) -> Result<(Vec<KvPair>, bool), StorageError> {
-    let mut opts = ReadOptions::default();
-    if !end.is_empty() {
-        opts.set_iterate_upper_bound(end.to_vec());
-    }
-    let iter = db.raw().iterator_cf_opt(
-        db.cf(ColumnFamilyName::Data),
-        opts,
-        IteratorMode::From(start, Direction::Forward),
-    );
+    let iter = db.iter_span(ColumnFamilyName::Data, start, end);
     let mut out = Vec::new();
     for item in iter {
         let (k, v) = item?;
@@ -329,16 +321,12 @@ impl StateMachine {
             // This replica joined after the split was proposed (it caught up from an older
             // snapshot): the right half has no replica here. Its keys are not ours any more.
             self.applied.span = Some(left.clone());
-            let data = self.db.cf(ColumnFamilyName::Data);
-            if right.end_key.is_empty() {
-                pending
-                    .batch
-                    .delete_range_cf(data, &right.start_key, &vec![0xffu8; 16]);
-            } else {
-                pending
-                    .batch
-                    .delete_range_cf(data, &right.start_key, &right.end_key);
-            }
+            self.db.batch_delete_span(
+                &mut pending.batch,
+                ColumnFamilyName::Data,
+                &right.start_key,
+                &right.end_key,
+            );
             pending.events.push(RangeEvent::Split {
                 parent: self.range_id,
                 child: new_range_id,
@@ -730,16 +718,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Some(s) => (s.start_key.clone(), s.end_key.clone()),
             None => self.span_bounds(),
         };
-        let mut opts = ReadOptions::default();
-        if !end.is_empty() {
-            opts.set_iterate_upper_bound(end);
-        }
-        let iter = self.db.raw().iterator_cf_opt(
-            self.data_cf(),
-            opts,
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        for item in iter {
+        for item in self.db.iter_span(ColumnFamilyName::Data, &start, &end) {
             let (k, _) = item.map_err(io::Error::other)?;
             batch.delete_cf(self.data_cf(), k);
         }

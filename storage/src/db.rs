@@ -8,7 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBIteratorWithThreadMode, Direction, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
 
 use crate::{record, StorageError};
 
@@ -129,6 +132,43 @@ impl Db {
             None => Ok(None),
             Some(framed) => Ok(Some(record::decode(cf.as_str(), &framed)?.to_vec())),
         }
+    }
+
+    /// Iterates `cf` over `[start, end)` in key order (empty `end`: unbounded).
+    pub fn iter_span(
+        &self,
+        cf: ColumnFamilyName,
+        start: &[u8],
+        end: &[u8],
+    ) -> DBIteratorWithThreadMode<'_, DB> {
+        let mut opts = ReadOptions::default();
+        if !end.is_empty() {
+            opts.set_iterate_upper_bound(end.to_vec());
+        }
+        self.inner.iterator_cf_opt(
+            self.cf(cf),
+            opts,
+            IteratorMode::From(start, Direction::Forward),
+        )
+    }
+
+    /// Adds to `batch` the deletion of every key of `cf` in `[start, end)` (empty `end`:
+    /// unbounded).
+    pub fn batch_delete_span(
+        &self,
+        batch: &mut WriteBatch,
+        cf: ColumnFamilyName,
+        start: &[u8],
+        end: &[u8],
+    ) {
+        // Every encoded key starts with a prefix byte below 0xff, so this bounds them all.
+        const ABOVE_EVERY_KEY: [u8; 16] = [0xff; 16];
+        let end = if end.is_empty() {
+            &ABOVE_EVERY_KEY[..]
+        } else {
+            end
+        };
+        batch.delete_range_cf(self.cf(cf), start, end);
     }
 
     /// Adds a checksummed put to `batch`.
