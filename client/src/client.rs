@@ -11,13 +11,15 @@ use crate::error::ClientError;
 use crate::limits::{self, check_key, check_value};
 use crate::proto::v1::{
     admin_client::AdminClient, kv_client::KvClient, BatchRequest, CompareAndSwapRequest,
-    DecommissionRequest, DeleteRequest, GetRequest, Header, KeyValue, PutRequest, RangeDescriptor,
-    RangeListRequest, RangeListResponse, RangeRef, ReadConsistency, ScanRequest, SplitRequest,
-    SplitResponse, StatusRequest, StatusResponse, WriteOp,
+    DecommissionRequest, DeleteRequest, GetRequest, Header, KeyValue, MergeRequest, PutRequest,
+    RangeDescriptor, RangeListRequest, RangeListResponse, RangeRef, ReadConsistency, ScanRequest,
+    SplitRequest, SplitResponse, StatusRequest, StatusResponse, WriteOp,
 };
 
 /// Default time budget of one client call, retries included.
 pub const DEFAULT_CALL_DEADLINE_MS: u64 = 10_000;
+/// Longest a merge may take, moving the right-hand range's replicas included.
+pub const MERGE_DEADLINE_MS: u64 = 120_000;
 /// Default most attempts of one client call.
 pub const DEFAULT_RETRY_BUDGET: u32 = 16;
 /// First backoff between attempts; doubles up to [`MAX_BACKOFF_MS`].
@@ -195,6 +197,21 @@ impl Client {
         F: Fn(AdminClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.admin_call_within(self.options.call_deadline_ms, preferred, call)
+            .await
+    }
+
+    /// [`Client::admin_call`] with `deadline_ms` per attempt.
+    async fn admin_call_within<T, F, Fut>(
+        &self,
+        deadline_ms: u64,
+        preferred: Vec<String>,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let mut candidates = preferred;
         candidates.extend(self.seeds.iter().cloned());
         {
@@ -210,11 +227,9 @@ impl Client {
                 break;
             }
             tried.push(addr.clone());
-            let attempt = tokio::time::timeout(
-                Duration::from_millis(self.options.call_deadline_ms),
-                call(self.admin(&addr)?),
-            )
-            .await;
+            let attempt =
+                tokio::time::timeout(Duration::from_millis(deadline_ms), call(self.admin(&addr)?))
+                    .await;
             match attempt {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => {
@@ -346,6 +361,74 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
             backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+        }
+        Err(last_error)
+    }
+
+    /// Merges range `left_range_id` with its right neighbour; returns the merged range. The
+    /// meta-range leader first moves the neighbour's replicas next to the left range's, so
+    /// this can take as long as a few snapshot transfers. Retries within
+    /// [`MERGE_DEADLINE_MS`]; a retry never merges a second neighbour.
+    pub async fn merge(&self, left_range_id: u64) -> Result<RangeDescriptor, ClientError> {
+        let list = self.range_list().await?;
+        let left = list
+            .ranges
+            .iter()
+            .find(|r| r.range_id == left_range_id)
+            .ok_or_else(|| {
+                ClientError::InvalidArgument(format!("range {left_range_id} does not exist"))
+            })?;
+        let right = list
+            .ranges
+            .iter()
+            .find(|r| !left.end_key.is_empty() && r.start_key == left.end_key)
+            .ok_or_else(|| {
+                ClientError::InvalidArgument(format!(
+                    "range {left_range_id} is the last range; there is nothing to merge it with"
+                ))
+            })?
+            .range_id;
+        let old_end = left.end_key.clone();
+        let started = Instant::now();
+        let mut backoff_ms = INITIAL_BACKOFF_MS;
+        let mut last_error = ClientError::Unavailable("no attempt made".into());
+        for _ in 0..self.options.retry_budget {
+            if started.elapsed() >= Duration::from_millis(MERGE_DEADLINE_MS) {
+                break;
+            }
+            let attempt = self
+                .admin_call_within(MERGE_DEADLINE_MS, Vec::new(), |mut admin| async move {
+                    admin
+                        .merge(MergeRequest {
+                            left_range_id,
+                            expected_right_range_id: Some(right),
+                        })
+                        .await
+                })
+                .await;
+            match attempt {
+                Ok(resp) => {
+                    return resp.merged.ok_or_else(|| {
+                        ClientError::Internal("merge answered without a descriptor".into())
+                    })
+                }
+                Err(e @ ClientError::InvalidArgument(_)) => return Err(e),
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+            // An attempt that timed out may still have merged.
+            if let Ok(list) = self.range_list().await {
+                let merged = list
+                    .ranges
+                    .iter()
+                    .find(|r| r.range_id == left_range_id && r.end_key != old_end);
+                if let Some(m) = merged {
+                    if !list.ranges.iter().any(|r| r.range_id == right) {
+                        return Ok(m.clone());
+                    }
+                }
+            }
         }
         Err(last_error)
     }

@@ -11,7 +11,8 @@ use openraft::{ChangeMembers, Instant as _, ServerState};
 use spheredb_client::proto::v1::admin_server::Admin;
 use spheredb_client::proto::v1::{
     AllocRangeIdsRequest, AllocRangeIdsResponse, ChangeReplicasRequest, ChangeReplicasResponse,
-    DecommissionRequest, DecommissionResponse, JoinRequest, JoinResponse, NodeHeartbeatRequest,
+    DecommissionRequest, DecommissionResponse, JoinRequest, JoinResponse, MergeRequest,
+    MergeResponse, MergeStep, MergeStepRequest, MergeStepResponse, NodeHeartbeatRequest,
     NodeHeartbeatResponse, NodeInfo, RangeListRequest, RangeListResponse, RangeLoad, RangeStatus,
     ReplicaProgress, SplitRequest, SplitResponse, StatusRequest, StatusResponse,
     TransferLeaderRequest, TransferLeaderResponse,
@@ -24,7 +25,7 @@ use spheredb_storage::{keys, ColumnFamilyName};
 use tonic::{Request, Response, Status};
 
 use crate::errors::{not_leader_hint, write_error};
-use crate::meta::write_meta;
+use crate::meta::{record_from_wire, write_meta};
 use crate::node::{wire_descriptor, NodeShared};
 
 /// Largest join token accepted.
@@ -164,6 +165,8 @@ impl AdminService {
             qps: if leader { replica.qps() } else { 0.0 },
             quiesced: replica.quiesced.load(Ordering::Acquire),
             role: format!("{:?}", metrics.state).to_lowercase(),
+            frozen_into: replica.shared.frozen().map(|f| f.into),
+            frozen_left_generation: replica.shared.frozen().map_or(0, |f| f.left_generation),
         })
     }
 
@@ -203,6 +206,12 @@ impl AdminService {
                 req.range_id
             )));
         };
+        if let Some(frozen) = replica.shared.frozen() {
+            return Err(ClientError::Unavailable(format!(
+                "range {} is frozen for a merge into range {}",
+                req.range_id, frozen.into
+            )));
+        }
         let metrics = replica.raft.metrics().borrow_watched().clone();
         let Some(span) = replica.shared.span() else {
             return Err(ClientError::Unavailable(
@@ -331,10 +340,101 @@ impl AdminService {
             descriptor: self.node.descriptor(&replica),
         })
     }
+
+    /// Runs one step of a merge on this range's leader (see `crate::merge`).
+    async fn merge_step_inner(
+        &self,
+        req: MergeStepRequest,
+    ) -> Result<MergeStepResponse, ClientError> {
+        let replica = self.leading(req.range_id)?;
+        let right = || {
+            req.right
+                .as_ref()
+                .map(|d| record_from_wire(d, 0).span)
+                .ok_or_else(|| ClientError::InvalidArgument("the step needs `right`".into()))
+        };
+        let cmd = match MergeStep::try_from(req.step) {
+            Ok(MergeStep::Freeze) => Command::Freeze {
+                into: req.into,
+                left_generation: req.left_generation,
+                expected_generation: req.expected_generation,
+            },
+            Ok(MergeStep::Thaw) => Command::Thaw,
+            Ok(MergeStep::Merge) => Command::Merge {
+                right: right()?,
+                expected_generation: req.expected_generation,
+            },
+            Ok(MergeStep::Abort) => Command::AbortMerge { right: right()? },
+            Ok(MergeStep::Unspecified) | Err(_) => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "unknown merge step {}",
+                    req.step
+                )))
+            }
+        };
+        // Not while a replica change of the range runs: a frozen range must keep the
+        // replicas the merge was planned on.
+        let Some(_claim) = self.node.claim_change(req.range_id) else {
+            return Err(ClientError::Unavailable(format!(
+                "a replica change of range {} is running",
+                req.range_id
+            )));
+        };
+        let write = replica.raft.client_write(cmd);
+        let resp = tokio::time::timeout(Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS), write)
+            .await
+            .map_err(|_| ClientError::Indeterminate("merge step did not commit in time".into()))?
+            .map_err(write_error)?;
+        let merged = match resp.data {
+            CommandResponse::MergeAborted { merged, .. } => merged,
+            CommandResponse::FreezeDone { .. }
+            | CommandResponse::MergeDone { .. }
+            | CommandResponse::Done => false,
+            CommandResponse::Frozen { into } => {
+                return Err(ClientError::Unavailable(format!(
+                    "range {} is frozen for a merge into range {into}",
+                    req.range_id
+                )))
+            }
+            CommandResponse::Rejected { reason } => {
+                return Err(ClientError::StaleGeneration {
+                    message: reason,
+                    descriptors: self.node.descriptor(&replica).into_iter().collect(),
+                })
+            }
+            other => return Err(internal(format!("unexpected response {other:?}"))),
+        };
+        Ok(MergeStepResponse {
+            descriptor: self.node.descriptor(&replica),
+            merged,
+        })
+    }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn merge(&self, request: Request<MergeRequest>) -> Reply<MergeResponse> {
+        let req = request.into_inner();
+        let result = async {
+            self.meta_leading()?;
+            let merged = crate::merge::merge_ranges(
+                &self.node,
+                req.left_range_id,
+                req.expected_right_range_id,
+            )
+            .await?;
+            Ok(MergeResponse {
+                merged: Some(wire_descriptor(&merged)),
+            })
+        }
+        .await;
+        answer(result)
+    }
+
+    async fn merge_step(&self, request: Request<MergeStepRequest>) -> Reply<MergeStepResponse> {
+        answer(self.merge_step_inner(request.into_inner()).await)
+    }
+
     async fn status(&self, request: Request<StatusRequest>) -> Reply<StatusResponse> {
         let include_digest = request.into_inner().include_digest;
         let result = (|| {

@@ -116,6 +116,16 @@ pub struct StartArgs {
     /// A range serving more requests per second than this splits in two.
     #[arg(long, env = "SPHEREDB_RANGE_SPLIT_QPS", default_value_t = config::DEFAULT_RANGE_SPLIT_QPS)]
     pub range_split_qps: f64,
+    /// Neighbouring ranges smaller than this (each, and together) and colder than
+    /// --range-merge-qps merge into one (0: ranges never merge by themselves).
+    #[arg(long, env = "SPHEREDB_RANGE_MERGE_SIZE_BYTES", default_value_t = config::DEFAULT_RANGE_MERGE_SIZE_BYTES)]
+    pub range_merge_size_bytes: u64,
+    /// Requests per second under which a range is cold enough to merge.
+    #[arg(long, env = "SPHEREDB_RANGE_MERGE_QPS", default_value_t = config::DEFAULT_RANGE_MERGE_QPS)]
+    pub range_merge_qps: f64,
+    /// A range whose span changed (split or merge) less than this long ago (ms) does not merge.
+    #[arg(long, env = "SPHEREDB_RANGE_MERGE_AFTER_SPLIT_MS", default_value_t = config::DEFAULT_RANGE_MERGE_AFTER_SPLIT_MS)]
+    pub range_merge_after_split_ms: u64,
     /// A node silent this long (ms) is dead: its replicas are re-created on other nodes.
     #[arg(long, env = "SPHEREDB_DEAD_NODE_TIMEOUT_MS", default_value_t = config::DEFAULT_DEAD_NODE_TIMEOUT_MS)]
     pub dead_node_timeout_ms: u64,
@@ -149,6 +159,13 @@ pub enum RangeOp {
         /// An encoded key (hex) to split at, for SQL rows or other keyspaces.
         #[arg(long)]
         encoded_key: Option<String>,
+    },
+    /// Merge a range with the range that follows it (its right neighbour). The neighbour's
+    /// replicas first move onto the same nodes; the merged range keeps this range's id.
+    Merge {
+        /// Id of the left-hand range (`spheredb range list` shows ids).
+        #[arg(long)]
+        range: u64,
     },
 }
 
@@ -283,6 +300,16 @@ async fn range(client: &Client, op: RangeOp) -> anyhow::Result<()> {
                 );
             }
         }
+        RangeOp::Merge { range } => {
+            let merged = client.merge(range).await?;
+            println!(
+                "range {} generation {} [{}, {})",
+                merged.range_id,
+                merged.generation,
+                crate::status::show_key(&merged.start_key),
+                crate::status::show_key(&merged.end_key)
+            );
+        }
     }
     Ok(())
 }
@@ -403,6 +430,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         log_kept_behind_snapshot: args.log_kept_behind_snapshot,
         range_split_size_bytes: args.range_split_size_bytes,
         range_split_qps: args.range_split_qps,
+        range_merge_size_bytes: args.range_merge_size_bytes,
+        range_merge_qps: args.range_merge_qps,
+        range_merge_after_split_ms: args.range_merge_after_split_ms,
         dead_node_timeout_ms: args.dead_node_timeout_ms,
         quiesce_after_ms: args.quiesce_after_ms,
         node_heartbeat_interval_ms: args.node_heartbeat_interval_ms,

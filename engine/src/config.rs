@@ -21,6 +21,14 @@ pub const DEFAULT_RANGE_SPLIT_SIZE_BYTES: u64 = 64 << 20;
 /// Default load (requests per second, averaged over the load window) past which a range
 /// splits.
 pub const DEFAULT_RANGE_SPLIT_QPS: f64 = 2_500.0;
+/// Default size under which a range merges with a small right neighbour (their sum must
+/// stay under it too).
+pub const DEFAULT_RANGE_MERGE_SIZE_BYTES: u64 = 16 << 20;
+/// Default load (requests per second) under which a range counts as cold for merging.
+pub const DEFAULT_RANGE_MERGE_QPS: f64 = 100.0;
+/// Default time after a range's span last changed before it may merge: a range just split
+/// (by load, say) is not merged straight back.
+pub const DEFAULT_RANGE_MERGE_AFTER_SPLIT_MS: u64 = 10 * 60_000;
 /// Default time after a node's last heartbeat when its replicas are replaced elsewhere.
 pub const DEFAULT_DEAD_NODE_TIMEOUT_MS: u64 = 5 * 60_000;
 /// Default idle time after which a range stops heartbeating.
@@ -53,6 +61,13 @@ pub struct NodeConfig {
     pub range_split_size_bytes: u64,
     /// A range busier than this (requests/s over the load window) splits.
     pub range_split_qps: f64,
+    /// Two neighbours both smaller than this, together too, and both colder than
+    /// `range_merge_qps`, merge (0: never merge by themselves).
+    pub range_merge_size_bytes: u64,
+    /// Requests per second under which a range is cold enough to merge.
+    pub range_merge_qps: f64,
+    /// A range whose span changed less than this long ago does not merge.
+    pub range_merge_after_split_ms: u64,
     /// A node silent this long is dead: its replicas are replaced on other nodes.
     pub dead_node_timeout_ms: u64,
     /// A range idle this long stops heartbeating (0: never).
@@ -77,6 +92,9 @@ impl NodeConfig {
             log_kept_behind_snapshot: DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT,
             range_split_size_bytes: DEFAULT_RANGE_SPLIT_SIZE_BYTES,
             range_split_qps: DEFAULT_RANGE_SPLIT_QPS,
+            range_merge_size_bytes: DEFAULT_RANGE_MERGE_SIZE_BYTES,
+            range_merge_qps: DEFAULT_RANGE_MERGE_QPS,
+            range_merge_after_split_ms: DEFAULT_RANGE_MERGE_AFTER_SPLIT_MS,
             dead_node_timeout_ms: DEFAULT_DEAD_NODE_TIMEOUT_MS,
             quiesce_after_ms: DEFAULT_QUIESCE_AFTER_MS,
             node_heartbeat_interval_ms: DEFAULT_NODE_HEARTBEAT_INTERVAL_MS,

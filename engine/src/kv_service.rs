@@ -115,6 +115,9 @@ impl KvService {
             Ok(Err(e)) => Err(write_error(e)),
             Ok(Ok(resp)) => match resp.data {
                 CommandResponse::Rejected { reason } => Err(ClientError::InvalidArgument(reason)),
+                CommandResponse::Frozen { into } => Err(ClientError::Unavailable(format!(
+                    "range is being merged into range {into}; retry shortly"
+                ))),
                 CommandResponse::OutsideSpan { span } => {
                     Err(self.outside(replica, span.map(|s| *s)))
                 }
@@ -154,9 +157,15 @@ impl KvService {
         }
     }
 
-    /// After the barrier: the span may have changed while waiting (a split applied); the
-    /// read is only correct if the key is still in the range.
+    /// After the barrier: the span may have changed while waiting (a split applied), or the
+    /// range frozen for a merge; the read is only correct if the key is still served here.
     fn check_still_in_span(&self, replica: &Replica, key: &[u8]) -> Result<(), ClientError> {
+        if let Some(frozen) = replica.shared.frozen() {
+            return Err(ClientError::Unavailable(format!(
+                "range is being merged into range {}; retry shortly",
+                frozen.into
+            )));
+        }
         let span = replica.shared.span();
         if span.as_ref().is_some_and(|s| s.contains(key)) {
             Ok(())

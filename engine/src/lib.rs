@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod errors;
 pub mod kv_service;
+pub mod merge;
 pub mod meta;
 pub mod node;
 pub mod quiesce;

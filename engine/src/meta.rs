@@ -55,6 +55,10 @@ struct MetaInner {
     last_seen: HashMap<NodeId, Instant>,
     loads: HashMap<RangeId, RangeLoad>,
     gc_candidates: HashMap<(NodeId, RangeId), Instant>,
+    /// Each range's span as last reported, and since when it has been that.
+    spans: HashMap<RangeId, (Vec<u8>, Vec<u8>, Instant)>,
+    /// Ranges whose leader reports them frozen for a merge, and the range they merge into.
+    frozen: HashMap<RangeId, RangeId>,
 }
 
 /// The meta-range leader's view of the cluster.
@@ -97,6 +101,39 @@ impl MetaState {
     /// Load of every range that reported.
     pub fn loads(&self) -> HashMap<RangeId, RangeLoad> {
         self.lock().loads.clone()
+    }
+
+    /// How long `span`'s range has had this span (0 when first seen now). A new meta leader
+    /// starts every range at zero.
+    pub fn span_age_ms(&self, span: &RangeSpan) -> u64 {
+        let inner = self.lock();
+        match inner.spans.get(&span.range_id) {
+            Some((start, end, since)) if *start == span.start_key && *end == span.end_key => {
+                since.elapsed().as_millis() as u64
+            }
+            _ => 0,
+        }
+    }
+
+    /// `(left, right)` of merges whose right range is frozen and no merge is running: a
+    /// coordinator stopped half way, so the merge must be finished or undone.
+    pub fn frozen_merges(&self) -> Vec<(RangeId, RangeId)> {
+        let in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.lock()
+            .frozen
+            .iter()
+            .filter(|(right, left)| !in_flight.contains(right) && !in_flight.contains(left))
+            .map(|(right, left)| (*left, *right))
+            .collect()
+    }
+
+    /// Forgets that `right` was reported frozen (it merged, or the merge was settled).
+    pub fn forget_frozen(&self, right: RangeId) {
+        self.lock().frozen.remove(&right);
     }
 
     /// Counts one action of `kind`.
@@ -163,13 +200,33 @@ pub async fn handle_heartbeat(
             let newer = stored
                 .get(&d.range_id)
                 .is_none_or(|s| s.span.generation < d.generation);
-            if newer && !upserts.iter().any(|u| u.span.range_id == d.range_id) {
-                upserts.push(record_from_wire(d, report_next_replica_id(report, d)));
+            let record = record_from_wire(d, report_next_replica_id(report, d));
+            // A range merged away reports its old span until its replicas stop; the merged
+            // range covering it at a higher generation wins.
+            let superseded = stored.values().any(|s| {
+                s.span.range_id != d.range_id
+                    && s.span.overlaps(&record.span)
+                    && s.span.generation > d.generation
+            });
+            if newer && !superseded && !upserts.iter().any(|u| u.span.range_id == d.range_id) {
+                upserts.push(record);
             }
         }
     }
     if !upserts.is_empty() {
-        write_descriptors(shared, &meta.raft, upserts).await?;
+        // Ranges a newer descriptor covers entirely were merged into it.
+        let merged_away: Vec<RangeId> = stored
+            .values()
+            .filter(|s| {
+                upserts.iter().any(|u| {
+                    u.span.range_id != s.span.range_id
+                        && u.span.generation > s.span.generation
+                        && u.span.covers(&s.span)
+                })
+            })
+            .map(|s| s.span.range_id)
+            .collect();
+        write_descriptors(shared, &meta.raft, upserts, merged_away).await?;
     }
 
     let interval_ms = shared.cfg.node_heartbeat_interval_ms;
@@ -211,7 +268,23 @@ fn track_report(
     now: Instant,
     destroy: &mut Vec<RangeId>,
 ) {
+    if let Some(d) = &report.descriptor {
+        let now_span = (d.start_key.clone(), d.end_key.clone());
+        let same = inner
+            .spans
+            .get(&report.range_id)
+            .is_some_and(|(s, e, _)| (s, e) == (&now_span.0, &now_span.1));
+        if !same {
+            inner
+                .spans
+                .insert(report.range_id, (now_span.0, now_span.1, now));
+        }
+    }
     if report.leader {
+        match report.frozen_into {
+            Some(into) => inner.frozen.insert(report.range_id, into),
+            None => inner.frozen.remove(&report.range_id),
+        };
         inner.loads.insert(
             report.range_id,
             RangeLoad {
@@ -262,8 +335,15 @@ async fn write_descriptors(
     shared: &NodeShared,
     meta: &spheredb_raft::RaftHandle,
     upserts: Vec<RangeRecord>,
+    merged_away: Vec<RangeId>,
 ) -> Result<(), ClientError> {
-    let mut ops = Vec::new();
+    let mut ops: Vec<WriteOp> = merged_away
+        .iter()
+        .map(|id| WriteOp {
+            key: registry::range_key(*id),
+            value: None,
+        })
+        .collect();
     for u in &upserts {
         ops.push(WriteOp {
             key: registry::range_key(u.span.range_id),
@@ -336,6 +416,7 @@ fn build_report(shared: &NodeShared, interval: Duration) -> NodeHeartbeatRequest
                 0
             },
             qps: if leader { r.qps() } else { 0.0 },
+            frozen_into: r.shared.frozen().map(|f| f.into),
         });
     }
     NodeHeartbeatRequest {

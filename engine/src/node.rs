@@ -26,8 +26,8 @@ use spheredb_raft::log_store::{
     destroy_replica, encode_record, local_ranges, read_state, write_state, LogStore,
 };
 use spheredb_raft::network::{
-    MissingReplica, PeerChannels, RaftService, Replica, ReplicaDirectory, TransportFaults,
-    MAX_PENDING_REPLICA_CREATIONS, MAX_RAFT_MESSAGE_SIZE_BYTES,
+    PeerChannels, RaftService, Replica, ReplicaDirectory, ReplicaRequest, TransportFaults,
+    MAX_PENDING_REPLICA_REQUESTS, MAX_RAFT_MESSAGE_SIZE_BYTES,
 };
 use spheredb_raft::registry::{self, NodeRecord, NodeState};
 use spheredb_raft::state_machine::{
@@ -175,6 +175,12 @@ impl NodeShared {
                 descriptors: self.hint_descriptors(&desc, key),
             });
         }
+        if let Some(frozen) = replica.shared.frozen() {
+            return Err(ClientError::Unavailable(format!(
+                "range {range_id} is being merged into range {}; retry shortly",
+                frozen.into
+            )));
+        }
         // A leader wakes for the request. A follower stays as it is: it only answers
         // NotLeader, and waking its election timer while the leader sleeps would start an
         // election nobody needs.
@@ -302,26 +308,43 @@ impl NodeShared {
         let mut others: Vec<(NodeId, String)> = self.known_nodes().into_iter().collect();
         others.sort();
         candidates.extend(others.into_iter().map(|(_, a)| a));
+        let note_leader = |l: &NodeInfo| {
+            *self.meta_leader.write().unwrap_or_else(|p| p.into_inner()) = Some(l.node_id);
+        };
+        self.call_leader(candidates, PEER_CALL_TIMEOUT_MS, note_leader, call)
+            .await
+    }
+
+    /// Calls the first of `candidates` (at most [`META_CALL_ATTEMPTS`] of them) that answers
+    /// as a leader, each within `timeout_ms`, moving a `NotLeader` hint to the front.
+    pub async fn call_leader<T, F, Fut>(
+        &self,
+        mut candidates: Vec<String>,
+        timeout_ms: u64,
+        on_hint: impl Fn(&NodeInfo),
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         candidates.dedup();
-        let mut last = ClientError::Unavailable("no node of the meta range is known".into());
+        let mut last = ClientError::Unavailable("no node of the range is known".into());
         let mut tried = 0;
         while let Some(addr) = (!candidates.is_empty()).then(|| candidates.remove(0)) {
             if tried == META_CALL_ATTEMPTS {
                 break;
             }
             tried += 1;
-            let result = tokio::time::timeout(
-                Duration::from_millis(PEER_CALL_TIMEOUT_MS),
-                call(self.admin(&addr)?),
-            )
-            .await;
+            let result =
+                tokio::time::timeout(Duration::from_millis(timeout_ms), call(self.admin(&addr)?))
+                    .await;
             match result {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => {
                     let e = ClientError::from_status(&status);
                     if let ClientError::NotLeader { leader: Some(l) } = &e {
-                        *self.meta_leader.write().unwrap_or_else(|p| p.into_inner()) =
-                            Some(l.node_id);
+                        on_hint(l);
                         self.learn_nodes([(l.node_id, l.addr.clone())]);
                         if l.addr != addr {
                             candidates.retain(|c| c != &l.addr);
@@ -434,14 +457,59 @@ impl NodeShared {
         Ok(())
     }
 
+    /// Acts on a request of the transport.
+    async fn on_replica_request(&self, request: ReplicaRequest) -> anyhow::Result<()> {
+        match request {
+            ReplicaRequest::Create {
+                range_id,
+                replica_id,
+            } => self.create_missing(range_id, replica_id).await,
+            ReplicaRequest::Subsume { range_id, by } => {
+                let frozen_into = self.replica(range_id).and_then(|r| r.shared.frozen());
+                if frozen_into.is_some_and(|f| f.into == by) {
+                    tracing::info!(
+                        range_id,
+                        by,
+                        "replica subsumed by a merged range's snapshot"
+                    );
+                    self.destroy_replica(range_id).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops replicas whose merge into a local replica has applied here (the node may have
+    /// stopped between applying the merge and stopping them).
+    pub async fn stop_merged_replicas(&self) -> anyhow::Result<()> {
+        for r in self.replicas.all() {
+            let (Some(frozen), Some(span)) = (r.shared.frozen(), r.shared.span()) else {
+                continue;
+            };
+            let merged = self
+                .replica(frozen.into)
+                .and_then(|left| left.shared.span())
+                .is_some_and(|left| left.contains(&span.start_key));
+            if merged {
+                tracing::info!(
+                    range_id = span.range_id,
+                    into = frozen.into,
+                    "stopping merged replica"
+                );
+                self.destroy_replica(span.range_id).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Creates an empty replica a peer asked for, unless this node destroyed one with that id.
-    async fn create_missing(&self, missing: MissingReplica) -> anyhow::Result<()> {
-        if self.replica(missing.range_id).is_some() || missing.replica_id == 0 {
+    async fn create_missing(&self, range_id: RangeId, replica_id: ReplicaId) -> anyhow::Result<()> {
+        let missing = (range_id, replica_id);
+        if self.replica(range_id).is_some() || replica_id == 0 {
             return Ok(());
         }
-        let floor: ReplicaId =
-            read_state(&self.db, missing.range_id, StateTag::Tombstone)?.unwrap_or(0);
-        if missing.replica_id < floor {
+        let floor: ReplicaId = read_state(&self.db, range_id, StateTag::Tombstone)?.unwrap_or(0);
+        if replica_id < floor {
             tracing::debug!(
                 ?missing,
                 floor,
@@ -449,20 +517,14 @@ impl NodeShared {
             );
             return Ok(());
         }
-        if let Some(existing) = self.local_replica_id(missing.range_id)? {
-            if existing != missing.replica_id {
+        if let Some(existing) = self.local_replica_id(range_id)? {
+            if existing != replica_id {
                 tracing::warn!(?missing, existing, "replica id mismatch; not creating");
                 return Ok(());
             }
         }
-        tracing::info!(
-            range_id = missing.range_id,
-            replica_id = missing.replica_id,
-            "creating replica asked for by a peer"
-        );
-        self.start_replica(missing.range_id, missing.replica_id)
-            .await
-            .map(|_| ())
+        tracing::info!(range_id, replica_id, "creating replica asked for by a peer");
+        self.start_replica(range_id, replica_id).await.map(|_| ())
     }
 
     /// Starts the right half of a split applied here.
@@ -499,6 +561,18 @@ impl NodeShared {
                     }
                 }
                 tracing::info!(parent, child, "range split");
+                Ok(())
+            }
+            RangeEvent::Merged { left, right } => {
+                // The left range now covers the right one's span, so destroying the right
+                // replica keeps the data. A fresh snapshot of the left range carries the
+                // wider span.
+                self.destroy_replica(right).await?;
+                if let Some(l) = self.replica(left) {
+                    if let Err(e) = l.raft.trigger().snapshot().await {
+                        tracing::warn!(left, "snapshot after merge: {e}");
+                    }
+                }
                 Ok(())
             }
         }
@@ -772,8 +846,8 @@ impl Node {
             .filter(|ip| !ip.is_unspecified());
         let peers = PeerChannels::new(node_id, local_ip, faults.clone());
         let (events_tx, events_rx) = mpsc::channel(MAX_PENDING_RANGE_EVENTS);
-        let (missing_tx, missing_rx) = mpsc::channel(MAX_PENDING_REPLICA_CREATIONS);
-        let replicas = Arc::new(ReplicaDirectory::new(missing_tx));
+        let (requests_tx, requests_rx) = mpsc::channel(MAX_PENDING_REPLICA_REQUESTS);
+        let replicas = Arc::new(ReplicaDirectory::new(requests_tx));
         let mut known = HashMap::from([(node_id, addr.clone())]);
         for (i, seed) in cfg.join.iter().enumerate() {
             // Placeholder ids above any real one until the meta range names them.
@@ -810,6 +884,7 @@ impl Node {
             }
         }
         tracing::info!(node_id, replicas = ranges.len(), "replicas started");
+        shared.stop_merged_replicas().await?;
 
         let (stop, stop_rx) = watch::channel(false);
         let server = {
@@ -841,13 +916,14 @@ impl Node {
 
         let loops = vec![
             tokio::spawn(events_loop(shared.clone(), events_rx, stop_rx.clone())),
-            tokio::spawn(missing_loop(shared.clone(), missing_rx, stop_rx.clone())),
+            tokio::spawn(requests_loop(shared.clone(), requests_rx, stop_rx.clone())),
             tokio::spawn(crate::meta::heartbeat_loop(shared.clone(), stop_rx.clone())),
             tokio::spawn(crate::allocator::allocator_loop(
                 shared.clone(),
                 stop_rx.clone(),
             )),
             tokio::spawn(crate::split::split_loop(shared.clone(), stop_rx.clone())),
+            tokio::spawn(crate::merge::merge_loop(shared.clone(), stop_rx.clone())),
             tokio::spawn(crate::quiesce::quiesce_loop(shared.clone(), stop_rx)),
         ];
         tracing::info!(node_id, %addr, "node serving");
@@ -934,19 +1010,20 @@ async fn events_loop(
     }
 }
 
-/// Creates replicas that peers address but this node does not have yet.
-async fn missing_loop(
+/// Creates replicas that peers address but this node does not have yet, and stops replicas
+/// that merged ranges' snapshots subsume.
+async fn requests_loop(
     shared: Arc<NodeShared>,
-    mut missing: mpsc::Receiver<MissingReplica>,
+    mut requests: mpsc::Receiver<ReplicaRequest>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let m = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            m = missing.recv() => match m { Some(m) => m, None => return },
+            m = requests.recv() => match m { Some(m) => m, None => return },
         };
-        if let Err(e) = shared.create_missing(m).await {
-            tracing::warn!(?m, "creating replica: {e:#}");
+        if let Err(e) = shared.on_replica_request(m).await {
+            tracing::warn!(request = ?m, "replica request: {e:#}");
         }
     }
 }

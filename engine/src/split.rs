@@ -142,9 +142,10 @@ pub async fn split_range(
 /// Checks the ranges this node leads every [`SPLIT_CHECK_INTERVAL_MS`] and splits those past
 /// the size or load threshold.
 pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
-    // Bytes written since the last measurement of each range; a range is measured again
-    // once writes could have moved it by an eighth of the threshold.
-    let mut measured: HashMap<RangeId, SpanSize> = HashMap::new();
+    // Each range's last measurement and the span it measured; a range is measured again
+    // once writes could have moved it by an eighth of the threshold, or its span changed
+    // (a merge widened it).
+    let mut measured: HashMap<RangeId, (RangeSpan, SpanSize)> = HashMap::new();
     let remeasure_bytes = (shared.cfg.range_split_size_bytes / 8).max(1);
     loop {
         tokio::select! {
@@ -164,9 +165,10 @@ pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
                 continue;
             };
             let written = replica.shared.written_bytes.load(Ordering::Relaxed);
-            let stale = measured
-                .get(&range_id)
-                .is_none_or(|_| written >= remeasure_bytes);
+            let stale = measured.get(&range_id).is_none_or(|(at, _)| {
+                written >= remeasure_bytes
+                    || (&at.start_key, &at.end_key) != (&span.start_key, &span.end_key)
+            });
             if stale {
                 replica.shared.written_bytes.store(0, Ordering::Relaxed);
                 let db = shared.db.clone();
@@ -174,13 +176,13 @@ pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
                 match tokio::task::spawn_blocking(move || measure_span(&db, &s)).await {
                     Ok(Ok(size)) => {
                         replica.size_bytes.store(size.size_bytes, Ordering::Relaxed);
-                        measured.insert(range_id, size);
+                        measured.insert(range_id, (span.clone(), size));
                     }
                     Ok(Err(e)) => tracing::warn!(range_id, "measuring range: {e}"),
                     Err(e) => tracing::warn!(range_id, "measuring task failed: {e}"),
                 }
             }
-            let Some(size) = measured.get(&range_id).cloned() else {
+            let Some((_, size)) = measured.get(&range_id).cloned() else {
                 continue;
             };
             let too_big = size.size_bytes > shared.cfg.range_split_size_bytes;

@@ -1,5 +1,5 @@
-//! Range sharding with real processes: splits under load, replicas spreading to new nodes,
-//! decommissioning, re-replication after a node dies, and idle cost of many ranges.
+//! Range sharding with real processes: splits under load, merges, replicas spreading to new
+//! nodes, decommissioning, re-replication after a node dies, and idle cost of many ranges.
 
 mod common;
 
@@ -33,6 +33,9 @@ const SHARDING_ARGS: &[&str] = &[
     "300",
     "--dead-node-timeout-ms",
     "4000",
+    // Merges are asked for by hand here; automatic ones have their own test.
+    "--range-merge-size-bytes",
+    "0",
 ];
 
 fn key(i: u32) -> Vec<u8> {
@@ -88,8 +91,14 @@ fn spawn_reader(
             i = (i + 7919) % count;
             // One client call retries for up to its deadline (10 s); a second call covers a
             // node kill landing mid-call. Two failed calls in a row fail the test.
+            let started = std::time::Instant::now();
             let got = match client.get(SPHERE, &key(i)).await {
-                Ok(v) => v,
+                Ok(v) => {
+                    if started.elapsed() > Duration::from_secs(1) {
+                        eprintln!("slow read of key {i}: {:?}", started.elapsed());
+                    }
+                    v
+                }
                 Err(first) => {
                     eprintln!("read of key {i} failed once, retrying: {first}");
                     client
@@ -181,6 +190,44 @@ async fn ranges_split_spread_to_new_nodes_and_drain_without_losing_a_key() {
     eprintln!("after adding nodes 4 and 5: replicas {replicas:?}, leaders {leaders:?}");
     check_all(&stale, KEYS, "stale client after replica moves").await;
 
+    // Merges by hand, through the command line, of ranges whose replicas now sit on
+    // different nodes: the right-hand range moves next to the left one first.
+    let before = list.ranges.len();
+    let mut sorted = list.ranges.clone();
+    sorted.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    let lefts: Vec<u64> = sorted
+        .iter()
+        .filter(|d| d.range_id != 1 && !d.end_key.is_empty())
+        .step_by(4)
+        .take(MANUAL_MERGES)
+        .map(|d| d.range_id)
+        .collect();
+    for left in &lefts {
+        let out = spheredb_cli(&["range", "--host", &cluster.procs[0].addr, "merge"])
+            .args(["--range", &left.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "merging range {left}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("merged: {}", String::from_utf8_lossy(&out.stdout).trim());
+    }
+    // A merged range is past the split threshold again here, so it may split right away:
+    // the range count says little, every key being readable says what matters.
+    let list = eventually("merged ranges fully replicated", || async {
+        let list = client.range_list().await.ok()?;
+        fully_replicated(&client, 3).await.then_some(list)
+    })
+    .await;
+    eprintln!(
+        "{} ranges after {} merges (from {before})",
+        list.ranges.len(),
+        lefts.len()
+    );
+    check_all(&stale, KEYS, "stale client after merges").await;
+
     // Drain node 2: every replica leaves it, no key is lost.
     let drained = list.nodes.iter().find(|n| n.node_id == 2).unwrap().node_id;
     let left = client.decommission(drained).await.unwrap();
@@ -197,7 +244,19 @@ async fn ranges_split_spread_to_new_nodes_and_drain_without_losing_a_key() {
             .all(|d| d.replicas.iter().all(|r| r.node_id != drained)),
         "a range still lists node {drained}"
     );
-    cluster.procs[1].kill9();
+    // Node ids follow the order in which joins committed, not the order of the processes.
+    let drained_addr = &list
+        .nodes
+        .iter()
+        .find(|n| n.node_id == drained)
+        .unwrap()
+        .addr;
+    let idx = cluster
+        .procs
+        .iter()
+        .position(|p| &p.addr == drained_addr)
+        .unwrap();
+    cluster.procs[idx].kill9();
     check_all(&stale, KEYS, "stale client after decommission").await;
 
     stop.store(true, Ordering::Relaxed);
@@ -221,6 +280,68 @@ async fn node_counters(cluster: &ProcCluster) -> Vec<(String, HashMap<String, u6
     out
 }
 
+/// Merges the big test asks for by hand.
+const MANUAL_MERGES: usize = 3;
+
+/// The `spheredb` command line.
+fn spheredb_cli(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spheredb"));
+    cmd.args(args);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_cold_neighbours_merge_back_by_themselves() {
+    let _one_at_a_time = SERIAL.lock().await;
+    const ARGS: &[&str] = &[
+        "--heartbeat-interval-ms",
+        "250",
+        "--election-timeout-ms",
+        "1250",
+        "--node-heartbeat-interval-ms",
+        "300",
+        // Everything here is small and, for merging, cold; spans count as settled after 2 s.
+        "--range-merge-size-bytes",
+        "200000",
+        "--range-merge-qps",
+        "100000",
+        "--range-merge-after-split-ms",
+        "2000",
+    ];
+    let cluster = ProcCluster::start(3, ARGS).await;
+    let client = cluster.client().await;
+    const KEYS: u32 = 200;
+    load(&client, KEYS).await;
+    for i in 1..8 {
+        let at = keys::kv_key(SPHERE, &key(i * KEYS / 8));
+        client.split(&at).await.unwrap();
+    }
+    // A client that knows the split ranges, reading all through the merges.
+    let stale = cluster.client().await;
+    check_all(&stale, KEYS, "stale client before merges").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = spawn_reader(stale.clone(), KEYS, stop.clone(), reads.clone());
+    eventually("the user ranges to merge back into one", || async {
+        let list = client.range_list().await.ok()?;
+        (list.ranges.len() == 2 && fully_replicated(&client, 3).await).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    check_all(&stale, KEYS, "stale client after merges").await;
+    let merges: u64 = node_counters(&cluster)
+        .await
+        .iter()
+        .map(|(_, c)| c.get("merges").copied().unwrap_or(0))
+        .sum();
+    eprintln!(
+        "{merges} merges; {} reads while ranges merged",
+        reads.load(Ordering::Relaxed)
+    );
+    assert!(merges >= 7, "7 merges expected, counted {merges}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_nodes_ranges_return_to_full_replication() {
     let _one_at_a_time = SERIAL.lock().await;
@@ -229,8 +350,7 @@ async fn a_dead_nodes_ranges_return_to_full_replication() {
     load(&client, 200).await;
     // Manual splits through the command line, so there are several ranges to repair.
     for at in ["item/00040", "item/00080", "item/00120", "item/00160"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spheredb"))
-            .args(["range", "--host", &cluster.procs[0].addr, "split"])
+        let out = spheredb_cli(&["range", "--host", &cluster.procs[0].addr, "split"])
             .args(["--sphere", &SPHERE.to_string(), "--key", at])
             .output()
             .unwrap();

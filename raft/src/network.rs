@@ -345,9 +345,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
-/// Most requests for missing replicas queued for the node; more are dropped (the sender
+/// Most replica requests (creations, subsumptions) queued for the node; more are dropped (the sender
 /// retries).
-pub const MAX_PENDING_REPLICA_CREATIONS: usize = 1024;
+pub const MAX_PENDING_REPLICA_REQUESTS: usize = 1024;
 
 /// One range's replica on this node.
 pub struct Replica {
@@ -464,25 +464,31 @@ impl Replica {
     }
 }
 
-/// A request for a replica this node does not have.
+/// What the transport asks of the node about its replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MissingReplica {
-    pub range_id: RangeId,
-    pub replica_id: ReplicaId,
+pub enum ReplicaRequest {
+    /// A peer addressed replica `replica_id` of a range this node has no replica of.
+    Create {
+        range_id: RangeId,
+        replica_id: ReplicaId,
+    },
+    /// A snapshot of range `by` arrived while this node's replica of `range_id`, frozen for
+    /// a merge into `by`, still covers part of it: the merge happened, so stop that replica.
+    Subsume { range_id: RangeId, by: RangeId },
 }
 
 /// The node's replicas by range id.
 pub struct ReplicaDirectory {
     replicas: RwLock<HashMap<RangeId, Arc<Replica>>>,
-    missing: tokio::sync::mpsc::Sender<MissingReplica>,
+    requests: tokio::sync::mpsc::Sender<ReplicaRequest>,
 }
 
 impl ReplicaDirectory {
-    /// An empty directory; requests for missing replicas go to `missing`.
-    pub fn new(missing: tokio::sync::mpsc::Sender<MissingReplica>) -> ReplicaDirectory {
+    /// An empty directory; what the node must do about its replicas goes to `requests`.
+    pub fn new(requests: tokio::sync::mpsc::Sender<ReplicaRequest>) -> ReplicaDirectory {
         ReplicaDirectory {
             replicas: RwLock::new(HashMap::new()),
-            missing,
+            requests,
         }
     }
 
@@ -573,7 +579,7 @@ impl RaftService {
             None => {
                 // The node creates the replica in the background; the sender retries. A full
                 // queue drops the request: the sender's next retry asks again.
-                let _ = self.replicas.missing.try_send(MissingReplica {
+                let _ = self.replicas.requests.try_send(ReplicaRequest::Create {
                     range_id,
                     replica_id: to_replica,
                 });
@@ -707,6 +713,19 @@ impl RaftTransport for RaftService {
         let span = snapshot_span(&data).map_err(|e| Status::data_loss(e.to_string()))?;
         if let Some(span) = &span {
             if let Some(other) = self.replicas.overlapping(span, range_id) {
+                // A replica frozen for a merge into this range, lying inside the snapshot:
+                // the merge happened (the snapshot is wider), so the node stops that replica
+                // and the sender's retry installs.
+                let subsumed = self.replicas.get(other).is_some_and(|r| {
+                    r.shared.frozen().is_some_and(|f| f.into == range_id)
+                        && r.shared.span().is_some_and(|s| span.covers(&s))
+                });
+                if subsumed {
+                    let _ = self.replicas.requests.try_send(ReplicaRequest::Subsume {
+                        range_id: other,
+                        by: range_id,
+                    });
+                }
                 return Err(Status::unavailable(format!(
                     "snapshot of range {range_id} overlaps range {other} on this node; retry later"
                 )));

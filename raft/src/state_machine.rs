@@ -21,13 +21,13 @@ use crate::layout::{state_key, StateTag};
 use crate::log_store::{decode_record, encode_record, read_state};
 use crate::registry;
 use crate::types::{
-    Command, CommandResponse, LogId, Membership, RangeId, RangeRecord, RangeSpan, ReplicaId,
-    SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
+    Command, CommandResponse, LogId, Membership, MergeFreeze, RangeId, RangeRecord, RangeSpan,
+    ReplicaId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
 };
 
 /// Largest snapshot accepted on install; a bigger one is refused as corrupt or hostile.
 pub const MAX_SNAPSHOT_SIZE_BYTES: usize = 1 << 30;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP2";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP3";
 /// Most range events queued for the node before apply waits for it to catch up.
 pub const MAX_PENDING_RANGE_EVENTS: usize = 4096;
 
@@ -41,45 +41,61 @@ pub enum RangeEvent {
         child: RangeId,
         child_here: bool,
     },
+    /// `left` took over `right`; this node's replica of `right` must stop, its data now
+    /// belonging to `left`.
+    Merged { left: RangeId, right: RangeId },
+}
+
+/// What a replica last applied, as the rest of the node sees it.
+#[derive(Debug, Clone)]
+struct AppliedView {
+    span: Option<RangeSpan>,
+    membership: Membership,
+    frozen: Option<MergeFreeze>,
 }
 
 /// What a range's state machine shares with the rest of the node.
 #[derive(Debug)]
 pub struct ReplicaShared {
     pub range_id: RangeId,
-    /// Span and membership as last applied, always from the same apply.
-    applied: RwLock<(Option<RangeSpan>, Membership)>,
+    /// Span, membership and freeze as last applied, always from the same apply.
+    applied: RwLock<AppliedView>,
     /// Bytes written by applied commands since the node last measured the range.
     pub written_bytes: AtomicU64,
 }
 
 impl ReplicaShared {
-    fn new(range_id: RangeId, span: Option<RangeSpan>, membership: Membership) -> ReplicaShared {
+    fn new(range_id: RangeId, applied: &AppliedState) -> ReplicaShared {
         ReplicaShared {
             range_id,
-            applied: RwLock::new((span, membership)),
+            applied: RwLock::new(applied.view()),
             written_bytes: AtomicU64::new(0),
         }
     }
 
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, AppliedView> {
+        self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The span as last applied; `None` until the replica received its first snapshot.
     pub fn span(&self) -> Option<RangeSpan> {
-        self.applied
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+        self.view().span.clone()
+    }
+
+    /// The merge this range is frozen for, if any.
+    pub fn frozen(&self) -> Option<MergeFreeze> {
+        self.view().frozen.clone()
     }
 
     /// The descriptor as last applied: span and the membership applied with it.
     pub fn record(&self) -> Option<RangeRecord> {
-        let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
-        let span = applied.0.clone()?;
-        Some(RangeRecord::new(span, &applied.1))
+        let applied = self.view();
+        let span = applied.span.clone()?;
+        Some(RangeRecord::new(span, &applied.membership))
     }
 
-    fn set_applied(&self, span: Option<RangeSpan>, membership: Membership) {
-        *self.applied.write().unwrap_or_else(|p| p.into_inner()) = (span, membership);
+    fn set_applied(&self, applied: &AppliedState) {
+        *self.applied.write().unwrap_or_else(|p| p.into_inner()) = applied.view();
     }
 }
 
@@ -107,6 +123,7 @@ pub fn write_range_origin(
         last_applied: Some(origin),
         membership: StoredMembership::new(Some(origin), membership),
         span: Some(span.clone()),
+        ..AppliedState::default()
     };
     let state = db.cf(ColumnFamilyName::RaftState);
     batch.put_cf(
@@ -156,6 +173,28 @@ struct AppliedState {
     membership: StoredMembership,
     /// `None` for a replica created empty, until its first snapshot.
     span: Option<RangeSpan>,
+    /// Set while the range is frozen for a merge into its left neighbour.
+    frozen: Option<MergeFreeze>,
+    /// The last merge applied: a snapshot older than this must not be sent, since a replica
+    /// replaying the merge from it would not have the right-hand side's data.
+    last_merge: Option<LogId>,
+}
+
+impl AppliedState {
+    fn view(&self) -> AppliedView {
+        AppliedView {
+            span: self.span.clone(),
+            membership: self.membership.membership().clone(),
+            frozen: self.frozen.clone(),
+        }
+    }
+}
+
+/// What a snapshot carries besides its pairs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SnapshotHeader {
+    span: Option<RangeSpan>,
+    frozen: Option<MergeFreeze>,
 }
 
 /// A snapshot as kept on disk.
@@ -219,11 +258,7 @@ impl StateMachine {
         std::fs::create_dir_all(snapshot_dir)?;
         let applied: AppliedState =
             read_state(&db, range_id, StateTag::Applied)?.unwrap_or_default();
-        let shared = Arc::new(ReplicaShared::new(
-            range_id,
-            applied.span.clone(),
-            applied.membership.membership().clone(),
-        ));
+        let shared = Arc::new(ReplicaShared::new(range_id, &applied));
         Ok((
             StateMachine {
                 db,
@@ -265,6 +300,9 @@ impl StateMachine {
     }
 
     fn check_in_span(&self, key: &[u8]) -> Result<(), CommandResponse> {
+        if let Some(frozen) = &self.applied.frozen {
+            return Err(CommandResponse::Frozen { into: frozen.into });
+        }
         match &self.applied.span {
             Some(span) if span.contains(key) => Ok(()),
             span => Err(CommandResponse::OutsideSpan {
@@ -292,6 +330,9 @@ impl StateMachine {
                     self.range_id, span.generation
                 ),
             });
+        }
+        if let Some(frozen) = &self.applied.frozen {
+            return Ok(CommandResponse::Frozen { into: frozen.into });
         }
         if split_key <= span.start_key || !span.contains(&split_key) {
             return Ok(CommandResponse::Rejected {
@@ -358,6 +399,151 @@ impl StateMachine {
         Ok(CommandResponse::SplitDone {
             left: Box::new(left),
             right: Box::new(right),
+        })
+    }
+
+    /// Freezes the range for a merge: from here on it applies no reads or writes, so its data
+    /// is final on every replica that applied this entry.
+    fn apply_freeze(&mut self, freeze: MergeFreeze, expected_generation: u64) -> CommandResponse {
+        let Some(span) = self.applied.span.clone() else {
+            return CommandResponse::OutsideSpan { span: None };
+        };
+        if let Some(frozen) = &self.applied.frozen {
+            return if *frozen == freeze {
+                CommandResponse::FreezeDone {
+                    span: Box::new(span),
+                }
+            } else {
+                CommandResponse::Frozen { into: frozen.into }
+            };
+        }
+        if span.generation != expected_generation {
+            return CommandResponse::Rejected {
+                reason: format!(
+                    "range {} is at generation {}, the merge expected {expected_generation}",
+                    self.range_id, span.generation
+                ),
+            };
+        }
+        if self
+            .applied
+            .membership
+            .membership()
+            .get_joint_config()
+            .len()
+            > 1
+        {
+            return CommandResponse::Rejected {
+                reason: "a replica change is in progress; merge after it".into(),
+            };
+        }
+        tracing::info!(
+            range_id = self.range_id,
+            into = freeze.into,
+            "range frozen for a merge"
+        );
+        self.applied.frozen = Some(freeze);
+        CommandResponse::FreezeDone {
+            span: Box::new(span),
+        }
+    }
+
+    /// Takes over `right`, the right neighbour frozen into this range. Its data is already on
+    /// this node (the merge is proposed only once every replica applied the freeze), so the
+    /// span simply widens; the node then stops the right-hand replica, keeping its data.
+    fn apply_merge(
+        &mut self,
+        pending: &mut PendingApply,
+        right: RangeSpan,
+        expected_generation: u64,
+    ) -> io::Result<CommandResponse> {
+        let Some(span) = self.applied.span.clone() else {
+            return Ok(CommandResponse::OutsideSpan { span: None });
+        };
+        if span.generation != expected_generation {
+            return Ok(CommandResponse::Rejected {
+                reason: format!(
+                    "range {} is at generation {}, the merge expected {expected_generation}",
+                    self.range_id, span.generation
+                ),
+            });
+        }
+        if span.end_key != right.start_key || span.end_key.is_empty() {
+            return Ok(CommandResponse::Rejected {
+                reason: format!(
+                    "range {} does not end where range {} starts",
+                    self.range_id, right.range_id
+                ),
+            });
+        }
+        if let Some(frozen) = &self.applied.frozen {
+            return Ok(CommandResponse::Frozen { into: frozen.into });
+        }
+        if self
+            .applied
+            .membership
+            .membership()
+            .get_joint_config()
+            .len()
+            > 1
+        {
+            return Ok(CommandResponse::Rejected {
+                reason: "a replica change is in progress; merge after it".into(),
+            });
+        }
+        // The right-hand side as this node holds it must be exactly the frozen range the
+        // merge was planned on. Anything else means this replica lacks its data: stop this
+        // replica loudly rather than serve keys it does not have.
+        let local: Option<AppliedState> = read_state(&self.db, right.range_id, StateTag::Applied)?;
+        let expected_freeze = MergeFreeze {
+            into: self.range_id,
+            left_generation: expected_generation,
+        };
+        let same_span = |s: &RangeSpan| {
+            (s.range_id, &s.start_key, &s.end_key, s.generation)
+                == (
+                    right.range_id,
+                    &right.start_key,
+                    &right.end_key,
+                    right.generation,
+                )
+        };
+        let holds_right = local.as_ref().is_some_and(|l| {
+            l.span.as_ref().is_some_and(same_span) && l.frozen.as_ref() == Some(&expected_freeze)
+        });
+        if !holds_right {
+            tracing::error!(
+                range_id = self.range_id,
+                right = right.range_id,
+                local_span = ?local.as_ref().map(|l| &l.span),
+                local_frozen = ?local.as_ref().map(|l| &l.frozen),
+                "merge applied on a replica without the frozen right-hand side; stopping this replica"
+            );
+            return Err(io::Error::from(StorageError::corruption(
+                "merge",
+                format!(
+                    "range {} cannot take over range {}: its frozen replica is not on this node",
+                    self.range_id, right.range_id
+                ),
+            )));
+        }
+        let merged = RangeSpan {
+            end_key: right.end_key.clone(),
+            generation: span.generation.max(right.generation) + 1,
+            ..span
+        };
+        self.applied.span = Some(merged.clone());
+        pending.events.push(RangeEvent::Merged {
+            left: self.range_id,
+            right: right.range_id,
+        });
+        tracing::info!(
+            range_id = self.range_id,
+            right = right.range_id,
+            "ranges merged"
+        );
+        Ok(CommandResponse::MergeDone {
+            span: Box::new(merged),
         })
     }
 
@@ -449,6 +635,40 @@ impl StateMachine {
                 new_range_id,
                 expected_generation,
             } => self.apply_split(pending, split_key, new_range_id, expected_generation),
+            Command::Freeze {
+                into,
+                left_generation,
+                expected_generation,
+            } => Ok(self.apply_freeze(
+                MergeFreeze {
+                    into,
+                    left_generation,
+                },
+                expected_generation,
+            )),
+            Command::Thaw => {
+                if self.applied.frozen.take().is_some() {
+                    tracing::info!(range_id = self.range_id, "range thawed; merge abandoned");
+                }
+                Ok(CommandResponse::Done)
+            }
+            Command::Merge {
+                right,
+                expected_generation,
+            } => self.apply_merge(pending, right, expected_generation),
+            Command::AbortMerge { right } => {
+                let Some(span) = self.applied.span.as_mut() else {
+                    return Ok(CommandResponse::OutsideSpan { span: None });
+                };
+                let merged = span.contains(&right.start_key);
+                if !merged {
+                    span.generation += 1;
+                }
+                Ok(CommandResponse::MergeAborted {
+                    merged,
+                    span: Box::new(span.clone()),
+                })
+            }
             Command::AllocRangeIds { count } => {
                 if let Err(outside) = self.check_in_span(&registry::next_range_id_key()) {
                     return Ok(outside);
@@ -463,13 +683,13 @@ impl StateMachine {
     fn export_span(
         &self,
         rocks_snapshot: &rocksdb::Snapshot<'_>,
-        span: &Option<RangeSpan>,
+        header: &SnapshotHeader,
     ) -> io::Result<Vec<u8>> {
         let mut out = SNAPSHOT_MAGIC.to_vec();
-        let header = encode_record(span)?;
-        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        out.extend_from_slice(&header);
-        let Some(span) = span else {
+        let encoded = encode_record(header)?;
+        out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        out.extend_from_slice(&encoded);
+        let Some(span) = &header.span else {
             return Ok(out);
         };
         let mut opts = ReadOptions::default();
@@ -498,10 +718,7 @@ impl StateMachine {
         let mut taken = std::mem::take(pending);
         self.put_applied(&mut taken.batch)?;
         self.db.write(taken.batch, false).map_err(io::Error::from)?;
-        self.shared.set_applied(
-            self.applied.span.clone(),
-            self.applied.membership.membership().clone(),
-        );
+        self.shared.set_applied(&self.applied);
         for event in taken.events {
             // The node is gone only when it shuts down; nothing is left to start then.
             let _ = self.events.send(event).await;
@@ -538,7 +755,11 @@ impl StateMachine {
             Some(framed) => decode_record("applied state", &framed)?,
             None => AppliedState::default(),
         };
-        let data = self.export_span(&rocks_snapshot, &applied.span)?;
+        let header = SnapshotHeader {
+            span: applied.span.clone(),
+            frozen: applied.frozen.clone(),
+        };
+        let data = self.export_span(&rocks_snapshot, &header)?;
         drop(rocks_snapshot);
         let stored = StoredSnapshot {
             meta: SnapshotMeta {
@@ -592,25 +813,29 @@ fn take_field<'a>(rest: &mut &'a [u8]) -> io::Result<&'a [u8]> {
     Ok(field)
 }
 
-/// The span a snapshot blob carries, read from its header.
-pub fn snapshot_span(data: &[u8]) -> io::Result<Option<RangeSpan>> {
+/// Splits the header off a snapshot blob.
+fn snapshot_header(data: &[u8]) -> io::Result<(SnapshotHeader, &[u8])> {
     let corrupt = |d: &str| io::Error::from(StorageError::corruption("snapshot", d.to_string()));
     let mut rest = data
         .strip_prefix(SNAPSHOT_MAGIC.as_slice())
         .ok_or_else(|| corrupt("bad magic"))?;
-    decode_record("snapshot header", take_field(&mut rest)?)
+    let header = decode_record("snapshot header", take_field(&mut rest)?)?;
+    Ok((header, rest))
 }
 
-/// A parsed snapshot: the span and its `(key, framed value)` pairs.
-type ParsedSnapshot<'a> = (Option<RangeSpan>, Vec<(&'a [u8], &'a [u8])>);
+/// The span a snapshot blob carries, read from its header.
+pub fn snapshot_span(data: &[u8]) -> io::Result<Option<RangeSpan>> {
+    Ok(snapshot_header(data)?.0.span)
+}
+
+/// A parsed snapshot: its header and its `(key, framed value)` pairs.
+type ParsedSnapshot<'a> = (SnapshotHeader, Vec<(&'a [u8], &'a [u8])>);
 
 /// Parses a snapshot blob, verifying every checksum.
 fn parse_snapshot(data: &[u8]) -> io::Result<ParsedSnapshot<'_>> {
     let corrupt = |d: &str| io::Error::from(StorageError::corruption("snapshot", d.to_string()));
-    let mut rest = data
-        .strip_prefix(SNAPSHOT_MAGIC.as_slice())
-        .ok_or_else(|| corrupt("bad magic"))?;
-    let span: Option<RangeSpan> = decode_record("snapshot header", take_field(&mut rest)?)?;
+    let (header, mut rest) = snapshot_header(data)?;
+    let span = header.span.clone();
     let mut pairs = Vec::new();
     while !rest.is_empty() {
         let key = take_field(&mut rest)?;
@@ -623,7 +848,7 @@ fn parse_snapshot(data: &[u8]) -> io::Result<ParsedSnapshot<'_>> {
         }
         pairs.push((key, value));
     }
-    Ok((span, pairs))
+    Ok((header, pairs))
 }
 
 /// Builds snapshots from a consistent RocksDB snapshot.
@@ -672,6 +897,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // These read the database directly or change the range: apply them alone.
                     self.flush(&mut pending).await?;
                     let r = self.apply_command(&mut pending, cmd)?;
+                    if matches!(r, CommandResponse::MergeDone { .. }) {
+                        self.applied.last_merge = Some(entry.log_id);
+                    }
                     self.applied.last_applied = Some(entry.log_id);
                     pending.responders.extend(responder.map(|x| (x, r)));
                     self.flush(&mut pending).await?;
@@ -710,7 +938,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let (span, pairs) = parse_snapshot(&snapshot)?;
+        let (SnapshotHeader { span, frozen }, pairs) = parse_snapshot(&snapshot)?;
         let mut batch = WriteBatch::default();
         // Clear the snapshot's span, then load its pairs, in one atomic batch. The node
         // admits a snapshot only when no other replica here overlaps its span.
@@ -731,13 +959,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             span,
+            frozen,
+            // The installed snapshot is the current one, so no older one can be sent.
+            last_merge: None,
         };
         self.put_applied(&mut batch)?;
         self.db.write(batch, true).map_err(io::Error::from)?;
-        self.shared.set_applied(
-            self.applied.span.clone(),
-            self.applied.membership.membership().clone(),
-        );
+        self.shared.set_applied(&self.applied);
         self.write_snapshot_file(&StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,
@@ -749,7 +977,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
-        Ok(self.read_snapshot_file()?.map(|s| Snapshot {
+        let mut stored = self.read_snapshot_file()?;
+        let predates_merge = |s: &StoredSnapshot| {
+            self.applied
+                .last_merge
+                .is_some_and(|m| s.meta.last_log_id.is_none_or(|l| l < m))
+        };
+        if stored.as_ref().is_none_or(predates_merge) && self.applied.last_merge.is_some() {
+            // A replica starting from a snapshot older than a merge would replay the merge
+            // without the right-hand side's data: send a fresh one.
+            let sm = self.handle();
+            let fresh = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
+                .await
+                .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
+            stored = Some(fresh);
+        }
+        Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: s.data,
         }))

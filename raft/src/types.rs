@@ -50,6 +50,13 @@ impl RangeSpan {
         spheredb_storage::keys::span_contains(&self.start_key, &self.end_key, key)
     }
 
+    /// True when every key of `other` lies in this span.
+    pub fn covers(&self, other: &RangeSpan) -> bool {
+        self.contains(&other.start_key)
+            && (self.end_key.is_empty()
+                || !other.end_key.is_empty() && other.end_key <= self.end_key)
+    }
+
     /// True when the two spans share a key.
     pub fn overlaps(&self, other: &RangeSpan) -> bool {
         let a_before_b_end = other.end_key.is_empty() || self.start_key < other.end_key;
@@ -144,6 +151,34 @@ pub enum Command {
     },
     /// Meta range only: allocate `count` range ids.
     AllocRangeIds { count: u64 },
+    /// Right-hand side of a merge: stop taking reads and writes so the data is final, to be
+    /// taken over by range `into` at its generation `left_generation`. Only if this range is
+    /// still at `expected_generation`.
+    Freeze {
+        into: RangeId,
+        left_generation: u64,
+        expected_generation: u64,
+    },
+    /// Undo a [`Command::Freeze`] whose merge can no longer happen.
+    Thaw,
+    /// Left-hand side of a merge: take over `right` (frozen into this range, its data on
+    /// every replica) if this range is still at `expected_generation`.
+    Merge {
+        right: RangeSpan,
+        expected_generation: u64,
+    },
+    /// Left-hand side: make any pending [`Command::Merge`] of `right` fail by moving to a new
+    /// generation, unless the merge already happened.
+    AbortMerge { right: RangeSpan },
+}
+
+/// A range frozen for a merge into its left neighbour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeFreeze {
+    /// The left neighbour taking the range over.
+    pub into: RangeId,
+    /// The left neighbour's generation the merge expects.
+    pub left_generation: u64,
 }
 
 /// The result of applying a [`Command`].
@@ -177,6 +212,23 @@ pub enum CommandResponse {
     OutsideSpan {
         span: Option<Box<RangeSpan>>,
     },
+    /// The range is frozen for a merge into `into`; nothing was written. Retry shortly.
+    Frozen {
+        into: RangeId,
+    },
+    /// The range is frozen (or was already, for the same merge).
+    FreezeDone {
+        span: Box<RangeSpan>,
+    },
+    /// The range took over its right neighbour; its new span.
+    MergeDone {
+        span: Box<RangeSpan>,
+    },
+    /// A pending merge can no longer apply; `merged` when it already had.
+    MergeAborted {
+        merged: bool,
+        span: Box<RangeSpan>,
+    },
     /// The command could not be applied; nothing was written.
     Rejected {
         reason: String,
@@ -188,7 +240,13 @@ impl Command {
     pub fn reads_registry(&self) -> bool {
         matches!(
             self,
-            Command::RegisterNode { .. } | Command::Split { .. } | Command::AllocRangeIds { .. }
+            Command::RegisterNode { .. }
+                | Command::Split { .. }
+                | Command::AllocRangeIds { .. }
+                | Command::Freeze { .. }
+                | Command::Thaw
+                | Command::Merge { .. }
+                | Command::AbortMerge { .. }
         )
     }
 }
@@ -202,6 +260,10 @@ impl std::fmt::Display for Command {
             Command::RegisterNode { addr, .. } => write!(f, "register-node({addr})"),
             Command::Split { new_range_id, .. } => write!(f, "split(new range {new_range_id})"),
             Command::AllocRangeIds { count } => write!(f, "alloc-range-ids({count})"),
+            Command::Freeze { into, .. } => write!(f, "freeze(into range {into})"),
+            Command::Thaw => write!(f, "thaw"),
+            Command::Merge { right, .. } => write!(f, "merge(range {})", right.range_id),
+            Command::AbortMerge { right } => write!(f, "abort-merge(range {})", right.range_id),
         }
     }
 }
