@@ -357,10 +357,7 @@ async fn colocate_one(
             candidates,
             MOVE_TIMEOUT_MS,
             |_| {},
-            |mut admin| {
-                let req = req.clone();
-                async move { admin.change_replicas(req).await }
-            },
+            |mut admin| async move { admin.change_replicas(req).await },
         )
         .await?;
     Ok(())

@@ -10,7 +10,7 @@
 //! split or replica change in the range's log; the meta range's copy follows within one
 //! heartbeat period, and clients correct a stale copy from the hints in server errors.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -192,8 +192,19 @@ pub async fn handle_heartbeat(
     {
         let mut inner = shared.meta.lock();
         inner.last_seen.insert(req.node_id, now);
+        let reported: HashSet<RangeId> = req.replicas.iter().map(|r| r.range_id).collect();
         for report in &req.replicas {
-            track_report(&mut inner, req.node_id, report, &stored, now, &mut destroy);
+            let merged_away = merged_away(report, &stored, &reported);
+            let removed = merged_away || removed_from_range(report, &stored);
+            track_report(
+                &mut inner,
+                req.node_id,
+                report,
+                removed,
+                &stored,
+                now,
+                &mut destroy,
+            );
             let Some(d) = &report.descriptor else {
                 continue;
             };
@@ -259,11 +270,46 @@ fn report_next_replica_id(report: &ReplicaReport, d: &RangeDescriptor) -> Replic
         .unwrap_or(1)
 }
 
-/// Updates load and decides whether the reporting node's replica was removed from its range.
+/// True when the range's descriptor, at a newer generation, no longer lists the replica.
+fn removed_from_range(report: &ReplicaReport, stored: &HashMap<RangeId, RangeRecord>) -> bool {
+    stored.get(&report.range_id).is_some_and(|s| {
+        s.span.generation > report.generation
+            && report.replica_id < s.span.next_replica_id
+            && !s.replicas.iter().any(|r| r.replica_id == report.replica_id)
+    })
+}
+
+/// True for a replica of a range merged away (no descriptor; a range at a newer generation
+/// covers its keys) that its node will not stop by itself: it is not frozen into a range
+/// the node also holds (that replica stops when the node applies the merge).
+fn merged_away(
+    report: &ReplicaReport,
+    stored: &HashMap<RangeId, RangeRecord>,
+    reported: &HashSet<RangeId>,
+) -> bool {
+    let Some(d) = &report.descriptor else {
+        return false;
+    };
+    if stored.contains_key(&report.range_id) {
+        return false;
+    }
+    let span = record_from_wire(d, 0).span;
+    let superseded = stored
+        .values()
+        .any(|s| s.span.generation > d.generation && s.span.overlaps(&span));
+    superseded
+        && report
+            .frozen_into
+            .is_none_or(|into| !reported.contains(&into))
+}
+
+/// Updates load and decides, with `removed` (the replica left its range), whether the
+/// reporting node must destroy its replica.
 fn track_report(
     inner: &mut MetaInner,
     node_id: NodeId,
     report: &ReplicaReport,
+    removed: bool,
     stored: &HashMap<RangeId, RangeRecord>,
     now: Instant,
     destroy: &mut Vec<RangeId>,
@@ -300,11 +346,6 @@ fn track_report(
         }
     }
     let reported_generation = report.generation;
-    let removed = stored.get(&report.range_id).is_some_and(|s| {
-        s.span.generation > reported_generation
-            && report.replica_id < s.span.next_replica_id
-            && !s.replicas.iter().any(|r| r.replica_id == report.replica_id)
-    });
     let key = (node_id, report.range_id);
     if !removed {
         inner.gc_candidates.remove(&key);
@@ -322,6 +363,13 @@ fn track_report(
                 generation = s.span.generation,
                 replicas = ?s.replicas,
                 "replica no longer in its range; telling its node to destroy it"
+            );
+        } else {
+            tracing::info!(
+                node_id,
+                range_id = report.range_id,
+                reported_generation,
+                "replica of a range merged away; telling its node to destroy it"
             );
         }
         destroy.push(report.range_id);

@@ -998,3 +998,175 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use spheredb_storage::DbOptions;
+
+    use super::*;
+    use crate::types::ReplicaNode;
+
+    const LEFT: RangeId = 2;
+    const RIGHT: RangeId = 3;
+
+    fn span(range_id: RangeId, start: &[u8], end: &[u8], generation: u64) -> RangeSpan {
+        RangeSpan {
+            range_id,
+            start_key: start.to_vec(),
+            end_key: end.to_vec(),
+            generation,
+            next_replica_id: 2,
+        }
+    }
+
+    fn membership() -> Membership {
+        Membership::new(
+            vec![BTreeSet::from([1])],
+            BTreeMap::from([(1, ReplicaNode::default())]),
+        )
+        .unwrap()
+    }
+
+    /// Opens replica 1 of `range` at `s` (its origin written first), as a node would.
+    fn open(db: &Db, dir: &Path, s: &RangeSpan) -> StateMachine {
+        let mut batch = WriteBatch::default();
+        write_range_origin(db, &mut batch, s, membership()).unwrap();
+        db.write(batch, true).unwrap();
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        StateMachine::open(db.clone(), s.range_id, 1, dir, events)
+            .unwrap()
+            .0
+    }
+
+    /// Applies `cmd` and writes its batch, as `apply` does.
+    fn apply(sm: &mut StateMachine, cmd: Command) -> CommandResponse {
+        let mut pending = PendingApply::default();
+        let response = sm.apply_command(&mut pending, cmd).unwrap();
+        sm.put_applied(&mut pending.batch).unwrap();
+        sm.db.write(pending.batch, false).unwrap();
+        sm.shared.set_applied(&sm.applied);
+        response
+    }
+
+    fn put(key: &[u8]) -> Command {
+        Command::Write {
+            ops: vec![WriteOp {
+                key: key.to_vec(),
+                value: Some(b"v".to_vec()),
+            }],
+        }
+    }
+
+    fn freeze(left_generation: u64) -> Command {
+        Command::Freeze {
+            into: LEFT,
+            left_generation,
+            expected_generation: 5,
+        }
+    }
+
+    #[test]
+    fn a_frozen_range_refuses_writes_and_splits_until_thawed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut right = open(&db, dir.path(), &span(RIGHT, b"m", b"", 5));
+        assert!(matches!(
+            apply(&mut right, freeze(3)),
+            CommandResponse::FreezeDone { .. }
+        ));
+        // Asking again for the same merge is answered the same; another merge is refused.
+        assert!(matches!(
+            apply(&mut right, freeze(3)),
+            CommandResponse::FreezeDone { .. }
+        ));
+        assert_eq!(
+            apply(&mut right, freeze(4)),
+            CommandResponse::Frozen { into: LEFT }
+        );
+        assert_eq!(
+            apply(&mut right, put(b"n")),
+            CommandResponse::Frozen { into: LEFT }
+        );
+        let split = Command::Split {
+            split_key: b"p".to_vec(),
+            new_range_id: 9,
+            expected_generation: 5,
+        };
+        assert_eq!(
+            apply(&mut right, split),
+            CommandResponse::Frozen { into: LEFT }
+        );
+        assert_eq!(right.shared.frozen().map(|f| f.into), Some(LEFT));
+        apply(&mut right, Command::Thaw);
+        assert_eq!(apply(&mut right, put(b"n")), CommandResponse::Done);
+        assert!(right.shared.frozen().is_none());
+    }
+
+    #[test]
+    fn merge_takes_over_the_frozen_right_range_and_moves_past_both_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut left = open(&db, dir.path(), &span(LEFT, b"a", b"m", 3));
+        let mut right = open(&db, dir.path(), &span(RIGHT, b"m", b"", 5));
+        apply(&mut right, put(b"n"));
+        let merge = |expected_generation| Command::Merge {
+            right: span(RIGHT, b"m", b"", 5),
+            expected_generation,
+        };
+        // The right range is not frozen: this replica lacks its final data; it stops.
+        let mut pending = PendingApply::default();
+        assert!(left.apply_command(&mut pending, merge(3)).is_err());
+
+        apply(&mut right, freeze(3));
+        assert!(matches!(
+            apply(&mut left, merge(2)),
+            CommandResponse::Rejected { .. }
+        ));
+        let CommandResponse::MergeDone { span: merged } = apply(&mut left, merge(3)) else {
+            panic!("merge refused");
+        };
+        assert_eq!(
+            (merged.start_key.as_slice(), merged.end_key.as_slice()),
+            (&b"a"[..], &b""[..])
+        );
+        assert_eq!(merged.generation, 6);
+        // The right range's data is now the left range's, without moving.
+        assert_eq!(apply(&mut left, put(b"n")), CommandResponse::Done);
+        // An abort after the merge learns that it happened and changes nothing.
+        let abort = Command::AbortMerge {
+            right: span(RIGHT, b"m", b"", 5),
+        };
+        assert!(matches!(
+            apply(&mut left, abort),
+            CommandResponse::MergeAborted { merged: true, .. }
+        ));
+        assert_eq!(left.shared.span().map(|s| s.generation), Some(6));
+    }
+
+    #[test]
+    fn an_abort_before_the_merge_makes_the_merge_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut left = open(&db, dir.path(), &span(LEFT, b"a", b"m", 3));
+        let mut right = open(&db, dir.path(), &span(RIGHT, b"m", b"", 5));
+        apply(&mut right, freeze(3));
+        let abort = Command::AbortMerge {
+            right: span(RIGHT, b"m", b"", 5),
+        };
+        assert!(matches!(
+            apply(&mut left, abort),
+            CommandResponse::MergeAborted { merged: false, .. }
+        ));
+        let merge = Command::Merge {
+            right: span(RIGHT, b"m", b"", 5),
+            expected_generation: 3,
+        };
+        assert!(matches!(
+            apply(&mut left, merge),
+            CommandResponse::Rejected { .. }
+        ));
+        assert_eq!(left.shared.span().map(|s| s.end_key), Some(b"m".to_vec()));
+    }
+}
