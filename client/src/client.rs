@@ -393,11 +393,13 @@ impl Client {
         let mut backoff_ms = INITIAL_BACKOFF_MS;
         let mut last_error = ClientError::Unavailable("no attempt made".into());
         for _ in 0..self.options.retry_budget {
-            if started.elapsed() >= Duration::from_millis(MERGE_DEADLINE_MS) {
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            if elapsed_ms >= MERGE_DEADLINE_MS {
                 break;
             }
+            let remaining_ms = MERGE_DEADLINE_MS - elapsed_ms;
             let attempt = self
-                .admin_call_within(MERGE_DEADLINE_MS, Vec::new(), |mut admin| async move {
+                .admin_call_within(remaining_ms, Vec::new(), |mut admin| async move {
                     admin
                         .merge(MergeRequest {
                             left_range_id,

@@ -20,7 +20,7 @@ use spheredb_client::proto::v1::{
 use spheredb_client::ClientError;
 use spheredb_raft::network::Replica;
 use spheredb_raft::registry::{self, NodeRecord, NodeState};
-use spheredb_raft::{Command, CommandResponse, RangeSpan, ReplicaNode, WriteOp};
+use spheredb_raft::{Command, CommandResponse, MergeFreeze, RangeSpan, ReplicaNode, WriteOp};
 use spheredb_storage::{keys, ColumnFamilyName};
 use tonic::{Request, Response, Status};
 
@@ -359,12 +359,20 @@ impl AdminService {
                 left_generation: req.left_generation,
                 expected_generation: req.expected_generation,
             },
-            Ok(MergeStep::Thaw) => Command::Thaw,
+            Ok(MergeStep::Thaw) => Command::Thaw {
+                freeze: MergeFreeze {
+                    into: req.into,
+                    left_generation: req.left_generation,
+                },
+            },
             Ok(MergeStep::Merge) => Command::Merge {
                 right: right()?,
                 expected_generation: req.expected_generation,
             },
-            Ok(MergeStep::Abort) => Command::AbortMerge { right: right()? },
+            Ok(MergeStep::Abort) => Command::AbortMerge {
+                right: right()?,
+                left_generation: req.left_generation,
+            },
             Ok(MergeStep::Unspecified) | Err(_) => {
                 return Err(ClientError::InvalidArgument(format!(
                     "unknown merge step {}",

@@ -362,12 +362,16 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
         let Some(addr) = shared.known_nodes().get(&leader).cloned() else {
             continue;
         };
-        shared
+        // A merge may have claimed the range since `busy` was read: claim it or skip it.
+        let claimed = shared
             .meta
             .in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(action.range_id());
+        if !claimed {
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let result = tokio::time::timeout(

@@ -29,7 +29,7 @@ use spheredb_client::proto::v1::{
 };
 use spheredb_client::ClientError;
 use spheredb_raft::registry;
-use spheredb_raft::{NodeId, RangeId, RangeRecord, WriteOp};
+use spheredb_raft::{MergeFreeze, NodeId, RangeId, RangeRecord, WriteOp};
 use tokio::sync::watch;
 
 use crate::meta::{write_meta, RangeLoad};
@@ -89,8 +89,7 @@ impl Drop for Busy<'_> {
 #[derive(Debug, Clone)]
 struct LiveRange {
     record: RangeRecord,
-    /// `(into, left_generation)` while frozen.
-    frozen: Option<(RangeId, u64)>,
+    frozen: Option<MergeFreeze>,
 }
 
 impl LiveRange {
@@ -130,26 +129,25 @@ pub async fn merge_ranges(
         ));
     }
     let records = registry::ranges(&shared.db).map_err(internal)?;
-    let left = records
-        .iter()
-        .find(|r| r.span.range_id == left_id)
-        .ok_or_else(|| ClientError::InvalidArgument(format!("range {left_id} does not exist")))?
-        .clone();
-    let right = records
-        .iter()
-        .find(|r| !left.span.end_key.is_empty() && r.span.start_key == left.span.end_key)
-        .ok_or_else(|| {
-            ClientError::InvalidArgument(format!(
-                "range {left_id} is the last range; there is nothing to merge it with"
-            ))
-        })?
-        .clone();
+    let by_id = |id: RangeId| records.iter().find(|r| r.span.range_id == id).cloned();
+    let left = by_id(left_id)
+        .ok_or_else(|| ClientError::InvalidArgument(format!("range {left_id} does not exist")))?;
+    let right = match expected_right {
+        // By id: a range frozen into this one is settled even if this one changed shape.
+        Some(id) => by_id(id).ok_or_else(|| {
+            ClientError::InvalidArgument(format!("range {id} does not exist (merged already?)"))
+        })?,
+        None => records
+            .iter()
+            .find(|r| !left.span.end_key.is_empty() && r.span.start_key == left.span.end_key)
+            .cloned()
+            .ok_or_else(|| {
+                ClientError::InvalidArgument(format!(
+                    "range {left_id} is the last range; there is nothing to merge it with"
+                ))
+            })?,
+    };
     let right_id = right.span.range_id;
-    if let Some(expected) = expected_right.filter(|e| *e != right_id) {
-        return Err(ClientError::InvalidArgument(format!(
-            "range {left_id} is now followed by range {right_id}, not range {expected} (merged already?)"
-        )));
-    }
     let Some(_busy) = Busy::claim(shared, [left_id, right_id]) else {
         return Err(ClientError::Unavailable(format!(
             "range {left_id} or {right_id} has a replica move or merge running; retry shortly"
@@ -160,6 +158,22 @@ pub async fn merge_ranges(
     for _ in 0..MAX_MERGE_STEPS {
         if Instant::now() >= deadline {
             break;
+        }
+        // A deposed meta leader stops coordinating: the new one takes over frozen ranges.
+        if !shared.meta_replica().is_some_and(|m| m.raft.is_leader()) {
+            return Err(ClientError::Unavailable(
+                "this node no longer leads the meta range; retry".into(),
+            ));
+        }
+        // The meta copy drops the right range once the merged descriptor is reported.
+        if registry::range(&shared.db, right_id)
+            .map_err(internal)?
+            .is_none()
+        {
+            if let Some(merged) = registry::range(&shared.db, left_id).map_err(internal)? {
+                shared.meta.forget_frozen(right_id);
+                return Ok(merged);
+            }
         }
         match merge_step(shared, &left, &right).await {
             Ok(Some(merged)) => {
@@ -190,29 +204,34 @@ async fn merge_step(
     right: &RangeRecord,
 ) -> Result<Option<RangeRecord>, ClientError> {
     let l = live_range(shared, left).await?;
-    if l.record.span.contains(&right.span.start_key) {
-        return Ok(Some(l.record));
-    }
-    if l.record.span.end_key != right.span.start_key {
-        return Err(ClientError::InvalidArgument(format!(
-            "range {} no longer ends where range {} starts",
-            left.span.range_id, right.span.range_id
-        )));
-    }
     let r = live_range(shared, right).await?;
     let (left_id, right_id) = (left.span.range_id, right.span.range_id);
     let left_generation = l.record.span.generation;
-    if let Some((into, frozen_generation)) = r.frozen {
-        if into != left_id {
+    // A frozen right range is settled first, whatever the left range looks like now.
+    if let Some(freeze) = r.frozen {
+        if freeze.into != left_id {
             return Err(ClientError::Unavailable(format!(
-                "range {right_id} is frozen for a merge into range {into}"
+                "range {right_id} is frozen for a merge into range {}",
+                freeze.into
             )));
         }
-        if frozen_generation == left_generation && colocated(&l, &r) {
+        let adjacent = l.record.span.end_key == r.record.span.start_key;
+        if freeze.left_generation == left_generation && adjacent && colocated(&l, &r) {
             return finish(shared, &l, &r).await;
         }
+        // Merged or thawed, the next step reads the ranges again.
         abandon(shared, &l, &r).await?;
         return Ok(None);
+    }
+    if l.record.span.end_key != right.span.start_key {
+        return Err(ClientError::InvalidArgument(format!(
+            "range {left_id} no longer ends where range {right_id} starts"
+        )));
+    }
+    if shared.meta.merge_pending_into(right_id) {
+        return Err(ClientError::Unavailable(format!(
+            "a range is frozen for a merge into range {right_id}; that merge goes first"
+        )));
     }
     if !colocated(&l, &r) {
         colocate_one(shared, &l, &r).await?;
@@ -228,7 +247,10 @@ async fn merge_step(
     };
     call_step(shared, &r.record, freeze).await?;
     let r = LiveRange {
-        frozen: Some((left_id, left_generation)),
+        frozen: Some(MergeFreeze {
+            into: left_id,
+            left_generation,
+        }),
         ..r
     };
     finish(shared, &l, &r).await
@@ -283,25 +305,29 @@ async fn finish(
     }
 }
 
-/// Undoes a freeze: first makes any pending merge fail (or learns it happened), then thaws.
-async fn abandon(shared: &NodeShared, l: &LiveRange, r: &LiveRange) -> Result<(), ClientError> {
+/// Undoes the right range's freeze: first makes its merge fail for good (or learns that it
+/// happened: `true`), then thaws exactly that freeze.
+async fn abandon(shared: &NodeShared, l: &LiveRange, r: &LiveRange) -> Result<bool, ClientError> {
+    let Some(freeze) = r.frozen else {
+        return Ok(false);
+    };
     let abort = MergeStepRequest {
         step: MergeStep::Abort as i32,
         range_id: l.record.span.range_id,
         expected_generation: 0,
         into: 0,
-        left_generation: 0,
+        left_generation: freeze.left_generation,
         right: Some(wire_descriptor(&r.record)),
     };
     if call_step(shared, &l.record, abort).await?.merged {
-        return Ok(());
+        return Ok(true);
     }
     let thaw = MergeStepRequest {
         step: MergeStep::Thaw as i32,
         range_id: r.record.span.range_id,
         expected_generation: 0,
-        into: 0,
-        left_generation: 0,
+        into: freeze.into,
+        left_generation: freeze.left_generation,
         right: None,
     };
     call_step(shared, &r.record, thaw).await?;
@@ -310,7 +336,7 @@ async fn abandon(shared: &NodeShared, l: &LiveRange, r: &LiveRange) -> Result<()
         right = r.record.span.range_id,
         "merge abandoned; right range thawed"
     );
-    Ok(())
+    Ok(false)
 }
 
 /// True when both ranges have voters on exactly the same nodes and no learners.
@@ -462,7 +488,10 @@ async fn live_range(shared: &NodeShared, record: &RangeRecord) -> Result<LiveRan
                     .ok_or_else(|| internal("range status without a descriptor"))?;
                 return Ok(LiveRange {
                     record: crate::meta::record_from_wire(&d, record.span.next_replica_id),
-                    frozen: s.frozen_into.map(|into| (into, s.frozen_left_generation)),
+                    frozen: s.frozen_into.map(|into| MergeFreeze {
+                        into,
+                        left_generation: s.frozen_left_generation,
+                    }),
                 });
             }
             Ok(_) => {}

@@ -34,6 +34,9 @@ pub const UNREACHABLE_AFTER_HEARTBEATS: u64 = 5;
 /// A replica missing from its range's descriptor this long is destroyed (the grace covers a
 /// replica being added while the meta copy still shows the previous generation).
 pub const REPLICA_GC_GRACE_MS: u64 = 3_000;
+/// A frozen range not reported for this long is forgotten (it merged, or its report went
+/// elsewhere).
+pub const FROZEN_REPORT_TTL_MS: u64 = 10_000;
 /// Longest the meta leader waits for its writes of descriptors to commit.
 pub const META_WRITE_TIMEOUT_MS: u64 = 5_000;
 
@@ -57,8 +60,9 @@ struct MetaInner {
     gc_candidates: HashMap<(NodeId, RangeId), Instant>,
     /// Each range's span as last reported, and since when it has been that.
     spans: HashMap<RangeId, (Vec<u8>, Vec<u8>, Instant)>,
-    /// Ranges whose leader reports them frozen for a merge, and the range they merge into.
-    frozen: HashMap<RangeId, RangeId>,
+    /// Ranges whose leader reports them frozen for a merge: the range they merge into, and
+    /// when that was last reported.
+    frozen: HashMap<RangeId, (RangeId, Instant)>,
 }
 
 /// The meta-range leader's view of the cluster.
@@ -123,12 +127,26 @@ impl MetaState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        self.lock()
+        let mut inner = self.lock();
+        // A frozen range that stopped reporting merged (or moved its leader away); its new
+        // leader reports it again if not.
+        inner
+            .frozen
+            .retain(|_, (_, seen)| seen.elapsed() < Duration::from_millis(FROZEN_REPORT_TTL_MS));
+        inner
             .frozen
             .iter()
-            .filter(|(right, left)| !in_flight.contains(right) && !in_flight.contains(left))
-            .map(|(right, left)| (*left, *right))
+            .filter(|(right, (left, _))| !in_flight.contains(right) && !in_flight.contains(left))
+            .map(|(right, (left, _))| (*left, *right))
             .collect()
+    }
+
+    /// True while some range is reported frozen for a merge into `range_id`.
+    pub fn merge_pending_into(&self, range_id: RangeId) -> bool {
+        self.lock()
+            .frozen
+            .values()
+            .any(|(into, _)| *into == range_id)
     }
 
     /// Forgets that `right` was reported frozen (it merged, or the merge was settled).
@@ -328,7 +346,7 @@ fn track_report(
     }
     if report.leader {
         match report.frozen_into {
-            Some(into) => inner.frozen.insert(report.range_id, into),
+            Some(into) => inner.frozen.insert(report.range_id, (into, now)),
             None => inner.frozen.remove(&report.range_id),
         };
         inner.loads.insert(
@@ -501,9 +519,12 @@ pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch:
             if range_id == META_RANGE_ID && shared.is_leader(META_RANGE_ID) {
                 continue;
             }
-            if let Err(e) = shared.destroy_replica(range_id).await {
+            if let Err(e) = shared.destroy_replica(range_id, false).await {
                 tracing::warn!(range_id, "destroying removed replica: {e:#}");
             }
+        }
+        if let Err(e) = shared.stop_merged_replicas().await {
+            tracing::warn!("stopping merged replicas: {e:#}");
         }
         if !resp.unreachable_nodes.is_empty() {
             wake_ranges_led_by(&shared, &resp.unreachable_nodes);

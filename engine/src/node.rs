@@ -421,8 +421,8 @@ impl NodeShared {
     }
 
     /// Stops and deletes this node's replica of `range_id` (its data too, unless another
-    /// local replica covers it), leaving a tombstone.
-    pub async fn destroy_replica(&self, range_id: RangeId) -> anyhow::Result<()> {
+    /// local replica covers it, or `keep_data`), leaving a tombstone.
+    pub async fn destroy_replica(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
         let Some(replica) = self.replicas.remove(range_id) else {
             return Ok(());
         };
@@ -430,7 +430,7 @@ impl NodeShared {
         if let Err(e) = replica.raft.shutdown().await {
             tracing::warn!(range_id, "raft shutdown while destroying: {e}");
         }
-        let span = replica.shared.span();
+        let span = replica.shared.span().filter(|_| !keep_data);
         let data_span = span.as_ref().and_then(|s| {
             // Spans of initialized replicas on a node never overlap; keep the data anyway if
             // that invariant is broken, rather than delete another range's keys.
@@ -472,7 +472,8 @@ impl NodeShared {
                         by,
                         "replica subsumed by a merged range's snapshot"
                     );
-                    self.destroy_replica(range_id).await?;
+                    // The snapshot about to install replaces the data.
+                    self.destroy_replica(range_id, true).await?;
                 }
                 Ok(())
             }
@@ -480,23 +481,19 @@ impl NodeShared {
     }
 
     /// Stops replicas whose merge into a local replica has applied here (the node may have
-    /// stopped between applying the merge and stopping them).
+    /// stopped between applying the merge and stopping them), keeping their data.
     pub async fn stop_merged_replicas(&self) -> anyhow::Result<()> {
         for r in self.replicas.all() {
-            let (Some(frozen), Some(span)) = (r.shared.frozen(), r.shared.span()) else {
+            let Some(frozen) = r.shared.frozen() else {
                 continue;
             };
+            let range_id = r.shared.range_id;
             let merged = self
                 .replica(frozen.into)
-                .and_then(|left| left.shared.span())
-                .is_some_and(|left| left.contains(&span.start_key));
+                .is_some_and(|left| left.shared.merged(range_id));
             if merged {
-                tracing::info!(
-                    range_id = span.range_id,
-                    into = frozen.into,
-                    "stopping merged replica"
-                );
-                self.destroy_replica(span.range_id).await?;
+                tracing::info!(range_id, into = frozen.into, "stopping merged replica");
+                self.destroy_replica(range_id, true).await?;
             }
         }
         Ok(())
@@ -564,10 +561,10 @@ impl NodeShared {
                 Ok(())
             }
             RangeEvent::Merged { left, right } => {
-                // The left range now covers the right one's span, so destroying the right
-                // replica keeps the data. A fresh snapshot of the left range carries the
-                // wider span.
-                self.destroy_replica(right).await?;
+                // The data now belongs to the left range, or to a range split from it since
+                // (which may not have started yet): only the right replica's state goes. A
+                // fresh snapshot of the left range carries the wider span.
+                self.destroy_replica(right, true).await?;
                 if let Some(l) = self.replica(left) {
                     if let Err(e) = l.raft.trigger().snapshot().await {
                         tracing::warn!(left, "snapshot after merge: {e}");

@@ -114,6 +114,11 @@ pub fn ranges(db: &Db) -> io::Result<Vec<RangeRecord>> {
     list(db, RANGE_PREFIX, "range descriptor")
 }
 
+/// The descriptor of `range_id`, if the meta range has one.
+pub fn range(db: &Db, range_id: RangeId) -> io::Result<Option<RangeRecord>> {
+    get(db, &range_key(range_id), "range descriptor")
+}
+
 /// Every liveness record, by node id.
 pub fn liveness(db: &Db) -> io::Result<Vec<LivenessRecord>> {
     list(db, LIVENESS_PREFIX, "liveness record")

@@ -28,6 +28,8 @@ use crate::types::{
 /// Largest snapshot accepted on install; a bigger one is refused as corrupt or hostile.
 pub const MAX_SNAPSHOT_SIZE_BYTES: usize = 1 << 30;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP3";
+/// Merges a range remembers (see `AppliedState::recent_merges`).
+pub const MAX_RECENT_MERGES: usize = 16;
 /// Most range events queued for the node before apply waits for it to catch up.
 pub const MAX_PENDING_RANGE_EVENTS: usize = 4096;
 
@@ -52,6 +54,7 @@ struct AppliedView {
     span: Option<RangeSpan>,
     membership: Membership,
     frozen: Option<MergeFreeze>,
+    recent_merges: Vec<AppliedMerge>,
 }
 
 /// What a range's state machine shares with the rest of the node.
@@ -84,7 +87,13 @@ impl ReplicaShared {
 
     /// The merge this range is frozen for, if any.
     pub fn frozen(&self) -> Option<MergeFreeze> {
-        self.view().frozen.clone()
+        self.view().frozen
+    }
+
+    /// True when this range took over range `right` (among its last
+    /// [`MAX_RECENT_MERGES`] merges).
+    pub fn merged(&self, right: RangeId) -> bool {
+        self.view().recent_merges.iter().any(|m| m.right == right)
     }
 
     /// The descriptor as last applied: span and the membership applied with it.
@@ -178,6 +187,16 @@ struct AppliedState {
     /// The last merge applied: a snapshot older than this must not be sent, since a replica
     /// replaying the merge from it would not have the right-hand side's data.
     last_merge: Option<LogId>,
+    /// The last merges applied, newest last: how an abort learns that a merge happened even
+    /// after the span changed again.
+    recent_merges: Vec<AppliedMerge>,
+}
+
+/// A merge a range applied: it took over `right` at generation `left_generation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct AppliedMerge {
+    right: RangeId,
+    left_generation: u64,
 }
 
 impl AppliedState {
@@ -185,7 +204,8 @@ impl AppliedState {
         AppliedView {
             span: self.span.clone(),
             membership: self.membership.membership().clone(),
-            frozen: self.frozen.clone(),
+            frozen: self.frozen,
+            recent_merges: self.recent_merges.clone(),
         }
     }
 }
@@ -195,6 +215,7 @@ impl AppliedState {
 struct SnapshotHeader {
     span: Option<RangeSpan>,
     frozen: Option<MergeFreeze>,
+    recent_merges: Vec<AppliedMerge>,
 }
 
 /// A snapshot as kept on disk.
@@ -533,6 +554,13 @@ impl StateMachine {
             ..span
         };
         self.applied.span = Some(merged.clone());
+        self.applied.recent_merges.push(AppliedMerge {
+            right: right.range_id,
+            left_generation: expected_generation,
+        });
+        if self.applied.recent_merges.len() > MAX_RECENT_MERGES {
+            self.applied.recent_merges.remove(0);
+        }
         pending.events.push(RangeEvent::Merged {
             left: self.range_id,
             right: right.range_id,
@@ -646,8 +674,11 @@ impl StateMachine {
                 },
                 expected_generation,
             )),
-            Command::Thaw => {
-                if self.applied.frozen.take().is_some() {
+            Command::Thaw { freeze } => {
+                // Only the freeze it names: a stale coordinator's thaw must not undo a later
+                // freeze for another attempt.
+                if self.applied.frozen == Some(freeze) {
+                    self.applied.frozen = None;
                     tracing::info!(range_id = self.range_id, "range thawed; merge abandoned");
                 }
                 Ok(CommandResponse::Done)
@@ -656,12 +687,23 @@ impl StateMachine {
                 right,
                 expected_generation,
             } => self.apply_merge(pending, right, expected_generation),
-            Command::AbortMerge { right } => {
+            Command::AbortMerge {
+                right,
+                left_generation,
+            } => {
+                if let Some(frozen) = &self.applied.frozen {
+                    // This range's own generation must not move while its left neighbour may
+                    // be merging it.
+                    return Ok(CommandResponse::Frozen { into: frozen.into });
+                }
                 let Some(span) = self.applied.span.as_mut() else {
                     return Ok(CommandResponse::OutsideSpan { span: None });
                 };
-                let merged = span.contains(&right.start_key);
-                if !merged {
+                let merged = self.applied.recent_merges.contains(&AppliedMerge {
+                    right: right.range_id,
+                    left_generation,
+                });
+                if !merged && span.generation == left_generation {
                     span.generation += 1;
                 }
                 Ok(CommandResponse::MergeAborted {
@@ -757,7 +799,8 @@ impl StateMachine {
         };
         let header = SnapshotHeader {
             span: applied.span.clone(),
-            frozen: applied.frozen.clone(),
+            frozen: applied.frozen,
+            recent_merges: applied.recent_merges.clone(),
         };
         let data = self.export_span(&rocks_snapshot, &header)?;
         drop(rocks_snapshot);
@@ -938,7 +981,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let (SnapshotHeader { span, frozen }, pairs) = parse_snapshot(&snapshot)?;
+        let (
+            SnapshotHeader {
+                span,
+                frozen,
+                recent_merges,
+            },
+            pairs,
+        ) = parse_snapshot(&snapshot)?;
         let mut batch = WriteBatch::default();
         // Clear the snapshot's span, then load its pairs, in one atomic batch. The node
         // admits a snapshot only when no other replica here overlaps its span.
@@ -962,6 +1012,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             frozen,
             // The installed snapshot is the current one, so no older one can be sent.
             last_merge: None,
+            recent_merges,
         };
         self.put_applied(&mut batch)?;
         self.db.write(batch, true).map_err(io::Error::from)?;
@@ -1099,7 +1150,18 @@ mod tests {
             CommandResponse::Frozen { into: LEFT }
         );
         assert_eq!(right.shared.frozen().map(|f| f.into), Some(LEFT));
-        apply(&mut right, Command::Thaw);
+        // A thaw for another freeze changes nothing; the matching one thaws.
+        let other = MergeFreeze {
+            into: LEFT,
+            left_generation: 4,
+        };
+        apply(&mut right, Command::Thaw { freeze: other });
+        assert!(right.shared.frozen().is_some());
+        let ours = MergeFreeze {
+            into: LEFT,
+            left_generation: 3,
+        };
+        apply(&mut right, Command::Thaw { freeze: ours });
         assert_eq!(apply(&mut right, put(b"n")), CommandResponse::Done);
         assert!(right.shared.frozen().is_none());
     }
@@ -1134,15 +1196,25 @@ mod tests {
         assert_eq!(merged.generation, 6);
         // The right range's data is now the left range's, without moving.
         assert_eq!(apply(&mut left, put(b"n")), CommandResponse::Done);
-        // An abort after the merge learns that it happened and changes nothing.
+        // A split moves the merged keys on; an abort still learns that the merge happened.
+        let split = Command::Split {
+            split_key: b"c".to_vec(),
+            new_range_id: 9,
+            expected_generation: 6,
+        };
+        assert!(matches!(
+            apply(&mut left, split),
+            CommandResponse::SplitDone { .. }
+        ));
         let abort = Command::AbortMerge {
             right: span(RIGHT, b"m", b"", 5),
+            left_generation: 3,
         };
         assert!(matches!(
             apply(&mut left, abort),
             CommandResponse::MergeAborted { merged: true, .. }
         ));
-        assert_eq!(left.shared.span().map(|s| s.generation), Some(6));
+        assert_eq!(left.shared.span().map(|s| s.generation), Some(7));
     }
 
     #[test]
@@ -1154,6 +1226,7 @@ mod tests {
         apply(&mut right, freeze(3));
         let abort = Command::AbortMerge {
             right: span(RIGHT, b"m", b"", 5),
+            left_generation: 3,
         };
         assert!(matches!(
             apply(&mut left, abort),

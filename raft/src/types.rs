@@ -159,21 +159,26 @@ pub enum Command {
         left_generation: u64,
         expected_generation: u64,
     },
-    /// Undo a [`Command::Freeze`] whose merge can no longer happen.
-    Thaw,
+    /// Undo the [`Command::Freeze`] `freeze` (only that one) once its merge can no longer
+    /// happen.
+    Thaw { freeze: MergeFreeze },
     /// Left-hand side of a merge: take over `right` (frozen into this range, its data on
     /// every replica) if this range is still at `expected_generation`.
     Merge {
         right: RangeSpan,
         expected_generation: u64,
     },
-    /// Left-hand side: make any pending [`Command::Merge`] of `right` fail by moving to a new
-    /// generation, unless the merge already happened.
-    AbortMerge { right: RangeSpan },
+    /// Left-hand side: make sure no [`Command::Merge`] of `right` expecting generation
+    /// `left_generation` applies from here on (moving to a new generation if still there),
+    /// and answer whether that merge already happened.
+    AbortMerge {
+        right: RangeSpan,
+        left_generation: u64,
+    },
 }
 
 /// A range frozen for a merge into its left neighbour.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeFreeze {
     /// The left neighbour taking the range over.
     pub into: RangeId,
@@ -244,7 +249,7 @@ impl Command {
                 | Command::Split { .. }
                 | Command::AllocRangeIds { .. }
                 | Command::Freeze { .. }
-                | Command::Thaw
+                | Command::Thaw { .. }
                 | Command::Merge { .. }
                 | Command::AbortMerge { .. }
         )
@@ -261,9 +266,11 @@ impl std::fmt::Display for Command {
             Command::Split { new_range_id, .. } => write!(f, "split(new range {new_range_id})"),
             Command::AllocRangeIds { count } => write!(f, "alloc-range-ids({count})"),
             Command::Freeze { into, .. } => write!(f, "freeze(into range {into})"),
-            Command::Thaw => write!(f, "thaw"),
+            Command::Thaw { .. } => write!(f, "thaw"),
             Command::Merge { right, .. } => write!(f, "merge(range {})", right.range_id),
-            Command::AbortMerge { right } => write!(f, "abort-merge(range {})", right.range_id),
+            Command::AbortMerge { right, .. } => {
+                write!(f, "abort-merge(range {})", right.range_id)
+            }
         }
     }
 }
