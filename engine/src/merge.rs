@@ -49,6 +49,8 @@ const MOVE_TIMEOUT_MS: u64 = 60_000;
 
 /// Ranges one automatic-merge round asks to merge, at most.
 pub const MAX_MERGES_PER_ROUND: usize = 1;
+/// Period of the automatic-merge scan while it finds nothing to merge.
+pub const MERGE_IDLE_SCAN_INTERVAL_MS: u64 = 10_000;
 
 /// Marks ranges as busy in the allocator's in-flight set while a merge runs.
 struct Busy<'a> {
@@ -609,11 +611,15 @@ pub fn merge_candidates(
     out
 }
 
-/// Merges small cold neighbours, every heartbeat period, while this node leads the meta
-/// range. Ranges a merge left frozen (its coordinator stopped) are finished or thawed here
-/// too.
+/// Merges small cold neighbours while this node leads the meta range, and finishes or
+/// undoes merges whose coordinator stopped (a frozen range serves nothing, so those are
+/// looked at every heartbeat period). The range map is scanned for candidates every
+/// heartbeat period while it yields some, else every [`MERGE_IDLE_SCAN_INTERVAL_MS`], so a
+/// cluster of many idle ranges does not decode its whole range map every second.
 pub async fn merge_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
+    let idle_interval = Duration::from_millis(MERGE_IDLE_SCAN_INTERVAL_MS).max(interval);
+    let mut next_scan = Instant::now();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -622,31 +628,23 @@ pub async fn merge_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
         if !shared.meta_replica().is_some_and(|r| r.raft.is_leader()) {
             continue;
         }
-        let records = match registry::ranges(&shared.db) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("reading ranges for merges: {e}");
-                continue;
-            }
-        };
         let mut pairs: Vec<(RangeId, RangeId)> = shared.meta.frozen_merges();
-        let busy = shared
-            .meta
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let policy = MergePolicy {
-            max_size_bytes: shared.cfg.range_merge_size_bytes,
-            max_qps: shared.cfg.range_merge_qps,
-            min_span_age_ms: shared.cfg.range_merge_after_split_ms,
-        };
-        let age = |r: &RangeRecord| shared.meta.span_age_ms(&r.span);
-        pairs.extend(
-            merge_candidates(&records, &shared.meta.loads(), &age, &busy, policy)
-                .into_iter()
-                .take(MAX_MERGES_PER_ROUND),
-        );
+        if shared.cfg.range_merge_size_bytes > 0 && Instant::now() >= next_scan {
+            let candidates = match auto_merge_candidates(&shared) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("reading ranges for merges: {e}");
+                    Vec::new()
+                }
+            };
+            next_scan = Instant::now()
+                + if candidates.is_empty() {
+                    idle_interval
+                } else {
+                    interval
+                };
+            pairs.extend(candidates);
+        }
         pairs.dedup();
         for (left, right) in pairs {
             match merge_ranges(&shared, left, Some(right)).await {
@@ -660,6 +658,26 @@ pub async fn merge_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
             }
         }
     }
+}
+
+/// The pairs automatic merging takes on now: at most [`MAX_MERGES_PER_ROUND`].
+fn auto_merge_candidates(shared: &NodeShared) -> std::io::Result<Vec<(RangeId, RangeId)>> {
+    let records = registry::ranges(&shared.db)?;
+    let busy = shared
+        .meta
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let policy = MergePolicy {
+        max_size_bytes: shared.cfg.range_merge_size_bytes,
+        max_qps: shared.cfg.range_merge_qps,
+        min_span_age_ms: shared.cfg.range_merge_after_split_ms,
+    };
+    let age = |r: &RangeRecord| shared.meta.span_age_ms(&r.span);
+    let mut pairs = merge_candidates(&records, &shared.meta.loads(), &age, &busy, policy);
+    pairs.truncate(MAX_MERGES_PER_ROUND);
+    Ok(pairs)
 }
 
 #[cfg(test)]

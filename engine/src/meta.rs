@@ -333,15 +333,15 @@ fn track_report(
     destroy: &mut Vec<RangeId>,
 ) {
     if let Some(d) = &report.descriptor {
-        let now_span = (d.start_key.clone(), d.end_key.clone());
         let same = inner
             .spans
             .get(&report.range_id)
-            .is_some_and(|(s, e, _)| (s, e) == (&now_span.0, &now_span.1));
+            .is_some_and(|(s, e, _)| (s, e) == (&d.start_key, &d.end_key));
         if !same {
-            inner
-                .spans
-                .insert(report.range_id, (now_span.0, now_span.1, now));
+            inner.spans.insert(
+                report.range_id,
+                (d.start_key.clone(), d.end_key.clone(), now),
+            );
         }
     }
     if report.leader {
