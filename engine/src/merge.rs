@@ -132,8 +132,14 @@ pub async fn merge_ranges(
     }
     let records = registry::ranges(&shared.db).map_err(internal)?;
     let by_id = |id: RangeId| records.iter().find(|r| r.span.range_id == id).cloned();
-    let left = by_id(left_id)
-        .ok_or_else(|| ClientError::InvalidArgument(format!("range {left_id} does not exist")))?;
+    let Some(left) = by_id(left_id) else {
+        if let Some(right) = expected_right.and_then(by_id) {
+            thaw_orphan(shared, left_id, &right, &records).await?;
+        }
+        return Err(ClientError::InvalidArgument(format!(
+            "range {left_id} does not exist"
+        )));
+    };
     let right = match expected_right {
         // By id: a range frozen into this one is settled even if this one changed shape.
         Some(id) => by_id(id).ok_or_else(|| {
@@ -221,9 +227,8 @@ async fn merge_step(
         if freeze.left_generation == left_generation && adjacent && colocated(&l, &r) {
             return finish(shared, &l, &r).await;
         }
-        // Merged or thawed, the next step reads the ranges again.
-        abandon(shared, &l, &r).await?;
-        return Ok(None);
+        // Thawed, the next step reads the ranges again.
+        return abandon(shared, &l, &r).await;
     }
     if l.record.span.end_key != right.span.start_key {
         return Err(ClientError::InvalidArgument(format!(
@@ -273,7 +278,9 @@ async fn finish(
             right = right_id,
             "freeze did not reach every replica: {e}"
         );
-        abandon(shared, l, r).await?;
+        if let Some(merged) = abandon(shared, l, r).await? {
+            return Ok(Some(merged));
+        }
         return Err(e);
     }
     let merge = MergeStepRequest {
@@ -299,8 +306,7 @@ async fn finish(
                 right = right_id,
                 "merge rejected: {message}"
             );
-            abandon(shared, l, r).await?;
-            Ok(None)
+            abandon(shared, l, r).await
         }
         // Outcome unknown: the next step reads the ranges again and finishes or undoes it.
         Err(e) => Err(e),
@@ -308,10 +314,14 @@ async fn finish(
 }
 
 /// Undoes the right range's freeze: first makes its merge fail for good (or learns that it
-/// happened: `true`), then thaws exactly that freeze.
-async fn abandon(shared: &NodeShared, l: &LiveRange, r: &LiveRange) -> Result<bool, ClientError> {
+/// happened: then the left range as it is now), then thaws exactly that freeze.
+async fn abandon(
+    shared: &NodeShared,
+    l: &LiveRange,
+    r: &LiveRange,
+) -> Result<Option<RangeRecord>, ClientError> {
     let Some(freeze) = r.frozen else {
-        return Ok(false);
+        return Ok(None);
     };
     let abort = MergeStepRequest {
         step: MergeStep::Abort as i32,
@@ -321,8 +331,13 @@ async fn abandon(shared: &NodeShared, l: &LiveRange, r: &LiveRange) -> Result<bo
         left_generation: freeze.left_generation,
         right: Some(wire_descriptor(&r.record)),
     };
-    if call_step(shared, &l.record, abort).await?.merged {
-        return Ok(true);
+    let aborted = call_step(shared, &l.record, abort).await?;
+    if aborted.merged {
+        let now = aborted
+            .descriptor
+            .map(|d| crate::meta::record_from_wire(&d, l.record.span.next_replica_id))
+            .ok_or_else(|| internal("abort answered without a descriptor"))?;
+        return Ok(Some(now));
     }
     let thaw = MergeStepRequest {
         step: MergeStep::Thaw as i32,
@@ -338,7 +353,45 @@ async fn abandon(shared: &NodeShared, l: &LiveRange, r: &LiveRange) -> Result<bo
         right = r.record.span.range_id,
         "merge abandoned; right range thawed"
     );
-    Ok(false)
+    Ok(None)
+}
+
+/// Thaws `right`, frozen into `left_id`, a range merged away since: `left_id`'s last state
+/// was frozen, so it can never apply the merge. Unless a newer range covers `right`'s keys
+/// (the left range did take it over before it went): then `right`'s replicas are collected
+/// as merged away, and nothing is thawed.
+async fn thaw_orphan(
+    shared: &NodeShared,
+    left_id: RangeId,
+    right: &RangeRecord,
+    records: &[RangeRecord],
+) -> Result<(), ClientError> {
+    let r = live_range(shared, right).await?;
+    let Some(freeze) = r.frozen.filter(|f| f.into == left_id) else {
+        return Ok(());
+    };
+    let taken_over = records.iter().any(|s| {
+        s.span.range_id != right.span.range_id
+            && s.span.generation > right.span.generation
+            && s.span.overlaps(&right.span)
+    });
+    if taken_over {
+        return Ok(());
+    }
+    tracing::warn!(
+        left = left_id,
+        right = right.span.range_id,
+        "range frozen into a range merged away since; thawing it"
+    );
+    let thaw = MergeStepRequest {
+        step: MergeStep::Thaw as i32,
+        range_id: right.span.range_id,
+        expected_generation: 0,
+        into: freeze.into,
+        left_generation: freeze.left_generation,
+        right: None,
+    };
+    call_step(shared, &r.record, thaw).await.map(|_| ())
 }
 
 /// True when both ranges have voters on exactly the same nodes and no learners.
@@ -651,7 +704,7 @@ pub async fn merge_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
                 Ok(_) => {}
                 // The pair is gone (merged, or split since): nothing is left to settle.
                 Err(ClientError::InvalidArgument(e)) => {
-                    tracing::debug!(left, right, "merge no longer applies: {e}");
+                    tracing::info!(left, right, "merge no longer applies: {e}");
                     shared.meta.forget_frozen(right);
                 }
                 Err(e) => tracing::info!(left, right, "automatic merge: {e}"),

@@ -28,7 +28,7 @@ use spheredb_client::proto::raft::{RaftMessage, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::state_machine::{snapshot_span, ReplicaShared};
+use crate::state_machine::{snapshot_merged, snapshot_span, ReplicaShared};
 use crate::types::{
     NodeId, RaftHandle, RangeId, RangeSpan, ReplicaId, ReplicaNode, SnapshotData, SnapshotMeta,
     TypeConfig, Vote,
@@ -713,13 +713,15 @@ impl RaftTransport for RaftService {
         let span = snapshot_span(&data).map_err(|e| Status::data_loss(e.to_string()))?;
         if let Some(span) = &span {
             if let Some(other) = self.replicas.overlapping(span, range_id) {
-                // A replica frozen for a merge into this range, lying inside the snapshot:
-                // the merge happened (the snapshot is wider), so the node stops that replica
-                // and the sender's retry installs.
-                let subsumed = self.replicas.get(other).is_some_and(|r| {
-                    r.shared.frozen().is_some_and(|f| f.into == range_id)
-                        && r.shared.span().is_some_and(|s| span.covers(&s))
-                });
+                // A replica frozen for a merge into this range that the snapshot's state says
+                // has happened: the node stops that replica and the sender's retry installs.
+                // (A span that merely covers it proves nothing: an old snapshot from before
+                // the right range split off covers it too.)
+                let subsumed = match self.replicas.get(other).and_then(|r| r.shared.frozen()) {
+                    Some(f) if f.into == range_id => snapshot_merged(&data, other, f)
+                        .map_err(|e| Status::data_loss(e.to_string()))?,
+                    _ => false,
+                };
                 if subsumed {
                     let _ = self.replicas.requests.try_send(ReplicaRequest::Subsume {
                         range_id: other,

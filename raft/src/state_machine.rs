@@ -871,6 +871,16 @@ pub fn snapshot_span(data: &[u8]) -> io::Result<Option<RangeSpan>> {
     Ok(snapshot_header(data)?.0.span)
 }
 
+/// True when the snapshot's range had taken over `freeze`'s right-hand range `right` at
+/// the generation that freeze names.
+pub fn snapshot_merged(data: &[u8], right: RangeId, freeze: MergeFreeze) -> io::Result<bool> {
+    let merge = AppliedMerge {
+        right,
+        left_generation: freeze.left_generation,
+    };
+    Ok(snapshot_header(data)?.0.recent_merges.contains(&merge))
+}
+
 /// A parsed snapshot: its header and its `(key, framed value)` pairs.
 type ParsedSnapshot<'a> = (SnapshotHeader, Vec<(&'a [u8], &'a [u8])>);
 
