@@ -24,7 +24,7 @@ use spheredb_raft::{Command, CommandResponse, MergeFreeze, RangeSpan, ReplicaNod
 use spheredb_storage::{keys, ColumnFamilyName};
 use tonic::{Request, Response, Status};
 
-use crate::errors::{not_leader_hint, write_error};
+use crate::errors::{internal, not_leader_hint, write_error};
 use crate::meta::{record_from_wire, write_meta};
 use crate::node::{wire_descriptor, NodeShared};
 
@@ -48,10 +48,6 @@ type Reply<T> = Result<Response<T>, Status>;
 
 fn answer<T>(r: Result<T, ClientError>) -> Reply<T> {
     r.map(Response::new).map_err(|e| e.to_status())
-}
-
-fn internal(e: impl std::fmt::Display) -> ClientError {
-    ClientError::Internal(e.to_string())
 }
 
 impl AdminService {

@@ -17,6 +17,7 @@ use spheredb_raft::registry::{self, LivenessRecord, NodeRecord, NodeState};
 use spheredb_raft::{NodeId, RangeId, RangeRecord, WriteOp};
 use tokio::sync::watch;
 
+use crate::errors::internal;
 use crate::meta::{write_liveness, write_meta};
 use crate::node::{NodeShared, META_RANGE_ID};
 
@@ -300,7 +301,6 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
     let Some(meta) = shared.meta_replica().filter(|r| r.raft.is_leader()) else {
         return Ok(());
     };
-    let internal = |e: std::io::Error| ClientError::Internal(e.to_string());
     let records = registry::ranges(&shared.db).map_err(internal)?;
     let node_records = registry::nodes(&shared.db).map_err(internal)?;
     let liveness: HashMap<NodeId, LivenessRecord> = registry::liveness(&shared.db)
@@ -343,12 +343,7 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
             }
         })
         .collect();
-    let busy = shared
-        .meta
-        .in_flight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let busy = shared.meta.busy();
     let free_slots = MAX_CONCURRENT_ACTIONS.saturating_sub(busy.len());
     let actions = plan(&nodes, &ranges, shared.cfg.replication_factor, &busy);
     for action in actions.into_iter().take(free_slots) {
@@ -363,13 +358,7 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
             continue;
         };
         // A merge may have claimed the range since `busy` was read: claim it or skip it.
-        let claimed = shared
-            .meta
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(action.range_id());
-        if !claimed {
+        if !shared.meta.claim(&[action.range_id()]) {
             continue;
         }
         let shared = shared.clone();
@@ -387,12 +376,7 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
                 Ok(Err(e)) => tracing::info!(?action, "allocator action failed: {e}"),
                 Err(_) => tracing::warn!(?action, "allocator action timed out"),
             }
-            shared
-                .meta
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&action.range_id());
+            shared.meta.release(&[action.range_id()]);
         });
     }
     Ok(())
@@ -416,7 +400,7 @@ async fn finish_decommissions(
             state: NodeState::Decommissioned,
             ..n.clone()
         };
-        let value = registry::encode(&done).map_err(|e| ClientError::Internal(e.to_string()))?;
+        let value = registry::encode(&done).map_err(internal)?;
         write_meta(
             meta,
             vec![WriteOp {

@@ -291,27 +291,23 @@ async fn range(client: &Client, op: RangeOp) -> anyhow::Result<()> {
             };
             let resp = client.split(&split_key).await?;
             for d in [resp.left, resp.right].into_iter().flatten() {
-                println!(
-                    "range {} generation {} [{}, {})",
-                    d.range_id,
-                    d.generation,
-                    crate::status::show_key(&d.start_key),
-                    crate::status::show_key(&d.end_key)
-                );
+                print_range(&d);
             }
         }
-        RangeOp::Merge { range } => {
-            let merged = client.merge(range).await?;
-            println!(
-                "range {} generation {} [{}, {})",
-                merged.range_id,
-                merged.generation,
-                crate::status::show_key(&merged.start_key),
-                crate::status::show_key(&merged.end_key)
-            );
-        }
+        RangeOp::Merge { range } => print_range(&client.merge(range).await?),
     }
     Ok(())
+}
+
+/// One line per range: id, generation and span.
+fn print_range(d: &spheredb_client::proto::v1::RangeDescriptor) {
+    println!(
+        "range {} generation {} [{}, {})",
+        d.range_id,
+        d.generation,
+        crate::status::show_key(&d.start_key),
+        crate::status::show_key(&d.end_key)
+    );
 }
 
 async fn node(client: &Client, op: NodeOp) -> anyhow::Result<()> {

@@ -43,6 +43,11 @@ pub fn read_error(e: RaftError<TypeConfig, LinearizableReadError<TypeConfig>>) -
     }
 }
 
+/// An unexpected failure inside the node (a bad record encoding, a failed task).
+pub fn internal(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Internal(e.to_string())
+}
+
 /// Maps a storage failure; corruption stays corruption.
 pub fn storage_error(e: StorageError) -> ClientError {
     match e {

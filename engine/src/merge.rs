@@ -32,6 +32,7 @@ use spheredb_raft::registry;
 use spheredb_raft::{MergeFreeze, NodeId, RangeId, RangeRecord, WriteOp};
 use tokio::sync::watch;
 
+use crate::errors::internal;
 use crate::meta::{write_meta, RangeLoad};
 use crate::node::{wire_descriptor, NodeShared, META_RANGE_ID, PEER_CALL_TIMEOUT_MS};
 
@@ -60,30 +61,16 @@ struct Busy<'a> {
 
 impl<'a> Busy<'a> {
     fn claim(shared: &'a NodeShared, ranges: [RangeId; 2]) -> Option<Busy<'a>> {
-        let mut in_flight = shared
+        shared
             .meta
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if ranges.iter().any(|r| in_flight.contains(r)) {
-            return None;
-        }
-        in_flight.extend(ranges);
-        Some(Busy { shared, ranges })
+            .claim(&ranges)
+            .then_some(Busy { shared, ranges })
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        let mut in_flight = self
-            .shared
-            .meta
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for r in self.ranges {
-            in_flight.remove(&r);
-        }
+        self.shared.meta.release(&self.ranges);
     }
 }
 
@@ -112,10 +99,6 @@ impl LiveRange {
             .map(|r| r.node_id)
             .collect()
     }
-}
-
-fn internal(e: impl std::fmt::Display) -> ClientError {
-    ClientError::Internal(e.to_string())
 }
 
 /// Merges range `left_id` with its right neighbour; returns the merged range. Runs on the
@@ -716,12 +699,7 @@ pub async fn merge_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
 /// The pairs automatic merging takes on now: at most [`MAX_MERGES_PER_ROUND`].
 fn auto_merge_candidates(shared: &NodeShared) -> std::io::Result<Vec<(RangeId, RangeId)>> {
     let records = registry::ranges(&shared.db)?;
-    let busy = shared
-        .meta
-        .in_flight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let busy = shared.meta.busy();
     let policy = MergePolicy {
         max_size_bytes: shared.cfg.range_merge_size_bytes,
         max_qps: shared.cfg.range_merge_qps,

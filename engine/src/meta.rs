@@ -25,7 +25,7 @@ use spheredb_raft::{
 };
 use tokio::sync::watch;
 
-use crate::errors::{not_leader_hint, write_error};
+use crate::errors::{internal, not_leader_hint, write_error};
 use crate::node::{NodeShared, META_RANGE_ID};
 
 /// A node silent for this many heartbeat periods is unreachable: quiesced ranges it leads
@@ -69,8 +69,8 @@ struct MetaInner {
 #[derive(Default)]
 pub struct MetaState {
     inner: Mutex<MetaInner>,
-    /// Ranges with an allocator action in flight.
-    pub in_flight: Mutex<std::collections::HashSet<RangeId>>,
+    /// Ranges with an allocator action or a merge in flight.
+    in_flight: Mutex<HashSet<RangeId>>,
     /// Splits, replica additions, removals and leader transfers done since start.
     pub counters: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -78,6 +78,33 @@ pub struct MetaState {
 impl MetaState {
     fn lock(&self) -> std::sync::MutexGuard<'_, MetaInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<RangeId>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ranges with an allocator action or a merge in flight.
+    pub fn busy(&self) -> HashSet<RangeId> {
+        self.in_flight().clone()
+    }
+
+    /// Claims every range of `ranges` for one action, or none if one is already claimed.
+    pub fn claim(&self, ranges: &[RangeId]) -> bool {
+        let mut in_flight = self.in_flight();
+        if ranges.iter().any(|r| in_flight.contains(r)) {
+            return false;
+        }
+        in_flight.extend(ranges);
+        true
+    }
+
+    /// Ends a [`MetaState::claim`].
+    pub fn release(&self, ranges: &[RangeId]) {
+        let mut in_flight = self.in_flight();
+        for r in ranges {
+            in_flight.remove(r);
+        }
     }
 
     /// Resets the view if the meta range's term moved on since it was built.
@@ -122,11 +149,7 @@ impl MetaState {
     /// `(left, right)` of merges whose right range is frozen and no merge is running: a
     /// coordinator stopped half way, so the merge must be finished or undone.
     pub fn frozen_merges(&self) -> Vec<(RangeId, RangeId)> {
-        let in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let in_flight = self.busy();
         let mut inner = self.lock();
         // A frozen range that stopped reporting merged (or moved its leader away); its new
         // leader reports it again if not.
@@ -200,7 +223,7 @@ pub async fn handle_heartbeat(
     shared.meta.sync_term(term);
     let now = Instant::now();
     let stored: HashMap<RangeId, RangeRecord> = registry::ranges(&shared.db)
-        .map_err(|e| ClientError::Internal(e.to_string()))?
+        .map_err(internal)?
         .into_iter()
         .map(|r| (r.span.range_id, r))
         .collect();
@@ -229,6 +252,9 @@ pub async fn handle_heartbeat(
             let newer = stored
                 .get(&d.range_id)
                 .is_none_or(|s| s.span.generation < d.generation);
+            if !newer || upserts.iter().any(|u| u.span.range_id == d.range_id) {
+                continue;
+            }
             let record = record_from_wire(d, report_next_replica_id(report, d));
             // A range merged away reports its old span until its replicas stop; the merged
             // range covering it at a higher generation wins.
@@ -237,7 +263,7 @@ pub async fn handle_heartbeat(
                     && s.span.overlaps(&record.span)
                     && s.span.generation > d.generation
             });
-            if newer && !superseded && !upserts.iter().any(|u| u.span.range_id == d.range_id) {
+            if !superseded {
                 upserts.push(record);
             }
         }
@@ -259,7 +285,7 @@ pub async fn handle_heartbeat(
     }
 
     let interval_ms = shared.cfg.node_heartbeat_interval_ms;
-    let nodes = registry::nodes(&shared.db).map_err(|e| ClientError::Internal(e.to_string()))?;
+    let nodes = registry::nodes(&shared.db).map_err(internal)?;
     let unreachable = nodes
         .iter()
         .map(|n| n.node_id)
@@ -413,7 +439,7 @@ async fn write_descriptors(
     for u in &upserts {
         ops.push(WriteOp {
             key: registry::range_key(u.span.range_id),
-            value: Some(registry::encode(u).map_err(|e| ClientError::Internal(e.to_string()))?),
+            value: Some(registry::encode(u).map_err(internal)?),
         });
     }
     write_meta(meta, ops).await?;
@@ -449,7 +475,7 @@ pub async fn write_liveness(
     meta: &spheredb_raft::RaftHandle,
     record: LivenessRecord,
 ) -> Result<(), ClientError> {
-    let value = registry::encode(&record).map_err(|e| ClientError::Internal(e.to_string()))?;
+    let value = registry::encode(&record).map_err(internal)?;
     write_meta(
         meta,
         vec![WriteOp {

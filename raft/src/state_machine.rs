@@ -332,6 +332,22 @@ impl StateMachine {
         }
     }
 
+    /// The rejection of a `what` (split, merge) that expected the range at
+    /// `expected_generation` while it is at another.
+    fn stale_generation(
+        &self,
+        span: &RangeSpan,
+        expected_generation: u64,
+        what: &str,
+    ) -> Option<CommandResponse> {
+        (span.generation != expected_generation).then(|| CommandResponse::Rejected {
+            reason: format!(
+                "range {} is at generation {}, the {what} expected {expected_generation}",
+                self.range_id, span.generation
+            ),
+        })
+    }
+
     /// Splits the range at `split_key`: shrinks this span and writes the origin state of the
     /// right half's replica on this node, all in the pending batch.
     fn apply_split(
@@ -344,13 +360,8 @@ impl StateMachine {
         let Some(span) = self.applied.span.clone() else {
             return Ok(CommandResponse::OutsideSpan { span: None });
         };
-        if span.generation != expected_generation {
-            return Ok(CommandResponse::Rejected {
-                reason: format!(
-                    "range {} is at generation {}, the split expected {expected_generation}",
-                    self.range_id, span.generation
-                ),
-            });
+        if let Some(rejected) = self.stale_generation(&span, expected_generation, "split") {
+            return Ok(rejected);
         }
         if let Some(frozen) = &self.applied.frozen {
             return Ok(CommandResponse::Frozen { into: frozen.into });
@@ -438,13 +449,8 @@ impl StateMachine {
                 CommandResponse::Frozen { into: frozen.into }
             };
         }
-        if span.generation != expected_generation {
-            return CommandResponse::Rejected {
-                reason: format!(
-                    "range {} is at generation {}, the merge expected {expected_generation}",
-                    self.range_id, span.generation
-                ),
-            };
+        if let Some(rejected) = self.stale_generation(&span, expected_generation, "merge") {
+            return rejected;
         }
         if self
             .applied
@@ -481,13 +487,8 @@ impl StateMachine {
         let Some(span) = self.applied.span.clone() else {
             return Ok(CommandResponse::OutsideSpan { span: None });
         };
-        if span.generation != expected_generation {
-            return Ok(CommandResponse::Rejected {
-                reason: format!(
-                    "range {} is at generation {}, the merge expected {expected_generation}",
-                    self.range_id, span.generation
-                ),
-            });
+        if let Some(rejected) = self.stale_generation(&span, expected_generation, "merge") {
+            return Ok(rejected);
         }
         if span.end_key != right.start_key || span.end_key.is_empty() {
             return Ok(CommandResponse::Rejected {
