@@ -17,6 +17,7 @@ demo: build
 # The workspace tests include the Jepsen tester's own tests (jepsen/tests/tester.rs), which
 # partition clusters with iptables.
 test: deps jepsen-deps
+	./scripts/test-install-deps.sh
 	$(CARGO) test --workspace
 
 lint: deps
