@@ -125,8 +125,15 @@ fn apply_and_read(c: &mut Criterion) {
     db.write(batch, true).expect("write origin");
     let (events, _events_rx) =
         tokio::sync::mpsc::channel(spheredb_raft::state_machine::MAX_PENDING_RANGE_EVENTS);
-    let (mut sm, _shared) =
-        StateMachine::open(db.clone(), 1, 1, &dir.path().join("snap"), events).expect("sm");
+    let (mut sm, _shared) = StateMachine::open(
+        db.clone(),
+        1,
+        1,
+        &dir.path().join("snap"),
+        Default::default(),
+        events,
+    )
+    .expect("sm");
     let mut next_index = 1u64;
     let mut g = c.benchmark_group("state_machine");
     const ENTRIES_PER_APPLY: u64 = 64;

@@ -59,7 +59,8 @@ impl Default for ClientOptions {
 pub enum Consistency {
     /// ReadIndex: one quorum round trip per read batch.
     Linearizable,
-    /// The leader's lease: no round trip while the lease holds.
+    /// The leader's lease. Served with ReadIndex until leases are safe across follower
+    /// restarts (see docs/architecture.md, "Reads and writes").
     Lease,
 }
 
@@ -584,7 +585,8 @@ impl Client {
             match &result {
                 ClientError::InvalidArgument(_)
                 | ClientError::Corruption(_)
-                | ClientError::Internal(_) => return Err(result),
+                | ClientError::Internal(_)
+                | ClientError::ResourceExhausted(_) => return Err(result),
                 e if retry == Retry::OnlyIfNotApplied && !e.is_rejected_before_apply() => {
                     return Err(result)
                 }
@@ -719,9 +721,9 @@ impl Client {
 
     /// Applies `ops` (`(key, Some(value))` puts, `(key, None)` deletes).
     ///
-    /// Atomic when every key lies in one range. A batch whose keys span ranges is sent as one
-    /// atomic batch per range, in key order: **not atomic as a whole** until transactions
-    /// exist; if a part fails, earlier parts stay applied and the error says so.
+    /// Atomic: every key must lie in one range. A batch whose keys span ranges is refused at
+    /// once with `InvalidArgument` (nothing is written) until transactions make such batches
+    /// atomic; split it per range (`range_list` names the spans) or write key by key.
     pub async fn batch(
         &self,
         sphere: u64,
@@ -762,7 +764,26 @@ impl Client {
         self.call(
             &keys::kv_key(sphere, first),
             Retry::OnlyIfNotApplied,
-            |mut kv, header, _| async move {
+            |mut kv, header, range| async move {
+                // A stale cache may think one range holds every key; the server then answers
+                // KEY_NOT_IN_RANGE with fresh descriptors and this check runs again on them.
+                if let Some(outside) = wire_ops.iter().find(|op| {
+                    !keys::span_contains(
+                        &range.start_key,
+                        &range.end_key,
+                        &keys::kv_key(sphere, &op.key),
+                    )
+                }) {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "batch keys span more than one range (key {:?} is outside range {}, \
+                         which holds key {:?}); a batch is atomic only within one range until \
+                         transactions exist: send one batch per range (see `range list`)",
+                        String::from_utf8_lossy(&outside.key),
+                        range.range_id,
+                        String::from_utf8_lossy(first),
+                    ))
+                    .to_status());
+                }
                 kv.batch(BatchRequest {
                     header: Some(header),
                     ops: wire_ops.clone(),
@@ -794,12 +815,12 @@ impl Client {
         while (out.len() as u32) < limit {
             let want = limit - out.len() as u32;
             let cursor_ref = &cursor;
-            let (pairs, more, range_end) = self
+            let resp = self
                 .call(
                     &keys::kv_key(sphere, cursor_ref),
                     Retry::Always,
-                    |mut kv, header, range| async move {
-                        let resp = kv
+                    |mut kv, header, _| async move {
+                        Ok(kv
                             .scan(ScanRequest {
                                 header: Some(header),
                                 start: cursor_ref.clone(),
@@ -808,36 +829,23 @@ impl Client {
                                 consistency,
                             })
                             .await?
-                            .into_inner();
-                        Ok((resp.pairs, resp.more, range.end_key))
+                            .into_inner())
                     },
                 )
                 .await?;
-            let last = pairs.last().map(|kv| kv.key.clone());
-            out.extend(pairs);
-            match (more, last) {
-                (true, Some(mut last)) => {
-                    last.push(0);
-                    cursor = last;
-                }
-                _ => {
-                    // The server stops at its range's end: go on in the next range while
-                    // that lies inside the sphere and before `end`.
-                    let sphere_end = keys::kv_sphere_span(sphere).1;
-                    let request_end = if end.is_empty() {
-                        sphere_end.clone()
-                    } else {
-                        keys::kv_key(sphere, end)
-                    };
-                    if range_end.is_empty() || range_end >= request_end {
-                        break;
-                    }
-                    match keys::decode_kv_key(&range_end) {
-                        Some((s, user)) if s == sphere => cursor = user.to_vec(),
-                        _ => break,
-                    }
-                }
+            out.extend(resp.pairs);
+            if !resp.more {
+                break;
             }
+            // Resume exactly where the server stopped: the range it served may have split or
+            // merged since this client cached it, so the cached range end proves nothing.
+            if resp.resume_key <= cursor || (!end.is_empty() && resp.resume_key.as_slice() > end) {
+                return Err(ClientError::Internal(format!(
+                    "scan resumed at {:?}, outside ({cursor:?}, {end:?}]",
+                    resp.resume_key
+                )));
+            }
+            cursor = resp.resume_key;
         }
         Ok(out)
     }

@@ -46,6 +46,10 @@ pub enum ClientError {
     /// An unexpected server-side failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The node refused a write because its disk is nearly full; nothing was written. Retry
+    /// once space is freed.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
 }
 
 impl ClientError {
@@ -67,6 +71,7 @@ impl ClientError {
             ClientError::Indeterminate(_) => (ErrorCode::OutcomeUnknown, None, vec![]),
             ClientError::Corruption(_) => (ErrorCode::Corruption, None, vec![]),
             ClientError::Internal(_) => (ErrorCode::Internal, None, vec![]),
+            ClientError::ResourceExhausted(_) => (ErrorCode::ResourceExhausted, None, vec![]),
         };
         WireError {
             code: code as i32,
@@ -89,6 +94,7 @@ impl ClientError {
             ClientError::DeadlineExceeded { .. } => tonic::Code::DeadlineExceeded,
             ClientError::Corruption(_) => tonic::Code::DataLoss,
             ClientError::Internal(_) => tonic::Code::Internal,
+            ClientError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
         };
         tonic::Status::with_details(code, wire.message.clone(), wire.encode_to_vec().into())
     }
@@ -137,6 +143,7 @@ impl ClientError {
             ErrorCode::Unavailable => ClientError::Unavailable(wire.message),
             ErrorCode::Corruption => ClientError::Corruption(wire.message),
             ErrorCode::OutcomeUnknown => ClientError::Indeterminate(wire.message),
+            ErrorCode::ResourceExhausted => ClientError::ResourceExhausted(wire.message),
             ErrorCode::Internal | ErrorCode::Unknown => ClientError::Internal(wire.message),
         }
     }

@@ -16,6 +16,10 @@ pub const MAX_GRPC_MESSAGE_SIZE_BYTES: usize = MAX_BATCH_SIZE_BYTES + (1 << 20);
 pub const DEFAULT_SCAN_LIMIT: u32 = 1_000;
 /// Most rows one scan request may return.
 pub const MAX_SCAN_LIMIT: u32 = 100_000;
+/// Most key and value bytes one scan response carries; the server stops after the pair that
+/// crosses it (so one pair of the largest size always fits) and answers `more`. Well under
+/// [`MAX_GRPC_MESSAGE_SIZE_BYTES`], which a response must never exceed.
+pub const MAX_SCAN_RESPONSE_BYTES: usize = 4 << 20;
 
 /// Rejects an empty or oversized key.
 pub fn check_key(key: &[u8]) -> Result<(), ClientError> {

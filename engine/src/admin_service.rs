@@ -56,6 +56,35 @@ impl AdminService {
         AdminService { node }
     }
 
+    /// Allocates a replica id for a new replica of `replica`'s range through its log, so an
+    /// id is never handed out twice (see [`Command::AllocReplicaId`]).
+    async fn alloc_replica_id(
+        &self,
+        replica: &Replica,
+        expected_generation: u64,
+    ) -> Result<u64, ClientError> {
+        let write = replica.raft.client_write(Command::AllocReplicaId {
+            expected_generation,
+        });
+        let resp = tokio::time::timeout(Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS), write)
+            .await
+            .map_err(|_| {
+                ClientError::Indeterminate("replica id allocation did not commit in time".into())
+            })?
+            .map_err(write_error)?;
+        match resp.data {
+            CommandResponse::ReplicaId { replica_id } => Ok(replica_id),
+            CommandResponse::Rejected { reason } => Err(ClientError::StaleGeneration {
+                message: reason,
+                descriptors: self.node.descriptor(replica).into_iter().collect(),
+            }),
+            CommandResponse::Frozen { into } => Err(ClientError::Unavailable(format!(
+                "range is frozen for a merge into range {into}"
+            ))),
+            other => Err(internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
     /// Every node this node knows, from the registry when it holds the meta range.
     fn nodes(&self) -> Vec<NodeInfo> {
         let mut nodes: Vec<NodeInfo> = match self
@@ -255,8 +284,9 @@ impl AdminService {
                                     "address of node {node} not known yet"
                                 ))
                             })?;
-                        let highest = membership.nodes().map(|(id, _)| *id).max().unwrap_or(0);
-                        let rid = span.next_replica_id.max(highest + 1);
+                        let rid = self
+                            .alloc_replica_id(&replica, req.expected_generation)
+                            .await?;
                         let add = replica.raft.add_learner(
                             rid,
                             ReplicaNode {

@@ -135,6 +135,14 @@ pub struct StartArgs {
     /// Period (ms) of the node's report to the meta range; the allocator runs at this period.
     #[arg(long, env = "SPHEREDB_NODE_HEARTBEAT_INTERVAL_MS", default_value_t = config::DEFAULT_NODE_HEARTBEAT_INTERVAL_MS)]
     pub node_heartbeat_interval_ms: u64,
+    /// Free disk space (bytes) under which the node refuses client writes with
+    /// RESOURCE_EXHAUSTED, nothing written, until space is freed (0: never refuse).
+    #[arg(long, env = "SPHEREDB_DISK_RESERVE_BYTES", default_value_t = config::DEFAULT_DISK_RESERVE_BYTES)]
+    pub disk_reserve_bytes: u64,
+    /// Size (bytes) of the ballast file kept in the data directory and deleted when free
+    /// space falls under half the reserve, so the node can still compact and recover (0: none).
+    #[arg(long, env = "SPHEREDB_BALLAST_SIZE_BYTES", default_value_t = config::DEFAULT_BALLAST_SIZE_BYTES)]
+    pub ballast_size_bytes: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -432,6 +440,8 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         dead_node_timeout_ms: args.dead_node_timeout_ms,
         quiesce_after_ms: args.quiesce_after_ms,
         node_heartbeat_interval_ms: args.node_heartbeat_interval_ms,
+        disk_reserve_bytes: args.disk_reserve_bytes,
+        ballast_size_bytes: args.ballast_size_bytes,
     };
     let node = Node::start(cfg).await?;
     eprintln!(
@@ -443,6 +453,14 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        reason = node.failed() => {
+            // Fail-stop: exit non-zero without a clean shutdown, which would sync a WAL
+            // that just failed. Peers see the node as dead and replace its replicas.
+            anyhow::bail!(
+                "node {} stopped: {reason}. Check the disk and the log above, then restart it",
+                node.node_id()
+            );
+        }
     }
     eprintln!("shutting down");
     node.shutdown().await

@@ -36,6 +36,11 @@ pub const DEFAULT_QUIESCE_AFTER_MS: u64 = 3_000;
 /// Default period of the node's heartbeat to the meta-range leader.
 pub const DEFAULT_NODE_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
+/// Default free space under which a node refuses client writes (see `disk.rs`).
+pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 256 << 20;
+/// Default size of the ballast file a node keeps for recovering from a full disk.
+pub const DEFAULT_BALLAST_SIZE_BYTES: u64 = 64 << 20;
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -75,6 +80,10 @@ pub struct NodeConfig {
     /// Period of the node's heartbeat to the meta-range leader (the allocator runs at the
     /// same period).
     pub node_heartbeat_interval_ms: u64,
+    /// Free disk space under which the node refuses client writes (0: never refuse).
+    pub disk_reserve_bytes: u64,
+    /// Size of the ballast file released when the disk is nearly full (0: none).
+    pub ballast_size_bytes: u64,
 }
 
 impl NodeConfig {
@@ -98,6 +107,8 @@ impl NodeConfig {
             dead_node_timeout_ms: DEFAULT_DEAD_NODE_TIMEOUT_MS,
             quiesce_after_ms: DEFAULT_QUIESCE_AFTER_MS,
             node_heartbeat_interval_ms: DEFAULT_NODE_HEARTBEAT_INTERVAL_MS,
+            disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
+            ballast_size_bytes: DEFAULT_BALLAST_SIZE_BYTES,
         }
     }
 }

@@ -90,6 +90,8 @@ impl KvService {
     }
 
     async fn write(&self, replica: &Replica, cmd: Command) -> Result<CommandResponse, ClientError> {
+        // Refused before proposing, so nothing is written and the caller may retry.
+        self.node.disk.check_write()?;
         if ack_write_before_commit() {
             // Deliberately broken (failpoint `kv-write-ack-before-commit`, off unless
             // FAILPOINTS names it): the write is proposed in the background and reported
@@ -126,28 +128,24 @@ impl KvService {
         }
     }
 
+    /// Waits until a read on `replica` is linearizable.
+    ///
+    /// `LEASE` is served with ReadIndex, as `LINEARIZABLE` is. The pinned openraft's leader
+    /// lease is not safe to serve reads from: a follower forgets on restart that it acked the
+    /// leader (its lease promise), so it can vote for a new leader while the old one still
+    /// trusts its lease, and the lease has no clock-drift margin. A read that trusted it could
+    /// miss a write acknowledged by the new leader. ReadIndex confirms leadership with a quorum
+    /// round on every read, which costs one round trip and is always safe.
     async fn read_barrier(&self, replica: &Replica, consistency: i32) -> Result<(), ClientError> {
-        let policy = match ReadConsistency::try_from(consistency) {
-            Ok(ReadConsistency::Lease) => ReadPolicy::LeaseRead,
-            Ok(ReadConsistency::Linearizable) => ReadPolicy::ReadIndex,
+        match ReadConsistency::try_from(consistency) {
+            Ok(ReadConsistency::Lease | ReadConsistency::Linearizable) => {}
             Err(_) => {
                 return Err(ClientError::InvalidArgument(format!(
                     "unknown read consistency {consistency}"
                 )))
             }
-        };
-        let barrier = async {
-            match replica.raft.ensure_linearizable(policy.clone()).await {
-                // An expired lease is not an error for the caller: fall back to ReadIndex.
-                Err(_) if policy == ReadPolicy::LeaseRead => {
-                    replica
-                        .raft
-                        .ensure_linearizable(ReadPolicy::ReadIndex)
-                        .await
-                }
-                other => other,
-            }
-        };
+        }
+        let barrier = replica.raft.ensure_linearizable(ReadPolicy::ReadIndex);
         match tokio::time::timeout(Duration::from_millis(READ_TIMEOUT_MS), barrier).await {
             Err(_) => Err(ClientError::Unavailable(format!(
                 "could not confirm leadership within {READ_TIMEOUT_MS} ms"
@@ -299,31 +297,62 @@ impl Kv for KvService {
                     n => n,
                 };
                 if !req.end.is_empty() && req.end <= req.start {
-                    return Ok(ScanResponse {
-                        pairs: vec![],
-                        more: false,
-                    });
+                    return Ok(ScanResponse::default());
                 }
                 // Same failpoint as in `get`: stale scans from any node.
                 if !skip_read_barrier() {
                     self.read_barrier(&replica, req.consistency).await?;
                 }
                 let start = keys::kv_key(sphere, &req.start);
-                self.check_still_in_span(&replica, &start)?;
-                let mut end = if req.end.is_empty() {
+                let request_end = if req.end.is_empty() {
                     keys::kv_sphere_span(sphere).1
                 } else {
                     keys::kv_key(sphere, &req.end)
                 };
-                // One range per scan: stop at the range's end; the client goes on from there.
+                // The snapshot is taken before the span is read: a split or merge applied
+                // after the span was read cannot have changed what the snapshot holds of it.
+                let db = &self.node.db;
+                let snapshot = db.raw().snapshot();
+                self.check_still_in_span(&replica, &start)?;
+                // One range per request: stop at the range's end and say where to go on.
+                // The client resumes at exactly that key, never at its cached range's end,
+                // which a split or merge may have moved.
+                let mut end = request_end;
+                let mut clamped = false;
                 if let Some(span) = replica.shared.span() {
                     if !span.end_key.is_empty() && span.end_key < end {
                         end = span.end_key;
+                        clamped = true;
                     }
                 }
-                let (pairs, more) = scan_values(&self.node.db, &start, &end, limit as usize)
-                    .map_err(storage_error)?;
-                let pairs = pairs
+                let page = scan_values(
+                    db,
+                    &snapshot,
+                    &start,
+                    &end,
+                    limit as usize,
+                    limits::MAX_SCAN_RESPONSE_BYTES,
+                )
+                .map_err(storage_error)?;
+                drop(snapshot);
+                let resume_key = match page.resume_key {
+                    Some(key) => Some(key),
+                    None if clamped => Some(end),
+                    None => None,
+                };
+                let resume_key = match resume_key {
+                    None => None,
+                    Some(key) => match keys::decode_kv_key(&key) {
+                        Some((s, user)) if s == sphere => Some(user.to_vec()),
+                        _ => {
+                            return Err(ClientError::Internal(format!(
+                                "scan of sphere {sphere} stopped at key {key:?} outside the sphere"
+                            )))
+                        }
+                    },
+                };
+                let pairs = page
+                    .pairs
                     .into_iter()
                     .filter_map(|(k, v)| {
                         keys::decode_kv_key(&k).map(|(_, user)| KeyValue {
@@ -332,7 +361,11 @@ impl Kv for KvService {
                         })
                     })
                     .collect();
-                Ok(ScanResponse { pairs, more })
+                Ok(ScanResponse {
+                    pairs,
+                    more: resume_key.is_some(),
+                    resume_key: resume_key.unwrap_or_default(),
+                })
             }
             .await,
         )

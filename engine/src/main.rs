@@ -1,5 +1,8 @@
 use clap::Parser;
 
+/// Exit code after a panic anywhere in the process (EX_SOFTWARE).
+const PANIC_EXIT_CODE: i32 = 70;
+
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
@@ -20,6 +23,15 @@ async fn main() {
     if let Ok(spec) = std::env::var("FAILPOINTS") {
         tracing::warn!(%spec, "failpoints active");
     }
+    // Fail-stop on any panic, on any thread: a panic inside openraft's core (it panics when
+    // the monotonic clock goes backwards), the WAL syncer or a service task would otherwise
+    // leave a live process with a dead part that peers keep trusting.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("fatal: panic ({info}); the process exits");
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
     let cli = spheredb_engine::cli::Cli::parse();
     if let Err(e) = spheredb_engine::cli::run(cli).await {
         eprintln!("error: {e:#}");

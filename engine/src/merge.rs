@@ -50,6 +50,9 @@ const MOVE_TIMEOUT_MS: u64 = 60_000;
 
 /// Ranges one automatic-merge round asks to merge, at most.
 pub const MAX_MERGES_PER_ROUND: usize = 1;
+/// Automatic merges leave alone ranges with a replica on a node silent for this many node
+/// heartbeat periods (long before the node counts as dead and its replicas are replaced).
+pub const MERGE_NODE_SILENCE_HEARTBEATS: u64 = 3;
 /// Period of the automatic-merge scan while it finds nothing to merge.
 pub const MERGE_IDLE_SCAN_INTERVAL_MS: u64 = 10_000;
 
@@ -597,11 +600,15 @@ pub struct MergePolicy {
 }
 
 /// `(left, right)` neighbour pairs to merge, best (smallest together) first. A range without
-/// a load report, or in `busy`, is left alone; so is the meta range.
+/// a load report, or in `busy`, is left alone; so is the meta range, and so is a range with a
+/// replica on a node that `reachable` says is not reporting: a merge freezes the right range
+/// until every node of the left one confirms, so with a node down it would only freeze the
+/// pair (UNAVAILABLE for its keys) and undo it, again and again.
 pub fn merge_candidates(
     records: &[RangeRecord],
     loads: &HashMap<RangeId, RangeLoad>,
     span_age_ms: &dyn Fn(&RangeRecord) -> u64,
+    reachable: &dyn Fn(NodeId) -> bool,
     busy: &HashSet<RangeId>,
     policy: MergePolicy,
 ) -> Vec<(RangeId, RangeId)> {
@@ -615,6 +622,7 @@ pub fn merge_candidates(
         id != META_RANGE_ID
             && !busy.contains(&id)
             && span_age_ms(r) >= policy.min_span_age_ms
+            && r.replicas.iter().all(|x| reachable(x.node_id))
             && loads
                 .get(&id)
                 .is_some_and(|l| l.size_bytes < policy.max_size_bytes && l.qps < policy.max_qps)
@@ -706,7 +714,17 @@ fn auto_merge_candidates(shared: &NodeShared) -> std::io::Result<Vec<(RangeId, R
         min_span_age_ms: shared.cfg.range_merge_after_split_ms,
     };
     let age = |r: &RangeRecord| shared.meta.span_age_ms(&r.span);
-    let mut pairs = merge_candidates(&records, &shared.meta.loads(), &age, &busy, policy);
+    let silence_limit_ms = shared.cfg.node_heartbeat_interval_ms * MERGE_NODE_SILENCE_HEARTBEATS;
+    let reachable =
+        |node: NodeId| node == shared.node_id || shared.meta.silence_ms(node) < silence_limit_ms;
+    let mut pairs = merge_candidates(
+        &records,
+        &shared.meta.loads(),
+        &age,
+        &reachable,
+        &busy,
+        policy,
+    );
     pairs.truncate(MAX_MERGES_PER_ROUND);
     Ok(pairs)
 }
@@ -768,7 +786,14 @@ mod tests {
             (4, load(100, 0.0)),
             (5, load(100, 0.0)),
         ]);
-        let picked = merge_candidates(&ranges(), &loads, &|_| 10_000, &HashSet::new(), POLICY);
+        let picked = merge_candidates(
+            &ranges(),
+            &loads,
+            &|_| 10_000,
+            &|_| true,
+            &HashSet::new(),
+            POLICY,
+        );
         // 4+5 (200 bytes) first; 3 then pairs with 2 (700), since 4 is taken.
         assert_eq!(picked, vec![(4, 5), (2, 3)]);
     }
@@ -783,19 +808,66 @@ mod tests {
             (5, load(600, 0.0)),
         ]);
         // 1 is the meta range, 3 is hot, 4+5 are too big together.
-        let picked = merge_candidates(&ranges(), &loads, &|_| 10_000, &HashSet::new(), POLICY);
+        let picked = merge_candidates(
+            &ranges(),
+            &loads,
+            &|_| 10_000,
+            &|_| true,
+            &HashSet::new(),
+            POLICY,
+        );
         assert!(picked.is_empty(), "{picked:?}");
         let loads = HashMap::from([(2, load(10, 0.0)), (3, load(10, 0.0)), (4, load(10, 0.0))]);
         let young = |r: &RangeRecord| if r.span.range_id == 3 { 100 } else { 10_000 };
-        assert!(merge_candidates(&ranges(), &loads, &young, &HashSet::new(), POLICY).is_empty());
+        assert!(merge_candidates(
+            &ranges(),
+            &loads,
+            &young,
+            &|_| true,
+            &HashSet::new(),
+            POLICY
+        )
+        .is_empty());
         let busy = HashSet::from([3]);
-        assert!(merge_candidates(&ranges(), &loads, &|_| 10_000, &busy, POLICY).is_empty());
-        let all = merge_candidates(&ranges(), &loads, &|_| 10_000, &HashSet::new(), POLICY);
+        assert!(
+            merge_candidates(&ranges(), &loads, &|_| 10_000, &|_| true, &busy, POLICY).is_empty()
+        );
+        let all = merge_candidates(
+            &ranges(),
+            &loads,
+            &|_| 10_000,
+            &|_| true,
+            &HashSet::new(),
+            POLICY,
+        );
         assert_eq!(all, vec![(2, 3)]);
         let off = MergePolicy {
             max_size_bytes: 0,
             ..POLICY
         };
-        assert!(merge_candidates(&ranges(), &loads, &|_| 10_000, &HashSet::new(), off).is_empty());
+        assert!(merge_candidates(
+            &ranges(),
+            &loads,
+            &|_| 10_000,
+            &|_| true,
+            &HashSet::new(),
+            off
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn pairs_with_a_replica_on_a_silent_node_do_not_merge() {
+        let loads = HashMap::from([(2, load(10, 0.0)), (3, load(10, 0.0))]);
+        let node_3_down = |n: NodeId| n != 3;
+        let picked = merge_candidates(
+            &ranges(),
+            &loads,
+            &|_| 10_000,
+            &node_3_down,
+            &HashSet::new(),
+            POLICY,
+        );
+        assert!(picked.is_empty(), "{picked:?}");
     }
 }

@@ -63,7 +63,7 @@ pub const META_CALL_ATTEMPTS: usize = 6;
 
 /// The meta range's span: every system key.
 pub fn meta_span() -> (Vec<u8>, Vec<u8>) {
-    (Vec::new(), vec![keys::SQL_PREFIX])
+    (Vec::new(), vec![keys::SPHERE_PREFIX])
 }
 
 /// What a node remembers about itself across restarts.
@@ -82,6 +82,8 @@ pub struct NodeShared {
     pub db: Db,
     pub started: Instant,
     pub group_commit: GroupCommit,
+    /// Refuses client writes while the disk is nearly full.
+    pub disk: Arc<crate::disk::DiskGuard>,
     pub cfg: NodeConfig,
     pub replicas: Arc<ReplicaDirectory>,
     peers: PeerChannels,
@@ -382,6 +384,7 @@ impl NodeShared {
             range_id,
             replica_id,
             &self.snapshot_dir,
+            self.replicas.spans().clone(),
             self.events.clone(),
         )?;
         let raft = RaftHandle::new(
@@ -430,29 +433,28 @@ impl NodeShared {
         if let Err(e) = replica.raft.shutdown().await {
             tracing::warn!(range_id, "raft shutdown while destroying: {e}");
         }
-        let span = replica.shared.span().filter(|_| !keep_data);
-        let data_span = span.as_ref().and_then(|s| {
-            // Spans of initialized replicas on a node never overlap; keep the data anyway if
-            // that invariant is broken, rather than delete another range's keys.
-            match self.replicas.overlapping(s, range_id) {
-                Some(other) => {
-                    tracing::error!(
-                        range_id,
-                        other,
-                        "destroyed replica overlaps another; keeping data"
-                    );
-                    None
-                }
-                None => Some((s.start_key.clone(), s.end_key.clone())),
-            }
-        });
-        destroy_replica(&self.db, range_id, replica_id, data_span)?;
+        // What the replica owns, by the span registry: a merged-away replica owns nothing
+        // (its keys are the left range's), and no other replica owns any of these keys, so
+        // deleting them cannot touch another range's data. The claim is released only after
+        // the deletion, so no snapshot install can take the span while it is being cleared.
+        let data_span = self
+            .replicas
+            .spans()
+            .owned(range_id)
+            .filter(|_| !keep_data)
+            .map(|s| (s.start, s.end));
+        // The snapshot file goes first: a file left behind by a crash between the two steps
+        // would be installed by a later replica of this range at start-up, into a span that
+        // may belong to another range by then. (The state machine also discards a file newer
+        // than its applied state.) A failure to remove it stops the destruction here.
         let snap = self.snapshot_dir.join(format!("range-{range_id}.snap"));
         match std::fs::remove_file(&snap) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %snap.display(), "removing snapshot: {e}"),
+            Err(e) => bail!("removing snapshot {}: {e}", snap.display()),
         }
+        destroy_replica(&self.db, range_id, replica_id, data_span)?;
+        self.replicas.spans().release(range_id);
         tracing::info!(range_id, replica_id, "replica destroyed");
         Ok(())
     }
@@ -500,10 +502,27 @@ impl NodeShared {
     }
 
     /// Creates an empty replica a peer asked for, unless this node destroyed one with that id.
+    /// A running replica with a lower id was removed from the range: a node gets a new
+    /// replica id only when the range's committed membership has no replica on it (see
+    /// `AdminService::change_replicas`), so the old one is destroyed first, whatever it
+    /// believes (a removed replica that was cut off never learns of its removal).
     async fn create_missing(&self, range_id: RangeId, replica_id: ReplicaId) -> anyhow::Result<()> {
         let missing = (range_id, replica_id);
-        if self.replica(range_id).is_some() || replica_id == 0 {
+        if replica_id == 0 {
             return Ok(());
+        }
+        if let Some(existing) = self.replica(range_id) {
+            let existing_id = existing.raft.metrics().borrow_watched().id;
+            if existing_id >= replica_id {
+                return Ok(());
+            }
+            tracing::info!(
+                range_id,
+                old = existing_id,
+                new = replica_id,
+                "replacing a removed replica with the one added since"
+            );
+            self.destroy_replica(range_id, false).await?;
         }
         let floor: ReplicaId = read_state(&self.db, range_id, StateTag::Tombstone)?.unwrap_or(0);
         if replica_id < floor {
@@ -626,6 +645,8 @@ pub fn wire_descriptor(r: &RangeRecord) -> RangeDescriptor {
 /// A running node.
 pub struct Node {
     shared: Arc<NodeShared>,
+    /// The first fatal condition the health check found (see [`crate::health`]).
+    fatal: watch::Receiver<Option<String>>,
     faults: Arc<TransportFaults>,
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
@@ -832,7 +853,21 @@ impl Node {
         let node_id = identity.node_id;
         let addr = advertise;
 
+        let snapshot_dir = cfg.data_dir.join("snapshots");
+        let leftovers = spheredb_raft::state_machine::remove_snapshot_temp_files(&snapshot_dir)
+            .with_context(|| format!("cleaning {}", snapshot_dir.display()))?;
+        if leftovers > 0 {
+            tracing::info!(
+                leftovers,
+                "removed temporary snapshot files of an interrupted run"
+            );
+        }
         let group_commit = GroupCommit::start(Arc::new(db.clone()))?;
+        let disk = Arc::new(crate::disk::DiskGuard::new(
+            &cfg.data_dir,
+            cfg.disk_reserve_bytes,
+            cfg.ballast_size_bytes,
+        ));
         let faults = Arc::new(TransportFaults::default());
         // Peer connections leave from the advertised IP (when it is a concrete address) so
         // per-link network rules can tell nodes apart on one host.
@@ -858,12 +893,13 @@ impl Node {
             db: db.clone(),
             started: Instant::now(),
             group_commit,
+            disk: disk.clone(),
             raft_config: raft_config(&cfg)?,
             cfg: cfg.clone(),
             replicas: replicas.clone(),
             peers,
             events: events_tx,
-            snapshot_dir: cfg.data_dir.join("snapshots"),
+            snapshot_dir,
             known_nodes: RwLock::new(known),
             meta_leader: RwLock::new(None),
             admin_channels: Mutex::new(HashMap::new()),
@@ -911,6 +947,7 @@ impl Node {
             )
         };
 
+        let (fatal_tx, fatal_rx) = watch::channel(None);
         let loops = vec![
             tokio::spawn(events_loop(shared.clone(), events_rx, stop_rx.clone())),
             tokio::spawn(requests_loop(shared.clone(), requests_rx, stop_rx.clone())),
@@ -921,11 +958,19 @@ impl Node {
             )),
             tokio::spawn(crate::split::split_loop(shared.clone(), stop_rx.clone())),
             tokio::spawn(crate::merge::merge_loop(shared.clone(), stop_rx.clone())),
+            tokio::spawn(crate::health::health_loop(
+                shared.replicas.clone(),
+                shared.group_commit.clone(),
+                fatal_tx,
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::disk::disk_loop(disk, stop_rx.clone())),
             tokio::spawn(crate::quiesce::quiesce_loop(shared.clone(), stop_rx)),
         ];
         tracing::info!(node_id, %addr, "node serving");
         Ok(Node {
             shared,
+            fatal: fatal_rx,
             faults,
             local_addr,
             stop,
@@ -962,6 +1007,21 @@ impl Node {
     /// Transport fault injection (partition tests).
     pub fn faults(&self) -> &Arc<TransportFaults> {
         &self.faults
+    }
+
+    /// Waits until the node finds a fatal condition (a failed fsync, a Raft group stopped by
+    /// an error) and returns it. The process must then exit: see [`crate::health`].
+    pub async fn failed(&self) -> String {
+        let mut fatal = self.fatal.clone();
+        let reason = match fatal.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            // The health check ended without a verdict: the node is shutting down.
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
     }
 
     /// Stops serving, stops Raft, and syncs the WAL.

@@ -235,7 +235,7 @@ mod tests {
         let row = keys::sql_row_key(1, 1, 1, &[keys::Datum::Int(3)]);
         let mut family = row.clone();
         family.push(0xfe);
-        let s = span(&[keys::SQL_PREFIX], &[]);
+        let s = span(&[keys::SPHERE_PREFIX], &[]);
         assert_eq!(split_point(&s, &family), Some(row));
     }
 
@@ -249,8 +249,9 @@ mod tests {
                 .put_cf(db.cf(ColumnFamilyName::Data), key, [0u8; 100])
                 .unwrap();
         }
-        let size = measure_span(&db, &span(&[keys::KV_PREFIX], &[])).unwrap();
-        assert_eq!(size.size_bytes, 100 * (100 + 9 + 4));
+        let size = measure_span(&db, &span(&[keys::SPHERE_PREFIX], &[])).unwrap();
+        // value, sphere header (prefix, sphere id, kind) and user key
+        assert_eq!(size.size_bytes, 100 * (100 + 10 + 4));
         let middle = size.middle_key.unwrap();
         assert!(
             middle >= keys::kv_key(1, b"k048") && middle <= keys::kv_key(1, b"k051"),

@@ -71,6 +71,22 @@ async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
     nodes
 }
 
+/// The user range's generation, from the range list.
+async fn user_range_generation(node: &Node) -> u64 {
+    let client = Client::connect(&[node.addr()], ClientOptions::default())
+        .await
+        .unwrap();
+    client
+        .range_list()
+        .await
+        .unwrap()
+        .ranges
+        .iter()
+        .find(|d| d.range_id == common::USER_RANGE)
+        .expect("the range list names the user range")
+        .generation
+}
+
 fn local(node: &Node, sphere: u64, key: &[u8]) -> Option<Vec<u8>> {
     read_value(node.db(), &keys::kv_key(sphere, key)).unwrap()
 }
@@ -120,12 +136,36 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
     let leader_id = eventually("a leader", || async { leader_node(&nodes[0]) }).await;
     let isolated = nodes.iter().position(|n| n.node_id() == leader_id).unwrap();
     let others: Vec<usize> = (0..3).filter(|i| *i != isolated).collect();
+    let generation = user_range_generation(&nodes[isolated]).await;
     nodes[isolated]
         .faults()
         .block(others.iter().map(|i| nodes[*i].node_id()));
     for i in &others {
         nodes[*i].faults().block([nodes[isolated].node_id()]);
     }
+
+    // Nor serve a LEASE read without a quorum: leases are not trusted (see
+    // `KvService::read_barrier`), so the read waits for a ReadIndex round that cannot finish.
+    let mut raw = KvClient::connect(format!("http://{}", nodes[isolated].addr()))
+        .await
+        .unwrap();
+    let lease_read = raw
+        .get(GetRequest {
+            header: Some(Header {
+                sphere_id: 9,
+                range: Some(RangeRef {
+                    range_id: common::USER_RANGE,
+                    generation,
+                }),
+            }),
+            key: b"anything".to_vec(),
+            consistency: spheredb_client::proto::v1::ReadConsistency::Lease as i32,
+        })
+        .await;
+    assert!(
+        lease_read.is_err(),
+        "an isolated leader served a LEASE read without a quorum: {lease_read:?}"
+    );
 
     // The isolated (old) leader must not commit anything.
     let doomed = Command::Write {
@@ -290,6 +330,148 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         client.get(1, b"after").await.unwrap().as_deref(),
         Some(&b"garbage"[..])
     );
+    assert_eq!(
+        client.get(1, b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// Key `i` of the scan test, in key order.
+fn scan_key(i: u32) -> Vec<u8> {
+    format!("s{i:04}").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_with_a_stale_range_cache_scans_every_key_after_splits() {
+    const KEYS: u32 = 300;
+    const SPHERE: u64 = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(config(dir.path(), "n1", None, 1))
+        .await
+        .unwrap();
+    let addr = node.addr().to_string();
+    let stale = Client::connect(&[addr.as_str()], ClientOptions::default())
+        .await
+        .unwrap();
+    for i in 0..KEYS {
+        stale.put(SPHERE, &scan_key(i), b"v").await.unwrap();
+    }
+    // The stale client caches the one user range that holds every key.
+    assert_eq!(
+        stale.scan(SPHERE, b"", b"", 0).await.unwrap().len(),
+        KEYS as usize
+    );
+
+    // Another client splits that range twice. The stale client still believes the first
+    // range ends where the user range used to end (the end of the keyspace).
+    let admin = Client::connect(&[addr.as_str()], ClientOptions::default())
+        .await
+        .unwrap();
+    for at in [100, 200] {
+        admin
+            .split(&keys::kv_key(SPHERE, &scan_key(at)))
+            .await
+            .unwrap();
+    }
+
+    // Each range stops the scan at its own end; the client must go on from exactly there,
+    // not from the end of its cached descriptor (which skipped every key past the first split).
+    let all = stale.scan(SPHERE, b"", b"", 0).await.unwrap();
+    let got: Vec<Vec<u8>> = all.into_iter().map(|kv| kv.key).collect();
+    let want: Vec<Vec<u8>> = (0..KEYS).map(scan_key).collect();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "scan after splits returned {} keys",
+        got.len()
+    );
+    assert_eq!(got, want);
+    // Partial scans across both split points, and small pages, are exact too.
+    let part = stale
+        .scan(SPHERE, &scan_key(50), &scan_key(250), 0)
+        .await
+        .unwrap();
+    assert_eq!(part.len(), 200);
+    assert_eq!(part.first().unwrap().key, scan_key(50));
+    assert_eq!(part.last().unwrap().key, scan_key(249));
+    let page = stale.scan(SPHERE, &scan_key(95), b"", 10).await.unwrap();
+    let page: Vec<Vec<u8>> = page.into_iter().map(|kv| kv.key).collect();
+    assert_eq!(page, (95..105).map(scan_key).collect::<Vec<_>>());
+
+    // A batch across the split is refused at once, nothing written, with a clear error
+    // (it used to be retried until the deadline and end in DEADLINE_EXCEEDED).
+    let ops = vec![
+        (scan_key(10), Some(b"x".to_vec())),
+        (scan_key(150), Some(b"x".to_vec())),
+    ];
+    let err = stale.batch(SPHERE, &ops).await.unwrap_err();
+    assert!(
+        matches!(&err, spheredb_client::ClientError::InvalidArgument(m) if m.contains("more than one range")),
+        "{err}"
+    );
+    assert_eq!(
+        stale.get(SPHERE, &scan_key(10)).await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(
+        stale.get(SPHERE, &scan_key(150)).await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    // Within one range a batch still applies.
+    stale
+        .batch(
+            SPHERE,
+            &[(scan_key(110), Some(b"y".to_vec())), (scan_key(120), None)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stale.get(SPHERE, &scan_key(120)).await.unwrap(), None);
+    node.shutdown().await.unwrap();
+}
+
+/// Allocates `size_bytes` of real blocks at `path` (a file filling the disk).
+fn fill(path: &std::path::Path, size_bytes: u64) {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::create(path).unwrap();
+    // SAFETY: a valid descriptor and non-negative offsets.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size_bytes as libc::off_t) };
+    assert_eq!(
+        rc, 0,
+        "could not allocate {size_bytes} bytes for the filler file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_are_refused_while_the_disk_is_nearly_full_and_resume_by_themselves() {
+    const FILLER_BYTES: u64 = 512 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let filler = dir.path().join("filler");
+    fill(&filler, FILLER_BYTES);
+    // The reserve sits halfway into the filler: under it while the filler is there, over it
+    // (by 256 MiB, room for whatever else writes to this disk meanwhile) once it is gone.
+    let free = spheredb_engine::disk::free_bytes(dir.path()).unwrap();
+    let mut cfg = config(dir.path(), "n1", None, 1);
+    cfg.disk_reserve_bytes = free + FILLER_BYTES / 2;
+    cfg.ballast_size_bytes = 0;
+    let node = Node::start(cfg).await.unwrap();
+    let addr = node.addr().to_string();
+    let client = Client::connect(&[addr.as_str()], ClientOptions::default())
+        .await
+        .unwrap();
+    let err = client.put(1, b"k", b"v").await.unwrap_err();
+    assert!(
+        matches!(&err, spheredb_client::ClientError::ResourceExhausted(m) if m.contains("nothing was written")),
+        "{err}"
+    );
+    // Reads still work, and the refused write is not there.
+    assert_eq!(client.get(1, b"k").await.unwrap(), None);
+
+    std::fs::remove_file(&filler).unwrap();
+    eventually("writes to be accepted once space is freed", || async {
+        client.put(1, b"k", b"v").await.ok()
+    })
+    .await;
     assert_eq!(
         client.get(1, b"k").await.unwrap().as_deref(),
         Some(&b"v"[..])

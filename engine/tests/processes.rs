@@ -172,3 +172,74 @@ async fn status_and_kv_commands_work_from_the_cli() {
     assert!(!down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("is a node running there"));
 }
+
+/// Restarts node 0 of a one-node cluster with `failpoint` active, writes until the process
+/// exits by itself, and returns the acknowledged keys and how it exited.
+async fn write_until_the_node_stops(
+    cluster: &mut ProcCluster,
+    failpoint: &str,
+) -> (Vec<String>, std::process::ExitStatus) {
+    cluster.procs[0].kill9();
+    cluster.procs[0].env = vec![("FAILPOINTS".into(), failpoint.into())];
+    cluster.procs[0].spawn();
+    let client = cluster.client().await;
+    let mut acked = Vec::new();
+    // Bounded: the failpoint fires after a few hundred syncs; each write is at least one.
+    const MAX_WRITES: usize = 20_000;
+    for i in 0..MAX_WRITES {
+        let key = format!("k{i:05}");
+        if client.put(3, key.as_bytes(), b"v").await.is_ok() {
+            acked.push(key);
+        }
+        if let Some(exit) = cluster.procs[0].child.as_mut().unwrap().try_wait().unwrap() {
+            cluster.procs[0].child = None;
+            return (acked, exit);
+        }
+    }
+    panic!(
+        "the node kept running after {MAX_WRITES} writes with {failpoint}\n{}",
+        cluster.log(0)
+    );
+}
+
+/// A node whose WAL fsync fails, or whose WAL-sync thread panics, must exit non-zero with a
+/// clear message (fail-stop) instead of staying up with stopped Raft groups; what it
+/// acknowledged before is still there after a restart.
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the `failpoints` feature (cargo test --workspace turns it on)"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_fsync_fails_exits_instead_of_serving() {
+    let mut cluster = ProcCluster::start(1, FAST_ELECTIONS).await;
+    for (failpoint, says) in [
+        ("wal-sync-fail=300*off->return", "WAL fsync failed"),
+        ("wal-sync-panic=300*off->return", "failpoint wal-sync-panic"),
+    ] {
+        let (acked, exit) = write_until_the_node_stops(&mut cluster, failpoint).await;
+        let log = cluster.log(0);
+        assert!(
+            log.contains("failpoints active"),
+            "binary without failpoints:\n{log}"
+        );
+        assert!(!exit.success(), "{failpoint}: exited with {exit}\n{log}");
+        assert!(
+            log.contains(says),
+            "{failpoint}: the log does not say {says:?}\n{log}"
+        );
+        cluster.procs[0].env.clear();
+        cluster.procs[0].spawn();
+        let client = cluster.client().await;
+        for key in &acked {
+            assert_eq!(
+                client.get(3, key.as_bytes()).await.unwrap().as_deref(),
+                Some(&b"v"[..]),
+                "{failpoint}: acknowledged write {key} lost"
+            );
+        }
+        eprintln!(
+            "{failpoint}: exited with {exit} after {} acknowledged writes",
+            acked.len()
+        );
+    }
+}

@@ -53,6 +53,36 @@ pub struct GroupCommit {
     slots: Arc<Semaphore>,
     stats: Arc<GroupCommitStats>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+/// The failpoint `wal-sync-fail` (off unless FAILPOINTS names it): the next fsync fails.
+fn injected_sync_failure() -> Option<io::Error> {
+    fail::fail_point!("wal-sync-fail", |_| Some(io::Error::other(
+        "injected fsync failure (failpoint wal-sync-fail)"
+    )));
+    None
+}
+
+/// What the syncer thread does after a failed fsync: nothing more. After a failed fsync the
+/// kernel may have dropped the dirty pages and cleared the error, so a retry can "succeed"
+/// without the data on disk (PostgreSQL's fsyncgate). The failed batch is answered with the
+/// error, the queue is closed so every later append fails too, and [`GroupCommit::failure`]
+/// says why; the node then stops itself (fail-stop) rather than serve from a log it cannot
+/// trust to be durable.
+fn stop_after_failure(
+    queue: &CommitQueue<Completion>,
+    slots: &Semaphore,
+    failure: &Mutex<Option<String>>,
+    reason: String,
+) {
+    tracing::error!(%reason, "WAL sync failed; no further appends are accepted");
+    failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert(reason);
+    queue.close();
+    slots.close();
 }
 
 impl GroupCommit {
@@ -61,27 +91,54 @@ impl GroupCommit {
         let queue = Arc::new(CommitQueue::<Completion>::new(GROUP_COMMIT_QUEUE_CAPACITY));
         let slots = Arc::new(Semaphore::new(GROUP_COMMIT_QUEUE_CAPACITY));
         let stats = Arc::new(GroupCommitStats::default());
+        let failure = Arc::new(Mutex::new(None));
         let thread = {
-            let (queue, slots, stats) = (queue.clone(), slots.clone(), stats.clone());
+            let (queue, slots, stats, failure) =
+                (queue.clone(), slots.clone(), stats.clone(), failure.clone());
             std::thread::Builder::new()
                 .name("spheredb-wal-sync".into())
                 .spawn(move || {
-                    while let Some(batch) = queue.pop_batch(MAX_GROUP_COMMIT_BATCH) {
-                        let result = wal.sync_wal();
-                        stats.syncs.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .completions
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        let n = batch.len();
-                        for done in batch {
-                            done(match &result {
-                                Ok(()) => Ok(()),
-                                Err(e) => {
-                                    Err(io::Error::new(e.kind(), format!("WAL sync failed: {e}")))
-                                }
-                            });
+                    // A panic here would leave every waiting append hanging: record it, so
+                    // the node stops itself, and refuse further appends.
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        while let Some(batch) = queue.pop_batch(MAX_GROUP_COMMIT_BATCH) {
+                            fail::fail_point!("wal-sync-panic", |_| panic!(
+                                "failpoint wal-sync-panic"
+                            ));
+                            let result =
+                                injected_sync_failure().map_or_else(|| wal.sync_wal(), Err);
+                            stats.syncs.fetch_add(1, Ordering::Relaxed);
+                            stats
+                                .completions
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            let n = batch.len();
+                            for done in batch {
+                                done(match &result {
+                                    Ok(()) => Ok(()),
+                                    Err(e) => Err(io::Error::new(
+                                        e.kind(),
+                                        format!("WAL sync failed: {e}"),
+                                    )),
+                                });
+                            }
+                            slots.add_permits(n);
+                            if let Err(e) = result {
+                                stop_after_failure(
+                                    &queue,
+                                    &slots,
+                                    &failure,
+                                    format!("WAL fsync failed: {e}"),
+                                );
+                            }
                         }
-                        slots.add_permits(n);
+                    });
+                    if std::panic::catch_unwind(run).is_err() {
+                        stop_after_failure(
+                            &queue,
+                            &slots,
+                            &failure,
+                            "the WAL sync thread panicked".into(),
+                        );
                     }
                 })?
         };
@@ -90,16 +147,32 @@ impl GroupCommit {
             slots,
             stats,
             thread: Arc::new(Mutex::new(Some(thread))),
+            failure,
         })
+    }
+
+    /// Why the group commit stopped accepting appends (a failed fsync or a panic of its
+    /// thread), if it did. The node treats this as fatal.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Queues `done` to run after the next WAL sync. Waits while the queue is full.
     pub async fn submit(&self, done: Completion) -> io::Result<()> {
-        let slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| io::Error::other("group commit is shut down"))?;
+        let slot = match self.slots.acquire().await {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Closed by shutdown or after a failed fsync: every callback is answered.
+                let why = self
+                    .failure()
+                    .unwrap_or_else(|| "group commit is shut down".into());
+                done(Err(io::Error::other(why.clone())));
+                return Err(io::Error::other(why));
+            }
+        };
         slot.forget();
         match self.queue.try_push(done) {
             Ok(()) => Ok(()),
@@ -234,6 +307,46 @@ mod tests {
         .await
         .unwrap();
         assert!(rx.await.unwrap().is_err());
+        // Fail-stop: no append is accepted after a failed fsync (a retried fsync can report
+        // success for pages the kernel already dropped), and the failure is reported.
+        assert!(gc.failure().is_some_and(|f| f.contains("disk on fire")));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        assert!(gc
+            .submit(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))
+            .await
+            .is_err());
+        assert!(rx.await.unwrap().is_err());
+        gc.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_sync_thread_is_reported_and_refuses_appends() {
+        struct PanickingWal;
+        impl WalSync for PanickingWal {
+            fn sync_wal(&self) -> io::Result<()> {
+                panic!("sync thread bug");
+            }
+        }
+        let gc = GroupCommit::start(Arc::new(PanickingWal)).unwrap();
+        let (tx, _rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
+        gc.submit(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))
+        .await
+        .unwrap();
+        for _ in 0..500 {
+            if gc.failure().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            gc.failure().as_deref(),
+            Some("the WAL sync thread panicked")
+        );
+        assert!(gc.submit(Box::new(|_| {})).await.is_err());
         gc.shutdown();
     }
 }

@@ -187,21 +187,38 @@ impl LogStore {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
+/// `[start, end_exclusive)` of a range of log indexes.
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end_exclusive = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end_exclusive)
+}
+
+/// Most bytes of stored log entries one replication message carries. Reading stops after the
+/// entry that crosses it, so a message holds at most this plus one entry (an entry is at most
+/// one client batch, `MAX_BATCH_SIZE_BYTES` plus framing): far under
+/// `network::MAX_RAFT_MESSAGE_SIZE_BYTES`, so a lagging follower is caught up in bounded steps
+/// instead of one message that fails to encode and is retried forever.
+pub const MAX_APPEND_SIZE_BYTES: usize = 8 << 20;
+
+impl LogStore {
+    /// Reads entries `[start, end_exclusive)` in order, stopping after the entry that brings
+    /// their stored size to `max_bytes` (`usize::MAX`: no byte bound). Checks that indexes are
+    /// contiguous and every checksum holds.
+    fn read_entries(
+        &self,
+        start: u64,
+        end_exclusive: u64,
+        max_bytes: usize,
     ) -> Result<Vec<Entry>, io::Error> {
-        let start = match range.start_bound() {
-            Bound::Included(&s) => s,
-            Bound::Excluded(&s) => s.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let end_exclusive = match range.end_bound() {
-            Bound::Included(&e) => e.saturating_add(1),
-            Bound::Excluded(&e) => e,
-            Bound::Unbounded => u64::MAX,
-        };
         if start >= end_exclusive {
             return Ok(Vec::new());
         }
@@ -215,8 +232,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
         );
         let mut entries = Vec::new();
         let mut expected = start;
+        let mut size_bytes = 0usize;
         for item in iter {
+            if size_bytes >= max_bytes {
+                break;
+            }
             let (key, value) = item.map_err(io::Error::other)?;
+            size_bytes += value.len();
             let Some(index) = log_key_index(self.range_id, &key) else {
                 break;
             };
@@ -237,6 +259,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
             entries.push(entry);
         }
         Ok(entries)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let (start, end_exclusive) = bounds(&range);
+        self.read_entries(start, end_exclusive, usize::MAX)
+    }
+
+    /// Replication reads through here: at most [`MAX_APPEND_SIZE_BYTES`] (and never nothing
+    /// for a non-empty range, as openraft requires).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.read_entries(start, end, MAX_APPEND_SIZE_BYTES)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -358,6 +400,34 @@ mod tests {
         let db = Db::open(dir, &DbOptions::default()).unwrap();
         let gc = GroupCommit::start(Arc::new(db.clone())).unwrap();
         (db, gc)
+    }
+
+    #[tokio::test]
+    async fn replication_reads_stop_at_the_byte_budget_but_never_return_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, gc) = open(dir.path());
+        let mut store = LogStore::new(db, 7, gc);
+        // Five entries of 3 MiB each: 15 MiB in all, over the 8 MiB budget.
+        let big = |index| {
+            Entry::new_normal(
+                log_id(1, index),
+                crate::Command::Write {
+                    ops: vec![crate::WriteOp {
+                        key: vec![1, index as u8],
+                        value: Some(vec![7; 3 << 20]),
+                    }],
+                },
+            )
+        };
+        append(&mut store, (1..=5).map(big).collect()).await;
+        let limited = store.limited_get_log_entries(1, 6).await.unwrap();
+        let indexes: Vec<u64> = limited.iter().map(|e| e.log_id.index).collect();
+        // The third entry crosses 8 MiB and is the last one sent.
+        assert_eq!(indexes, vec![1, 2, 3]);
+        let rest = store.limited_get_log_entries(4, 6).await.unwrap();
+        assert_eq!(rest.len(), 2);
+        // Reads that must be complete are not bounded.
+        assert_eq!(store.try_get_log_entries(1..6).await.unwrap().len(), 5);
     }
 
     #[tokio::test]

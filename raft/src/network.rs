@@ -28,10 +28,11 @@ use spheredb_client::proto::raft::{RaftMessage, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::spans::SpanRegistry;
 use crate::state_machine::{snapshot_merged, snapshot_span, ReplicaShared};
 use crate::types::{
-    NodeId, RaftHandle, RangeId, RangeSpan, ReplicaId, ReplicaNode, SnapshotData, SnapshotMeta,
-    TypeConfig, Vote,
+    NodeId, RaftHandle, RangeId, ReplicaId, ReplicaNode, SnapshotData, SnapshotMeta, TypeConfig,
+    Vote,
 };
 
 /// Largest Raft message sent or accepted, in bytes. Bounds one AppendEntries batch.
@@ -481,6 +482,8 @@ pub enum ReplicaRequest {
 pub struct ReplicaDirectory {
     replicas: RwLock<HashMap<RangeId, Arc<Replica>>>,
     requests: tokio::sync::mpsc::Sender<ReplicaRequest>,
+    /// Which replica owns which keys; see [`SpanRegistry`].
+    spans: Arc<SpanRegistry>,
 }
 
 impl ReplicaDirectory {
@@ -489,7 +492,13 @@ impl ReplicaDirectory {
         ReplicaDirectory {
             replicas: RwLock::new(HashMap::new()),
             requests,
+            spans: Arc::default(),
         }
+    }
+
+    /// The node's span registry, the one owner of which replica owns which keys.
+    pub fn spans(&self) -> &Arc<SpanRegistry> {
+        &self.spans
     }
 
     /// The replica of `range_id`.
@@ -538,14 +547,6 @@ impl ReplicaDirectory {
             .max_by(|(a, _), (b, _)| a.start_key.cmp(&b.start_key))
             .map(|(_, r)| r)
     }
-
-    /// A replica other than `range_id` whose span overlaps `span`.
-    pub fn overlapping(&self, span: &RangeSpan, range_id: RangeId) -> Option<RangeId> {
-        self.all().into_iter().find_map(|r| {
-            let id = r.shared.range_id;
-            (id != range_id && r.shared.span().is_some_and(|s| s.overlaps(span))).then_some(id)
-        })
-    }
 }
 
 /// Receives Raft traffic for every range on this node.
@@ -573,8 +574,23 @@ impl RaftService {
         }
         match self.replicas.get(range_id) {
             Some(r) => {
-                r.touch();
-                Ok(r.raft.clone())
+                let here = r.raft.metrics().borrow_watched().id;
+                if here == to_replica || to_replica == 0 {
+                    r.touch();
+                    return Ok(r.raft.clone());
+                }
+                if here < to_replica {
+                    // The replica here was removed from the range and a new one added on this
+                    // node since; the old one must not answer for the new one (it would ack
+                    // appends it was never meant to hold). The node replaces it.
+                    let _ = self.replicas.requests.try_send(ReplicaRequest::Create {
+                        range_id,
+                        replica_id: to_replica,
+                    });
+                }
+                Err(Status::unavailable(format!(
+                    "range {range_id} has replica {here} on this node, not replica {to_replica}"
+                )))
             }
             None => {
                 // The node creates the replica in the background; the sender retries. A full
@@ -666,6 +682,12 @@ impl RaftTransport for RaftService {
             .get(msg.range_id)
             .ok_or_else(|| Status::not_found(format!("range {} is not here", msg.range_id)))?;
         let metrics = replica.raft.metrics().borrow_watched().clone();
+        if metrics.id != msg.to_replica {
+            return Err(Status::not_found(format!(
+                "range {} has replica {} on this node, not replica {}",
+                msg.range_id, metrics.id, msg.to_replica
+            )));
+        }
         if metrics.vote != vote || metrics.last_log_index != last_log_index {
             return Err(Status::failed_precondition(
                 "follower is not in step with the leader; not quiescing",
@@ -706,42 +728,57 @@ impl RaftTransport for RaftService {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
         let raft = self.raft(range_id, from_node, to_replica)?;
-        // Installing clears the snapshot's span. While another replica here still covers part
-        // of it (a parent that has not applied its split yet, a removed replica not yet
-        // destroyed), that replica could later write over the installed data: refuse, and
-        // let the sender retry.
+        // Installing clears the snapshot's span, so the span is reserved first: refused while
+        // another range here claims part of it (a parent that has not applied its split yet,
+        // a removed replica not yet destroyed, another install in flight), and the sender
+        // retries. The reservation is the only way a replica gains keys.
         let span = snapshot_span(&data).map_err(|e| Status::data_loss(e.to_string()))?;
-        if let Some(span) = &span {
-            if let Some(other) = self.replicas.overlapping(span, range_id) {
-                // A replica frozen for a merge into this range that the snapshot's state says
-                // has happened: the node stops that replica and the sender's retry installs.
-                // (A span that merely covers it proves nothing: an old snapshot from before
-                // the right range split off covers it too.)
-                let subsumed = match self.replicas.get(other).and_then(|r| r.shared.frozen()) {
-                    Some(f) if f.into == range_id => snapshot_merged(&data, other, f)
-                        .map_err(|e| Status::data_loss(e.to_string()))?,
-                    _ => false,
-                };
-                if subsumed {
-                    let _ = self.replicas.requests.try_send(ReplicaRequest::Subsume {
-                        range_id: other,
-                        by: range_id,
-                    });
+        let reservation = match &span {
+            None => None,
+            Some(span) => match self.replicas.spans().reserve(range_id, span) {
+                Ok(r) => Some(r),
+                Err(conflict) => {
+                    let other = conflict.other;
+                    // A replica frozen for a merge into this range that the snapshot's state
+                    // says has happened: the node stops that replica and the sender's retry
+                    // installs. (A span that merely covers it proves nothing: an old snapshot
+                    // from before the right range split off covers it too.)
+                    let subsumed = match self.replicas.get(other).and_then(|r| r.shared.frozen()) {
+                        Some(f) if f.into == range_id && other != range_id => {
+                            snapshot_merged(&data, other, f)
+                                .map_err(|e| Status::data_loss(e.to_string()))?
+                        }
+                        _ => false,
+                    };
+                    if subsumed {
+                        let _ = self.replicas.requests.try_send(ReplicaRequest::Subsume {
+                            range_id: other,
+                            by: range_id,
+                        });
+                    }
+                    return Err(Status::unavailable(format!("{conflict}; retry later")));
                 }
-                return Err(Status::unavailable(format!(
-                    "snapshot of range {range_id} overlaps range {other} on this node; retry later"
-                )));
-            }
-        }
-        let resp = raft
-            .install_full_snapshot(
-                vote,
-                Snapshot {
-                    meta,
-                    snapshot: data,
-                },
-            )
+            },
+        };
+        // openraft installs on its own task and answers when done. The install runs in a task
+        // that holds the reservation, so a caller that gives up (timeout, closed stream) does
+        // not free the span while the install is still queued.
+        let install = tokio::spawn(async move {
+            let result = raft
+                .install_full_snapshot(
+                    vote,
+                    Snapshot {
+                        meta,
+                        snapshot: data,
+                    },
+                )
+                .await;
+            drop(reservation);
+            result
+        });
+        let resp = install
             .await
+            .map_err(|e| Status::internal(format!("snapshot install task failed: {e}")))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(range_id, &resp)
     }

@@ -20,6 +20,7 @@ use spheredb_storage::{record, ColumnFamilyName, Db, StorageError};
 use crate::layout::{state_key, StateTag};
 use crate::log_store::{decode_record, encode_record, read_state};
 use crate::registry;
+use crate::spans::{SpanChange, SpanRegistry};
 use crate::types::{
     Command, CommandResponse, LogId, Membership, MergeFreeze, RangeId, RangeRecord, RangeSpan,
     ReplicaId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
@@ -169,6 +170,8 @@ struct PendingApply {
     batch: WriteBatch,
     overlay: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
     events: Vec<RangeEvent>,
+    /// Keys this batch moves between ranges (splits, merges), for the span registry.
+    span_changes: Vec<SpanChange>,
     responders: Vec<(
         openraft::storage::ApplyResponder<TypeConfig>,
         CommandResponse,
@@ -184,9 +187,12 @@ struct AppliedState {
     span: Option<RangeSpan>,
     /// Set while the range is frozen for a merge into its left neighbour.
     frozen: Option<MergeFreeze>,
-    /// The last merge applied: a snapshot older than this must not be sent, since a replica
-    /// replaying the merge from it would not have the right-hand side's data.
-    last_merge: Option<LogId>,
+    /// No snapshot older than this may be sent or kept as current: set by every split and
+    /// merge applied (a replica replaying a merge from an older snapshot would lack the right
+    /// side's data; one replaying a split would carry the old, wider span) and by every
+    /// snapshot installed (the file is written after the database, so a crash in between
+    /// leaves an older file behind). `get_current_snapshot` builds a fresh one instead.
+    snapshot_floor: Option<LogId>,
     /// The last merges applied, newest last: how an abort learns that a merge happened even
     /// after the span changed again.
     recent_merges: Vec<AppliedMerge>,
@@ -233,25 +239,53 @@ pub fn read_value(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> 
     db.get_record(ColumnFamilyName::Data, key)
 }
 
-/// Reads up to `limit` pairs with `start <= key < end` (empty `end`: unbounded). The boolean
-/// is true when more pairs remain.
+/// Where a bounded scan stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The pairs read, in key order.
+    pub pairs: Vec<KvPair>,
+    /// `Some(key)` when a limit cut the scan short: the rest starts at `key` (inclusive).
+    pub resume_key: Option<Vec<u8>>,
+}
+
+/// Reads the pairs with `start <= key < end` (empty `end`: unbounded) from `snapshot`, up
+/// to `max_pairs` pairs and `max_bytes` bytes of keys and values (the pair that crosses
+/// `max_bytes` is included, so every page makes progress). Verifies every checksum.
 pub fn scan_values(
     db: &Db,
+    snapshot: &rocksdb::Snapshot<'_>,
     start: &[u8],
     end: &[u8],
-    limit: usize,
-) -> Result<(Vec<KvPair>, bool), StorageError> {
-    let iter = db.iter_span(ColumnFamilyName::Data, start, end);
-    let mut out = Vec::new();
+    max_pairs: usize,
+    max_bytes: usize,
+) -> Result<ScanPage, StorageError> {
+    let mut opts = ReadOptions::default();
+    if !end.is_empty() {
+        opts.set_iterate_upper_bound(end.to_vec());
+    }
+    let iter = snapshot.iterator_cf_opt(
+        db.cf(ColumnFamilyName::Data),
+        opts,
+        IteratorMode::From(start, Direction::Forward),
+    );
+    let mut pairs: Vec<KvPair> = Vec::new();
+    let mut size_bytes = 0usize;
     for item in iter {
         let (k, v) = item?;
-        if out.len() == limit {
-            return Ok((out, true));
+        if pairs.len() >= max_pairs || size_bytes >= max_bytes {
+            return Ok(ScanPage {
+                pairs,
+                resume_key: Some(k.to_vec()),
+            });
         }
         let value = record::decode("data", &v)?.to_vec();
-        out.push((k.to_vec(), value));
+        size_bytes += k.len() + value.len();
+        pairs.push((k.to_vec(), value));
     }
-    Ok((out, false))
+    Ok(ScanPage {
+        pairs,
+        resume_key: None,
+    })
 }
 
 /// The state machine of one range.
@@ -262,23 +296,41 @@ pub struct StateMachine {
     replica_id: ReplicaId,
     applied: AppliedState,
     snapshot_dir: PathBuf,
+    /// Last log id of the newest snapshot file this replica wrote (shared by its handles).
+    newest_snapshot_file: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+    /// The node's span registry: the only way this replica gains or drops keys.
+    spans: Arc<SpanRegistry>,
     shared: Arc<ReplicaShared>,
     events: tokio::sync::mpsc::Sender<RangeEvent>,
 }
 
 impl StateMachine {
-    /// Opens the state machine of `range_id` (its span comes from its applied state).
+    /// Opens the state machine of `range_id` (its span comes from its applied state) and
+    /// claims that span in `spans`; a span another local replica claims is refused.
     /// Returns it with the state it shares with the node.
     pub fn open(
         db: Db,
         range_id: RangeId,
         replica_id: ReplicaId,
         snapshot_dir: &Path,
+        spans: Arc<SpanRegistry>,
         events: tokio::sync::mpsc::Sender<RangeEvent>,
     ) -> io::Result<(StateMachine, Arc<ReplicaShared>)> {
         std::fs::create_dir_all(snapshot_dir)?;
         let applied: AppliedState =
             read_state(&db, range_id, StateTag::Applied)?.unwrap_or_default();
+        spans
+            .open(
+                range_id,
+                applied.span.as_ref(),
+                applied.frozen.map(|f| f.into),
+            )
+            .map_err(|conflict| {
+                io::Error::from(StorageError::corruption(
+                    "replica spans",
+                    format!("{conflict}: two local replicas own the same keys"),
+                ))
+            })?;
         let shared = Arc::new(ReplicaShared::new(range_id, &applied));
         Ok((
             StateMachine {
@@ -287,6 +339,8 @@ impl StateMachine {
                 replica_id,
                 applied,
                 snapshot_dir: snapshot_dir.to_path_buf(),
+                newest_snapshot_file: Arc::default(),
+                spans,
                 shared: shared.clone(),
                 events,
             },
@@ -423,6 +477,10 @@ impl StateMachine {
             write_range_origin(&self.db, &mut pending.batch, &right, membership)?;
         }
         self.applied.span = Some(left.clone());
+        pending.span_changes.push(SpanChange::SplitChild {
+            child: new_range_id,
+            span: right.clone(),
+        });
         pending.events.push(RangeEvent::Split {
             parent: self.range_id,
             child: new_range_id,
@@ -562,6 +620,9 @@ impl StateMachine {
         if self.applied.recent_merges.len() > MAX_RECENT_MERGES {
             self.applied.recent_merges.remove(0);
         }
+        pending.span_changes.push(SpanChange::MergedAway {
+            right: right.range_id,
+        });
         pending.events.push(RangeEvent::Merged {
             left: self.range_id,
             right: right.range_id,
@@ -719,6 +780,37 @@ impl StateMachine {
                 let first = registry::alloc_range_ids(&self.db, &mut pending.batch, count)?;
                 Ok(CommandResponse::RangeIds { first, count })
             }
+            Command::AllocReplicaId {
+                expected_generation,
+            } => {
+                if let Some(frozen) = &self.applied.frozen {
+                    return Ok(CommandResponse::Frozen { into: frozen.into });
+                }
+                let Some(span) = self.applied.span.as_mut() else {
+                    return Ok(CommandResponse::OutsideSpan { span: None });
+                };
+                if span.generation != expected_generation {
+                    return Ok(CommandResponse::Rejected {
+                        reason: format!(
+                            "range {} is at generation {}, the replica id allocation expected {expected_generation}",
+                            self.range_id, span.generation
+                        ),
+                    });
+                }
+                // Above every member too, for ranges whose ids were allocated before this
+                // command existed.
+                let highest = self
+                    .applied
+                    .membership
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .max()
+                    .unwrap_or(0);
+                let replica_id = span.next_replica_id.max(highest + 1);
+                span.next_replica_id = replica_id + 1;
+                Ok(CommandResponse::ReplicaId { replica_id })
+            }
         }
     }
 
@@ -761,6 +853,14 @@ impl StateMachine {
         let mut taken = std::mem::take(pending);
         self.put_applied(&mut taken.batch)?;
         self.db.write(taken.batch, false).map_err(io::Error::from)?;
+        // Written: the keys this batch moved change owners now, before anyone can see the
+        // new span (a split's right half is claimed for its child before the child starts).
+        self.spans.after_apply(
+            self.range_id,
+            self.applied.span.as_ref(),
+            self.applied.frozen.map(|f| f.into),
+            &taken.span_changes,
+        );
         self.shared.set_applied(&self.applied);
         for event in taken.events {
             // The node is gone only when it shuts down; nothing is left to start then.
@@ -780,6 +880,8 @@ impl StateMachine {
             replica_id: self.replica_id,
             applied: self.applied.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
+            newest_snapshot_file: self.newest_snapshot_file.clone(),
+            spans: self.spans.clone(),
             shared: self.shared.clone(),
             events: self.events.clone(),
         }
@@ -817,30 +919,110 @@ impl StateMachine {
         Ok(stored)
     }
 
+    /// Makes `snap` the range's snapshot file, unless a newer one was written meanwhile (a
+    /// slow build racing an install must not roll the file back). Each writer has its own
+    /// temporary file; the rename is atomic and the directory is synced after it.
     fn write_snapshot_file(&self, snap: &StoredSnapshot) -> io::Result<()> {
         let bytes = encode_record(snap)?;
+        let mut newest = self
+            .newest_snapshot_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if newest.is_some_and(|n| n > snap.meta.last_log_id) {
+            tracing::debug!(
+                range_id = self.range_id,
+                "a newer snapshot file exists; not replacing it"
+            );
+            return Ok(());
+        }
         let path = self.snapshot_path();
-        let tmp = path.with_extension("snap.tmp");
-        {
+        let tmp = self.snapshot_dir.join(format!(
+            "range-{}.snap.tmp.{}",
+            self.range_id,
+            SNAPSHOT_TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.snapshot_dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.snapshot_dir)?.sync_all()
+        written?;
+        *newest = Some(snap.meta.last_log_id);
+        Ok(())
     }
 
+    fn remove_snapshot_file(&self) -> io::Result<()> {
+        let mut newest = self
+            .newest_snapshot_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match std::fs::remove_file(self.snapshot_path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        *newest = None;
+        Ok(())
+    }
+
+    /// The range's snapshot file, if any. A file that fails its checksum is moved aside
+    /// (`.corrupt`) and reported, and the range goes on without it: the file is a copy of
+    /// what the database holds, and a fresh one is built when one is needed. (It used to stop
+    /// the whole node from starting.)
     fn read_snapshot_file(&self) -> io::Result<Option<StoredSnapshot>> {
-        match std::fs::read(self.snapshot_path()) {
-            Ok(bytes) => {
-                decode_record(&format!("snapshot of range {}", self.range_id), &bytes).map(Some)
+        let path = self.snapshot_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match decode_record::<StoredSnapshot>(
+            &format!("snapshot of range {}", self.range_id),
+            &bytes,
+        ) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let aside = path.with_extension("snap.corrupt");
+                tracing::error!(
+                    range_id = self.range_id,
+                    moved_to = %aside.display(),
+                    "snapshot file is corrupt ({e}); moved aside, a fresh one is built when needed"
+                );
+                std::fs::rename(&path, &aside)?;
+                Ok(None)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 }
+
+/// Removes the temporary files of snapshot writers a crash interrupted. Call before any
+/// replica of the node starts.
+pub fn remove_snapshot_temp_files(snapshot_dir: &Path) -> io::Result<usize> {
+    let entries = match std::fs::read_dir(snapshot_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().contains(".snap.tmp") {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Numbers the temporary files of snapshot writers, so no two writers share one.
+static SNAPSHOT_TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Splits one length-prefixed field off the front of `rest`.
 fn take_field<'a>(rest: &mut &'a [u8]) -> io::Result<&'a [u8]> {
@@ -951,8 +1133,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // These read the database directly or change the range: apply them alone.
                     self.flush(&mut pending).await?;
                     let r = self.apply_command(&mut pending, cmd)?;
-                    if matches!(r, CommandResponse::MergeDone { .. }) {
-                        self.applied.last_merge = Some(entry.log_id);
+                    if matches!(
+                        r,
+                        CommandResponse::MergeDone { .. } | CommandResponse::SplitDone { .. }
+                    ) {
+                        self.applied.snapshot_floor = Some(entry.log_id);
                     }
                     self.applied.last_applied = Some(entry.log_id);
                     pending.responders.extend(responder.map(|x| (x, r)));
@@ -1000,9 +1185,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             },
             pairs,
         ) = parse_snapshot(&snapshot)?;
+        // The node admitted this snapshot only with a reservation of its span; an install
+        // without one (not through the transport) reserves now. Either way no other local
+        // replica claims any of these keys while they are replaced.
+        if let Some(span) = &span {
+            self.spans
+                .begin_install(self.range_id, span)
+                .map_err(|conflict| {
+                    io::Error::other(format!("refusing snapshot install: {conflict}"))
+                })?;
+        }
         let mut batch = WriteBatch::default();
-        // Clear the snapshot's span, then load its pairs, in one atomic batch. The node
-        // admits a snapshot only when no other replica here overlaps its span.
+        // Clear the snapshot's span, then load its pairs, in one atomic batch.
         let (start, end) = match &span {
             Some(s) => (s.start_key.clone(), s.end_key.clone()),
             None => self.span_bounds(),
@@ -1021,12 +1215,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
             span,
             frozen,
-            // The installed snapshot is the current one, so no older one can be sent.
-            last_merge: None,
+            // The file is written after this batch; until it is, an older file must not be
+            // taken for the current snapshot.
+            snapshot_floor: meta.last_log_id,
             recent_merges,
         };
         self.put_applied(&mut batch)?;
         self.db.write(batch, true).map_err(io::Error::from)?;
+        self.spans.commit_install(
+            self.range_id,
+            self.applied.span.as_ref(),
+            self.applied.frozen.map(|f| f.into),
+        );
         self.shared.set_applied(&self.applied);
         self.write_snapshot_file(&StoredSnapshot {
             meta: meta.clone(),
@@ -1040,14 +1240,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         &mut self,
     ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
         let mut stored = self.read_snapshot_file()?;
-        let predates_merge = |s: &StoredSnapshot| {
-            self.applied
-                .last_merge
-                .is_some_and(|m| s.meta.last_log_id.is_none_or(|l| l < m))
-        };
-        if stored.as_ref().is_none_or(predates_merge) && self.applied.last_merge.is_some() {
-            // A replica starting from a snapshot older than a merge would replay the merge
-            // without the right-hand side's data: send a fresh one.
+        let applied = self.applied.last_applied;
+        if stored
+            .as_ref()
+            .is_some_and(|s| s.meta.last_log_id > applied)
+        {
+            // Never legitimate: installs write the database before the file and builds read
+            // the applied state from the snapshot they export. Such a file is a leftover of a
+            // replica destroyed mid-way (its span may belong to another range by now);
+            // installing it would overwrite that range's keys.
+            tracing::warn!(
+                range_id = self.range_id,
+                file = ?stored.as_ref().map(|s| s.meta.last_log_id),
+                ?applied,
+                "discarding a snapshot file newer than the applied state"
+            );
+            self.remove_snapshot_file()?;
+            stored = None;
+        }
+        let floor = self.applied.snapshot_floor;
+        let predates_floor =
+            |s: &StoredSnapshot| floor.is_some_and(|f| s.meta.last_log_id.is_none_or(|l| l < f));
+        if stored.as_ref().is_none_or(predates_floor) && floor.is_some() {
+            // A replica starting from a snapshot older than a split, merge or install would
+            // replay from the wrong state: send a fresh one.
             let sm = self.handle();
             let fresh = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
                 .await
@@ -1097,7 +1313,7 @@ mod tests {
         write_range_origin(db, &mut batch, s, membership()).unwrap();
         db.write(batch, true).unwrap();
         let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
-        StateMachine::open(db.clone(), s.range_id, 1, dir, events)
+        StateMachine::open(db.clone(), s.range_id, 1, dir, Arc::default(), events)
             .unwrap()
             .0
     }
@@ -1127,6 +1343,147 @@ mod tests {
             left_generation,
             expected_generation: 5,
         }
+    }
+
+    fn stored_at(sm: &StateMachine, index: u64) -> StoredSnapshot {
+        let mut log_id = range_origin_log_id();
+        log_id.index = index;
+        StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(log_id),
+                last_membership: sm.applied.membership.clone(),
+            },
+            data: index.to_le_bytes().to_vec(),
+        }
+    }
+
+    fn file_index(sm: &StateMachine) -> Option<u64> {
+        sm.read_snapshot_file()
+            .unwrap()
+            .and_then(|s| s.meta.last_log_id)
+            .map(|l| l.index)
+    }
+
+    #[test]
+    fn replica_ids_are_allocated_through_the_log_and_never_handed_out_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let mut sm = open(&db, dir.path(), &span(LEFT, b"a", b"z", 1));
+        let alloc = |sm: &mut StateMachine, generation| {
+            apply(
+                sm,
+                Command::AllocReplicaId {
+                    expected_generation: generation,
+                },
+            )
+        };
+        // Member 1 exists and the span says 2 is next. An id allocated for an add that was
+        // then discarded (never reached the membership) is not handed out again: the leader's
+        // view of the membership alone would have offered 2 twice.
+        assert_eq!(
+            alloc(&mut sm, 1),
+            CommandResponse::ReplicaId { replica_id: 2 }
+        );
+        assert_eq!(
+            alloc(&mut sm, 1),
+            CommandResponse::ReplicaId { replica_id: 3 }
+        );
+        assert!(matches!(
+            alloc(&mut sm, 7),
+            CommandResponse::Rejected { .. }
+        ));
+        // The allocation is persisted with the applied state.
+        drop(sm);
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let (mut sm, _) =
+            StateMachine::open(db.clone(), LEFT, 1, dir.path(), Arc::default(), events).unwrap();
+        assert_eq!(
+            alloc(&mut sm, 1),
+            CommandResponse::ReplicaId { replica_id: 4 }
+        );
+    }
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_file_and_writers_leave_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let snaps = dir.path().join("snapshots");
+        let sm = open(&db, &snaps, &span(LEFT, b"a", b"z", 1));
+        sm.write_snapshot_file(&stored_at(&sm, 20)).unwrap();
+        // A slow build that read an older state finishes after an install: ignored.
+        sm.handle()
+            .write_snapshot_file(&stored_at(&sm, 10))
+            .unwrap();
+        assert_eq!(file_index(&sm), Some(20));
+        sm.write_snapshot_file(&stored_at(&sm, 30)).unwrap();
+        assert_eq!(file_index(&sm), Some(30));
+        let names: Vec<String> = std::fs::read_dir(&snaps)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![format!("range-{LEFT}.snap")]);
+        // Leftovers of an interrupted writer are removed at start-up.
+        std::fs::write(snaps.join(format!("range-{LEFT}.snap.tmp.7")), b"half").unwrap();
+        assert_eq!(remove_snapshot_temp_files(&snaps).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn corrupt_and_leftover_snapshot_files_are_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let snaps = dir.path().join("snapshots");
+        let mut sm = open(&db, &snaps, &span(LEFT, b"a", b"z", 1));
+        apply(&mut sm, put(b"k"));
+
+        // A file newer than the applied state is a leftover of a replica destroyed mid-way:
+        // discarded, not installed over whatever owns its span now.
+        sm.write_snapshot_file(&stored_at(&sm, 1_000)).unwrap();
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
+        assert_eq!(file_index(&sm), None);
+
+        // A corrupt file is moved aside instead of failing (it used to stop the node).
+        let built = sm.build_snapshot_blocking().unwrap();
+        let path = sm.snapshot_path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
+        assert!(path.with_extension("snap.corrupt").exists());
+
+        // Once a snapshot was installed (or a split or merge applied), an older file is not
+        // current: a fresh one is built from the database.
+        sm.applied.snapshot_floor = built.meta.last_log_id;
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
+        assert_eq!(current.snapshot, built.data);
+    }
+
+    #[test]
+    fn scans_stop_at_the_pair_or_byte_limit_and_resume_at_the_next_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut batch = WriteBatch::default();
+        for i in 0..10u8 {
+            db.batch_put_record(&mut batch, ColumnFamilyName::Data, &[1, i], &[i; 100]);
+        }
+        db.write(batch, false).unwrap();
+        let snap = db.raw().snapshot();
+        let page = scan_values(&db, &snap, &[1], &[2], 4, usize::MAX).unwrap();
+        assert_eq!(page.pairs.len(), 4);
+        assert_eq!(page.resume_key, Some(vec![1, 4]));
+        // 250 bytes: the third pair crosses the budget and is the last one returned.
+        let page = scan_values(&db, &snap, &[1, 2], &[2], 100, 250).unwrap();
+        assert_eq!(page.pairs.len(), 3);
+        assert_eq!(page.resume_key, Some(vec![1, 5]));
+        // A budget smaller than one pair still returns that pair.
+        let page = scan_values(&db, &snap, &[1, 9], &[2], 100, 1).unwrap();
+        assert_eq!(page.pairs.len(), 1);
+        assert_eq!(page.resume_key, None);
+        // The end bound is exclusive and ends the scan without a resume key.
+        let page = scan_values(&db, &snap, &[1, 0], &[1, 3], 100, usize::MAX).unwrap();
+        assert_eq!(page.pairs.len(), 3);
+        assert_eq!(page.resume_key, None);
     }
 
     #[test]

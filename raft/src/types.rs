@@ -175,6 +175,11 @@ pub enum Command {
         right: RangeSpan,
         left_generation: u64,
     },
+    /// Allocate a replica id for a replica about to be added, if the range is still at
+    /// `expected_generation`. Ids are allocated through the log, never from a leader's view of
+    /// the membership: an add that is proposed and then discarded (leader change) must not
+    /// free its id for another replica, which would make two replicas answer to one id.
+    AllocReplicaId { expected_generation: u64 },
 }
 
 /// A range frozen for a merge into its left neighbour.
@@ -234,6 +239,10 @@ pub enum CommandResponse {
         merged: bool,
         span: Box<RangeSpan>,
     },
+    /// A newly allocated replica id.
+    ReplicaId {
+        replica_id: ReplicaId,
+    },
     /// The command could not be applied; nothing was written.
     Rejected {
         reason: String,
@@ -252,6 +261,7 @@ impl Command {
                 | Command::Thaw { .. }
                 | Command::Merge { .. }
                 | Command::AbortMerge { .. }
+                | Command::AllocReplicaId { .. }
         )
     }
 }
@@ -271,6 +281,7 @@ impl std::fmt::Display for Command {
             Command::AbortMerge { right, .. } => {
                 write!(f, "abort-merge(range {})", right.range_id)
             }
+            Command::AllocReplicaId { .. } => write!(f, "alloc-replica-id"),
         }
     }
 }

@@ -13,7 +13,18 @@ use rocksdb::{
     Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use crate::{record, StorageError};
+use crate::{keys, record, StorageError};
+
+/// Version of everything this build writes to a data directory: key layout, record framing,
+/// applied-state and snapshot encodings. A directory written with another version is refused
+/// at open, naming both versions, instead of being misread.
+///
+/// History: 1 = kind-major keys, no version record (directories without the record);
+/// 2 = sphere-major keys (`keys::KEY_LAYOUT_VERSION` 2), versioned snapshots.
+pub const DATA_FORMAT_VERSION: u32 = 2;
+/// Key of the format-version record in `raft_state`; its length (14 bytes) differs from every
+/// Raft state key (9 bytes), so the two never collide.
+const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
 /// The column families of a node's database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +89,17 @@ impl std::fmt::Debug for Db {
 
 impl Db {
     /// Opens (creating if missing) the database under `dir`.
+    ///
+    /// A new database is stamped with [`DATA_FORMAT_VERSION`]; an existing one must carry the
+    /// same version, or the open fails with [`StorageError::IncompatibleFormat`].
     pub fn open(dir: &Path, opts: &DbOptions) -> Result<Db, StorageError> {
+        Self::open_with(dir, opts, true)
+    }
+
+    fn open_with(dir: &Path, opts: &DbOptions, check_version: bool) -> Result<Db, StorageError> {
         std::fs::create_dir_all(dir)?;
+        // RocksDB writes CURRENT when it creates a database: its absence means a new one.
+        let is_new = !dir.join("CURRENT").exists();
         let cache = rocksdb::Cache::new_lru_cache(opts.block_cache_size_bytes);
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&cache);
@@ -98,10 +118,57 @@ impl Db {
             ColumnFamilyDescriptor::new(name.as_str(), cf)
         });
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        Ok(Db {
+        let db = Db {
             inner: Arc::new(db),
             path: dir.to_path_buf(),
-        })
+        };
+        if is_new {
+            db.stamp_format_version(DATA_FORMAT_VERSION)?;
+        } else if check_version {
+            db.check_format_version(dir)?;
+        }
+        Ok(db)
+    }
+
+    /// Records `version` as this database's format version (synced).
+    fn stamp_format_version(&self, version: u32) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        self.batch_put_record(
+            &mut batch,
+            ColumnFamilyName::RaftState,
+            FORMAT_VERSION_KEY,
+            &version.to_le_bytes(),
+        );
+        self.write(batch, true)
+    }
+
+    fn check_format_version(&self, dir: &Path) -> Result<(), StorageError> {
+        let found = match self.get_record(ColumnFamilyName::RaftState, FORMAT_VERSION_KEY)? {
+            // Written before format versions existed.
+            None => 1,
+            Some(raw) => {
+                let bytes: [u8; 4] = raw.as_slice().try_into().map_err(|_| {
+                    StorageError::corruption(
+                        "format version",
+                        format!("record of {} bytes, expected 4", raw.len()),
+                    )
+                })?;
+                u32::from_le_bytes(bytes)
+            }
+        };
+        if found != DATA_FORMAT_VERSION {
+            return Err(StorageError::IncompatibleFormat {
+                dir: dir.display().to_string(),
+                found,
+                supported: DATA_FORMAT_VERSION,
+            });
+        }
+        debug_assert_eq!(
+            keys::KEY_LAYOUT_VERSION,
+            2,
+            "a new key layout needs a new format"
+        );
+        Ok(())
     }
 
     /// Directory of the database.
@@ -200,6 +267,38 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_of_another_format_version_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+            db.stamp_format_version(DATA_FORMAT_VERSION + 1).unwrap();
+        }
+        let unchecked = || Db::open_with(dir.path(), &DbOptions::default(), false).unwrap();
+        let err = Db::open(dir.path(), &DbOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("format version {}", DATA_FORMAT_VERSION + 1))
+                && msg.contains(&format!("reads format version {DATA_FORMAT_VERSION}")),
+            "{msg}"
+        );
+        // A directory from before format versions (no record) is version 1.
+        {
+            let db = unchecked();
+            db.raw()
+                .delete_cf(db.cf(ColumnFamilyName::RaftState), FORMAT_VERSION_KEY)
+                .unwrap();
+        }
+        let msg = Db::open(dir.path(), &DbOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("format version 1"), "{msg}");
+        // A new directory is stamped and opens again.
+        let fresh = tempfile::tempdir().unwrap();
+        drop(Db::open(fresh.path(), &DbOptions::default()).unwrap());
+        Db::open(fresh.path(), &DbOptions::default()).unwrap();
+    }
 
     #[test]
     fn records_survive_reopen_and_corruption_is_typed() {

@@ -12,6 +12,17 @@ pub enum StorageError {
     #[cfg(feature = "rocksdb")]
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
+    /// The data directory was written with another on-disk format version.
+    #[error(
+        "data directory {dir} has format version {found}, but this build reads format version \
+         {supported} only; start this build with an empty data directory (and re-add the node \
+         to its cluster), or run a build of format version {found}"
+    )]
+    IncompatibleFormat {
+        dir: String,
+        found: u32,
+        supported: u32,
+    },
     /// A file system operation failed.
     #[error("io: {0}")]
     Io(#[from] io::Error),
@@ -36,7 +47,7 @@ impl From<StorageError> for io::Error {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Io(e) => e,
-            StorageError::Corruption { .. } => {
+            StorageError::Corruption { .. } | StorageError::IncompatibleFormat { .. } => {
                 io::Error::new(io::ErrorKind::InvalidData, e.to_string())
             }
             #[cfg(feature = "rocksdb")]

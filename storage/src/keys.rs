@@ -4,10 +4,15 @@
 //! map to value ranges. Layout (see DESIGN.md, "Keys"):
 //!
 //! ```text
-//! 0x00 <name>                                                  system keys
-//! 0x01 sphere_id:u64be table_id:u32be index_id:u32be <pk>      SQL rows (pk memcomparable)
-//! 0x02 sphere_id:u64be <user key bytes>                        raw KV keyspace of a sphere
+//! 0x00 <name>                                                       system keys
+//! 0x01 sphere_id:u64be 0x01 table_id:u32be index_id:u32be <pk>      SQL rows (pk memcomparable)
+//! 0x01 sphere_id:u64be 0x02 <user key bytes>                        raw KV keyspace of a sphere
 //! ```
+//!
+//! The sphere id comes right after the prefix, so all of a sphere's data (every table and its
+//! raw KV keys) is one contiguous span, [`sphere_span`]: feeds, placement, hibernation and
+//! access control each deal with one span per sphere. Changing this layout changes
+//! [`KEY_LAYOUT_VERSION`], which is part of the data directory's format version.
 //!
 //! ```
 //! use spheredb_storage::keys;
@@ -15,16 +20,50 @@
 //! let b = keys::kv_key(7, b"banana");
 //! assert!(a < b);
 //! assert_eq!(keys::decode_kv_key(&a).unwrap(), (7, &b"apple"[..]));
+//! let (start, end) = keys::sphere_span(7);
+//! let row = keys::sql_row_key(7, 1, 1, &[keys::Datum::Int(1)]);
+//! assert!(keys::span_contains(&start, &end, &a) && keys::span_contains(&start, &end, &row));
 //! ```
 
 use crate::StorageError;
 
+/// Version of the key layout below; 2 is sphere-major (1 put the kind before the sphere).
+pub const KEY_LAYOUT_VERSION: u32 = 2;
 /// Prefix of system keys (descriptors, node registry, catalog).
 pub const SYSTEM_PREFIX: u8 = 0x00;
-/// Prefix of SQL row keys.
-pub const SQL_PREFIX: u8 = 0x01;
-/// Prefix of a sphere's raw key-value keyspace.
-pub const KV_PREFIX: u8 = 0x02;
+/// Prefix of every key that belongs to a sphere (SQL rows and raw KV keys).
+pub const SPHERE_PREFIX: u8 = 0x01;
+/// Byte after the sphere id that marks a SQL row or index entry.
+pub const SQL_KIND: u8 = 0x01;
+/// Byte after the sphere id that marks a raw KV key.
+pub const KV_KIND: u8 = 0x02;
+/// Length of `SPHERE_PREFIX sphere_id kind`, the header of every sphere key.
+const SPHERE_HEADER_LEN: usize = 10;
+/// Length of a SQL row key's header: sphere header, table id and index id.
+const SQL_HEADER_LEN: usize = SPHERE_HEADER_LEN + 8;
+
+fn sphere_header(sphere_id: u64, kind: u8, capacity: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(capacity);
+    k.push(SPHERE_PREFIX);
+    k.extend_from_slice(&sphere_id.to_be_bytes());
+    k.push(kind);
+    k
+}
+
+/// The half-open span `[start, end)` holding all of `sphere_id`'s data: its SQL rows and its
+/// raw KV keys.
+pub fn sphere_span(sphere_id: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut start = Vec::with_capacity(9);
+    start.push(SPHERE_PREFIX);
+    start.extend_from_slice(&sphere_id.to_be_bytes());
+    let end = prefix_end(&start);
+    (start, end)
+}
+
+/// The span of every sphere's data: everything but system keys.
+pub fn all_spheres_span() -> (Vec<u8>, Vec<u8>) {
+    (vec![SPHERE_PREFIX], prefix_end(&[SPHERE_PREFIX]))
+}
 
 /// Encodes a system key.
 pub fn system_key(name: &[u8]) -> Vec<u8> {
@@ -36,21 +75,19 @@ pub fn system_key(name: &[u8]) -> Vec<u8> {
 
 /// Encodes a raw KV key of `sphere_id`.
 pub fn kv_key(sphere_id: u64, user_key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + user_key.len());
-    k.push(KV_PREFIX);
-    k.extend_from_slice(&sphere_id.to_be_bytes());
+    let mut k = sphere_header(sphere_id, KV_KIND, SPHERE_HEADER_LEN + user_key.len());
     k.extend_from_slice(user_key);
     k
 }
 
 /// Splits a raw KV key into `(sphere_id, user_key)`; `None` if it is not a raw KV key.
 pub fn decode_kv_key(key: &[u8]) -> Option<(u64, &[u8])> {
-    if key.len() < 9 || key[0] != KV_PREFIX {
+    if key.len() < SPHERE_HEADER_LEN || key[0] != SPHERE_PREFIX || key[9] != KV_KIND {
         return None;
     }
     let mut sphere = [0u8; 8];
     sphere.copy_from_slice(&key[1..9]);
-    Some((u64::from_be_bytes(sphere), &key[9..]))
+    Some((u64::from_be_bytes(sphere), &key[SPHERE_HEADER_LEN..]))
 }
 
 /// The half-open span `[start, end)` holding every raw KV key of `sphere_id`.
@@ -97,9 +134,7 @@ const TERMINATOR: u8 = 0x01;
 
 /// Encodes a SQL row key.
 pub fn sql_row_key(sphere_id: u64, table_id: u32, index_id: u32, pk: &[Datum]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17 + pk.len() * 9);
-    k.push(SQL_PREFIX);
-    k.extend_from_slice(&sphere_id.to_be_bytes());
+    let mut k = sphere_header(sphere_id, SQL_KIND, SQL_HEADER_LEN + pk.len() * 9);
     k.extend_from_slice(&table_id.to_be_bytes());
     k.extend_from_slice(&index_id.to_be_bytes());
     for d in pk {
@@ -120,13 +155,13 @@ pub struct SqlRowKey {
 /// Decodes a key produced by [`sql_row_key`].
 pub fn decode_sql_row_key(key: &[u8]) -> Result<SqlRowKey, StorageError> {
     let bad = |d: &str| StorageError::corruption("sql row key", d.to_string());
-    if key.len() < 17 || key[0] != SQL_PREFIX {
-        return Err(bad("missing SQL prefix or header"));
+    if !is_sql_key(key) {
+        return Err(bad("missing sphere prefix, SQL kind or header"));
     }
     let sphere_id = u64::from_be_bytes(key[1..9].try_into().map_err(|_| bad("sphere id"))?);
-    let table_id = u32::from_be_bytes(key[9..13].try_into().map_err(|_| bad("table id"))?);
-    let index_id = u32::from_be_bytes(key[13..17].try_into().map_err(|_| bad("index id"))?);
-    let mut rest = &key[17..];
+    let table_id = u32::from_be_bytes(key[10..14].try_into().map_err(|_| bad("table id"))?);
+    let index_id = u32::from_be_bytes(key[14..18].try_into().map_err(|_| bad("index id"))?);
+    let mut rest = &key[SQL_HEADER_LEN..];
     let mut pk = Vec::new();
     while !rest.is_empty() {
         let (d, used) = decode_datum(rest).ok_or_else(|| bad("malformed pk column"))?;
@@ -139,6 +174,11 @@ pub fn decode_sql_row_key(key: &[u8]) -> Result<SqlRowKey, StorageError> {
         index_id,
         pk,
     })
+}
+
+/// True when `key` has a SQL row key's prefix and full header.
+fn is_sql_key(key: &[u8]) -> bool {
+    key.len() >= SQL_HEADER_LEN && key[0] == SPHERE_PREFIX && key[9] == SQL_KIND
 }
 
 fn encode_datum(out: &mut Vec<u8>, d: &Datum) {
@@ -219,10 +259,10 @@ fn decode_datum(input: &[u8]) -> Option<(Datum, usize)> {
 /// trailing part that is not a column, such as a column-family suffix, is cut off); a raw
 /// KV or system key is its own row.
 pub fn row_prefix(key: &[u8]) -> &[u8] {
-    if key.first() != Some(&SQL_PREFIX) || key.len() < 17 {
+    if !is_sql_key(key) {
         return key;
     }
-    let mut end = 17;
+    let mut end = SQL_HEADER_LEN;
     while end < key.len() {
         match decode_datum(&key[end..]) {
             Some((_, used)) if used > 0 => end += used,
@@ -285,6 +325,10 @@ mod tests {
             let (start, end) = kv_sphere_span(sphere);
             prop_assert!(span_contains(&start, &end, &kv_key(sphere, &key)));
             prop_assert!(!span_contains(&start, &end, &kv_key(sphere + 1, &key)));
+            let (start, end) = sphere_span(sphere);
+            prop_assert!(span_contains(&start, &end, &kv_key(sphere, &key)));
+            prop_assert!(span_contains(&start, &end, &sql_row_key(sphere, 1, 1, &[Datum::Bytes(key.clone())])));
+            prop_assert!(!span_contains(&start, &end, &sql_row_key(sphere + 1, 0, 0, &[])));
         }
 
         #[test]
@@ -305,11 +349,46 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_order_system_before_sql_before_kv() {
+    fn prefixes_order_system_before_spheres_and_sql_before_kv_within_a_sphere() {
         assert!(system_key(b"\xFF\xFF") < sql_row_key(0, 0, 0, &[]));
-        assert!(
-            sql_row_key(u64::MAX, u32::MAX, u32::MAX, &[Datum::Text("z".into())]) < kv_key(0, b"")
-        );
+        assert!(sql_row_key(7, u32::MAX, u32::MAX, &[Datum::Text("z".into())]) < kv_key(7, b""));
+        // Sphere-major: every key of sphere 7 sorts before any key of sphere 8.
+        assert!(kv_key(7, b"\xFF\xFF\xFF") < sql_row_key(8, 0, 0, &[]));
+    }
+
+    #[test]
+    fn a_spheres_sql_rows_and_kv_keys_are_one_span() {
+        let (start, end) = sphere_span(7);
+        let (kv_start, kv_end) = kv_sphere_span(7);
+        assert!(start <= kv_start && kv_end <= end);
+        for key in [
+            sql_row_key(7, 0, 0, &[]),
+            sql_row_key(7, u32::MAX, u32::MAX, &[Datum::Text("zz".into())]),
+            kv_key(7, b""),
+            kv_key(7, &[0xFF; 16]),
+        ] {
+            assert!(span_contains(&start, &end, &key), "{key:?}");
+        }
+        for key in [
+            kv_key(6, &[0xFF; 4]),
+            sql_row_key(8, 0, 0, &[]),
+            system_key(b"x"),
+        ] {
+            assert!(!span_contains(&start, &end, &key), "{key:?}");
+        }
+        let (all_start, all_end) = all_spheres_span();
+        assert!(span_contains(
+            &all_start,
+            &all_end,
+            &kv_key(u64::MAX, &[0xFF; 4])
+        ));
+        assert!(!span_contains(&all_start, &all_end, &system_key(b"\xFF")));
+    }
+
+    #[test]
+    fn a_kv_key_is_not_a_sql_key_and_the_other_way_round() {
+        assert!(decode_kv_key(&sql_row_key(1, 2, 3, &[Datum::Int(1)])).is_none());
+        assert!(decode_sql_row_key(&kv_key(1, b"0123456789abcdef")).is_err());
     }
 
     #[test]

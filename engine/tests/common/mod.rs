@@ -84,6 +84,8 @@ pub struct Proc {
     pub data_dir: PathBuf,
     pub addr: String,
     pub child: Option<Child>,
+    /// Environment variables the process starts with (e.g. FAILPOINTS).
+    pub env: Vec<(String, String)>,
     extra_args: Vec<String>,
     log: PathBuf,
 }
@@ -110,6 +112,7 @@ impl ProcCluster {
             data_dir,
             addr,
             child: None,
+            env: Vec::new(),
             extra_args: args,
             log,
         };
@@ -203,6 +206,7 @@ impl Proc {
                 "SPHEREDB_LOG",
                 std::env::var("SPHEREDB_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

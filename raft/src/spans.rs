@@ -1,0 +1,460 @@
+//! The node's span registry: the one owner of "which local replica owns which keys".
+//!
+//! Every range on a node shares one data column family, so a replica owns keys only through
+//! its span. **Invariant: no two ranges' claims on this node overlap** — a claim being a
+//! range's owned span (its applied span, once it has one) or a placeholder for a snapshot
+//! install in flight. The registry checks and changes claims under one lock, so the check
+//! and the change are atomic; nothing else on the node decides ownership:
+//!
+//! - a replica opened from disk claims its applied span ([`SpanRegistry::open`]);
+//! - a snapshot install first reserves its span ([`SpanRegistry::reserve`]; CockroachDB's
+//!   placeholders), refused while any other range claims a key of it, and owns it once the
+//!   install is written ([`SpanRegistry::commit_install`]);
+//! - a split shrinks the parent and hands the right half to the child in one step, a merge
+//!   hands the right range's span to the left one ([`SpanRegistry::after_apply`]);
+//! - a destroyed replica's claim goes only after its keys are deleted
+//!   ([`SpanRegistry::release`]).
+//!
+//! A replica frozen for a merge into range L whose claim meets L's is the right-hand side of
+//! a merge L already applied (L's span covers R's only after the merge): R's claim yields.
+//!
+//! Owns: claims. Must not: touch the database or Raft; callers do that around these calls.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::types::{RangeId, RangeSpan};
+
+/// A half-open key span `[start, end)`; an empty `end` is unbounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpan {
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+}
+
+impl KeySpan {
+    fn of(span: &RangeSpan) -> KeySpan {
+        KeySpan {
+            start: span.start_key.clone(),
+            end: span.end_key.clone(),
+        }
+    }
+
+    fn overlaps(&self, other: &KeySpan) -> bool {
+        let below_other_end = other.end.is_empty() || self.start < other.end;
+        let above_other_start = self.end.is_empty() || other.start < self.end;
+        below_other_end && above_other_start
+    }
+}
+
+/// A claim refused because another range on this node claims part of the span.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("range {range_id} cannot claim {span:?} on this node: range {other} claims part of it")]
+pub struct SpanConflict {
+    pub range_id: RangeId,
+    pub span: KeySpan,
+    /// The range whose claim is in the way.
+    pub other: RangeId,
+}
+
+/// How a split or merge just applied moves keys between ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpanChange {
+    /// The applying range split off `child`, whose replica on this node owns `span` now.
+    SplitChild { child: RangeId, span: RangeSpan },
+    /// The applying range took over `right`'s keys.
+    MergedAway { right: RangeId },
+}
+
+#[derive(Debug, Default)]
+struct Claim {
+    owned: Option<KeySpan>,
+    /// A snapshot install in flight, with the token of its reservation.
+    placeholder: Option<(u64, KeySpan)>,
+    /// The range this one is frozen into for a merge, if any.
+    frozen_into: Option<RangeId>,
+}
+
+impl Claim {
+    fn spans(&self) -> impl Iterator<Item = &KeySpan> {
+        self.owned
+            .iter()
+            .chain(self.placeholder.as_ref().map(|(_, s)| s))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Claims {
+    by_range: HashMap<RangeId, Claim>,
+}
+
+impl Claims {
+    /// The first range other than `range_id` whose claim overlaps `span`.
+    fn conflict(&self, range_id: RangeId, span: &KeySpan) -> Option<RangeId> {
+        self.by_range.iter().find_map(|(id, claim)| {
+            (*id != range_id && claim.spans().any(|s| s.overlaps(span))).then_some(*id)
+        })
+    }
+
+    /// Asserts the invariant (debug builds): no two ranges' claims overlap. Sorts the spans
+    /// by start and sweeps, so it stays cheap with thousands of ranges.
+    fn check(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let mut all: Vec<(&KeySpan, RangeId)> = self
+            .by_range
+            .iter()
+            .flat_map(|(id, claim)| claim.spans().map(move |s| (s, *id)))
+            .collect();
+        all.sort_by(|a, b| a.0.start.cmp(&b.0.start));
+        // The span reaching furthest so far, and whose it is.
+        let mut furthest: Option<(&KeySpan, RangeId)> = None;
+        for (span, id) in all {
+            if let Some((reach, owner)) = furthest {
+                assert!(
+                    owner == id || !reach.overlaps(span),
+                    "span registry: ranges {owner} and {id} both claim keys of {span:?}"
+                );
+                let further =
+                    !reach.end.is_empty() && (span.end.is_empty() || span.end > reach.end);
+                if !further {
+                    continue;
+                }
+            }
+            furthest = Some((span, id));
+        }
+    }
+}
+
+/// The node's span registry (see the module comment).
+#[derive(Debug, Default)]
+pub struct SpanRegistry {
+    claims: Mutex<Claims>,
+    next_token: AtomicU64,
+}
+
+/// A snapshot install's hold on its span; dropping it before the install commits gives the
+/// span back.
+#[derive(Debug)]
+pub struct Reservation {
+    registry: Arc<SpanRegistry>,
+    range_id: RangeId,
+    token: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut claims = self.registry.lock();
+        if let Some(claim) = claims.by_range.get_mut(&self.range_id) {
+            if claim
+                .placeholder
+                .as_ref()
+                .is_some_and(|(t, _)| *t == self.token)
+            {
+                claim.placeholder = None;
+            }
+            if claim.owned.is_none() && claim.placeholder.is_none() {
+                claims.by_range.remove(&self.range_id);
+            }
+        }
+    }
+}
+
+impl SpanRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a replica opened from disk with its applied `span` (none: an empty replica,
+    /// which claims nothing until a snapshot). A replica frozen into a range whose claim meets
+    /// its span was merged already and claims nothing; a claim of a range frozen into this
+    /// one yields to it. Any other overlap is refused.
+    pub fn open(
+        &self,
+        range_id: RangeId,
+        span: Option<&RangeSpan>,
+        frozen_into: Option<RangeId>,
+    ) -> Result<(), SpanConflict> {
+        let Some(span) = span else {
+            return Ok(());
+        };
+        let key_span = KeySpan::of(span);
+        let mut claims = self.lock();
+        while let Some(other) = claims.conflict(range_id, &key_span) {
+            let other_frozen_into = claims.by_range.get(&other).and_then(|c| c.frozen_into);
+            if frozen_into == Some(other) {
+                // Merged into `other` already: this replica's keys are `other`'s.
+                return Ok(());
+            }
+            if other_frozen_into == Some(range_id) {
+                claims.by_range.remove(&other);
+                continue;
+            }
+            return Err(SpanConflict {
+                range_id,
+                span: key_span,
+                other,
+            });
+        }
+        let claim = claims.by_range.entry(range_id).or_default();
+        claim.owned = Some(key_span);
+        claim.frozen_into = frozen_into;
+        claims.check();
+        Ok(())
+    }
+
+    /// Reserves `span` for a snapshot install of `range_id`: refused while another range
+    /// claims part of it, or while another install of `range_id` is in flight. The range's
+    /// own current span does not count (an install replaces it).
+    pub fn reserve(
+        self: &Arc<Self>,
+        range_id: RangeId,
+        span: &RangeSpan,
+    ) -> Result<Reservation, SpanConflict> {
+        let key_span = KeySpan::of(span);
+        let mut claims = self.lock();
+        let in_flight = claims
+            .by_range
+            .get(&range_id)
+            .is_some_and(|c| c.placeholder.is_some());
+        if in_flight {
+            return Err(SpanConflict {
+                range_id,
+                span: key_span,
+                other: range_id,
+            });
+        }
+        if let Some(other) = claims.conflict(range_id, &key_span) {
+            return Err(SpanConflict {
+                range_id,
+                span: key_span,
+                other,
+            });
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        claims.by_range.entry(range_id).or_default().placeholder = Some((token, key_span));
+        claims.check();
+        Ok(Reservation {
+            registry: self.clone(),
+            range_id,
+            token,
+        })
+    }
+
+    /// Called by an install right before it writes `span`'s keys: the range must hold a
+    /// reservation of exactly `span`, or the span must be free (then it is reserved now, for
+    /// installs that do not come through the transport).
+    pub fn begin_install(&self, range_id: RangeId, span: &RangeSpan) -> Result<(), SpanConflict> {
+        let key_span = KeySpan::of(span);
+        let mut claims = self.lock();
+        let reserved = claims
+            .by_range
+            .get(&range_id)
+            .and_then(|c| c.placeholder.as_ref())
+            .is_some_and(|(_, s)| *s == key_span);
+        if reserved {
+            return Ok(());
+        }
+        if let Some(other) = claims.conflict(range_id, &key_span) {
+            return Err(SpanConflict {
+                range_id,
+                span: key_span,
+                other,
+            });
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        claims.by_range.entry(range_id).or_default().placeholder = Some((token, key_span));
+        claims.check();
+        Ok(())
+    }
+
+    /// Called once an install of `span` is written: the range owns `span` (and nothing else).
+    pub fn commit_install(
+        &self,
+        range_id: RangeId,
+        span: Option<&RangeSpan>,
+        frozen_into: Option<RangeId>,
+    ) {
+        let mut claims = self.lock();
+        match span {
+            Some(span) => {
+                let claim = claims.by_range.entry(range_id).or_default();
+                claim.owned = Some(KeySpan::of(span));
+                claim.placeholder = None;
+                claim.frozen_into = frozen_into;
+            }
+            None => {
+                claims.by_range.remove(&range_id);
+            }
+        }
+        claims.check();
+    }
+
+    /// Called by a range's apply right after it wrote a batch: the range now owns its applied
+    /// `span`, and `changes` (splits, merges) move keys to or from other ranges, all in one
+    /// step. A range without a claim (merged away, or destroyed) gains none here.
+    pub fn after_apply(
+        &self,
+        range_id: RangeId,
+        span: Option<&RangeSpan>,
+        frozen_into: Option<RangeId>,
+        changes: &[SpanChange],
+    ) {
+        let mut claims = self.lock();
+        if !claims.by_range.contains_key(&range_id) {
+            return;
+        }
+        for change in changes {
+            if let SpanChange::MergedAway { right } = change {
+                claims.by_range.remove(right);
+            }
+        }
+        let new_owned = span.map(KeySpan::of);
+        let unchanged = changes.is_empty()
+            && claims
+                .by_range
+                .get(&range_id)
+                .is_some_and(|c| c.owned == new_owned && c.frozen_into == frozen_into);
+        if unchanged {
+            // The common case (plain writes): nothing to change or check.
+            return;
+        }
+        if let Some(claim) = claims.by_range.get_mut(&range_id) {
+            claim.owned = new_owned;
+            claim.frozen_into = frozen_into;
+        }
+        for change in changes {
+            if let SpanChange::SplitChild { child, span } = change {
+                let claim = claims.by_range.entry(*child).or_default();
+                claim.owned = Some(KeySpan::of(span));
+            }
+        }
+        claims.check();
+    }
+
+    /// What `range_id` owns on this node (what destroying its replica may delete).
+    pub fn owned(&self, range_id: RangeId) -> Option<KeySpan> {
+        self.lock()
+            .by_range
+            .get(&range_id)
+            .and_then(|c| c.owned.clone())
+    }
+
+    /// Drops `range_id`'s claim. Call only after its keys were deleted (or handed over).
+    pub fn release(&self, range_id: RangeId) {
+        self.lock().by_range.remove(&range_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(range_id: RangeId, start: &[u8], end: &[u8]) -> RangeSpan {
+        RangeSpan {
+            range_id,
+            start_key: start.to_vec(),
+            end_key: end.to_vec(),
+            generation: 1,
+            next_replica_id: 1,
+        }
+    }
+
+    #[test]
+    fn overlapping_snapshot_installs_cannot_both_be_admitted() {
+        let spans = Arc::new(SpanRegistry::default());
+        // A pre-split snapshot of P = [a, z) and a snapshot of its right half R = [m, z)
+        // reach an empty node together: only the first is admitted.
+        let p = spans.reserve(2, &span(2, b"a", b"z")).unwrap();
+        let err = spans.reserve(3, &span(3, b"m", b"z")).unwrap_err();
+        assert_eq!(err.other, 2);
+        // A second install of the same range waits for the first.
+        assert!(spans.reserve(2, &span(2, b"a", b"z")).is_err());
+        // Abandoned before it committed: the span is free again.
+        drop(p);
+        let r = spans.reserve(3, &span(3, b"m", b"z")).unwrap();
+        spans.begin_install(3, &span(3, b"m", b"z")).unwrap();
+        spans.commit_install(3, Some(&span(3, b"m", b"z")), None);
+        drop(r);
+        assert_eq!(spans.owned(3).unwrap().start, b"m".to_vec());
+        assert_eq!(spans.reserve(2, &span(2, b"a", b"z")).unwrap_err().other, 3);
+        // An install whose reservation was lost cannot write over another range's keys.
+        assert_eq!(
+            spans
+                .begin_install(2, &span(2, b"a", b"z"))
+                .unwrap_err()
+                .other,
+            3
+        );
+        spans.reserve(2, &span(2, b"a", b"m")).unwrap();
+    }
+
+    #[test]
+    fn splits_and_merges_move_keys_in_one_step() {
+        let spans = Arc::new(SpanRegistry::default());
+        spans.open(2, Some(&span(2, b"a", b"z")), None).unwrap();
+        spans.after_apply(
+            2,
+            Some(&span(2, b"a", b"m")),
+            None,
+            &[SpanChange::SplitChild {
+                child: 3,
+                span: span(3, b"m", b"z"),
+            }],
+        );
+        // The child owns its half before its replica even starts: no snapshot of another
+        // range can take it meanwhile.
+        assert_eq!(spans.reserve(9, &span(9, b"p", b"q")).unwrap_err().other, 3);
+        spans.open(3, Some(&span(3, b"m", b"z")), None).unwrap();
+        // Merge back: 3 is frozen into 2, then 2 takes it over.
+        spans.after_apply(3, Some(&span(3, b"m", b"z")), Some(2), &[]);
+        spans.after_apply(
+            2,
+            Some(&span(2, b"a", b"z")),
+            None,
+            &[SpanChange::MergedAway { right: 3 }],
+        );
+        assert_eq!(spans.owned(3), None);
+        // The merged-away replica applying anything later gains nothing back.
+        spans.after_apply(3, Some(&span(3, b"m", b"z")), Some(2), &[]);
+        assert_eq!(spans.owned(3), None);
+        assert_eq!(spans.owned(2).unwrap().end, b"z".to_vec());
+    }
+
+    #[test]
+    fn at_start_up_a_merged_right_range_yields_to_its_left_range_in_either_order() {
+        for left_first in [true, false] {
+            let spans = SpanRegistry::default();
+            let left = span(2, b"a", b"z");
+            let right = span(3, b"m", b"z");
+            if left_first {
+                spans.open(2, Some(&left), None).unwrap();
+                spans.open(3, Some(&right), Some(2)).unwrap();
+            } else {
+                spans.open(3, Some(&right), Some(2)).unwrap();
+                spans.open(2, Some(&left), None).unwrap();
+            }
+            assert_eq!(spans.owned(3), None);
+            assert!(spans.owned(2).is_some());
+            // Any other overlap at start-up is refused.
+            assert_eq!(
+                spans
+                    .open(4, Some(&span(4, b"b", b"c")), None)
+                    .unwrap_err()
+                    .other,
+                2
+            );
+        }
+    }
+
+    #[test]
+    fn a_destroyed_replicas_span_is_free_only_once_released() {
+        let spans = Arc::new(SpanRegistry::default());
+        spans.open(2, Some(&span(2, b"a", b"m")), None).unwrap();
+        assert!(spans.reserve(5, &span(5, b"a", b"c")).is_err());
+        spans.release(2);
+        spans.reserve(5, &span(5, b"a", b"c")).unwrap();
+    }
+}
