@@ -761,12 +761,16 @@ impl Client {
             })
             .collect();
         let wire_ops = &wire_ops;
+        // The range map is reloaded once before a batch is refused: the ranges this client
+        // cached may have merged since.
+        let reloaded = &std::sync::atomic::AtomicBool::new(false);
         self.call(
             &keys::kv_key(sphere, first),
             Retry::OnlyIfNotApplied,
             |mut kv, header, range| async move {
-                // A stale cache may think one range holds every key; the server then answers
-                // KEY_NOT_IN_RANGE with fresh descriptors and this check runs again on them.
+                // A stale cache may also think one range holds every key; the server then
+                // answers KEY_NOT_IN_RANGE with fresh descriptors and this check runs again
+                // on them.
                 if let Some(outside) = wire_ops.iter().find(|op| {
                     !keys::span_contains(
                         &range.start_key,
@@ -774,6 +778,15 @@ impl Client {
                         &keys::kv_key(sphere, &op.key),
                     )
                 }) {
+                    if !reloaded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        self.refresh_ranges().await.map_err(|e| e.to_status())?;
+                        return Err(ClientError::KeyNotInRange {
+                            message: "batch keys outside the cached range; range map reloaded"
+                                .into(),
+                            descriptors: Vec::new(),
+                        }
+                        .to_status());
+                    }
                     return Err(ClientError::InvalidArgument(format!(
                         "batch keys span more than one range (key {:?} is outside range {}, \
                          which holds key {:?}); a batch is atomic only within one range until \

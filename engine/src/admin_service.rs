@@ -81,6 +81,9 @@ impl AdminService {
             CommandResponse::Frozen { into } => Err(ClientError::Unavailable(format!(
                 "range is frozen for a merge into range {into}"
             ))),
+            CommandResponse::OutsideSpan { .. } => Err(ClientError::Unavailable(
+                "the range's leader has no span yet (waiting for a snapshot); retry".into(),
+            )),
             other => Err(internal(format!("unexpected response {other:?}"))),
         }
     }

@@ -309,17 +309,26 @@ impl Kv for KvService {
                 } else {
                     keys::kv_key(sphere, &req.end)
                 };
-                // The snapshot is taken before the span is read: a split or merge applied
-                // after the span was read cannot have changed what the snapshot holds of it.
+                // The span is read before and after the RocksDB snapshot is taken, and must
+                // be the same both times: then the snapshot holds exactly what this replica
+                // had applied over that span. (A merge applied in between would widen the
+                // span over keys the snapshot may hold stale; a split would narrow it.) Else
+                // the client retries on fresh descriptors.
                 let db = &self.node.db;
-                let snapshot = db.raw().snapshot();
                 self.check_still_in_span(&replica, &start)?;
+                let before = replica.shared.span();
+                let snapshot = db.raw().snapshot();
+                let span = replica.shared.span();
+                if span != before || !span.as_ref().is_some_and(|s| s.contains(&start)) {
+                    drop(snapshot);
+                    return Err(self.outside(&replica, span));
+                }
                 // One range per request: stop at the range's end and say where to go on.
                 // The client resumes at exactly that key, never at its cached range's end,
                 // which a split or merge may have moved.
                 let mut end = request_end;
                 let mut clamped = false;
-                if let Some(span) = replica.shared.span() {
+                if let Some(span) = span {
                     if !span.end_key.is_empty() && span.end_key < end {
                         end = span.end_key;
                         clamped = true;

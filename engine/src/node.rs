@@ -423,16 +423,23 @@ impl NodeShared {
         )
     }
 
-    /// Stops and deletes this node's replica of `range_id` (its data too, unless another
-    /// local replica covers it, or `keep_data`), leaving a tombstone.
+    /// Stops and deletes this node's replica of `range_id` (the keys it owns too, unless
+    /// `keep_data`), leaving a tombstone. Works from the on-disk state when the replica is not
+    /// running (it failed to start, or was stopped), so no claim or state is left behind.
     pub async fn destroy_replica(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
-        let Some(replica) = self.replicas.remove(range_id) else {
-            return Ok(());
+        let replica_id = match self.replicas.remove(range_id) {
+            Some(replica) => {
+                let replica_id = replica.raft.metrics().borrow_watched().id;
+                // An apply or install openraft already queued may still run after shutdown:
+                // from here on it writes nothing.
+                replica.shared.retire();
+                if let Err(e) = replica.raft.shutdown().await {
+                    tracing::warn!(range_id, "raft shutdown while destroying: {e}");
+                }
+                Some(replica_id)
+            }
+            None => self.local_replica_id(range_id)?,
         };
-        let replica_id = replica.raft.metrics().borrow_watched().id;
-        if let Err(e) = replica.raft.shutdown().await {
-            tracing::warn!(range_id, "raft shutdown while destroying: {e}");
-        }
         // What the replica owns, by the span registry: a merged-away replica owns nothing
         // (its keys are the left range's), and no other replica owns any of these keys, so
         // deleting them cannot touch another range's data. The claim is released only after
@@ -443,20 +450,42 @@ impl NodeShared {
             .owned(range_id)
             .filter(|_| !keep_data)
             .map(|s| (s.start, s.end));
-        // The snapshot file goes first: a file left behind by a crash between the two steps
-        // would be installed by a later replica of this range at start-up, into a span that
-        // may belong to another range by then. (The state machine also discards a file newer
-        // than its applied state.) A failure to remove it stops the destruction here.
+        // The snapshot file first: one left behind by a crash between the two steps is
+        // discarded anyway (it is newer than the applied state of any later replica of the
+        // range), but there is no reason to leave it.
         let snap = self.snapshot_dir.join(format!("range-{range_id}.snap"));
         match std::fs::remove_file(&snap) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => bail!("removing snapshot {}: {e}", snap.display()),
+            Err(e) => tracing::warn!(path = %snap.display(), "removing snapshot: {e}"),
         }
-        destroy_replica(&self.db, range_id, replica_id, data_span)?;
+        if let Some(replica_id) = replica_id {
+            destroy_replica(&self.db, range_id, replica_id, data_span)?;
+        } else if let Some((start, end)) = data_span {
+            let mut batch = WriteBatch::default();
+            self.db
+                .batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);
+            self.db.write(batch, true)?;
+        }
         self.replicas.spans().release(range_id);
-        tracing::info!(range_id, replica_id, "replica destroyed");
+        tracing::info!(range_id, ?replica_id, "replica destroyed");
         Ok(())
+    }
+
+    /// Stops this node's replica of `range_id` without touching its state or data, and gives
+    /// up its claim on its keys. For a replica frozen into a range whose snapshot is about to
+    /// install over those keys: its on-disk state stays, so should that snapshot be refused
+    /// and the merge arrive through the log instead, the merge still finds the frozen right
+    /// side it checks for (deleting it made that merge fail on this node for good). The
+    /// stopped replica is collected like any merged one (`stop_merged_replicas`).
+    pub async fn stop_replica(&self, range_id: RangeId) {
+        if let Some(replica) = self.replicas.remove(range_id) {
+            replica.shared.retire();
+            if let Err(e) = replica.raft.shutdown().await {
+                tracing::warn!(range_id, "raft shutdown while stopping: {e}");
+            }
+            self.replicas.spans().release(range_id);
+        }
     }
 
     /// Acts on a request of the transport.
@@ -475,7 +504,7 @@ impl NodeShared {
                         "replica subsumed by a merged range's snapshot"
                     );
                     // The snapshot about to install replaces the data.
-                    self.destroy_replica(range_id, true).await?;
+                    self.stop_replica(range_id).await;
                 }
                 Ok(())
             }
@@ -911,7 +940,12 @@ impl Node {
         for range_id in &ranges {
             match shared.local_replica_id(*range_id)? {
                 Some(replica_id) => {
-                    shared.start_replica(*range_id, replica_id).await?;
+                    // One replica that cannot start (its span overlaps another's: a broken
+                    // invariant, reported loudly) must not keep the node's other replicas
+                    // down; the allocator replaces it like a missing one.
+                    if let Err(e) = shared.start_replica(*range_id, replica_id).await {
+                        tracing::error!(range_id, replica_id, "replica not started: {e:#}");
+                    }
                 }
                 None => tracing::warn!(range_id, "range state without a replica id; skipped"),
             }

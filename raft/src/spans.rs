@@ -15,8 +15,10 @@
 //! - a destroyed replica's claim goes only after its keys are deleted
 //!   ([`SpanRegistry::release`]).
 //!
-//! A replica frozen for a merge into range L whose claim meets L's is the right-hand side of
-//! a merge L already applied (L's span covers R's only after the merge): R's claim yields.
+//! A replica frozen for a merge whose claim meets another range's claim is the right-hand
+//! side of a merge already applied here (its left range, or a range that left range split
+//! into since, covers its keys; a frozen range applies nothing, so its span is final): the
+//! frozen replica's claim yields, whichever of the two opens first.
 //!
 //! Owns: claims. Must not: touch the database or Raft; callers do that around these calls.
 
@@ -168,9 +170,9 @@ impl SpanRegistry {
     }
 
     /// Registers a replica opened from disk with its applied `span` (none: an empty replica,
-    /// which claims nothing until a snapshot). A replica frozen into a range whose claim meets
-    /// its span was merged already and claims nothing; a claim of a range frozen into this
-    /// one yields to it. Any other overlap is refused.
+    /// which claims nothing until a snapshot). A frozen replica whose span meets another
+    /// claim was merged already and claims nothing; the claim of a frozen range yields to
+    /// this one. Any other overlap is refused.
     pub fn open(
         &self,
         range_id: RangeId,
@@ -183,12 +185,15 @@ impl SpanRegistry {
         let key_span = KeySpan::of(span);
         let mut claims = self.lock();
         while let Some(other) = claims.conflict(range_id, &key_span) {
-            let other_frozen_into = claims.by_range.get(&other).and_then(|c| c.frozen_into);
-            if frozen_into == Some(other) {
-                // Merged into `other` already: this replica's keys are `other`'s.
+            let other_frozen = claims
+                .by_range
+                .get(&other)
+                .is_some_and(|c| c.frozen_into.is_some());
+            if frozen_into.is_some() {
+                // Merged already: this replica's keys belong to `other` now.
                 return Ok(());
             }
-            if other_frozen_into == Some(range_id) {
+            if other_frozen {
                 claims.by_range.remove(&other);
                 continue;
             }
@@ -438,6 +443,13 @@ mod tests {
             }
             assert_eq!(spans.owned(3), None);
             assert!(spans.owned(2).is_some());
+            // The left range split again after the merge (child 5 holds [p, z)): the frozen
+            // replica yields to the child too.
+            let spans = SpanRegistry::default();
+            spans.open(3, Some(&right), Some(2)).unwrap();
+            spans.open(2, Some(&span(2, b"a", b"p")), None).unwrap();
+            spans.open(5, Some(&span(5, b"p", b"z")), None).unwrap();
+            assert_eq!(spans.owned(3), None);
             // Any other overlap at start-up is refused.
             assert_eq!(
                 spans

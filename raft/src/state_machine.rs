@@ -66,6 +66,12 @@ pub struct ReplicaShared {
     applied: RwLock<AppliedView>,
     /// Bytes written by applied commands since the node last measured the range.
     pub written_bytes: AtomicU64,
+    /// True once the node stopped this replica for good (destroyed, or subsumed by a
+    /// merge). openraft does not wait for its state-machine worker on shutdown, so an apply
+    /// or install already queued may still run: it holds this lock (read) across its write
+    /// and its span-registry update and does nothing once retired, and the node sets it
+    /// (write) before it deletes or hands over the replica's keys.
+    retired: RwLock<bool>,
 }
 
 impl ReplicaShared {
@@ -74,7 +80,26 @@ impl ReplicaShared {
             range_id,
             applied: RwLock::new(applied.view()),
             written_bytes: AtomicU64::new(0),
+            retired: RwLock::new(false),
         }
+    }
+
+    /// Marks the replica retired: from now on its state machine writes nothing. Waits for a
+    /// write in progress to finish.
+    pub fn retire(&self) {
+        *self.retired.write().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// Holds off [`ReplicaShared::retire`] while the replica writes; an error once retired.
+    fn writing(&self) -> io::Result<std::sync::RwLockReadGuard<'_, bool>> {
+        let guard = self.retired.read().unwrap_or_else(|p| p.into_inner());
+        if *guard {
+            return Err(io::Error::other(format!(
+                "replica of range {} was stopped by the node; not writing",
+                self.range_id
+            )));
+        }
+        Ok(guard)
     }
 
     fn view(&self) -> std::sync::RwLockReadGuard<'_, AppliedView> {
@@ -852,6 +877,8 @@ impl StateMachine {
     async fn flush(&mut self, pending: &mut PendingApply) -> io::Result<()> {
         let mut taken = std::mem::take(pending);
         self.put_applied(&mut taken.batch)?;
+        let shared = self.shared.clone();
+        let writing = shared.writing()?;
         self.db.write(taken.batch, false).map_err(io::Error::from)?;
         // Written: the keys this batch moved change owners now, before anyone can see the
         // new span (a split's right half is claimed for its child before the child starts).
@@ -861,6 +888,7 @@ impl StateMachine {
             self.applied.frozen.map(|f| f.into),
             &taken.span_changes,
         );
+        drop(writing);
         self.shared.set_applied(&self.applied);
         for event in taken.events {
             // The node is gone only when it shuts down; nothing is left to start then.
@@ -1188,6 +1216,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The node admitted this snapshot only with a reservation of its span; an install
         // without one (not through the transport) reserves now. Either way no other local
         // replica claims any of these keys while they are replaced.
+        let shared = self.shared.clone();
+        let writing = shared.writing()?;
         if let Some(span) = &span {
             self.spans
                 .begin_install(self.range_id, span)
@@ -1227,6 +1257,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.applied.span.as_ref(),
             self.applied.frozen.map(|f| f.into),
         );
+        drop(writing);
         self.shared.set_applied(&self.applied);
         self.write_snapshot_file(&StoredSnapshot {
             meta: meta.clone(),
@@ -1261,9 +1292,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let floor = self.applied.snapshot_floor;
         let predates_floor =
             |s: &StoredSnapshot| floor.is_some_and(|f| s.meta.last_log_id.is_none_or(|l| l < f));
-        if stored.as_ref().is_none_or(predates_floor) && floor.is_some() {
+        let missing = stored.is_none() && applied.is_some();
+        if missing || (stored.as_ref().is_some_and(predates_floor)) {
             // A replica starting from a snapshot older than a split, merge or install would
-            // replay from the wrong state: send a fresh one.
+            // replay from the wrong state: send a fresh one. With no usable file at all
+            // (moved aside as corrupt, discarded as a leftover), build one too: openraft
+            // treats "no snapshot" as a storage error when it must send one.
             let sm = self.handle();
             let fresh = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
                 .await
@@ -1364,6 +1398,29 @@ mod tests {
             .map(|l| l.index)
     }
 
+    #[tokio::test]
+    async fn a_retired_replica_writes_nothing_and_claims_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let spans = Arc::new(SpanRegistry::default());
+        let s = span(LEFT, b"a", b"m", 1);
+        let mut batch = WriteBatch::default();
+        write_range_origin(&db, &mut batch, &s, membership()).unwrap();
+        db.write(batch, true).unwrap();
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let (mut sm, shared) =
+            StateMachine::open(db.clone(), LEFT, 1, dir.path(), spans.clone(), events).unwrap();
+        // The node destroys the replica (retire, then delete and release); an apply that
+        // openraft had queued runs afterwards.
+        shared.retire();
+        spans.release(LEFT);
+        let mut pending = PendingApply::default();
+        sm.apply_command(&mut pending, put(b"b")).unwrap();
+        assert!(sm.flush(&mut pending).await.is_err());
+        assert_eq!(read_value(&db, b"b").unwrap(), None);
+        assert_eq!(spans.owned(LEFT), None);
+    }
+
     #[test]
     fn replica_ids_are_allocated_through_the_log_and_never_handed_out_twice() {
         let dir = tempfile::tempdir().unwrap();
@@ -1435,28 +1492,35 @@ mod tests {
         let mut sm = open(&db, &snaps, &span(LEFT, b"a", b"z", 1));
         apply(&mut sm, put(b"k"));
 
+        let applied = sm.applied.last_applied;
         // A file newer than the applied state is a leftover of a replica destroyed mid-way:
-        // discarded, not installed over whatever owns its span now.
+        // discarded, never installed over whatever owns its span now; a fresh snapshot of
+        // what the replica holds takes its place.
         sm.write_snapshot_file(&stored_at(&sm, 1_000)).unwrap();
-        assert!(sm.get_current_snapshot().await.unwrap().is_none());
-        assert_eq!(file_index(&sm), None);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, applied);
+        assert_eq!(file_index(&sm), applied.map(|l| l.index));
 
-        // A corrupt file is moved aside instead of failing (it used to stop the node).
-        let built = sm.build_snapshot_blocking().unwrap();
+        // A corrupt file is moved aside instead of failing (it used to stop the node), and
+        // replaced by a fresh one (openraft treats a missing snapshot it must send as fatal).
         let path = sm.snapshot_path();
         let mut bytes = std::fs::read(&path).unwrap();
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0x40;
         std::fs::write(&path, bytes).unwrap();
-        assert!(sm.get_current_snapshot().await.unwrap().is_none());
+        let fresh = sm.get_current_snapshot().await.unwrap().unwrap();
         assert!(path.with_extension("snap.corrupt").exists());
+        assert_eq!(fresh.meta.last_log_id, applied);
+        assert_eq!(fresh.snapshot, current.snapshot);
 
         // Once a snapshot was installed (or a split or merge applied), an older file is not
         // current: a fresh one is built from the database.
-        sm.applied.snapshot_floor = built.meta.last_log_id;
+        sm.write_snapshot_file(&stored_at(&sm, 0)).unwrap();
+        let mut floor = range_origin_log_id();
+        floor.index = 1;
+        sm.applied.snapshot_floor = Some(floor);
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
-        assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
-        assert_eq!(current.snapshot, built.data);
+        assert_eq!(current.snapshot, fresh.snapshot);
     }
 
     #[test]

@@ -130,6 +130,17 @@ impl Db {
         Ok(db)
     }
 
+    /// True when no column family holds any key.
+    fn is_empty(&self) -> Result<bool, StorageError> {
+        for cf in ColumnFamilyName::ALL {
+            let mut iter = self.inner.iterator_cf(self.cf(cf), IteratorMode::Start);
+            if iter.next().transpose()?.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Records `version` as this database's format version (synced).
     fn stamp_format_version(&self, version: u32) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
@@ -144,6 +155,10 @@ impl Db {
 
     fn check_format_version(&self, dir: &Path) -> Result<(), StorageError> {
         let found = match self.get_record(ColumnFamilyName::RaftState, FORMAT_VERSION_KEY)? {
+            // Created, but the process stopped before the stamp: nothing else was written.
+            None if self.is_empty()? => {
+                return self.stamp_format_version(DATA_FORMAT_VERSION);
+            }
             // Written before format versions existed.
             None => 1,
             Some(raw) => {
@@ -283,17 +298,31 @@ mod tests {
                 && msg.contains(&format!("reads format version {DATA_FORMAT_VERSION}")),
             "{msg}"
         );
-        // A directory from before format versions (no record) is version 1.
+        // A directory from before format versions (data, no record) is version 1.
         {
             let db = unchecked();
             db.raw()
                 .delete_cf(db.cf(ColumnFamilyName::RaftState), FORMAT_VERSION_KEY)
+                .unwrap();
+            db.raw()
+                .put_cf(db.cf(ColumnFamilyName::Data), b"\x02old", b"row")
                 .unwrap();
         }
         let msg = Db::open(dir.path(), &DbOptions::default())
             .unwrap_err()
             .to_string();
         assert!(msg.contains("format version 1"), "{msg}");
+        // A directory created but never stamped (a crash right after creation) holds nothing
+        // else, and opens as new.
+        let crashed = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(crashed.path(), &DbOptions::default()).unwrap();
+            db.raw()
+                .delete_cf(db.cf(ColumnFamilyName::RaftState), FORMAT_VERSION_KEY)
+                .unwrap();
+        }
+        Db::open(crashed.path(), &DbOptions::default()).unwrap();
+        Db::open(crashed.path(), &DbOptions::default()).unwrap();
         // A new directory is stamped and opens again.
         let fresh = tempfile::tempdir().unwrap();
         drop(Db::open(fresh.path(), &DbOptions::default()).unwrap());
