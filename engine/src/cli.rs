@@ -228,15 +228,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Start(args) => start(args).await,
         Command::Status { host, format } => {
-            let (list, rows) = crate::status::gather(&host)
+            let (list, rows) = crate::service::status::gather(&host)
                 .await
                 .with_context(|| format!("asking {host} for status (is a node running there?)"))?;
             match format {
                 Format::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&crate::status::to_json(&list, &rows))?
+                    serde_json::to_string_pretty(&crate::service::status::to_json(&list, &rows))?
                 ),
-                Format::Text => print!("{}", crate::status::to_text(&list, &rows)),
+                Format::Text => print!("{}", crate::service::status::to_text(&list, &rows)),
             }
             Ok(())
         }
@@ -282,9 +282,9 @@ async fn range(client: &Client, op: RangeOp) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&crate::status::ranges_json(&list))?
+                    serde_json::to_string_pretty(&crate::service::status::ranges_json(&list))?
                 ),
-                Format::Text => print!("{}", crate::status::ranges_text(&list)),
+                Format::Text => print!("{}", crate::service::status::ranges_text(&list)),
             }
         }
         RangeOp::Split {
@@ -313,8 +313,8 @@ fn print_range(d: &spheredb_client::proto::v1::RangeDescriptor) {
         "range {} generation {} [{}, {})",
         d.range_id,
         d.generation,
-        crate::status::show_key(&d.start_key),
-        crate::status::show_key(&d.end_key)
+        crate::service::status::show_key(&d.start_key),
+        crate::service::status::show_key(&d.end_key)
     );
 }
 

@@ -194,8 +194,8 @@ async fn wait_for_ranges(client: &Client) -> usize {
 
 async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> anyhow::Result<()> {
     println!("== Tour (stdin is not a terminal) ==\n");
-    let (list, rows) = crate::status::gather(&addrs[0]).await?;
-    print!("{}", crate::status::to_text(&list, &rows));
+    let (list, rows) = crate::service::status::gather(&addrs[0]).await?;
+    print!("{}", crate::service::status::to_text(&list, &rows));
     println!("\n$ kv --sphere {ALBUM_SPHERE} scan --limit 3");
     for kv in client.scan(ALBUM_SPHERE, b"photo/", b"", 3).await? {
         println!(

@@ -10,6 +10,8 @@
 //! split or replica change in the range's log; the meta range's copy follows within one
 //! heartbeat period, and clients correct a stale copy from the hints in server errors.
 
+pub mod allocator;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -370,7 +370,7 @@ impl AdminService {
         })
     }
 
-    /// Runs one step of a merge on this range's leader (see `crate::merge`).
+    /// Runs one step of a merge on this range's leader (see `crate::range::merge`).
     async fn merge_step_inner(
         &self,
         req: MergeStepRequest,
@@ -454,7 +454,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let result = async {
             self.meta_leading()?;
-            let merged = crate::merge::merge_ranges(
+            let merged = crate::range::merge::merge_ranges(
                 &self.node,
                 req.left_range_id,
                 req.expected_right_range_id,
@@ -597,7 +597,7 @@ impl Admin for AdminService {
                     });
                 }
             }
-            let (left, right) = crate::split::split_range(&self.node, &replica, &req.split_key).await?;
+            let (left, right) = crate::range::split::split_range(&self.node, &replica, &req.split_key).await?;
             Ok(SplitResponse {
                 left: Some(wire_descriptor(&left)),
                 right: Some(wire_descriptor(&right)),

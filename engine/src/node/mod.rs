@@ -2,6 +2,9 @@
 //! the background loops that keep ranges placed (heartbeats to the meta range, the allocator
 //! on the meta-range leader, splits, quiescence, replica creation and destruction).
 
+pub mod disk;
+pub mod health;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,10 +44,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use crate::admin_service::AdminService;
 use crate::config::NodeConfig;
-use crate::kv_service::KvService;
 use crate::meta::MetaState;
+use crate::service::admin::AdminService;
+use crate::service::kv::KvService;
 
 /// The meta range: descriptors, node registry, liveness. Never splits, never quiesces.
 pub const META_RANGE_ID: RangeId = 1;
@@ -83,7 +86,7 @@ pub struct NodeShared {
     pub started: Instant,
     pub group_commit: GroupCommit,
     /// Refuses client writes while the disk is nearly full.
-    pub disk: Arc<crate::disk::DiskGuard>,
+    pub disk: Arc<crate::node::disk::DiskGuard>,
     pub cfg: NodeConfig,
     pub replicas: Arc<ReplicaDirectory>,
     peers: PeerChannels,
@@ -674,7 +677,7 @@ pub fn wire_descriptor(r: &RangeRecord) -> RangeDescriptor {
 /// A running node.
 pub struct Node {
     shared: Arc<NodeShared>,
-    /// The first fatal condition the health check found (see [`crate::health`]).
+    /// The first fatal condition the health check found (see [`crate::node::health`]).
     fatal: watch::Receiver<Option<String>>,
     faults: Arc<TransportFaults>,
     local_addr: SocketAddr,
@@ -892,7 +895,7 @@ impl Node {
             );
         }
         let group_commit = GroupCommit::start(Arc::new(db.clone()))?;
-        let disk = Arc::new(crate::disk::DiskGuard::new(
+        let disk = Arc::new(crate::node::disk::DiskGuard::new(
             &cfg.data_dir,
             cfg.disk_reserve_bytes,
             cfg.ballast_size_bytes,
@@ -986,20 +989,26 @@ impl Node {
             tokio::spawn(events_loop(shared.clone(), events_rx, stop_rx.clone())),
             tokio::spawn(requests_loop(shared.clone(), requests_rx, stop_rx.clone())),
             tokio::spawn(crate::meta::heartbeat_loop(shared.clone(), stop_rx.clone())),
-            tokio::spawn(crate::allocator::allocator_loop(
+            tokio::spawn(crate::meta::allocator::allocator_loop(
                 shared.clone(),
                 stop_rx.clone(),
             )),
-            tokio::spawn(crate::split::split_loop(shared.clone(), stop_rx.clone())),
-            tokio::spawn(crate::merge::merge_loop(shared.clone(), stop_rx.clone())),
-            tokio::spawn(crate::health::health_loop(
+            tokio::spawn(crate::range::split::split_loop(
+                shared.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::range::merge::merge_loop(
+                shared.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::node::health::health_loop(
                 shared.replicas.clone(),
                 shared.group_commit.clone(),
                 fatal_tx,
                 stop_rx.clone(),
             )),
-            tokio::spawn(crate::disk::disk_loop(disk, stop_rx.clone())),
-            tokio::spawn(crate::quiesce::quiesce_loop(shared.clone(), stop_rx)),
+            tokio::spawn(crate::node::disk::disk_loop(disk, stop_rx.clone())),
+            tokio::spawn(crate::range::quiesce::quiesce_loop(shared.clone(), stop_rx)),
         ];
         tracing::info!(node_id, %addr, "node serving");
         Ok(Node {
@@ -1044,7 +1053,7 @@ impl Node {
     }
 
     /// Waits until the node finds a fatal condition (a failed fsync, a Raft group stopped by
-    /// an error) and returns it. The process must then exit: see [`crate::health`].
+    /// an error) and returns it. The process must then exit: see [`crate::node::health`].
     pub async fn failed(&self) -> String {
         let mut fatal = self.fatal.clone();
         let reason = match fatal.wait_for(Option::is_some).await {
