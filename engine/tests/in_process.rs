@@ -71,6 +71,15 @@ async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
     nodes
 }
 
+/// A one-node cluster and a client of it.
+async fn one_node(dir: &std::path::Path) -> (Node, Client) {
+    let node = Node::start(config(dir, "n1", None, 1)).await.unwrap();
+    let client = Client::connect(&[node.addr()], ClientOptions::default())
+        .await
+        .unwrap();
+    (node, client)
+}
+
 /// The user range's generation, from the range list.
 async fn user_range_generation(node: &Node) -> u64 {
     let client = Client::connect(&[node.addr()], ClientOptions::default())
@@ -222,13 +231,8 @@ fn code_of(status: &tonic::Status) -> ErrorCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(config(dir.path(), "n1", None, 1))
-        .await
-        .unwrap();
+    let (node, client) = one_node(dir.path()).await;
     let addr = node.addr().to_string();
-    let client = Client::connect(&[addr.as_str()], ClientOptions::default())
-        .await
-        .unwrap();
     client.put(1, b"k", b"v").await.unwrap();
 
     let mut raw = KvClient::connect(format!("http://{addr}"))
@@ -347,13 +351,8 @@ async fn a_client_with_a_stale_range_cache_scans_every_key_after_splits() {
     const KEYS: u32 = 300;
     const SPHERE: u64 = 1;
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(config(dir.path(), "n1", None, 1))
-        .await
-        .unwrap();
+    let (node, stale) = one_node(dir.path()).await;
     let addr = node.addr().to_string();
-    let stale = Client::connect(&[addr.as_str()], ClientOptions::default())
-        .await
-        .unwrap();
     for i in 0..KEYS {
         stale.put(SPHERE, &scan_key(i), b"v").await.unwrap();
     }

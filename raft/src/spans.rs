@@ -231,16 +231,7 @@ impl SpanRegistry {
                 other: range_id,
             });
         }
-        if let Some(other) = claims.conflict(range_id, &key_span) {
-            return Err(SpanConflict {
-                range_id,
-                span: key_span,
-                other,
-            });
-        }
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        claims.by_range.entry(range_id).or_default().placeholder = Some((token, key_span));
-        claims.check();
+        let token = self.place(&mut claims, range_id, key_span)?;
         Ok(Reservation {
             registry: self.clone(),
             range_id,
@@ -262,6 +253,17 @@ impl SpanRegistry {
         if reserved {
             return Ok(());
         }
+        self.place(&mut claims, range_id, key_span).map(|_| ())
+    }
+
+    /// Puts a placeholder for `range_id` over `key_span` unless another range claims part of
+    /// it; returns the placeholder's token.
+    fn place(
+        &self,
+        claims: &mut Claims,
+        range_id: RangeId,
+        key_span: KeySpan,
+    ) -> Result<u64, SpanConflict> {
         if let Some(other) = claims.conflict(range_id, &key_span) {
             return Err(SpanConflict {
                 range_id,
@@ -272,7 +274,7 @@ impl SpanRegistry {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         claims.by_range.entry(range_id).or_default().placeholder = Some((token, key_span));
         claims.check();
-        Ok(())
+        Ok(token)
     }
 
     /// Called once an install of `span` is written: the range owns `span` (and nothing else).

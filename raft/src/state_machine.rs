@@ -811,16 +811,13 @@ impl StateMachine {
                 if let Some(frozen) = &self.applied.frozen {
                     return Ok(CommandResponse::Frozen { into: frozen.into });
                 }
-                let Some(span) = self.applied.span.as_mut() else {
+                let Some(current) = &self.applied.span else {
                     return Ok(CommandResponse::OutsideSpan { span: None });
                 };
-                if span.generation != expected_generation {
-                    return Ok(CommandResponse::Rejected {
-                        reason: format!(
-                            "range {} is at generation {}, the replica id allocation expected {expected_generation}",
-                            self.range_id, span.generation
-                        ),
-                    });
+                if let Some(rejected) =
+                    self.stale_generation(current, expected_generation, "replica id allocation")
+                {
+                    return Ok(rejected);
                 }
                 // Above every member too, for ranges whose ids were allocated before this
                 // command existed.
@@ -832,6 +829,9 @@ impl StateMachine {
                     .map(|(id, _)| *id)
                     .max()
                     .unwrap_or(0);
+                let Some(span) = self.applied.span.as_mut() else {
+                    return Ok(CommandResponse::OutsideSpan { span: None });
+                };
                 let replica_id = span.next_replica_id.max(highest + 1);
                 span.next_replica_id = replica_id + 1;
                 Ok(CommandResponse::ReplicaId { replica_id })

@@ -244,7 +244,7 @@ mod tests {
                 ballast: BallastAction::Keep
             }
         );
-        assert_eq!(decide(0, 0, 0, false).accept_writes, true);
+        assert!(decide(0, 0, 0, false).accept_writes);
     }
 
     #[test]
