@@ -498,6 +498,8 @@ impl Client {
         let deadline = Duration::from_millis(self.options.call_deadline_ms);
         let mut backoff_ms = INITIAL_BACKOFF_MS;
         let mut last_error = ClientError::Unavailable("no attempt made".into());
+        // Whether the previous attempt failed with a hint that was followed without a pause.
+        let mut followed_hint = false;
         for attempt in 0..self.options.retry_budget {
             let remaining = match deadline.checked_sub(started.elapsed()) {
                 Some(r) if !r.is_zero() => r,
@@ -611,10 +613,15 @@ impl Client {
                 )),
                 None => result,
             };
-            if !follow_hint {
+            // A fresh hint is followed at once; a second one in a row backs off like any
+            // other failure. During an election or a leadership transfer two replicas can
+            // point at each other (or a leader-elect at itself) for a moment, and following
+            // those hints without a pause spent the whole retry budget in milliseconds.
+            if !follow_hint || followed_hint {
                 tokio::time::sleep(Duration::from_millis(backoff_ms).min(remaining)).await;
                 backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
             }
+            followed_hint = follow_hint;
         }
         Err(match last_error {
             e @ ClientError::Indeterminate(_) => e,

@@ -243,7 +243,15 @@ impl Proc {
 
 impl Drop for ProcCluster {
     fn drop(&mut self) {
-        for p in &mut self.procs {
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            // A node that exited by itself is worth knowing about in a failure report.
+            if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
+                eprintln!(
+                    "node {} (process {i}) had exited by itself: {status}",
+                    p.addr
+                );
+                p.child = None;
+            }
             p.kill9();
         }
         if std::thread::panicking() || std::env::var_os("SPHEREDB_TEST_KEEP").is_some() {
