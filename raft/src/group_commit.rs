@@ -111,6 +111,16 @@ impl GroupCommit {
                             stats
                                 .completions
                                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            // Stop first, then answer: whoever sees the error finds the
+                            // failure recorded and every later append refused.
+                            if let Err(e) = &result {
+                                stop_after_failure(
+                                    &queue,
+                                    &slots,
+                                    &failure,
+                                    format!("WAL fsync failed: {e}"),
+                                );
+                            }
                             let n = batch.len();
                             for done in batch {
                                 done(match &result {
@@ -122,14 +132,6 @@ impl GroupCommit {
                                 });
                             }
                             slots.add_permits(n);
-                            if let Err(e) = result {
-                                stop_after_failure(
-                                    &queue,
-                                    &slots,
-                                    &failure,
-                                    format!("WAL fsync failed: {e}"),
-                                );
-                            }
                         }
                     });
                     if std::panic::catch_unwind(run).is_err() {
