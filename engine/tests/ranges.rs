@@ -46,14 +46,25 @@ fn value(i: u32) -> Vec<u8> {
     format!("{i:05}-{}", "v".repeat(200)).into_bytes()
 }
 
-/// Writes keys `0..count` in batches (which the client splits across ranges).
+/// Writes keys `0..count` in batches of consecutive keys (new keys land at the end of the
+/// sphere, so a batch stays in one range: splits happen inside data written earlier).
 async fn load(client: &Client, count: u32) {
     const BATCH_KEYS: u32 = 25;
     for start in (0..count).step_by(BATCH_KEYS as usize) {
         let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = (start..(start + BATCH_KEYS).min(count))
             .map(|i| (key(i), Some(value(i))))
             .collect();
-        client.batch(SPHERE, &ops).await.unwrap();
+        // As in `spawn_reader`: one call retries within its deadline; a second call covers a
+        // leadership change that outlasts it (a transfer to a replica that does not take
+        // over stalls the range until an election). Two failed calls in a row fail the test.
+        // Rewriting the same values is idempotent.
+        if let Err(first) = client.batch(SPHERE, &ops).await {
+            eprintln!("batch at key {start} failed once, retrying: {first}");
+            client
+                .batch(SPHERE, &ops)
+                .await
+                .unwrap_or_else(|e| panic!("batch at key {start}: {e}"));
+        }
     }
 }
 
