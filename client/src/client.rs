@@ -119,9 +119,7 @@ impl RoutingCache {
 }
 
 fn spans_overlap(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
-    let a_before_b_end = b.end_key.is_empty() || a.start_key < b.end_key;
-    let b_before_a_end = a.end_key.is_empty() || b.start_key < a.end_key;
-    a_before_b_end && b_before_a_end
+    keys::spans_overlap(&a.start_key, &a.end_key, &b.start_key, &b.end_key)
 }
 
 /// A SphereDB client. Cheap to clone; clones share connections and the routing cache.

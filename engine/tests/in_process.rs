@@ -239,15 +239,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         .await
         .unwrap()
         .max_encoding_message_size(64 << 20);
-    let generation = client
-        .range_list()
-        .await
-        .unwrap()
-        .ranges
-        .iter()
-        .find(|d| d.range_id == common::USER_RANGE)
-        .unwrap()
-        .generation;
+    let generation = user_range_generation(&node).await;
     let header = |range_id| {
         Some(Header {
             sphere_id: 1,

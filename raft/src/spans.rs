@@ -44,9 +44,7 @@ impl KeySpan {
     }
 
     fn overlaps(&self, other: &KeySpan) -> bool {
-        let below_other_end = other.end.is_empty() || self.start < other.end;
-        let above_other_start = self.end.is_empty() || other.start < self.end;
-        below_other_end && above_other_start
+        spheredb_storage::keys::spans_overlap(&self.start, &self.end, &other.start, &other.end)
     }
 }
 

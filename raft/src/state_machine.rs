@@ -382,8 +382,7 @@ impl StateMachine {
     }
 
     fn snapshot_path(&self) -> PathBuf {
-        self.snapshot_dir
-            .join(format!("range-{}.snap", self.range_id))
+        snapshot_file(&self.snapshot_dir, self.range_id)
     }
 
     fn data_cf(&self) -> &rocksdb::ColumnFamily {
@@ -1047,6 +1046,11 @@ pub fn remove_snapshot_temp_files(snapshot_dir: &Path) -> io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// The snapshot file of `range_id` in `snapshot_dir`.
+pub fn snapshot_file(snapshot_dir: &Path, range_id: RangeId) -> PathBuf {
+    snapshot_dir.join(format!("range-{range_id}.snap"))
 }
 
 /// Numbers the temporary files of snapshot writers, so no two writers share one.

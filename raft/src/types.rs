@@ -59,9 +59,12 @@ impl RangeSpan {
 
     /// True when the two spans share a key.
     pub fn overlaps(&self, other: &RangeSpan) -> bool {
-        let a_before_b_end = other.end_key.is_empty() || self.start_key < other.end_key;
-        let b_before_a_end = self.end_key.is_empty() || other.start_key < self.end_key;
-        a_before_b_end && b_before_a_end
+        spheredb_storage::keys::spans_overlap(
+            &self.start_key,
+            &self.end_key,
+            &other.start_key,
+            &other.end_key,
+        )
     }
 }
 

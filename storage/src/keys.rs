@@ -272,6 +272,14 @@ pub fn row_prefix(key: &[u8]) -> &[u8] {
     &key[..end]
 }
 
+/// True when the half-open spans `[a_start, a_end)` and `[b_start, b_end)` share a key; an
+/// empty end is unbounded.
+pub fn spans_overlap(a_start: &[u8], a_end: &[u8], b_start: &[u8], b_end: &[u8]) -> bool {
+    let a_before_b_end = b_end.is_empty() || a_start < b_end;
+    let b_before_a_end = a_end.is_empty() || b_start < a_end;
+    a_before_b_end && b_before_a_end
+}
+
 /// True when `key` lies in the half-open span `[start, end)`; an empty `end` is unbounded.
 pub fn span_contains(start: &[u8], end: &[u8], key: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)

@@ -430,17 +430,8 @@ impl NodeShared {
     /// `keep_data`), leaving a tombstone. Works from the on-disk state when the replica is not
     /// running (it failed to start, or was stopped), so no claim or state is left behind.
     pub async fn destroy_replica(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
-        let replica_id = match self.replicas.remove(range_id) {
-            Some(replica) => {
-                let replica_id = replica.raft.metrics().borrow_watched().id;
-                // An apply or install openraft already queued may still run after shutdown:
-                // from here on it writes nothing.
-                replica.shared.retire();
-                if let Err(e) = replica.raft.shutdown().await {
-                    tracing::warn!(range_id, "raft shutdown while destroying: {e}");
-                }
-                Some(replica_id)
-            }
+        let replica_id = match self.take_down(range_id).await {
+            Some(replica_id) => Some(replica_id),
             None => self.local_replica_id(range_id)?,
         };
         // What the replica owns, by the span registry: a merged-away replica owns nothing
@@ -456,7 +447,7 @@ impl NodeShared {
         // The snapshot file first: one left behind by a crash between the two steps is
         // discarded anyway (it is newer than the applied state of any later replica of the
         // range), but there is no reason to leave it.
-        let snap = self.snapshot_dir.join(format!("range-{range_id}.snap"));
+        let snap = spheredb_raft::state_machine::snapshot_file(&self.snapshot_dir, range_id);
         match std::fs::remove_file(&snap) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -482,13 +473,23 @@ impl NodeShared {
     /// side it checks for (deleting it made that merge fail on this node for good). The
     /// stopped replica is collected like any merged one (`stop_merged_replicas`).
     pub async fn stop_replica(&self, range_id: RangeId) {
-        if let Some(replica) = self.replicas.remove(range_id) {
-            replica.shared.retire();
-            if let Err(e) = replica.raft.shutdown().await {
-                tracing::warn!(range_id, "raft shutdown while stopping: {e}");
-            }
+        if self.take_down(range_id).await.is_some() {
             self.replicas.spans().release(range_id);
         }
+    }
+
+    /// Removes the running replica of `range_id`, retires it and shuts its Raft group down;
+    /// returns its replica id, or `None` when none was running. Retiring comes first: an
+    /// apply or install openraft already queued may still run after shutdown, and from here
+    /// on it writes nothing.
+    async fn take_down(&self, range_id: RangeId) -> Option<ReplicaId> {
+        let replica = self.replicas.remove(range_id)?;
+        let replica_id = replica.raft.metrics().borrow_watched().id;
+        replica.shared.retire();
+        if let Err(e) = replica.raft.shutdown().await {
+            tracing::warn!(range_id, "raft shutdown while taking the replica down: {e}");
+        }
+        Some(replica_id)
     }
 
     /// Acts on a request of the transport.
