@@ -22,6 +22,8 @@ pub enum StateTag {
     Tombstone = 5,
     /// This node's replica id in the range.
     LocalReplica = 6,
+    /// The last log id of a snapshot being installed; see `state_machine`'s module comment.
+    Installing = 7,
     /// Node-wide: this node's identity.
     NodeIdentity = 16,
     /// Node-wide: the token of a join in progress.

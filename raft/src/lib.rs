@@ -13,6 +13,7 @@ pub mod layout;
 pub mod log_store;
 pub mod network;
 pub mod registry;
+pub mod snapshot;
 pub mod spans;
 pub mod state_machine;
 pub mod types;

@@ -115,6 +115,7 @@ pub fn destroy_replica(
         StateTag::LastPurged,
         StateTag::Applied,
         StateTag::LocalReplica,
+        StateTag::Installing,
     ] {
         batch.delete_cf(state, state_key(range_id, tag));
     }

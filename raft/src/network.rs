@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -28,8 +29,9 @@ use spheredb_client::proto::raft::{RaftMessage, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::snapshot::SnapshotReceiver;
 use crate::spans::SpanRegistry;
-use crate::state_machine::{snapshot_merged, snapshot_span, ReplicaShared};
+use crate::state_machine::ReplicaShared;
 use crate::types::{
     NodeId, RaftHandle, RangeId, ReplicaId, ReplicaNode, SnapshotData, SnapshotMeta, TypeConfig,
     Vote,
@@ -310,31 +312,55 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let header = postcard::to_stdvec(&(&vote, &snapshot.meta))
             .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::from_string(e))))?;
         let (range_id, from_node, to_replica) = (self.range_id, self.peers.node_id, self.target);
-        let data = snapshot.snapshot;
-        let mut chunks: Vec<SnapshotChunk> = data
-            .chunks(SNAPSHOT_CHUNK_SIZE_BYTES)
-            .map(|c| SnapshotChunk {
-                range_id,
-                header: Vec::new(),
-                crc32: crc32fast::hash(c),
-                data: c.to_vec(),
-                from_node,
-                to_replica,
-            })
-            .collect();
-        if chunks.is_empty() {
-            chunks.push(SnapshotChunk {
-                range_id,
-                header: Vec::new(),
-                crc32: crc32fast::hash(&[]),
-                data: Vec::new(),
-                from_node,
-                to_replica,
-            });
-        }
-        chunks[0].header = header;
+        let file = snapshot.snapshot;
+        // Chunks are read from the file as the stream is polled, so one chunk at a time is in
+        // memory whatever the snapshot's size. A read error ends the stream early; the
+        // receiver refuses the truncated file and the send fails.
+        let chunks = futures::stream::unfold(0u64, move |offset| {
+            let file = file.clone();
+            let header = if offset == 0 {
+                header.clone()
+            } else {
+                Vec::new()
+            };
+            async move {
+                if offset >= file.size_bytes() {
+                    return None;
+                }
+                let read = tokio::task::spawn_blocking(move || {
+                    file.read_chunk(offset, SNAPSHOT_CHUNK_SIZE_BYTES)
+                })
+                .await;
+                let data = match read {
+                    Ok(Ok(data)) if !data.is_empty() => data,
+                    Ok(Ok(_)) => return None,
+                    Ok(Err(e)) => {
+                        tracing::error!(
+                            range_id,
+                            offset,
+                            "cannot read the snapshot being sent: {e}"
+                        );
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::error!(range_id, offset, "snapshot read task failed: {e}");
+                        return None;
+                    }
+                };
+                let next = offset + data.len() as u64;
+                let chunk = SnapshotChunk {
+                    range_id,
+                    header,
+                    crc32: crc32fast::hash(&data),
+                    data,
+                    from_node,
+                    to_replica,
+                };
+                Some((chunk, next))
+            }
+        });
         let mut client = self.peers.client(&self.addr).map_err(unreachable)?;
-        let mut request = Request::new(futures::stream::iter(chunks));
+        let mut request = Request::new(chunks);
         request.set_timeout(option.hard_ttl());
         tokio::pin!(cancel);
         let reply = tokio::select! {
@@ -553,12 +579,22 @@ impl ReplicaDirectory {
 pub struct RaftService {
     replicas: Arc<ReplicaDirectory>,
     faults: Arc<TransportFaults>,
+    /// Where received snapshots are written while they arrive.
+    snapshot_dir: PathBuf,
 }
 
 impl RaftService {
-    /// A service dispatching to `replicas`.
-    pub fn new(replicas: Arc<ReplicaDirectory>, faults: Arc<TransportFaults>) -> Self {
-        RaftService { replicas, faults }
+    /// A service dispatching to `replicas`, receiving snapshots into `snapshot_dir`.
+    pub fn new(
+        replicas: Arc<ReplicaDirectory>,
+        faults: Arc<TransportFaults>,
+        snapshot_dir: PathBuf,
+    ) -> Self {
+        RaftService {
+            replicas,
+            faults,
+            snapshot_dir,
+        }
     }
 
     fn raft(
@@ -702,38 +738,57 @@ impl RaftTransport for RaftService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftMessage>, Status> {
         let mut stream = request.into_inner();
-        let mut header: Option<(Vote, SnapshotMeta)> = None;
-        let mut data: Vec<u8> = Vec::new();
-        let mut range: Option<(RangeId, NodeId, ReplicaId)> = None;
+        // The first chunk names the range and carries the header; the rest only data. Each
+        // chunk goes to a temporary file as it arrives, so memory stays at one chunk.
+        let mut receiving: Option<(Vote, SnapshotMeta, RangeId, RaftHandle, SnapshotReceiver)> =
+            None;
         while let Some(chunk) = stream.message().await? {
             if crc32fast::hash(&chunk.data) != chunk.crc32 {
                 return Err(Status::data_loss("snapshot chunk checksum mismatch"));
             }
-            if data.len() + chunk.data.len() > crate::state_machine::MAX_SNAPSHOT_SIZE_BYTES {
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot exceeds {} bytes",
-                    crate::state_machine::MAX_SNAPSHOT_SIZE_BYTES
-                )));
-            }
-            if header.is_none() {
-                header =
-                    Some(postcard::from_bytes(&chunk.header).map_err(|e| {
-                        Status::invalid_argument(format!("bad snapshot header: {e}"))
-                    })?);
-                range = Some((chunk.range_id, chunk.from_node, chunk.to_replica));
-            }
-            data.extend_from_slice(&chunk.data);
+            let (_, _, _, _, receiver) = match &mut receiving {
+                Some(r) => r,
+                None => {
+                    let (vote, meta): (Vote, SnapshotMeta) = postcard::from_bytes(&chunk.header)
+                        .map_err(|e| {
+                            Status::invalid_argument(format!("bad snapshot header: {e}"))
+                        })?;
+                    // Checked before anything is written: only a replica hosted here receives.
+                    let raft = self.raft(chunk.range_id, chunk.from_node, chunk.to_replica)?;
+                    let receiver = SnapshotReceiver::create(&self.snapshot_dir, chunk.range_id)
+                        .map_err(|e| Status::internal(format!("cannot receive a snapshot: {e}")))?;
+                    receiving.insert((vote, meta, chunk.range_id, raft, receiver))
+                }
+            };
+            receiver.chunk(&chunk.data).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidInput => Status::resource_exhausted(e.to_string()),
+                _ => Status::internal(format!("cannot write a received snapshot: {e}")),
+            })?;
         }
-        let (Some((vote, meta)), Some((range_id, from_node, to_replica))) = (header, range) else {
+        let Some((vote, meta, range_id, raft, receiver)) = receiving else {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
-        let raft = self.raft(range_id, from_node, to_replica)?;
+        // Syncing and verifying the whole file would stall an async worker; the blocking pool
+        // does it.
+        let file = tokio::task::spawn_blocking(move || receiver.finish())
+            .await
+            .map_err(|e| Status::internal(format!("snapshot verify task failed: {e}")))?
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => Status::data_loss(e.to_string()),
+                _ => Status::internal(format!("cannot store a received snapshot: {e}")),
+            })?;
+        if file.meta().last_log_id != meta.last_log_id {
+            return Err(Status::data_loss(format!(
+                "snapshot file holds log id {:?}, its header names {:?}",
+                file.meta().last_log_id,
+                meta.last_log_id
+            )));
+        }
         // Installing clears the snapshot's span, so the span is reserved first: refused while
         // another range here claims part of it (a parent that has not applied its split yet,
         // a removed replica not yet destroyed, another install in flight), and the sender
         // retries. The reservation is the only way a replica gains keys.
-        let span = snapshot_span(&data).map_err(|e| Status::data_loss(e.to_string()))?;
-        let reservation = match &span {
+        let reservation = match &file.header().span {
             None => None,
             Some(span) => match self.replicas.spans().reserve(range_id, span) {
                 Ok(r) => Some(r),
@@ -745,8 +800,7 @@ impl RaftTransport for RaftService {
                     // from before the right range split off covers it too.)
                     let subsumed = match self.replicas.get(other).and_then(|r| r.shared.frozen()) {
                         Some(f) if f.into == range_id && other != range_id => {
-                            snapshot_merged(&data, other, f)
-                                .map_err(|e| Status::data_loss(e.to_string()))?
+                            file.header().merged(other, f)
                         }
                         _ => false,
                     };
@@ -769,7 +823,7 @@ impl RaftTransport for RaftService {
                     vote,
                     Snapshot {
                         meta,
-                        snapshot: data,
+                        snapshot: file,
                     },
                 )
                 .await;

@@ -3,11 +3,21 @@
 //! Every applied entry is written in one RocksDB batch together with the applied log id (and
 //! membership), so after a crash the state machine is exactly at some applied id: nothing is
 //! applied twice or skipped. Snapshots stream the range's key span from a RocksDB snapshot,
-//! so building one never blocks or races `apply`.
+//! so building one never blocks or races `apply`; the file format is `crate::snapshot`'s.
+//!
+//! Installing a snapshot replaces the span's keys in bounded batches, so it is not one atomic
+//! write. It is made crash-safe by an install marker: the marker is written (synced) first,
+//! then the snapshot file is published as the range's file, then the keys are replaced, and
+//! the last batch writes the new applied state and removes the marker. A replica opened
+//! with a marker redoes the install from its file when the file is the marked one, and
+//! otherwise (the crash came before the file was published, so no key was touched) drops
+//! the marker.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use crate::snapshot::remove_temp_files as remove_snapshot_temp_files;
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
@@ -18,17 +28,19 @@ use serde::{Deserialize, Serialize};
 use spheredb_storage::{record, ColumnFamilyName, Db, StorageError};
 
 use crate::layout::{state_key, StateTag};
-use crate::log_store::{decode_record, encode_record, read_state};
+use crate::log_store::{decode_record, encode_record, read_state, write_state};
 use crate::registry;
+use crate::snapshot::{
+    AppliedMerge, SnapshotFile, SnapshotHeader, SnapshotWriter, SNAPSHOT_FORMAT_VERSION,
+};
 use crate::spans::{SpanChange, SpanRegistry};
 use crate::types::{
     Command, CommandResponse, LogId, Membership, MergeFreeze, RangeId, RangeRecord, RangeSpan,
     ReplicaId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
 };
 
-/// Largest snapshot accepted on install; a bigger one is refused as corrupt or hostile.
-pub const MAX_SNAPSHOT_SIZE_BYTES: usize = 1 << 30;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP3";
+/// An install writes the snapshot's pairs in batches of about this size.
+pub const MAX_INSTALL_BATCH_BYTES: usize = 4 << 20;
 /// Merges a range remembers (see `AppliedState::recent_merges`).
 pub const MAX_RECENT_MERGES: usize = 16;
 /// Most range events queued for the node before apply waits for it to catch up.
@@ -223,13 +235,6 @@ struct AppliedState {
     recent_merges: Vec<AppliedMerge>,
 }
 
-/// A merge a range applied: it took over `right` at generation `left_generation`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct AppliedMerge {
-    right: RangeId,
-    left_generation: u64,
-}
-
 impl AppliedState {
     fn view(&self) -> AppliedView {
         AppliedView {
@@ -239,21 +244,6 @@ impl AppliedState {
             recent_merges: self.recent_merges.clone(),
         }
     }
-}
-
-/// What a snapshot carries besides its pairs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct SnapshotHeader {
-    span: Option<RangeSpan>,
-    frozen: Option<MergeFreeze>,
-    recent_merges: Vec<AppliedMerge>,
-}
-
-/// A snapshot as kept on disk.
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    data: Vec<u8>,
 }
 
 /// A key and its value.
@@ -344,12 +334,17 @@ impl StateMachine {
         std::fs::create_dir_all(snapshot_dir)?;
         let applied: AppliedState =
             read_state(&db, range_id, StateTag::Applied)?.unwrap_or_default();
+        let redo = interrupted_install(&db, range_id, snapshot_dir)?;
+        // A replica whose install a crash interrupted claims the span it was replacing.
+        let (claim, frozen_into) = match &redo {
+            Some(file) => (
+                file.header().span.clone(),
+                file.header().frozen.map(|f| f.into),
+            ),
+            None => (applied.span.clone(), applied.frozen.map(|f| f.into)),
+        };
         spans
-            .open(
-                range_id,
-                applied.span.as_ref(),
-                applied.frozen.map(|f| f.into),
-            )
+            .open(range_id, claim.as_ref(), frozen_into)
             .map_err(|conflict| {
                 io::Error::from(StorageError::corruption(
                     "replica spans",
@@ -357,20 +352,26 @@ impl StateMachine {
                 ))
             })?;
         let shared = Arc::new(ReplicaShared::new(range_id, &applied));
-        Ok((
-            StateMachine {
-                db,
-                range_id,
-                replica_id,
-                applied,
-                snapshot_dir: snapshot_dir.to_path_buf(),
-                newest_snapshot_file: Arc::default(),
-                spans,
-                shared: shared.clone(),
-                events,
-            },
-            shared,
-        ))
+        let mut sm = StateMachine {
+            db,
+            range_id,
+            replica_id,
+            applied,
+            snapshot_dir: snapshot_dir.to_path_buf(),
+            newest_snapshot_file: Arc::default(),
+            spans,
+            shared: shared.clone(),
+            events,
+        };
+        if let Some(file) = redo {
+            tracing::warn!(range_id, last_log_id = ?file.meta().last_log_id, "redoing a snapshot install a crash interrupted");
+            sm.applied = sm.load_snapshot(&file)?;
+            *sm.newest_snapshot_file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(file.meta().last_log_id);
+            shared.set_applied(&sm.applied);
+        }
+        Ok((sm, shared))
     }
 
     fn span_bounds(&self) -> (Vec<u8>, Vec<u8>) {
@@ -838,40 +839,6 @@ impl StateMachine {
         }
     }
 
-    /// Serialises every pair of the span as `len key len framed-value` records.
-    fn export_span(
-        &self,
-        rocks_snapshot: &rocksdb::Snapshot<'_>,
-        header: &SnapshotHeader,
-    ) -> io::Result<Vec<u8>> {
-        let mut out = SNAPSHOT_MAGIC.to_vec();
-        let encoded = encode_record(header)?;
-        out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-        out.extend_from_slice(&encoded);
-        let Some(span) = &header.span else {
-            return Ok(out);
-        };
-        let mut opts = ReadOptions::default();
-        if !span.end_key.is_empty() {
-            opts.set_iterate_upper_bound(span.end_key.clone());
-        }
-        let iter = rocks_snapshot.iterator_cf_opt(
-            self.data_cf(),
-            opts,
-            IteratorMode::From(&span.start_key, Direction::Forward),
-        );
-        for item in iter {
-            let (k, v) = item.map_err(io::Error::other)?;
-            // Values stay framed with their checksums, verified again on install.
-            record::decode("data", &v).map_err(io::Error::from)?;
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(&k);
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            out.extend_from_slice(&v);
-        }
-        Ok(out)
-    }
-
     /// Writes the pending batch with the applied state, then answers its clients.
     async fn flush(&mut self, pending: &mut PendingApply) -> io::Result<()> {
         let mut taken = std::mem::take(pending);
@@ -914,8 +881,8 @@ impl StateMachine {
         }
     }
 
-    /// Exports the range at a consistent point and persists it as the current snapshot.
-    fn build_snapshot_blocking(&self) -> io::Result<StoredSnapshot> {
+    /// Exports the range at a consistent point and publishes it as the current snapshot.
+    fn build_snapshot_blocking(&self) -> io::Result<SnapshotFile> {
         let rocks_snapshot = self.db.raw().snapshot();
         let applied: AppliedState = match rocks_snapshot
             .get_cf(
@@ -928,60 +895,60 @@ impl StateMachine {
             None => AppliedState::default(),
         };
         let header = SnapshotHeader {
-            span: applied.span.clone(),
-            frozen: applied.frozen,
-            recent_merges: applied.recent_merges.clone(),
-        };
-        let data = self.export_span(&rocks_snapshot, &header)?;
-        drop(rocks_snapshot);
-        let stored = StoredSnapshot {
+            format_version: SNAPSHOT_FORMAT_VERSION,
             meta: SnapshotMeta {
                 last_log_id: applied.last_applied,
                 last_membership: applied.membership,
             },
-            data,
+            span: applied.span,
+            frozen: applied.frozen,
+            recent_merges: applied.recent_merges,
         };
-        self.write_snapshot_file(&stored)?;
-        tracing::info!(range_id = self.range_id, last_log_id = ?stored.meta.last_log_id, size_bytes = stored.data.len(), "built snapshot");
-        Ok(stored)
+        let mut writer = SnapshotWriter::create(&self.snapshot_dir, self.range_id, &header)?;
+        writer.begin_section(ColumnFamilyName::Data.as_str())?;
+        if let Some(span) = &header.span {
+            let mut opts = ReadOptions::default();
+            if !span.end_key.is_empty() {
+                opts.set_iterate_upper_bound(span.end_key.clone());
+            }
+            let iter = rocks_snapshot.iterator_cf_opt(
+                self.data_cf(),
+                opts,
+                IteratorMode::From(&span.start_key, Direction::Forward),
+            );
+            for item in iter {
+                let (k, v) = item.map_err(io::Error::other)?;
+                // Values stay framed with their checksums, verified again on install.
+                record::decode("data", &v).map_err(io::Error::from)?;
+                writer.pair(&k, &v)?;
+            }
+        }
+        writer.end_section()?;
+        drop(rocks_snapshot);
+        let file = writer.finish()?;
+        self.publish_snapshot_file(&file)?;
+        tracing::info!(range_id = self.range_id, last_log_id = ?file.meta().last_log_id, size_bytes = file.size_bytes(), "built snapshot");
+        Ok(file)
     }
 
-    /// Makes `snap` the range's snapshot file, unless a newer one was written meanwhile (a
-    /// slow build racing an install must not roll the file back). Each writer has its own
-    /// temporary file; the rename is atomic and the directory is synced after it.
-    fn write_snapshot_file(&self, snap: &StoredSnapshot) -> io::Result<()> {
-        let bytes = encode_record(snap)?;
+    /// Makes `file` the range's snapshot file, unless a newer one was published meanwhile (a
+    /// slow build racing an install must not roll the file back); returns whether it did.
+    fn publish_snapshot_file(&self, file: &SnapshotFile) -> io::Result<bool> {
         let mut newest = self
             .newest_snapshot_file
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if newest.is_some_and(|n| n > snap.meta.last_log_id) {
+        let last_log_id = file.meta().last_log_id;
+        if newest.is_some_and(|n| n > last_log_id) {
             tracing::debug!(
                 range_id = self.range_id,
                 "a newer snapshot file exists; not replacing it"
             );
-            return Ok(());
+            return Ok(false);
         }
-        let path = self.snapshot_path();
-        let tmp = self.snapshot_dir.join(format!(
-            "range-{}.snap.tmp.{}",
-            self.range_id,
-            SNAPSHOT_TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.snapshot_dir)?.sync_all()
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written?;
-        *newest = Some(snap.meta.last_log_id);
-        Ok(())
+        file.publish(&self.snapshot_path())?;
+        *newest = Some(last_log_id);
+        Ok(true)
     }
 
     fn remove_snapshot_file(&self) -> io::Result<()> {
@@ -998,22 +965,15 @@ impl StateMachine {
         Ok(())
     }
 
-    /// The range's snapshot file, if any. A file that fails its checksum is moved aside
+    /// The range's snapshot file, verified, if any. A damaged file is moved aside
     /// (`.corrupt`) and reported, and the range goes on without it: the file is a copy of
     /// what the database holds, and a fresh one is built when one is needed. (It used to stop
     /// the whole node from starting.)
-    fn read_snapshot_file(&self) -> io::Result<Option<StoredSnapshot>> {
+    fn read_snapshot_file(&self) -> io::Result<Option<SnapshotFile>> {
         let path = self.snapshot_path();
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        match decode_record::<StoredSnapshot>(
-            &format!("snapshot of range {}", self.range_id),
-            &bytes,
-        ) {
-            Ok(s) => Ok(Some(s)),
+        match SnapshotFile::open_verified(&path) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let aside = path.with_extension("snap.corrupt");
                 tracing::error!(
@@ -1027,96 +987,151 @@ impl StateMachine {
             Err(e) => Err(e),
         }
     }
+
+    /// Installs `file`: marker, publish, load (see the module comment). Returns the new
+    /// applied state; the caller makes it current.
+    fn install_blocking(&self, file: &SnapshotFile) -> io::Result<AppliedState> {
+        let header = file.header();
+        // The node admitted this snapshot only with a reservation of its span; an install
+        // without one (not through the transport) reserves now. Either way no other local
+        // replica claims any of these keys while they are replaced.
+        let writing = self.shared.writing()?;
+        if let Some(span) = &header.span {
+            self.spans
+                .begin_install(self.range_id, span)
+                .map_err(|conflict| {
+                    io::Error::other(format!("refusing snapshot install: {conflict}"))
+                })?;
+        }
+        let target = header.meta.last_log_id;
+        write_state(&self.db, self.range_id, StateTag::Installing, &target, true)?;
+        if !self.publish_snapshot_file(file)? {
+            // Nothing replaced yet; without its file the install could not be redone.
+            self.db
+                .write(install_marker_removal(&self.db, self.range_id), true)
+                .map_err(io::Error::from)?;
+            return Err(io::Error::other(
+                "refusing snapshot install: a newer snapshot file exists",
+            ));
+        }
+        fail::fail_point!("snapshot-install-crash-after-publish", |_| {
+            Err(io::Error::other(
+                "failpoint: crash after publishing the snapshot",
+            ))
+        });
+        let applied = self.load_snapshot(file)?;
+        self.spans.commit_install(
+            self.range_id,
+            applied.span.as_ref(),
+            applied.frozen.map(|f| f.into),
+        );
+        drop(writing);
+        Ok(applied)
+    }
+
+    /// Replaces the span's keys with the file's pairs, in batches of at most about
+    /// [`MAX_INSTALL_BATCH_BYTES`]; the last batch (synced) writes the applied state the
+    /// file describes and removes the install marker.
+    fn load_snapshot(&self, file: &SnapshotFile) -> io::Result<AppliedState> {
+        let header = file.header();
+        let (start, end) = match &header.span {
+            Some(s) => (s.start_key.clone(), s.end_key.clone()),
+            None => self.span_bounds(),
+        };
+        let data = ColumnFamilyName::Data.as_str();
+        let mut batch = WriteBatch::default();
+        self.db
+            .batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);
+        let mut pairs = 0u64;
+        file.visit_pairs(|cf, key, value| {
+            if cf != data {
+                return Err(io::Error::from(StorageError::corruption(
+                    "snapshot",
+                    format!("unknown column family section {cf:?}"),
+                )));
+            }
+            record::decode("snapshot value", value).map_err(io::Error::from)?;
+            batch.put_cf(self.data_cf(), key, value);
+            pairs += 1;
+            if batch.size_in_bytes() >= MAX_INSTALL_BATCH_BYTES {
+                // Unsynced: the last, synced batch makes every earlier one durable.
+                self.db
+                    .write(std::mem::take(&mut batch), false)
+                    .map_err(io::Error::from)?;
+            }
+            Ok(())
+        })?;
+        let meta = &header.meta;
+        let applied = AppliedState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            span: header.span.clone(),
+            frozen: header.frozen,
+            snapshot_floor: meta.last_log_id,
+            recent_merges: header.recent_merges.clone(),
+        };
+        batch.put_cf(
+            self.db.cf(ColumnFamilyName::RaftState),
+            state_key(self.range_id, StateTag::Applied),
+            encode_record(&applied)?,
+        );
+        batch.delete_cf(
+            self.db.cf(ColumnFamilyName::RaftState),
+            state_key(self.range_id, StateTag::Installing),
+        );
+        self.db.write(batch, true).map_err(io::Error::from)?;
+        tracing::info!(range_id = self.range_id, last_log_id = ?meta.last_log_id, pairs, size_bytes = file.size_bytes(), "installed snapshot");
+        Ok(applied)
+    }
 }
 
-/// Removes the temporary files of snapshot writers a crash interrupted. Call before any
-/// replica of the node starts.
-pub fn remove_snapshot_temp_files(snapshot_dir: &Path) -> io::Result<usize> {
-    let entries = match std::fs::read_dir(snapshot_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
+/// The snapshot an interrupted install left to redo, if any (see the module comment). A
+/// marker whose file is not the marked one is dropped: the crash came before the file was
+/// published, so no key was replaced.
+fn interrupted_install(
+    db: &Db,
+    range_id: RangeId,
+    snapshot_dir: &Path,
+) -> io::Result<Option<SnapshotFile>> {
+    let Some(target) = read_state::<Option<LogId>>(db, range_id, StateTag::Installing)? else {
+        return Ok(None);
     };
-    let mut removed = 0;
-    for entry in entries {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().contains(".snap.tmp") {
-            std::fs::remove_file(entry.path())?;
-            removed += 1;
+    let file = match SnapshotFile::open_verified(&snapshot_file(snapshot_dir, range_id)) {
+        Ok(file) => Some(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(io::Error::from(StorageError::corruption(
+                "snapshot install",
+                format!(
+                    "range {range_id}: an interrupted snapshot install cannot be redone, its \
+                     file is unreadable ({e}); the replica's keys may be partly replaced. \
+                     Remove the node from the cluster and wipe its data directory"
+                ),
+            )))
+        }
+    };
+    match file {
+        Some(file) if file.meta().last_log_id == target => Ok(Some(file)),
+        _ => {
+            db.write(install_marker_removal(db, range_id), true)
+                .map_err(io::Error::from)?;
+            Ok(None)
         }
     }
-    Ok(removed)
+}
+
+fn install_marker_removal(db: &Db, range_id: RangeId) -> WriteBatch {
+    let mut batch = WriteBatch::default();
+    batch.delete_cf(
+        db.cf(ColumnFamilyName::RaftState),
+        state_key(range_id, StateTag::Installing),
+    );
+    batch
 }
 
 /// The snapshot file of `range_id` in `snapshot_dir`.
 pub fn snapshot_file(snapshot_dir: &Path, range_id: RangeId) -> PathBuf {
     snapshot_dir.join(format!("range-{range_id}.snap"))
-}
-
-/// Numbers the temporary files of snapshot writers, so no two writers share one.
-static SNAPSHOT_TMP_SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Splits one length-prefixed field off the front of `rest`.
-fn take_field<'a>(rest: &mut &'a [u8]) -> io::Result<&'a [u8]> {
-    let corrupt = |d: &str| io::Error::from(StorageError::corruption("snapshot", d.to_string()));
-    if rest.len() < 4 {
-        return Err(corrupt("truncated length"));
-    }
-    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    if rest.len() < 4 + len {
-        return Err(corrupt("truncated record"));
-    }
-    let (field, tail) = rest[4..].split_at(len);
-    *rest = tail;
-    Ok(field)
-}
-
-/// Splits the header off a snapshot blob.
-fn snapshot_header(data: &[u8]) -> io::Result<(SnapshotHeader, &[u8])> {
-    let corrupt = |d: &str| io::Error::from(StorageError::corruption("snapshot", d.to_string()));
-    let mut rest = data
-        .strip_prefix(SNAPSHOT_MAGIC.as_slice())
-        .ok_or_else(|| corrupt("bad magic"))?;
-    let header = decode_record("snapshot header", take_field(&mut rest)?)?;
-    Ok((header, rest))
-}
-
-/// The span a snapshot blob carries, read from its header.
-pub fn snapshot_span(data: &[u8]) -> io::Result<Option<RangeSpan>> {
-    Ok(snapshot_header(data)?.0.span)
-}
-
-/// True when the snapshot's range had taken over `freeze`'s right-hand range `right` at
-/// the generation that freeze names.
-pub fn snapshot_merged(data: &[u8], right: RangeId, freeze: MergeFreeze) -> io::Result<bool> {
-    let merge = AppliedMerge {
-        right,
-        left_generation: freeze.left_generation,
-    };
-    Ok(snapshot_header(data)?.0.recent_merges.contains(&merge))
-}
-
-/// A parsed snapshot: its header and its `(key, framed value)` pairs.
-type ParsedSnapshot<'a> = (SnapshotHeader, Vec<(&'a [u8], &'a [u8])>);
-
-/// Parses a snapshot blob, verifying every checksum.
-fn parse_snapshot(data: &[u8]) -> io::Result<ParsedSnapshot<'_>> {
-    let corrupt = |d: &str| io::Error::from(StorageError::corruption("snapshot", d.to_string()));
-    let (header, mut rest) = snapshot_header(data)?;
-    let span = header.span.clone();
-    let mut pairs = Vec::new();
-    while !rest.is_empty() {
-        let key = take_field(&mut rest)?;
-        let value = take_field(&mut rest)?;
-        record::decode("snapshot value", value).map_err(io::Error::from)?;
-        if let Some(span) = &span {
-            if !span.contains(key) {
-                return Err(corrupt("key outside the snapshot's span"));
-            }
-        }
-        pairs.push((key, value));
-    }
-    Ok((header, pairs))
 }
 
 /// Builds snapshots from a consistent RocksDB snapshot.
@@ -1133,12 +1148,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // Reading the whole range and fsyncing the file would stall an async worker for as
         // long as it takes; run it on the blocking pool.
         let sm = self.sm.handle();
-        let stored = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
+        let file = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
             .await
             .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
         Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: stored.data,
+            meta: file.meta().clone(),
+            snapshot: file,
         })
     }
 }
@@ -1209,95 +1224,58 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let (
-            SnapshotHeader {
-                span,
-                frozen,
-                recent_merges,
-            },
-            pairs,
-        ) = parse_snapshot(&snapshot)?;
-        // The node admitted this snapshot only with a reservation of its span; an install
-        // without one (not through the transport) reserves now. Either way no other local
-        // replica claims any of these keys while they are replaced.
-        let shared = self.shared.clone();
-        let writing = shared.writing()?;
-        if let Some(span) = &span {
-            self.spans
-                .begin_install(self.range_id, span)
-                .map_err(|conflict| {
-                    io::Error::other(format!("refusing snapshot install: {conflict}"))
-                })?;
+        if snapshot.meta().last_log_id != meta.last_log_id {
+            return Err(io::Error::from(StorageError::corruption(
+                "snapshot",
+                format!(
+                    "file holds log id {:?}, its transfer named {:?}",
+                    snapshot.meta().last_log_id,
+                    meta.last_log_id
+                ),
+            )));
         }
-        let mut batch = WriteBatch::default();
-        // Clear the snapshot's span, then load its pairs, in one atomic batch.
-        let (start, end) = match &span {
-            Some(s) => (s.start_key.clone(), s.end_key.clone()),
-            None => self.span_bounds(),
-        };
-        for item in self.db.iter_span(ColumnFamilyName::Data, &start, &end) {
-            let (k, _) = item.map_err(io::Error::other)?;
-            batch.delete_cf(self.data_cf(), k);
-        }
-        let pair_count = pairs.len();
-        for (k, v) in &pairs {
-            batch.put_cf(self.data_cf(), k, v);
-        }
-        drop(pairs);
-        self.applied = AppliedState {
-            last_applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-            span,
-            frozen,
-            // The file is written after this batch; until it is, an older file must not be
-            // taken for the current snapshot.
-            snapshot_floor: meta.last_log_id,
-            recent_merges,
-        };
-        self.put_applied(&mut batch)?;
-        self.db.write(batch, true).map_err(io::Error::from)?;
-        self.spans.commit_install(
-            self.range_id,
-            self.applied.span.as_ref(),
-            self.applied.frozen.map(|f| f.into),
-        );
-        drop(writing);
+        // Reading the file and writing the range would stall an async worker for as long as
+        // they take; run them on the blocking pool.
+        let sm = self.handle();
+        let applied = tokio::task::spawn_blocking(move || sm.install_blocking(&snapshot))
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot install task failed: {e}")))??;
+        self.applied = applied;
         self.shared.set_applied(&self.applied);
-        self.write_snapshot_file(&StoredSnapshot {
-            meta: meta.clone(),
-            data: snapshot,
-        })?;
-        tracing::info!(range_id = self.range_id, last_log_id = ?meta.last_log_id, pairs = pair_count, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
-        let mut stored = self.read_snapshot_file()?;
+        let sm = self.handle();
+        let mut current = tokio::task::spawn_blocking(move || sm.read_snapshot_file())
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
         let applied = self.applied.last_applied;
-        if stored
+        if current
             .as_ref()
-            .is_some_and(|s| s.meta.last_log_id > applied)
+            .is_some_and(|f| f.meta().last_log_id > applied)
         {
-            // Never legitimate: installs write the database before the file and builds read
-            // the applied state from the snapshot they export. Such a file is a leftover of a
-            // replica destroyed mid-way (its span may belong to another range by now);
-            // installing it would overwrite that range's keys.
+            // Never legitimate: an install's file becomes current only with the install (a
+            // crash in between is redone at start-up) and builds read the applied state from
+            // the snapshot they export. Such a file is a leftover of a replica destroyed
+            // mid-way (its span may belong to another range by now); installing it would
+            // overwrite that range's keys.
             tracing::warn!(
                 range_id = self.range_id,
-                file = ?stored.as_ref().map(|s| s.meta.last_log_id),
+                file = ?current.as_ref().map(|f| f.meta().last_log_id),
                 ?applied,
                 "discarding a snapshot file newer than the applied state"
             );
             self.remove_snapshot_file()?;
-            stored = None;
+            current = None;
         }
         let floor = self.applied.snapshot_floor;
         let predates_floor =
-            |s: &StoredSnapshot| floor.is_some_and(|f| s.meta.last_log_id.is_none_or(|l| l < f));
-        let missing = stored.is_none() && applied.is_some();
-        if missing || (stored.as_ref().is_some_and(predates_floor)) {
+            |f: &SnapshotFile| floor.is_some_and(|fl| f.meta().last_log_id.is_none_or(|l| l < fl));
+        let missing = current.is_none() && applied.is_some();
+        if missing || current.as_ref().is_some_and(predates_floor) {
             // A replica starting from a snapshot older than a split, merge or install would
             // replay from the wrong state: send a fresh one. With no usable file at all
             // (moved aside as corrupt, discarded as a leftover), build one too: openraft
@@ -1306,11 +1284,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let fresh = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
                 .await
                 .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
-            stored = Some(fresh);
+            current = Some(fresh);
         }
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: s.data,
+        Ok(current.map(|file| Snapshot {
+            meta: file.meta().clone(),
+            snapshot: file,
         }))
     }
 }
@@ -1383,22 +1361,41 @@ mod tests {
         }
     }
 
-    fn stored_at(sm: &StateMachine, index: u64) -> StoredSnapshot {
+    /// A snapshot file claiming log index `index`, holding one pair named after it.
+    fn stored_at(sm: &StateMachine, index: u64) -> SnapshotFile {
         let mut log_id = range_origin_log_id();
         log_id.index = index;
-        StoredSnapshot {
+        let header = SnapshotHeader {
+            format_version: SNAPSHOT_FORMAT_VERSION,
             meta: SnapshotMeta {
                 last_log_id: Some(log_id),
                 last_membership: sm.applied.membership.clone(),
             },
-            data: index.to_le_bytes().to_vec(),
-        }
+            span: sm.applied.span.clone(),
+            frozen: None,
+            recent_merges: Vec::new(),
+        };
+        let mut w = SnapshotWriter::create(&sm.snapshot_dir, sm.range_id, &header).unwrap();
+        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
+        w.pair(format!("b{index}").as_bytes(), &record::encode(b"v"))
+            .unwrap();
+        w.finish().unwrap()
+    }
+
+    fn pairs_of(file: &SnapshotFile) -> Vec<KvPair> {
+        let mut pairs = Vec::new();
+        file.visit_pairs(|_, k, v| {
+            pairs.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        pairs
     }
 
     fn file_index(sm: &StateMachine) -> Option<u64> {
         sm.read_snapshot_file()
             .unwrap()
-            .and_then(|s| s.meta.last_log_id)
+            .and_then(|s| s.meta().last_log_id)
             .map(|l| l.index)
     }
 
@@ -1470,13 +1467,13 @@ mod tests {
         let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
         let snaps = dir.path().join("snapshots");
         let sm = open(&db, &snaps, &span(LEFT, b"a", b"z", 1));
-        sm.write_snapshot_file(&stored_at(&sm, 20)).unwrap();
+        sm.publish_snapshot_file(&stored_at(&sm, 20)).unwrap();
         // A slow build that read an older state finishes after an install: ignored.
         sm.handle()
-            .write_snapshot_file(&stored_at(&sm, 10))
+            .publish_snapshot_file(&stored_at(&sm, 10))
             .unwrap();
         assert_eq!(file_index(&sm), Some(20));
-        sm.write_snapshot_file(&stored_at(&sm, 30)).unwrap();
+        sm.publish_snapshot_file(&stored_at(&sm, 30)).unwrap();
         assert_eq!(file_index(&sm), Some(30));
         let names: Vec<String> = std::fs::read_dir(&snaps)
             .unwrap()
@@ -1500,7 +1497,7 @@ mod tests {
         // A file newer than the applied state is a leftover of a replica destroyed mid-way:
         // discarded, never installed over whatever owns its span now; a fresh snapshot of
         // what the replica holds takes its place.
-        sm.write_snapshot_file(&stored_at(&sm, 1_000)).unwrap();
+        sm.publish_snapshot_file(&stored_at(&sm, 1_000)).unwrap();
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id, applied);
         assert_eq!(file_index(&sm), applied.map(|l| l.index));
@@ -1511,20 +1508,159 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0x40;
-        std::fs::write(&path, bytes).unwrap();
+        // Damaged on disk as a new file would be: files are replaced by rename, never
+        // rewritten in place, so open handles keep reading what they opened.
+        let damaged = path.with_extension("damaged");
+        std::fs::write(&damaged, bytes).unwrap();
+        std::fs::rename(&damaged, &path).unwrap();
         let fresh = sm.get_current_snapshot().await.unwrap().unwrap();
         assert!(path.with_extension("snap.corrupt").exists());
         assert_eq!(fresh.meta.last_log_id, applied);
-        assert_eq!(fresh.snapshot, current.snapshot);
+        assert_eq!(pairs_of(&fresh.snapshot), pairs_of(&current.snapshot));
 
         // Once a snapshot was installed (or a split or merge applied), an older file is not
         // current: a fresh one is built from the database.
-        sm.write_snapshot_file(&stored_at(&sm, 0)).unwrap();
+        sm.publish_snapshot_file(&stored_at(&sm, 0)).unwrap();
         let mut floor = range_origin_log_id();
         floor.index = 1;
         sm.applied.snapshot_floor = Some(floor);
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
-        assert_eq!(current.snapshot, fresh.snapshot);
+        assert_eq!(pairs_of(&current.snapshot), pairs_of(&fresh.snapshot));
+    }
+
+    /// A replica of LEFT over `[a, z)` holding `count` keys `k…` of `value_bytes` each.
+    fn loaded(db: &Db, dir: &Path, count: usize, value_bytes: usize) -> StateMachine {
+        let mut sm = open(db, dir, &span(LEFT, b"a", b"z", 1));
+        let ops = (0..count)
+            .map(|i| WriteOp {
+                key: format!("k{i:06}").into_bytes(),
+                value: Some(vec![(i % 251) as u8; value_bytes]),
+            })
+            .collect();
+        apply(&mut sm, Command::Write { ops });
+        sm
+    }
+
+    fn span_pairs(db: &Db) -> Vec<KvPair> {
+        db.iter_span(ColumnFamilyName::Data, b"", b"")
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_larger_than_one_batch_replaces_exactly_its_span() {
+        let source_dir = tempfile::tempdir().unwrap();
+        let source_db = Db::open(&source_dir.path().join("db"), &DbOptions::default()).unwrap();
+        // 16 MiB of values: four install batches, about sixty snapshot blocks.
+        let source = loaded(&source_db, source_dir.path(), 4_000, 4 << 10);
+        let snapshot = source.handle().build_snapshot_blocking().unwrap();
+        assert!(snapshot.size_bytes() > 3 * MAX_INSTALL_BATCH_BYTES as u64);
+
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let mut sm = open(
+            &db,
+            &dir.path().join("snapshots"),
+            &span(LEFT, b"a", b"z", 1),
+        );
+        // A key the snapshot does not hold goes; one outside the span stays.
+        apply(&mut sm, put(b"stale"));
+        let mut outside = WriteBatch::default();
+        outside.put_cf(db.cf(ColumnFamilyName::Data), b"zz", record::encode(b"x"));
+        db.write(outside, true).unwrap();
+
+        let meta = snapshot.meta().clone();
+        sm.install_snapshot(&meta, snapshot).await.unwrap();
+        let mut expected = span_pairs(&source_db);
+        expected.push((b"zz".to_vec(), record::encode(b"x")));
+        assert_eq!(span_pairs(&db), expected);
+        assert_eq!(sm.applied.last_applied, meta.last_log_id);
+        assert_eq!(file_index(&sm), meta.last_log_id.map(|l| l.index));
+        assert_eq!(
+            read_state::<Option<LogId>>(&db, LEFT, StateTag::Installing).unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn an_install_a_crash_interrupted_after_publishing_its_file_is_redone_at_open() {
+        let source_dir = tempfile::tempdir().unwrap();
+        let source_db = Db::open(&source_dir.path().join("db"), &DbOptions::default()).unwrap();
+        let source = loaded(&source_db, source_dir.path(), 2_000, 4 << 10);
+        let mut snapshot = source.handle().build_snapshot_blocking().unwrap();
+        // The source's log moved on: the snapshot is newer than anything the target applied.
+        let mut header = snapshot.header().clone();
+        let mut last = header.meta.last_log_id.unwrap();
+        last.index += 10;
+        header.meta.last_log_id = Some(last);
+        let mut w = SnapshotWriter::create(source_dir.path(), LEFT, &header).unwrap();
+        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
+        snapshot.visit_pairs(|_, k, v| w.pair(k, v)).unwrap();
+        snapshot = w.finish().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = dir.path().join("snapshots");
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let mut sm = open(&db, &snaps, &span(LEFT, b"a", b"z", 1));
+        apply(&mut sm, put(b"stale"));
+        let before = sm.applied.last_applied;
+        // The install's first steps, then a crash part-way through replacing the keys.
+        write_state(&db, LEFT, StateTag::Installing, &Some(last), true).unwrap();
+        assert!(sm.publish_snapshot_file(&snapshot).unwrap());
+        let mut half = WriteBatch::default();
+        db.batch_delete_span(&mut half, ColumnFamilyName::Data, b"a", b"z");
+        half.put_cf(
+            db.cf(ColumnFamilyName::Data),
+            b"k000000",
+            record::encode(b"torn"),
+        );
+        db.write(half, true).unwrap();
+        drop(sm);
+
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let spans = Arc::new(SpanRegistry::default());
+        let (sm, shared) =
+            StateMachine::open(db.clone(), LEFT, 1, &snaps, spans.clone(), events).unwrap();
+        assert_eq!(span_pairs(&db), span_pairs(&source_db));
+        assert_eq!(sm.applied.last_applied, Some(last));
+        assert_ne!(sm.applied.last_applied, before);
+        assert_eq!(shared.span().map(|s| s.end_key), Some(b"z".to_vec()));
+        assert!(spans.owned(LEFT).is_some());
+        assert_eq!(
+            read_state::<Option<LogId>>(&db, LEFT, StateTag::Installing).unwrap(),
+            None
+        );
+
+        // A marker whose file was never published (the crash came first) touched no key:
+        // it is dropped and the replica keeps its state.
+        drop(sm);
+        let mut other = last;
+        other.index += 5;
+        write_state(&db, LEFT, StateTag::Installing, &Some(other), true).unwrap();
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let (sm, _) =
+            StateMachine::open(db.clone(), LEFT, 1, &snaps, Arc::default(), events).unwrap();
+        assert_eq!(sm.applied.last_applied, Some(last));
+        assert_eq!(
+            read_state::<Option<LogId>>(&db, LEFT, StateTag::Installing).unwrap(),
+            None
+        );
+
+        // A marked install whose file is damaged cannot be redone: the replica refuses to
+        // open rather than serve partly replaced keys.
+        drop(sm);
+        write_state(&db, LEFT, StateTag::Installing, &Some(last), true).unwrap();
+        let path = snapshot_file(&snaps, LEFT);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let refused = StateMachine::open(db.clone(), LEFT, 1, &snaps, Arc::default(), events);
+        assert!(refused.is_err());
     }
 
     #[test]

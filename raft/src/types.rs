@@ -70,8 +70,8 @@ impl RangeSpan {
 
 /// A Raft handle for one range.
 pub type RaftHandle = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;
-/// Snapshot payload: the range's data in the format of `state_machine::snapshot_format`.
-pub type SnapshotData = Vec<u8>;
+/// Snapshot payload: a verified snapshot file (format in `crate::snapshot`).
+pub type SnapshotData = crate::snapshot::SnapshotFile;
 /// One replica of a range as the meta range records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaRecord {

@@ -966,9 +966,13 @@ impl Node {
             let admin = AdminServer::new(AdminService::new(shared.clone()))
                 .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
                 .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
-            let raft_svc = RaftTransportServer::new(RaftService::new(replicas, faults.clone()))
-                .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
-                .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
+            let raft_svc = RaftTransportServer::new(RaftService::new(
+                replicas,
+                faults.clone(),
+                shared.snapshot_dir.clone(),
+            ))
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
             // A custom incoming stream bypasses the builder's socket options: without
             // TCP_NODELAY here, small responses wait on delayed ACKs (~40 ms tail latency).
             let incoming =
