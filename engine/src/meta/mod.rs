@@ -1,14 +1,20 @@
-//! The meta range's leader as the cluster's bookkeeper, and every node's heartbeat to it.
+//! The meta range's leader as the cluster's bookkeeper: the receiving end of every node's
+//! heartbeat, and the allocator.
 //!
 //! Each node reports its replicas every heartbeat period (descriptor, leadership, size,
-//! load). The meta-range leader keeps liveness and load in memory, writes any descriptor it
-//! sees at a newer generation into the meta range, and answers with the replicas the node
-//! must destroy (removed from their range) and the nodes that stopped reporting (so quiesced
-//! ranges they lead wake up and elect).
+//! load). The meta-range leader keeps liveness and load in memory ([`MetaState`]), writes
+//! any descriptor it sees at a newer generation into the meta range, and answers with the
+//! replicas the node must destroy (removed from their range) and the nodes that stopped
+//! reporting (so quiesced ranges they lead wake up and elect). What it decides from a report
+//! is [`MetaState::take_report`], plain data in and out; only [`handle_heartbeat`] reads the
+//! registry and proposes writes.
 //!
 //! A range's own replicas hold the authoritative descriptor, changed atomically with the
 //! split or replica change in the range's log; the meta range's copy follows within one
 //! heartbeat period, and clients correct a stale copy from the hints in server errors.
+//!
+//! This module does not send heartbeats or act on their answers (that is the node's side,
+//! `node::heartbeat`), and it does not import `node`.
 
 pub mod allocator;
 
@@ -21,14 +27,13 @@ use spheredb_client::proto::v1::{
     NodeHeartbeatRequest, NodeHeartbeatResponse, NodeInfo, RangeDescriptor, ReplicaReport,
 };
 use spheredb_client::ClientError;
+use spheredb_raft::network::Replica;
 use spheredb_raft::registry::{self, LivenessRecord};
-use spheredb_raft::{
-    Command, NodeId, RangeId, RangeRecord, RangeSpan, ReplicaId, ReplicaRecord, WriteOp,
-};
-use tokio::sync::watch;
+use spheredb_raft::{Command, NodeId, RangeId, RangeRecord, RangeSpan, ReplicaId, WriteOp};
+use spheredb_storage::Db;
 
-use crate::errors::{internal, not_leader_hint, write_error};
-use crate::node::{NodeShared, META_RANGE_ID};
+use crate::descriptor::record_from_wire;
+use crate::errors::{internal, write_error};
 
 /// A node silent for this many heartbeat periods is unreachable: quiesced ranges it leads
 /// are woken so they can elect another leader.
@@ -123,12 +128,31 @@ impl MetaState {
 
     /// Milliseconds since `node` last reported (or since this view began, if never).
     pub fn silence_ms(&self, node: NodeId) -> u64 {
+        self.silence_ms_at(node, Instant::now())
+    }
+
+    /// [`MetaState::silence_ms`] as of `now`.
+    fn silence_ms_at(&self, node: NodeId, now: Instant) -> u64 {
         let inner = self.lock();
         inner
             .last_seen
             .get(&node)
             .or(inner.since.as_ref())
-            .map_or(0, |t| t.elapsed().as_millis() as u64)
+            .map_or(0, |t| now.saturating_duration_since(*t).as_millis() as u64)
+    }
+
+    /// Of `nodes`, those silent for more than [`UNREACHABLE_AFTER_HEARTBEATS`] heartbeat
+    /// periods of `interval_ms` as of `now`.
+    fn unreachable_at(
+        &self,
+        nodes: impl IntoIterator<Item = NodeId>,
+        interval_ms: u64,
+        now: Instant,
+    ) -> Vec<NodeId> {
+        nodes
+            .into_iter()
+            .filter(|id| self.silence_ms_at(*id, now) > interval_ms * UNREACHABLE_AFTER_HEARTBEATS)
+            .collect()
     }
 
     /// Load of every range that reported.
@@ -151,13 +175,18 @@ impl MetaState {
     /// `(left, right)` of merges whose right range is frozen and no merge is running: a
     /// coordinator stopped half way, so the merge must be finished or undone.
     pub fn frozen_merges(&self) -> Vec<(RangeId, RangeId)> {
+        self.frozen_merges_at(Instant::now())
+    }
+
+    /// [`MetaState::frozen_merges`] as of `now`.
+    fn frozen_merges_at(&self, now: Instant) -> Vec<(RangeId, RangeId)> {
         let in_flight = self.busy();
         let mut inner = self.lock();
         // A frozen range that stopped reporting merged (or moved its leader away); its new
         // leader reports it again if not.
-        inner
-            .frozen
-            .retain(|_, (_, seen)| seen.elapsed() < Duration::from_millis(FROZEN_REPORT_TTL_MS));
+        inner.frozen.retain(|_, (_, seen)| {
+            now.saturating_duration_since(*seen) < Duration::from_millis(FROZEN_REPORT_TTL_MS)
+        });
         inner
             .frozen
             .iter()
@@ -190,88 +219,68 @@ impl MetaState {
     }
 }
 
-/// A descriptor from the wire.
-pub fn record_from_wire(d: &RangeDescriptor, next_replica_id: ReplicaId) -> RangeRecord {
-    RangeRecord {
-        span: RangeSpan {
-            range_id: d.range_id,
-            start_key: d.start_key.clone(),
-            end_key: d.end_key.clone(),
-            generation: d.generation,
-            next_replica_id,
-        },
-        replicas: d
-            .replicas
-            .iter()
-            .map(|r| ReplicaRecord {
-                replica_id: r.replica_id,
-                node_id: r.node_id,
-                voter: r.voter,
-            })
-            .collect(),
-    }
+/// What the meta-range leader makes of one heartbeat.
+#[derive(Debug, Default, PartialEq)]
+pub struct HeartbeatOutcome {
+    /// Descriptors newer than the meta range's copy, to write into it.
+    pub upserts: Vec<RangeRecord>,
+    /// Stored ranges a newer descriptor of `upserts` covers entirely: merged into it, so
+    /// their descriptors go.
+    pub merged_away: Vec<RangeId>,
+    /// Ranges whose replica the reporting node must destroy.
+    pub destroy: Vec<RangeId>,
 }
 
-/// Handles a node's heartbeat on the meta-range leader.
-pub async fn handle_heartbeat(
-    shared: &NodeShared,
-    req: NodeHeartbeatRequest,
-) -> Result<NodeHeartbeatResponse, ClientError> {
-    let meta = shared
-        .meta_replica()
-        .filter(|r| r.raft.is_leader())
-        .ok_or_else(|| not_leader_hint(shared.meta_leader_hint()))?;
-    let term = meta.raft.metrics().borrow_watched().current_term;
-    shared.meta.sync_term(term);
-    let now = Instant::now();
-    let stored: HashMap<RangeId, RangeRecord> = registry::ranges(&shared.db)
-        .map_err(internal)?
-        .into_iter()
-        .map(|r| (r.span.range_id, r))
-        .collect();
-
-    let mut upserts: Vec<RangeRecord> = Vec::new();
-    let mut destroy = Vec::new();
-    {
-        let mut inner = shared.meta.lock();
-        inner.last_seen.insert(req.node_id, now);
-        let reported: HashSet<RangeId> = req.replicas.iter().map(|r| r.range_id).collect();
-        for report in &req.replicas {
-            let merged_away = merged_away(report, &stored, &reported);
-            let removed = merged_away || removed_from_range(report, &stored);
-            track_report(
-                &mut inner,
-                req.node_id,
-                report,
-                removed,
-                &stored,
-                now,
-                &mut destroy,
-            );
-            let Some(d) = &report.descriptor else {
-                continue;
-            };
-            let newer = stored
-                .get(&d.range_id)
-                .is_none_or(|s| s.span.generation < d.generation);
-            if !newer || upserts.iter().any(|u| u.span.range_id == d.range_id) {
-                continue;
-            }
-            let record = record_from_wire(d, report_next_replica_id(report, d));
-            // A range merged away reports its old span until its replicas stop; the merged
-            // range covering it at a higher generation wins.
-            let superseded = stored.values().any(|s| {
-                s.span.range_id != d.range_id
-                    && s.span.overlaps(&record.span)
-                    && s.span.generation > d.generation
-            });
-            if !superseded {
-                upserts.push(record);
+impl MetaState {
+    /// Takes in one node's heartbeat at `now`, against `stored`, the meta range's copy of the
+    /// descriptors: notes the node as heard from, tracks each replica's span, load and
+    /// freeze, and decides which descriptors to write and which replicas the node destroys.
+    pub fn take_report(
+        &self,
+        req: &NodeHeartbeatRequest,
+        stored: &HashMap<RangeId, RangeRecord>,
+        now: Instant,
+    ) -> HeartbeatOutcome {
+        let mut upserts: Vec<RangeRecord> = Vec::new();
+        let mut destroy = Vec::new();
+        {
+            let mut inner = self.lock();
+            inner.last_seen.insert(req.node_id, now);
+            let reported: HashSet<RangeId> = req.replicas.iter().map(|r| r.range_id).collect();
+            for report in &req.replicas {
+                let merged_away = merged_away(report, stored, &reported);
+                let removed = merged_away || removed_from_range(report, stored);
+                track_report(
+                    &mut inner,
+                    req.node_id,
+                    report,
+                    removed,
+                    stored,
+                    now,
+                    &mut destroy,
+                );
+                let Some(d) = &report.descriptor else {
+                    continue;
+                };
+                let newer = stored
+                    .get(&d.range_id)
+                    .is_none_or(|s| s.span.generation < d.generation);
+                if !newer || upserts.iter().any(|u| u.span.range_id == d.range_id) {
+                    continue;
+                }
+                let record = record_from_wire(d, report_next_replica_id(report, d));
+                // A range merged away reports its old span until its replicas stop; the
+                // merged range covering it at a higher generation wins.
+                let superseded = stored.values().any(|s| {
+                    s.span.range_id != d.range_id
+                        && s.span.overlaps(&record.span)
+                        && s.span.generation > d.generation
+                });
+                if !superseded {
+                    upserts.push(record);
+                }
             }
         }
-    }
-    if !upserts.is_empty() {
-        // Ranges a newer descriptor covers entirely were merged into it.
         let merged_away: Vec<RangeId> = stored
             .values()
             .filter(|s| {
@@ -283,18 +292,40 @@ pub async fn handle_heartbeat(
             })
             .map(|s| s.span.range_id)
             .collect();
-        write_descriptors(shared, &meta.raft, upserts, merged_away).await?;
+        HeartbeatOutcome {
+            upserts,
+            merged_away,
+            destroy,
+        }
     }
+}
 
-    let interval_ms = shared.cfg.node_heartbeat_interval_ms;
-    let nodes = registry::nodes(&shared.db).map_err(internal)?;
-    let unreachable = nodes
-        .iter()
-        .map(|n| n.node_id)
-        .filter(|id| shared.meta.silence_ms(*id) > interval_ms * UNREACHABLE_AFTER_HEARTBEATS)
+/// Handles a node's heartbeat on the meta-range leader; `meta` is the local meta replica,
+/// which leads the range, and `interval_ms` the node heartbeat period.
+pub async fn handle_heartbeat(
+    view: &MetaState,
+    db: &Db,
+    meta: &Replica,
+    interval_ms: u64,
+    req: NodeHeartbeatRequest,
+) -> Result<NodeHeartbeatResponse, ClientError> {
+    let term = meta.raft.metrics().borrow_watched().current_term;
+    view.sync_term(term);
+    let now = Instant::now();
+    let stored: HashMap<RangeId, RangeRecord> = registry::ranges(db)
+        .map_err(internal)?
+        .into_iter()
+        .map(|r| (r.span.range_id, r))
         .collect();
+    let outcome = view.take_report(&req, &stored, now);
+    if !outcome.upserts.is_empty() {
+        write_descriptors(&meta.raft, outcome.upserts, outcome.merged_away).await?;
+    }
+    let nodes = registry::nodes(db).map_err(internal)?;
+    let unreachable =
+        view.unreachable_at(nodes.iter().map(|n| n.node_id), interval_ms, Instant::now());
     Ok(NodeHeartbeatResponse {
-        destroy_ranges: destroy,
+        destroy_ranges: outcome.destroy,
         unreachable_nodes: unreachable,
         nodes: nodes
             .into_iter()
@@ -426,7 +457,6 @@ fn track_report(
 /// here for a moment (the child reported first); routing prefers the range with the later
 /// start, which is the child, and the parent's next report narrows it.
 async fn write_descriptors(
-    shared: &NodeShared,
     meta: &spheredb_raft::RaftHandle,
     upserts: Vec<RangeRecord>,
     merged_away: Vec<RangeId>,
@@ -445,11 +475,7 @@ async fn write_descriptors(
         });
     }
     write_meta(meta, ops).await?;
-    tracing::debug!(
-        node_id = shared.node_id,
-        count = upserts.len(),
-        "meta descriptors updated"
-    );
+    tracing::debug!(count = upserts.len(), "meta descriptors updated");
     Ok(())
 }
 
@@ -486,97 +512,4 @@ pub async fn write_liveness(
         }],
     )
     .await
-}
-
-/// This node's report of its replicas.
-fn build_report(shared: &NodeShared, interval: Duration) -> NodeHeartbeatRequest {
-    let mut replicas = Vec::new();
-    for r in shared.replicas.all() {
-        let ops = r.ops.swap(0, std::sync::atomic::Ordering::Relaxed);
-        r.set_qps(ops as f64 / interval.as_secs_f64().max(0.001));
-        let metrics = r.raft.metrics().borrow_watched().clone();
-        let leader = r.raft.is_leader();
-        let descriptor = shared.descriptor(&r);
-        let generation = descriptor.as_ref().map_or(0, |d| d.generation);
-        replicas.push(ReplicaReport {
-            range_id: r.shared.range_id,
-            replica_id: metrics.id,
-            descriptor,
-            generation,
-            leader,
-            size_bytes: if leader {
-                r.size_bytes.load(std::sync::atomic::Ordering::Relaxed)
-            } else {
-                0
-            },
-            qps: if leader { r.qps() } else { 0.0 },
-            frozen_into: r.shared.frozen().map(|f| f.into),
-        });
-    }
-    NodeHeartbeatRequest {
-        node_id: shared.node_id,
-        addr: shared.addr.clone(),
-        replicas,
-    }
-}
-
-/// Reports to the meta-range leader every heartbeat period and acts on its answer.
-pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
-    let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let report = build_report(&shared, interval);
-        let resp = shared
-            .call_meta(|mut admin| {
-                let report = report.clone();
-                async move { admin.node_heartbeat(report).await }
-            })
-            .await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!("heartbeat to the meta range failed: {e}");
-                continue;
-            }
-        };
-        shared.learn_nodes(resp.nodes.iter().map(|n| (n.node_id, n.addr.clone())));
-        for range_id in resp.destroy_ranges {
-            if range_id == META_RANGE_ID && shared.is_leader(META_RANGE_ID) {
-                continue;
-            }
-            if let Err(e) = shared.destroy_replica(range_id, false).await {
-                tracing::warn!(range_id, "destroying removed replica: {e:#}");
-            }
-        }
-        if let Err(e) = shared.stop_merged_replicas().await {
-            tracing::warn!("stopping merged replicas: {e:#}");
-        }
-        if !resp.unreachable_nodes.is_empty() {
-            wake_ranges_led_by(&shared, &resp.unreachable_nodes);
-        }
-    }
-}
-
-/// Wakes quiesced ranges whose leader is on one of `nodes`, so they elect a new one.
-fn wake_ranges_led_by(shared: &NodeShared, nodes: &[NodeId]) {
-    for r in shared.replicas.all() {
-        if !r.quiesced.load(std::sync::atomic::Ordering::Acquire) {
-            continue;
-        }
-        if r.raft.is_leader() {
-            continue;
-        }
-        let leader_node = shared.leader_node(&r).map(|n| n.node_id);
-        if leader_node.is_none_or(|n| nodes.contains(&n)) {
-            tracing::info!(
-                range_id = r.shared.range_id,
-                ?leader_node,
-                "waking range: its leader is unreachable"
-            );
-            r.touch();
-        }
-    }
 }
