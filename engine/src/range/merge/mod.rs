@@ -489,3 +489,424 @@ pub async fn merge_loop<T: MergeTransport>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::Mutex;
+
+    use spheredb_client::proto::v1::{MergeStep, MergeStepRequest, MergeStepResponse};
+    use spheredb_raft::{MergeFreeze, RangeSpan, ReplicaRecord};
+
+    use super::*;
+    use crate::descriptor::wire_descriptor;
+
+    /// A range as its simulated leader applied it.
+    struct SimRange {
+        record: RangeRecord,
+        frozen: Option<MergeFreeze>,
+        /// `(right, left_generation)` of merges this range applied, as the state machine
+        /// keeps them to answer a late `AbortMerge`.
+        merges: Vec<(RangeId, u64)>,
+    }
+
+    #[derive(Default)]
+    struct SimState {
+        ranges: BTreeMap<RangeId, SimRange>,
+        /// Nodes whose replicas never apply a freeze (cut off, or far behind).
+        lagging: HashSet<NodeId>,
+        /// Every call the coordinator made, in order.
+        calls: Vec<String>,
+    }
+
+    /// A cluster's ranges in memory, answering a merge's calls as range leaders do: each
+    /// merge step checks and changes the range as the state machine's command does.
+    #[derive(Default)]
+    struct SimCluster {
+        state: Mutex<SimState>,
+    }
+
+    impl SimCluster {
+        fn with(ranges: Vec<LiveRange>) -> SimCluster {
+            let sim = SimCluster::default();
+            {
+                let mut st = sim.state.lock().unwrap();
+                for r in ranges {
+                    st.ranges.insert(
+                        r.record.span.range_id,
+                        SimRange {
+                            record: r.record,
+                            frozen: r.frozen,
+                            merges: Vec::new(),
+                        },
+                    );
+                }
+            }
+            sim
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
+            self.state.lock().unwrap()
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.state().calls.clone()
+        }
+
+        fn range(&self, id: RangeId) -> Option<LiveRange> {
+            self.state().ranges.get(&id).map(|r| LiveRange {
+                record: r.record.clone(),
+                frozen: r.frozen,
+            })
+        }
+    }
+
+    fn stale(range: &SimRange) -> ClientError {
+        ClientError::StaleGeneration {
+            message: format!("range is at generation {}", range.record.span.generation),
+            descriptors: vec![wire_descriptor(&range.record)],
+        }
+    }
+
+    fn answer(range: &SimRange, merged: bool) -> MergeStepResponse {
+        MergeStepResponse {
+            descriptor: Some(wire_descriptor(&range.record)),
+            merged,
+        }
+    }
+
+    impl MergeTransport for SimCluster {
+        async fn live_range(&self, record: &RangeRecord) -> Result<LiveRange, ClientError> {
+            let id = record.span.range_id;
+            self.range(id)
+                .ok_or_else(|| ClientError::Unavailable(format!("no leader of range {id}")))
+        }
+
+        async fn applied_freeze(
+            &self,
+            node: NodeId,
+            range_id: RangeId,
+        ) -> Result<Option<MergeFreeze>, ClientError> {
+            let st = self.state();
+            if st.lagging.contains(&node) {
+                return Ok(None);
+            }
+            Ok(st
+                .ranges
+                .get(&range_id)
+                .filter(|r| r.record.replica_on(node).is_some())
+                .and_then(|r| r.frozen))
+        }
+
+        async fn merge_step(
+            &self,
+            _record: &RangeRecord,
+            req: MergeStepRequest,
+        ) -> Result<MergeStepResponse, ClientError> {
+            let mut st = self.state();
+            let step = MergeStep::try_from(req.step).unwrap();
+            st.calls.push(format!("{step:?} {}", req.range_id));
+            let id = req.range_id;
+            let Some(mut range) = st.ranges.remove(&id) else {
+                return Err(ClientError::RangeNotFound(format!("range {id}")));
+            };
+            let result = match step {
+                MergeStep::Freeze => {
+                    let freeze = MergeFreeze {
+                        into: req.into,
+                        left_generation: req.left_generation,
+                    };
+                    match range.frozen {
+                        Some(f) if f == freeze => Ok(answer(&range, false)),
+                        Some(f) => Err(ClientError::Unavailable(format!("frozen into {}", f.into))),
+                        None if range.record.span.generation != req.expected_generation => {
+                            Err(stale(&range))
+                        }
+                        None => {
+                            range.frozen = Some(freeze);
+                            Ok(answer(&range, false))
+                        }
+                    }
+                }
+                MergeStep::Thaw => {
+                    let freeze = MergeFreeze {
+                        into: req.into,
+                        left_generation: req.left_generation,
+                    };
+                    if range.frozen == Some(freeze) {
+                        range.frozen = None;
+                    }
+                    Ok(answer(&range, false))
+                }
+                MergeStep::Merge => {
+                    let right = req.right.clone().unwrap();
+                    let held = st.ranges.get(&right.range_id).is_some_and(|r| {
+                        r.frozen
+                            == Some(MergeFreeze {
+                                into: id,
+                                left_generation: req.expected_generation,
+                            })
+                    });
+                    if range.record.span.generation != req.expected_generation {
+                        Err(stale(&range))
+                    } else if range.record.span.end_key != right.start_key || !held {
+                        Err(ClientError::Internal(
+                            "merge without its frozen right side".into(),
+                        ))
+                    } else {
+                        st.ranges.remove(&right.range_id);
+                        let span = &mut range.record.span;
+                        span.end_key = right.end_key.clone();
+                        span.generation = span.generation.max(right.generation) + 1;
+                        range.merges.push((right.range_id, req.expected_generation));
+                        Ok(answer(&range, false))
+                    }
+                }
+                MergeStep::Abort => {
+                    let right = req.right.clone().unwrap().range_id;
+                    if let Some(f) = range.frozen {
+                        Err(ClientError::Unavailable(format!("frozen into {}", f.into)))
+                    } else {
+                        let merged = range.merges.contains(&(right, req.left_generation));
+                        if !merged && range.record.span.generation == req.left_generation {
+                            range.record.span.generation += 1;
+                        }
+                        Ok(answer(&range, merged))
+                    }
+                }
+                MergeStep::Unspecified => Err(ClientError::InvalidArgument("no step".into())),
+            };
+            st.ranges.insert(id, range);
+            result
+        }
+
+        async fn change_replicas(
+            &self,
+            _record: &RangeRecord,
+            req: ChangeReplicasRequest,
+        ) -> Result<(), ClientError> {
+            let mut st = self.state();
+            st.calls.push(format!(
+                "ChangeReplicas {} add {:?} remove {:?}",
+                req.range_id, req.add_node_id, req.remove_node_id
+            ));
+            let range = st.ranges.get_mut(&req.range_id).unwrap();
+            if range.record.span.generation != req.expected_generation {
+                return Err(stale(range));
+            }
+            let record = &mut range.record;
+            if let Some(node) = req.add_node_id {
+                record.replicas.push(ReplicaRecord {
+                    replica_id: record.span.next_replica_id,
+                    node_id: node,
+                    voter: true,
+                });
+                record.span.next_replica_id += 1;
+            }
+            if let Some(node) = req.remove_node_id {
+                record.replicas.retain(|r| r.node_id != node);
+            }
+            record.span.generation += 1;
+            Ok(())
+        }
+    }
+
+    fn range(id: RangeId, start: &[u8], end: &[u8], nodes: &[NodeId]) -> LiveRange {
+        LiveRange {
+            record: RangeRecord {
+                span: RangeSpan {
+                    range_id: id,
+                    start_key: start.to_vec(),
+                    end_key: end.to_vec(),
+                    generation: 5,
+                    next_replica_id: nodes.len() as u64 + 1,
+                },
+                replicas: nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| ReplicaRecord {
+                        replica_id: i as u64 + 1,
+                        node_id: *n,
+                        voter: true,
+                    })
+                    .collect(),
+            },
+            frozen: None,
+        }
+    }
+
+    fn frozen(mut r: LiveRange, into: RangeId, left_generation: u64) -> LiveRange {
+        r.frozen = Some(MergeFreeze {
+            into,
+            left_generation,
+        });
+        r
+    }
+
+    /// Runs steps as `Merges::merge_ranges` does, until merged, an error, or the step limit.
+    async fn run(
+        sim: &SimCluster,
+        view: &MetaState,
+        left: &LiveRange,
+        right: &LiveRange,
+    ) -> Result<Option<RangeRecord>, ClientError> {
+        let coordinator = Coordinator {
+            transport: sim,
+            view,
+            freeze_catch_up_ms: 0,
+        };
+        for _ in 0..MAX_MERGE_STEPS {
+            if let Some(merged) = coordinator.step(&left.record, &right.record).await? {
+                return Ok(Some(merged));
+            }
+        }
+        Ok(None)
+    }
+
+    #[tokio::test]
+    async fn colocated_neighbours_freeze_then_merge_into_one_wider_range() {
+        let (l, r) = (
+            range(2, b"a", b"m", &[1, 2, 3]),
+            range(3, b"m", b"", &[1, 2, 3]),
+        );
+        let sim = SimCluster::with(vec![l.clone(), r.clone()]);
+        let merged = run(&sim, &MetaState::default(), &l, &r)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                merged.span.start_key.as_slice(),
+                merged.span.end_key.as_slice()
+            ),
+            (&b"a"[..], &b""[..])
+        );
+        assert_eq!(merged.span.generation, 6);
+        assert_eq!(sim.calls(), ["Freeze 3", "Merge 2"]);
+        assert!(sim.range(3).is_none());
+    }
+
+    #[tokio::test]
+    async fn right_replicas_move_onto_the_left_nodes_one_change_at_a_time_before_the_freeze() {
+        let (l, r) = (
+            range(2, b"a", b"m", &[1, 2, 3]),
+            range(3, b"m", b"", &[1, 2, 4]),
+        );
+        let sim = SimCluster::with(vec![l.clone(), r.clone()]);
+        let merged = run(&sim, &MetaState::default(), &l, &r).await.unwrap();
+        assert!(merged.is_some());
+        assert_eq!(
+            sim.calls(),
+            [
+                "ChangeReplicas 3 add Some(3) remove None",
+                "ChangeReplicas 3 add None remove Some(4)",
+                "Freeze 3",
+                "Merge 2",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_freeze_a_replica_does_not_apply_in_time_is_aborted_then_thawed() {
+        let (l, r) = (
+            range(2, b"a", b"m", &[1, 2, 3]),
+            range(3, b"m", b"", &[1, 2, 3]),
+        );
+        let sim = SimCluster::with(vec![l.clone(), r.clone()]);
+        sim.state().lagging.insert(3);
+        let coordinator = Coordinator {
+            transport: &sim,
+            view: &MetaState::default(),
+            freeze_catch_up_ms: 0,
+        };
+        let err = coordinator
+            .step(&l.record, &r.record)
+            .await
+            .expect_err("a replica never applied the freeze");
+        assert!(matches!(err, ClientError::Unavailable(_)), "{err:?}");
+        assert_eq!(sim.calls(), ["Freeze 3", "Abort 2", "Thaw 3"]);
+        // The abort moved the left range on, so a `Merge` still in flight fails for good
+        // before the right range serves again.
+        assert_eq!(sim.range(2).unwrap().record.span.generation, 6);
+        assert_eq!(sim.range(3).unwrap().frozen, None);
+    }
+
+    #[tokio::test]
+    async fn a_new_coordinator_finishes_a_merge_whose_freeze_still_fits() {
+        let l = range(2, b"a", b"m", &[1, 2, 3]);
+        let r = frozen(range(3, b"m", b"", &[1, 2, 3]), 2, 5);
+        let sim = SimCluster::with(vec![l.clone(), r.clone()]);
+        let merged = run(&sim, &MetaState::default(), &l, &r).await.unwrap();
+        assert!(merged.is_some());
+        assert_eq!(sim.calls(), ["Merge 2"]);
+    }
+
+    #[tokio::test]
+    async fn a_freeze_planned_on_an_older_left_generation_is_undone_and_the_merge_planned_again() {
+        let l = range(2, b"a", b"m", &[1, 2, 3]);
+        let r = frozen(range(3, b"m", b"", &[1, 2, 3]), 2, 4);
+        let sim = SimCluster::with(vec![l.clone(), r.clone()]);
+        let merged = run(&sim, &MetaState::default(), &l, &r).await.unwrap();
+        assert!(merged.is_some());
+        assert_eq!(
+            sim.calls(),
+            ["Abort 2", "Thaw 3", "Freeze 3", "Merge 2"],
+            "the stale freeze goes before a new one"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abort_that_finds_the_merge_applied_reports_it_and_thaws_nothing() {
+        // The left range applied the merge at generation 5 (now 6), but the right range's
+        // leader has not stopped yet and still reports itself frozen.
+        let mut l = range(2, b"a", b"", &[1, 2, 3]);
+        l.record.span.generation = 6;
+        let r = frozen(range(3, b"m", b"", &[1, 2, 3]), 2, 5);
+        let sim = SimCluster::with(vec![l.clone(), r.clone()]);
+        sim.state().ranges.get_mut(&2).unwrap().merges.push((3, 5));
+        let coordinator = Coordinator {
+            transport: &sim,
+            view: &MetaState::default(),
+            freeze_catch_up_ms: 0,
+        };
+        let merged = coordinator.step(&l.record, &r.record).await.unwrap();
+        assert_eq!(merged.map(|m| m.span.generation), Some(6));
+        assert_eq!(sim.calls(), ["Abort 2"]);
+        assert_eq!(sim.range(3).unwrap().frozen.map(|f| f.into), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_range_frozen_into_another_range_is_left_to_that_merge() {
+        let l = range(2, b"a", b"m", &[1, 2, 3]);
+        let r = frozen(range(3, b"m", b"", &[1, 2, 3]), 7, 1);
+        let sim = SimCluster::with(vec![l.clone(), r.clone()]);
+        let err = run(&sim, &MetaState::default(), &l, &r).await.unwrap_err();
+        assert!(matches!(err, ClientError::Unavailable(_)), "{err:?}");
+        assert!(sim.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_orphaned_freeze_is_thawed_unless_a_newer_range_took_the_keys_over() {
+        let r = frozen(range(3, b"m", b"", &[1, 2, 3]), 2, 5);
+        let sim = SimCluster::with(vec![r.clone()]);
+        let view = MetaState::default();
+        let coordinator = Coordinator {
+            transport: &sim,
+            view: &view,
+            freeze_catch_up_ms: 0,
+        };
+        let mut newer = range(4, b"a", b"", &[1, 2, 3]).record;
+        newer.span.generation = 9;
+        coordinator
+            .thaw_orphan(2, &r.record, &[r.record.clone(), newer])
+            .await
+            .unwrap();
+        assert!(sim.calls().is_empty(), "range 4 owns the keys now");
+        coordinator
+            .thaw_orphan(2, &r.record, std::slice::from_ref(&r.record))
+            .await
+            .unwrap();
+        assert_eq!(sim.calls(), ["Thaw 3"]);
+        assert_eq!(sim.range(3).unwrap().frozen, None);
+    }
+}

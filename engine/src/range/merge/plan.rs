@@ -464,4 +464,179 @@ mod tests {
         );
         assert!(picked.is_empty(), "{picked:?}");
     }
+
+    fn live(id: RangeId, start: &[u8], end: &[u8], voters: &[NodeId]) -> LiveRange {
+        let mut record = range(id, start, end);
+        record.replicas = voters
+            .iter()
+            .map(|n| ReplicaRecord {
+                replica_id: *n,
+                node_id: *n,
+                voter: true,
+            })
+            .collect();
+        LiveRange {
+            record,
+            frozen: None,
+        }
+    }
+
+    fn freeze(into: RangeId, left_generation: u64) -> Option<MergeFreeze> {
+        Some(MergeFreeze {
+            into,
+            left_generation,
+        })
+    }
+
+    #[test]
+    fn colocated_unfrozen_neighbours_freeze_the_right_range_at_the_left_generation() {
+        let (l, r) = (
+            live(2, b"a", b"m", &[1, 2, 3]),
+            live(3, b"m", b"", &[3, 2, 1]),
+        );
+        let next = next_step(&l, &r, &r.record, false).unwrap();
+        assert_eq!(next, MergeNext::Freeze(freeze(2, 1).unwrap()));
+    }
+
+    #[test]
+    fn replicas_move_learners_first_then_right_adds_before_removes() {
+        let mut l = live(2, b"a", b"m", &[1, 2, 3]);
+        let mut r = live(3, b"m", b"", &[1, 2, 4]);
+        l.record.replicas[2].voter = false;
+        let m = |range_id, add, remove| ReplicaMove {
+            range_id,
+            add,
+            remove,
+        };
+        assert_eq!(colocation_move(&l, &r), Some(m(2, None, Some(3))));
+        l.record.replicas[2].voter = true;
+        r.record.replicas[0].voter = false;
+        assert_eq!(colocation_move(&l, &r), Some(m(3, None, Some(1))));
+        r.record.replicas[0].voter = true;
+        assert_eq!(colocation_move(&l, &r), Some(m(3, Some(3), None)));
+        let r = live(3, b"m", b"", &[1, 2, 3, 4]);
+        assert_eq!(colocation_move(&l, &r), Some(m(3, None, Some(4))));
+        let r = live(3, b"m", b"", &[1, 2, 3]);
+        assert_eq!(colocation_move(&l, &r), None);
+        assert!(colocated(&l, &r));
+        assert_eq!(
+            next_step(&l, &live(3, b"m", b"", &[1, 2, 4]), &r.record, false).unwrap(),
+            MergeNext::Move(m(3, Some(3), None))
+        );
+    }
+
+    #[test]
+    fn a_frozen_right_range_is_finished_only_while_the_freeze_still_fits() {
+        let l = live(2, b"a", b"m", &[1, 2, 3]);
+        let mut r = live(3, b"m", b"", &[1, 2, 3]);
+        r.frozen = freeze(2, 1);
+        assert_eq!(
+            next_step(&l, &r, &r.record, false).ok(),
+            Some(MergeNext::Finish)
+        );
+        // Pending merges into the right range do not matter once it is frozen into ours.
+        assert_eq!(
+            next_step(&l, &r, &r.record, true).ok(),
+            Some(MergeNext::Finish)
+        );
+        // The left range moved on since the freeze: the merge would be refused.
+        r.frozen = freeze(2, 0);
+        assert_eq!(
+            next_step(&l, &r, &r.record, false).ok(),
+            Some(MergeNext::Abandon)
+        );
+        // No longer colocated, or no longer adjacent: undo as well.
+        r.frozen = freeze(2, 1);
+        let moved = live(3, b"m", b"", &[1, 2, 4]);
+        let moved = LiveRange {
+            frozen: r.frozen,
+            ..moved
+        };
+        assert_eq!(
+            next_step(&l, &moved, &r.record, false).ok(),
+            Some(MergeNext::Abandon)
+        );
+        let apart = LiveRange {
+            frozen: r.frozen,
+            ..live(3, b"n", b"", &[1, 2, 3])
+        };
+        assert_eq!(
+            next_step(&l, &apart, &r.record, false).ok(),
+            Some(MergeNext::Abandon)
+        );
+    }
+
+    #[test]
+    fn a_right_range_frozen_into_another_range_or_awaiting_a_merge_itself_is_retried_later() {
+        let l = live(2, b"a", b"m", &[1, 2, 3]);
+        let mut r = live(3, b"m", b"", &[1, 2, 3]);
+        r.frozen = freeze(9, 1);
+        assert!(matches!(
+            next_step(&l, &r, &r.record, false),
+            Err(ClientError::Unavailable(_))
+        ));
+        r.frozen = None;
+        assert!(matches!(
+            next_step(&l, &r, &r.record, true),
+            Err(ClientError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn a_left_range_that_no_longer_ends_at_the_planned_right_range_does_not_merge() {
+        let l = live(2, b"a", b"k", &[1, 2, 3]);
+        let r = live(3, b"m", b"", &[1, 2, 3]);
+        assert!(matches!(
+            next_step(&l, &r, &r.record, false),
+            Err(ClientError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn the_pair_is_the_named_right_range_or_else_the_right_neighbour() {
+        let records = ranges();
+        let (l, r) = pick_pair(&records, 3, None).unwrap().unwrap();
+        assert_eq!((l.span.range_id, r.span.range_id), (3, 4));
+        let (_, r) = pick_pair(&records, 3, Some(5)).unwrap().unwrap();
+        assert_eq!(r.span.range_id, 5, "a named range is taken by id");
+        assert!(pick_pair(&records, 9, None).unwrap().is_none());
+        assert!(matches!(
+            pick_pair(&records, 5, None),
+            Err(ClientError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pick_pair(&records, 3, Some(9)),
+            Err(ClientError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pick_pair(&records, META_RANGE_ID, None),
+            Err(ClientError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn an_orphaned_freeze_is_thawed_only_when_no_newer_range_holds_its_keys() {
+        let mut r = live(4, b"\x02m", b"\x02t", &[1, 2, 3]);
+        r.frozen = freeze(3, 1);
+        let records = ranges();
+        assert_eq!(orphan_freeze(3, &r, &r.record, &records), freeze(3, 1));
+        assert_eq!(
+            orphan_freeze(7, &r, &r.record, &records),
+            None,
+            "frozen into 3"
+        );
+        let mut newer = records.clone();
+        newer[2].span.end_key = b"\x02t".to_vec();
+        newer[2].span.generation = 2;
+        assert_eq!(orphan_freeze(3, &r, &r.record, &newer), None);
+    }
+
+    #[test]
+    fn only_this_freeze_counts_as_applied() {
+        let l = live(2, b"a", b"m", &[1]);
+        assert!(applied_this_freeze(freeze(2, 1), &l));
+        assert!(!applied_this_freeze(freeze(2, 0), &l));
+        assert!(!applied_this_freeze(freeze(5, 1), &l));
+        assert!(!applied_this_freeze(None, &l));
+    }
 }
