@@ -621,4 +621,41 @@ mod tests {
         let ranges = [range(2, &[1], 1)];
         assert!(plan(&nodes, &ranges, 3, &HashSet::from([2])).is_empty());
     }
+
+    #[test]
+    fn silent_nodes_turn_dead_and_back_and_only_changes_are_recorded() {
+        let record = |id: NodeId| NodeRecord {
+            node_id: id,
+            addr: format!("n{id}:1"),
+            state: NodeState::Active,
+        };
+        let nodes = [record(1), record(2), record(3)];
+        let dead_after_ms = 1_000;
+        // Node 1 is this node, silent to itself; node 2 reports; node 3 went quiet and was
+        // already recorded dead.
+        let silence = |n: NodeId| match n {
+            2 => 10,
+            _ => 5_000,
+        };
+        let recorded = HashMap::from([(
+            3,
+            LivenessRecord {
+                node_id: 3,
+                live: false,
+                since_unix_ms: 1,
+            },
+        )]);
+        let (views, changes) = node_liveness(&nodes, &recorded, 1, &silence, dead_after_ms, 42);
+        let live: Vec<bool> = views.iter().map(|v| v.live).collect();
+        assert_eq!(live, [true, true, false]);
+        assert!(changes.is_empty(), "{changes:?}");
+        // Node 2 goes quiet and node 3 comes back: both changes are recorded, at `now`.
+        let silence = |n: NodeId| if n == 2 { 5_000 } else { 10 };
+        let (_, changes) = node_liveness(&nodes, &recorded, 1, &silence, dead_after_ms, 42);
+        let changed: Vec<(NodeId, bool, u64)> = changes
+            .iter()
+            .map(|c| (c.node_id, c.live, c.since_unix_ms))
+            .collect();
+        assert_eq!(changed, [(2, false, 42), (3, true, 42)]);
+    }
 }

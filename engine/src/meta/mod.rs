@@ -513,3 +513,314 @@ pub async fn write_liveness(
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use spheredb_raft::ReplicaRecord;
+
+    use super::*;
+    use crate::descriptor::wire_descriptor;
+
+    fn record(
+        id: RangeId,
+        start: &[u8],
+        end: &[u8],
+        generation: u64,
+        nodes: &[NodeId],
+    ) -> RangeRecord {
+        RangeRecord {
+            span: RangeSpan {
+                range_id: id,
+                start_key: start.to_vec(),
+                end_key: end.to_vec(),
+                generation,
+                next_replica_id: nodes.len() as u64 + 1,
+            },
+            replicas: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ReplicaRecord {
+                    replica_id: i as u64 + 1,
+                    node_id: *n,
+                    voter: true,
+                })
+                .collect(),
+        }
+    }
+
+    /// Node `node`'s report of its replica (replica id `node`) of `r`.
+    fn report(node: NodeId, r: &RangeRecord, leader: bool) -> ReplicaReport {
+        ReplicaReport {
+            range_id: r.span.range_id,
+            replica_id: node,
+            descriptor: Some(wire_descriptor(r)),
+            generation: r.span.generation,
+            leader,
+            size_bytes: if leader { 100 } else { 0 },
+            qps: if leader { 2.0 } else { 0.0 },
+            frozen_into: None,
+        }
+    }
+
+    fn heartbeat(node: NodeId, replicas: Vec<ReplicaReport>) -> NodeHeartbeatRequest {
+        NodeHeartbeatRequest {
+            node_id: node,
+            addr: format!("n{node}:1"),
+            replicas,
+        }
+    }
+
+    fn stored(records: &[RangeRecord]) -> HashMap<RangeId, RangeRecord> {
+        records
+            .iter()
+            .map(|r| (r.span.range_id, r.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn only_descriptors_newer_than_the_meta_copy_are_written() {
+        let view = MetaState::default();
+        let old = record(2, b"a", b"", 3, &[1, 2, 3]);
+        let split_left = record(2, b"a", b"m", 4, &[1, 2, 3]);
+        let now = Instant::now();
+        let same = view.take_report(
+            &heartbeat(1, vec![report(1, &old, true)]),
+            &stored(std::slice::from_ref(&old)),
+            now,
+        );
+        assert!(same.upserts.is_empty(), "{same:?}");
+        let newer = view.take_report(
+            &heartbeat(1, vec![report(1, &split_left, true)]),
+            &stored(std::slice::from_ref(&old)),
+            now,
+        );
+        assert_eq!(newer.upserts, vec![split_left]);
+        assert!(newer.merged_away.is_empty());
+        let older = view.take_report(
+            &heartbeat(2, vec![report(2, &old, false)]),
+            &stored(&[record(2, b"a", b"m", 4, &[1, 2, 3])]),
+            now,
+        );
+        assert!(older.upserts.is_empty(), "{older:?}");
+    }
+
+    #[test]
+    fn a_merged_descriptor_replaces_the_ranges_it_covers() {
+        let view = MetaState::default();
+        let left = record(2, b"a", b"m", 5, &[1, 2, 3]);
+        let right = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let merged = record(2, b"a", b"", 6, &[1, 2, 3]);
+        let outcome = view.take_report(
+            &heartbeat(1, vec![report(1, &merged, true)]),
+            &stored(&[left, right]),
+            Instant::now(),
+        );
+        assert_eq!(outcome.upserts, vec![merged]);
+        assert_eq!(outcome.merged_away, vec![3]);
+    }
+
+    #[test]
+    fn a_merged_away_range_reporting_its_old_span_does_not_overwrite_the_merged_one() {
+        let view = MetaState::default();
+        let merged = record(2, b"a", b"", 6, &[1, 2, 3]);
+        // Range 3 merged into 2; its replica on node 1 still reports a (newer than nothing)
+        // descriptor until it stops.
+        let right = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let outcome = view.take_report(
+            &heartbeat(1, vec![report(1, &right, true)]),
+            &stored(&[merged]),
+            Instant::now(),
+        );
+        assert!(outcome.upserts.is_empty(), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_replica_removed_from_its_range_is_destroyed_only_after_the_grace_period() {
+        let view = MetaState::default();
+        let before = record(2, b"a", b"", 5, &[1, 2, 3]);
+        // Replica 3 (node 3) was removed at generation 6; ids up to 3 were handed out.
+        let mut after = record(2, b"a", b"", 6, &[1, 2]);
+        after.span.next_replica_id = 4;
+        let stored = stored(&[after]);
+        let t0 = Instant::now();
+        let hb = heartbeat(3, vec![report(3, &before, false)]);
+        assert!(view.take_report(&hb, &stored, t0).destroy.is_empty());
+        let grace = Duration::from_millis(REPLICA_GC_GRACE_MS);
+        let early = view.take_report(&hb, &stored, t0 + grace / 2);
+        assert!(early.destroy.is_empty(), "within the grace period");
+        let late = view.take_report(&hb, &stored, t0 + grace);
+        assert_eq!(late.destroy, vec![2]);
+    }
+
+    #[test]
+    fn a_replica_still_in_its_range_is_never_destroyed() {
+        let view = MetaState::default();
+        let r = record(2, b"a", b"", 5, &[1, 2, 3]);
+        let stored = stored(std::slice::from_ref(&r));
+        let hb = heartbeat(3, vec![report(3, &r, false)]);
+        let t0 = Instant::now();
+        view.take_report(&hb, &stored, t0);
+        let later = view.take_report(&hb, &stored, t0 + Duration::from_secs(60));
+        assert!(later.destroy.is_empty());
+    }
+
+    #[test]
+    fn a_replica_of_a_range_merged_away_is_destroyed_unless_its_node_applies_the_merge_itself() {
+        let merged = record(2, b"a", b"", 6, &[1, 2, 3]);
+        let right = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let stored = stored(&[merged]);
+        let grace = Duration::from_millis(REPLICA_GC_GRACE_MS);
+        let t0 = Instant::now();
+
+        // Alone on its node: nothing there will stop it.
+        let view = MetaState::default();
+        let hb = heartbeat(3, vec![report(3, &right, false)]);
+        view.take_report(&hb, &stored, t0);
+        assert_eq!(view.take_report(&hb, &stored, t0 + grace).destroy, vec![3]);
+
+        // Frozen into range 2, which the node also holds: applying the merge stops it.
+        let view = MetaState::default();
+        let mut frozen = report(3, &right, false);
+        frozen.frozen_into = Some(2);
+        let hb = heartbeat(
+            3,
+            vec![
+                report(3, &record(2, b"a", b"m", 5, &[1, 2, 3]), false),
+                frozen,
+            ],
+        );
+        view.take_report(&hb, &stored, t0);
+        assert!(view
+            .take_report(&hb, &stored, t0 + grace)
+            .destroy
+            .is_empty());
+    }
+
+    #[test]
+    fn leader_reports_carry_load_and_a_follower_unsets_a_leader_it_no_longer_is() {
+        let view = MetaState::default();
+        let r = record(2, b"a", b"", 5, &[1, 2, 3]);
+        let stored = stored(std::slice::from_ref(&r));
+        let now = Instant::now();
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &stored, now);
+        let load = view.loads()[&2].clone();
+        assert_eq!((load.leader_node, load.size_bytes), (Some(1), 100));
+        // A follower's report does not move the leader...
+        view.take_report(&heartbeat(2, vec![report(2, &r, false)]), &stored, now);
+        assert_eq!(view.loads()[&2].leader_node, Some(1));
+        // ...but the reported leader saying it is a follower does.
+        view.take_report(&heartbeat(1, vec![report(1, &r, false)]), &stored, now);
+        assert_eq!(view.loads()[&2].leader_node, None);
+    }
+
+    #[test]
+    fn frozen_ranges_are_merges_to_settle_until_forgotten_busy_or_silent() {
+        let view = MetaState::default();
+        let r = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let mut rep = report(1, &r, true);
+        rep.frozen_into = Some(2);
+        let t0 = Instant::now();
+        view.take_report(&heartbeat(1, vec![rep]), &stored(&[r]), t0);
+        assert_eq!(view.frozen_merges_at(t0), vec![(2, 3)]);
+        assert!(view.merge_pending_into(2));
+        assert!(!view.merge_pending_into(3));
+        // A merge running on either range settles it already.
+        assert!(view.claim(&[2]));
+        assert!(view.frozen_merges_at(t0).is_empty());
+        view.release(&[2]);
+        // Not reported for the TTL: it merged or its leader moved.
+        let ttl = Duration::from_millis(FROZEN_REPORT_TTL_MS);
+        assert!(view.frozen_merges_at(t0 + ttl).is_empty());
+        assert!(!view.merge_pending_into(2));
+    }
+
+    #[test]
+    fn a_thawed_range_is_no_longer_a_merge_to_settle() {
+        let view = MetaState::default();
+        let r = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let stored = stored(std::slice::from_ref(&r));
+        let mut rep = report(1, &r, true);
+        rep.frozen_into = Some(2);
+        let t0 = Instant::now();
+        view.take_report(&heartbeat(1, vec![rep]), &stored, t0);
+        assert!(view.merge_pending_into(2));
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &stored, t0);
+        assert!(view.frozen_merges_at(t0).is_empty());
+        assert!(!view.merge_pending_into(2));
+    }
+
+    #[test]
+    fn nodes_silent_past_the_limit_are_unreachable_and_a_new_view_gives_everyone_a_fresh_start() {
+        let view = MetaState::default();
+        view.sync_term(7);
+        let t0 = Instant::now();
+        let r = record(2, b"a", b"", 5, &[1, 2]);
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &stored(&[r]), t0);
+        let interval_ms = 100;
+        let limit = Duration::from_millis(interval_ms * UNREACHABLE_AFTER_HEARTBEATS);
+        // Node 2 never reported: silent since the view began, like node 1 since its report.
+        assert!(view.unreachable_at([1, 2], interval_ms, t0).is_empty());
+        let later = t0 + limit + Duration::from_millis(50);
+        assert_eq!(view.unreachable_at([1, 2], interval_ms, later), vec![1, 2]);
+        // Same term: nothing resets. A new term: a new view, nobody heard of yet.
+        view.sync_term(7);
+        assert_eq!(view.silence_ms_at(1, t0), 0);
+        view.sync_term(8);
+        assert!(view.loads().is_empty());
+        assert!(view
+            .unreachable_at([1, 2], interval_ms, Instant::now())
+            .is_empty());
+    }
+
+    #[test]
+    fn a_span_ages_from_when_it_was_first_reported_and_restarts_when_it_changes() {
+        let view = MetaState::default();
+        let wide = record(2, b"a", b"", 5, &[1]);
+        let narrow = record(2, b"a", b"m", 6, &[1]);
+        let t0 = Instant::now() - Duration::from_secs(30);
+        view.take_report(
+            &heartbeat(1, vec![report(1, &wide, true)]),
+            &stored(std::slice::from_ref(&wide)),
+            t0,
+        );
+        assert!(view.span_age_ms(&wide.span) >= 30_000);
+        assert_eq!(
+            view.span_age_ms(&narrow.span),
+            0,
+            "another span is a new one"
+        );
+        let now = Instant::now();
+        view.take_report(
+            &heartbeat(1, vec![report(1, &narrow, true)]),
+            &stored(&[wide]),
+            now,
+        );
+        assert!(view.span_age_ms(&narrow.span) < 30_000);
+    }
+
+    #[test]
+    fn claims_take_every_range_or_none() {
+        let view = MetaState::default();
+        assert!(view.claim(&[2, 3]));
+        assert!(!view.claim(&[3, 4]), "3 is taken");
+        assert!(view.claim(&[4]), "the failed claim took nothing");
+        view.release(&[2, 3]);
+        assert!(view.claim(&[3]));
+        assert_eq!(view.busy(), HashSet::from([3, 4]));
+    }
+
+    #[test]
+    fn a_reported_descriptor_hands_out_replica_ids_above_every_one_it_names() {
+        let r = record(2, b"a", b"", 5, &[1, 2, 3]);
+        let mut rep = report(7, &r, true);
+        assert_eq!(
+            report_next_replica_id(&rep, rep.descriptor.as_ref().unwrap()),
+            8
+        );
+        rep.replica_id = 1;
+        assert_eq!(
+            report_next_replica_id(&rep, rep.descriptor.as_ref().unwrap()),
+            4
+        );
+    }
+}
