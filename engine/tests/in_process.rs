@@ -441,7 +441,7 @@ async fn writes_are_refused_while_the_disk_is_nearly_full_and_resume_by_themselv
     fill(&filler, FILLER_BYTES);
     // The reserve sits halfway into the filler: under it while the filler is there, over it
     // (by 256 MiB, room for whatever else writes to this disk meanwhile) once it is gone.
-    let free = spheredb_engine::node::disk::free_bytes(dir.path()).unwrap();
+    let free = spheredb_engine::disk::free_bytes(dir.path()).unwrap();
     let mut cfg = config(dir.path(), "n1", None, 1);
     cfg.disk_reserve_bytes = free + FILLER_BYTES / 2;
     cfg.ballast_size_bytes = 0;

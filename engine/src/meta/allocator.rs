@@ -13,13 +13,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use spheredb_client::proto::v1::{ChangeReplicasRequest, TransferLeaderRequest};
 use spheredb_client::ClientError;
+use spheredb_raft::network::ReplicaDirectory;
 use spheredb_raft::registry::{self, LivenessRecord, NodeRecord, NodeState};
 use spheredb_raft::{NodeId, RangeId, RangeRecord, WriteOp};
+use spheredb_storage::Db;
 use tokio::sync::watch;
 
 use crate::errors::internal;
-use crate::meta::{write_liveness, write_meta};
-use crate::node::{NodeShared, META_RANGE_ID};
+use crate::ids::META_RANGE_ID;
+use crate::meta::{write_liveness, write_meta, MetaState};
+use crate::peers::Peers;
+use crate::replica::leading_meta;
 
 /// Most allocator actions in flight at once.
 pub const MAX_CONCURRENT_ACTIONS: usize = 8;
@@ -283,56 +287,95 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs the allocator every heartbeat period while this node leads the meta range.
-pub async fn allocator_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
-    let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(interval) => {}
+/// Liveness of each registered node as the meta leader sees it now: this node is live, and
+/// so is any node silent for less than `dead_after_ms` (`silence_ms` of a node). Returns the
+/// allocator's view of the nodes and the liveness records that must change, those whose
+/// stored record (`recorded`; a node without one counts as live) says otherwise.
+pub fn node_liveness(
+    nodes: &[NodeRecord],
+    recorded: &HashMap<NodeId, LivenessRecord>,
+    this_node: NodeId,
+    silence_ms: &dyn Fn(NodeId) -> u64,
+    dead_after_ms: u64,
+    now_unix_ms: u64,
+) -> (Vec<NodeView>, Vec<LivenessRecord>) {
+    let mut views = Vec::new();
+    let mut changes = Vec::new();
+    for n in nodes {
+        let live = n.node_id == this_node || silence_ms(n.node_id) < dead_after_ms;
+        let was_live = recorded.get(&n.node_id).is_none_or(|l| l.live);
+        if live != was_live {
+            changes.push(LivenessRecord {
+                node_id: n.node_id,
+                live,
+                since_unix_ms: now_unix_ms,
+            });
         }
-        if let Err(e) = allocate_once(&shared).await {
-            tracing::debug!("allocator round: {e}");
-        }
-    }
-}
-
-async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
-    let Some(meta) = shared.meta_replica().filter(|r| r.raft.is_leader()) else {
-        return Ok(());
-    };
-    let records = registry::ranges(&shared.db).map_err(internal)?;
-    let node_records = registry::nodes(&shared.db).map_err(internal)?;
-    let liveness: HashMap<NodeId, LivenessRecord> = registry::liveness(&shared.db)
-        .map_err(internal)?
-        .into_iter()
-        .map(|l| (l.node_id, l))
-        .collect();
-    let dead_after = shared.cfg.dead_node_timeout_ms;
-    let mut nodes = Vec::new();
-    for n in &node_records {
-        let live = n.node_id == shared.node_id || shared.meta.silence_ms(n.node_id) < dead_after;
-        let recorded = liveness.get(&n.node_id).is_none_or(|l| l.live);
-        if live != recorded {
-            tracing::info!(node_id = n.node_id, live, "node liveness changed");
-            write_liveness(
-                &meta.raft,
-                LivenessRecord {
-                    node_id: n.node_id,
-                    live,
-                    since_unix_ms: unix_ms(),
-                },
-            )
-            .await?;
-        }
-        nodes.push(NodeView {
+        views.push(NodeView {
             node_id: n.node_id,
             state: n.state,
             live,
         });
     }
-    finish_decommissions(shared, &meta.raft, &node_records, &records).await?;
-    let loads = shared.meta.loads();
+    (views, changes)
+}
+
+/// What the allocator reads and calls: the meta range (through the local replicas and the
+/// registry in `db`), the meta leader's view, and the range leaders it sends actions to.
+pub struct Allocator {
+    pub node_id: NodeId,
+    pub db: Db,
+    pub replicas: Arc<ReplicaDirectory>,
+    pub view: Arc<MetaState>,
+    pub peers: Arc<Peers>,
+    pub replication_factor: usize,
+    pub dead_node_timeout_ms: u64,
+    pub interval_ms: u64,
+}
+
+/// Runs the allocator every heartbeat period while this node leads the meta range.
+pub async fn allocator_loop(alloc: Arc<Allocator>, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(alloc.interval_ms);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = allocate_once(&alloc).await {
+            tracing::debug!("allocator round: {e}");
+        }
+    }
+}
+
+async fn allocate_once(alloc: &Arc<Allocator>) -> Result<(), ClientError> {
+    let Some(meta) = leading_meta(&alloc.replicas) else {
+        return Ok(());
+    };
+    let records = registry::ranges(&alloc.db).map_err(internal)?;
+    let node_records = registry::nodes(&alloc.db).map_err(internal)?;
+    let liveness: HashMap<NodeId, LivenessRecord> = registry::liveness(&alloc.db)
+        .map_err(internal)?
+        .into_iter()
+        .map(|l| (l.node_id, l))
+        .collect();
+    let (nodes, changes) = node_liveness(
+        &node_records,
+        &liveness,
+        alloc.node_id,
+        &|n| alloc.view.silence_ms(n),
+        alloc.dead_node_timeout_ms,
+        unix_ms(),
+    );
+    for change in changes {
+        tracing::info!(
+            node_id = change.node_id,
+            live = change.live,
+            "node liveness changed"
+        );
+        write_liveness(&meta.raft, change).await?;
+    }
+    finish_decommissions(alloc.node_id, &meta.raft, &node_records, &records).await?;
+    let loads = alloc.view.loads();
     let ranges: Vec<RangeView> = records
         .into_iter()
         .map(|record| {
@@ -343,9 +386,9 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
             }
         })
         .collect();
-    let busy = shared.meta.busy();
+    let busy = alloc.view.busy();
     let free_slots = MAX_CONCURRENT_ACTIONS.saturating_sub(busy.len());
-    let actions = plan(&nodes, &ranges, shared.cfg.replication_factor, &busy);
+    let actions = plan(&nodes, &ranges, alloc.replication_factor, &busy);
     for action in actions.into_iter().take(free_slots) {
         let Some(leader) = ranges
             .iter()
@@ -354,29 +397,29 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
         else {
             continue;
         };
-        let Some(addr) = shared.known_nodes().get(&leader).cloned() else {
+        let Some(addr) = alloc.peers.known_nodes().get(&leader).cloned() else {
             continue;
         };
         // A merge may have claimed the range since `busy` was read: claim it or skip it.
-        if !shared.meta.claim(&[action.range_id()]) {
+        if !alloc.view.claim(&[action.range_id()]) {
             continue;
         }
-        let shared = shared.clone();
+        let alloc = alloc.clone();
         tokio::spawn(async move {
             let result = tokio::time::timeout(
                 Duration::from_millis(ACTION_TIMEOUT_MS),
-                execute(&shared, &addr, &action),
+                execute(&alloc.peers, &addr, &action),
             )
             .await;
             match result {
                 Ok(Ok(())) => {
                     tracing::info!(?action, "allocator action done");
-                    shared.meta.count(action.kind());
+                    alloc.view.count(action.kind());
                 }
                 Ok(Err(e)) => tracing::info!(?action, "allocator action failed: {e}"),
                 Err(_) => tracing::warn!(?action, "allocator action timed out"),
             }
-            shared.meta.release(&[action.range_id()]);
+            alloc.view.release(&[action.range_id()]);
         });
     }
     Ok(())
@@ -384,7 +427,7 @@ async fn allocate_once(shared: &Arc<NodeShared>) -> Result<(), ClientError> {
 
 /// Marks draining nodes that hold no replica any more as decommissioned.
 async fn finish_decommissions(
-    shared: &NodeShared,
+    this_node: NodeId,
     meta: &spheredb_raft::RaftHandle,
     nodes: &[NodeRecord],
     records: &[RangeRecord],
@@ -409,21 +452,13 @@ async fn finish_decommissions(
             }],
         )
         .await?;
-        tracing::info!(
-            node_id = n.node_id,
-            by = shared.node_id,
-            "node decommissioned"
-        );
+        tracing::info!(node_id = n.node_id, by = this_node, "node decommissioned");
     }
     Ok(())
 }
 
-async fn execute(
-    shared: &NodeShared,
-    leader_addr: &str,
-    action: &Action,
-) -> Result<(), ClientError> {
-    let mut admin = shared.admin(leader_addr)?;
+async fn execute(peers: &Peers, leader_addr: &str, action: &Action) -> Result<(), ClientError> {
+    let mut admin = peers.admin(leader_addr)?;
     let result = match action {
         Action::AddReplica {
             range_id,
@@ -585,5 +620,42 @@ mod tests {
         let nodes = [node(1), node(2), node(3)];
         let ranges = [range(2, &[1], 1)];
         assert!(plan(&nodes, &ranges, 3, &HashSet::from([2])).is_empty());
+    }
+
+    #[test]
+    fn silent_nodes_turn_dead_and_back_and_only_changes_are_recorded() {
+        let record = |id: NodeId| NodeRecord {
+            node_id: id,
+            addr: format!("n{id}:1"),
+            state: NodeState::Active,
+        };
+        let nodes = [record(1), record(2), record(3)];
+        let dead_after_ms = 1_000;
+        // Node 1 is this node, silent to itself; node 2 reports; node 3 went quiet and was
+        // already recorded dead.
+        let silence = |n: NodeId| match n {
+            2 => 10,
+            _ => 5_000,
+        };
+        let recorded = HashMap::from([(
+            3,
+            LivenessRecord {
+                node_id: 3,
+                live: false,
+                since_unix_ms: 1,
+            },
+        )]);
+        let (views, changes) = node_liveness(&nodes, &recorded, 1, &silence, dead_after_ms, 42);
+        let live: Vec<bool> = views.iter().map(|v| v.live).collect();
+        assert_eq!(live, [true, true, false]);
+        assert!(changes.is_empty(), "{changes:?}");
+        // Node 2 goes quiet and node 3 comes back: both changes are recorded, at `now`.
+        let silence = |n: NodeId| if n == 2 { 5_000 } else { 10 };
+        let (_, changes) = node_liveness(&nodes, &recorded, 1, &silence, dead_after_ms, 42);
+        let changed: Vec<(NodeId, bool, u64)> = changes
+            .iter()
+            .map(|c| (c.node_id, c.live, c.since_unix_ms))
+            .collect();
+        assert_eq!(changed, [(2, false, 42), (3, true, 42)]);
     }
 }

@@ -1,14 +1,20 @@
-//! The meta range's leader as the cluster's bookkeeper, and every node's heartbeat to it.
+//! The meta range's leader as the cluster's bookkeeper: the receiving end of every node's
+//! heartbeat, and the allocator.
 //!
 //! Each node reports its replicas every heartbeat period (descriptor, leadership, size,
-//! load). The meta-range leader keeps liveness and load in memory, writes any descriptor it
-//! sees at a newer generation into the meta range, and answers with the replicas the node
-//! must destroy (removed from their range) and the nodes that stopped reporting (so quiesced
-//! ranges they lead wake up and elect).
+//! load). The meta-range leader keeps liveness and load in memory ([`MetaState`]), writes
+//! any descriptor it sees at a newer generation into the meta range, and answers with the
+//! replicas the node must destroy (removed from their range) and the nodes that stopped
+//! reporting (so quiesced ranges they lead wake up and elect). What it decides from a report
+//! is [`MetaState::take_report`], plain data in and out; only [`handle_heartbeat`] reads the
+//! registry and proposes writes.
 //!
 //! A range's own replicas hold the authoritative descriptor, changed atomically with the
 //! split or replica change in the range's log; the meta range's copy follows within one
 //! heartbeat period, and clients correct a stale copy from the hints in server errors.
+//!
+//! This module does not send heartbeats or act on their answers (that is the node's side,
+//! `node::heartbeat`), and it does not import `node`.
 
 pub mod allocator;
 
@@ -21,14 +27,13 @@ use spheredb_client::proto::v1::{
     NodeHeartbeatRequest, NodeHeartbeatResponse, NodeInfo, RangeDescriptor, ReplicaReport,
 };
 use spheredb_client::ClientError;
+use spheredb_raft::network::Replica;
 use spheredb_raft::registry::{self, LivenessRecord};
-use spheredb_raft::{
-    Command, NodeId, RangeId, RangeRecord, RangeSpan, ReplicaId, ReplicaRecord, WriteOp,
-};
-use tokio::sync::watch;
+use spheredb_raft::{Command, NodeId, RangeId, RangeRecord, RangeSpan, ReplicaId, WriteOp};
+use spheredb_storage::Db;
 
-use crate::errors::{internal, not_leader_hint, write_error};
-use crate::node::{NodeShared, META_RANGE_ID};
+use crate::descriptor::record_from_wire;
+use crate::errors::{internal, write_error};
 
 /// A node silent for this many heartbeat periods is unreachable: quiesced ranges it leads
 /// are woken so they can elect another leader.
@@ -123,12 +128,31 @@ impl MetaState {
 
     /// Milliseconds since `node` last reported (or since this view began, if never).
     pub fn silence_ms(&self, node: NodeId) -> u64 {
+        self.silence_ms_at(node, Instant::now())
+    }
+
+    /// [`MetaState::silence_ms`] as of `now`.
+    fn silence_ms_at(&self, node: NodeId, now: Instant) -> u64 {
         let inner = self.lock();
         inner
             .last_seen
             .get(&node)
             .or(inner.since.as_ref())
-            .map_or(0, |t| t.elapsed().as_millis() as u64)
+            .map_or(0, |t| now.saturating_duration_since(*t).as_millis() as u64)
+    }
+
+    /// Of `nodes`, those silent for more than [`UNREACHABLE_AFTER_HEARTBEATS`] heartbeat
+    /// periods of `interval_ms` as of `now`.
+    fn unreachable_at(
+        &self,
+        nodes: impl IntoIterator<Item = NodeId>,
+        interval_ms: u64,
+        now: Instant,
+    ) -> Vec<NodeId> {
+        nodes
+            .into_iter()
+            .filter(|id| self.silence_ms_at(*id, now) > interval_ms * UNREACHABLE_AFTER_HEARTBEATS)
+            .collect()
     }
 
     /// Load of every range that reported.
@@ -151,13 +175,18 @@ impl MetaState {
     /// `(left, right)` of merges whose right range is frozen and no merge is running: a
     /// coordinator stopped half way, so the merge must be finished or undone.
     pub fn frozen_merges(&self) -> Vec<(RangeId, RangeId)> {
+        self.frozen_merges_at(Instant::now())
+    }
+
+    /// [`MetaState::frozen_merges`] as of `now`.
+    fn frozen_merges_at(&self, now: Instant) -> Vec<(RangeId, RangeId)> {
         let in_flight = self.busy();
         let mut inner = self.lock();
         // A frozen range that stopped reporting merged (or moved its leader away); its new
         // leader reports it again if not.
-        inner
-            .frozen
-            .retain(|_, (_, seen)| seen.elapsed() < Duration::from_millis(FROZEN_REPORT_TTL_MS));
+        inner.frozen.retain(|_, (_, seen)| {
+            now.saturating_duration_since(*seen) < Duration::from_millis(FROZEN_REPORT_TTL_MS)
+        });
         inner
             .frozen
             .iter()
@@ -190,88 +219,68 @@ impl MetaState {
     }
 }
 
-/// A descriptor from the wire.
-pub fn record_from_wire(d: &RangeDescriptor, next_replica_id: ReplicaId) -> RangeRecord {
-    RangeRecord {
-        span: RangeSpan {
-            range_id: d.range_id,
-            start_key: d.start_key.clone(),
-            end_key: d.end_key.clone(),
-            generation: d.generation,
-            next_replica_id,
-        },
-        replicas: d
-            .replicas
-            .iter()
-            .map(|r| ReplicaRecord {
-                replica_id: r.replica_id,
-                node_id: r.node_id,
-                voter: r.voter,
-            })
-            .collect(),
-    }
+/// What the meta-range leader makes of one heartbeat.
+#[derive(Debug, Default, PartialEq)]
+pub struct HeartbeatOutcome {
+    /// Descriptors newer than the meta range's copy, to write into it.
+    pub upserts: Vec<RangeRecord>,
+    /// Stored ranges a newer descriptor of `upserts` covers entirely: merged into it, so
+    /// their descriptors go.
+    pub merged_away: Vec<RangeId>,
+    /// Ranges whose replica the reporting node must destroy.
+    pub destroy: Vec<RangeId>,
 }
 
-/// Handles a node's heartbeat on the meta-range leader.
-pub async fn handle_heartbeat(
-    shared: &NodeShared,
-    req: NodeHeartbeatRequest,
-) -> Result<NodeHeartbeatResponse, ClientError> {
-    let meta = shared
-        .meta_replica()
-        .filter(|r| r.raft.is_leader())
-        .ok_or_else(|| not_leader_hint(shared.meta_leader_hint()))?;
-    let term = meta.raft.metrics().borrow_watched().current_term;
-    shared.meta.sync_term(term);
-    let now = Instant::now();
-    let stored: HashMap<RangeId, RangeRecord> = registry::ranges(&shared.db)
-        .map_err(internal)?
-        .into_iter()
-        .map(|r| (r.span.range_id, r))
-        .collect();
-
-    let mut upserts: Vec<RangeRecord> = Vec::new();
-    let mut destroy = Vec::new();
-    {
-        let mut inner = shared.meta.lock();
-        inner.last_seen.insert(req.node_id, now);
-        let reported: HashSet<RangeId> = req.replicas.iter().map(|r| r.range_id).collect();
-        for report in &req.replicas {
-            let merged_away = merged_away(report, &stored, &reported);
-            let removed = merged_away || removed_from_range(report, &stored);
-            track_report(
-                &mut inner,
-                req.node_id,
-                report,
-                removed,
-                &stored,
-                now,
-                &mut destroy,
-            );
-            let Some(d) = &report.descriptor else {
-                continue;
-            };
-            let newer = stored
-                .get(&d.range_id)
-                .is_none_or(|s| s.span.generation < d.generation);
-            if !newer || upserts.iter().any(|u| u.span.range_id == d.range_id) {
-                continue;
-            }
-            let record = record_from_wire(d, report_next_replica_id(report, d));
-            // A range merged away reports its old span until its replicas stop; the merged
-            // range covering it at a higher generation wins.
-            let superseded = stored.values().any(|s| {
-                s.span.range_id != d.range_id
-                    && s.span.overlaps(&record.span)
-                    && s.span.generation > d.generation
-            });
-            if !superseded {
-                upserts.push(record);
+impl MetaState {
+    /// Takes in one node's heartbeat at `now`, against `stored`, the meta range's copy of the
+    /// descriptors: notes the node as heard from, tracks each replica's span, load and
+    /// freeze, and decides which descriptors to write and which replicas the node destroys.
+    pub fn take_report(
+        &self,
+        req: &NodeHeartbeatRequest,
+        stored: &HashMap<RangeId, RangeRecord>,
+        now: Instant,
+    ) -> HeartbeatOutcome {
+        let mut upserts: Vec<RangeRecord> = Vec::new();
+        let mut destroy = Vec::new();
+        {
+            let mut inner = self.lock();
+            inner.last_seen.insert(req.node_id, now);
+            let reported: HashSet<RangeId> = req.replicas.iter().map(|r| r.range_id).collect();
+            for report in &req.replicas {
+                let merged_away = merged_away(report, stored, &reported);
+                let removed = merged_away || removed_from_range(report, stored);
+                track_report(
+                    &mut inner,
+                    req.node_id,
+                    report,
+                    removed,
+                    stored,
+                    now,
+                    &mut destroy,
+                );
+                let Some(d) = &report.descriptor else {
+                    continue;
+                };
+                let newer = stored
+                    .get(&d.range_id)
+                    .is_none_or(|s| s.span.generation < d.generation);
+                if !newer || upserts.iter().any(|u| u.span.range_id == d.range_id) {
+                    continue;
+                }
+                let record = record_from_wire(d, report_next_replica_id(report, d));
+                // A range merged away reports its old span until its replicas stop; the
+                // merged range covering it at a higher generation wins.
+                let superseded = stored.values().any(|s| {
+                    s.span.range_id != d.range_id
+                        && s.span.overlaps(&record.span)
+                        && s.span.generation > d.generation
+                });
+                if !superseded {
+                    upserts.push(record);
+                }
             }
         }
-    }
-    if !upserts.is_empty() {
-        // Ranges a newer descriptor covers entirely were merged into it.
         let merged_away: Vec<RangeId> = stored
             .values()
             .filter(|s| {
@@ -283,18 +292,40 @@ pub async fn handle_heartbeat(
             })
             .map(|s| s.span.range_id)
             .collect();
-        write_descriptors(shared, &meta.raft, upserts, merged_away).await?;
+        HeartbeatOutcome {
+            upserts,
+            merged_away,
+            destroy,
+        }
     }
+}
 
-    let interval_ms = shared.cfg.node_heartbeat_interval_ms;
-    let nodes = registry::nodes(&shared.db).map_err(internal)?;
-    let unreachable = nodes
-        .iter()
-        .map(|n| n.node_id)
-        .filter(|id| shared.meta.silence_ms(*id) > interval_ms * UNREACHABLE_AFTER_HEARTBEATS)
+/// Handles a node's heartbeat on the meta-range leader; `meta` is the local meta replica,
+/// which leads the range, and `interval_ms` the node heartbeat period.
+pub async fn handle_heartbeat(
+    view: &MetaState,
+    db: &Db,
+    meta: &Replica,
+    interval_ms: u64,
+    req: NodeHeartbeatRequest,
+) -> Result<NodeHeartbeatResponse, ClientError> {
+    let term = meta.raft.metrics().borrow_watched().current_term;
+    view.sync_term(term);
+    let now = Instant::now();
+    let stored: HashMap<RangeId, RangeRecord> = registry::ranges(db)
+        .map_err(internal)?
+        .into_iter()
+        .map(|r| (r.span.range_id, r))
         .collect();
+    let outcome = view.take_report(&req, &stored, now);
+    if !outcome.upserts.is_empty() {
+        write_descriptors(&meta.raft, outcome.upserts, outcome.merged_away).await?;
+    }
+    let nodes = registry::nodes(db).map_err(internal)?;
+    let unreachable =
+        view.unreachable_at(nodes.iter().map(|n| n.node_id), interval_ms, Instant::now());
     Ok(NodeHeartbeatResponse {
-        destroy_ranges: destroy,
+        destroy_ranges: outcome.destroy,
         unreachable_nodes: unreachable,
         nodes: nodes
             .into_iter()
@@ -426,7 +457,6 @@ fn track_report(
 /// here for a moment (the child reported first); routing prefers the range with the later
 /// start, which is the child, and the parent's next report narrows it.
 async fn write_descriptors(
-    shared: &NodeShared,
     meta: &spheredb_raft::RaftHandle,
     upserts: Vec<RangeRecord>,
     merged_away: Vec<RangeId>,
@@ -445,11 +475,7 @@ async fn write_descriptors(
         });
     }
     write_meta(meta, ops).await?;
-    tracing::debug!(
-        node_id = shared.node_id,
-        count = upserts.len(),
-        "meta descriptors updated"
-    );
+    tracing::debug!(count = upserts.len(), "meta descriptors updated");
     Ok(())
 }
 
@@ -488,95 +514,313 @@ pub async fn write_liveness(
     .await
 }
 
-/// This node's report of its replicas.
-fn build_report(shared: &NodeShared, interval: Duration) -> NodeHeartbeatRequest {
-    let mut replicas = Vec::new();
-    for r in shared.replicas.all() {
-        let ops = r.ops.swap(0, std::sync::atomic::Ordering::Relaxed);
-        r.set_qps(ops as f64 / interval.as_secs_f64().max(0.001));
-        let metrics = r.raft.metrics().borrow_watched().clone();
-        let leader = r.raft.is_leader();
-        let descriptor = shared.descriptor(&r);
-        let generation = descriptor.as_ref().map_or(0, |d| d.generation);
-        replicas.push(ReplicaReport {
-            range_id: r.shared.range_id,
-            replica_id: metrics.id,
-            descriptor,
-            generation,
-            leader,
-            size_bytes: if leader {
-                r.size_bytes.load(std::sync::atomic::Ordering::Relaxed)
-            } else {
-                0
+#[cfg(test)]
+mod tests {
+    use spheredb_raft::ReplicaRecord;
+
+    use super::*;
+    use crate::descriptor::wire_descriptor;
+
+    fn record(
+        id: RangeId,
+        start: &[u8],
+        end: &[u8],
+        generation: u64,
+        nodes: &[NodeId],
+    ) -> RangeRecord {
+        RangeRecord {
+            span: RangeSpan {
+                range_id: id,
+                start_key: start.to_vec(),
+                end_key: end.to_vec(),
+                generation,
+                next_replica_id: nodes.len() as u64 + 1,
             },
-            qps: if leader { r.qps() } else { 0.0 },
-            frozen_into: r.shared.frozen().map(|f| f.into),
-        });
+            replicas: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ReplicaRecord {
+                    replica_id: i as u64 + 1,
+                    node_id: *n,
+                    voter: true,
+                })
+                .collect(),
+        }
     }
-    NodeHeartbeatRequest {
-        node_id: shared.node_id,
-        addr: shared.addr.clone(),
-        replicas,
-    }
-}
 
-/// Reports to the meta-range leader every heartbeat period and acts on its answer.
-pub async fn heartbeat_loop(shared: std::sync::Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
-    let interval = Duration::from_millis(shared.cfg.node_heartbeat_interval_ms);
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let report = build_report(&shared, interval);
-        let resp = shared
-            .call_meta(|mut admin| {
-                let report = report.clone();
-                async move { admin.node_heartbeat(report).await }
-            })
-            .await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!("heartbeat to the meta range failed: {e}");
-                continue;
-            }
-        };
-        shared.learn_nodes(resp.nodes.iter().map(|n| (n.node_id, n.addr.clone())));
-        for range_id in resp.destroy_ranges {
-            if range_id == META_RANGE_ID && shared.is_leader(META_RANGE_ID) {
-                continue;
-            }
-            if let Err(e) = shared.destroy_replica(range_id, false).await {
-                tracing::warn!(range_id, "destroying removed replica: {e:#}");
-            }
-        }
-        if let Err(e) = shared.stop_merged_replicas().await {
-            tracing::warn!("stopping merged replicas: {e:#}");
-        }
-        if !resp.unreachable_nodes.is_empty() {
-            wake_ranges_led_by(&shared, &resp.unreachable_nodes);
+    /// Node `node`'s report of its replica (replica id `node`) of `r`.
+    fn report(node: NodeId, r: &RangeRecord, leader: bool) -> ReplicaReport {
+        ReplicaReport {
+            range_id: r.span.range_id,
+            replica_id: node,
+            descriptor: Some(wire_descriptor(r)),
+            generation: r.span.generation,
+            leader,
+            size_bytes: if leader { 100 } else { 0 },
+            qps: if leader { 2.0 } else { 0.0 },
+            frozen_into: None,
         }
     }
-}
 
-/// Wakes quiesced ranges whose leader is on one of `nodes`, so they elect a new one.
-fn wake_ranges_led_by(shared: &NodeShared, nodes: &[NodeId]) {
-    for r in shared.replicas.all() {
-        if !r.quiesced.load(std::sync::atomic::Ordering::Acquire) {
-            continue;
+    fn heartbeat(node: NodeId, replicas: Vec<ReplicaReport>) -> NodeHeartbeatRequest {
+        NodeHeartbeatRequest {
+            node_id: node,
+            addr: format!("n{node}:1"),
+            replicas,
         }
-        if r.raft.is_leader() {
-            continue;
-        }
-        let leader_node = shared.leader_node(&r).map(|n| n.node_id);
-        if leader_node.is_none_or(|n| nodes.contains(&n)) {
-            tracing::info!(
-                range_id = r.shared.range_id,
-                ?leader_node,
-                "waking range: its leader is unreachable"
-            );
-            r.touch();
-        }
+    }
+
+    fn stored(records: &[RangeRecord]) -> HashMap<RangeId, RangeRecord> {
+        records
+            .iter()
+            .map(|r| (r.span.range_id, r.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn only_descriptors_newer_than_the_meta_copy_are_written() {
+        let view = MetaState::default();
+        let old = record(2, b"a", b"", 3, &[1, 2, 3]);
+        let split_left = record(2, b"a", b"m", 4, &[1, 2, 3]);
+        let now = Instant::now();
+        let same = view.take_report(
+            &heartbeat(1, vec![report(1, &old, true)]),
+            &stored(std::slice::from_ref(&old)),
+            now,
+        );
+        assert!(same.upserts.is_empty(), "{same:?}");
+        let newer = view.take_report(
+            &heartbeat(1, vec![report(1, &split_left, true)]),
+            &stored(std::slice::from_ref(&old)),
+            now,
+        );
+        assert_eq!(newer.upserts, vec![split_left]);
+        assert!(newer.merged_away.is_empty());
+        let older = view.take_report(
+            &heartbeat(2, vec![report(2, &old, false)]),
+            &stored(&[record(2, b"a", b"m", 4, &[1, 2, 3])]),
+            now,
+        );
+        assert!(older.upserts.is_empty(), "{older:?}");
+    }
+
+    #[test]
+    fn a_merged_descriptor_replaces_the_ranges_it_covers() {
+        let view = MetaState::default();
+        let left = record(2, b"a", b"m", 5, &[1, 2, 3]);
+        let right = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let merged = record(2, b"a", b"", 6, &[1, 2, 3]);
+        let outcome = view.take_report(
+            &heartbeat(1, vec![report(1, &merged, true)]),
+            &stored(&[left, right]),
+            Instant::now(),
+        );
+        assert_eq!(outcome.upserts, vec![merged]);
+        assert_eq!(outcome.merged_away, vec![3]);
+    }
+
+    #[test]
+    fn a_merged_away_range_reporting_its_old_span_does_not_overwrite_the_merged_one() {
+        let view = MetaState::default();
+        let merged = record(2, b"a", b"", 6, &[1, 2, 3]);
+        // Range 3 merged into 2; its replica on node 1 still reports a (newer than nothing)
+        // descriptor until it stops.
+        let right = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let outcome = view.take_report(
+            &heartbeat(1, vec![report(1, &right, true)]),
+            &stored(&[merged]),
+            Instant::now(),
+        );
+        assert!(outcome.upserts.is_empty(), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_replica_removed_from_its_range_is_destroyed_only_after_the_grace_period() {
+        let view = MetaState::default();
+        let before = record(2, b"a", b"", 5, &[1, 2, 3]);
+        // Replica 3 (node 3) was removed at generation 6; ids up to 3 were handed out.
+        let mut after = record(2, b"a", b"", 6, &[1, 2]);
+        after.span.next_replica_id = 4;
+        let stored = stored(&[after]);
+        let t0 = Instant::now();
+        let hb = heartbeat(3, vec![report(3, &before, false)]);
+        assert!(view.take_report(&hb, &stored, t0).destroy.is_empty());
+        let grace = Duration::from_millis(REPLICA_GC_GRACE_MS);
+        let early = view.take_report(&hb, &stored, t0 + grace / 2);
+        assert!(early.destroy.is_empty(), "within the grace period");
+        let late = view.take_report(&hb, &stored, t0 + grace);
+        assert_eq!(late.destroy, vec![2]);
+    }
+
+    #[test]
+    fn a_replica_still_in_its_range_is_never_destroyed() {
+        let view = MetaState::default();
+        let r = record(2, b"a", b"", 5, &[1, 2, 3]);
+        let stored = stored(std::slice::from_ref(&r));
+        let hb = heartbeat(3, vec![report(3, &r, false)]);
+        let t0 = Instant::now();
+        view.take_report(&hb, &stored, t0);
+        let later = view.take_report(&hb, &stored, t0 + Duration::from_secs(60));
+        assert!(later.destroy.is_empty());
+    }
+
+    #[test]
+    fn a_replica_of_a_range_merged_away_is_destroyed_unless_its_node_applies_the_merge_itself() {
+        let merged = record(2, b"a", b"", 6, &[1, 2, 3]);
+        let right = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let stored = stored(&[merged]);
+        let grace = Duration::from_millis(REPLICA_GC_GRACE_MS);
+        let t0 = Instant::now();
+
+        // Alone on its node: nothing there will stop it.
+        let view = MetaState::default();
+        let hb = heartbeat(3, vec![report(3, &right, false)]);
+        view.take_report(&hb, &stored, t0);
+        assert_eq!(view.take_report(&hb, &stored, t0 + grace).destroy, vec![3]);
+
+        // Frozen into range 2, which the node also holds: applying the merge stops it.
+        let view = MetaState::default();
+        let mut frozen = report(3, &right, false);
+        frozen.frozen_into = Some(2);
+        let hb = heartbeat(
+            3,
+            vec![
+                report(3, &record(2, b"a", b"m", 5, &[1, 2, 3]), false),
+                frozen,
+            ],
+        );
+        view.take_report(&hb, &stored, t0);
+        assert!(view
+            .take_report(&hb, &stored, t0 + grace)
+            .destroy
+            .is_empty());
+    }
+
+    #[test]
+    fn leader_reports_carry_load_and_a_follower_unsets_a_leader_it_no_longer_is() {
+        let view = MetaState::default();
+        let r = record(2, b"a", b"", 5, &[1, 2, 3]);
+        let stored = stored(std::slice::from_ref(&r));
+        let now = Instant::now();
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &stored, now);
+        let load = view.loads()[&2].clone();
+        assert_eq!((load.leader_node, load.size_bytes), (Some(1), 100));
+        // A follower's report does not move the leader...
+        view.take_report(&heartbeat(2, vec![report(2, &r, false)]), &stored, now);
+        assert_eq!(view.loads()[&2].leader_node, Some(1));
+        // ...but the reported leader saying it is a follower does.
+        view.take_report(&heartbeat(1, vec![report(1, &r, false)]), &stored, now);
+        assert_eq!(view.loads()[&2].leader_node, None);
+    }
+
+    #[test]
+    fn frozen_ranges_are_merges_to_settle_until_forgotten_busy_or_silent() {
+        let view = MetaState::default();
+        let r = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let mut rep = report(1, &r, true);
+        rep.frozen_into = Some(2);
+        let t0 = Instant::now();
+        view.take_report(&heartbeat(1, vec![rep]), &stored(&[r]), t0);
+        assert_eq!(view.frozen_merges_at(t0), vec![(2, 3)]);
+        assert!(view.merge_pending_into(2));
+        assert!(!view.merge_pending_into(3));
+        // A merge running on either range settles it already.
+        assert!(view.claim(&[2]));
+        assert!(view.frozen_merges_at(t0).is_empty());
+        view.release(&[2]);
+        // Not reported for the TTL: it merged or its leader moved.
+        let ttl = Duration::from_millis(FROZEN_REPORT_TTL_MS);
+        assert!(view.frozen_merges_at(t0 + ttl).is_empty());
+        assert!(!view.merge_pending_into(2));
+    }
+
+    #[test]
+    fn a_thawed_range_is_no_longer_a_merge_to_settle() {
+        let view = MetaState::default();
+        let r = record(3, b"m", b"", 5, &[1, 2, 3]);
+        let stored = stored(std::slice::from_ref(&r));
+        let mut rep = report(1, &r, true);
+        rep.frozen_into = Some(2);
+        let t0 = Instant::now();
+        view.take_report(&heartbeat(1, vec![rep]), &stored, t0);
+        assert!(view.merge_pending_into(2));
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &stored, t0);
+        assert!(view.frozen_merges_at(t0).is_empty());
+        assert!(!view.merge_pending_into(2));
+    }
+
+    #[test]
+    fn nodes_silent_past_the_limit_are_unreachable_and_a_new_view_gives_everyone_a_fresh_start() {
+        let view = MetaState::default();
+        view.sync_term(7);
+        let t0 = Instant::now();
+        let r = record(2, b"a", b"", 5, &[1, 2]);
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &stored(&[r]), t0);
+        let interval_ms = 100;
+        let limit = Duration::from_millis(interval_ms * UNREACHABLE_AFTER_HEARTBEATS);
+        // Node 2 never reported: silent since the view began, like node 1 since its report.
+        assert!(view.unreachable_at([1, 2], interval_ms, t0).is_empty());
+        let later = t0 + limit + Duration::from_millis(50);
+        assert_eq!(view.unreachable_at([1, 2], interval_ms, later), vec![1, 2]);
+        // Same term: nothing resets. A new term: a new view, nobody heard of yet.
+        view.sync_term(7);
+        assert_eq!(view.silence_ms_at(1, t0), 0);
+        view.sync_term(8);
+        assert!(view.loads().is_empty());
+        assert!(view
+            .unreachable_at([1, 2], interval_ms, Instant::now())
+            .is_empty());
+    }
+
+    #[test]
+    fn a_span_ages_from_when_it_was_first_reported_and_restarts_when_it_changes() {
+        let view = MetaState::default();
+        let wide = record(2, b"a", b"", 5, &[1]);
+        let narrow = record(2, b"a", b"m", 6, &[1]);
+        let t0 = Instant::now() - Duration::from_secs(30);
+        view.take_report(
+            &heartbeat(1, vec![report(1, &wide, true)]),
+            &stored(std::slice::from_ref(&wide)),
+            t0,
+        );
+        assert!(view.span_age_ms(&wide.span) >= 30_000);
+        assert_eq!(
+            view.span_age_ms(&narrow.span),
+            0,
+            "another span is a new one"
+        );
+        let now = Instant::now();
+        view.take_report(
+            &heartbeat(1, vec![report(1, &narrow, true)]),
+            &stored(&[wide]),
+            now,
+        );
+        assert!(view.span_age_ms(&narrow.span) < 30_000);
+    }
+
+    #[test]
+    fn claims_take_every_range_or_none() {
+        let view = MetaState::default();
+        assert!(view.claim(&[2, 3]));
+        assert!(!view.claim(&[3, 4]), "3 is taken");
+        assert!(view.claim(&[4]), "the failed claim took nothing");
+        view.release(&[2, 3]);
+        assert!(view.claim(&[3]));
+        assert_eq!(view.busy(), HashSet::from([3, 4]));
+    }
+
+    #[test]
+    fn a_reported_descriptor_hands_out_replica_ids_above_every_one_it_names() {
+        let r = record(2, b"a", b"", 5, &[1, 2, 3]);
+        let mut rep = report(7, &r, true);
+        assert_eq!(
+            report_next_replica_id(&rep, rep.descriptor.as_ref().unwrap()),
+            8
+        );
+        rep.replica_id = 1;
+        assert_eq!(
+            report_next_replica_id(&rep, rep.descriptor.as_ref().unwrap()),
+            4
+        );
     }
 }

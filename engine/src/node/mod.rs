@@ -1,14 +1,19 @@
 //! A running SphereDB node: storage, one Raft group per range replica, the gRPC server, and
 //! the background loops that keep ranges placed (heartbeats to the meta range, the allocator
 //! on the meta-range leader, splits, quiescence, replica creation and destruction).
+//!
+//! This is where the rooms are wired: [`Node::start`] builds each part (the local replicas,
+//! [`Peers`], the meta leader's [`MetaState`], the services and loops) and hands each only
+//! what it needs. The dependency points one way: `node` imports the other rooms, and none of
+//! them imports `node`.
 
-pub mod disk;
 pub mod health;
+pub mod heartbeat;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -21,7 +26,7 @@ use spheredb_client::proto::raft::raft_transport_server::RaftTransportServer;
 use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::admin_server::AdminServer;
 use spheredb_client::proto::v1::kv_server::KvServer;
-use spheredb_client::proto::v1::{JoinRequest, NodeInfo, RangeDescriptor, Replica as WireReplica};
+use spheredb_client::proto::v1::JoinRequest;
 use spheredb_client::ClientError;
 use spheredb_raft::group_commit::GroupCommit;
 use spheredb_raft::layout::{state_key, StateTag, NODE_RECORDS};
@@ -42,27 +47,24 @@ use spheredb_raft::{
 use spheredb_storage::{keys, ColumnFamilyName, Db, DbOptions};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
+use crate::disk::DiskGuard;
+use crate::ids::{FIRST_USER_RANGE_ID, META_RANGE_ID};
+use crate::meta::allocator::Allocator;
 use crate::meta::MetaState;
-use crate::service::admin::AdminService;
+use crate::peers::Peers;
+use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
+use crate::range::split::SplitCheck;
+use crate::service::admin::{AdminParts, AdminService, ThisNode};
 use crate::service::kv::KvService;
-
-/// The meta range: descriptors, node registry, liveness. Never splits, never quiesces.
-pub const META_RANGE_ID: RangeId = 1;
-/// The range a new cluster starts with for all user data.
-pub const FIRST_USER_RANGE_ID: RangeId = 2;
+use heartbeat::{heartbeat_loop, Heartbeat};
 /// How long a joining node keeps trying to reach the cluster.
 pub const JOIN_DEADLINE_MS: u64 = 120_000;
 /// Time allowed for one join attempt.
 pub const JOIN_ATTEMPT_TIMEOUT_MS: u64 = 5_000;
 /// Pause between join attempts.
 pub const JOIN_RETRY_PAUSE_MS: u64 = 500;
-/// Time allowed for one node-to-node admin call.
-pub const PEER_CALL_TIMEOUT_MS: u64 = 5_000;
-/// Most nodes a call to the meta-range leader tries before giving up.
-pub const META_CALL_ATTEMPTS: usize = 6;
 
 /// The meta range's span: every system key.
 pub fn meta_span() -> (Vec<u8>, Vec<u8>) {
@@ -77,291 +79,24 @@ struct NodeIdentity {
     addr: String,
 }
 
-/// State shared by the services and loops of a node.
-pub struct NodeShared {
-    pub node_id: NodeId,
-    pub cluster_id: u64,
-    pub addr: String,
-    pub db: Db,
-    pub started: Instant,
-    pub group_commit: GroupCommit,
-    /// Refuses client writes while the disk is nearly full.
-    pub disk: Arc<crate::node::disk::DiskGuard>,
-    pub cfg: NodeConfig,
-    pub replicas: Arc<ReplicaDirectory>,
+/// This node's replicas through their lives: starting them (at start-up, for a split's right
+/// half, for a peer's request), stopping merged ones, and destroying removed ones. The one
+/// owner of the node's `ReplicaDirectory` entries; the other rooms only read them.
+pub struct LocalReplicas {
+    node_id: NodeId,
+    db: Db,
+    group_commit: GroupCommit,
+    replicas: Arc<ReplicaDirectory>,
     peers: PeerChannels,
     raft_config: Arc<Config>,
     events: mpsc::Sender<RangeEvent>,
     snapshot_dir: PathBuf,
-    /// Addresses of the nodes this node knows, by id.
-    known_nodes: RwLock<HashMap<NodeId, String>>,
-    /// The node believed to lead the meta range.
-    meta_leader: RwLock<Option<NodeId>>,
-    admin_channels: Mutex<HashMap<String, Channel>>,
-    /// Ranges with a replica change running on this node (as their leader).
-    changing: Mutex<std::collections::HashSet<RangeId>>,
-    /// The meta-range leader's view of the cluster (used only while this node leads it).
-    pub meta: MetaState,
 }
 
-impl NodeShared {
+impl LocalReplicas {
     /// The local replica of `range_id`.
     pub fn replica(&self, range_id: RangeId) -> Option<Arc<Replica>> {
         self.replicas.get(range_id)
-    }
-
-    /// The local replica of the meta range.
-    pub fn meta_replica(&self) -> Option<Arc<Replica>> {
-        self.replica(META_RANGE_ID)
-    }
-
-    /// The descriptor of a local replica as it has applied it.
-    pub fn record(&self, replica: &Replica) -> Option<RangeRecord> {
-        replica.shared.record()
-    }
-
-    /// The descriptor of a local replica on the wire.
-    pub fn descriptor(&self, replica: &Replica) -> Option<RangeDescriptor> {
-        self.record(replica).map(|r| wire_descriptor(&r))
-    }
-
-    /// The node hosting replica `replica_id` of a local range, from its membership.
-    pub fn replica_node(&self, replica: &Replica, replica_id: ReplicaId) -> Option<NodeInfo> {
-        let metrics = replica.raft.metrics().borrow_watched().clone();
-        metrics
-            .membership_config
-            .membership()
-            .get_node(&replica_id)
-            .map(|n| NodeInfo {
-                node_id: n.node_id,
-                addr: n.addr.clone(),
-            })
-    }
-
-    /// The node leading a local range, when known.
-    pub fn leader_node(&self, replica: &Replica) -> Option<NodeInfo> {
-        let leader = replica.raft.metrics().borrow_watched().current_leader?;
-        self.replica_node(replica, leader)
-    }
-
-    /// True when the local replica of `range_id` leads it.
-    pub fn is_leader(&self, range_id: RangeId) -> bool {
-        self.replica(range_id).is_some_and(|r| r.raft.is_leader())
-    }
-
-    /// Finds the local replica a request for `range_id` at `generation` touching `key` must go
-    /// to, or the error that tells the client where to go instead.
-    pub fn route(
-        &self,
-        range_id: RangeId,
-        generation: u64,
-        key: &[u8],
-    ) -> Result<Arc<Replica>, ClientError> {
-        let Some(replica) = self.replica(range_id) else {
-            return Err(self.not_here(range_id, key));
-        };
-        let Some(desc) = self.descriptor(&replica) else {
-            return Err(ClientError::RangeNotFound(format!(
-                "range {range_id} is still being copied to this node; ask its leader"
-            )));
-        };
-        if desc.generation != generation {
-            return Err(ClientError::StaleGeneration {
-                message: format!(
-                    "range {range_id} is at generation {}, the request named {generation}",
-                    desc.generation
-                ),
-                descriptors: self.hint_descriptors(&desc, key),
-            });
-        }
-        if !keys::span_contains(&desc.start_key, &desc.end_key, key) {
-            return Err(ClientError::KeyNotInRange {
-                message: format!("key is outside range {range_id}"),
-                descriptors: self.hint_descriptors(&desc, key),
-            });
-        }
-        if let Some(frozen) = replica.shared.frozen() {
-            return Err(ClientError::Unavailable(format!(
-                "range {range_id} is being merged into range {}; retry shortly",
-                frozen.into
-            )));
-        }
-        // A leader wakes for the request. A follower stays as it is: it only answers
-        // NotLeader, and waking its election timer while the leader sleeps would start an
-        // election nobody needs.
-        if replica.raft.is_leader() {
-            replica.touch();
-        }
-        Ok(replica)
-    }
-
-    /// The error for a request naming a range this node has no replica of.
-    fn not_here(&self, range_id: RangeId, key: &[u8]) -> ClientError {
-        match self
-            .replicas
-            .covering(key)
-            .and_then(|r| self.descriptor(&r))
-        {
-            Some(desc) => ClientError::KeyNotInRange {
-                message: format!(
-                    "range {range_id} has no replica on node {}; range {} holds the key",
-                    self.node_id, desc.range_id
-                ),
-                descriptors: vec![desc],
-            },
-            None => ClientError::RangeNotFound(format!(
-                "range {range_id} has no replica on node {}; reload the range map (Admin.RangeList)",
-                self.node_id
-            )),
-        }
-    }
-
-    /// `desc`, plus the local range now holding `key` when that is another one.
-    fn hint_descriptors(&self, desc: &RangeDescriptor, key: &[u8]) -> Vec<RangeDescriptor> {
-        let mut out = vec![desc.clone()];
-        if let Some(other) = self.replicas.covering(key) {
-            if other.shared.range_id != desc.range_id {
-                out.extend(self.descriptor(&other));
-            }
-        }
-        out
-    }
-
-    /// Addresses of the nodes this node knows.
-    pub fn known_nodes(&self) -> HashMap<NodeId, String> {
-        self.known_nodes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Records node addresses learnt from the meta range.
-    pub fn learn_nodes(&self, nodes: impl IntoIterator<Item = (NodeId, String)>) {
-        let mut known = self.known_nodes.write().unwrap_or_else(|p| p.into_inner());
-        for (id, addr) in nodes {
-            known.insert(id, addr);
-        }
-    }
-
-    /// Claims `range_id` for one replica change; `None` while another change of the range
-    /// runs here. The claim ends when the guard drops.
-    pub fn claim_change(&self, range_id: RangeId) -> Option<ChangeGuard<'_>> {
-        let claimed = self
-            .changing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(range_id);
-        // The guard is built only on success, and after the lock is released: dropping it
-        // takes the lock.
-        claimed.then(|| ChangeGuard {
-            shared: self,
-            range_id,
-        })
-    }
-
-    /// The node's connections to its peers.
-    pub fn peers(&self) -> &PeerChannels {
-        &self.peers
-    }
-
-    /// The meta-range leader as this node knows it.
-    pub fn meta_leader_hint(&self) -> Option<NodeInfo> {
-        if let Some(r) = self.meta_replica() {
-            if let Some(n) = self.leader_node(&r) {
-                return Some(n);
-            }
-        }
-        let id = (*self.meta_leader.read().unwrap_or_else(|p| p.into_inner()))?;
-        let addr = self.known_nodes().get(&id)?.clone();
-        Some(NodeInfo { node_id: id, addr })
-    }
-
-    /// An admin stub for the node at `addr`.
-    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, ClientError> {
-        let mut channels = self
-            .admin_channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let channel = match channels.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let c = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr}: {e}")))?
-                    .connect_timeout(Duration::from_millis(PEER_CALL_TIMEOUT_MS))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                channels.insert(addr.to_string(), c.clone());
-                c
-            }
-        };
-        Ok(AdminClient::new(channel)
-            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
-            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES))
-    }
-
-    /// Calls the meta-range leader, following `NotLeader` hints, trying at most
-    /// [`META_CALL_ATTEMPTS`] nodes.
-    pub async fn call_meta<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
-    where
-        F: Fn(AdminClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let mut candidates: Vec<String> = Vec::new();
-        if let Some(l) = self.meta_leader_hint() {
-            candidates.push(l.addr);
-        }
-        let mut others: Vec<(NodeId, String)> = self.known_nodes().into_iter().collect();
-        others.sort();
-        candidates.extend(others.into_iter().map(|(_, a)| a));
-        let note_leader = |l: &NodeInfo| {
-            *self.meta_leader.write().unwrap_or_else(|p| p.into_inner()) = Some(l.node_id);
-        };
-        self.call_leader(candidates, PEER_CALL_TIMEOUT_MS, note_leader, call)
-            .await
-    }
-
-    /// Calls the first of `candidates` (at most [`META_CALL_ATTEMPTS`] of them) that answers
-    /// as a leader, each within `timeout_ms`, moving a `NotLeader` hint to the front.
-    pub async fn call_leader<T, F, Fut>(
-        &self,
-        mut candidates: Vec<String>,
-        timeout_ms: u64,
-        on_hint: impl Fn(&NodeInfo),
-        call: F,
-    ) -> Result<T, ClientError>
-    where
-        F: Fn(AdminClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        candidates.dedup();
-        let mut last = ClientError::Unavailable("no node of the range is known".into());
-        let mut tried = 0;
-        while let Some(addr) = (!candidates.is_empty()).then(|| candidates.remove(0)) {
-            if tried == META_CALL_ATTEMPTS {
-                break;
-            }
-            tried += 1;
-            let result =
-                tokio::time::timeout(Duration::from_millis(timeout_ms), call(self.admin(&addr)?))
-                    .await;
-            match result {
-                Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                Ok(Err(status)) => {
-                    let e = ClientError::from_status(&status);
-                    if let ClientError::NotLeader { leader: Some(l) } = &e {
-                        on_hint(l);
-                        self.learn_nodes([(l.node_id, l.addr.clone())]);
-                        if l.addr != addr {
-                            candidates.retain(|c| c != &l.addr);
-                            candidates.insert(0, l.addr.clone());
-                        }
-                    }
-                    last = e;
-                }
-                Err(_) => last = ClientError::Unavailable(format!("{addr} did not answer")),
-            }
-        }
-        Err(last)
     }
 
     /// Starts the Raft group of this node's replica `replica_id` of `range_id`, from whatever
@@ -628,56 +363,13 @@ impl NodeShared {
     }
 }
 
-/// A claim on one range's replica changes; see [`NodeShared::claim_change`].
-pub struct ChangeGuard<'a> {
-    shared: &'a NodeShared,
-    range_id: RangeId,
-}
-
-impl Drop for ChangeGuard<'_> {
-    fn drop(&mut self) {
-        self.shared
-            .changing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.range_id);
-    }
-}
-
-/// A range descriptor on the wire.
-pub fn wire_descriptor(r: &RangeRecord) -> RangeDescriptor {
-    RangeDescriptor {
-        range_id: r.span.range_id,
-        generation: r.span.generation,
-        start_key: r.span.start_key.clone(),
-        end_key: r.span.end_key.clone(),
-        voters: r
-            .replicas
-            .iter()
-            .filter(|x| x.voter)
-            .map(|x| x.node_id)
-            .collect(),
-        learners: r
-            .replicas
-            .iter()
-            .filter(|x| !x.voter)
-            .map(|x| x.node_id)
-            .collect(),
-        replicas: r
-            .replicas
-            .iter()
-            .map(|x| WireReplica {
-                replica_id: x.replica_id,
-                node_id: x.node_id,
-                voter: x.voter,
-            })
-            .collect(),
-    }
-}
-
 /// A running node.
 pub struct Node {
-    shared: Arc<NodeShared>,
+    node_id: NodeId,
+    addr: String,
+    db: Db,
+    group_commit: GroupCommit,
+    replicas: Arc<ReplicaDirectory>,
     /// The first fatal condition the health check found (see [`crate::node::health`]).
     fatal: watch::Receiver<Option<String>>,
     faults: Arc<TransportFaults>,
@@ -896,7 +588,7 @@ impl Node {
             );
         }
         let group_commit = GroupCommit::start(Arc::new(db.clone()))?;
-        let disk = Arc::new(crate::node::disk::DiskGuard::new(
+        let disk = Arc::new(DiskGuard::new(
             &cfg.data_dir,
             cfg.disk_reserve_bytes,
             cfg.ballast_size_bytes,
@@ -909,7 +601,7 @@ impl Node {
             .ok()
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified());
-        let peers = PeerChannels::new(node_id, local_ip, faults.clone());
+        let raft_peers = PeerChannels::new(node_id, local_ip, faults.clone());
         let (events_tx, events_rx) = mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         let (requests_tx, requests_rx) = mpsc::channel(MAX_PENDING_REPLICA_REQUESTS);
         let replicas = Arc::new(ReplicaDirectory::new(requests_tx));
@@ -918,36 +610,29 @@ impl Node {
             // Placeholder ids above any real one until the meta range names them.
             known.insert(u64::MAX - i as u64, seed.clone());
         }
+        let peers = Arc::new(Peers::new(replicas.clone(), known));
+        let view = Arc::new(MetaState::default());
 
-        let shared = Arc::new(NodeShared {
+        let started = Instant::now();
+        let lifecycle = Arc::new(LocalReplicas {
             node_id,
-            cluster_id: identity.cluster_id,
-            addr: addr.clone(),
             db: db.clone(),
-            started: Instant::now(),
-            group_commit,
-            disk: disk.clone(),
-            raft_config: raft_config(&cfg)?,
-            cfg: cfg.clone(),
+            group_commit: group_commit.clone(),
             replicas: replicas.clone(),
-            peers,
+            peers: raft_peers.clone(),
+            raft_config: raft_config(&cfg)?,
             events: events_tx,
-            snapshot_dir,
-            known_nodes: RwLock::new(known),
-            meta_leader: RwLock::new(None),
-            admin_channels: Mutex::new(HashMap::new()),
-            changing: Mutex::new(std::collections::HashSet::new()),
-            meta: MetaState::default(),
+            snapshot_dir: snapshot_dir.clone(),
         });
 
         let ranges = local_ranges(&db)?;
         for range_id in &ranges {
-            match shared.local_replica_id(*range_id)? {
+            match lifecycle.local_replica_id(*range_id)? {
                 Some(replica_id) => {
                     // One replica that cannot start (its span overlaps another's: a broken
                     // invariant, reported loudly) must not keep the node's other replicas
                     // down; the allocator replaces it like a missing one.
-                    if let Err(e) = shared.start_replica(*range_id, replica_id).await {
+                    if let Err(e) = lifecycle.start_replica(*range_id, replica_id).await {
                         tracing::error!(range_id, replica_id, "replica not started: {e:#}");
                     }
                 }
@@ -955,21 +640,53 @@ impl Node {
             }
         }
         tracing::info!(node_id, replicas = ranges.len(), "replicas started");
-        shared.stop_merged_replicas().await?;
+        lifecycle.stop_merged_replicas().await?;
 
+        let merges = Arc::new(Merges {
+            node_id,
+            db: db.clone(),
+            replicas: replicas.clone(),
+            view: view.clone(),
+            transport: TonicMergeTransport::new(peers.clone(), view.clone()),
+            auto: AutoMerge {
+                size_bytes: cfg.range_merge_size_bytes,
+                qps: cfg.range_merge_qps,
+                after_split_ms: cfg.range_merge_after_split_ms,
+                heartbeat_interval_ms: cfg.node_heartbeat_interval_ms,
+            },
+        });
         let (stop, stop_rx) = watch::channel(false);
         let server = {
             let mut stop_rx = stop_rx.clone();
-            let kv = KvServer::new(KvService::new(shared.clone()))
-                .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
-                .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
-            let admin = AdminServer::new(AdminService::new(shared.clone()))
-                .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
-                .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
+            let kv = KvServer::new(KvService::new(
+                node_id,
+                db.clone(),
+                replicas.clone(),
+                disk.clone(),
+            ))
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
+            let admin = AdminServer::new(AdminService::new(AdminParts {
+                this_node: ThisNode {
+                    node_id,
+                    cluster_id: identity.cluster_id,
+                    addr: addr.clone(),
+                    started,
+                },
+                db: db.clone(),
+                replicas: replicas.clone(),
+                peers: peers.clone(),
+                view: view.clone(),
+                merges: merges.clone(),
+                replication_factor: cfg.replication_factor,
+                node_heartbeat_interval_ms: cfg.node_heartbeat_interval_ms,
+            }))
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
             let raft_svc = RaftTransportServer::new(RaftService::new(
-                replicas,
+                replicas.clone(),
                 faults.clone(),
-                shared.snapshot_dir.clone(),
+                snapshot_dir.clone(),
             ))
             .max_decoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_SIZE_BYTES);
@@ -989,35 +706,71 @@ impl Node {
             )
         };
 
+        let heartbeat = Heartbeat {
+            node_id,
+            addr: addr.clone(),
+            interval_ms: cfg.node_heartbeat_interval_ms,
+            replicas: replicas.clone(),
+            lifecycle: lifecycle.clone(),
+            peers: peers.clone(),
+        };
+        let allocator = Arc::new(Allocator {
+            node_id,
+            db: db.clone(),
+            replicas: replicas.clone(),
+            view: view.clone(),
+            peers: peers.clone(),
+            replication_factor: cfg.replication_factor,
+            dead_node_timeout_ms: cfg.dead_node_timeout_ms,
+            interval_ms: cfg.node_heartbeat_interval_ms,
+        });
+        let split_check = SplitCheck {
+            db: db.clone(),
+            replicas: replicas.clone(),
+            peers: peers.clone(),
+            counters: view.clone(),
+            split_size_bytes: cfg.range_split_size_bytes,
+            split_qps: cfg.range_split_qps,
+        };
         let (fatal_tx, fatal_rx) = watch::channel(None);
         let loops = vec![
-            tokio::spawn(events_loop(shared.clone(), events_rx, stop_rx.clone())),
-            tokio::spawn(requests_loop(shared.clone(), requests_rx, stop_rx.clone())),
-            tokio::spawn(crate::meta::heartbeat_loop(shared.clone(), stop_rx.clone())),
+            tokio::spawn(events_loop(lifecycle.clone(), events_rx, stop_rx.clone())),
+            tokio::spawn(requests_loop(
+                lifecycle.clone(),
+                requests_rx,
+                stop_rx.clone(),
+            )),
+            tokio::spawn(heartbeat_loop(heartbeat, stop_rx.clone())),
             tokio::spawn(crate::meta::allocator::allocator_loop(
-                shared.clone(),
+                allocator,
                 stop_rx.clone(),
             )),
             tokio::spawn(crate::range::split::split_loop(
-                shared.clone(),
+                split_check,
                 stop_rx.clone(),
             )),
-            tokio::spawn(crate::range::merge::merge_loop(
-                shared.clone(),
-                stop_rx.clone(),
-            )),
+            tokio::spawn(crate::range::merge::merge_loop(merges, stop_rx.clone())),
             tokio::spawn(crate::node::health::health_loop(
-                shared.replicas.clone(),
-                shared.group_commit.clone(),
+                replicas.clone(),
+                group_commit.clone(),
                 fatal_tx,
                 stop_rx.clone(),
             )),
-            tokio::spawn(crate::node::disk::disk_loop(disk, stop_rx.clone())),
-            tokio::spawn(crate::range::quiesce::quiesce_loop(shared.clone(), stop_rx)),
+            tokio::spawn(crate::disk::disk_loop(disk, stop_rx.clone())),
+            tokio::spawn(crate::range::quiesce::quiesce_loop(
+                replicas.clone(),
+                raft_peers,
+                cfg.quiesce_after_ms,
+                stop_rx,
+            )),
         ];
         tracing::info!(node_id, %addr, "node serving");
         Ok(Node {
-            shared,
+            node_id,
+            addr,
+            db,
+            group_commit,
+            replicas,
             fatal: fatal_rx,
             faults,
             local_addr,
@@ -1029,7 +782,7 @@ impl Node {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.shared.node_id
+        self.node_id
     }
 
     /// The address the node serves on.
@@ -1039,17 +792,17 @@ impl Node {
 
     /// The address peers and clients use.
     pub fn addr(&self) -> &str {
-        &self.shared.addr
+        &self.addr
     }
 
     /// The Raft group of this node's replica of `range_id`.
     pub fn raft(&self, range_id: RangeId) -> Option<RaftHandle> {
-        self.shared.replica(range_id).map(|r| r.raft.clone())
+        self.replicas.get(range_id).map(|r| r.raft.clone())
     }
 
     /// The node's database.
     pub fn db(&self) -> &Db {
-        &self.shared.db
+        &self.db
     }
 
     /// Transport fault injection (partition tests).
@@ -1086,21 +839,21 @@ impl Node {
                 Err(e) => tracing::warn!("server task failed: {e}"),
             }
         }
-        for replica in self.shared.replicas.all() {
-            self.shared.replicas.remove(replica.shared.range_id);
+        for replica in self.replicas.all() {
+            self.replicas.remove(replica.shared.range_id);
             if let Err(e) = replica.raft.shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
             }
         }
-        self.shared.group_commit.shutdown();
-        self.shared.db.sync_wal()?;
+        self.group_commit.shutdown();
+        self.db.sync_wal()?;
         Ok(())
     }
 }
 
 /// Starts the right halves of splits as the state machines apply them.
 async fn events_loop(
-    shared: Arc<NodeShared>,
+    lifecycle: Arc<LocalReplicas>,
     mut events: mpsc::Receiver<RangeEvent>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -1109,7 +862,7 @@ async fn events_loop(
             _ = stop.wait_for(|s| *s) => return,
             e = events.recv() => match e { Some(e) => e, None => return },
         };
-        if let Err(e) = shared.on_range_event(event.clone()).await {
+        if let Err(e) = lifecycle.on_range_event(event.clone()).await {
             tracing::error!(?event, "handling range event: {e:#}");
         }
     }
@@ -1118,7 +871,7 @@ async fn events_loop(
 /// Creates replicas that peers address but this node does not have yet, and stops replicas
 /// that merged ranges' snapshots subsume.
 async fn requests_loop(
-    shared: Arc<NodeShared>,
+    lifecycle: Arc<LocalReplicas>,
     mut requests: mpsc::Receiver<ReplicaRequest>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -1127,7 +880,7 @@ async fn requests_loop(
             _ = stop.wait_for(|s| *s) => return,
             m = requests.recv() => match m { Some(m) => m, None => return },
         };
-        if let Err(e) = shared.on_replica_request(m).await {
+        if let Err(e) = lifecycle.on_replica_request(m).await {
             tracing::warn!(request = ?m, "replica request: {e:#}");
         }
     }

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use spheredb_raft::network::Replica;
+use spheredb_raft::network::{PeerChannels, Replica, ReplicaDirectory};
 use tokio::sync::watch;
 
-use crate::node::{NodeShared, META_RANGE_ID};
+use crate::ids::META_RANGE_ID;
 
 /// Period of the quiescence check.
 pub const QUIESCE_CHECK_INTERVAL_MS: u64 = 500;
@@ -41,9 +41,14 @@ fn settled(replica: &Replica) -> bool {
     uniform && committed && applied && replicated
 }
 
-/// Quiesces idle ranges this node leads.
-pub async fn quiesce_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
-    let after_ms = shared.cfg.quiesce_after_ms;
+/// Quiesces ranges this node leads once idle for `after_ms` (0: never), asking followers
+/// through the Raft transport's `peers`.
+pub async fn quiesce_loop(
+    replicas: Arc<ReplicaDirectory>,
+    peers: PeerChannels,
+    after_ms: u64,
+    mut stop: watch::Receiver<bool>,
+) {
     if after_ms == 0 {
         return;
     }
@@ -52,7 +57,7 @@ pub async fn quiesce_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<boo
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(Duration::from_millis(QUIESCE_CHECK_INTERVAL_MS)) => {}
         }
-        for replica in shared.replicas.all() {
+        for replica in replicas.all() {
             if replica.shared.range_id == META_RANGE_ID
                 || replica.quiesced.load(Ordering::Acquire)
                 || replica.idle_ms() < after_ms
@@ -70,35 +75,33 @@ pub async fn quiesce_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<boo
                 );
                 continue;
             }
-            if shared.quiesce_followers(&replica).await {
+            if quiesce_followers(&peers, &replica).await {
                 replica.quiesce();
             }
         }
     }
 }
 
-impl NodeShared {
-    /// Asks every other replica of the range to quiesce; true when all agreed.
-    async fn quiesce_followers(&self, replica: &Replica) -> bool {
-        let m = replica.raft.metrics().borrow_watched().clone();
-        let me = m.id;
-        let timeout = Duration::from_millis(QUIESCE_REQUEST_TIMEOUT_MS);
-        for (id, node) in m.membership_config.membership().nodes() {
-            if *id == me {
-                continue;
-            }
-            let asked = replica
-                .ask_quiesce(self.peers(), replica.shared.range_id, *id, node, timeout)
-                .await;
-            if let Err(e) = asked {
-                tracing::debug!(
-                    range_id = replica.shared.range_id,
-                    replica_id = id,
-                    "follower did not quiesce: {e}"
-                );
-                return false;
-            }
+/// Asks every other replica of the range to quiesce; true when all agreed.
+async fn quiesce_followers(peers: &PeerChannels, replica: &Replica) -> bool {
+    let m = replica.raft.metrics().borrow_watched().clone();
+    let me = m.id;
+    let timeout = Duration::from_millis(QUIESCE_REQUEST_TIMEOUT_MS);
+    for (id, node) in m.membership_config.membership().nodes() {
+        if *id == me {
+            continue;
         }
-        true
+        let asked = replica
+            .ask_quiesce(peers, replica.shared.range_id, *id, node, timeout)
+            .await;
+        if let Err(e) = asked {
+            tracing::debug!(
+                range_id = replica.shared.range_id,
+                replica_id = id,
+                "follower did not quiesce: {e}"
+            );
+            return false;
+        }
     }
+    true
 }

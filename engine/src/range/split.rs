@@ -1,6 +1,10 @@
 //! Range splits: the size and load checks each range leader runs over its ranges, and the
 //! split itself (one `Split` command on the parent's log; the right half starts as a new
 //! Raft group on the same replicas, from the data already on each node).
+//!
+//! Where to split is [`split_point`], a pure function; this module asks the meta range for
+//! the new range's id and proposes the split on the parent's log, and does not import
+//! `node`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -11,13 +15,16 @@ use std::time::Duration;
 
 use spheredb_client::proto::v1::AllocRangeIdsRequest;
 use spheredb_client::ClientError;
-use spheredb_raft::network::Replica;
+use spheredb_raft::network::{Replica, ReplicaDirectory};
 use spheredb_raft::{Command, CommandResponse, RangeId, RangeRecord, RangeSpan};
 use spheredb_storage::{keys, ColumnFamilyName, Db};
 use tokio::sync::watch;
 
 use crate::errors::{not_leader_hint, write_error};
-use crate::node::{NodeShared, META_RANGE_ID};
+use crate::ids::META_RANGE_ID;
+use crate::meta::MetaState;
+use crate::peers::Peers;
+use crate::replica::leader_node;
 
 /// Period of the split check on each node.
 pub const SPLIT_CHECK_INTERVAL_MS: u64 = 1_000;
@@ -65,16 +72,18 @@ pub fn split_point(span: &RangeSpan, key: &[u8]) -> Option<Vec<u8>> {
     (row > span.start_key.as_slice() && span.contains(row)).then(|| row.to_vec())
 }
 
-/// Splits the range of `replica` (this node must lead it) at the row boundary of `key`.
+/// Splits the range of `replica` (this node must lead it) at the row boundary of `key`,
+/// with a range id from the meta range (through `peers`); counts the split in `counters`.
 pub async fn split_range(
-    shared: &NodeShared,
+    peers: &Peers,
+    counters: &MetaState,
     replica: &Replica,
     key: &[u8],
 ) -> Result<(RangeRecord, RangeRecord), ClientError> {
     let range_id = replica.shared.range_id;
     replica.touch();
     if !replica.raft.is_leader() {
-        return Err(not_leader_hint(shared.leader_node(replica)));
+        return Err(not_leader_hint(leader_node(replica)));
     }
     if range_id == META_RANGE_ID {
         return Err(ClientError::InvalidArgument(
@@ -91,7 +100,7 @@ pub async fn split_range(
             "the split key's row boundary is not strictly inside range {range_id}"
         )));
     };
-    let new_range_id = shared
+    let new_range_id = peers
         .call_meta(|mut admin| async move {
             admin
                 .alloc_range_ids(AllocRangeIdsRequest { count: 1 })
@@ -118,7 +127,7 @@ pub async fn split_range(
     };
     match resp {
         CommandResponse::SplitDone { left, right } => {
-            shared.meta.count("splits");
+            counters.count("splits");
             let membership = replica
                 .raft
                 .metrics()
@@ -139,21 +148,33 @@ pub async fn split_range(
     }
 }
 
+/// What the split check works with.
+pub struct SplitCheck {
+    pub db: Db,
+    pub replicas: Arc<ReplicaDirectory>,
+    pub peers: Arc<Peers>,
+    pub counters: Arc<MetaState>,
+    /// A range larger than this splits.
+    pub split_size_bytes: u64,
+    /// A range serving more requests per second than this splits.
+    pub split_qps: f64,
+}
+
 /// Checks the ranges this node leads every [`SPLIT_CHECK_INTERVAL_MS`] and splits those past
 /// the size or load threshold.
-pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
     // Each range's last measurement and the span it measured; a range is measured again
     // once writes could have moved it by an eighth of the threshold, or its span changed
     // (a merge widened it).
     let mut measured: HashMap<RangeId, (RangeSpan, SpanSize)> = HashMap::new();
-    let remeasure_bytes = (shared.cfg.range_split_size_bytes / 8).max(1);
+    let remeasure_bytes = (check.split_size_bytes / 8).max(1);
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(Duration::from_millis(SPLIT_CHECK_INTERVAL_MS)) => {}
         }
         let mut splits = 0usize;
-        for replica in shared.replicas.all() {
+        for replica in check.replicas.all() {
             let range_id = replica.shared.range_id;
             if range_id == META_RANGE_ID
                 || !replica.raft.is_leader()
@@ -171,7 +192,7 @@ pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
             });
             if stale {
                 replica.shared.written_bytes.store(0, Ordering::Relaxed);
-                let db = shared.db.clone();
+                let db = check.db.clone();
                 let s = span.clone();
                 match tokio::task::spawn_blocking(move || measure_span(&db, &s)).await {
                     Ok(Ok(size)) => {
@@ -185,12 +206,12 @@ pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
             let Some((_, size)) = measured.get(&range_id).cloned() else {
                 continue;
             };
-            let too_big = size.size_bytes > shared.cfg.range_split_size_bytes;
-            let too_busy = replica.qps() > shared.cfg.range_split_qps;
+            let too_big = size.size_bytes > check.split_size_bytes;
+            let too_busy = replica.qps() > check.split_qps;
             let Some(key) = size.middle_key.clone().filter(|_| too_big || too_busy) else {
                 continue;
             };
-            match split_range(&shared, &replica, &key).await {
+            match split_range(&check.peers, &check.counters, &replica, &key).await {
                 Ok(_) => {
                     splits += 1;
                     measured.remove(&range_id);
@@ -205,7 +226,7 @@ pub async fn split_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>
                 Err(e) => tracing::info!(range_id, "split failed: {e}"),
             }
         }
-        measured.retain(|id, _| shared.replica(*id).is_some());
+        measured.retain(|id, _| check.replicas.get(*id).is_some());
     }
 }
 

@@ -1,10 +1,14 @@
 //! The admin gRPC service: status, join, the range map, splits, decommissioning, leadership
 //! transfers, and the node-to-node calls of the meta range and the allocator.
+//!
+//! A front door: it checks requests, proposes commands on local replicas, and hands merges,
+//! splits and heartbeats to `range` and `meta`. It owns the per-range claim that keeps one
+//! replica change (or merge step) at a time. It does not import `node`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::{ChangeMembers, Instant as _, ServerState};
@@ -18,15 +22,20 @@ use spheredb_client::proto::v1::{
     TransferLeaderRequest, TransferLeaderResponse,
 };
 use spheredb_client::ClientError;
-use spheredb_raft::network::Replica;
+use spheredb_raft::network::{Replica, ReplicaDirectory};
 use spheredb_raft::registry::{self, NodeRecord, NodeState};
-use spheredb_raft::{Command, CommandResponse, MergeFreeze, RangeSpan, ReplicaNode, WriteOp};
-use spheredb_storage::{keys, ColumnFamilyName};
+use spheredb_raft::{
+    Command, CommandResponse, MergeFreeze, NodeId, RangeId, RangeSpan, ReplicaNode, WriteOp,
+};
+use spheredb_storage::{keys, ColumnFamilyName, Db};
 use tonic::{Request, Response, Status};
 
+use crate::descriptor::{record_from_wire, wire_descriptor};
 use crate::errors::{internal, not_leader_hint, write_error};
-use crate::meta::{record_from_wire, write_meta};
-use crate::node::{wire_descriptor, NodeShared};
+use crate::meta::{write_meta, MetaState};
+use crate::peers::Peers;
+use crate::range::merge::{Merges, TonicMergeTransport};
+use crate::replica::{descriptor, leader_node, leading_meta, meta_replica};
 
 /// Largest join token accepted.
 pub const MAX_JOIN_TOKEN_SIZE_BYTES: usize = 64;
@@ -39,9 +48,49 @@ pub const LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 30_000;
 /// Longest a membership change waits to commit.
 pub const MEMBERSHIP_CHANGE_TIMEOUT_MS: u64 = 10_000;
 
+/// Who this node is, as the status call reports it.
+#[derive(Debug, Clone)]
+pub struct ThisNode {
+    pub node_id: NodeId,
+    pub cluster_id: u64,
+    pub addr: String,
+    pub started: Instant,
+}
+
+/// What the admin service works with.
+pub struct AdminParts {
+    pub this_node: ThisNode,
+    pub db: Db,
+    pub replicas: Arc<ReplicaDirectory>,
+    pub peers: Arc<Peers>,
+    /// The meta leader's view (loads, counters), and where heartbeats are taken in.
+    pub view: Arc<MetaState>,
+    pub merges: Arc<Merges<TonicMergeTransport>>,
+    pub replication_factor: usize,
+    /// The node heartbeat period, for the meta leader's liveness answers.
+    pub node_heartbeat_interval_ms: u64,
+}
+
 /// The admin service of a node.
 pub struct AdminService {
-    node: Arc<NodeShared>,
+    parts: AdminParts,
+    /// Ranges with a replica change or merge step running on this node (as their leader).
+    changing: Mutex<HashSet<RangeId>>,
+}
+
+/// A claim on one range's replica changes; see [`AdminService::claim_change`].
+struct ChangeGuard<'a> {
+    changing: &'a Mutex<HashSet<RangeId>>,
+    range_id: RangeId,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        self.changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.range_id);
+    }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -51,9 +100,28 @@ fn answer<T>(r: Result<T, ClientError>) -> Reply<T> {
 }
 
 impl AdminService {
-    /// A service over `node`.
-    pub fn new(node: Arc<NodeShared>) -> Self {
-        AdminService { node }
+    /// A service over `parts`.
+    pub fn new(parts: AdminParts) -> Self {
+        AdminService {
+            parts,
+            changing: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Claims `range_id` for one replica change; `None` while another change of the range
+    /// runs here. The claim ends when the guard drops.
+    fn claim_change(&self, range_id: RangeId) -> Option<ChangeGuard<'_>> {
+        let claimed = self
+            .changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(range_id);
+        // The guard is built only on success, and after the lock is released: dropping it
+        // takes the lock.
+        claimed.then(|| ChangeGuard {
+            changing: &self.changing,
+            range_id,
+        })
     }
 
     /// Allocates a replica id for a new replica of `replica`'s range through its log, so an
@@ -76,7 +144,7 @@ impl AdminService {
             CommandResponse::ReplicaId { replica_id } => Ok(replica_id),
             CommandResponse::Rejected { reason } => Err(ClientError::StaleGeneration {
                 message: reason,
-                descriptors: self.node.descriptor(replica).into_iter().collect(),
+                descriptors: descriptor(replica).into_iter().collect(),
             }),
             CommandResponse::Frozen { into } => Err(ClientError::Unavailable(format!(
                 "range is frozen for a merge into range {into}"
@@ -90,26 +158,24 @@ impl AdminService {
 
     /// Every node this node knows, from the registry when it holds the meta range.
     fn nodes(&self) -> Vec<NodeInfo> {
-        let mut nodes: Vec<NodeInfo> = match self
-            .node
-            .meta_replica()
-            .map(|_| registry::nodes(&self.node.db))
-        {
-            Some(Ok(registered)) => registered
-                .into_iter()
-                .map(|r| NodeInfo {
-                    node_id: r.node_id,
-                    addr: r.addr,
-                })
-                .collect(),
-            _ => self
-                .node
-                .known_nodes()
-                .into_iter()
-                .filter(|(id, _)| *id < u64::MAX / 2)
-                .map(|(node_id, addr)| NodeInfo { node_id, addr })
-                .collect(),
-        };
+        let mut nodes: Vec<NodeInfo> =
+            match meta_replica(&self.parts.replicas).map(|_| registry::nodes(&self.parts.db)) {
+                Some(Ok(registered)) => registered
+                    .into_iter()
+                    .map(|r| NodeInfo {
+                        node_id: r.node_id,
+                        addr: r.addr,
+                    })
+                    .collect(),
+                _ => self
+                    .parts
+                    .peers
+                    .known_nodes()
+                    .into_iter()
+                    .filter(|(id, _)| *id < u64::MAX / 2)
+                    .map(|(node_id, addr)| NodeInfo { node_id, addr })
+                    .collect(),
+            };
         nodes.sort_by_key(|n| n.node_id);
         nodes
     }
@@ -117,7 +183,7 @@ impl AdminService {
     /// Key count and crc32 over every pair of `span`, in key order.
     fn digest(&self, span: &RangeSpan) -> Result<(u64, u32), ClientError> {
         let iter = self
-            .node
+            .parts
             .db
             .iter_span(ColumnFamilyName::Data, &span.start_key, &span.end_key);
         let mut hasher = crc32fast::Hasher::new();
@@ -176,7 +242,7 @@ impl AdminService {
             _ => (None, None),
         };
         Ok(RangeStatus {
-            descriptor: self.node.descriptor(replica),
+            descriptor: descriptor(replica),
             leader_id: metrics.current_leader.as_ref().map(node_of),
             term: metrics.current_term,
             applied_index: metrics.last_applied.as_ref().map(|l| l.index),
@@ -200,14 +266,14 @@ impl AdminService {
 
     /// The local replica of `range_id`, which must lead the range.
     fn leading(&self, range_id: u64) -> Result<Arc<Replica>, ClientError> {
-        let replica = self.node.replica(range_id).ok_or_else(|| {
+        let replica = self.parts.replicas.get(range_id).ok_or_else(|| {
             ClientError::RangeNotFound(format!(
                 "range {range_id} has no replica on node {}",
-                self.node.node_id
+                self.parts.this_node.node_id
             ))
         })?;
         if !replica.raft.is_leader() {
-            return Err(not_leader_hint(self.node.leader_node(&replica)));
+            return Err(not_leader_hint(leader_node(&replica)));
         }
         replica.touch();
         Ok(replica)
@@ -215,10 +281,8 @@ impl AdminService {
 
     /// The local meta replica, which must lead the meta range.
     fn meta_leading(&self) -> Result<Arc<Replica>, ClientError> {
-        self.node
-            .meta_replica()
-            .filter(|r| r.raft.is_leader())
-            .ok_or_else(|| not_leader_hint(self.node.meta_leader_hint()))
+        leading_meta(&self.parts.replicas)
+            .ok_or_else(|| not_leader_hint(self.parts.peers.meta_leader_hint()))
     }
 
     async fn change_replicas_inner(
@@ -228,7 +292,7 @@ impl AdminService {
         let replica = self.leading(req.range_id)?;
         // One membership change at a time per range, whoever asks (two meta leaders in a
         // row may both have asked).
-        let Some(_claim) = self.node.claim_change(req.range_id) else {
+        let Some(_claim) = self.claim_change(req.range_id) else {
             return Err(ClientError::Unavailable(format!(
                 "another replica change of range {} is running",
                 req.range_id
@@ -252,7 +316,7 @@ impl AdminService {
                     "range {} is at generation {}",
                     req.range_id, span.generation
                 ),
-                descriptors: self.node.descriptor(&replica).into_iter().collect(),
+                descriptors: descriptor(&replica).into_iter().collect(),
             });
         }
         if metrics.membership_config.log_id() != metrics.committed_membership_config.log_id() {
@@ -281,8 +345,13 @@ impl AdminService {
                     Some(rid) if voters.contains(&rid) => None,
                     Some(rid) => Some(rid),
                     None => {
-                        let addr =
-                            self.node.known_nodes().get(&node).cloned().ok_or_else(|| {
+                        let addr = self
+                            .parts
+                            .peers
+                            .known_nodes()
+                            .get(&node)
+                            .cloned()
+                            .ok_or_else(|| {
                                 ClientError::Unavailable(format!(
                                     "address of node {node} not known yet"
                                 ))
@@ -325,7 +394,7 @@ impl AdminService {
             (None, Some(node)) => {
                 let Some(rid) = replica_of(node) else {
                     return Ok(ChangeReplicasResponse {
-                        descriptor: self.node.descriptor(&replica),
+                        descriptor: descriptor(&replica),
                     });
                 };
                 if rid == metrics.id {
@@ -366,7 +435,7 @@ impl AdminService {
             }
         }
         Ok(ChangeReplicasResponse {
-            descriptor: self.node.descriptor(&replica),
+            descriptor: descriptor(&replica),
         })
     }
 
@@ -411,7 +480,7 @@ impl AdminService {
         };
         // Not while a replica change of the range runs: a frozen range must keep the
         // replicas the merge was planned on.
-        let Some(_claim) = self.node.claim_change(req.range_id) else {
+        let Some(_claim) = self.claim_change(req.range_id) else {
             return Err(ClientError::Unavailable(format!(
                 "a replica change of range {} is running",
                 req.range_id
@@ -436,13 +505,13 @@ impl AdminService {
             CommandResponse::Rejected { reason } => {
                 return Err(ClientError::StaleGeneration {
                     message: reason,
-                    descriptors: self.node.descriptor(&replica).into_iter().collect(),
+                    descriptors: descriptor(&replica).into_iter().collect(),
                 })
             }
             other => return Err(internal(format!("unexpected response {other:?}"))),
         };
         Ok(MergeStepResponse {
-            descriptor: self.node.descriptor(&replica),
+            descriptor: descriptor(&replica),
             merged,
         })
     }
@@ -454,12 +523,11 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let result = async {
             self.meta_leading()?;
-            let merged = crate::range::merge::merge_ranges(
-                &self.node,
-                req.left_range_id,
-                req.expected_right_range_id,
-            )
-            .await?;
+            let merged = self
+                .parts
+                .merges
+                .merge_ranges(req.left_range_id, req.expected_right_range_id)
+                .await?;
             Ok(MergeResponse {
                 merged: Some(wire_descriptor(&merged)),
             })
@@ -475,15 +543,15 @@ impl Admin for AdminService {
     async fn status(&self, request: Request<StatusRequest>) -> Reply<StatusResponse> {
         let include_digest = request.into_inner().include_digest;
         let result = (|| {
-            let mut replicas = self.node.replicas.all();
+            let mut replicas = self.parts.replicas.all();
             replicas.sort_by_key(|r| r.shared.range_id);
             let ranges = replicas
                 .iter()
                 .map(|r| self.range_status(r, include_digest))
                 .collect::<Result<Vec<_>, _>>()?;
             let counters = self
-                .node
-                .meta
+                .parts
+                .view
                 .counters
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -491,12 +559,12 @@ impl Admin for AdminService {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect();
             Ok(StatusResponse {
-                node_id: self.node.node_id,
-                addr: self.node.addr.clone(),
-                cluster_id: self.node.cluster_id,
+                node_id: self.parts.this_node.node_id,
+                addr: self.parts.this_node.addr.clone(),
+                cluster_id: self.parts.this_node.cluster_id,
                 nodes: self.nodes(),
                 ranges,
-                uptime_ms: self.node.started.elapsed().as_millis() as u64,
+                uptime_ms: self.parts.this_node.started.elapsed().as_millis() as u64,
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 counters,
             })
@@ -549,13 +617,13 @@ impl Admin for AdminService {
 
     async fn range_list(&self, _request: Request<RangeListRequest>) -> Reply<RangeListResponse> {
         let result = (|| {
-            let Some(meta) = self.node.meta_replica() else {
-                return Err(not_leader_hint(self.node.meta_leader_hint()));
+            let Some(meta) = meta_replica(&self.parts.replicas) else {
+                return Err(not_leader_hint(self.parts.peers.meta_leader_hint()));
             };
-            let records = registry::ranges(&self.node.db).map_err(internal)?;
+            let records = registry::ranges(&self.parts.db).map_err(internal)?;
             let loads = self
-                .node
-                .meta
+                .parts
+                .view
                 .loads()
                 .into_iter()
                 .map(|(range_id, l)| RangeLoad {
@@ -568,7 +636,7 @@ impl Admin for AdminService {
             Ok(RangeListResponse {
                 ranges: records.iter().map(wire_descriptor).collect(),
                 nodes: self.nodes(),
-                leader_id: self.node.leader_node(&meta).map(|n| n.node_id),
+                leader_id: leader_node(&meta).map(|n| n.node_id),
                 loads: if meta.raft.is_leader() {
                     loads
                 } else {
@@ -582,10 +650,10 @@ impl Admin for AdminService {
     async fn split(&self, request: Request<SplitRequest>) -> Reply<SplitResponse> {
         let req = request.into_inner();
         let result = async {
-            let replica = self.node.replicas.covering(&req.split_key).ok_or_else(|| {
+            let replica = self.parts.replicas.covering(&req.split_key).ok_or_else(|| {
                 ClientError::RangeNotFound(format!(
                     "no range holding the key has a replica on node {}; send the split to the range's leader",
-                    self.node.node_id
+                    self.parts.this_node.node_id
                 ))
             })?;
             // Splitting where a range already starts is done already (a retried split).
@@ -597,7 +665,7 @@ impl Admin for AdminService {
                     });
                 }
             }
-            let (left, right) = crate::range::split::split_range(&self.node, &replica, &req.split_key).await?;
+            let (left, right) = crate::range::split::split_range(&self.parts.peers, &self.parts.view, &replica, &req.split_key).await?;
             Ok(SplitResponse {
                 left: Some(wire_descriptor(&left)),
                 right: Some(wire_descriptor(&right)),
@@ -614,7 +682,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let result = async {
             let meta = self.meta_leading()?;
-            let nodes = registry::nodes(&self.node.db).map_err(internal)?;
+            let nodes = registry::nodes(&self.parts.db).map_err(internal)?;
             let Some(node) = nodes.iter().find(|n| n.node_id == req.node_id) else {
                 return Err(ClientError::InvalidArgument(format!("node {} is not registered", req.node_id)));
             };
@@ -623,10 +691,10 @@ impl Admin for AdminService {
                 .filter(|n| n.node_id != req.node_id && n.state == NodeState::Active)
                 .count();
             if node.state == NodeState::Active {
-                if active_others < self.node.cfg.replication_factor {
+                if active_others < self.parts.replication_factor {
                     return Err(ClientError::InvalidArgument(format!(
                         "only {active_others} other active nodes: decommissioning node {} would leave ranges under the replication factor of {}",
-                        req.node_id, self.node.cfg.replication_factor
+                        req.node_id, self.parts.replication_factor
                     )));
                 }
                 let draining = NodeRecord { state: NodeState::Decommissioning, ..node.clone() };
@@ -634,7 +702,7 @@ impl Admin for AdminService {
                 write_meta(&meta.raft, vec![WriteOp { key: registry::node_key(req.node_id), value: Some(value) }]).await?;
                 tracing::info!(node_id = req.node_id, "decommissioning");
             }
-            let replicas_left = registry::ranges(&self.node.db)
+            let replicas_left = registry::ranges(&self.parts.db)
                 .map_err(internal)?
                 .iter()
                 .filter(|r| r.replica_on(req.node_id).is_some())
@@ -715,7 +783,19 @@ impl Admin for AdminService {
         &self,
         request: Request<NodeHeartbeatRequest>,
     ) -> Reply<NodeHeartbeatResponse> {
-        answer(crate::meta::handle_heartbeat(&self.node, request.into_inner()).await)
+        let result = async {
+            let meta = self.meta_leading()?;
+            crate::meta::handle_heartbeat(
+                &self.parts.view,
+                &self.parts.db,
+                &meta,
+                self.parts.node_heartbeat_interval_ms,
+                request.into_inner(),
+            )
+            .await
+        }
+        .await;
+        answer(result)
     }
 
     async fn alloc_range_ids(

@@ -2,6 +2,8 @@
 //!
 //! Validates every request before it reaches Raft (limits, range, generation), writes through
 //! Raft, and reads after a ReadIndex (or lease) barrier so reads are linearizable.
+//! Routing a request to the local replica (or to the error that tells the client where to
+//! go) is here too. Works only with local replicas; does not import `node`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,17 +17,19 @@ use spheredb_client::proto::v1::kv_server::Kv;
 use spheredb_client::proto::v1::{
     BatchRequest, BatchResponse, CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest,
     DeleteResponse, GetRequest, GetResponse, Header, KeyValue, PutRequest, PutResponse,
-    ReadConsistency, ScanRequest, ScanResponse,
+    RangeDescriptor, ReadConsistency, ScanRequest, ScanResponse,
 };
 use spheredb_client::ClientError;
-use spheredb_raft::network::Replica;
+use spheredb_raft::network::{Replica, ReplicaDirectory};
 use spheredb_raft::state_machine::{read_value, scan_values};
-use spheredb_raft::{Command, CommandResponse, RangeRecord, WriteOp};
-use spheredb_storage::keys;
+use spheredb_raft::{Command, CommandResponse, NodeId, RangeId, RangeRecord, WriteOp};
+use spheredb_storage::{keys, Db};
 use tonic::{Request, Response, Status};
 
+use crate::descriptor::wire_descriptor;
+use crate::disk::DiskGuard;
 use crate::errors::{read_error, storage_error, write_error};
-use crate::node::NodeShared;
+use crate::replica::descriptor;
 
 /// Longest a write waits for commit before answering "outcome unknown".
 pub const WRITE_TIMEOUT_MS: u64 = 5_000;
@@ -34,13 +38,101 @@ pub const READ_TIMEOUT_MS: u64 = 5_000;
 
 /// The KV service of a node.
 pub struct KvService {
-    node: Arc<NodeShared>,
+    node_id: NodeId,
+    db: Db,
+    replicas: Arc<ReplicaDirectory>,
+    /// Refuses client writes while the disk is nearly full.
+    disk: Arc<DiskGuard>,
 }
 
 impl KvService {
-    /// A service over `node`.
-    pub fn new(node: Arc<NodeShared>) -> Self {
-        KvService { node }
+    /// A service of node `node_id` over its local `replicas`, whose data is in `db`.
+    pub fn new(
+        node_id: NodeId,
+        db: Db,
+        replicas: Arc<ReplicaDirectory>,
+        disk: Arc<DiskGuard>,
+    ) -> Self {
+        KvService {
+            node_id,
+            db,
+            replicas,
+            disk,
+        }
+    }
+
+    /// Finds the local replica a request for `range_id` at `generation` touching `key` must
+    /// go to, or the error that tells the client where to go instead.
+    fn route_to(
+        &self,
+        range_id: RangeId,
+        generation: u64,
+        key: &[u8],
+    ) -> Result<Arc<Replica>, ClientError> {
+        let Some(replica) = self.replicas.get(range_id) else {
+            return Err(self.not_here(range_id, key));
+        };
+        let Some(desc) = descriptor(&replica) else {
+            return Err(ClientError::RangeNotFound(format!(
+                "range {range_id} is still being copied to this node; ask its leader"
+            )));
+        };
+        if desc.generation != generation {
+            return Err(ClientError::StaleGeneration {
+                message: format!(
+                    "range {range_id} is at generation {}, the request named {generation}",
+                    desc.generation
+                ),
+                descriptors: self.hint_descriptors(&desc, key),
+            });
+        }
+        if !keys::span_contains(&desc.start_key, &desc.end_key, key) {
+            return Err(ClientError::KeyNotInRange {
+                message: format!("key is outside range {range_id}"),
+                descriptors: self.hint_descriptors(&desc, key),
+            });
+        }
+        if let Some(frozen) = replica.shared.frozen() {
+            return Err(ClientError::Unavailable(format!(
+                "range {range_id} is being merged into range {}; retry shortly",
+                frozen.into
+            )));
+        }
+        // A leader wakes for the request. A follower stays as it is: it only answers
+        // NotLeader, and waking its election timer while the leader sleeps would start an
+        // election nobody needs.
+        if replica.raft.is_leader() {
+            replica.touch();
+        }
+        Ok(replica)
+    }
+
+    /// The error for a request naming a range this node has no replica of.
+    fn not_here(&self, range_id: RangeId, key: &[u8]) -> ClientError {
+        match self.replicas.covering(key).and_then(|r| descriptor(&r)) {
+            Some(desc) => ClientError::KeyNotInRange {
+                message: format!(
+                    "range {range_id} has no replica on node {}; range {} holds the key",
+                    self.node_id, desc.range_id
+                ),
+                descriptors: vec![desc],
+            },
+            None => ClientError::RangeNotFound(format!(
+                "range {range_id} has no replica on node {}; reload the range map (Admin.RangeList)",
+                self.node_id
+            )),
+        }
+    }
+
+    /// `desc`, plus the local range now holding `key` when that is another one.
+    fn hint_descriptors(&self, desc: &RangeDescriptor, key: &[u8]) -> Vec<RangeDescriptor> {
+        let mut out = vec![desc.clone()];
+        if let Some(other) = self.replicas.covering(key) {
+            if other.shared.range_id != desc.range_id {
+                out.extend(descriptor(&other));
+            }
+        }
+        out
     }
 
     /// Checks the header and finds the local replica for `user_key` of the named sphere.
@@ -61,7 +153,7 @@ impl KvService {
             ));
         };
         let key = keys::kv_key(header.sphere_id, user_key);
-        let replica = self.node.route(range.range_id, range.generation, &key)?;
+        let replica = self.route_to(range.range_id, range.generation, &key)?;
         replica.ops.fetch_add(1, Ordering::Relaxed);
         Ok((header.sphere_id, replica))
     }
@@ -77,7 +169,7 @@ impl KvService {
                     .membership_config
                     .membership()
                     .clone();
-                vec![crate::node::wire_descriptor(&RangeRecord::new(s, &m))]
+                vec![wire_descriptor(&RangeRecord::new(s, &m))]
             })
             .unwrap_or_default();
         ClientError::KeyNotInRange {
@@ -91,7 +183,7 @@ impl KvService {
 
     async fn write(&self, replica: &Replica, cmd: Command) -> Result<CommandResponse, ClientError> {
         // Refused before proposing, so nothing is written and the caller may retry.
-        self.node.disk.check_write()?;
+        self.disk.check_write()?;
         if ack_write_before_commit() {
             // Deliberately broken (failpoint `kv-write-ack-before-commit`, off unless
             // FAILPOINTS names it): the write is proposed in the background and reported
@@ -225,7 +317,7 @@ impl Kv for KvService {
                 }
                 let key = keys::kv_key(sphere, &req.key);
                 self.check_still_in_span(&replica, &key)?;
-                let value = read_value(&self.node.db, &key).map_err(storage_error)?;
+                let value = read_value(&self.db, &key).map_err(storage_error)?;
                 Ok(GetResponse {
                     found: value.is_some(),
                     value: value.unwrap_or_default(),
@@ -314,7 +406,7 @@ impl Kv for KvService {
                 // had applied over that span. (A merge applied in between would widen the
                 // span over keys the snapshot may hold stale; a split would narrow it.) Else
                 // the client retries on fresh descriptors.
-                let db = &self.node.db;
+                let db = &self.db;
                 self.check_still_in_span(&replica, &start)?;
                 let before = replica.shared.span();
                 let snapshot = db.raw().snapshot();

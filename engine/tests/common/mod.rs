@@ -34,7 +34,7 @@ where
 }
 
 /// The range a new cluster keeps user data in until it splits.
-pub const USER_RANGE: u64 = spheredb_engine::node::FIRST_USER_RANGE_ID;
+pub const USER_RANGE: u64 = spheredb_engine::ids::FIRST_USER_RANGE_ID;
 
 /// The status of range `range_id` in a node's status.
 pub fn range(s: &StatusResponse, range_id: u64) -> Option<&RangeStatus> {
