@@ -44,14 +44,20 @@ fn leader_node(node: &Node) -> Option<u64> {
 }
 
 async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
-    let first = Node::start(config(dir, "n1", None, 3)).await.unwrap();
+    three_nodes_with(dir, |_| {}).await
+}
+
+/// Three nodes whose configuration `tweak` adjusts.
+async fn three_nodes_with(dir: &std::path::Path, tweak: fn(&mut NodeConfig)) -> Vec<Node> {
+    let start = |name: &str, join: Option<&str>| {
+        let mut c = config(dir, name, join, 3);
+        tweak(&mut c);
+        Node::start(c)
+    };
+    let first = start("n1", None).await.unwrap();
     let seed = first.addr().to_string();
-    let second = Node::start(config(dir, "n2", Some(&seed), 3))
-        .await
-        .unwrap();
-    let third = Node::start(config(dir, "n3", Some(&seed), 3))
-        .await
-        .unwrap();
+    let second = start("n2", Some(&seed)).await.unwrap();
+    let third = start("n3", Some(&seed)).await.unwrap();
     let nodes = vec![first, second, third];
     eventually("three voters in every range on every node", || async {
         nodes
@@ -219,6 +225,87 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
             n.node_id()
         );
     }
+    shutdown(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot_streamed_in_many_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |c| {
+        c.snapshot_log_threshold = 10;
+        c.log_kept_behind_snapshot = 0;
+    })
+    .await;
+    let leader_id = eventually("a leader", || async { leader_node(&nodes[0]) }).await;
+    let lagging = nodes.iter().position(|n| n.node_id() != leader_id).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != lagging).collect();
+    let behind_at = user_raft(&nodes[lagging])
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap_or(0);
+    nodes[lagging]
+        .faults()
+        .block(others.iter().map(|i| nodes[*i].node_id()));
+    for i in &others {
+        nodes[*i].faults().block([nodes[lagging].node_id()]);
+    }
+
+    // About 3 MiB: the snapshot spans several transport chunks (1 MiB each) and several
+    // install batches.
+    let majority: Vec<String> = others
+        .iter()
+        .map(|i| nodes[*i].addr().to_string())
+        .collect();
+    let client = Client::connect(&majority, ClientOptions::default())
+        .await
+        .unwrap();
+    const KEYS: usize = 48;
+    let value = |i: usize| vec![(i % 251) as u8; 64 << 10];
+    for i in 0..KEYS {
+        client
+            .put(9, format!("big{i:03}").as_bytes(), &value(i))
+            .await
+            .unwrap();
+    }
+    // The majority snapshots and purges its log past everything the lagging node holds, so
+    // only a snapshot can bring it back.
+    eventually(
+        "the leader to purge its log past the lagging node",
+        || async {
+            others
+                .iter()
+                .all(|i| {
+                    let m = user_raft(&nodes[*i]).metrics().borrow_watched().clone();
+                    m.purged.is_some_and(|p| p.index > behind_at + 1)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    for n in &nodes {
+        n.faults().heal();
+    }
+    eventually("the lagging node to install the snapshot", || async {
+        (0..KEYS)
+            .all(|i| local(&nodes[lagging], 9, format!("big{i:03}").as_bytes()) == Some(value(i)))
+            .then_some(())
+    })
+    .await;
+    let snapshot_dir = dir
+        .path()
+        .join(format!("n{}", lagging + 1))
+        .join("snapshots");
+    let leftovers: Vec<String> = std::fs::read_dir(&snapshot_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary snapshot files left: {leftovers:?}"
+    );
     shutdown(nodes).await;
 }
 
