@@ -266,12 +266,34 @@ impl Client {
     /// The range map from the meta range, with each range's leader and load when the
     /// meta-range leader answered.
     pub async fn range_list(&self) -> Result<RangeListResponse, ClientError> {
-        let list = |preferred: Vec<String>| {
-            self.admin_call(preferred, |mut admin| async move {
-                let mut req = tonic::Request::new(RangeListRequest {});
-                req.set_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS * 2));
-                admin.range_list(req).await
-            })
+        // The map comes in pages (by range id) so that no answer outgrows a message.
+        let list = |preferred: Vec<String>| async move {
+            let mut all = RangeListResponse::default();
+            for _ in 0..limits::MAX_RANGE_LIST_PAGES {
+                let after_range_id = all.ranges.last().map_or(0, |d| d.range_id);
+                let page = self
+                    .admin_call(preferred.clone(), move |mut admin| async move {
+                        let mut req = tonic::Request::new(RangeListRequest {
+                            after_range_id,
+                            limit: 0,
+                        });
+                        req.set_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS * 2));
+                        admin.range_list(req).await
+                    })
+                    .await?;
+                all.nodes = page.nodes;
+                all.leader_id = page.leader_id;
+                all.loads.extend(page.loads);
+                let progressed = !page.ranges.is_empty();
+                all.ranges.extend(page.ranges);
+                if !page.more || !progressed {
+                    return Ok(all);
+                }
+            }
+            Err(ClientError::Unavailable(format!(
+                "the range map did not end within {} pages",
+                limits::MAX_RANGE_LIST_PAGES
+            )))
         };
         let mut resp = list(Vec::new()).await?;
         // Any meta replica lists the ranges; only the meta leader knows leaders and load.

@@ -21,6 +21,18 @@ pub const MAX_SCAN_LIMIT: u32 = 100_000;
 /// [`MAX_GRPC_MESSAGE_SIZE_BYTES`], which a response must never exceed.
 pub const MAX_SCAN_RESPONSE_BYTES: usize = 4 << 20;
 
+/// Ranges one `RangeList` page holds when the request gives no limit.
+pub const DEFAULT_RANGE_LIST_PAGE_RANGES: u32 = 1_000;
+/// Most ranges one `RangeList` page holds.
+pub const MAX_RANGE_LIST_PAGE_RANGES: u32 = 10_000;
+/// Most descriptor bytes one `RangeList` page carries (descriptors with the largest keys are
+/// about 8 KiB); the server stops after the range that crosses it.
+pub const MAX_RANGE_LIST_RESPONSE_BYTES: usize = 1 << 20;
+/// Most pages the client reads for one range map: ten million ranges at the default size.
+pub const MAX_RANGE_LIST_PAGES: usize = 10_000;
+/// Most descriptor bytes one node heartbeat carries; the rest follow in later heartbeats.
+pub const MAX_HEARTBEAT_DESCRIPTOR_BYTES: usize = 1 << 20;
+
 /// Rejects an empty or oversized key.
 pub fn check_key(key: &[u8]) -> Result<(), ClientError> {
     if key.is_empty() {

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use common::eventually;
 use prost::Message;
+use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::kv_client::KvClient;
-use spheredb_client::proto::v1::{ErrorCode, GetRequest, Header, PutRequest, RangeRef};
+use spheredb_client::proto::v1::{
+    ErrorCode, GetRequest, Header, PutRequest, RangeListRequest, RangeRef,
+};
 use spheredb_client::{Client, ClientOptions};
 use spheredb_engine::{Node, NodeConfig};
 use spheredb_raft::state_machine::read_value;
@@ -452,6 +455,45 @@ async fn a_client_with_a_stale_range_cache_scans_every_key_after_splits() {
             .await
             .unwrap();
     }
+
+    // The range map comes in pages by range id: two ranges a page covers every range once.
+    eventually("the meta range to list both splits", || async {
+        (admin.range_list().await.ok()?.ranges.len() >= 4).then_some(())
+    })
+    .await;
+    let mut raw_admin = AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (mut paged, mut after_range_id) = (Vec::new(), 0);
+    loop {
+        let page = raw_admin
+            .range_list(RangeListRequest {
+                after_range_id,
+                limit: 2,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.ranges.len() <= 2);
+        paged.extend(page.ranges.iter().map(|d| d.range_id));
+        match page.ranges.last() {
+            Some(last) if page.more => after_range_id = last.range_id,
+            _ => break,
+        }
+    }
+    let whole: Vec<u64> = admin
+        .range_list()
+        .await
+        .unwrap()
+        .ranges
+        .iter()
+        .map(|d| d.range_id)
+        .collect();
+    assert_eq!(paged, whole);
+    assert!(
+        paged.len() >= 4,
+        "meta, user and two split ranges: {paged:?}"
+    );
 
     // Each range stops the scan at its own end; the client must go on from exactly there,
     // not from the end of its cached descriptor (which skipped every key past the first split).

@@ -1,11 +1,13 @@
 //! The meta range's leader as the cluster's bookkeeper: the receiving end of every node's
 //! heartbeat, and the allocator.
 //!
-//! Each node reports its replicas every heartbeat period (descriptor, leadership, size,
-//! load). The meta-range leader keeps liveness and load in memory ([`MetaState`]), writes
-//! any descriptor it sees at a newer generation into the meta range, and answers with the
-//! replicas the node must destroy (removed from their range) and the nodes that stopped
-//! reporting (so quiesced ranges they lead wake up and elect). What it decides from a report
+//! Each node reports its replicas every heartbeat period (generation, leadership, size,
+//! load, and the descriptor when the leader has not acknowledged it at that generation, so
+//! a steady report costs tens of bytes per replica). The meta-range leader keeps liveness
+//! and load in memory ([`MetaState`]), writes any descriptor it sees at a newer generation
+//! into the meta range, and answers with the replicas the node must destroy (removed from
+//! their range), the nodes that stopped reporting (so quiesced ranges they lead wake up and
+//! elect) and the descriptors it lacks. What it decides from a report
 //! is [`MetaState::take_report`], plain data in and out; only [`handle_heartbeat`] reads the
 //! registry and proposes writes.
 //!
@@ -229,6 +231,9 @@ pub struct HeartbeatOutcome {
     pub merged_away: Vec<RangeId>,
     /// Ranges whose replica the reporting node must destroy.
     pub destroy: Vec<RangeId>,
+    /// Ranges reported without a descriptor that this leader lacks at the reported
+    /// generation: the node's next report carries them.
+    pub want_descriptors: Vec<RangeId>,
 }
 
 impl MetaState {
@@ -243,6 +248,7 @@ impl MetaState {
     ) -> HeartbeatOutcome {
         let mut upserts: Vec<RangeRecord> = Vec::new();
         let mut destroy = Vec::new();
+        let mut want_descriptors = Vec::new();
         {
             let mut inner = self.lock();
             inner.last_seen.insert(req.node_id, now);
@@ -260,6 +266,17 @@ impl MetaState {
                     &mut destroy,
                 );
                 let Some(d) = &report.descriptor else {
+                    // Nodes leave out descriptors this leader acknowledged at their
+                    // generation; one it does not hold (a new leader, a write that did not
+                    // land, a range merged away) is asked for again.
+                    let behind = stored
+                        .get(&report.range_id)
+                        .is_none_or(|s| s.span.generation < report.generation);
+                    if report.generation > 0
+                        && (behind || !inner.spans.contains_key(&report.range_id))
+                    {
+                        want_descriptors.push(report.range_id);
+                    }
                     continue;
                 };
                 let newer = stored
@@ -296,6 +313,7 @@ impl MetaState {
             upserts,
             merged_away,
             destroy,
+            want_descriptors,
         }
     }
 }
@@ -326,6 +344,7 @@ pub async fn handle_heartbeat(
         view.unreachable_at(nodes.iter().map(|n| n.node_id), interval_ms, Instant::now());
     Ok(NodeHeartbeatResponse {
         destroy_ranges: outcome.destroy,
+        want_descriptors: outcome.want_descriptors,
         unreachable_nodes: unreachable,
         nodes: nodes
             .into_iter()
@@ -602,6 +621,36 @@ mod tests {
             now,
         );
         assert!(older.upserts.is_empty(), "{older:?}");
+    }
+
+    #[test]
+    fn a_report_without_a_descriptor_the_leader_lacks_asks_for_it() {
+        let view = MetaState::default();
+        let r = record(2, b"a", b"", 3, &[1, 2, 3]);
+        let bare = |r: &RangeRecord| ReplicaReport {
+            descriptor: None,
+            ..report(1, r, true)
+        };
+        let now = Instant::now();
+        let meta_copy = stored(std::slice::from_ref(&r));
+        // A leader that never saw this range's descriptor (new, or after a failover) asks.
+        let fresh = view.take_report(&heartbeat(1, vec![bare(&r)]), &meta_copy, now);
+        assert_eq!(fresh.want_descriptors, vec![2]);
+        // Once it has it at this generation, a bare report is enough.
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &meta_copy, now);
+        let steady = view.take_report(&heartbeat(1, vec![bare(&r)]), &meta_copy, now);
+        assert!(steady.want_descriptors.is_empty(), "{steady:?}");
+        // A generation above the meta copy (its write did not land) is asked for again.
+        let newer = record(2, b"a", b"m", 4, &[1, 2, 3]);
+        let behind = view.take_report(&heartbeat(1, vec![bare(&newer)]), &meta_copy, now);
+        assert_eq!(behind.want_descriptors, vec![2]);
+        // A replica waiting for its first snapshot has no descriptor to send.
+        let empty = ReplicaReport {
+            generation: 0,
+            ..bare(&r)
+        };
+        let waiting = view.take_report(&heartbeat(1, vec![empty]), &stored(&[]), now);
+        assert!(waiting.want_descriptors.is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use spheredb_client::proto::v1::{
     ReplicaProgress, SplitRequest, SplitResponse, StatusRequest, StatusResponse,
     TransferLeaderRequest, TransferLeaderResponse,
 };
-use spheredb_client::ClientError;
+use spheredb_client::{limits, ClientError};
 use spheredb_raft::network::{Replica, ReplicaDirectory};
 use spheredb_raft::registry::{self, NodeRecord, NodeState};
 use spheredb_raft::{
@@ -615,33 +615,46 @@ impl Admin for AdminService {
         answer(result)
     }
 
-    async fn range_list(&self, _request: Request<RangeListRequest>) -> Reply<RangeListResponse> {
+    async fn range_list(&self, request: Request<RangeListRequest>) -> Reply<RangeListResponse> {
+        let req = request.into_inner();
         let result = (|| {
             let Some(meta) = meta_replica(&self.parts.replicas) else {
                 return Err(not_leader_hint(self.parts.peers.meta_leader_hint()));
             };
-            let records = registry::ranges(&self.parts.db).map_err(internal)?;
-            let loads = self
-                .parts
-                .view
-                .loads()
-                .into_iter()
-                .map(|(range_id, l)| RangeLoad {
-                    range_id,
-                    leader_node_id: l.leader_node,
-                    size_bytes: l.size_bytes,
-                    qps: l.qps,
-                })
-                .collect();
+            let limit = match req.limit {
+                0 => limits::DEFAULT_RANGE_LIST_PAGE_RANGES,
+                n => n.min(limits::MAX_RANGE_LIST_PAGE_RANGES),
+            };
+            let (records, more) = registry::ranges_page(
+                &self.parts.db,
+                req.after_range_id,
+                limit as usize,
+                limits::MAX_RANGE_LIST_RESPONSE_BYTES,
+            )
+            .map_err(internal)?;
+            let loads = if meta.raft.is_leader() {
+                let mut loads = self.parts.view.loads();
+                records
+                    .iter()
+                    .filter_map(|r| {
+                        let range_id = r.span.range_id;
+                        loads.remove(&range_id).map(|l| RangeLoad {
+                            range_id,
+                            leader_node_id: l.leader_node,
+                            size_bytes: l.size_bytes,
+                            qps: l.qps,
+                        })
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             Ok(RangeListResponse {
                 ranges: records.iter().map(wire_descriptor).collect(),
                 nodes: self.nodes(),
                 leader_id: leader_node(&meta).map(|n| n.node_id),
-                loads: if meta.raft.is_leader() {
-                    loads
-                } else {
-                    Vec::new()
-                },
+                loads,
+                more,
             })
         })();
         answer(result)
