@@ -312,6 +312,64 @@ async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot_streamed_in
     shutdown(nodes).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_with_a_damaged_value_is_quarantined_and_replaced_while_its_node_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(dir.path()).await;
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+    let client = Client::connect(&addrs, ClientOptions::default())
+        .await
+        .unwrap();
+    client.put(9, b"precious", b"v1").await.unwrap();
+    eventually("every replica to hold the value", || async {
+        nodes
+            .iter()
+            .all(|n| local(n, 9, b"precious") == Some(b"v1".to_vec()))
+            .then_some(())
+    })
+    .await;
+    // The leader's copy of the value loses a bit on disk.
+    let leader_id = eventually("a leader", || async { leader_node(&nodes[0]) }).await;
+    let damaged = nodes.iter().position(|n| n.node_id() == leader_id).unwrap();
+    let old_replica = user_raft(&nodes[damaged]).metrics().borrow_watched().id;
+    let key = keys::kv_key(9, b"precious");
+    let db = nodes[damaged].db();
+    let data = db.cf(spheredb_storage::ColumnFamilyName::Data);
+    let mut framed = db.raw().get_cf(data, &key).unwrap().unwrap();
+    let last = framed.len() - 1;
+    framed[last] ^= 0x01;
+    db.raw().put_cf(data, &key, &framed).unwrap();
+
+    // The read that meets it fails loudly, never with wrong data.
+    let err = client.get(9, b"precious").await.unwrap_err();
+    assert!(
+        matches!(err, spheredb_client::ClientError::Corruption(_)),
+        "{err}"
+    );
+    // The node keeps serving (no fail-stop); the replica is replaced by a fresh copy on the
+    // same node (three nodes, three replicas), under a new replica id.
+    eventually(
+        "the damaged replica to be replaced by a sound one",
+        || async {
+            let raft = nodes[damaged].raft(common::USER_RANGE)?;
+            let m = raft.metrics().borrow_watched().clone();
+            (m.id > old_replica
+                && m.membership_config.membership().voter_ids().count() == 3
+                && local(&nodes[damaged], 9, b"precious") == Some(b"v1".to_vec()))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        client.get(9, b"precious").await.unwrap().as_deref(),
+        Some(&b"v1"[..])
+    );
+    // Its health check ran many times since the group stopped: the node did not fail-stop.
+    let fatal = tokio::time::timeout(Duration::from_millis(500), nodes[damaged].failed()).await;
+    assert!(fatal.is_err(), "the node failed: {fatal:?}");
+    shutdown(nodes).await;
+}
+
 fn code_of(status: &tonic::Status) -> ErrorCode {
     let wire = spheredb_client::proto::v1::Error::decode(status.details())
         .expect("status carries an Error");

@@ -24,6 +24,8 @@ pub enum StateTag {
     LocalReplica = 6,
     /// The last log id of a snapshot being installed; see `state_machine`'s module comment.
     Installing = 7,
+    /// Why the replica is quarantined (its data failed a checksum).
+    Quarantined = 8,
     /// Node-wide: this node's identity.
     NodeIdentity = 16,
     /// Node-wide: the token of a join in progress.

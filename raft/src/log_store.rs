@@ -116,6 +116,7 @@ pub fn destroy_replica(
         StateTag::Applied,
         StateTag::LocalReplica,
         StateTag::Installing,
+        StateTag::Quarantined,
     ] {
         batch.delete_cf(state, state_key(range_id, tag));
     }

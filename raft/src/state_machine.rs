@@ -84,6 +84,8 @@ pub struct ReplicaShared {
     /// and its span-registry update and does nothing once retired, and the node sets it
     /// (write) before it deletes or hands over the replica's keys.
     retired: RwLock<bool>,
+    /// Why this replica's data cannot be trusted (a checksum mismatch), once it is found.
+    quarantine: std::sync::Mutex<Option<String>>,
 }
 
 impl ReplicaShared {
@@ -93,7 +95,17 @@ impl ReplicaShared {
             applied: RwLock::new(applied.view()),
             written_bytes: AtomicU64::new(0),
             retired: RwLock::new(false),
+            quarantine: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Why the replica is quarantined, if it is: its data failed a checksum, so it serves
+    /// nothing and its Raft group stops; the node reports it and the allocator replaces it.
+    pub fn quarantined(&self) -> Option<String> {
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Marks the replica retired: from now on its state machine writes nothing. Waits for a
@@ -352,6 +364,9 @@ impl StateMachine {
                 ))
             })?;
         let shared = Arc::new(ReplicaShared::new(range_id, &applied));
+        if let Some(reason) = read_state::<String>(&db, range_id, StateTag::Quarantined)? {
+            *shared.quarantine.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        }
         let mut sm = StateMachine {
             db,
             range_id,
@@ -839,6 +854,56 @@ impl StateMachine {
         }
     }
 
+    /// Applies committed entries (see [`RaftStateMachine::apply`]).
+    async fn apply_entries<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        // Entries are applied into one write batch (flushed at the bounds below), so a burst
+        // of commits costs one RocksDB write, not one per entry.
+        let mut pending = PendingApply::default();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let response = match entry.payload {
+                EntryPayload::Blank => CommandResponse::Done,
+                EntryPayload::Normal(cmd) if cmd.reads_registry() => {
+                    // These read the database directly or change the range: apply them alone.
+                    self.flush(&mut pending).await?;
+                    let r = self.apply_command(&mut pending, cmd)?;
+                    if matches!(
+                        r,
+                        CommandResponse::MergeDone { .. } | CommandResponse::SplitDone { .. }
+                    ) {
+                        self.applied.snapshot_floor = Some(entry.log_id);
+                    }
+                    self.applied.last_applied = Some(entry.log_id);
+                    pending.responders.extend(responder.map(|x| (x, r)));
+                    self.flush(&mut pending).await?;
+                    continue;
+                }
+                EntryPayload::Normal(cmd) => self.apply_command(&mut pending, cmd)?,
+                EntryPayload::Membership(m) => {
+                    if let Some(span) = &mut self.applied.span {
+                        span.generation += 1;
+                        let highest: Option<ReplicaId> = m.nodes().map(|(id, _)| *id).max();
+                        if let Some(h) = highest {
+                            span.next_replica_id = span.next_replica_id.max(h + 1);
+                        }
+                    }
+                    self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    CommandResponse::Done
+                }
+            };
+            self.applied.last_applied = Some(entry.log_id);
+            pending.responders.extend(responder.map(|x| (x, response)));
+            if pending.responders.len() >= MAX_APPLY_BATCH_ENTRIES
+                || pending.batch.size_in_bytes() >= MAX_APPLY_BATCH_BYTES
+            {
+                self.flush(&mut pending).await?;
+            }
+        }
+        self.flush(&mut pending).await
+    }
+
     /// Writes the pending batch with the applied state, then answers its clients.
     async fn flush(&mut self, pending: &mut PendingApply) -> io::Result<()> {
         let mut taken = std::mem::take(pending);
@@ -1129,6 +1194,34 @@ fn install_marker_removal(db: &Db, range_id: RangeId) -> WriteBatch {
     batch
 }
 
+/// Quarantines a replica whose data failed a checksum: persists the reason (a restarted
+/// node keeps it quarantined instead of crash-looping on the same bad block) and marks it
+/// for the node, which stops its Raft group and reports it so the allocator replaces it.
+/// One bad replica costs one replica, not the node.
+pub fn quarantine(db: &Db, shared: &ReplicaShared, reason: &str) -> io::Result<()> {
+    let mut q = shared.quarantine.lock().unwrap_or_else(|p| p.into_inner());
+    if q.is_some() {
+        return Ok(());
+    }
+    tracing::error!(range_id = shared.range_id, %reason, "quarantining this replica: its data failed a checksum");
+    write_state(db, shared.range_id, StateTag::Quarantined, &reason, true)?;
+    *q = Some(reason.to_string());
+    Ok(())
+}
+
+/// Quarantines the replica when `e` reports damaged data; returns `e`.
+fn quarantine_on_damage(db: &Db, shared: &ReplicaShared, e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::InvalidData {
+        if let Err(q) = quarantine(db, shared, &e.to_string()) {
+            tracing::error!(
+                range_id = shared.range_id,
+                "cannot record the quarantine: {q}"
+            );
+        }
+    }
+    e
+}
+
 /// The snapshot file of `range_id` in `snapshot_dir`.
 pub fn snapshot_file(snapshot_dir: &Path, range_id: RangeId) -> PathBuf {
     snapshot_dir.join(format!("range-{range_id}.snap"))
@@ -1150,7 +1243,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let sm = self.sm.handle();
         let file = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
             .await
-            .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
+            .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))?
+            .map_err(|e| quarantine_on_damage(&self.sm.db, &self.sm.shared, e))?;
         Ok(Snapshot {
             meta: file.meta().clone(),
             snapshot: file,
@@ -1166,55 +1260,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((self.applied.last_applied, self.applied.membership.clone()))
     }
 
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        // Entries are applied into one write batch (flushed at the bounds below), so a burst
-        // of commits costs one RocksDB write, not one per entry.
-        let mut pending = PendingApply::default();
-        while let Some((entry, responder)) = entries.try_next().await? {
-            let response = match entry.payload {
-                EntryPayload::Blank => CommandResponse::Done,
-                EntryPayload::Normal(cmd) if cmd.reads_registry() => {
-                    // These read the database directly or change the range: apply them alone.
-                    self.flush(&mut pending).await?;
-                    let r = self.apply_command(&mut pending, cmd)?;
-                    if matches!(
-                        r,
-                        CommandResponse::MergeDone { .. } | CommandResponse::SplitDone { .. }
-                    ) {
-                        self.applied.snapshot_floor = Some(entry.log_id);
-                    }
-                    self.applied.last_applied = Some(entry.log_id);
-                    pending.responders.extend(responder.map(|x| (x, r)));
-                    self.flush(&mut pending).await?;
-                    continue;
-                }
-                EntryPayload::Normal(cmd) => self.apply_command(&mut pending, cmd)?,
-                EntryPayload::Membership(m) => {
-                    if let Some(span) = &mut self.applied.span {
-                        span.generation += 1;
-                        let highest: Option<ReplicaId> = m.nodes().map(|(id, _)| *id).max();
-                        if let Some(h) = highest {
-                            span.next_replica_id = span.next_replica_id.max(h + 1);
-                        }
-                    }
-                    self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    CommandResponse::Done
-                }
-            };
-            self.applied.last_applied = Some(entry.log_id);
-            pending.responders.extend(responder.map(|x| (x, response)));
-            if pending.responders.len() >= MAX_APPLY_BATCH_ENTRIES
-                || pending.batch.size_in_bytes() >= MAX_APPLY_BATCH_BYTES
-            {
-                self.flush(&mut pending).await?;
-            }
-        }
-        self.flush(&mut pending).await
+        // Damaged data stops this group (openraft stops on any apply error) and quarantines
+        // the replica, instead of failing the node.
+        let applied = self.apply_entries(entries).await;
+        applied.map_err(|e| quarantine_on_damage(&self.db, &self.shared, e))
     }
-
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder { sm: self.handle() }
     }
@@ -1283,7 +1337,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let sm = self.handle();
             let fresh = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
                 .await
-                .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
+                .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))?
+                .map_err(|e| quarantine_on_damage(&self.db, &self.shared, e))?;
             current = Some(fresh);
         }
         Ok(current.map(|file| Snapshot {
@@ -1661,6 +1716,63 @@ mod tests {
         let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         let refused = StateMachine::open(db.clone(), LEFT, 1, &snaps, Arc::default(), events);
         assert!(refused.is_err());
+    }
+
+    #[tokio::test]
+    async fn damaged_data_quarantines_the_replica_and_the_quarantine_survives_a_restart() {
+        use openraft::entry::RaftEntry;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let mut sm = loaded(&db, dir.path(), 10, 100);
+        // One stored value loses a bit: its checksum no longer matches.
+        let key = b"k000003".to_vec();
+        let mut framed = db
+            .raw()
+            .get_cf(db.cf(ColumnFamilyName::Data), &key)
+            .unwrap()
+            .unwrap();
+        framed[6] ^= 0x10;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(db.cf(ColumnFamilyName::Data), &key, &framed);
+        db.write(batch, true).unwrap();
+
+        // An apply that reads it (a compare-and-swap) fails and quarantines the replica.
+        let mut log_id = range_origin_log_id();
+        log_id.index = 5;
+        let entry = crate::types::Entry::new_normal(
+            log_id,
+            Command::CompareAndSwap {
+                key: key.clone(),
+                expected: None,
+                new_value: Some(b"x".to_vec()),
+            },
+        );
+        let entries = futures::stream::iter(vec![Ok((entry, None))]);
+        let err = RaftStateMachine::apply(&mut sm, entries).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(sm.shared.quarantined().is_some());
+
+        drop(sm);
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let (sm, shared) =
+            StateMachine::open(db.clone(), LEFT, 1, dir.path(), Arc::default(), events).unwrap();
+        // The quarantine was persisted: a restarted node does not serve it again.
+        assert!(shared.quarantined().is_some());
+        drop(sm);
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(
+            db.cf(ColumnFamilyName::RaftState),
+            state_key(LEFT, StateTag::Quarantined),
+        );
+        db.write(batch, true).unwrap();
+        // Building a snapshot over the damaged value quarantines too.
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let (mut fresh, shared) =
+            StateMachine::open(db.clone(), LEFT, 1, dir.path(), Arc::default(), events).unwrap();
+        assert!(shared.quarantined().is_none());
+        let mut builder = fresh.get_snapshot_builder().await;
+        assert!(builder.build_snapshot().await.is_err());
+        assert!(shared.quarantined().is_some());
     }
 
     #[test]

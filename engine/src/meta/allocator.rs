@@ -7,7 +7,7 @@
 //! add (learner, then voter) → remove, each its own membership change, so a range never
 //! drops below its replication factor during a move.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +49,8 @@ pub struct NodeView {
 pub struct RangeView {
     pub record: RangeRecord,
     pub leader_node: Option<NodeId>,
+    /// Nodes whose replica of the range is quarantined (its data failed a checksum).
+    pub quarantined: BTreeSet<NodeId>,
 }
 
 /// What the allocator asks for.
@@ -151,7 +153,9 @@ pub fn plan(
             .filter(|x| !x.voter)
             .map(|x| x.node_id)
             .collect();
-        let good: Vec<NodeId> = voters.iter().copied().filter(|n| usable(*n)).collect();
+        // A quarantined replica counts as lost, like one on a dead node.
+        let sound = |n: NodeId| usable(n) && !r.quarantined.contains(&n);
+        let good: Vec<NodeId> = voters.iter().copied().filter(|n| sound(*n)).collect();
         let has = |n: NodeId| r.record.replicas.iter().any(|x| x.node_id == n);
         // The usable node without a replica of the range that holds the fewest replicas.
         let target = replica_count
@@ -162,7 +166,7 @@ pub fn plan(
 
         // A learner left behind by an interrupted move: finish or undo it.
         if let Some(&l) = learners.first() {
-            let action = if usable(l) && good.len() < want {
+            let action = if sound(l) && good.len() < want {
                 Action::AddReplica {
                     range_id,
                     generation,
@@ -186,6 +190,18 @@ pub fn plan(
                     generation,
                     node_id,
                 });
+            } else if let Some(&q) = voters.iter().find(|n| r.quarantined.contains(n)) {
+                // No node is free to take a new replica first (three nodes, three
+                // replicas): remove the quarantined one, so that a fresh replica can come
+                // back on its node. Never the last sound copy's peers: at least one sound
+                // voter must remain.
+                if !good.is_empty() && q != leader {
+                    actions.push(Action::RemoveReplica {
+                        range_id,
+                        generation,
+                        node_id: q,
+                    });
+                }
             }
             continue;
         }
@@ -195,7 +211,7 @@ pub fn plan(
             let victim = voters
                 .iter()
                 .copied()
-                .max_by_key(|n| (!usable(*n), replica_count.get(n).copied().unwrap_or(0), *n))
+                .max_by_key(|n| (!sound(*n), replica_count.get(n).copied().unwrap_or(0), *n))
                 .unwrap_or(leader);
             if victim == leader {
                 if let Some(&to) = good
@@ -376,13 +392,16 @@ async fn allocate_once(alloc: &Arc<Allocator>) -> Result<(), ClientError> {
     }
     finish_decommissions(alloc.node_id, &meta.raft, &node_records, &records).await?;
     let loads = alloc.view.loads();
+    let mut quarantined = alloc.view.quarantined();
     let ranges: Vec<RangeView> = records
         .into_iter()
         .map(|record| {
-            let leader_node = loads.get(&record.span.range_id).and_then(|l| l.leader_node);
+            let range_id = record.span.range_id;
+            let leader_node = loads.get(&range_id).and_then(|l| l.leader_node);
             RangeView {
                 record,
                 leader_node,
+                quarantined: quarantined.remove(&range_id).unwrap_or_default(),
             }
         })
         .collect();
@@ -532,7 +551,53 @@ mod tests {
                     .collect(),
             },
             leader_node: Some(leader),
+            quarantined: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn a_quarantined_replica_is_replaced_on_a_free_node_else_removed_to_come_back_fresh() {
+        let with_quarantined = |on: &[NodeId], q: NodeId| {
+            let mut r = range(2, on, 1);
+            r.quarantined.insert(q);
+            r
+        };
+        let none = HashSet::new();
+        let add = |node_id| Action::AddReplica {
+            range_id: 2,
+            generation: 1,
+            node_id,
+        };
+        let remove = |node_id| Action::RemoveReplica {
+            range_id: 2,
+            generation: 1,
+            node_id,
+        };
+        // A free node: a new replica there first, then the quarantined one goes.
+        let four = [node(1), node(2), node(3), node(4)];
+        assert_eq!(
+            plan(&four, &[with_quarantined(&[1, 2, 3], 3)], 3, &none),
+            vec![add(4)]
+        );
+        assert_eq!(
+            plan(&four, &[with_quarantined(&[1, 2, 3, 4], 3)], 3, &none),
+            vec![remove(3)]
+        );
+        // Three nodes, three replicas: it goes first, then a fresh replica returns to its
+        // node (a new replica id; the node replaces the old replica).
+        let three = [node(1), node(2), node(3)];
+        assert_eq!(
+            plan(&three, &[with_quarantined(&[1, 2, 3], 3)], 3, &none),
+            vec![remove(3)]
+        );
+        assert_eq!(
+            plan(&three, &[range(2, &[1, 2], 1)], 3, &none),
+            vec![add(3)]
+        );
+        // Not while it still counts as the leader (its group stopped; a sound replica takes
+        // over and reports first), and never the only copy.
+        assert!(plan(&three, &[with_quarantined(&[1, 2, 3], 1)], 3, &none).is_empty());
+        assert!(plan(&[node(1)], &[with_quarantined(&[1], 1)], 1, &none).is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@
 
 pub mod allocator;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,8 @@ struct MetaInner {
     /// Ranges whose leader reports them frozen for a merge: the range they merge into, and
     /// when that was last reported.
     frozen: HashMap<RangeId, (RangeId, Instant)>,
+    /// Nodes whose replica of a range reports itself quarantined (damaged data).
+    quarantined: HashMap<RangeId, BTreeSet<NodeId>>,
 }
 
 /// The meta-range leader's view of the cluster.
@@ -160,6 +162,11 @@ impl MetaState {
     /// Load of every range that reported.
     pub fn loads(&self) -> HashMap<RangeId, RangeLoad> {
         self.lock().loads.clone()
+    }
+
+    /// Nodes whose replica of each range is quarantined, as last reported.
+    pub fn quarantined(&self) -> HashMap<RangeId, BTreeSet<NodeId>> {
+        self.lock().quarantined.clone()
     }
 
     /// How long `span`'s range has had this span (0 when first seen now). A new meta leader
@@ -253,6 +260,13 @@ impl MetaState {
             let mut inner = self.lock();
             inner.last_seen.insert(req.node_id, now);
             let reported: HashSet<RangeId> = req.replicas.iter().map(|r| r.range_id).collect();
+            // A replica the node no longer reports (destroyed) is no longer quarantined.
+            inner.quarantined.retain(|range_id, nodes| {
+                if !reported.contains(range_id) {
+                    nodes.remove(&req.node_id);
+                }
+                !nodes.is_empty()
+            });
             for report in &req.replicas {
                 let merged_away = merged_away(report, stored, &reported);
                 let removed = merged_away || removed_from_range(report, stored);
@@ -422,6 +436,18 @@ fn track_report(
             );
         }
     }
+    if report.quarantined {
+        inner
+            .quarantined
+            .entry(report.range_id)
+            .or_default()
+            .insert(node_id);
+    } else if let Some(nodes) = inner.quarantined.get_mut(&report.range_id) {
+        nodes.remove(&node_id);
+        if nodes.is_empty() {
+            inner.quarantined.remove(&report.range_id);
+        }
+    }
     if report.leader {
         match report.frozen_into {
             Some(into) => inner.frozen.insert(report.range_id, (into, now)),
@@ -578,6 +604,7 @@ mod tests {
             size_bytes: if leader { 100 } else { 0 },
             qps: if leader { 2.0 } else { 0.0 },
             frozen_into: None,
+            quarantined: false,
         }
     }
 
@@ -651,6 +678,24 @@ mod tests {
         };
         let waiting = view.take_report(&heartbeat(1, vec![empty]), &stored(&[]), now);
         assert!(waiting.want_descriptors.is_empty());
+    }
+
+    #[test]
+    fn a_quarantined_replica_is_tracked_until_its_node_stops_reporting_it() {
+        let view = MetaState::default();
+        let r = record(2, b"a", b"", 3, &[1, 2, 3]);
+        let meta_copy = stored(std::slice::from_ref(&r));
+        let now = Instant::now();
+        let damaged = ReplicaReport {
+            quarantined: true,
+            ..report(3, &r, false)
+        };
+        view.take_report(&heartbeat(3, vec![damaged]), &meta_copy, now);
+        view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &meta_copy, now);
+        assert_eq!(view.quarantined().get(&2), Some(&BTreeSet::from([3])));
+        // Destroyed (no longer reported) or sound again: no longer quarantined.
+        view.take_report(&heartbeat(3, Vec::new()), &meta_copy, now);
+        assert!(view.quarantined().is_empty());
     }
 
     #[test]

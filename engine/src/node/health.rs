@@ -23,26 +23,36 @@ use tokio::sync::watch;
 /// How often the node checks its Raft groups and its WAL syncer.
 pub const HEALTH_CHECK_INTERVAL_MS: u64 = 200;
 
+/// The health of one replica's Raft group as the check sees it.
+pub struct GroupHealth {
+    pub range_id: RangeId,
+    /// The replica's data failed a checksum: it is quarantined, and its group stopping is
+    /// expected (the allocator replaces the replica; the node goes on).
+    pub quarantined: bool,
+    pub state: Result<(), Fatal<TypeConfig>>,
+}
+
 /// The first fatal condition among the WAL syncer's failure and the running state of each
 /// replica's Raft group, or `None` when all is well. A group stopped on purpose
-/// (`Fatal::Stopped`: shut down by a merge, a removal or node shutdown) is not fatal.
+/// (`Fatal::Stopped`: shut down by a merge, a removal or node shutdown) or stopped with its
+/// replica quarantined is not fatal.
 pub fn fatal_reason(
     wal_failure: Option<String>,
-    groups: impl IntoIterator<Item = (RangeId, Result<(), Fatal<TypeConfig>>)>,
+    groups: impl IntoIterator<Item = GroupHealth>,
 ) -> Option<String> {
     if let Some(reason) = wal_failure {
         return Some(format!(
             "{reason}; the write-ahead log can no longer be trusted"
         ));
     }
-    groups
-        .into_iter()
-        .find_map(|(range_id, state)| match state {
-            Ok(()) | Err(Fatal::Stopped) => None,
-            Err(fatal) => Some(format!(
-                "the Raft group of range {range_id} stopped: {fatal}"
-            )),
-        })
+    groups.into_iter().find_map(|g| match g.state {
+        Ok(()) | Err(Fatal::Stopped) => None,
+        Err(_) if g.quarantined => None,
+        Err(fatal) => Some(format!(
+            "the Raft group of range {} stopped: {fatal}",
+            g.range_id
+        )),
+    })
 }
 
 /// Checks every [`HEALTH_CHECK_INTERVAL_MS`] until a fatal condition appears, then publishes
@@ -58,9 +68,10 @@ pub async fn health_loop(
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(Duration::from_millis(HEALTH_CHECK_INTERVAL_MS)) => {}
         }
-        let groups = replicas.all().into_iter().map(|r| {
-            let state = r.raft.metrics().borrow_watched().running_state.clone();
-            (r.shared.range_id, state)
+        let groups = replicas.all().into_iter().map(|r| GroupHealth {
+            range_id: r.shared.range_id,
+            quarantined: r.shared.quarantined().is_some(),
+            state: r.raft.metrics().borrow_watched().running_state.clone(),
         });
         if let Some(reason) = fatal_reason(group_commit.failure(), groups) {
             tracing::error!(%reason, "fatal: this node stops serving");
@@ -74,15 +85,46 @@ pub async fn health_loop(
 mod tests {
     use super::*;
 
+    fn group(range_id: RangeId, state: Result<(), Fatal<TypeConfig>>) -> GroupHealth {
+        GroupHealth {
+            range_id,
+            quarantined: false,
+            state,
+        }
+    }
+
     #[test]
     fn stopped_groups_are_fine_failed_ones_and_wal_failures_are_fatal() {
         assert_eq!(
-            fatal_reason(None, [(2, Ok(())), (3, Err(Fatal::Stopped))]),
+            fatal_reason(None, [group(2, Ok(())), group(3, Err(Fatal::Stopped))]),
             None
         );
-        let reason = fatal_reason(None, [(2, Ok(())), (3, Err(Fatal::Panicked))]).unwrap();
+        let reason =
+            fatal_reason(None, [group(2, Ok(())), group(3, Err(Fatal::Panicked))]).unwrap();
         assert!(reason.contains("range 3"), "{reason}");
-        let reason = fatal_reason(Some("WAL fsync failed: EIO".into()), [(2, Ok(()))]).unwrap();
+        let reason =
+            fatal_reason(Some("WAL fsync failed: EIO".into()), [group(2, Ok(()))]).unwrap();
         assert!(reason.contains("EIO"), "{reason}");
+    }
+
+    #[test]
+    fn a_group_stopped_by_damaged_data_is_quarantined_not_fatal() {
+        use openraft::errors::ErrorSource;
+        let damaged = || {
+            Err(Fatal::StorageError(
+                openraft::StorageError::read_state_machine(ErrorSource::from_string(
+                    "checksum mismatch",
+                )),
+            ))
+        };
+        let quarantined = GroupHealth {
+            range_id: 4,
+            quarantined: true,
+            state: damaged(),
+        };
+        assert_eq!(fatal_reason(None, [group(2, Ok(())), quarantined]), None);
+        // The same failure without a quarantine (damage the state machine did not see as
+        // such) still stops the node.
+        assert!(fatal_reason(None, [group(4, damaged())]).is_some());
     }
 }

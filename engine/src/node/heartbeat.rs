@@ -53,6 +53,7 @@ fn build_report(hb: &Heartbeat, interval: Duration) -> NodeHeartbeatRequest {
             },
             qps: if leader { r.qps() } else { 0.0 },
             frozen_into: r.shared.frozen().map(|f| f.into),
+            quarantined: r.shared.quarantined().is_some(),
         });
     }
     NodeHeartbeatRequest {

@@ -142,6 +142,14 @@ impl LocalReplicas {
                 .replica(range_id)
                 .ok_or_else(|| anyhow!("range {range_id} vanished while starting"));
         }
+        if let Some(reason) = replica.shared.quarantined() {
+            // Kept (its span stays claimed, and its heartbeat report tells the allocator to
+            // replace it) but silent: its data failed a checksum before the restart.
+            tracing::error!(range_id, replica_id, %reason, "replica is quarantined; its Raft group stays stopped until it is replaced");
+            if let Err(e) = replica.raft.shutdown().await {
+                tracing::warn!(range_id, "stopping a quarantined replica: {e}");
+            }
+        }
         tracing::debug!(range_id, replica_id, "replica started");
         Ok(replica)
     }

@@ -21,9 +21,9 @@ use spheredb_client::proto::v1::{
 };
 use spheredb_client::ClientError;
 use spheredb_raft::network::{Replica, ReplicaDirectory};
-use spheredb_raft::state_machine::{read_value, scan_values};
+use spheredb_raft::state_machine::{quarantine, read_value, scan_values};
 use spheredb_raft::{Command, CommandResponse, NodeId, RangeId, RangeRecord, WriteOp};
-use spheredb_storage::{keys, Db};
+use spheredb_storage::{keys, Db, StorageError};
 use tonic::{Request, Response, Status};
 
 use crate::descriptor::wire_descriptor;
@@ -98,6 +98,13 @@ impl KvService {
                 frozen.into
             )));
         }
+        if let Some(reason) = replica.shared.quarantined() {
+            return Err(ClientError::Unavailable(format!(
+                "the replica of range {range_id} on node {} is quarantined ({reason}); its \
+                 other replicas serve the range while it is replaced",
+                self.node_id
+            )));
+        }
         // A leader wakes for the request. A follower stays as it is: it only answers
         // NotLeader, and waking its election timer while the leader sleeps would start an
         // election nobody needs.
@@ -105,6 +112,30 @@ impl KvService {
             replica.touch();
         }
         Ok(replica)
+    }
+
+    /// The error for a failed read of `replica`'s data. Damaged data quarantines the
+    /// replica: it stops serving and its Raft group stops, the node stays up, and the
+    /// allocator replaces the replica from a sound copy.
+    fn read_failed(&self, replica: &Replica, e: StorageError) -> ClientError {
+        if matches!(e, StorageError::Corruption { .. }) {
+            match quarantine(&self.db, &replica.shared, &e.to_string()) {
+                Ok(()) => {
+                    let raft = replica.raft.clone();
+                    let range_id = replica.shared.range_id;
+                    tokio::spawn(async move {
+                        if let Err(e) = raft.shutdown().await {
+                            tracing::warn!(range_id, "stopping a quarantined replica: {e}");
+                        }
+                    });
+                }
+                Err(q) => tracing::error!(
+                    range_id = replica.shared.range_id,
+                    "cannot record a quarantine: {q}"
+                ),
+            }
+        }
+        storage_error(e)
     }
 
     /// The error for a request naming a range this node has no replica of.
@@ -317,7 +348,8 @@ impl Kv for KvService {
                 }
                 let key = keys::kv_key(sphere, &req.key);
                 self.check_still_in_span(&replica, &key)?;
-                let value = read_value(&self.db, &key).map_err(storage_error)?;
+                let value =
+                    read_value(&self.db, &key).map_err(|e| self.read_failed(&replica, e))?;
                 Ok(GetResponse {
                     found: value.is_some(),
                     value: value.unwrap_or_default(),
@@ -434,7 +466,7 @@ impl Kv for KvService {
                     limit as usize,
                     limits::MAX_SCAN_RESPONSE_BYTES,
                 )
-                .map_err(storage_error)?;
+                .map_err(|e| self.read_failed(&replica, e))?;
                 drop(snapshot);
                 let resume_key = match page.resume_key {
                     Some(key) => Some(key),
