@@ -5,6 +5,7 @@
 //! messages go through `spheredb_raft::network::PeerChannels`, not here.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -32,16 +33,34 @@ pub struct Peers {
     /// The node believed to lead the meta range.
     meta_leader: RwLock<Option<NodeId>>,
     admin_channels: Mutex<HashMap<String, Channel>>,
+    /// The address calls leave from (the node's advertised IP), so that per-link network
+    /// rules cut node-to-node admin traffic as they cut Raft traffic.
+    local_ip: Option<IpAddr>,
+}
+
+/// The IP a node's outgoing connections leave from: its advertised IP, when that is a
+/// concrete address (several nodes on one host then stay distinguishable by source).
+pub fn local_ip_of(advertised: &str) -> Option<IpAddr> {
+    advertised
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
 }
 
 impl Peers {
-    /// Peers starting from `known` addresses.
-    pub fn new(replicas: Arc<ReplicaDirectory>, known: HashMap<NodeId, String>) -> Peers {
+    /// Peers starting from `known` addresses, called from `local_ip`.
+    pub fn new(
+        replicas: Arc<ReplicaDirectory>,
+        known: HashMap<NodeId, String>,
+        local_ip: Option<IpAddr>,
+    ) -> Peers {
         Peers {
             replicas,
             known_nodes: RwLock::new(known),
             meta_leader: RwLock::new(None),
             admin_channels: Mutex::new(HashMap::new()),
+            local_ip,
         }
     }
 
@@ -86,6 +105,7 @@ impl Peers {
                     .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr}: {e}")))?
                     .connect_timeout(Duration::from_millis(PEER_CALL_TIMEOUT_MS))
                     .tcp_nodelay(true)
+                    .local_address(self.local_ip)
                     .connect_lazy();
                 channels.insert(addr.to_string(), c.clone());
                 c
@@ -159,5 +179,21 @@ impl Peers {
             }
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_leave_from_the_advertised_ip_unless_it_is_a_wildcard() {
+        assert_eq!(
+            local_ip_of("127.0.0.3:7000"),
+            Some("127.0.0.3".parse().unwrap())
+        );
+        assert_eq!(local_ip_of("0.0.0.0:7000"), None);
+        assert_eq!(local_ip_of("[::]:7000"), None);
+        assert_eq!(local_ip_of("node-3:7000"), None);
     }
 }

@@ -53,7 +53,7 @@ use crate::disk::DiskGuard;
 use crate::ids::{FIRST_USER_RANGE_ID, META_RANGE_ID};
 use crate::meta::allocator::Allocator;
 use crate::meta::MetaState;
-use crate::peers::Peers;
+use crate::peers::{local_ip_of, Peers};
 use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
 use crate::range::split::SplitCheck;
 use crate::service::admin::{AdminParts, AdminService, ThisNode};
@@ -415,6 +415,7 @@ async fn join_cluster(seeds: &[String], addr: &str, token: &[u8]) -> anyhow::Res
         let result = async {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
                 .connect_timeout(Duration::from_millis(JOIN_ATTEMPT_TIMEOUT_MS))
+                .local_address(local_ip_of(addr))
                 .connect()
                 .await?;
             let mut req = tonic::Request::new(JoinRequest {
@@ -602,13 +603,10 @@ impl Node {
             cfg.ballast_size_bytes,
         ));
         let faults = Arc::new(TransportFaults::default());
-        // Peer connections leave from the advertised IP (when it is a concrete address) so
-        // per-link network rules can tell nodes apart on one host.
-        let local_ip = addr
-            .parse::<SocketAddr>()
-            .ok()
-            .map(|a| a.ip())
-            .filter(|ip| !ip.is_unspecified());
+        // Every node-to-node connection (Raft, admin, meta, allocator, merges, joins) leaves
+        // from the advertised IP (when it is a concrete address), so per-link network rules
+        // can tell nodes apart on one host and a partition cuts all of them.
+        let local_ip = local_ip_of(&addr);
         let raft_peers = PeerChannels::new(node_id, local_ip, faults.clone());
         let (events_tx, events_rx) = mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         let (requests_tx, requests_rx) = mpsc::channel(MAX_PENDING_REPLICA_REQUESTS);
@@ -618,7 +616,7 @@ impl Node {
             // Placeholder ids above any real one until the meta range names them.
             known.insert(u64::MAX - i as u64, seed.clone());
         }
-        let peers = Arc::new(Peers::new(replicas.clone(), known));
+        let peers = Arc::new(Peers::new(replicas.clone(), known, local_ip));
         let view = Arc::new(MetaState::default());
 
         let started = Instant::now();
