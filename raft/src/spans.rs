@@ -74,6 +74,8 @@ struct Claim {
     placeholder: Option<(u64, KeySpan)>,
     /// The range this one is frozen into for a merge, if any.
     frozen_into: Option<RangeId>,
+    /// A merge into another range is being applied: no install may reserve this span.
+    sealed: bool,
 }
 
 impl Claim {
@@ -169,16 +171,16 @@ impl SpanRegistry {
 
     /// Registers a replica opened from disk with its applied `span` (none: an empty replica,
     /// which claims nothing until a snapshot). A frozen replica whose span meets another
-    /// claim was merged already and claims nothing; the claim of a frozen range yields to
-    /// this one. Any other overlap is refused.
+    /// claim was merged already and claims nothing (the answer is then `false`); the claim
+    /// of a frozen range yields to this one. Any other overlap is refused.
     pub fn open(
         &self,
         range_id: RangeId,
         span: Option<&RangeSpan>,
         frozen_into: Option<RangeId>,
-    ) -> Result<(), SpanConflict> {
+    ) -> Result<bool, SpanConflict> {
         let Some(span) = span else {
-            return Ok(());
+            return Ok(true);
         };
         let key_span = KeySpan::of(span);
         let mut claims = self.lock();
@@ -189,7 +191,7 @@ impl SpanRegistry {
                 .is_some_and(|c| c.frozen_into.is_some());
             if frozen_into.is_some() {
                 // Merged already: this replica's keys belong to `other` now.
-                return Ok(());
+                return Ok(false);
             }
             if other_frozen {
                 claims.by_range.remove(&other);
@@ -205,7 +207,22 @@ impl SpanRegistry {
         claim.owned = Some(key_span);
         claim.frozen_into = frozen_into;
         claims.check();
-        Ok(())
+        Ok(true)
+    }
+
+    /// Called by a range about to apply the merge of `right`: true when `right` has no
+    /// snapshot install in flight here, and from then on none may start (an install would
+    /// replace keys the merged range owns). False while one is in flight: the merge waits.
+    pub fn seal_for_merge(&self, right: RangeId) -> bool {
+        let mut claims = self.lock();
+        // A replica not opened yet (the node is starting) is sealed too, by an empty claim:
+        // it opens into the seal.
+        let claim = claims.by_range.entry(right).or_default();
+        if claim.placeholder.is_some() {
+            return false;
+        }
+        claim.sealed = true;
+        true
     }
 
     /// Reserves `span` for a snapshot install of `range_id`: refused while another range
@@ -262,6 +279,15 @@ impl SpanRegistry {
         range_id: RangeId,
         key_span: KeySpan,
     ) -> Result<u64, SpanConflict> {
+        let sealed = claims.by_range.get(&range_id).is_some_and(|c| c.sealed);
+        if sealed {
+            // Being merged into its left neighbour: its keys are about to change owner.
+            return Err(SpanConflict {
+                range_id,
+                span: key_span,
+                other: range_id,
+            });
+        }
         if let Some(other) = claims.conflict(range_id, &key_span) {
             return Err(SpanConflict {
                 range_id,
@@ -365,6 +391,25 @@ mod tests {
             generation: 1,
             next_replica_id: 1,
         }
+    }
+
+    #[test]
+    fn a_merge_waits_for_an_install_of_its_right_range_and_then_admits_none() {
+        let spans = Arc::new(SpanRegistry::default());
+        spans.open(3, Some(&span(3, b"m", b"z")), Some(2)).unwrap();
+        let install = spans.reserve(3, &span(3, b"m", b"z")).unwrap();
+        assert!(
+            !spans.seal_for_merge(3),
+            "sealed while an install is in flight"
+        );
+        drop(install);
+        assert!(spans.seal_for_merge(3));
+        assert!(spans.reserve(3, &span(3, b"m", b"z")).is_err());
+        assert!(spans.begin_install(3, &span(3, b"m", b"z")).is_err());
+        // A range whose replica has not opened yet has nothing to wait for, and opens sealed.
+        assert!(spans.seal_for_merge(9));
+        spans.open(9, Some(&span(9, b"0", b"1")), Some(2)).unwrap();
+        assert!(spans.reserve(9, &span(9, b"0", b"1")).is_err());
     }
 
     #[test]

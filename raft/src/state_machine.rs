@@ -41,6 +41,10 @@ use crate::types::{
 
 /// An install writes the snapshot's pairs in batches of about this size.
 pub const MAX_INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// Longest a merge waits for a snapshot install of its right-hand range on the same node.
+pub const MAX_MERGE_INSTALL_WAIT_MS: u64 = 120_000;
+/// How often a waiting merge looks again.
+const MERGE_INSTALL_POLL_MS: u64 = 10;
 /// Merges a range remembers (see `AppliedState::recent_merges`).
 pub const MAX_RECENT_MERGES: usize = 16;
 /// Most range events queued for the node before apply waits for it to catch up.
@@ -355,7 +359,7 @@ impl StateMachine {
             ),
             None => (applied.span.clone(), applied.frozen.map(|f| f.into)),
         };
-        spans
+        let claimed = spans
             .open(range_id, claim.as_ref(), frozen_into)
             .map_err(|conflict| {
                 io::Error::from(StorageError::corruption(
@@ -378,7 +382,18 @@ impl StateMachine {
             shared: shared.clone(),
             events,
         };
-        if let Some(file) = redo {
+        if let (Some(_), false) = (&redo, claimed) {
+            // A frozen replica whose keys a merged range owns now. Merges wait for installs
+            // (`settle_right_install`), so this is never expected; the keys are the merged
+            // range's, and an install must not replace them.
+            tracing::error!(
+                range_id,
+                "an interrupted snapshot install of a range merged away; dropping it"
+            );
+            sm.db
+                .write(install_marker_removal(&sm.db, range_id), true)
+                .map_err(io::Error::from)?;
+        } else if let Some(file) = redo {
             tracing::warn!(range_id, last_log_id = ?file.meta().last_log_id, "redoing a snapshot install a crash interrupted");
             sm.applied = sm.load_snapshot(&file)?;
             *sm.newest_snapshot_file
@@ -639,12 +654,11 @@ impl StateMachine {
                 local_frozen = ?local.as_ref().map(|l| &l.frozen),
                 "merge applied on a replica without the frozen right-hand side; stopping this replica"
             );
-            return Err(io::Error::from(StorageError::corruption(
-                "merge",
-                format!(
-                    "range {} cannot take over range {}: its frozen replica is not on this node",
-                    self.range_id, right.range_id
-                ),
+            // Not data damage (no checksum failed): the replica stops, and the node with it,
+            // rather than being quarantined like a replica with a bad block.
+            return Err(io::Error::other(format!(
+                "range {} cannot take over range {}: its frozen replica is not on this node",
+                self.range_id, right.range_id
             )));
         }
         let merged = RangeSpan {
@@ -868,6 +882,9 @@ impl StateMachine {
                 EntryPayload::Normal(cmd) if cmd.reads_registry() => {
                     // These read the database directly or change the range: apply them alone.
                     self.flush(&mut pending).await?;
+                    if let Command::Merge { right, .. } = &cmd {
+                        self.settle_right_install(right.range_id).await?;
+                    }
                     let r = self.apply_command(&mut pending, cmd)?;
                     if matches!(
                         r,
@@ -902,6 +919,30 @@ impl StateMachine {
             }
         }
         self.flush(&mut pending).await
+    }
+
+    /// Waits until the right-hand range of a merge has no snapshot install in flight on this
+    /// node (nor one a crash interrupted and its replica has not redone yet), and keeps any
+    /// from starting: an install replaces the right range's keys in several batches, so one
+    /// running across the merge would overwrite (or leave half-replaced) keys this range owns
+    /// from the merge on. Every replica applies the merge the same; it may only wait.
+    async fn settle_right_install(&self, right: RangeId) -> io::Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            let marked =
+                read_state::<Option<LogId>>(&self.db, right, StateTag::Installing)?.is_some();
+            if !marked && self.spans.seal_for_merge(right) {
+                return Ok(());
+            }
+            if started.elapsed() >= std::time::Duration::from_millis(MAX_MERGE_INSTALL_WAIT_MS) {
+                return Err(io::Error::other(format!(
+                    "range {right} is still installing a snapshot after \
+                     {MAX_MERGE_INSTALL_WAIT_MS} ms; range {} cannot merge it",
+                    self.range_id
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(MERGE_INSTALL_POLL_MS)).await;
+        }
     }
 
     /// Writes the pending batch with the applied state, then answers its clients.
@@ -1716,6 +1757,33 @@ mod tests {
         let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         let refused = StateMachine::open(db.clone(), LEFT, 1, &snaps, Arc::default(), events);
         assert!(refused.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_merge_waits_until_an_interrupted_install_of_its_right_range_is_redone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let sm = open(&db, dir.path(), &span(LEFT, b"a", b"m", 5));
+        // The right range's install was interrupted: its marker is on disk until its replica
+        // opens and redoes it.
+        let marker = Some(range_origin_log_id());
+        write_state(&db, RIGHT, StateTag::Installing, &marker, true).unwrap();
+        let waiting = tokio::spawn({
+            let sm = sm.handle();
+            async move { sm.settle_right_install(RIGHT).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the merge did not wait for the install"
+        );
+        db.write(install_marker_removal(&db, RIGHT), true).unwrap();
+        waiting.await.unwrap().unwrap();
+        // From then on no install of the right range is admitted.
+        assert!(sm
+            .spans
+            .begin_install(RIGHT, &span(RIGHT, b"m", b"z", 5))
+            .is_err());
     }
 
     #[tokio::test]
