@@ -398,10 +398,23 @@ async fn allocate_once(alloc: &Arc<Allocator>) -> Result<(), ClientError> {
         .map(|record| {
             let range_id = record.span.range_id;
             let leader_node = loads.get(&range_id).and_then(|l| l.leader_node);
+            // Only the replica that reported itself quarantined: a fresh replica added back
+            // on the same node (a new replica id) is sound.
+            let quarantined = quarantined
+                .remove(&range_id)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(node, replica)| {
+                    record
+                        .replica_on(*node)
+                        .is_some_and(|r| r.replica_id == *replica)
+                })
+                .map(|(node, _)| node)
+                .collect();
             RangeView {
                 record,
                 leader_node,
-                quarantined: quarantined.remove(&range_id).unwrap_or_default(),
+                quarantined,
             }
         })
         .collect();

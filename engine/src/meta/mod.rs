@@ -20,7 +20,7 @@
 
 pub mod allocator;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -72,8 +72,9 @@ struct MetaInner {
     /// Ranges whose leader reports them frozen for a merge: the range they merge into, and
     /// when that was last reported.
     frozen: HashMap<RangeId, (RangeId, Instant)>,
-    /// Nodes whose replica of a range reports itself quarantined (damaged data).
-    quarantined: HashMap<RangeId, BTreeSet<NodeId>>,
+    /// Replicas (by node, with their replica id) that report themselves quarantined
+    /// (damaged data), by range.
+    quarantined: HashMap<RangeId, BTreeMap<NodeId, ReplicaId>>,
 }
 
 /// The meta-range leader's view of the cluster.
@@ -164,8 +165,8 @@ impl MetaState {
         self.lock().loads.clone()
     }
 
-    /// Nodes whose replica of each range is quarantined, as last reported.
-    pub fn quarantined(&self) -> HashMap<RangeId, BTreeSet<NodeId>> {
+    /// Quarantined replicas of each range (node → replica id), as last reported.
+    pub fn quarantined(&self) -> HashMap<RangeId, BTreeMap<NodeId, ReplicaId>> {
         self.lock().quarantined.clone()
     }
 
@@ -279,36 +280,21 @@ impl MetaState {
                     now,
                     &mut destroy,
                 );
-                let Some(d) = &report.descriptor else {
-                    // Nodes leave out descriptors this leader acknowledged at their
-                    // generation; one it does not hold (a new leader, a write that did not
-                    // land, a range merged away) is asked for again.
-                    let behind = stored
-                        .get(&report.range_id)
-                        .is_none_or(|s| s.span.generation < report.generation);
-                    if report.generation > 0
-                        && (behind || !inner.spans.contains_key(&report.range_id))
-                    {
-                        want_descriptors.push(report.range_id);
-                    }
-                    continue;
+                let upserted = match &report.descriptor {
+                    Some(d) => upsert(d, report, stored, &mut upserts),
+                    None => false,
                 };
-                let newer = stored
-                    .get(&d.range_id)
-                    .is_none_or(|s| s.span.generation < d.generation);
-                if !newer || upserts.iter().any(|u| u.span.range_id == d.range_id) {
-                    continue;
-                }
-                let record = record_from_wire(d, report_next_replica_id(report, d));
-                // A range merged away reports its old span until its replicas stop; the
-                // merged range covering it at a higher generation wins.
-                let superseded = stored.values().any(|s| {
-                    s.span.range_id != d.range_id
-                        && s.span.overlaps(&record.span)
-                        && s.span.generation > d.generation
-                });
-                if !superseded {
-                    upserts.push(record);
+                // Nodes leave out descriptors this leader acknowledged at their generation;
+                // one it does not hold at that generation (a new leader, a write that did not
+                // land, a range merged away, which is never stored) is asked for again, so a
+                // replica of a merged-away range keeps showing its span until it is
+                // collected.
+                let behind = stored
+                    .get(&report.range_id)
+                    .is_none_or(|s| s.span.generation < report.generation);
+                let unknown = !inner.spans.contains_key(&report.range_id);
+                if report.generation > 0 && (behind || unknown) && !upserted {
+                    want_descriptors.push(report.range_id);
                 }
             }
         }
@@ -330,6 +316,35 @@ impl MetaState {
             want_descriptors,
         }
     }
+}
+
+/// Adds `d` to `upserts` when it is newer than the meta copy and not superseded by a
+/// merged range; returns whether it did.
+fn upsert(
+    d: &RangeDescriptor,
+    report: &ReplicaReport,
+    stored: &HashMap<RangeId, RangeRecord>,
+    upserts: &mut Vec<RangeRecord>,
+) -> bool {
+    let newer = stored
+        .get(&d.range_id)
+        .is_none_or(|s| s.span.generation < d.generation);
+    if !newer || upserts.iter().any(|u| u.span.range_id == d.range_id) {
+        return false;
+    }
+    let record = record_from_wire(d, report_next_replica_id(report, d));
+    // A range merged away reports its old span until its replicas stop; the merged range
+    // covering it at a higher generation wins.
+    let superseded = stored.values().any(|s| {
+        s.span.range_id != d.range_id
+            && s.span.overlaps(&record.span)
+            && s.span.generation > d.generation
+    });
+    if superseded {
+        return false;
+    }
+    upserts.push(record);
+    true
 }
 
 /// Handles a node's heartbeat on the meta-range leader; `meta` is the local meta replica,
@@ -441,7 +456,7 @@ fn track_report(
             .quarantined
             .entry(report.range_id)
             .or_default()
-            .insert(node_id);
+            .insert(node_id, report.replica_id);
     } else if let Some(nodes) = inner.quarantined.get_mut(&report.range_id) {
         nodes.remove(&node_id);
         if nodes.is_empty() {
@@ -692,7 +707,7 @@ mod tests {
         };
         view.take_report(&heartbeat(3, vec![damaged]), &meta_copy, now);
         view.take_report(&heartbeat(1, vec![report(1, &r, true)]), &meta_copy, now);
-        assert_eq!(view.quarantined().get(&2), Some(&BTreeSet::from([3])));
+        assert_eq!(view.quarantined().get(&2), Some(&BTreeMap::from([(3, 3)])));
         // Destroyed (no longer reported) or sound again: no longer quarantined.
         view.take_report(&heartbeat(3, Vec::new()), &meta_copy, now);
         assert!(view.quarantined().is_empty());
@@ -769,7 +784,10 @@ mod tests {
         // Alone on its node: nothing there will stop it.
         let view = MetaState::default();
         let hb = heartbeat(3, vec![report(3, &right, false)]);
-        view.take_report(&hb, &stored, t0);
+        let first = view.take_report(&hb, &stored, t0);
+        // Its descriptor is never stored, so the leader keeps asking for it: reports that
+        // leave it out would hide the merge and restart the grace period every other time.
+        assert_eq!(first.want_descriptors, vec![3]);
         assert_eq!(view.take_report(&hb, &stored, t0 + grace).destroy, vec![3]);
 
         // Frozen into range 2, which the node also holds: applying the merge stops it.
