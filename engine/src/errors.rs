@@ -50,8 +50,8 @@ pub fn internal(e: impl std::fmt::Display) -> ClientError {
 
 /// Maps a storage failure; corruption stays corruption.
 pub fn storage_error(e: StorageError) -> ClientError {
-    match e {
-        StorageError::Corruption { .. } => ClientError::Corruption(e.to_string()),
-        other => ClientError::Internal(other.to_string()),
+    if e.is_corruption() {
+        return ClientError::Corruption(e.to_string());
     }
+    ClientError::Internal(e.to_string())
 }

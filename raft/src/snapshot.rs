@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use spheredb_storage::StorageError;
+use spheredb_storage::{ColumnFamilyName, StorageError};
 
 use crate::types::{MergeFreeze, RangeId, RangeSpan, SnapshotMeta};
 
@@ -348,6 +348,11 @@ fn visit(
             (FrameKind::Section, None) => {
                 let name = String::from_utf8(payload.clone())
                     .map_err(|_| corrupt("section name is not UTF-8"))?;
+                // Only column families a snapshot carries (today the data one): a file
+                // naming another is refused before an install replaces any key.
+                if name != ColumnFamilyName::Data.as_str() {
+                    return Err(corrupt(format!("unknown section {name:?}")));
+                }
                 section = Some((name, 0));
             }
             (FrameKind::Pairs, Some((cf, count))) => {
@@ -608,7 +613,7 @@ mod tests {
 
     fn write(dir: &Path, pairs: &[(Vec<u8>, Vec<u8>)]) -> SnapshotFile {
         let mut w = SnapshotWriter::create(dir, 2, &header(7)).unwrap();
-        w.begin_section("data").unwrap();
+        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
         for (k, v) in pairs {
             w.pair(k, v).unwrap();
         }
@@ -625,7 +630,7 @@ mod tests {
     fn read_all(file: &SnapshotFile) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();
         file.visit_pairs(|cf, k, v| {
-            assert_eq!(cf, "data");
+            assert_eq!(cf, ColumnFamilyName::Data.as_str());
             out.push((k.to_vec(), v.to_vec()));
             Ok(())
         })
@@ -691,10 +696,20 @@ mod tests {
     }
 
     #[test]
+    fn a_section_of_an_unknown_column_family_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SnapshotWriter::create(dir.path(), 2, &header(7)).unwrap();
+        w.begin_section(ColumnFamilyName::RaftLog.as_str()).unwrap();
+        w.pair(b"b", b"v").unwrap();
+        let err = w.finish().unwrap_err();
+        assert!(err.to_string().contains("unknown section"), "{err}");
+    }
+
+    #[test]
     fn a_key_outside_the_span_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = SnapshotWriter::create(dir.path(), 2, &header(7)).unwrap();
-        w.begin_section("data").unwrap();
+        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
         w.pair(b"zz", b"v").unwrap();
         assert!(w.finish().is_err());
     }

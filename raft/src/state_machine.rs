@@ -995,7 +995,7 @@ impl StateMachine {
                 self.db.cf(ColumnFamilyName::RaftState),
                 state_key(self.range_id, StateTag::Applied),
             )
-            .map_err(io::Error::other)?
+            .map_err(StorageError::rocks_io)?
         {
             Some(framed) => decode_record("applied state", &framed)?,
             None => AppliedState::default(),
@@ -1023,7 +1023,7 @@ impl StateMachine {
                 IteratorMode::From(&span.start_key, Direction::Forward),
             );
             for item in iter {
-                let (k, v) = item.map_err(io::Error::other)?;
+                let (k, v) = item.map_err(StorageError::rocks_io)?;
                 // Values stay framed with their checksums, verified again on install.
                 record::decode("data", &v).map_err(io::Error::from)?;
                 writer.pair(&k, &v)?;
@@ -1148,6 +1148,12 @@ impl StateMachine {
         let mut batch = WriteBatch::default();
         self.db
             .batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);
+        // Keys of what the replica owned before, outside the new span (a snapshot taken
+        // after a split the replica missed), would belong to nobody afterwards: they go too.
+        if let Some(owned) = self.spans.owned(self.range_id) {
+            self.db
+                .batch_delete_span(&mut batch, ColumnFamilyName::Data, &owned.start, &owned.end);
+        }
         let mut pairs = 0u64;
         file.visit_pairs(|cf, key, value| {
             if cf != data {

@@ -284,6 +284,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_damaged_table_block_is_reported_as_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Vec<u8>> = (0..2_000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        {
+            let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+            let mut batch = WriteBatch::default();
+            for k in &keys {
+                // Incompressible values, so the damage lands in stored bytes.
+                let v: Vec<u8> = (0..200u32)
+                    .map(|j| (j * 31 + k[3] as u32 * 7) as u8)
+                    .collect();
+                db.batch_put_record(&mut batch, ColumnFamilyName::Data, k, &v);
+            }
+            db.write(batch, true).unwrap();
+            db.raw().flush_cf(db.cf(ColumnFamilyName::Data)).unwrap();
+        }
+        // Flip bytes in the first data blocks of every table file (the footer and index at
+        // the end stay whole, so the database still opens).
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "sst") {
+                let mut bytes = std::fs::read(&path).unwrap();
+                for at in (64..bytes.len() / 3).step_by(512) {
+                    bytes[at] ^= 0x5a;
+                }
+                std::fs::write(&path, bytes).unwrap();
+            }
+        }
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let errors: Vec<StorageError> = keys
+            .iter()
+            .filter_map(|k| db.get_record(ColumnFamilyName::Data, k).err())
+            .collect();
+        assert!(!errors.is_empty(), "no read noticed the damage");
+        for e in errors {
+            assert!(e.is_corruption(), "{e}");
+            // And it stays damage once it is an io::Error (how the state machine sees it).
+            assert_eq!(
+                std::io::Error::from(e).kind(),
+                std::io::ErrorKind::InvalidData
+            );
+        }
+    }
+
+    #[test]
     fn a_directory_of_another_format_version_is_refused_naming_both() {
         let dir = tempfile::tempdir().unwrap();
         {

@@ -37,9 +37,21 @@ impl StorageError {
         }
     }
 
-    /// True when the error is a detected corruption.
+    /// True when the error is a detected corruption: a record's checksum, or RocksDB's own
+    /// block checksums (most bit rot on disk surfaces there first).
     pub fn is_corruption(&self) -> bool {
-        matches!(self, StorageError::Corruption { .. })
+        match self {
+            StorageError::Corruption { .. } => true,
+            #[cfg(feature = "rocksdb")]
+            StorageError::Rocks(e) => e.kind() == rocksdb::ErrorKind::Corruption,
+            _ => false,
+        }
+    }
+
+    /// A RocksDB error as an `io::Error`; corruption keeps `InvalidData`.
+    #[cfg(feature = "rocksdb")]
+    pub fn rocks_io(e: rocksdb::Error) -> io::Error {
+        io::Error::from(StorageError::Rocks(e))
     }
 }
 
@@ -48,6 +60,10 @@ impl From<StorageError> for io::Error {
         match e {
             StorageError::Io(e) => e,
             StorageError::Corruption { .. } | StorageError::IncompatibleFormat { .. } => {
+                io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+            }
+            #[cfg(feature = "rocksdb")]
+            StorageError::Rocks(ref r) if r.kind() == rocksdb::ErrorKind::Corruption => {
                 io::Error::new(io::ErrorKind::InvalidData, e.to_string())
             }
             #[cfg(feature = "rocksdb")]

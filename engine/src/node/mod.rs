@@ -228,7 +228,12 @@ impl LocalReplicas {
     async fn take_down(&self, range_id: RangeId) -> Option<ReplicaId> {
         let replica = self.replicas.remove(range_id)?;
         let replica_id = replica.raft.metrics().borrow_watched().id;
-        replica.shared.retire();
+        // Retiring waits for a write in progress, which may be a long snapshot install:
+        // not on an async worker.
+        let shared = replica.shared.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || shared.retire()).await {
+            tracing::error!(range_id, "retiring the replica failed: {e}");
+        }
         if let Err(e) = replica.raft.shutdown().await {
             tracing::warn!(range_id, "raft shutdown while taking the replica down: {e}");
         }

@@ -118,7 +118,7 @@ impl KvService {
     /// replica: it stops serving and its Raft group stops, the node stays up, and the
     /// allocator replaces the replica from a sound copy.
     fn read_failed(&self, replica: &Replica, e: StorageError) -> ClientError {
-        if matches!(e, StorageError::Corruption { .. }) {
+        if e.is_corruption() {
             match quarantine(&self.db, &replica.shared, &e.to_string()) {
                 Ok(()) => {
                     let raft = replica.raft.clone();
