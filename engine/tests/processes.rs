@@ -243,3 +243,72 @@ async fn a_node_whose_fsync_fails_exits_instead_of_serving() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_quarantined_before_a_restart_stays_stopped_and_is_replaced() {
+    let mut args = FAST_ELECTIONS.to_vec();
+    args.extend(["--node-heartbeat-interval-ms", "300"]);
+    let mut cluster = ProcCluster::start(3, &args).await;
+    let client = cluster.client().await;
+    client.put(9, b"precious", b"v1").await.unwrap();
+    let victim = (cluster.leader().await + 1) % 3;
+    let replica_of = |list: &spheredb_client::proto::v1::RangeListResponse, node_id: u64| {
+        list.ranges
+            .iter()
+            .find(|d| d.range_id == USER_RANGE)
+            .and_then(|d| d.replicas.iter().find(|r| r.node_id == node_id))
+            .map(|r| r.replica_id)
+    };
+    let victim_addr = cluster.procs[victim].addr.clone();
+    let victim_node = eventually("the victim's node id", || async {
+        let s = status(&victim_addr, false).await?;
+        Some(s.node_id)
+    })
+    .await;
+    let list = client.range_list().await.unwrap();
+    let old_replica = replica_of(&list, victim_node).expect("the victim holds the user range");
+
+    // The node found damage in its replica and recorded the quarantine, then went down
+    // (a crash, an upgrade) before the replica was replaced.
+    cluster.procs[victim].kill9();
+    {
+        let db = spheredb_storage::Db::open(
+            &cluster.procs[victim].data_dir.join("db"),
+            &spheredb_storage::DbOptions::default(),
+        )
+        .unwrap();
+        spheredb_raft::log_store::write_state(
+            &db,
+            USER_RANGE,
+            spheredb_raft::layout::StateTag::Quarantined,
+            &"checksum mismatch in data (test)".to_string(),
+            true,
+        )
+        .unwrap();
+    }
+    cluster.procs[victim].spawn();
+
+    // It comes back without starting that replica's Raft group (doing so would re-read the
+    // damage), keeps reporting it, and the allocator replaces it with a fresh replica on the
+    // same node (three nodes, three replicas).
+    eventually("the quarantined replica to be replaced", || async {
+        let list = client.range_list().await.ok()?;
+        let d = list.ranges.iter().find(|d| d.range_id == USER_RANGE)?;
+        let now = replica_of(&list, victim_node)?;
+        (now > old_replica && d.voters.len() == 3 && d.learners.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        client.get(9, b"precious").await.unwrap().as_deref(),
+        Some(&b"v1"[..])
+    );
+    let exited = cluster.procs[victim]
+        .child
+        .as_mut()
+        .and_then(|c| c.try_wait().ok().flatten());
+    assert!(
+        exited.is_none(),
+        "the node exited: {exited:?}\n{}",
+        cluster.log(victim)
+    );
+}

@@ -118,6 +118,7 @@ pub async fn heartbeat_loop(hb: Heartbeat, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(interval) => {}
         }
         let mut report = build_report(&hb, interval);
+        report.replicas.extend(hb.lifecycle.dormant_reports());
         let carried = deltas.select(&mut report);
         let local: Vec<RangeId> = report.replicas.iter().map(|r| r.range_id).collect();
         let resp = hb

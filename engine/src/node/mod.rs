@@ -13,7 +13,7 @@ pub mod heartbeat;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -26,7 +26,7 @@ use spheredb_client::proto::raft::raft_transport_server::RaftTransportServer;
 use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::admin_server::AdminServer;
 use spheredb_client::proto::v1::kv_server::KvServer;
-use spheredb_client::proto::v1::JoinRequest;
+use spheredb_client::proto::v1::{JoinRequest, ReplicaReport};
 use spheredb_client::ClientError;
 use spheredb_raft::group_commit::GroupCommit;
 use spheredb_raft::layout::{state_key, StateTag, NODE_RECORDS};
@@ -39,7 +39,8 @@ use spheredb_raft::network::{
 };
 use spheredb_raft::registry::{self, NodeRecord, NodeState};
 use spheredb_raft::state_machine::{
-    stored_state, write_range_origin, RangeEvent, StateMachine, MAX_PENDING_RANGE_EVENTS,
+    stored_state, write_range_origin, RangeEvent, ReplicaShared, StateMachine,
+    MAX_PENDING_RANGE_EVENTS,
 };
 use spheredb_raft::{
     Membership, NodeId, RaftHandle, RangeId, RangeRecord, RangeSpan, ReplicaId, ReplicaNode,
@@ -49,6 +50,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::NodeConfig;
+use crate::descriptor::wire_descriptor;
 use crate::disk::DiskGuard;
 use crate::ids::{FIRST_USER_RANGE_ID, META_RANGE_ID};
 use crate::meta::allocator::Allocator;
@@ -91,9 +93,32 @@ pub struct LocalReplicas {
     raft_config: Arc<Config>,
     events: mpsc::Sender<RangeEvent>,
     snapshot_dir: PathBuf,
+    /// Replicas quarantined before the node started: opened (their span stays claimed) but
+    /// without a Raft group, since starting one would re-apply or re-snapshot the damaged
+    /// data and fail. Reported in heartbeats until the allocator replaces them.
+    dormant: Mutex<HashMap<RangeId, (ReplicaId, Arc<ReplicaShared>)>>,
 }
 
 impl LocalReplicas {
+    /// Reports of the dormant (quarantined) replicas, for the heartbeat.
+    pub fn dormant_reports(&self) -> Vec<ReplicaReport> {
+        let dormant = self.dormant.lock().unwrap_or_else(|p| p.into_inner());
+        dormant
+            .iter()
+            .map(|(range_id, (replica_id, shared))| {
+                let descriptor = shared.record().map(|r| wire_descriptor(&r));
+                ReplicaReport {
+                    range_id: *range_id,
+                    replica_id: *replica_id,
+                    generation: descriptor.as_ref().map_or(0, |d| d.generation),
+                    descriptor,
+                    quarantined: true,
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
     /// The local replica of `range_id`.
     pub fn replica(&self, range_id: RangeId) -> Option<Arc<Replica>> {
         self.replicas.get(range_id)
@@ -125,6 +150,16 @@ impl LocalReplicas {
             self.replicas.spans().clone(),
             self.events.clone(),
         )?;
+        if let Some(reason) = shared.quarantined() {
+            self.dormant
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(range_id, (replica_id, shared));
+            bail!(
+                "replica {replica_id} of range {range_id} is quarantined ({reason}); it stays \
+                 stopped, and is reported for replacement"
+            );
+        }
         let raft = RaftHandle::new(
             replica_id,
             self.raft_config.clone(),
@@ -141,14 +176,6 @@ impl LocalReplicas {
             return self
                 .replica(range_id)
                 .ok_or_else(|| anyhow!("range {range_id} vanished while starting"));
-        }
-        if let Some(reason) = replica.shared.quarantined() {
-            // Kept (its span stays claimed, and its heartbeat report tells the allocator to
-            // replace it) but silent: its data failed a checksum before the restart.
-            tracing::error!(range_id, replica_id, %reason, "replica is quarantined; its Raft group stays stopped until it is replaced");
-            if let Err(e) = replica.raft.shutdown().await {
-                tracing::warn!(range_id, "stopping a quarantined replica: {e}");
-            }
         }
         tracing::debug!(range_id, replica_id, "replica started");
         Ok(replica)
@@ -173,6 +200,10 @@ impl LocalReplicas {
     /// `keep_data`), leaving a tombstone. Works from the on-disk state when the replica is not
     /// running (it failed to start, or was stopped), so no claim or state is left behind.
     pub async fn destroy_replica(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
+        self.dormant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&range_id);
         let replica_id = match self.take_down(range_id).await {
             Some(replica_id) => Some(replica_id),
             None => self.local_replica_id(range_id)?,
@@ -292,6 +323,16 @@ impl LocalReplicas {
         if replica_id == 0 {
             return Ok(());
         }
+        let dormant = self
+            .dormant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&range_id)
+            .map(|(id, _)| *id);
+        if dormant.is_some_and(|id| id >= replica_id) {
+            // Quarantined, waiting to be replaced: its peers' messages start nothing.
+            return Ok(());
+        }
         if let Some(existing) = self.replica(range_id) {
             let existing_id = existing.raft.metrics().borrow_watched().id;
             if existing_id >= replica_id {
@@ -315,9 +356,20 @@ impl LocalReplicas {
             return Ok(());
         }
         if let Some(existing) = self.local_replica_id(range_id)? {
-            if existing != replica_id {
+            if existing > replica_id {
                 tracing::warn!(?missing, existing, "replica id mismatch; not creating");
                 return Ok(());
+            }
+            if existing < replica_id {
+                // A replica that is not running (quarantined, or one that failed to start)
+                // was removed from the range, and a new one added here since.
+                tracing::info!(
+                    range_id,
+                    old = existing,
+                    new = replica_id,
+                    "replacing a stopped replica with the one added since"
+                );
+                self.destroy_replica(range_id, false).await?;
             }
         }
         tracing::info!(range_id, replica_id, "creating replica asked for by a peer");
@@ -634,6 +686,7 @@ impl Node {
             raft_config: raft_config(&cfg)?,
             events: events_tx,
             snapshot_dir: snapshot_dir.clone(),
+            dormant: Mutex::default(),
         });
 
         let ranges = local_ranges(&db)?;
