@@ -29,7 +29,7 @@ use spheredb_client::proto::raft::{RaftMessage, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::snapshot::SnapshotReceiver;
+use crate::snapshot::{header_of, SnapshotReceiver};
 use crate::spans::SpanRegistry;
 use crate::state_machine::ReplicaShared;
 use crate::types::{
@@ -581,7 +581,12 @@ pub struct RaftService {
     faults: Arc<TransportFaults>,
     /// Where received snapshots are written while they arrive.
     snapshot_dir: PathBuf,
+    /// Permits for snapshots being received at once.
+    receiving: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most snapshots a node receives at once; more are refused and their senders retry.
+pub const MAX_CONCURRENT_SNAPSHOT_RECEIVES: usize = 4;
 
 impl RaftService {
     /// A service dispatching to `replicas`, receiving snapshots into `snapshot_dir`.
@@ -594,6 +599,9 @@ impl RaftService {
             replicas,
             faults,
             snapshot_dir,
+            receiving: Arc::new(tokio::sync::Semaphore::new(
+                MAX_CONCURRENT_SNAPSHOT_RECEIVES,
+            )),
         }
     }
 
@@ -738,57 +746,34 @@ impl RaftTransport for RaftService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftMessage>, Status> {
         let mut stream = request.into_inner();
-        // The first chunk names the range and carries the header; the rest only data. Each
-        // chunk goes to a temporary file as it arrives, so memory stays at one chunk.
-        let mut receiving: Option<(Vote, SnapshotMeta, RangeId, RaftHandle, SnapshotReceiver)> =
-            None;
-        while let Some(chunk) = stream.message().await? {
-            if crc32fast::hash(&chunk.data) != chunk.crc32 {
-                return Err(Status::data_loss("snapshot chunk checksum mismatch"));
-            }
-            let (_, _, _, _, receiver) = match &mut receiving {
-                Some(r) => r,
-                None => {
-                    let (vote, meta): (Vote, SnapshotMeta) = postcard::from_bytes(&chunk.header)
-                        .map_err(|e| {
-                            Status::invalid_argument(format!("bad snapshot header: {e}"))
-                        })?;
-                    // Checked before anything is written: only a replica hosted here receives.
-                    let raft = self.raft(chunk.range_id, chunk.from_node, chunk.to_replica)?;
-                    let receiver = SnapshotReceiver::create(&self.snapshot_dir, chunk.range_id)
-                        .map_err(|e| Status::internal(format!("cannot receive a snapshot: {e}")))?;
-                    receiving.insert((vote, meta, chunk.range_id, raft, receiver))
-                }
-            };
-            receiver.chunk(&chunk.data).map_err(|e| match e.kind() {
-                std::io::ErrorKind::InvalidInput => Status::resource_exhausted(e.to_string()),
-                _ => Status::internal(format!("cannot write a received snapshot: {e}")),
-            })?;
-        }
-        let Some((vote, meta, range_id, raft, receiver)) = receiving else {
+        // The first chunk names the range and carries the headers: the transfer's (vote,
+        // meta) and, in its first bytes, the file's. Everything that can refuse the snapshot
+        // is decided from them before any byte is written; the rest streams to a temporary
+        // file, one chunk in memory at a time.
+        let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
-        // Syncing and verifying the whole file would stall an async worker; the blocking pool
-        // does it.
-        let file = tokio::task::spawn_blocking(move || receiver.finish())
-            .await
-            .map_err(|e| Status::internal(format!("snapshot verify task failed: {e}")))?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::InvalidData => Status::data_loss(e.to_string()),
-                _ => Status::internal(format!("cannot store a received snapshot: {e}")),
-            })?;
-        if file.meta().last_log_id != meta.last_log_id {
+        if crc32fast::hash(&first.data) != first.crc32 {
+            return Err(Status::data_loss("snapshot chunk checksum mismatch"));
+        }
+        let (vote, meta): (Vote, SnapshotMeta) = postcard::from_bytes(&first.header)
+            .map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?;
+        let range_id = first.range_id;
+        // Only a replica hosted here receives.
+        let raft = self.raft(range_id, first.from_node, first.to_replica)?;
+        let header = header_of(&first.data).map_err(|e| Status::data_loss(e.to_string()))?;
+        if header.meta.last_log_id != meta.last_log_id {
             return Err(Status::data_loss(format!(
-                "snapshot file holds log id {:?}, its header names {:?}",
-                file.meta().last_log_id,
-                meta.last_log_id
+                "snapshot file holds log id {:?}, its transfer names {:?}",
+                header.meta.last_log_id, meta.last_log_id
             )));
         }
         // Installing clears the snapshot's span, so the span is reserved first: refused while
         // another range here claims part of it (a parent that has not applied its split yet,
-        // a removed replica not yet destroyed, another install in flight), and the sender
-        // retries. The reservation is the only way a replica gains keys.
-        let reservation = match &file.header().span {
+        // a removed replica not yet destroyed, another install in flight, a merge of this
+        // range being applied), and the sender retries. The reservation is the only way a
+        // replica gains keys.
+        let reservation = match &header.span {
             None => None,
             Some(span) => match self.replicas.spans().reserve(range_id, span) {
                 Ok(r) => Some(r),
@@ -800,7 +785,7 @@ impl RaftTransport for RaftService {
                     // from before the right range split off covers it too.)
                     let subsumed = match self.replicas.get(other).and_then(|r| r.shared.frozen()) {
                         Some(f) if f.into == range_id && other != range_id => {
-                            file.header().merged(other, f)
+                            header.merged(other, f)
                         }
                         _ => false,
                     };
@@ -814,6 +799,43 @@ impl RaftTransport for RaftService {
                 }
             },
         };
+        // A bounded number of transfers at once: each holds a temporary file as large as its
+        // range until it is installed.
+        let _receiving = self.receiving.clone().try_acquire_owned().map_err(|_| {
+            Status::unavailable(format!(
+                "{MAX_CONCURRENT_SNAPSHOT_RECEIVES} snapshots are being received; retry later"
+            ))
+        })?;
+        let mut receiver = SnapshotReceiver::create(&self.snapshot_dir, range_id)
+            .map_err(|e| Status::internal(format!("cannot receive a snapshot: {e}")))?;
+        let mut chunk = first;
+        loop {
+            receiver.chunk(&chunk.data).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidInput => Status::resource_exhausted(e.to_string()),
+                _ => Status::internal(format!("cannot write a received snapshot: {e}")),
+            })?;
+            chunk = match stream.message().await? {
+                Some(next) => next,
+                None => break,
+            };
+            if crc32fast::hash(&chunk.data) != chunk.crc32 {
+                return Err(Status::data_loss("snapshot chunk checksum mismatch"));
+            }
+        }
+        // Syncing and verifying the whole file would stall an async worker; the blocking pool
+        // does it.
+        let file = tokio::task::spawn_blocking(move || receiver.finish())
+            .await
+            .map_err(|e| Status::internal(format!("snapshot verify task failed: {e}")))?
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => Status::data_loss(e.to_string()),
+                _ => Status::internal(format!("cannot store a received snapshot: {e}")),
+            })?;
+        if file.header().span != header.span || file.meta().last_log_id != meta.last_log_id {
+            return Err(Status::data_loss(
+                "the received snapshot file does not match its own header",
+            ));
+        }
         // openraft installs on its own task and answers when done. The install runs in a task
         // that holds the reservation, so a caller that gives up (timeout, closed stream) does
         // not free the span while the install is still queued.

@@ -314,13 +314,8 @@ fn take_field<'a>(rest: &mut &'a [u8]) -> io::Result<&'a [u8]> {
     Ok(field)
 }
 
-/// Walks every frame of `file`, checking order, checksums, counts and the span of every
-/// key, and hands each pair to `f`.
-fn visit(
-    file: &File,
-    mut f: impl FnMut(&str, &[u8], &[u8]) -> io::Result<()>,
-) -> io::Result<SnapshotHeader> {
-    let mut r = BufReader::new(PositionalReader::new(file));
+/// Reads the magic and the header frame.
+fn read_header(r: &mut impl Read) -> io::Result<SnapshotHeader> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)
         .map_err(|_| corrupt("shorter than its magic"))?;
@@ -328,7 +323,7 @@ fn visit(
         return Err(corrupt("bad magic (not a snapshot file of this format)"));
     }
     let mut payload = Vec::new();
-    if read_frame(&mut r, &mut payload)? != Some(FrameKind::Header) {
+    if read_frame(r, &mut payload)? != Some(FrameKind::Header) {
         return Err(corrupt("first frame is not the header"));
     }
     let header: SnapshotHeader =
@@ -339,6 +334,26 @@ fn visit(
             header.format_version
         )));
     }
+    Ok(header)
+}
+
+/// The header of a snapshot from the first bytes of its file (the header frame is small and
+/// comes first), so a receiver can decide about a snapshot before it takes in the rest. The
+/// whole file is verified again once received.
+pub fn header_of(prefix: &[u8]) -> io::Result<SnapshotHeader> {
+    let mut r = prefix;
+    read_header(&mut r)
+}
+
+/// Walks every frame of `file`, checking order, checksums, counts and the span of every
+/// key, and hands each pair to `f`.
+fn visit(
+    file: &File,
+    mut f: impl FnMut(&str, &[u8], &[u8]) -> io::Result<()>,
+) -> io::Result<SnapshotHeader> {
+    let mut r = BufReader::new(PositionalReader::new(file));
+    let header = read_header(&mut r)?;
+    let mut payload = Vec::new();
     let mut section: Option<(String, u64)> = None;
     let (mut sections, mut total) = (0u32, 0u64);
     loop {
@@ -747,6 +762,11 @@ mod tests {
         }
         let got = rx.finish().unwrap();
         assert_eq!(read_all(&got), read_all(&file));
+        // The header can be read from the first chunk alone, before the rest arrives.
+        let header = header_of(&file.read_chunk(0, 4096).unwrap()).unwrap();
+        assert_eq!(header.span, file.header().span);
+        assert_eq!(header.meta.last_log_id, file.meta().last_log_id);
+        assert!(header_of(&file.read_chunk(0, 12).unwrap()).is_err());
         // A stream cut short fails verification.
         let mut rx = SnapshotReceiver::create(dir.path(), 2).unwrap();
         rx.chunk(&file.read_chunk(0, 5_000).unwrap()).unwrap();
