@@ -101,7 +101,10 @@ Exit status:
   0  the history is valid
   1  the checker found an anomaly
   2  unknown (checker budget exhausted, or no final read succeeded)
-  3  the test could not run (options, missing binary, iptables or faketime)";
+  3  the test could not run (options, missing binary, iptables or faketime)
+  4  no anomaly, but the cluster misbehaved: a node panicked or exited by itself, the
+     cluster did not recover after the final heal, or the nemesis or a worker died early
+     (listed as `problem:` lines and in results.json)";
 
 #[derive(Debug, Args)]
 struct TestArgs {
@@ -310,11 +313,7 @@ fn run_test(args: &TestArgs) -> u8 {
     options.clock_monotonic = args.clock_monotonic;
     match tester::run_test(&options) {
         Ok(outcome) => {
-            println!(
-                "{}\t{}",
-                outcome.run_dir.display(),
-                outcome.validity.label()
-            );
+            println!("{}\t{}", outcome.run_dir.display(), outcome.label());
             for line in outcome.summary_lines() {
                 println!("    {line}");
             }
@@ -322,7 +321,7 @@ fn run_test(args: &TestArgs) -> u8 {
                 "    report: {}",
                 outcome.run_dir.join("report.html").display()
             );
-            outcome.validity.exit_code()
+            outcome.exit_code()
         }
         Err(err) => {
             eprintln!("spheredb-jepsen: {err}");

@@ -107,10 +107,11 @@ fn correct_build_is_linearizable_under_kill_pause_partition() {
     );
     assert!(outcome.counts.ok >= 100, "too few successful operations");
     assert!(
-        outcome.notes.is_empty(),
+        outcome.problems.is_empty(),
         "panics, crashes or no recovery: {:?}",
-        outcome.notes
+        outcome.problems
     );
+    assert_eq!(outcome.exit_code(), tester::EXIT_VALID);
     for file in [
         "history.jsonl",
         "results.json",
@@ -174,4 +175,35 @@ fn writes_acknowledged_before_commit_are_caught() {
         "{:?}",
         outcome.checker_lines
     );
+}
+
+#[test]
+fn a_node_that_panics_fails_the_run_even_when_the_history_is_valid() {
+    // Every node panics in its WAL syncer after 200 fsyncs and exits (a panic anywhere
+    // stops the process): well within the run's 1,200 operations, well after start-up. The
+    // history may well check out; the run must fail anyway.
+    let mut o = options(WorkloadKind::Set, "none", 41);
+    o.failpoints = Some("wal-sync-panic=200*off->return".into());
+    let outcome = run(&o);
+    assert_ne!(
+        outcome.validity,
+        Validity::Anomaly,
+        "{:?}",
+        outcome.checker_lines
+    );
+    assert!(
+        outcome
+            .problems
+            .iter()
+            .any(|p| p.contains("exited on its own")),
+        "{:?}",
+        outcome.problems
+    );
+    assert!(
+        outcome.problems.iter().any(|p| p.contains("panic")),
+        "{:?}",
+        outcome.problems
+    );
+    assert_eq!(outcome.exit_code(), tester::EXIT_UNHEALTHY);
+    assert_eq!(outcome.label(), "unhealthy");
 }

@@ -45,6 +45,9 @@ pub const EXIT_ANOMALY: u8 = 1;
 pub const EXIT_UNKNOWN: u8 = 2;
 /// Exit status: the test could not run (bad options, missing binary or tools).
 pub const EXIT_ERROR: u8 = 3;
+/// Exit status: no anomaly, but the cluster misbehaved: a node panicked or exited by itself,
+/// the cluster did not recover after the final heal, or the nemesis or a worker died early.
+pub const EXIT_UNHEALTHY: u8 = 4;
 
 /// Longest the cluster may take to recover after the final heal.
 pub const RECOVERY_TIMEOUT_MS: u64 = 30_000;
@@ -230,13 +233,29 @@ pub struct TestOutcome {
     /// The checker's explanation (anomalies, budgets) as lines.
     pub checker_lines: Vec<String>,
     pub unexpected_exits: Vec<UnexpectedExit>,
-    /// Findings besides the checker's: panics in node logs, crashes, a cluster that did not
-    /// recover.
+    /// What went wrong besides the checker's findings: panics in node logs, nodes that
+    /// exited by themselves, a cluster that did not recover, a nemesis or worker that died.
+    /// Any of them fails the run.
+    pub problems: Vec<String>,
+    /// Remarks that do not fail the run.
     pub notes: Vec<String>,
     pub elapsed: Duration,
 }
 
 impl TestOutcome {
+    /// The process exit status: an anomaly first, then any problem, then the verdict.
+    pub fn exit_code(&self) -> u8 {
+        exit_code_of(self.validity, &self.problems)
+    }
+
+    /// `ok`, `illegal`, `unknown`, or `unhealthy` (no anomaly, but a problem).
+    pub fn label(&self) -> &'static str {
+        match self.exit_code() {
+            EXIT_UNHEALTHY => "unhealthy",
+            _ => self.validity.label(),
+        }
+    }
+
     /// The run in a few lines: counts, faults, time, the checker's explanation and notes.
     pub fn summary_lines(&self) -> Vec<String> {
         let c = &self.counts;
@@ -250,8 +269,18 @@ impl TestOutcome {
             self.elapsed.as_secs_f64()
         )];
         lines.extend(self.checker_lines.iter().cloned());
+        lines.extend(self.problems.iter().map(|n| format!("problem: {n}")));
         lines.extend(self.notes.iter().map(|n| format!("note: {n}")));
         lines
+    }
+}
+
+/// The exit status of a run with `validity` and `problems`.
+fn exit_code_of(validity: Validity, problems: &[String]) -> u8 {
+    match validity {
+        Validity::Anomaly => EXIT_ANOMALY,
+        _ if !problems.is_empty() => EXIT_UNHEALTHY,
+        v => v.exit_code(),
     }
 }
 
@@ -448,6 +477,7 @@ async fn run_inner(
 ) -> Result<TestOutcome, TesterError> {
     let started = Instant::now();
     let mut notes: Vec<String> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
     let net = if options.faults.iter().any(|f| f.needs_netfilter()) {
         Some(Netfilter::install()?)
     } else {
@@ -519,7 +549,7 @@ async fn run_inner(
         let left = drain_until.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, workers.join_next()).await {
             Ok(Some(Ok(n))) => invoked += n,
-            Ok(Some(Err(e))) => notes.push(format!("a worker stopped abnormally: {e}")),
+            Ok(Some(Err(e))) => problems.push(format!("a worker stopped abnormally: {e}")),
             Ok(None) => break,
             Err(_) => {
                 notes.push(
@@ -533,11 +563,11 @@ async fn run_inner(
     let faults_injected = match nemesis_task.await {
         Ok(Ok(n)) => n,
         Ok(Err(e)) => {
-            notes.push(format!("nemesis stopped early: {e}"));
+            problems.push(format!("nemesis stopped early: {e}"));
             recorder.faults().len()
         }
         Err(e) => {
-            notes.push(format!("nemesis stopped abnormally: {e}"));
+            problems.push(format!("nemesis stopped abnormally: {e}"));
             recorder.faults().len()
         }
     };
@@ -546,7 +576,7 @@ async fn run_inner(
     );
     nemesis::heal_all(&shared)?;
     if !wait_recovered(&shared, &workload_addrs).await {
-        notes.push(format!(
+        problems.push(format!(
             "the cluster did not fully recover within {RECOVERY_TIMEOUT_MS} ms after the final heal"
         ));
     }
@@ -564,12 +594,12 @@ async fn run_inner(
         exits
     };
     for exit in &unexpected_exits {
-        notes.push(format!(
+        problems.push(format!(
             "node {} exited on its own ({}); see nodes/{}.log",
             exit.node, exit.status, exit.node
         ));
     }
-    notes.extend(panics_in_logs(&run_dir, options.nodes));
+    problems.extend(panics_in_logs(&run_dir, options.nodes));
     let run_ms = started.elapsed().as_millis();
 
     // History, check, report.
@@ -647,7 +677,7 @@ async fn run_inner(
     let results = json!({
         "title": options.title(),
         "validity": validity.label(),
-        "exit_code": validity.exit_code(),
+        "exit_code": exit_code_of(validity, &problems),
         "options": {
             "workload": options.workload.name(),
             "nemesis": options.faults.iter().map(|f| f.name()).collect::<Vec<_>>(),
@@ -667,6 +697,7 @@ async fn run_inner(
         "faults": report::faults_json(&faults),
         "unexpected_exits": unexpected_exits.iter().map(|e| json!({"node": e.node, "status": e.status})).collect::<Vec<_>>(),
         "checker": checker_json,
+        "problems": problems,
         "notes": notes,
         "timings_ms": {
             "cluster_start": cluster_start_ms,
@@ -689,7 +720,11 @@ async fn run_inner(
         spans: &spans,
         workers: options.concurrency,
         end_ns,
-        notes: &notes,
+        notes: &problems
+            .iter()
+            .map(|p| format!("problem: {p}"))
+            .chain(notes.iter().cloned())
+            .collect::<Vec<_>>(),
     })
     .map_err(TesterError::Report)?;
     let report_path = run_dir.join("report.html");
@@ -704,6 +739,7 @@ async fn run_inner(
         faults_injected,
         checker_lines,
         unexpected_exits,
+        problems,
         notes,
         elapsed: started.elapsed(),
     })
