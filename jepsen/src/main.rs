@@ -178,6 +178,11 @@ struct TestArgs {
     #[arg(long, default_value_t = 50)]
     heartbeat_interval_ms: u64,
 
+    /// Log entries between snapshots on every node (low, so that snapshots, log purges and
+    /// catch-up from snapshots happen in every run).
+    #[arg(long, default_value_t = tester::DEFAULT_SNAPSHOT_LOG_THRESHOLD)]
+    snapshot_log_threshold: u64,
+
     /// Node minimum election timeout, in milliseconds.
     #[arg(long, default_value_t = 300)]
     election_timeout_ms: u64,
@@ -308,6 +313,7 @@ fn run_test(args: &TestArgs) -> u8 {
     options.ops_per_key = args.ops_per_key;
     options.heartbeat_interval_ms = args.heartbeat_interval_ms;
     options.election_timeout_ms = args.election_timeout_ms;
+    options.snapshot_log_threshold = args.snapshot_log_threshold;
     options.check_time_limit_secs = args.check_time_limit_secs;
     options.keep_data = args.keep_data;
     options.clock_monotonic = args.clock_monotonic;

@@ -210,6 +210,26 @@ impl SpanRegistry {
         Ok(true)
     }
 
+    /// True while a snapshot install of `range_id` holds a placeholder here.
+    pub fn installing(&self, range_id: RangeId) -> bool {
+        self.lock()
+            .by_range
+            .get(&range_id)
+            .is_some_and(|c| c.placeholder.is_some())
+    }
+
+    /// Drops the placeholder of a failed install of `range_id` (one that was not made
+    /// through a reservation, whose drop would clear it).
+    pub fn abort_install(&self, range_id: RangeId) {
+        let mut claims = self.lock();
+        if let Some(claim) = claims.by_range.get_mut(&range_id) {
+            claim.placeholder = None;
+            if claim.owned.is_none() && !claim.sealed {
+                claims.by_range.remove(&range_id);
+            }
+        }
+    }
+
     /// Called by a range about to apply the merge of `right`: true when `right` has no
     /// snapshot install in flight here, and from then on none may start (an install would
     /// replace keys the merged range owns). False while one is in flight: the merge waits.

@@ -41,10 +41,10 @@ use crate::types::{
 
 /// An install writes the snapshot's pairs in batches of about this size.
 pub const MAX_INSTALL_BATCH_BYTES: usize = 4 << 20;
-/// Longest a merge waits for a snapshot install of its right-hand range on the same node.
-pub const MAX_MERGE_INSTALL_WAIT_MS: u64 = 120_000;
-/// How often a waiting merge looks again.
+/// How often a merge waiting for a snapshot install of its right-hand range looks again.
 const MERGE_INSTALL_POLL_MS: u64 = 10;
+/// How often a merge still waiting says so in the log.
+const MERGE_WAIT_REPORT_MS: u64 = 10_000;
 /// Merges a range remembers (see `AppliedState::recent_merges`).
 pub const MAX_RECENT_MERGES: usize = 16;
 /// Most range events queued for the node before apply waits for it to catch up.
@@ -383,13 +383,15 @@ impl StateMachine {
             events,
         };
         if let (Some(_), false) = (&redo, claimed) {
-            // A frozen replica whose keys a merged range owns now. Merges wait for installs
-            // (`settle_right_install`), so this is never expected; the keys are the merged
-            // range's, and an install must not replace them.
-            tracing::error!(
-                range_id,
-                "an interrupted snapshot install of a range merged away; dropping it"
-            );
+            // A frozen replica whose keys a merged range owns now, with its own keys maybe
+            // half replaced. Merges wait for installs (`apply_merge`), so this is never
+            // expected: the replica is quarantined (and collected), the merged range's keys
+            // are left alone.
+            quarantine(
+                &sm.db,
+                &shared,
+                "an interrupted snapshot install of a range merged away",
+            )?;
             sm.db
                 .write(install_marker_removal(&sm.db, range_id), true)
                 .map_err(io::Error::from)?;
@@ -626,6 +628,16 @@ impl StateMachine {
                 reason: "a replica change is in progress; merge after it".into(),
             });
         }
+        // Not across a snapshot install of the right range on this node (in flight, or
+        // interrupted and not yet redone): it replaces the right range's keys in several
+        // batches, so it would overwrite, or leave half replaced, keys this range owns from
+        // the merge on. The caller waits and applies again (nothing was changed).
+        let install_pending =
+            read_state::<Option<LogId>>(&self.db, right.range_id, StateTag::Installing)?.is_some()
+                || self.spans.installing(right.range_id);
+        if install_pending {
+            return Err(merge_must_wait(right.range_id));
+        }
         // The right-hand side as this node holds it must be exactly the frozen range the
         // merge was planned on. Anything else means this replica lacks its data: stop this
         // replica loudly rather than serve keys it does not have.
@@ -654,12 +666,21 @@ impl StateMachine {
                 local_frozen = ?local.as_ref().map(|l| &l.frozen),
                 "merge applied on a replica without the frozen right-hand side; stopping this replica"
             );
-            // Not data damage (no checksum failed): the replica stops, and the node with it,
-            // rather than being quarantined like a replica with a bad block.
-            return Err(io::Error::other(format!(
-                "range {} cannot take over range {}: its frozen replica is not on this node",
-                self.range_id, right.range_id
+            // This replica cannot follow its range: it is quarantined (and replaced), as a
+            // replica with damaged data is; failing the node would replay the same entry and
+            // fail again after every restart.
+            return Err(io::Error::from(StorageError::corruption(
+                "merge",
+                format!(
+                    "range {} cannot take over range {}: its frozen replica is not on this node",
+                    self.range_id, right.range_id
+                ),
             )));
+        }
+        // From here the merge applies: no install of the right range may start. One that
+        // reserved since the check above makes the merge wait after all.
+        if !self.spans.seal_for_merge(right.range_id) {
+            return Err(merge_must_wait(right.range_id));
         }
         let merged = RangeSpan {
             end_key: right.end_key.clone(),
@@ -882,10 +903,7 @@ impl StateMachine {
                 EntryPayload::Normal(cmd) if cmd.reads_registry() => {
                     // These read the database directly or change the range: apply them alone.
                     self.flush(&mut pending).await?;
-                    if let Command::Merge { right, .. } = &cmd {
-                        self.settle_right_install(right.range_id).await?;
-                    }
-                    let r = self.apply_command(&mut pending, cmd)?;
+                    let r = self.apply_waiting_for_installs(&mut pending, cmd).await?;
                     if matches!(
                         r,
                         CommandResponse::MergeDone { .. } | CommandResponse::SplitDone { .. }
@@ -921,27 +939,35 @@ impl StateMachine {
         self.flush(&mut pending).await
     }
 
-    /// Waits until the right-hand range of a merge has no snapshot install in flight on this
-    /// node (nor one a crash interrupted and its replica has not redone yet), and keeps any
-    /// from starting: an install replaces the right range's keys in several batches, so one
-    /// running across the merge would overwrite (or leave half-replaced) keys this range owns
-    /// from the merge on. Every replica applies the merge the same; it may only wait.
-    async fn settle_right_install(&self, right: RangeId) -> io::Result<()> {
+    /// Applies `cmd`; a merge that must wait for a snapshot install of its right-hand range
+    /// on this node (see `apply_merge`) is applied again once the install is done. The wait
+    /// lasts as long as the install (the replica of the right range redoes an interrupted
+    /// one when it opens) and only holds up this replica's applies; it is reported every
+    /// [`MERGE_WAIT_REPORT_MS`].
+    async fn apply_waiting_for_installs(
+        &mut self,
+        pending: &mut PendingApply,
+        cmd: Command,
+    ) -> io::Result<CommandResponse> {
         let started = std::time::Instant::now();
+        let mut reported = started;
         loop {
-            let marked =
-                read_state::<Option<LogId>>(&self.db, right, StateTag::Installing)?.is_some();
-            if !marked && self.spans.seal_for_merge(right) {
-                return Ok(());
+            match self.apply_command(pending, cmd.clone()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if reported.elapsed() >= std::time::Duration::from_millis(MERGE_WAIT_REPORT_MS)
+                    {
+                        reported = std::time::Instant::now();
+                        tracing::warn!(
+                            range_id = self.range_id,
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "{e}"
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(MERGE_INSTALL_POLL_MS))
+                        .await;
+                }
+                other => return other,
             }
-            if started.elapsed() >= std::time::Duration::from_millis(MAX_MERGE_INSTALL_WAIT_MS) {
-                return Err(io::Error::other(format!(
-                    "range {right} is still installing a snapshot after \
-                     {MAX_MERGE_INSTALL_WAIT_MS} ms; range {} cannot merge it",
-                    self.range_id
-                )));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(MERGE_INSTALL_POLL_MS)).await;
         }
     }
 
@@ -1102,14 +1128,36 @@ impl StateMachine {
         // without one (not through the transport) reserves now. Either way no other local
         // replica claims any of these keys while they are replaced.
         let writing = self.shared.writing()?;
-        if let Some(span) = &header.span {
-            self.spans
-                .begin_install(self.range_id, span)
-                .map_err(|conflict| {
-                    io::Error::other(format!("refusing snapshot install: {conflict}"))
-                })?;
+        let Some(span) = &header.span else {
+            // Only a replica that owns nothing yet could take a snapshot without a span;
+            // clearing a span it owns would go around the span registry.
+            if self.applied.span.is_some() {
+                return Err(io::Error::other(
+                    "refusing a snapshot without a span over a replica that has one",
+                ));
+            }
+            return self.install_reserved(file, writing);
+        };
+        self.spans
+            .begin_install(self.range_id, span)
+            .map_err(|conflict| {
+                io::Error::other(format!("refusing snapshot install: {conflict}"))
+            })?;
+        let installed = self.install_reserved(file, writing);
+        if installed.is_err() {
+            // The span goes back (a reservation the transport holds would give it back too).
+            self.spans.abort_install(self.range_id);
         }
-        let target = header.meta.last_log_id;
+        installed
+    }
+
+    /// [`StateMachine::install_blocking`] once the span is reserved.
+    fn install_reserved(
+        &self,
+        file: &SnapshotFile,
+        writing: std::sync::RwLockReadGuard<'_, bool>,
+    ) -> io::Result<AppliedState> {
+        let target = file.meta().last_log_id;
         write_state(&self.db, self.range_id, StateTag::Installing, &target, true)?;
         if !self.publish_snapshot_file(file)? {
             // Nothing replaced yet; without its file the install could not be redone.
@@ -1120,11 +1168,6 @@ impl StateMachine {
                 "refusing snapshot install: a newer snapshot file exists",
             ));
         }
-        fail::fail_point!("snapshot-install-crash-after-publish", |_| {
-            Err(io::Error::other(
-                "failpoint: crash after publishing the snapshot",
-            ))
-        });
         let applied = self.load_snapshot(file)?;
         self.spans.commit_install(
             self.range_id,
@@ -1254,6 +1297,14 @@ pub fn quarantine(db: &Db, shared: &ReplicaShared, reason: &str) -> io::Result<(
     write_state(db, shared.range_id, StateTag::Quarantined, &reason, true)?;
     *q = Some(reason.to_string());
     Ok(())
+}
+
+/// The error of a merge that must wait for an install of its right range `right`.
+fn merge_must_wait(right: RangeId) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!("merge waits for a snapshot install of range {right} on this node"),
+    )
 }
 
 /// Quarantines the replica when `e` reports damaged data; returns `e`.
@@ -1766,30 +1817,73 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_merge_waits_until_an_interrupted_install_of_its_right_range_is_redone() {
+    async fn a_merge_waits_for_an_install_of_its_right_range_and_then_admits_none() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
-        let sm = open(&db, dir.path(), &span(LEFT, b"a", b"m", 5));
-        // The right range's install was interrupted: its marker is on disk until its replica
-        // opens and redoes it.
-        let marker = Some(range_origin_log_id());
-        write_state(&db, RIGHT, StateTag::Installing, &marker, true).unwrap();
-        let waiting = tokio::spawn({
-            let sm = sm.handle();
-            async move { sm.settle_right_install(RIGHT).await }
+        let spans = Arc::new(SpanRegistry::default());
+        let open_shared = |s: &RangeSpan| {
+            let mut batch = WriteBatch::default();
+            write_range_origin(&db, &mut batch, s, membership()).unwrap();
+            db.write(batch, true).unwrap();
+            let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+            StateMachine::open(db.clone(), s.range_id, 1, dir.path(), spans.clone(), events)
+                .unwrap()
+                .0
+        };
+        let mut left = open_shared(&span(LEFT, b"a", b"m", 3));
+        let mut right = open_shared(&span(RIGHT, b"m", b"", 5));
+        apply(&mut right, freeze(3));
+        let merge = Command::Merge {
+            right: span(RIGHT, b"m", b"", 5),
+            expected_generation: 3,
+        };
+        // An install of the right range is in flight here (the right replica is catching
+        // up from a snapshot): the merge waits, changing nothing.
+        let install = spans.reserve(RIGHT, &span(RIGHT, b"m", b"", 5)).unwrap();
+        let mut pending = PendingApply::default();
+        let err = left.apply_command(&mut pending, merge.clone()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert_eq!(
+            left.applied.span.as_ref().map(|s| s.end_key.clone()),
+            Some(b"m".to_vec())
+        );
+        let waiting = tokio::spawn(async move {
+            let mut pending = PendingApply::default();
+            let r = left.apply_waiting_for_installs(&mut pending, merge).await;
+            (left, r)
         });
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(
             !waiting.is_finished(),
             "the merge did not wait for the install"
         );
-        db.write(install_marker_removal(&db, RIGHT), true).unwrap();
-        waiting.await.unwrap().unwrap();
-        // From then on no install of the right range is admitted.
-        assert!(sm
-            .spans
-            .begin_install(RIGHT, &span(RIGHT, b"m", b"z", 5))
-            .is_err());
+        drop(install);
+        let (_left, merged) = waiting.await.unwrap();
+        assert!(
+            matches!(merged, Ok(CommandResponse::MergeDone { .. })),
+            "{merged:?}"
+        );
+        // No install of the right range is admitted any more.
+        assert!(spans.reserve(RIGHT, &span(RIGHT, b"m", b"", 5)).is_err());
+
+        // An interrupted install's marker on disk makes a merge wait too.
+        let mut other = open_shared(&span(7, b"0", b"1", 3));
+        write_state(
+            &db,
+            8,
+            StateTag::Installing,
+            &Some(range_origin_log_id()),
+            true,
+        )
+        .unwrap();
+        let merge_8 = Command::Merge {
+            right: span(8, b"1", b"2", 5),
+            expected_generation: 3,
+        };
+        let err = other
+            .apply_command(&mut PendingApply::default(), merge_8)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
     }
 
     #[tokio::test]

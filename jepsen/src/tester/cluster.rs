@@ -69,6 +69,10 @@ pub struct ClusterConfig {
     pub dir: PathBuf,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_ms: u64,
+    /// `--snapshot-log-threshold` of every node.
+    pub snapshot_log_threshold: u64,
+    /// `--log-kept-behind-snapshot` of every node.
+    pub log_kept_behind_snapshot: u64,
     /// FAILPOINTS value for every node, e.g. `kv-read-skip-barrier=return`.
     pub failpoints: Option<String>,
     /// libfaketime to preload, for the clock nemesis.
@@ -225,7 +229,11 @@ impl Cluster {
             .arg("--election-timeout-ms")
             .arg(self.cfg.election_timeout_ms.to_string())
             .arg("--replication-factor")
-            .arg(self.cfg.nodes.to_string());
+            .arg(self.cfg.nodes.to_string())
+            .arg("--snapshot-log-threshold")
+            .arg(self.cfg.snapshot_log_threshold.to_string())
+            .arg("--log-kept-behind-snapshot")
+            .arg(self.cfg.log_kept_behind_snapshot.to_string());
         if join {
             cmd.arg("--join").arg(&seed);
         }

@@ -49,6 +49,14 @@ pub const EXIT_ERROR: u8 = 3;
 /// the cluster did not recover after the final heal, or the nemesis or a worker died early.
 pub const EXIT_UNHEALTHY: u8 = 4;
 
+/// Log entries between snapshots in tester clusters (the engine's default is 100,000): a
+/// run of a few thousand operations snapshots, purges its log and sends snapshots to nodes
+/// that fell behind many times.
+pub const DEFAULT_SNAPSHOT_LOG_THRESHOLD: u64 = 50;
+/// Log entries kept behind a snapshot in tester clusters: few, so that a node back from a
+/// kill or a partition often needs a snapshot rather than the log.
+const LOG_KEPT_BEHIND_SNAPSHOT: u64 = 10;
+
 /// Longest the cluster may take to recover after the final heal.
 pub const RECOVERY_TIMEOUT_MS: u64 = 30_000;
 /// Key of the write that shows the cluster recovered; outside every workload's keys.
@@ -93,6 +101,9 @@ pub struct TestOptions {
     pub ops_per_key: usize,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_ms: u64,
+    /// Nodes snapshot every this many log entries (low, so that snapshots, log purges and
+    /// catch-up from a snapshot happen in every run).
+    pub snapshot_log_threshold: u64,
     /// IP of node 1; node i gets the i-th next address.
     pub first_ip: Ipv4Addr,
     pub check_time_limit_secs: u64,
@@ -125,6 +136,7 @@ impl TestOptions {
             ops_per_key: 120,
             heartbeat_interval_ms: 50,
             election_timeout_ms: 300,
+            snapshot_log_threshold: DEFAULT_SNAPSHOT_LOG_THRESHOLD,
             first_ip: Ipv4Addr::new(127, 0, 0, 11),
             check_time_limit_secs: 60,
             check_memory_limit_mib: 2_048,
@@ -496,6 +508,8 @@ async fn run_inner(
         dir: run_dir.clone(),
         heartbeat_interval_ms: options.heartbeat_interval_ms,
         election_timeout_ms: options.election_timeout_ms,
+        snapshot_log_threshold: options.snapshot_log_threshold,
+        log_kept_behind_snapshot: LOG_KEPT_BEHIND_SNAPSHOT,
         failpoints: options.failpoints.clone(),
         faketime_lib,
         fake_monotonic: options.clock_monotonic,
@@ -690,6 +704,7 @@ async fn run_inner(
             "quiet_ms": options.quiet_ms,
             "fault_ms": options.fault_ms,
             "op_timeout_ms": options.op_timeout_ms,
+            "snapshot_log_threshold": options.snapshot_log_threshold,
             "bin": options.bin.display().to_string(),
         },
         "ops": report::counts_json(&counts),
