@@ -57,3 +57,33 @@ pub fn record_from_wire(d: &RangeDescriptor, next_replica_id: ReplicaId) -> Rang
             .collect(),
     }
 }
+
+/// A descriptor of range `id` over `[start, end)` at `generation` with one voter on each of
+/// `nodes` (replica ids 1, 2, ... in order), for tests.
+#[cfg(test)]
+pub(crate) fn test_record(
+    id: spheredb_raft::RangeId,
+    start: &[u8],
+    end: &[u8],
+    generation: u64,
+    nodes: &[spheredb_raft::NodeId],
+) -> RangeRecord {
+    RangeRecord {
+        span: spheredb_raft::RangeSpan {
+            range_id: id,
+            start_key: start.to_vec(),
+            end_key: end.to_vec(),
+            generation,
+            next_replica_id: nodes.len() as u64 + 1,
+        },
+        replicas: nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| spheredb_raft::ReplicaRecord {
+                replica_id: i as u64 + 1,
+                node_id: *n,
+                voter: true,
+            })
+            .collect(),
+    }
+}

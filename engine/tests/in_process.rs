@@ -109,6 +109,29 @@ fn local(node: &Node, sphere: u64, key: &[u8]) -> Option<Vec<u8>> {
     read_value(node.db(), &keys::kv_key(sphere, key)).unwrap()
 }
 
+/// Cuts node `cut` off from the other nodes, both ways; returns the others' indexes.
+fn isolate(nodes: &[Node], cut: usize) -> Vec<usize> {
+    let others: Vec<usize> = (0..nodes.len()).filter(|i| *i != cut).collect();
+    nodes[cut]
+        .faults()
+        .block(others.iter().map(|i| nodes[*i].node_id()));
+    for i in &others {
+        nodes[*i].faults().block([nodes[cut].node_id()]);
+    }
+    others
+}
+
+/// A client of the nodes at `indexes` only.
+async fn client_of(nodes: &[Node], indexes: &[usize]) -> Client {
+    let addrs: Vec<String> = indexes
+        .iter()
+        .map(|i| nodes[*i].addr().to_string())
+        .collect();
+    Client::connect(&addrs, ClientOptions::default())
+        .await
+        .unwrap()
+}
+
 async fn shutdown(nodes: Vec<Node>) {
     for n in nodes {
         n.shutdown().await.unwrap();
@@ -153,14 +176,8 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
     let nodes = three_nodes(dir.path()).await;
     let leader_id = eventually("a leader", || async { leader_node(&nodes[0]) }).await;
     let isolated = nodes.iter().position(|n| n.node_id() == leader_id).unwrap();
-    let others: Vec<usize> = (0..3).filter(|i| *i != isolated).collect();
     let generation = user_range_generation(&nodes[isolated]).await;
-    nodes[isolated]
-        .faults()
-        .block(others.iter().map(|i| nodes[*i].node_id()));
-    for i in &others {
-        nodes[*i].faults().block([nodes[isolated].node_id()]);
-    }
+    let others = isolate(&nodes, isolated);
 
     // Nor serve a LEASE read without a quorum: leases are not trusted (see
     // `KvService::read_barrier`), so the read waits for a ReadIndex round that cannot finish.
@@ -203,13 +220,7 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
     );
 
     // The majority elects a new leader and keeps committing.
-    let majority: Vec<String> = others
-        .iter()
-        .map(|i| nodes[*i].addr().to_string())
-        .collect();
-    let client = Client::connect(&majority, ClientOptions::default())
-        .await
-        .unwrap();
+    let client = client_of(&nodes, &others).await;
     client.put(9, b"during", b"partition").await.unwrap();
     assert_eq!(local(&nodes[isolated], 9, b"during"), None);
 
@@ -241,28 +252,16 @@ async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot_streamed_in
     .await;
     let leader_id = eventually("a leader", || async { leader_node(&nodes[0]) }).await;
     let lagging = nodes.iter().position(|n| n.node_id() != leader_id).unwrap();
-    let others: Vec<usize> = (0..3).filter(|i| *i != lagging).collect();
     let behind_at = user_raft(&nodes[lagging])
         .metrics()
         .borrow_watched()
         .last_log_index
         .unwrap_or(0);
-    nodes[lagging]
-        .faults()
-        .block(others.iter().map(|i| nodes[*i].node_id()));
-    for i in &others {
-        nodes[*i].faults().block([nodes[lagging].node_id()]);
-    }
+    let others = isolate(&nodes, lagging);
 
     // About 3 MiB: the snapshot spans several transport chunks (1 MiB each) and several
     // install batches.
-    let majority: Vec<String> = others
-        .iter()
-        .map(|i| nodes[*i].addr().to_string())
-        .collect();
-    let client = Client::connect(&majority, ClientOptions::default())
-        .await
-        .unwrap();
+    let client = client_of(&nodes, &others).await;
     const KEYS: usize = 48;
     let value = |i: usize| vec![(i % 251) as u8; 64 << 10];
     for i in 0..KEYS {

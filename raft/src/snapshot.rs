@@ -120,6 +120,24 @@ struct TempPath {
     published: AtomicBool,
 }
 
+impl TempPath {
+    fn new(path: PathBuf) -> Arc<TempPath> {
+        Arc::new(TempPath {
+            path,
+            published: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Flushes and syncs a finished temporary file, then opens it verified.
+fn close_verified(mut out: BufWriter<File>, temp: Arc<TempPath>) -> io::Result<SnapshotFile> {
+    out.flush()?;
+    out.get_ref().sync_all()?;
+    drop(out);
+    let file = File::open(&temp.path)?;
+    SnapshotFile::verified(file, Some(temp))
+}
+
 impl Drop for TempPath {
     fn drop(&mut self) {
         if self.published.load(Ordering::Acquire) {
@@ -153,17 +171,6 @@ impl SnapshotFile {
     pub fn open_verified(path: &Path) -> io::Result<SnapshotFile> {
         let file = File::open(path)?;
         SnapshotFile::verified(file, None)
-    }
-
-    /// Opens a temporary file (received from a peer) and verifies it; the file is removed
-    /// when the last handle goes, unless an install publishes it first.
-    pub fn open_temp_verified(path: PathBuf) -> io::Result<SnapshotFile> {
-        let temp = Arc::new(TempPath {
-            path,
-            published: AtomicBool::new(false),
-        });
-        let file = File::open(&temp.path)?;
-        SnapshotFile::verified(file, Some(temp))
     }
 
     fn verified(file: File, temp: Option<Arc<TempPath>>) -> io::Result<SnapshotFile> {
@@ -423,10 +430,7 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     /// Starts a temporary snapshot file of `range_id` in `dir`.
     pub fn create(dir: &Path, range_id: RangeId, header: &SnapshotHeader) -> io::Result<Self> {
-        let temp = Arc::new(TempPath {
-            path: temp_path(dir, range_id),
-            published: AtomicBool::new(false),
-        });
+        let temp = TempPath::new(temp_path(dir, range_id));
         let mut out = BufWriter::new(File::create(&temp.path)?);
         out.write_all(SNAPSHOT_MAGIC)?;
         let mut w = SnapshotWriter {
@@ -527,12 +531,7 @@ impl SnapshotWriter {
         let mut end = self.sections.to_le_bytes().to_vec();
         end.extend_from_slice(&self.total.to_le_bytes());
         self.frame(FrameKind::End, &end)?;
-        self.out.flush()?;
-        self.out.get_ref().sync_all()?;
-        let temp = self.temp.clone();
-        drop(self);
-        let file = File::open(&temp.path)?;
-        SnapshotFile::verified(file, Some(temp))
+        close_verified(self.out, self.temp)
     }
 }
 
@@ -549,10 +548,7 @@ impl SnapshotReceiver {
         let out = BufWriter::new(File::create(&path)?);
         Ok(SnapshotReceiver {
             out,
-            temp: Arc::new(TempPath {
-                path,
-                published: AtomicBool::new(false),
-            }),
+            temp: TempPath::new(path),
             size_bytes: 0,
         })
     }
@@ -570,13 +566,8 @@ impl SnapshotReceiver {
     }
 
     /// Syncs the file and verifies it whole.
-    pub fn finish(mut self) -> io::Result<SnapshotFile> {
-        self.out.flush()?;
-        self.out.get_ref().sync_all()?;
-        let temp = self.temp.clone();
-        drop(self);
-        let file = File::open(&temp.path)?;
-        SnapshotFile::verified(file, Some(temp))
+    pub fn finish(self) -> io::Result<SnapshotFile> {
+        close_verified(self.out, self.temp)
     }
 }
 

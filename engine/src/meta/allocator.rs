@@ -532,7 +532,7 @@ async fn execute(peers: &Peers, leader_addr: &str, action: &Action) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spheredb_raft::{RangeSpan, ReplicaRecord};
+
     use std::collections::HashSet;
 
     fn node(id: NodeId) -> NodeView {
@@ -545,24 +545,7 @@ mod tests {
 
     fn range(id: RangeId, on: &[NodeId], leader: NodeId) -> RangeView {
         RangeView {
-            record: RangeRecord {
-                span: RangeSpan {
-                    range_id: id,
-                    start_key: vec![id as u8],
-                    end_key: vec![id as u8 + 1],
-                    generation: 1,
-                    next_replica_id: 10,
-                },
-                replicas: on
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| ReplicaRecord {
-                        replica_id: i as u64 + 1,
-                        node_id: *n,
-                        voter: true,
-                    })
-                    .collect(),
-            },
+            record: crate::descriptor::test_record(id, &[id as u8], &[id as u8 + 1], 1, on),
             leader_node: Some(leader),
             quarantined: BTreeSet::new(),
         }

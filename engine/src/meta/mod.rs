@@ -576,7 +576,6 @@ pub async fn write_liveness(
 
 #[cfg(test)]
 mod tests {
-    use spheredb_raft::ReplicaRecord;
 
     use super::*;
     use crate::descriptor::wire_descriptor;
@@ -588,24 +587,7 @@ mod tests {
         generation: u64,
         nodes: &[NodeId],
     ) -> RangeRecord {
-        RangeRecord {
-            span: RangeSpan {
-                range_id: id,
-                start_key: start.to_vec(),
-                end_key: end.to_vec(),
-                generation,
-                next_replica_id: nodes.len() as u64 + 1,
-            },
-            replicas: nodes
-                .iter()
-                .enumerate()
-                .map(|(i, n)| ReplicaRecord {
-                    replica_id: i as u64 + 1,
-                    node_id: *n,
-                    voter: true,
-                })
-                .collect(),
-        }
+        crate::descriptor::test_record(id, start, end, generation, nodes)
     }
 
     /// Node `node`'s report of its replica (replica id `node`) of `r`.

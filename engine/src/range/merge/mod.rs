@@ -496,7 +496,7 @@ mod tests {
     use std::sync::Mutex;
 
     use spheredb_client::proto::v1::{MergeStep, MergeStepRequest, MergeStepResponse};
-    use spheredb_raft::{MergeFreeze, RangeSpan, ReplicaRecord};
+    use spheredb_raft::{MergeFreeze, ReplicaRecord};
 
     use super::*;
     use crate::descriptor::wire_descriptor;
@@ -713,24 +713,7 @@ mod tests {
 
     fn range(id: RangeId, start: &[u8], end: &[u8], nodes: &[NodeId]) -> LiveRange {
         LiveRange {
-            record: RangeRecord {
-                span: RangeSpan {
-                    range_id: id,
-                    start_key: start.to_vec(),
-                    end_key: end.to_vec(),
-                    generation: 5,
-                    next_replica_id: nodes.len() as u64 + 1,
-                },
-                replicas: nodes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| ReplicaRecord {
-                        replica_id: i as u64 + 1,
-                        node_id: *n,
-                        voter: true,
-                    })
-                    .collect(),
-            },
+            record: crate::descriptor::test_record(id, start, end, 5, nodes),
             frozen: None,
         }
     }
