@@ -86,6 +86,7 @@ const TEST_HELP: &str = "\
 Nemeses (--nemesis, comma-separated; groups or single faults):
   none
   kill       kill-random, kill-leader, kill-minority (kill -9, restarted at heal)
+  (single)   kill-majority, kill-all (a majority, or every node, at once)
   pause      pause-random, pause-leader (SIGSTOP, SIGCONT at heal)
   partition  partition-one, partition-leader, partition-halves, partition-ring,
              partition-bridge (iptables; needs root and the `iptables` package)

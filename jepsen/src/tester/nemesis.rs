@@ -40,6 +40,10 @@ pub enum Fault {
     KillRandom,
     KillLeader,
     KillMinority,
+    /// A majority at once: the cluster is unavailable until the heal restarts them.
+    KillMajority,
+    /// Every node at once (a power cut), then all restart.
+    KillAll,
     PauseRandom,
     PauseLeader,
     PartitionOne,
@@ -51,10 +55,12 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 13] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::KillMinority,
+        Fault::KillMajority,
+        Fault::KillAll,
         Fault::PauseRandom,
         Fault::PauseLeader,
         Fault::PartitionOne,
@@ -70,6 +76,8 @@ impl Fault {
             Fault::KillRandom => "kill-random",
             Fault::KillLeader => "kill-leader",
             Fault::KillMinority => "kill-minority",
+            Fault::KillMajority => "kill-majority",
+            Fault::KillAll => "kill-all",
             Fault::PauseRandom => "pause-random",
             Fault::PauseLeader => "pause-leader",
             Fault::PartitionOne => "partition-one",
@@ -263,6 +271,15 @@ fn random_minority(n: usize, rng: &mut StdRng) -> Vec<usize> {
     order
 }
 
+/// A random majority of `n` nodes (but not all of them when `n` > 1).
+fn random_majority(n: usize, rng: &mut StdRng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(rng);
+    order.truncate(n / 2 + 1);
+    order.sort_unstable();
+    order
+}
+
 async fn inject(shared: &Shared, fault: Fault, rng: &mut StdRng) -> Result<Active, NemesisError> {
     let n = shared.cluster().len();
     let leader = match fault {
@@ -273,9 +290,15 @@ async fn inject(shared: &Shared, fault: Fault, rng: &mut StdRng) -> Result<Activ
     };
     let pick_one = |rng: &mut StdRng| leader.unwrap_or_else(|| random_node(n, rng));
     let (heal, targets, detail) = match fault {
-        Fault::KillRandom | Fault::KillLeader | Fault::KillMinority => {
+        Fault::KillRandom
+        | Fault::KillLeader
+        | Fault::KillMinority
+        | Fault::KillMajority
+        | Fault::KillAll => {
             let targets = match fault {
                 Fault::KillMinority => random_minority(n, rng),
+                Fault::KillMajority => random_majority(n, rng),
+                Fault::KillAll => (0..n).collect(),
                 _ => vec![pick_one(rng)],
             };
             let mut cluster = shared.cluster();
@@ -471,6 +494,18 @@ mod tests {
                         .any(|&(a, b)| (a, b) == (node, o) || (b, a) == (node, o))
             })
             .count()
+    }
+
+    #[test]
+    fn a_majority_is_more_than_half_and_a_minority_less() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for n in [3usize, 5, 7] {
+            for _ in 0..20 {
+                assert_eq!(random_majority(n, &mut rng).len(), n / 2 + 1, "n={n}");
+                let minority = random_minority(n, &mut rng).len();
+                assert!((1..=n / 2).contains(&minority), "n={n} minority={minority}");
+            }
+        }
     }
 
     #[test]
