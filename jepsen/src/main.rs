@@ -175,6 +175,11 @@ struct TestArgs {
     #[arg(long, default_value_t = 120)]
     ops_per_key: usize,
 
+    /// How the clients' reads are made linearizable (`lease` asks for leader-lease reads;
+    /// the nodes serve them with ReadIndex until leases are safe, see docs/architecture.md).
+    #[arg(long, value_enum, default_value_t = ReadConsistencyArg::Linearizable)]
+    read_consistency: ReadConsistencyArg,
+
     /// Node heartbeat interval, in milliseconds.
     #[arg(long, default_value_t = 50)]
     heartbeat_interval_ms: u64,
@@ -200,6 +205,12 @@ struct TestArgs {
     /// skewed; a real monotonic clock never goes back).
     #[arg(long)]
     clock_monotonic: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ReadConsistencyArg {
+    Lease,
+    Linearizable,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -312,6 +323,10 @@ fn run_test(args: &TestArgs) -> u8 {
     options.op_timeout_ms = args.op_timeout_ms;
     options.key_count = args.key_count;
     options.ops_per_key = args.ops_per_key;
+    options.read_consistency = match args.read_consistency {
+        ReadConsistencyArg::Lease => spheredb_client::Consistency::Lease,
+        ReadConsistencyArg::Linearizable => spheredb_client::Consistency::Linearizable,
+    };
     options.heartbeat_interval_ms = args.heartbeat_interval_ms;
     options.election_timeout_ms = args.election_timeout_ms;
     options.snapshot_log_threshold = args.snapshot_log_threshold;

@@ -99,6 +99,8 @@ pub struct TestOptions {
     pub op_timeout_ms: u64,
     pub key_count: usize,
     pub ops_per_key: usize,
+    /// `--read-consistency`: how the clients' reads are made linearizable.
+    pub read_consistency: spheredb_client::Consistency,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_ms: u64,
     /// Nodes snapshot every this many log entries (low, so that snapshots, log purges and
@@ -134,6 +136,7 @@ impl TestOptions {
             op_timeout_ms: 1_500,
             key_count: 8,
             ops_per_key: 120,
+            read_consistency: spheredb_client::Consistency::Linearizable,
             heartbeat_interval_ms: 50,
             election_timeout_ms: 300,
             snapshot_log_threshold: DEFAULT_SNAPSHOT_LOG_THRESHOLD,
@@ -201,6 +204,9 @@ impl TestOptions {
             self.time_limit_secs,
             self.seed
         );
+        if self.read_consistency == spheredb_client::Consistency::Lease {
+            title.push_str(", lease reads");
+        }
         if let Some(fp) = &self.failpoints {
             title.push_str(&format!(", failpoints {fp}"));
         }
@@ -536,6 +542,7 @@ async fn run_inner(
             op_timeout_ms: options.op_timeout_ms,
             key_count: options.key_count,
             ops_per_key: options.ops_per_key,
+            read_consistency: options.read_consistency,
         },
         addrs,
         recorder.clone(),
@@ -705,6 +712,7 @@ async fn run_inner(
             "fault_ms": options.fault_ms,
             "op_timeout_ms": options.op_timeout_ms,
             "snapshot_log_threshold": options.snapshot_log_threshold,
+            "read_consistency": format!("{:?}", options.read_consistency).to_lowercase(),
             "bin": options.bin.display().to_string(),
         },
         "ops": report::counts_json(&counts),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value as Json};
-use spheredb_client::{Client, ClientError, ClientOptions};
+use spheredb_client::{Client, ClientError, ClientOptions, Consistency};
 
 use super::history::{Record, Recorder};
 use crate::history::{EventType, Function};
@@ -79,6 +79,8 @@ pub struct WorkloadConfig {
     pub key_count: usize,
     /// Operations on one register key before it is retired.
     pub ops_per_key: usize,
+    /// How the clients' reads are made linearizable.
+    pub read_consistency: Consistency,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -228,6 +230,7 @@ impl Workload {
             .collect();
         let options = ClientOptions {
             call_deadline_ms: deadline_ms,
+            consistency: self.cfg.read_consistency,
             ..ClientOptions::default()
         };
         let budget = Duration::from_millis(deadline_ms + CALL_SLACK_MS);
@@ -531,6 +534,7 @@ mod tests {
             op_timeout_ms: 1_000,
             key_count: 2,
             ops_per_key: 3,
+            read_consistency: Consistency::Linearizable,
         };
         let w = Workload::new(
             cfg,
