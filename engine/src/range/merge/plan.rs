@@ -371,6 +371,19 @@ mod tests {
         ]
     }
 
+    /// The pairs picked among [`ranges`] with `loads`, every span old enough, every node
+    /// live, nothing busy, under [`POLICY`].
+    fn settled_pairs(loads: &HashMap<RangeId, RangeLoad>) -> Vec<(RangeId, RangeId)> {
+        merge_candidates(
+            &ranges(),
+            loads,
+            &|_| 10_000,
+            &|_| true,
+            &HashSet::new(),
+            POLICY,
+        )
+    }
+
     #[test]
     fn small_cold_neighbours_merge_smallest_pair_first() {
         let loads = HashMap::from([
@@ -380,14 +393,7 @@ mod tests {
             (4, load(100, 0.0)),
             (5, load(100, 0.0)),
         ]);
-        let picked = merge_candidates(
-            &ranges(),
-            &loads,
-            &|_| 10_000,
-            &|_| true,
-            &HashSet::new(),
-            POLICY,
-        );
+        let picked = settled_pairs(&loads);
         // 4+5 (200 bytes) first; 3 then pairs with 2 (700), since 4 is taken.
         assert_eq!(picked, vec![(4, 5), (2, 3)]);
     }
@@ -402,14 +408,7 @@ mod tests {
             (5, load(600, 0.0)),
         ]);
         // 1 is the meta range, 3 is hot, 4+5 are too big together.
-        let picked = merge_candidates(
-            &ranges(),
-            &loads,
-            &|_| 10_000,
-            &|_| true,
-            &HashSet::new(),
-            POLICY,
-        );
+        let picked = settled_pairs(&loads);
         assert!(picked.is_empty(), "{picked:?}");
         let loads = HashMap::from([(2, load(10, 0.0)), (3, load(10, 0.0)), (4, load(10, 0.0))]);
         let young = |r: &RangeRecord| if r.span.range_id == 3 { 100 } else { 10_000 };
@@ -426,14 +425,7 @@ mod tests {
         assert!(
             merge_candidates(&ranges(), &loads, &|_| 10_000, &|_| true, &busy, POLICY).is_empty()
         );
-        let all = merge_candidates(
-            &ranges(),
-            &loads,
-            &|_| 10_000,
-            &|_| true,
-            &HashSet::new(),
-            POLICY,
-        );
+        let all = settled_pairs(&loads);
         assert_eq!(all, vec![(2, 3)]);
         let off = MergePolicy {
             max_size_bytes: 0,
