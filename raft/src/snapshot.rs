@@ -221,8 +221,8 @@ impl SnapshotFile {
     pub fn publish(&self, dest: &Path) -> io::Result<()> {
         let dir = dest.parent().unwrap_or_else(|| Path::new("."));
         match &self.temp {
+            // Every temporary snapshot file was synced when it was closed (`close_verified`).
             Some(temp) if !temp.published.load(Ordering::Acquire) => {
-                self.file.sync_all()?;
                 std::fs::rename(&temp.path, dest)?;
                 temp.published.store(true, Ordering::Release);
             }
