@@ -31,3 +31,5 @@ pub mod proto {
 
 pub use client::{Client, ClientOptions, Consistency};
 pub use error::ClientError;
+/// The stored form of a sphere's raw key, as the admin API's split keys take it.
+pub use spheredb_storage::keys::kv_key;

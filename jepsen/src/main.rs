@@ -130,12 +130,12 @@ struct TestArgs {
     )]
     time_limit_secs: u64,
 
-    /// Concurrent client workers.
-    #[arg(long, default_value_t = 6)]
+    /// Concurrent client workers (register: spread over --keys keys, several per key).
+    #[arg(long, default_value_t = tester::DEFAULT_CONCURRENCY)]
     concurrency: usize,
 
     /// Target operations per second, all workers together.
-    #[arg(long = "rate", value_name = "OPS", default_value_t = 50.0)]
+    #[arg(long = "rate", value_name = "OPS", default_value_t = tester::DEFAULT_RATE_OPS_PER_SEC)]
     rate_ops_per_sec: f64,
 
     /// Seed of the operation mix and of the fault schedule.
@@ -168,12 +168,16 @@ struct TestArgs {
     op_timeout_ms: u64,
 
     /// Register keys in use at a time.
-    #[arg(long = "keys", default_value_t = 8)]
+    #[arg(long = "keys", default_value_t = tester::DEFAULT_KEY_COUNT)]
     key_count: usize,
 
     /// Operations on one register key before a fresh key replaces it.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = tester::DEFAULT_OPS_PER_KEY)]
     ops_per_key: usize,
+
+    /// Register values are drawn from 0..N (small, so compare-and-set contends).
+    #[arg(long, value_name = "N", default_value_t = tester::DEFAULT_VALUE_DOMAIN)]
+    value_domain: i64,
 
     /// How the clients' reads are made linearizable (`lease` asks for leader-lease reads;
     /// the nodes serve them with ReadIndex until leases are safe, see docs/architecture.md).
@@ -217,8 +221,12 @@ enum ReadConsistencyArg {
 enum WorkloadArg {
     /// Compare-and-set registers, many keys, checked for linearizability per key.
     Register,
-    /// Unique adds and a final read: lost or phantom elements.
+    /// Unique adds, reads of recent elements during the run and a final read: lost, stale
+    /// or phantom elements.
     Set,
+    /// Writes, deletes and full and partial scans over a key space split into many ranges:
+    /// acknowledged keys missing from a scan, deleted or replaced values still in one.
+    Scan,
 }
 
 #[derive(Debug, Args)]
@@ -308,6 +316,7 @@ fn run_test(args: &TestArgs) -> u8 {
     let workload = match args.workload {
         WorkloadArg::Register => WorkloadKind::Register,
         WorkloadArg::Set => WorkloadKind::Set,
+        WorkloadArg::Scan => WorkloadKind::Scan,
     };
     let mut options = TestOptions::new(workload, args.bin.clone());
     options.faults = faults;
@@ -323,6 +332,7 @@ fn run_test(args: &TestArgs) -> u8 {
     options.op_timeout_ms = args.op_timeout_ms;
     options.key_count = args.key_count;
     options.ops_per_key = args.ops_per_key;
+    options.value_domain = args.value_domain;
     options.read_consistency = match args.read_consistency {
         ReadConsistencyArg::Lease => spheredb_client::Consistency::Lease,
         ReadConsistencyArg::Linearizable => spheredb_client::Consistency::Linearizable,

@@ -5,6 +5,7 @@
 //! explanation.
 
 pub mod linearizable;
+pub mod scan;
 pub mod set_final;
 
 use std::collections::BTreeMap;

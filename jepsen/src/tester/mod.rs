@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use spheredb_client::{Client, ClientOptions};
 
+use crate::check::scan::{check_scan_history, check_set_reads};
 use crate::check::set_final::check_set_final;
 use crate::check::{check_events, CheckOptions, Verdict};
 use crate::model::ModelKind;
@@ -56,6 +57,18 @@ pub const DEFAULT_SNAPSHOT_LOG_THRESHOLD: u64 = 50;
 /// Log entries kept behind a snapshot in tester clusters: few, so that a node back from a
 /// kill or a partition often needs a snapshot rather than the log.
 const LOG_KEPT_BEHIND_SNAPSHOT: u64 = 10;
+
+/// Concurrent workers by default: with [`DEFAULT_KEY_COUNT`] keys, five on each key, as in
+/// Jepsen's etcd suite.
+pub const DEFAULT_CONCURRENCY: usize = 10;
+/// Target operations per second by default, all workers together.
+pub const DEFAULT_RATE_OPS_PER_SEC: f64 = 100.0;
+/// Register keys in use at a time by default.
+pub const DEFAULT_KEY_COUNT: usize = 2;
+/// Operations on one register key before a fresh one replaces it, by default.
+pub const DEFAULT_OPS_PER_KEY: usize = 150;
+/// Register values by default: `0..5`, so compare-and-set often succeeds and often fails.
+pub const DEFAULT_VALUE_DOMAIN: i64 = 5;
 
 /// Longest the cluster may take to recover after the final heal.
 pub const RECOVERY_TIMEOUT_MS: u64 = 30_000;
@@ -99,6 +112,8 @@ pub struct TestOptions {
     pub op_timeout_ms: u64,
     pub key_count: usize,
     pub ops_per_key: usize,
+    /// Register values are drawn from `0..value_domain`.
+    pub value_domain: i64,
     /// `--read-consistency`: how the clients' reads are made linearizable.
     pub read_consistency: spheredb_client::Consistency,
     pub heartbeat_interval_ms: u64,
@@ -124,8 +139,8 @@ impl TestOptions {
             faults: Vec::new(),
             nodes: 3,
             time_limit_secs: 60,
-            concurrency: 6,
-            rate_ops_per_sec: 50.0,
+            concurrency: DEFAULT_CONCURRENCY,
+            rate_ops_per_sec: DEFAULT_RATE_OPS_PER_SEC,
             seed: 1,
             bin,
             store: PathBuf::from("jepsen/store"),
@@ -134,8 +149,9 @@ impl TestOptions {
             fault_ms: 5_000,
             recovery_ms: 3_000,
             op_timeout_ms: 1_500,
-            key_count: 8,
-            ops_per_key: 120,
+            key_count: DEFAULT_KEY_COUNT,
+            ops_per_key: DEFAULT_OPS_PER_KEY,
+            value_domain: DEFAULT_VALUE_DOMAIN,
             read_consistency: spheredb_client::Consistency::Linearizable,
             heartbeat_interval_ms: 50,
             election_timeout_ms: 300,
@@ -170,8 +186,8 @@ impl TestOptions {
         if !(self.rate_ops_per_sec.is_finite() && self.rate_ops_per_sec > 0.0) {
             return bad("--rate must be a positive number of operations per second".into());
         }
-        if self.key_count == 0 || self.ops_per_key == 0 {
-            return bad("--keys and --ops-per-key must be positive".into());
+        if self.key_count == 0 || self.ops_per_key == 0 || self.value_domain <= 0 {
+            return bad("--keys, --ops-per-key and --value-domain must be positive".into());
         }
         if self.quiet_ms == 0 || self.fault_ms == 0 {
             return bad("--quiet-ms and --fault-ms must be positive".into());
@@ -315,6 +331,8 @@ pub enum TesterError {
     Nemesis(#[from] NemesisError),
     #[error("{0}")]
     Faketime(String),
+    #[error("cannot prepare the workload: {0}")]
+    Setup(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -398,9 +416,51 @@ fn create_run_dir(store: &Path, workload: WorkloadKind) -> Result<PathBuf, Teste
     )))
 }
 
+/// Prefix of failpoints that live in the client library, which runs in the tester's own
+/// process; every other failpoint is the nodes'.
+const CLIENT_FAILPOINT_PREFIX: &str = "client-";
+
+/// The client failpoints of a run, configured in this process while it lives.
+struct ClientFailpoints(Vec<String>);
+
+impl ClientFailpoints {
+    /// Configures the `client-` items of a FAILPOINTS spec (`name=actions;...`).
+    fn configure(spec: Option<&str>) -> Result<Self, TesterError> {
+        let mut names = Vec::new();
+        for item in spec.unwrap_or_default().split(';').map(str::trim) {
+            let Some((name, actions)) = item.split_once('=') else {
+                continue;
+            };
+            if !name.starts_with(CLIENT_FAILPOINT_PREFIX) {
+                continue;
+            }
+            if !fail::has_failpoints() {
+                return Err(TesterError::Options(format!(
+                    "failpoint {name} lives in the client library, which this tester was built \
+                     without; build it with `cargo build -p spheredb-jepsen --features \
+                     spheredb-client/failpoints` (`cargo test --workspace` does)"
+                )));
+            }
+            fail::cfg(name, actions)
+                .map_err(|e| TesterError::Options(format!("failpoint {name}={actions}: {e}")))?;
+            names.push(name.to_string());
+        }
+        Ok(ClientFailpoints(names))
+    }
+}
+
+impl Drop for ClientFailpoints {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            fail::remove(name);
+        }
+    }
+}
+
 /// Runs one test and writes its folder. Blocks; starts its own async runtime.
 pub fn run_test(options: &TestOptions) -> Result<TestOutcome, TesterError> {
     let faketime_lib = preflight(options)?;
+    let _client_failpoints = ClientFailpoints::configure(options.failpoints.as_deref())?;
     let run_dir = create_run_dir(&options.store, options.workload)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -542,12 +602,20 @@ async fn run_inner(
             op_timeout_ms: options.op_timeout_ms,
             key_count: options.key_count,
             ops_per_key: options.ops_per_key,
+            value_domain: options.value_domain,
             read_consistency: options.read_consistency,
         },
         addrs,
         recorder.clone(),
         deadline,
     ));
+    let splits = workload.prepare().await.map_err(TesterError::Setup)?;
+    if splits > 0 {
+        println!(
+            "spheredb-jepsen: key space split into {} ranges",
+            splits + 1
+        );
+    }
     let mut workers = tokio::task::JoinSet::new();
     for i in 0..options.concurrency {
         workers.spawn(workload.clone().worker(i));
@@ -659,14 +727,38 @@ async fn run_inner(
             });
             (validity, lines, json)
         }
+        WorkloadKind::Scan => {
+            let report = check_scan_history(&parsed).map_err(TesterError::Check)?;
+            let validity = if report.anomaly_count() > 0 {
+                Validity::Anomaly
+            } else {
+                Validity::Valid
+            };
+            let lines = report.lines();
+            let json = json!({
+                "model": "range reads against acknowledged writes and deletes, per key",
+                "verdict": validity.label(),
+                "reads": report.reads,
+                "keys_checked": report.keys_checked,
+                "missing": report.missing_count,
+                "stale": report.stale_count,
+                "phantom": report.phantom_count,
+                "misplaced": report.misplaced_count,
+                "explanation": lines,
+            });
+            (validity, lines, json)
+        }
         WorkloadKind::Set => {
             let report = check_set_final(&parsed);
+            let during = check_set_reads(&parsed);
             let validity = match report.valid() {
+                _ if during.anomaly_count() > 0 => Validity::Anomaly,
                 Some(true) => Validity::Valid,
                 Some(false) => Validity::Anomaly,
                 None => Validity::Unknown,
             };
-            let lines = report.lines();
+            let mut lines = report.lines();
+            lines.extend(during.lines());
             let json = json!({
                 "model": "set (final read)",
                 "verdict": validity.label(),
@@ -680,6 +772,8 @@ async fn run_inner(
                 "unexpected_count": report.unexpected_count,
                 "unexpected": report.unexpected.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "duplicated_count": report.duplicated_count,
+                "reads_during_run": during.reads,
+                "reads_during_run_anomalies": during.anomaly_count(),
                 "explanation": lines,
             });
             (validity, lines, json)

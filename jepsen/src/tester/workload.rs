@@ -1,11 +1,17 @@
 //! Client workloads, run through the client library by concurrent workers at a bounded
 //! rate, each operation recorded as invoke + ok/fail/info.
 //!
-//! - **register**: a few keys at a time, each a compare-and-set register (read, write,
-//!   cas) with unique values. A key retires after a fixed number of operations and a fresh
-//!   one takes its slot, so every per-key history stays short enough to check quickly.
-//! - **set**: adds of unique elements (one key per element), then one final read of all
-//!   of them after the cluster has healed.
+//! - **register**: a few keys at a time, several workers on each (as in Jepsen's etcd
+//!   suite), each key a compare-and-set register with reads, writes, cas and deletes (a
+//!   delete is a write of nil) over a small value domain, so that cas often succeeds and
+//!   often fails. A key retires after a fixed number of operations and a fresh one takes its
+//!   slot, so every per-key history stays short enough to check quickly.
+//! - **set**: adds of unique elements (one key per element); reads of a window of recent
+//!   elements during the run, and one final read of the whole set after the cluster healed.
+//! - **scan**: a fixed key space pre-split over many ranges; writes of unique values,
+//!   deletes, and full and partial scans that cross range boundaries while ranges split,
+//!   merge and move. Every scanned key is checked against what was acknowledged
+//!   ([`crate::check::scan`]).
 //!
 //! Outcomes follow the client's error contract: a read that fails is `fail` (it constrains
 //! nothing); a write whose outcome is unknown (`Indeterminate`, deadline exceeded, an
@@ -48,12 +54,25 @@ pub const SPHERE: u64 = 7;
 const SET_PREFIX: &str = "set/";
 /// End of the set prefix's span (`/` + 1 is `0`).
 const SET_END: &str = "set0";
+/// One set operation in this many is a read of a window of recent elements.
+const SET_READ_EVERY_OPS: u32 = 10;
+/// Elements in one window read during the run (bounded, so the history stays small).
+const SET_READ_WINDOW_ELEMENTS: i64 = 200;
+/// Key prefix of the scan workload's keys.
+const SCAN_PREFIX: &str = "k/";
+/// Keys of the scan workload: `k/000000` up to this many.
+pub const SCAN_KEYS: i64 = 200;
+/// Ranges the scan workload's key space is split into before the run.
+pub const SCAN_INITIAL_RANGES: i64 = 8;
+/// Longest a split before the run may take, each.
+const SCAN_SPLIT_DEADLINE_MS: u64 = 10_000;
 
 /// Which workload to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkloadKind {
     Register,
     Set,
+    Scan,
 }
 
 impl WorkloadKind {
@@ -61,6 +80,25 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Register => "register",
             WorkloadKind::Set => "set",
+            WorkloadKind::Scan => "scan",
+        }
+    }
+
+    /// The workload's keys as a `[start, end)` span of user keys, for the churn nemesis.
+    pub fn key_span(self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            WorkloadKind::Register => (b"r/".to_vec(), b"r0".to_vec()),
+            WorkloadKind::Set => (SET_PREFIX.as_bytes().to_vec(), SET_END.as_bytes().to_vec()),
+            WorkloadKind::Scan => (scan_key(0), scan_key(SCAN_KEYS)),
+        }
+    }
+
+    /// A random key inside the workload's span, where the churn nemesis splits.
+    pub fn split_point(self, rng: &mut StdRng) -> Vec<u8> {
+        match self {
+            WorkloadKind::Register => register_key(rng.random_range(0..1_000)),
+            WorkloadKind::Set => set_key(rng.random_range(1..MAX_SET_ELEMENTS)),
+            WorkloadKind::Scan => scan_key(rng.random_range(1..SCAN_KEYS)),
         }
     }
 }
@@ -79,6 +117,8 @@ pub struct WorkloadConfig {
     pub key_count: usize,
     /// Operations on one register key before it is retired.
     pub ops_per_key: usize,
+    /// Register values are drawn from `0..value_domain`.
+    pub value_domain: i64,
     /// How the clients' reads are made linearizable.
     pub read_consistency: Consistency,
 }
@@ -117,6 +157,10 @@ enum Op {
         key: i64,
         value: i64,
     },
+    /// Recorded as a write of nil.
+    Delete {
+        key: i64,
+    },
     Cas {
         key: i64,
         from: Option<i64>,
@@ -125,13 +169,18 @@ enum Op {
     Add {
         element: i64,
     },
+    /// Set elements, or scan keys, in `[start, end)`.
+    ReadRange {
+        start: i64,
+        end: i64,
+    },
 }
 
 impl Op {
     fn function(&self) -> Function {
         match self {
-            Op::Read { .. } => Function::Read,
-            Op::Write { .. } => Function::Write,
+            Op::Read { .. } | Op::ReadRange { .. } => Function::Read,
+            Op::Write { .. } | Op::Delete { .. } => Function::Write,
             Op::Cas { .. } => Function::Cas,
             Op::Add { .. } => Function::Add,
         }
@@ -139,17 +188,20 @@ impl Op {
 
     fn key(&self) -> Option<i64> {
         match self {
-            Op::Read { key } | Op::Write { key, .. } | Op::Cas { key, .. } => Some(*key),
-            Op::Add { .. } => None,
+            Op::Read { key } | Op::Write { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => {
+                Some(*key)
+            }
+            Op::Add { .. } | Op::ReadRange { .. } => None,
         }
     }
 
     fn input(&self) -> Json {
         match self {
-            Op::Read { .. } => Json::Null,
+            Op::Read { .. } | Op::Delete { .. } => Json::Null,
             Op::Write { value, .. } => json!(value),
             Op::Cas { from, to, .. } => json!([from, to]),
             Op::Add { element } => json!(element),
+            Op::ReadRange { start, end } => json!([start, end]),
         }
     }
 }
@@ -167,6 +219,18 @@ fn register_key(key: i64) -> Vec<u8> {
 
 fn set_key(element: i64) -> Vec<u8> {
     format!("{SET_PREFIX}{element:012}").into_bytes()
+}
+
+fn scan_key(key: i64) -> Vec<u8> {
+    format!("{SCAN_PREFIX}{key:06}").into_bytes()
+}
+
+/// The number in a scan workload key, or `None` for a key the workload never writes.
+fn scan_key_number(user_key: &[u8]) -> Option<i64> {
+    std::str::from_utf8(user_key.strip_prefix(SCAN_PREFIX.as_bytes())?)
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// A stored value as history JSON: the integer it encodes, or the raw text if it is not one
@@ -248,8 +312,40 @@ impl Workload {
     fn generate(&self, rng: &mut StdRng) -> Option<Op> {
         match self.cfg.kind {
             WorkloadKind::Set => {
+                if rng.random_ratio(1, SET_READ_EVERY_OPS) {
+                    // A window ending at the newest element: the adds most likely in flight.
+                    let newest = self.next_value.load(Ordering::Relaxed);
+                    let start = (newest - SET_READ_WINDOW_ELEMENTS).max(1);
+                    return Some(Op::ReadRange {
+                        start,
+                        end: start + SET_READ_WINDOW_ELEMENTS,
+                    });
+                }
                 let element = self.next_value();
                 (element <= MAX_SET_ELEMENTS).then_some(Op::Add { element })
+            }
+            WorkloadKind::Scan => {
+                let op = match rng.random_range(0..20) {
+                    0..=8 => Op::Write {
+                        key: rng.random_range(0..SCAN_KEYS),
+                        value: self.next_value(),
+                    },
+                    9..=11 => Op::Delete {
+                        key: rng.random_range(0..SCAN_KEYS),
+                    },
+                    12..=14 => Op::ReadRange {
+                        start: 0,
+                        end: SCAN_KEYS,
+                    },
+                    _ => {
+                        let start = rng.random_range(0..SCAN_KEYS);
+                        Op::ReadRange {
+                            start,
+                            end: rng.random_range(start + 1..=SCAN_KEYS),
+                        }
+                    }
+                };
+                Some(op)
             }
             WorkloadKind::Register => {
                 let mut state = self.state();
@@ -263,21 +359,59 @@ impl Workload {
                     slot.ops = 0;
                 }
                 state.used_keys.insert(key);
-                let op = match rng.random_range(0..3) {
-                    0 => Op::Read { key },
-                    1 => Op::Write {
+                let domain = self.cfg.value_domain.max(1);
+                let op = match rng.random_range(0..20) {
+                    0..=6 => Op::Read { key },
+                    7..=11 => Op::Write {
                         key,
-                        value: self.next_value(),
+                        value: rng.random_range(0..domain),
                     },
+                    12..=13 => Op::Delete { key },
                     _ => Op::Cas {
                         key,
-                        from: state.last_value.get(&key).copied().flatten(),
-                        to: self.next_value(),
+                        // Half the time the value last seen (likely to succeed), else any
+                        // value of the domain or nil.
+                        from: if rng.random_bool(0.5) {
+                            state.last_value.get(&key).copied().flatten()
+                        } else {
+                            Some(rng.random_range(0..domain)).filter(|_| rng.random_ratio(5, 6))
+                        },
+                        to: rng.random_range(0..domain),
                     },
                 };
                 Some(op)
             }
         }
+    }
+
+    /// The stored key of register or scan key number `key`.
+    fn key_bytes(&self, key: i64) -> Vec<u8> {
+        match self.cfg.kind {
+            WorkloadKind::Scan => scan_key(key),
+            _ => register_key(key),
+        }
+    }
+
+    /// Splits the scan workload's key space into [`SCAN_INITIAL_RANGES`] ranges, so that
+    /// scans cross range boundaries from the first operation. Returns the splits made.
+    pub async fn prepare(&self) -> Result<usize, String> {
+        if self.cfg.kind != WorkloadKind::Scan {
+            return Ok(0);
+        }
+        let client = self
+            .connect(0, SCAN_SPLIT_DEADLINE_MS)
+            .await
+            .ok_or("cannot connect to split the key space")?;
+        let mut made = 0;
+        for i in 1..SCAN_INITIAL_RANGES {
+            let key = scan_key(i * SCAN_KEYS / SCAN_INITIAL_RANGES);
+            client
+                .split(&spheredb_client::kv_key(SPHERE, &key))
+                .await
+                .map_err(|e| format!("split at {}: {e}", String::from_utf8_lossy(&key)))?;
+            made += 1;
+        }
+        Ok(made)
     }
 
     fn remember(&self, key: i64, value: Option<i64>) {
@@ -296,7 +430,7 @@ impl Workload {
             error: Some(e.to_string()),
         };
         match op {
-            Op::Read { key } => match client.get(SPHERE, &register_key(*key)).await {
+            Op::Read { key } => match client.get(SPHERE, &self.key_bytes(*key)).await {
                 Ok(found) => {
                     let value = found.as_deref().map_or(Json::Null, decode_value);
                     self.remember(*key, value.as_i64());
@@ -306,7 +440,7 @@ impl Workload {
             },
             Op::Write { key, value } => {
                 let bytes = value.to_string().into_bytes();
-                match client.put(SPHERE, &register_key(*key), &bytes).await {
+                match client.put(SPHERE, &self.key_bytes(*key), &bytes).await {
                     Ok(()) => {
                         self.remember(*key, Some(*value));
                         done(EventType::Ok, op.input())
@@ -314,13 +448,21 @@ impl Workload {
                     Err(e) => failed(write_failure(&e), op.input(), e),
                 }
             }
+            Op::Delete { key } => match client.delete(SPHERE, &self.key_bytes(*key)).await {
+                Ok(_) => {
+                    self.remember(*key, None);
+                    done(EventType::Ok, Json::Null)
+                }
+                Err(e) => failed(write_failure(&e), Json::Null, e),
+            },
+            Op::ReadRange { start, end } => self.read_range(client, *start, *end).await,
             Op::Cas { key, from, to } => {
                 let expected = from.map(|v| v.to_string().into_bytes());
                 let new_value = to.to_string().into_bytes();
                 let result = client
                     .compare_and_swap(
                         SPHERE,
-                        &register_key(*key),
+                        &self.key_bytes(*key),
                         expected.as_deref(),
                         Some(&new_value),
                     )
@@ -450,14 +592,23 @@ impl Workload {
         let lane = self.cfg.concurrency;
         let mut process = FINAL_PROCESS_BASE;
         // `None`: the read of the whole set.
-        let keys: Vec<Option<i64>> = match self.cfg.kind {
-            WorkloadKind::Register => self.state().used_keys.iter().map(|&k| Some(k)).collect(),
+        let reads: Vec<Option<Op>> = match self.cfg.kind {
+            WorkloadKind::Register => self
+                .state()
+                .used_keys
+                .iter()
+                .map(|&key| Some(Op::Read { key }))
+                .collect(),
             WorkloadKind::Set => vec![None],
+            WorkloadKind::Scan => vec![Some(Op::ReadRange {
+                start: 0,
+                end: SCAN_KEYS,
+            })],
         };
         let mut succeeded = 0;
         let mut client: Option<Client> = None;
         let give_up_at = Instant::now() + Duration::from_millis(FINAL_READS_TOTAL_MS);
-        for key in keys {
+        for op in reads {
             for attempt in 0..MAX_FINAL_READ_ATTEMPTS {
                 if Instant::now() >= give_up_at {
                     return succeeded;
@@ -473,16 +624,16 @@ impl Workload {
                     process,
                     kind,
                     f: Function::Read,
-                    key,
+                    key: op.as_ref().and_then(Op::key),
                     value,
                     time_ns: 0,
                     error,
                     lane,
                 };
-                self.recorder
-                    .record(read(EventType::Invoke, Json::Null, None));
-                let completion = match key {
-                    Some(key) => self.execute(&c, &Op::Read { key }).await,
+                let input = op.as_ref().map_or(Json::Null, Op::input);
+                self.recorder.record(read(EventType::Invoke, input, None));
+                let completion = match &op {
+                    Some(op) => self.execute(&c, op).await,
                     None => self.read_set(&c).await,
                 };
                 let ok = completion.kind == EventType::Ok;
@@ -498,6 +649,38 @@ impl Workload {
             }
         }
         succeeded
+    }
+
+    /// A scan of set elements or scan keys in `[start, end)`.
+    async fn read_range(&self, client: &Client, start: i64, end: i64) -> Completion {
+        let (from, to) = match self.cfg.kind {
+            WorkloadKind::Set => (set_key(start), set_key(end)),
+            _ => (scan_key(start), scan_key(end)),
+        };
+        // One more than the range can hold, so a scan that returned too much shows.
+        let limit = u32::try_from(end - start + 1).unwrap_or(u32::MAX);
+        match client.scan(SPHERE, &from, &to, limit).await {
+            Ok(pairs) => {
+                let items = pairs.iter().map(|kv| match self.cfg.kind {
+                    WorkloadKind::Set => decode_value(&kv.value),
+                    _ => {
+                        // A key that is not the workload's shows as key -1: misplaced.
+                        let key = scan_key_number(&kv.key).unwrap_or(-1);
+                        json!([key, decode_value(&kv.value)])
+                    }
+                });
+                Completion {
+                    kind: EventType::Ok,
+                    value: Json::Array(items.collect()),
+                    error: None,
+                }
+            }
+            Err(e) => Completion {
+                kind: EventType::Fail,
+                value: Json::Null,
+                error: Some(e.to_string()),
+            },
+        }
     }
 
     async fn read_set(&self, client: &Client) -> Completion {
@@ -524,39 +707,92 @@ impl Workload {
 mod tests {
     use super::*;
 
-    #[test]
-    fn register_keys_rotate_and_values_are_unique() {
+    fn workload(kind: WorkloadKind) -> Workload {
         let cfg = WorkloadConfig {
-            kind: WorkloadKind::Register,
+            kind,
             concurrency: 2,
             rate_ops_per_sec: 10.0,
             seed: 1,
             op_timeout_ms: 1_000,
             key_count: 2,
             ops_per_key: 3,
+            value_domain: 5,
             read_consistency: Consistency::Linearizable,
         };
-        let w = Workload::new(
+        Workload::new(
             cfg,
             vec!["127.0.0.1:1".into()],
             Arc::new(Recorder::new()),
             Instant::now(),
-        );
+        )
+    }
+
+    #[test]
+    fn register_keys_rotate_and_values_stay_in_the_domain() {
+        let w = workload(WorkloadKind::Register);
         let mut rng = StdRng::seed_from_u64(1);
-        let mut values = BTreeSet::new();
-        for _ in 0..30 {
+        let mut deletes = 0;
+        for _ in 0..60 {
             match w.generate(&mut rng) {
-                Some(Op::Write { value, .. }) => assert!(values.insert(value)),
-                Some(Op::Cas { to, .. }) => assert!(values.insert(to)),
-                Some(_) => {}
-                None => panic!("register never runs out"),
+                Some(Op::Write { value, .. }) => assert!((0..5).contains(&value)),
+                Some(Op::Cas { from, to, .. }) => {
+                    assert!((0..5).contains(&to));
+                    assert!(from.is_none_or(|f| (0..5).contains(&f)));
+                }
+                Some(Op::Delete { .. }) => deletes += 1,
+                Some(Op::Read { .. }) => {}
+                other => panic!("not a register operation: {other:?}"),
             }
         }
+        assert!(deletes > 0, "the register workload deletes");
         let used = w.state().used_keys.clone();
-        // 30 operations over 2 slots of 3 operations each: about 10 keys.
-        assert!(used.len() >= 8, "{used:?}");
+        // 60 operations over 2 slots of 3 operations each: about 20 keys.
+        assert!(used.len() >= 16, "{used:?}");
         assert_eq!(decode_value(b"42"), json!(42));
         assert_eq!(decode_value(b"x"), json!("x"));
         assert_eq!(set_key(5), b"set/000000000005".to_vec());
+    }
+
+    #[test]
+    fn scan_ops_stay_in_the_key_space_and_keys_decode() {
+        let w = workload(WorkloadKind::Scan);
+        let mut rng = StdRng::seed_from_u64(3);
+        let (mut scans, mut writes) = (0, 0);
+        for _ in 0..200 {
+            match w.generate(&mut rng) {
+                Some(Op::ReadRange { start, end }) => {
+                    assert!(0 <= start && start < end && end <= SCAN_KEYS);
+                    scans += 1;
+                }
+                Some(Op::Write { key, .. } | Op::Delete { key }) => {
+                    assert!((0..SCAN_KEYS).contains(&key));
+                    writes += 1;
+                }
+                other => panic!("not a scan operation: {other:?}"),
+            }
+        }
+        assert!(scans > 20 && writes > 20, "{scans} scans, {writes} writes");
+        assert_eq!(scan_key_number(&scan_key(42)), Some(42));
+        assert_eq!(scan_key_number(b"r/1"), None);
+        let (start, end) = WorkloadKind::Scan.key_span();
+        assert!(start <= scan_key(0) && scan_key(SCAN_KEYS - 1) < end);
+    }
+
+    #[test]
+    fn set_reads_cover_a_window_of_recent_elements() {
+        let w = workload(WorkloadKind::Set);
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut reads = 0;
+        for _ in 0..300 {
+            if let Some(Op::ReadRange { start, end }) = w.generate(&mut rng) {
+                assert_eq!(end - start, SET_READ_WINDOW_ELEMENTS);
+                assert!(start >= 1);
+                reads += 1;
+            }
+        }
+        assert!(
+            (10..=60).contains(&reads),
+            "{reads} reads in 300 operations"
+        );
     }
 }
