@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::history::{Event, EventType, Function, Value};
 
 /// Anomalies listed in a report; the counts are always complete.
-pub const MAX_LISTED_ANOMALIES: usize = 32;
+pub const MAX_LISTED_ANOMALIES: usize = 10;
 
 /// Position of an event that never happened (an operation that never completed).
 const NEVER: usize = usize::MAX;

@@ -79,6 +79,9 @@ pub struct ClusterConfig {
     pub faketime_lib: Option<PathBuf>,
     /// Skew the monotonic clock too (see [`Cluster::spawn`]).
     pub fake_monotonic: bool,
+    /// Rate of each node's clocks relative to real time (libfaketime's `x` factor; empty:
+    /// real time). Needs `fake_monotonic` to reach the nodes' timers.
+    pub clock_rates: Vec<f64>,
 }
 
 /// One node: its fixed identity and its current process.
@@ -158,7 +161,8 @@ impl Cluster {
             let clock_file = match &cfg.faketime_lib {
                 Some(_) => {
                     let path = node_dir.join("faketime");
-                    write_clock_offset(&path, 0).map_err(io_err(&path))?;
+                    let rate = cfg.clock_rates.get(i).copied().unwrap_or(1.0);
+                    write_clock_offset(&path, 0, rate).map_err(io_err(&path))?;
                     Some(path)
                 }
                 None => None,
@@ -354,7 +358,10 @@ impl Cluster {
     /// Sets node `i`'s clock offset (only with libfaketime).
     pub fn set_clock_offset(&self, i: usize, offset_secs: i64) -> Result<(), ClusterError> {
         match &self.nodes[i].clock_file {
-            Some(path) => write_clock_offset(path, offset_secs).map_err(io_err(path)),
+            Some(path) => {
+                let rate = self.cfg.clock_rates.get(i).copied().unwrap_or(1.0);
+                write_clock_offset(path, offset_secs, rate).map_err(io_err(path))
+            }
             None => Ok(()),
         }
     }
@@ -388,11 +395,17 @@ fn send_signal(child: &Child, signal: libc::c_int) -> bool {
     unsafe { libc::kill(pid, signal) == 0 }
 }
 
-/// Writes a libfaketime offset ("+5" seconds ahead, "-5" behind) atomically, so the node
-/// never reads a half-written file.
-fn write_clock_offset(path: &Path, offset_secs: i64) -> io::Result<()> {
+/// Writes a libfaketime offset ("+5" seconds ahead, "-5" behind) and rate ("x1.01": clocks
+/// run 1 % fast, measured from the process's start) atomically, so the node never reads a
+/// half-written file.
+fn write_clock_offset(path: &Path, offset_secs: i64, rate: f64) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{offset_secs:+}\n"))?;
+    let text = if rate == 1.0 {
+        format!("{offset_secs:+}\n")
+    } else {
+        format!("{offset_secs:+} x{rate:.6}\n")
+    };
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
 

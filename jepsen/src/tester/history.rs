@@ -99,6 +99,17 @@ impl Recorder {
         }
     }
 
+    /// Notes that fault `index`, an action whose effect was known only at its end (a churn
+    /// action), ended now, and what it did.
+    pub fn fault_done(&self, index: usize, targets: Vec<String>, detail: String) {
+        self.fault_healed(index);
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fault) = faults.get_mut(index) {
+            fault.targets = targets;
+            fault.detail = detail;
+        }
+    }
+
     /// A copy of the client events so far.
     pub fn events(&self) -> Vec<Record> {
         self.events

@@ -12,6 +12,7 @@
 //! the run ends, also on Ctrl-C, SIGTERM or a panic: both are owned by guards
 //! ([`cluster::Cluster`], [`netfilter::Netfilter`]) that act on drop.
 
+pub mod churn;
 pub mod cluster;
 pub mod history;
 pub mod nemesis;
@@ -189,6 +190,7 @@ impl TestOptions {
         if self.key_count == 0 || self.ops_per_key == 0 || self.value_domain <= 0 {
             return bad("--keys, --ops-per-key and --value-domain must be positive".into());
         }
+        nemesis::check_compatible(&self.faults).map_err(TesterError::Options)?;
         if self.quiet_ms == 0 || self.fault_ms == 0 {
             return bad("--quiet-ms and --fault-ms must be positive".into());
         }
@@ -567,6 +569,11 @@ async fn run_inner(
         options.nodes,
         run_dir.display()
     );
+    let clock_rates = if options.faults.contains(&Fault::ClockRate) {
+        nemesis::clock_rates(options.nodes, options.seed)
+    } else {
+        Vec::new()
+    };
     let cfg = ClusterConfig {
         bin: options.bin.clone(),
         nodes: options.nodes,
@@ -578,7 +585,8 @@ async fn run_inner(
         log_kept_behind_snapshot: LOG_KEPT_BEHIND_SNAPSHOT,
         failpoints: options.failpoints.clone(),
         faketime_lib,
-        fake_monotonic: options.clock_monotonic,
+        fake_monotonic: options.clock_monotonic || !clock_rates.is_empty(),
+        clock_rates: clock_rates.clone(),
     };
     let (cluster, view) = cluster::start(cfg).await?;
     let addrs = cluster.addrs();
@@ -591,6 +599,17 @@ async fn run_inner(
         recorder: recorder.clone(),
     });
     let cluster_start_ms = started.elapsed().as_millis();
+    // Clock rates hold for the whole run: one fault from start to heal.
+    let clock_rate_fault = (!clock_rates.is_empty()).then(|| {
+        let detail: Vec<String> = clock_rates
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("n{} x{r:.4}", i + 1))
+            .collect();
+        println!("nemesis: clock-rate {}", detail.join(" "));
+        let names = (1..=options.nodes).map(|i| format!("n{i}")).collect();
+        recorder.fault_started(Fault::ClockRate.name(), names, detail.join(" "))
+    });
     let deadline = Instant::now() + Duration::from_secs(options.time_limit_secs);
 
     let workload = Arc::new(Workload::new(
@@ -627,6 +646,7 @@ async fn run_inner(
             quiet_ms: options.quiet_ms,
             fault_ms: options.fault_ms,
             seed: options.seed,
+            workload: options.workload,
         },
         deadline,
     ));
@@ -664,6 +684,9 @@ async fn run_inner(
         "spheredb-jepsen: {invoked} operations, {faults_injected} faults; healing and waiting for recovery"
     );
     nemesis::heal_all(&shared)?;
+    if let Some(record) = clock_rate_fault {
+        recorder.fault_healed(record);
+    }
     if !wait_recovered(&shared, &workload_addrs).await {
         problems.push(format!(
             "the cluster did not fully recover within {RECOVERY_TIMEOUT_MS} ms after the final heal"

@@ -7,9 +7,15 @@
 //! - partition: iptables rules between the nodes' loopback IPs (see [`super::netfilter`]):
 //!   one node or the leader isolated, random halves, a majorities ring (every node sees a
 //!   majority, no two the same one), a bridge (two halves and one node seeing both);
-//! - clock: libfaketime offsets of a minority of nodes, reset at heal.
+//! - clock-skew: libfaketime offsets of a minority of nodes' wall clocks, reset at heal;
+//! - clock-rate: every node's clocks (wall and monotonic) run at their own rate for the whole
+//!   run, libfaketime `x` factors within [`MAX_CLOCK_RATE_DRIFT_PPM`] of real time;
+//! - churn: splits, merges, leader transfers and replica moves ([`super::churn`]).
+//!
+//! Faults of different classes (processes, network, clocks, churn) overlap: each class has
+//! its own seeded schedule. Faults of one class take turns.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,9 +24,12 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use super::churn::churn_once;
 use super::cluster::{Cluster, ClusterError, StatusView};
 use super::history::Recorder;
 use super::netfilter::{Netfilter, NetfilterError};
+use super::workload::WorkloadKind;
+pub use spheredb_client::limits::MAX_CLOCK_RATE_DRIFT_PPM;
 
 /// Most faults one run injects, whatever the time limit.
 pub const MAX_FAULTS: usize = 10_000;
@@ -52,10 +61,22 @@ pub enum Fault {
     PartitionRing,
     PartitionBridge,
     ClockSkew,
+    /// Not injected and healed: every node's clocks run at their own rate all run long.
+    ClockRate,
+    Churn,
+}
+
+/// Faults of one class take turns; faults of different classes overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultClass {
+    Process,
+    Network,
+    Clock,
+    Churn,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; 15] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::KillMinority,
@@ -69,6 +90,8 @@ impl Fault {
         Fault::PartitionRing,
         Fault::PartitionBridge,
         Fault::ClockSkew,
+        Fault::ClockRate,
+        Fault::Churn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +109,27 @@ impl Fault {
             Fault::PartitionRing => "partition-ring",
             Fault::PartitionBridge => "partition-bridge",
             Fault::ClockSkew => "clock-skew",
+            Fault::ClockRate => "clock-rate",
+            Fault::Churn => "churn",
+        }
+    }
+
+    pub fn class(self) -> FaultClass {
+        match self {
+            Fault::KillRandom
+            | Fault::KillLeader
+            | Fault::KillMinority
+            | Fault::KillMajority
+            | Fault::KillAll
+            | Fault::PauseRandom
+            | Fault::PauseLeader => FaultClass::Process,
+            Fault::PartitionOne
+            | Fault::PartitionLeader
+            | Fault::PartitionHalves
+            | Fault::PartitionRing
+            | Fault::PartitionBridge => FaultClass::Network,
+            Fault::ClockSkew | Fault::ClockRate => FaultClass::Clock,
+            Fault::Churn => FaultClass::Churn,
         }
     }
 
@@ -101,15 +145,31 @@ impl Fault {
     }
 
     pub fn needs_faketime(self) -> bool {
-        self == Fault::ClockSkew
+        matches!(self, Fault::ClockSkew | Fault::ClockRate)
     }
 }
 
-/// Groups accepted by `--nemesis`, besides single fault names.
+/// Groups accepted by `--nemesis`, besides single fault names. `all` is every fault but
+/// `clock-rate`, which cannot run with `clock-skew` (see [`check_compatible`]).
 pub const NEMESIS_GROUPS: &[&str] = &["none", "kill", "pause", "partition", "clock", "all"];
 
+/// Refuses fault sets that cannot run together: `clock-rate` fakes the monotonic clock (the
+/// rate must reach the nodes' timers), and `clock-skew` would then make it jump backwards,
+/// which no real monotonic clock does.
+pub fn check_compatible(faults: &[Fault]) -> Result<(), String> {
+    if faults.contains(&Fault::ClockRate) && faults.contains(&Fault::ClockSkew) {
+        return Err(
+            "clock-rate and clock-skew cannot run together: clock-rate fakes the \
+                    monotonic clock, which a skew would make jump backwards; run them in \
+                    separate tests"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Parses `--nemesis`: comma-separated groups (`none`, `kill`, `pause`, `partition`,
-/// `clock`, `all`) and single faults (`kill-leader`, `partition-ring`, ...).
+/// `clock`, `all`) and single faults (`kill-leader`, `partition-ring`, `churn`, ...).
 pub fn parse_nemesis(spec: &str) -> Result<Vec<Fault>, String> {
     let mut faults: BTreeSet<Fault> = BTreeSet::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -125,7 +185,10 @@ pub fn parse_nemesis(spec: &str) -> Result<Vec<Fault>, String> {
                 Fault::PartitionBridge,
             ],
             "clock" => vec![Fault::ClockSkew],
-            "all" => Fault::ALL.to_vec(),
+            "all" => Fault::ALL
+                .into_iter()
+                .filter(|f| *f != Fault::ClockRate)
+                .collect(),
             name => match Fault::ALL.iter().find(|f| f.name() == name) {
                 Some(f) => vec![*f],
                 None => {
@@ -140,7 +203,9 @@ pub fn parse_nemesis(spec: &str) -> Result<Vec<Fault>, String> {
         };
         faults.extend(group);
     }
-    Ok(faults.into_iter().collect())
+    let faults: Vec<Fault> = faults.into_iter().collect();
+    check_compatible(&faults)?;
+    Ok(faults)
 }
 
 /// libfaketime, or a message naming the package to install.
@@ -167,6 +232,8 @@ pub enum NemesisError {
     Netfilter(#[from] NetfilterError),
     #[error("{0} needs iptables, which this run did not set up")]
     NoNetfilter(&'static str),
+    #[error("a nemesis schedule stopped abnormally: {0}")]
+    Panicked(String),
 }
 
 /// What the nemesis and the end of the run act on.
@@ -194,6 +261,8 @@ pub struct NemesisConfig {
     /// Mean fault length; each is drawn from [half, 1.5 x] of it.
     pub fault_ms: u64,
     pub seed: u64,
+    /// The workload, whose keys churn splits and merges.
+    pub workload: WorkloadKind,
 }
 
 /// How to undo an injected fault.
@@ -203,6 +272,8 @@ enum Heal {
     Resume(Vec<usize>),
     Links,
     Clocks(Vec<usize>),
+    /// Nothing to undo: the fault was one action, already over.
+    Nothing,
 }
 
 struct Active {
@@ -216,9 +287,48 @@ fn around(rng: &mut StdRng, mean_ms: u64) -> u64 {
     rng.random_range(low..high)
 }
 
-/// Runs faults until `deadline`; returns how many were injected. The fault active at the
-/// deadline is healed before returning.
+/// Runs faults until `deadline`, one schedule per fault class at once; returns how many were
+/// injected. The faults active at the deadline are healed before returning.
 pub async fn run(
+    shared: Arc<Shared>,
+    cfg: NemesisConfig,
+    deadline: Instant,
+) -> Result<usize, NemesisError> {
+    let mut by_class: BTreeMap<FaultClass, Vec<Fault>> = BTreeMap::new();
+    for &fault in cfg.faults.iter().filter(|f| **f != Fault::ClockRate) {
+        by_class.entry(fault.class()).or_default().push(fault);
+    }
+    let mut schedules = tokio::task::JoinSet::new();
+    for (n, faults) in by_class.into_values().enumerate() {
+        // The first class keeps the run's seed, so a one-class run replays as before.
+        let seed = cfg
+            .seed
+            .wrapping_add((n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let class_cfg = NemesisConfig {
+            faults,
+            seed,
+            ..cfg.clone()
+        };
+        schedules.spawn(run_class(shared.clone(), class_cfg, deadline));
+    }
+    let mut injected = 0;
+    let mut first_error = None;
+    while let Some(result) = schedules.join_next().await {
+        match result {
+            Ok(Ok(n)) => injected += n,
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(NemesisError::Panicked(e.to_string()));
+            }
+        }
+    }
+    first_error.map_or(Ok(injected), Err)
+}
+
+/// One class's schedule: quiet, fault, heal, repeat.
+async fn run_class(
     shared: Arc<Shared>,
     cfg: NemesisConfig,
     deadline: Instant,
@@ -235,11 +345,13 @@ pub async fn run(
         }
         tokio::time::sleep(quiet).await;
         let fault = cfg.faults[rng.random_range(0..cfg.faults.len())];
-        let active = inject(&shared, fault, &mut rng).await?;
+        let active = inject(&shared, fault, cfg.workload, &mut rng).await?;
         injected += 1;
-        let length = Duration::from_millis(around(&mut rng, cfg.fault_ms));
-        let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::sleep(length.min(left)).await;
+        if !matches!(active.heal, Heal::Nothing) {
+            let length = Duration::from_millis(around(&mut rng, cfg.fault_ms));
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(length.min(left)).await;
+        }
         heal(&shared, active)?;
     }
     Ok(injected)
@@ -280,7 +392,29 @@ fn random_majority(n: usize, rng: &mut StdRng) -> Vec<usize> {
     order
 }
 
-async fn inject(shared: &Shared, fault: Fault, rng: &mut StdRng) -> Result<Active, NemesisError> {
+async fn inject(
+    shared: &Shared,
+    fault: Fault,
+    workload: WorkloadKind,
+    rng: &mut StdRng,
+) -> Result<Active, NemesisError> {
+    if fault == Fault::Churn {
+        let record = shared
+            .recorder
+            .fault_started(fault.name(), Vec::new(), String::new());
+        let addrs = shared.cluster().addrs();
+        let done = churn_once(&addrs, workload, rng).await;
+        println!("nemesis: churn {} {}", done.action, done.detail);
+        shared.recorder.fault_done(
+            record,
+            done.targets,
+            format!("{} {}", done.action, done.detail),
+        );
+        return Ok(Active {
+            heal: Heal::Nothing,
+            record,
+        });
+    }
     let n = shared.cluster().len();
     let leader = match fault {
         Fault::KillLeader | Fault::PauseLeader | Fault::PartitionLeader => {
@@ -346,6 +480,7 @@ async fn inject(shared: &Shared, fault: Fault, rng: &mut StdRng) -> Result<Activ
             }
             (Heal::Links, targets, format!("cut {}", described.join(" ")))
         }
+        Fault::ClockRate | Fault::Churn => unreachable!("not injected: {fault:?}"),
         Fault::ClockSkew => {
             let targets = random_minority(n, rng);
             let cluster = shared.cluster();
@@ -402,6 +537,7 @@ fn heal(shared: &Shared, active: Active) -> Result<(), NemesisError> {
                 cluster.set_clock_offset(i, 0)?;
             }
         }
+        Heal::Nothing => {}
     }
     shared.recorder.fault_healed(active.record);
     Ok(())
@@ -425,6 +561,25 @@ pub fn heal_all(shared: &Shared) -> Result<(), NemesisError> {
         }
     }
     Ok(())
+}
+
+/// Each node's clock rate for a `clock-rate` run: drawn from the seed within
+/// [`MAX_CLOCK_RATE_DRIFT_PPM`] of real time, in the outer half of the bound, and alternately
+/// fast and slow so that the fastest and slowest nodes differ by nearly twice the bound.
+pub fn clock_rates(nodes: usize, seed: u64) -> Vec<f64> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xC10C_4A7E);
+    let bound = MAX_CLOCK_RATE_DRIFT_PPM as f64 / 1_000_000.0;
+    let fast_first = rng.random_bool(0.5);
+    (0..nodes)
+        .map(|i| {
+            let drift = rng.random_range(bound / 2.0..=bound);
+            if (i % 2 == 0) == fast_first {
+                1.0 + drift
+            } else {
+                1.0 - drift
+            }
+        })
+        .collect()
 }
 
 /// Links cutting `node` off from every other node.
@@ -509,6 +664,26 @@ mod tests {
     }
 
     #[test]
+    fn clock_rates_stay_within_the_drift_bound_and_differ() {
+        let bound = MAX_CLOCK_RATE_DRIFT_PPM as f64 / 1_000_000.0;
+        for seed in 0..20 {
+            let rates = clock_rates(5, seed);
+            assert_eq!(rates.len(), 5);
+            assert!(rates.iter().all(|r| (r - 1.0).abs() <= bound), "{rates:?}");
+            assert!(rates.iter().any(|&r| r > 1.0) && rates.iter().any(|&r| r < 1.0));
+        }
+        assert_eq!(clock_rates(3, 9), clock_rates(3, 9), "seeded");
+    }
+
+    #[test]
+    fn clock_rate_runs_alone_and_all_leaves_it_out() {
+        assert!(parse_nemesis("clock-rate,clock-skew").is_err());
+        assert!(parse_nemesis("clock-rate,kill-majority,partition,churn").is_ok());
+        let all = parse_nemesis("all").expect("all parses");
+        assert!(!all.contains(&Fault::ClockRate) && all.contains(&Fault::Churn));
+    }
+
+    #[test]
     fn parses_groups_and_names() {
         assert_eq!(parse_nemesis("none"), Ok(vec![]));
         assert_eq!(
@@ -519,7 +694,10 @@ mod tests {
                 Fault::PauseLeader
             ])
         );
-        assert_eq!(parse_nemesis("all").map(|f| f.len()), Ok(Fault::ALL.len()));
+        assert_eq!(
+            parse_nemesis("all").map(|f| f.len()),
+            Ok(Fault::ALL.len() - 1)
+        );
         assert!(parse_nemesis("meteor").unwrap_err().contains("meteor"));
     }
 
