@@ -11,6 +11,7 @@ use spheredb_jepsen::check::{check_events, CheckOptions, CheckReport, Verdict};
 use spheredb_jepsen::model::ModelKind;
 use spheredb_jepsen::parse::{load, Format};
 use spheredb_jepsen::tester::nemesis::parse_nemesis;
+use spheredb_jepsen::tester::suite::{self, Suite};
 use spheredb_jepsen::tester::workload::WorkloadKind;
 use spheredb_jepsen::tester::{self, TestOptions};
 
@@ -80,6 +81,38 @@ enum Command {
     /// node logs to a new folder under --store.
     #[command(after_help = TEST_HELP)]
     Test(TestArgs),
+    /// Run a named suite of tests one after another and print a summary table.
+    ///
+    /// `ci`: short runs on several seeds (register and set under kill and partition, scan
+    /// under churn, kill and partition on 3 and 5 nodes, lease reads under clock-rate,
+    /// kill-majority and partition on 3 and 5 nodes), about 7 minutes. `long`: every
+    /// nemesis on 5 nodes, about 20 minutes. Exit status as for `test`, worst run first.
+    Suite(SuiteArgs),
+}
+
+#[derive(Debug, Args)]
+struct SuiteArgs {
+    /// Which suite.
+    #[arg(value_enum)]
+    suite: SuiteArg,
+
+    /// The spheredb binary.
+    #[arg(long, value_name = "PATH", default_value = "target/debug/spheredb")]
+    bin: PathBuf,
+
+    /// Folder for run folders.
+    #[arg(long, value_name = "DIR", default_value = "jepsen/store")]
+    store: PathBuf,
+
+    /// FAILPOINTS for every run (nodes, and `client-` ones in the tester itself).
+    #[arg(long, value_name = "SPEC")]
+    failpoints: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SuiteArg {
+    Ci,
+    Long,
 }
 
 const TEST_HELP: &str = "\
@@ -91,7 +124,12 @@ Nemeses (--nemesis, comma-separated; groups or single faults):
   partition  partition-one, partition-leader, partition-halves, partition-ring,
              partition-bridge (iptables; needs root and the `iptables` package)
   clock      clock-skew (libfaketime; needs the `faketime` package)
-  all        every fault above
+  (single)   clock-rate: every node's clocks run fast or slow, within the drift bound the
+             engine states, all run long (libfaketime; not with clock-skew)
+  (single)   churn: splits, merges, leader transfers and replica moves through the admin API
+  all        every fault above but clock-rate
+
+Process, network and clock faults take turns unless --overlap; churn always runs alongside.
 
 Examples:
   spheredb-jepsen test --workload register --nemesis kill,partition --time-limit 60
@@ -113,7 +151,8 @@ struct TestArgs {
     #[arg(long, value_enum, default_value_t = WorkloadArg::Register)]
     workload: WorkloadArg,
 
-    /// Faults to inject: none, kill, pause, partition, clock, all, or single faults.
+    /// Faults to inject: none, kill, pause, partition, clock, all, or single faults
+    /// (kill-majority, kill-all, churn, clock-rate, ...).
     #[arg(long, default_value = "none")]
     nemesis: String,
 
@@ -209,6 +248,11 @@ struct TestArgs {
     /// skewed; a real monotonic clock never goes back).
     #[arg(long)]
     clock_monotonic: bool,
+
+    /// Let process, network and clock faults overlap, each class on its own schedule (by
+    /// default they take turns; churn always runs alongside).
+    #[arg(long)]
+    overlap: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -295,6 +339,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Check(args) => args,
         Command::Test(args) => return ExitCode::from(run_test(&args)),
+        Command::Suite(args) => return ExitCode::from(run_suite(&args)),
     };
     match run_check(&args) {
         Ok(code) => ExitCode::from(code),
@@ -343,6 +388,7 @@ fn run_test(args: &TestArgs) -> u8 {
     options.check_time_limit_secs = args.check_time_limit_secs;
     options.keep_data = args.keep_data;
     options.clock_monotonic = args.clock_monotonic;
+    options.overlap = args.overlap;
     match tester::run_test(&options) {
         Ok(outcome) => {
             println!("{}\t{}", outcome.run_dir.display(), outcome.label());
@@ -360,6 +406,36 @@ fn run_test(args: &TestArgs) -> u8 {
             tester::EXIT_ERROR
         }
     }
+}
+
+fn run_suite(args: &SuiteArgs) -> u8 {
+    let which = match args.suite {
+        SuiteArg::Ci => Suite::Ci,
+        SuiteArg::Long => Suite::Long,
+    };
+    let mut runs = suite::runs(which, &args.bin, &args.store);
+    for run in &mut runs {
+        run.options.failpoints = args.failpoints.clone();
+    }
+    let total = runs.len();
+    let mut done = 0;
+    let results = suite::run_all(&runs, |r| {
+        done += 1;
+        match &r.outcome {
+            Ok(o) => {
+                println!("[{done}/{total}] {}: {}", r.name, o.label());
+                for line in o.summary_lines() {
+                    println!("    {line}");
+                }
+            }
+            Err(e) => println!("[{done}/{total}] {}: error: {e}", r.name),
+        }
+    });
+    println!("suite {}:", which.name());
+    for line in suite::summary_table(&results) {
+        println!("  {line}");
+    }
+    suite::suite_exit_code(&results)
 }
 
 fn run_check(args: &CheckArgs) -> io::Result<u8> {

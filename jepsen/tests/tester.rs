@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use spheredb_jepsen::tester::nemesis::parse_nemesis;
+use spheredb_jepsen::tester::suite::{self, Suite};
 use spheredb_jepsen::tester::workload::WorkloadKind;
 use spheredb_jepsen::tester::{self, TestOptions, TestOutcome, Validity};
 
@@ -206,4 +207,43 @@ fn a_node_that_panics_fails_the_run_even_when_the_history_is_valid() {
     );
     assert_eq!(outcome.exit_code(), tester::EXIT_UNHEALTHY);
     assert_eq!(outcome.label(), "unhealthy");
+}
+
+/// Runs the CI suite's runs whose name starts with `prefix`, each with `failpoint`, until one
+/// catches the bug (an anomaly, or a cluster that fell over): the bug is caught with exactly
+/// the settings CI uses. Returns false when partitions are unavailable and skipped.
+fn caught_by_ci_runs(prefix: &str, failpoint: &str) -> bool {
+    if !netfilter_usable() {
+        return false;
+    }
+    let store = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("store");
+    let runs: Vec<_> = suite::runs(Suite::Ci, &spheredb_bin(), &store)
+        .into_iter()
+        .filter(|r| r.name.starts_with(prefix))
+        .collect();
+    assert!(!runs.is_empty(), "no CI run is named {prefix}*");
+    let mut seen = Vec::new();
+    for mut r in runs {
+        r.options.failpoints = Some(failpoint.to_string());
+        let outcome = run(&r.options);
+        if suite::caught(&outcome) {
+            return true;
+        }
+        seen.push(format!("{}: {}", r.name, outcome.run_dir.display()));
+    }
+    panic!("{failpoint} not caught by the CI runs {prefix}*: {seen:?}");
+}
+
+#[test]
+fn scans_resuming_from_the_cached_range_end_are_caught() {
+    // The client resumes a multi-range scan at the end of the range it had cached, which a
+    // split since has moved: keys between the new end and the cached one are skipped.
+    caught_by_ci_runs("scan-churn", "client-scan-resume-cached-end=return");
+}
+
+#[test]
+fn leases_longer_than_the_election_timeout_are_caught() {
+    // A leader cut off from its followers keeps serving lease reads for ten election
+    // timeouts, while a new leader has long been elected and taken writes.
+    caught_by_ci_runs("register-lease", "kv-lease-longer-than-election=return");
 }

@@ -1138,11 +1138,13 @@ impl StateMachine {
             }
             return self.install_reserved(file, writing);
         };
-        self.spans
-            .begin_install(self.range_id, span)
-            .map_err(|conflict| {
-                io::Error::other(format!("refusing snapshot install: {conflict}"))
-            })?;
+        if !skip_span_reservation() {
+            self.spans
+                .begin_install(self.range_id, span)
+                .map_err(|conflict| {
+                    io::Error::other(format!("refusing snapshot install: {conflict}"))
+                })?;
+        }
         let installed = self.install_reserved(file, writing);
         if installed.is_err() {
             // The span goes back (a reservation the transport holds would give it back too).
@@ -1444,6 +1446,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot: file,
         }))
     }
+}
+
+/// Whether the failpoint `snapshot-install-skip-span-reservation` is active (never, unless
+/// built with the `failpoints` feature and configured): deliberately broken, a snapshot is
+/// received and installed without reserving its span, so it can clear and overwrite keys
+/// another replica on the node owns. The span registry's overlap assertion (debug builds)
+/// or the data then shows it.
+pub(crate) fn skip_span_reservation() -> bool {
+    fail::fail_point!("snapshot-install-skip-span-reservation", |_| true);
+    false
 }
 
 #[cfg(test)]

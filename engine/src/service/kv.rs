@@ -268,6 +268,38 @@ impl KvService {
                 )))
             }
         }
+        if consistency == ReadConsistency::Lease as i32 && lease_longer_than_election_timeout() {
+            // Deliberately broken (failpoint `kv-lease-longer-than-election`): a leader
+            // trusts a lease of BROKEN_LEASE_ELECTION_TIMEOUTS election timeouts from its last
+            // quorum acknowledgement and serves locally. A deposed leader that has not heard
+            // of its successor then serves stale reads well after the new leader was elected.
+            let metrics = replica.raft.metrics().borrow_watched().clone();
+            let lease = Duration::from_millis(
+                replica.raft.config().election_timeout_min * BROKEN_LEASE_ELECTION_TIMEOUTS,
+            );
+            let acked_recently = metrics
+                .last_quorum_acked
+                .as_ref()
+                .is_some_and(|acked| openraft::Instant::elapsed(&**acked) < lease);
+            if metrics.state.is_leader() && acked_recently {
+                return Ok(());
+            }
+        }
+        if skip_wait_for_apply() {
+            // Deliberately broken (failpoint `kv-read-skip-apply-wait`): leadership is
+            // confirmed with a quorum round, but the read does not wait for the state machine
+            // to apply up to the read index, so a new leader still applying its predecessor's
+            // last entries serves state from before writes that were already acknowledged.
+            let confirm = replica.raft.get_read_linearizer(ReadPolicy::ReadIndex);
+            return match tokio::time::timeout(Duration::from_millis(READ_TIMEOUT_MS), confirm).await
+            {
+                Err(_) => Err(ClientError::Unavailable(format!(
+                    "could not confirm leadership within {READ_TIMEOUT_MS} ms"
+                ))),
+                Ok(Err(e)) => Err(read_error(e)),
+                Ok(Ok(_)) => Ok(()),
+            };
+        }
         let barrier = replica.raft.ensure_linearizable(ReadPolicy::ReadIndex);
         match tokio::time::timeout(Duration::from_millis(READ_TIMEOUT_MS), barrier).await {
             Err(_) => Err(ClientError::Unavailable(format!(
@@ -300,6 +332,22 @@ impl KvService {
 /// built with the `failpoints` feature and FAILPOINTS activates it (e.g. `=return`).
 fn skip_read_barrier() -> bool {
     fail::fail_point!("kv-read-skip-barrier", |_| true);
+    false
+}
+
+/// Lease of the failpoint `kv-lease-longer-than-election`, in election timeouts: a correct
+/// lease would be shorter than one, less the clock drift bound.
+const BROKEN_LEASE_ELECTION_TIMEOUTS: u64 = 10;
+
+/// Whether the failpoint `kv-lease-longer-than-election` is active; see [`skip_read_barrier`].
+fn lease_longer_than_election_timeout() -> bool {
+    fail::fail_point!("kv-lease-longer-than-election", |_| true);
+    false
+}
+
+/// Whether the failpoint `kv-read-skip-apply-wait` is active; see [`skip_read_barrier`].
+fn skip_wait_for_apply() -> bool {
+    fail::fail_point!("kv-read-skip-apply-wait", |_| true);
     false
 }
 

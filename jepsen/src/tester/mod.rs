@@ -18,6 +18,7 @@ pub mod history;
 pub mod nemesis;
 pub mod netfilter;
 pub mod report;
+pub mod suite;
 pub mod workload;
 
 use std::net::Ipv4Addr;
@@ -130,6 +131,8 @@ pub struct TestOptions {
     pub keep_data: bool,
     /// Clock nemesis: skew the monotonic clock too, not only the wall clock.
     pub clock_monotonic: bool,
+    /// Process, network and clock faults overlap (each class on its own schedule).
+    pub overlap: bool,
 }
 
 impl TestOptions {
@@ -162,6 +165,7 @@ impl TestOptions {
             check_memory_limit_mib: 2_048,
             keep_data: false,
             clock_monotonic: false,
+            overlap: false,
         }
     }
 
@@ -224,6 +228,9 @@ impl TestOptions {
         );
         if self.read_consistency == spheredb_client::Consistency::Lease {
             title.push_str(", lease reads");
+        }
+        if self.overlap {
+            title.push_str(", overlapping faults");
         }
         if let Some(fp) = &self.failpoints {
             title.push_str(&format!(", failpoints {fp}"));
@@ -647,6 +654,7 @@ async fn run_inner(
             fault_ms: options.fault_ms,
             seed: options.seed,
             workload: options.workload,
+            overlap: options.overlap,
         },
         deadline,
     ));
@@ -830,6 +838,7 @@ async fn run_inner(
             "op_timeout_ms": options.op_timeout_ms,
             "snapshot_log_threshold": options.snapshot_log_threshold,
             "read_consistency": format!("{:?}", options.read_consistency).to_lowercase(),
+            "overlap": options.overlap,
             "bin": options.bin.display().to_string(),
         },
         "ops": report::counts_json(&counts),

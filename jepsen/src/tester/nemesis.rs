@@ -12,8 +12,9 @@
 //!   run, libfaketime `x` factors within [`MAX_CLOCK_RATE_DRIFT_PPM`] of real time;
 //! - churn: splits, merges, leader transfers and replica moves ([`super::churn`]).
 //!
-//! Faults of different classes (processes, network, clocks, churn) overlap: each class has
-//! its own seeded schedule. Faults of one class take turns.
+//! Churn runs on its own seeded schedule, overlapping every other fault. With `--overlap`,
+//! process, network and clock faults overlap too (one schedule per class); otherwise they
+//! take turns on one schedule, which keeps the cluster available more of the time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -66,7 +67,7 @@ pub enum Fault {
     Churn,
 }
 
-/// Faults of one class take turns; faults of different classes overlap.
+/// Faults of one class take turns; faults of different classes may overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FaultClass {
     Process,
@@ -263,6 +264,9 @@ pub struct NemesisConfig {
     pub seed: u64,
     /// The workload, whose keys churn splits and merges.
     pub workload: WorkloadKind,
+    /// Faults of different classes (processes, network, clocks) overlap in time, each class
+    /// on its own schedule; otherwise they take turns.
+    pub overlap: bool,
 }
 
 /// How to undo an injected fault.
@@ -296,7 +300,14 @@ pub async fn run(
 ) -> Result<usize, NemesisError> {
     let mut by_class: BTreeMap<FaultClass, Vec<Fault>> = BTreeMap::new();
     for &fault in cfg.faults.iter().filter(|f| **f != Fault::ClockRate) {
-        by_class.entry(fault.class()).or_default().push(fault);
+        // Without `overlap`, processes, network and clocks share one schedule; churn always
+        // has its own (range changes during kills and partitions are the point of it).
+        let class = match fault.class() {
+            FaultClass::Churn => FaultClass::Churn,
+            class if cfg.overlap => class,
+            _ => FaultClass::Process,
+        };
+        by_class.entry(class).or_default().push(fault);
     }
     let mut schedules = tokio::task::JoinSet::new();
     for (n, faults) in by_class.into_values().enumerate() {
