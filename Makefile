@@ -42,21 +42,17 @@ idle-ranges: deps
 jepsen-deps:
 	@./scripts/install-jepsen-deps.sh
 
-# Short fault-injection check (about 75 s): register and set workloads on a 3-node
-# cluster of the debug build under kill and partition faults. Needs root (iptables).
-# Run folders go to jepsen/store/.
+# The Jepsen tester's `ci` suite (about 5 minutes): register and set under kill and
+# partition faults, scan under churn, kill and partition, lease reads under clock-rate,
+# kill-majority and partition, on 3 and 5 nodes of the debug build. Needs root (iptables)
+# and libfaketime. `cargo test --workspace` builds the binaries with the failpoints compiled
+# in (inactive unless asked for), as the tester's own tests need; a plain build would
+# rebuild them without. Run folders go to jepsen/store/.
 jepsen-ci: deps jepsen-deps
-	$(CARGO) build --bin spheredb --bin spheredb-jepsen
-	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload register \
-		--nemesis kill,partition --time-limit 30 --quiet-ms 2000 --fault-ms 3000 --seed 1
-	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload set \
-		--nemesis kill,partition --time-limit 30 --quiet-ms 2000 --fault-ms 3000 --seed 1
+	$(CARGO) build --workspace --all-targets
+	./target/debug/spheredb-jepsen suite ci --bin target/debug/spheredb
 
-# Long run (about 12 minutes): every fault, clock skew included (libfaketime), on 5 nodes.
-jepsen-long: deps
-	@./scripts/install-jepsen-deps.sh --clock
-	$(CARGO) build --bin spheredb --bin spheredb-jepsen
-	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload register \
-		--nemesis all --nodes 5 --time-limit 300 --concurrency 10 --seed 2
-	./target/debug/spheredb-jepsen test --bin target/debug/spheredb --workload set \
-		--nemesis all --nodes 5 --time-limit 300 --concurrency 10 --seed 2
+# The `long` suite (about 20 minutes): every nemesis on 5 nodes, 180 s per run.
+jepsen-long: deps jepsen-deps
+	$(CARGO) build --workspace --all-targets
+	./target/debug/spheredb-jepsen suite long --bin target/debug/spheredb

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Installs what the Jepsen tester's faults need: iptables for partitions and, with
-# --clock, libfaketime (Debian package `faketime`) for clock skew. Both are used as root.
+# Installs what the Jepsen tester's faults need: iptables for partitions and libfaketime
+# (Debian package `faketime`) for clock skew and clock rates. Both are used as root.
 set -eu
 
 pkgs=""
@@ -8,13 +8,11 @@ pkgs=""
 if [ "${SPHEREDB_JEPSEN_NO_NETFILTER:-}" != 1 ]; then
     command -v iptables >/dev/null 2>&1 || pkgs=" iptables"
 fi
-if [ "${1:-}" = "--clock" ]; then
-    found=0
-    for f in /usr/lib/*-linux-gnu/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1; do
-        [ -e "$f" ] && found=1
-    done
-    [ "$found" = 1 ] || pkgs="$pkgs faketime"
-fi
+found=0
+for f in /usr/lib/*-linux-gnu/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1; do
+    [ -e "$f" ] && found=1
+done
+[ "$found" = 1 ] || pkgs="$pkgs faketime"
 [ -z "$pkgs" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing$pkgs (needed by the Jepsen tester's faults)..."

@@ -272,11 +272,13 @@ fn describe(m: &Mutation) -> String {
     }
 }
 
-/// Pairs invocations with completions by process: `(invoke event, completion)` where the
-/// completion is `None` for operations that never completed.
-fn pair<'a>(events: &'a [Event]) -> Vec<(usize, &'a Event, Option<(usize, &'a Event)>)> {
+/// An invocation's position and event, with its completion's (`None`: never completed).
+type Paired<'a> = (usize, &'a Event, Option<(usize, &'a Event)>);
+
+/// Pairs invocations with completions by process.
+fn pair(events: &[Event]) -> Vec<Paired<'_>> {
     let mut open: HashMap<i64, usize> = HashMap::new();
-    let mut ops: Vec<(usize, &Event, Option<(usize, &Event)>)> = Vec::new();
+    let mut ops: Vec<Paired<'_>> = Vec::new();
     for (pos, e) in events.iter().enumerate() {
         if e.kind == EventType::Invoke {
             open.insert(e.process, ops.len());

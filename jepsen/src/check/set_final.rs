@@ -126,10 +126,10 @@ pub fn check_set_final(events: &[Event]) -> SetReport {
             (Function::Read, EventType::Invoke) => {
                 whole_set_read.insert(event.process, event.value == Value::Nil);
             }
-            (Function::Read, EventType::Ok) => {
-                if whole_set_read.remove(&event.process).unwrap_or(true) {
-                    final_read = Some(&event.value);
-                }
+            (Function::Read, EventType::Ok)
+                if whole_set_read.remove(&event.process).unwrap_or(true) =>
+            {
+                final_read = Some(&event.value);
             }
             _ => {}
         }
