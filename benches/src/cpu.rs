@@ -1,4 +1,6 @@
-//! Server CPU time from /proc, so throughput can be reported per CPU-second.
+//! CPU time from /proc: of the servers (per process, all threads), of the load generator
+//! itself, and of the whole machine, so that throughput per CPU-second can be told apart
+//! from a machine that is simply full.
 
 /// CPU seconds (user + system) used so far by `pid`; `None` if it cannot be read.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
@@ -22,6 +24,26 @@ pub fn total_cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
 }
 
+/// Busy and total CPU seconds of the whole machine so far (all cores, from `/proc/stat`):
+/// busy is everything but idle and iowait.
+pub fn machine_cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if ticks.len() < 5 {
+        return None;
+    }
+    let total: f64 = ticks.iter().sum();
+    let idle = ticks[3] + ticks[4];
+    let hz = clock_ticks_per_second();
+    Some(((total - idle) / hz, total / hz))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -32,5 +54,7 @@ mod tests {
         }
         assert!(x > 0);
         assert!(super::cpu_seconds(std::process::id()).unwrap() > 0.0);
+        let (busy, total) = super::machine_cpu_seconds().unwrap();
+        assert!(busy > 0.0 && total >= busy);
     }
 }

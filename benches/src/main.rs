@@ -19,11 +19,11 @@ use target::{Conn, ReadConsistency, System};
 use workload::{KeyDistribution, Workload};
 
 /// Default measured window.
-const DEFAULT_DURATION_SECS: f64 = 10.0;
+const DEFAULT_DURATION_SECS: f64 = 20.0;
 /// Default warm-up excluded from the results.
-const DEFAULT_WARMUP_SECS: f64 = 2.0;
+const DEFAULT_WARMUP_SECS: f64 = 3.0;
 /// Default key space.
-const DEFAULT_KEYS: u64 = 10_000;
+const DEFAULT_KEYS: u64 = 100_000;
 /// Default value size (the targets are stated for 256 B values).
 const DEFAULT_VALUE_SIZE_BYTES: usize = 256;
 
@@ -59,13 +59,26 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
-    /// SphereDB and etcd interleaved over a client sweep, each run on fresh clusters:
-    /// a Markdown table of medians and per-pair ratios, plus JSON and an SVG plot.
+    /// SphereDB and etcd over a client sweep (and open-loop rates), each run on a fresh
+    /// cluster, the systems of a pair in alternating order (ABBA): a Markdown table of medians
+    /// and per-pair ratios with range counts and CPU, plus JSON and an SVG plot.
     Compare {
         /// Client counts to sweep.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
         clients: Vec<usize>,
-        /// Interleaved SphereDB/etcd pairs per point.
+        /// Open-loop points: total arrival rates in operations per second (latency from each
+        /// operation's intended start), run with the largest --clients as concurrency.
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<f64>,
+        /// Systems compared; every pair runs each once, in alternating order (ABBA).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "spheredb,spheredb-1range,etcd,etcd-leader"
+        )]
+        systems: Vec<System>,
+        /// Pairs per point (each system once per pair).
         #[arg(long, default_value_t = 3)]
         pairs: usize,
         /// Where compare.md, compare.json and compare.svg go.
@@ -153,6 +166,8 @@ async fn main_inner() -> anyhow::Result<()> {
         }
         Cmd::Compare {
             clients,
+            rates,
+            systems,
             pairs,
             out_dir,
             common,
@@ -161,6 +176,8 @@ async fn main_inner() -> anyhow::Result<()> {
             let md = compare::run(compare::CompareConfig {
                 base: common.run_config(1, None),
                 client_sweep: clients,
+                rate_sweep: rates,
+                systems,
                 pairs,
                 spheredb_bin: common.spheredb_bin(),
                 etcd_bin: common.etcd_bin.clone(),

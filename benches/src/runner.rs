@@ -19,6 +19,8 @@ use crate::workload::{key, KeyChooser, KeyDistribution, OpKind, Workload};
 pub const MAX_TRACKED_LATENCY_US: u64 = 60_000_000;
 /// Significant digits kept by the histograms.
 pub const HISTOGRAM_PRECISION_DIGITS: u8 = 3;
+/// Length of the idle window whose server CPU is the baseline subtracted from a run's.
+pub const IDLE_BASELINE_MS: u64 = 2_000;
 
 /// What to measure.
 #[derive(Debug, Clone, Serialize)]
@@ -50,8 +52,19 @@ pub struct RunResult {
     pub p95_us: u64,
     pub p99_us: u64,
     pub p999_us: u64,
+    /// Server CPU over the measured window, all processes and threads.
     pub server_cpu_seconds: f64,
+    /// What the servers burn idle over as long (heartbeats, timers), measured before the run.
+    pub server_idle_cpu_seconds: f64,
+    /// Operations per server CPU-second net of the idle baseline; 0 when not measured.
     pub ops_per_cpu_second: f64,
+    /// The load generator's own CPU over the window.
+    pub loadgen_cpu_seconds: f64,
+    /// Busy share of the whole machine over the window (1.0: every core busy).
+    pub machine_busy_fraction: f64,
+    /// SphereDB: ranges holding user data when the run ended (load-based splits fire
+    /// mid-run); `None` for etcd.
+    pub range_count: Option<usize>,
     pub measured_secs: f64,
 }
 
@@ -89,6 +102,12 @@ pub async fn run(
     server_pids: &[u32],
 ) -> anyhow::Result<RunResult> {
     anyhow::ensure!(cfg.clients > 0, "--clients must be at least 1");
+    // What the servers burn doing nothing, to subtract from the run's CPU.
+    let idle_started = Instant::now();
+    let idle_before = cpu::total_cpu_seconds(server_pids);
+    tokio::time::sleep(Duration::from_millis(IDLE_BASELINE_MS)).await;
+    let idle_cpu_per_sec =
+        (cpu::total_cpu_seconds(server_pids) - idle_before) / idle_started.elapsed().as_secs_f64();
     let chooser = Arc::new(KeyChooser::new(cfg.keys, cfg.distribution)?);
     let start = Instant::now();
     let warm_end = start + Duration::from_secs_f64(cfg.warmup_secs);
@@ -151,13 +170,23 @@ pub async fn run(
         }));
     }
     tokio::time::sleep_until(warm_end.into()).await;
+    let window_started = Instant::now();
     let cpu_before = cpu::total_cpu_seconds(server_pids);
+    let loadgen_before = cpu::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let machine_before = cpu::machine_cpu_seconds();
     let mut total =
         Histogram::<u64>::new_with_bounds(1, MAX_TRACKED_LATENCY_US, HISTOGRAM_PRECISION_DIGITS)?;
     for t in tasks {
         total.add(t.await?)?;
     }
     let cpu_used = cpu::total_cpu_seconds(server_pids) - cpu_before;
+    let loadgen_cpu_seconds = cpu::cpu_seconds(std::process::id()).unwrap_or(0.0) - loadgen_before;
+    let machine_busy_fraction = match (machine_before, cpu::machine_cpu_seconds()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) / (t1 - t0),
+        _ => 0.0,
+    };
+    let server_idle_cpu_seconds = idle_cpu_per_sec * window_started.elapsed().as_secs_f64();
+    let net_cpu = cpu_used - server_idle_cpu_seconds;
     let measured_secs = cfg.duration_secs;
     let ops = total.len();
     Ok(RunResult {
@@ -173,11 +202,15 @@ pub async fn run(
         p99_us: total.value_at_quantile(0.99),
         p999_us: total.value_at_quantile(0.999),
         server_cpu_seconds: cpu_used,
-        ops_per_cpu_second: if cpu_used > 0.0 {
-            ops as f64 / cpu_used
-        } else {
+        server_idle_cpu_seconds,
+        ops_per_cpu_second: if server_pids.is_empty() || net_cpu <= 0.0 {
             0.0
+        } else {
+            ops as f64 / net_cpu
         },
+        loadgen_cpu_seconds,
+        machine_busy_fraction,
+        range_count: None,
         measured_secs,
     })
 }

@@ -10,7 +10,8 @@ use anyhow::{bail, Context};
 use tonic::transport::Channel;
 
 use crate::etcd::kv_client::KvClient as EtcdKv;
-use crate::etcd::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use crate::etcd::maintenance_client::MaintenanceClient;
+use crate::etcd::{request_op, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest};
 
 /// Longest a cluster may take to come up.
 pub const CLUSTER_STARTUP_DEADLINE_MS: u64 = 60_000;
@@ -22,18 +23,40 @@ pub const BENCH_SPHERE: u64 = 1;
 /// A system the benchmark can drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum System {
+    /// SphereDB with its defaults: ranges split under load (see `range_count` in results).
     Spheredb,
+    /// SphereDB kept to one range (load-based splits off), one Raft group like etcd's.
+    #[value(name = "spheredb-1range")]
+    #[serde(rename = "spheredb-1range")]
+    SpheredbOneRange,
+    /// etcd through a client balanced over every member, as etcd's own clients do: a
+    /// linearizable read at a follower pays a ReadIndex hop to the leader.
     Etcd,
+    /// etcd through its leader only, as SphereDB's client goes to each range's leader.
+    #[value(name = "etcd-leader")]
+    #[serde(rename = "etcd-leader")]
+    EtcdLeader,
+}
+
+impl System {
+    pub fn is_spheredb(self) -> bool {
+        matches!(self, System::Spheredb | System::SpheredbOneRange)
+    }
 }
 
 impl std::fmt::Display for System {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             System::Spheredb => "spheredb",
+            System::SpheredbOneRange => "spheredb-1range",
             System::Etcd => "etcd",
+            System::EtcdLeader => "etcd-leader",
         })
     }
 }
+
+/// `--range-split-qps` that no benchmark reaches: keeps `spheredb-1range` in one range.
+const NEVER_SPLIT_QPS: &str = "1000000000";
 
 /// Read consistency requested of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -125,13 +148,13 @@ async fn spheredb_voters(addr: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Starts a fresh 3-node SphereDB cluster from `bin`.
-pub async fn start_spheredb(bin: &Path, nodes: usize) -> anyhow::Result<Cluster> {
+/// Starts a fresh 3-node SphereDB cluster of `system` from `bin`.
+pub async fn start_spheredb(bin: &Path, nodes: usize, system: System) -> anyhow::Result<Cluster> {
     let dir = tempfile::Builder::new()
         .prefix("spheredb-bench-")
         .tempdir()?;
     let mut cluster = Cluster {
-        system: System::Spheredb,
+        system,
         endpoints: Vec::new(),
         children: Vec::new(),
         _dir: Some(dir),
@@ -158,6 +181,9 @@ pub async fn start_spheredb(bin: &Path, nodes: usize) -> anyhow::Result<Cluster>
         if i > 0 {
             cmd.arg("--join").arg(&cluster.endpoints[0]);
         }
+        if system == System::SpheredbOneRange {
+            cmd.arg("--range-split-qps").arg(NEVER_SPLIT_QPS);
+        }
         cluster.children.push(
             cmd.spawn()
                 .with_context(|| format!("starting {}", bin.display()))?,
@@ -172,8 +198,9 @@ pub async fn start_spheredb(bin: &Path, nodes: usize) -> anyhow::Result<Cluster>
     Ok(cluster)
 }
 
-/// Starts a fresh 3-member etcd cluster from `bin` (fsync on, as etcd always does).
-pub async fn start_etcd(bin: &Path, members: usize) -> anyhow::Result<Cluster> {
+/// Starts a fresh 3-member etcd cluster from `bin` (fsync on, as etcd always does), reached
+/// as `system` says.
+pub async fn start_etcd(bin: &Path, members: usize, system: System) -> anyhow::Result<Cluster> {
     let dir = tempfile::Builder::new().prefix("etcd-bench-").tempdir()?;
     let mut peers = Vec::new();
     let mut clients = Vec::new();
@@ -232,7 +259,7 @@ pub async fn start_etcd(bin: &Path, members: usize) -> anyhow::Result<Cluster> {
         children.push(child);
     }
     let cluster = Cluster {
-        system: System::Etcd,
+        system,
         endpoints: clients,
         children,
         _dir: Some(dir),
@@ -272,6 +299,37 @@ async fn etcd_connect(endpoints: &[String]) -> anyhow::Result<EtcdKv<Channel>> {
     Ok(kv)
 }
 
+/// The client endpoint of the member that leads, as the members report it.
+async fn etcd_leader(endpoints: &[String]) -> anyhow::Result<String> {
+    let mut leader_id = None;
+    let mut members = Vec::new();
+    for e in endpoints {
+        let channel = Channel::from_shared(format!("http://{e}"))?
+            .connect()
+            .await?;
+        let status = MaintenanceClient::new(channel)
+            .status(StatusRequest {})
+            .await?
+            .into_inner();
+        let me = status.header.map_or(0, |h| h.member_id);
+        members.push((me, e.clone()));
+        leader_id = leader_id.or(Some(status.leader).filter(|l| *l != 0));
+    }
+    let leader = leader_id.context("no etcd member names a leader")?;
+    members
+        .into_iter()
+        .find(|(id, _)| *id == leader)
+        .map(|(_, e)| e)
+        .with_context(|| format!("the leader {leader:x} is not among {endpoints:?}"))
+}
+
+/// Ranges of a SphereDB cluster holding user data (all but the meta range).
+pub async fn spheredb_user_ranges(endpoints: &[String]) -> anyhow::Result<usize> {
+    let client = spheredb_client::Client::connect(endpoints, Default::default()).await?;
+    let list = client.range_list().await?;
+    Ok(list.ranges.iter().filter(|r| r.range_id != 1).count())
+}
+
 /// A client of either system.
 #[derive(Clone)]
 pub enum Conn {
@@ -283,7 +341,7 @@ impl Conn {
     /// Connects to `cluster` with the requested read consistency.
     pub async fn connect(cluster: &Cluster, consistency: ReadConsistency) -> anyhow::Result<Conn> {
         match cluster.system {
-            System::Spheredb => {
+            System::Spheredb | System::SpheredbOneRange => {
                 let consistency = match consistency {
                     ReadConsistency::Linearizable => spheredb_client::Consistency::Linearizable,
                     ReadConsistency::Lease => spheredb_client::Consistency::Lease,
@@ -303,6 +361,10 @@ impl Conn {
                 etcd_connect(&cluster.endpoints).await?,
                 consistency,
             )),
+            System::EtcdLeader => {
+                let leader = etcd_leader(&cluster.endpoints).await?;
+                Ok(Conn::Etcd(etcd_connect(&[leader]).await?, consistency))
+            }
         }
     }
 

@@ -855,7 +855,9 @@ impl Client {
         while (out.len() as u32) < limit {
             let want = limit - out.len() as u32;
             // Only the failpoint `client-scan-resume-cached-end` uses it.
-            let cached_end = {
+            let cached_end = if !cfg!(feature = "failpoints") {
+                None
+            } else {
                 let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 cache
                     .lookup(&keys::kv_key(sphere, &cursor))

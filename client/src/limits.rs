@@ -61,8 +61,9 @@ pub fn check_value(value: &[u8]) -> Result<(), ClientError> {
 }
 
 /// Largest difference, in parts per million, between the rate of any node's clocks and real
-/// time that the cluster is built to tolerate. Raft's safety needs no clock at all (reads
-/// confirm leadership with a quorum round, see docs/architecture.md); timeouts, leases and
-/// timestamps are sized against this bound, and the Jepsen tester's `clock-rate` nemesis
-/// runs node clocks anywhere within it. Far above real quartz drift (tens of ppm).
+/// time that the cluster is built to tolerate. Nothing depends on it yet: Raft's safety needs
+/// no clock, and reads confirm leadership with a quorum round (docs/architecture.md). Leader
+/// leases and timestamps, when they come, must be sized against it; the Jepsen tester's
+/// `clock-rate` nemesis already runs node clocks anywhere within it. Far above real quartz
+/// drift (tens of ppm).
 pub const MAX_CLOCK_RATE_DRIFT_PPM: u64 = 20_000;

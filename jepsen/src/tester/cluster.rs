@@ -255,7 +255,15 @@ impl Cluster {
         if let Some(spec) = &self.cfg.failpoints {
             cmd.env("FAILPOINTS", spec);
         }
-        if let (Some(lib), Some(clock)) = (&self.cfg.faketime_lib, &node.clock_file) {
+        let rate = self.cfg.clock_rates.get(i).copied();
+        if let (Some(lib), Some(rate)) = (&self.cfg.faketime_lib, rate) {
+            // A fixed rate for the process's life, from its start: given in the environment,
+            // parsed once (a timestamp file without cache would be re-read on every clock
+            // call, tokio's frequent ones included). Both clocks are faked, so timers and
+            // timeouts follow the rate.
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME", format!("+0 x{rate:.6}"));
+        } else if let (Some(lib), Some(clock)) = (&self.cfg.faketime_lib, &node.clock_file) {
             // libfaketime re-reads the offset file on every clock call (no cache), so
             // rewriting the file moves this node's clock at once.
             cmd.env("LD_PRELOAD", lib)

@@ -775,6 +775,7 @@ async fn run_inner(
                 "stale": report.stale_count,
                 "phantom": report.phantom_count,
                 "misplaced": report.misplaced_count,
+                "excused_by_unknown_delete": report.excused_by_unknown_delete,
                 "explanation": lines,
             });
             (validity, lines, json)
