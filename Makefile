@@ -25,13 +25,14 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Side-by-side comparison with etcd in release mode (the first release build takes about
-# 20 minutes on 2 cores; the runs about 10). Results go to bench-results/.
+# 30 minutes on 2 cores; the runs about 20). Results go to bench-results/. The README's
+# performance section comes from exactly these commands.
 bench-compare: deps
 	@./benches/install-etcd.sh
 	$(CARGO) build --release --bin spheredb --bin spheredb-bench
-	./target/release/spheredb-bench compare --workload kv0 --clients 1,16,64,256 --pairs 3 --duration-secs 5 --out-dir bench-results/kv0
-	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 3 --duration-secs 5 --read-consistency linearizable --out-dir bench-results/reads-linearizable
-	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 3 --duration-secs 5 --read-consistency lease --out-dir bench-results/reads-lease
+	./target/release/spheredb-bench compare --workload kv0 --clients 1,16,64,256 --pairs 2 --duration-secs 10 --out-dir bench-results/kv0
+	./target/release/spheredb-bench compare --workload kv0 --clients 256 --rates 2000,5000 --systems spheredb,etcd --pairs 2 --duration-secs 10 --out-dir bench-results/kv0-open-loop
+	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 2 --duration-secs 10 --read-consistency linearizable --out-dir bench-results/reads-linearizable
 
 # 1,000 ranges on a 3-node cluster (999 splits), then the nodes' CPU while they idle.
 # Release build (a debug build spends several times the CPU per Raft message); minutes

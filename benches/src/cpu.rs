@@ -4,6 +4,11 @@
 
 /// CPU seconds (user + system) used so far by `pid`; `None` if it cannot be read.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    user_system_seconds(pid).map(|(user, system)| user + system)
+}
+
+/// User and system CPU seconds used so far by `pid`, all its threads.
+pub fn user_system_seconds(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -11,7 +16,14 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     let ticks = clock_ticks_per_second();
-    Some((utime + stime) / ticks)
+    Some((utime / ticks, stime / ticks))
+}
+
+/// User and system CPU seconds over `pids`.
+pub fn total_user_system_seconds(pids: &[u32]) -> (f64, f64) {
+    pids.iter()
+        .filter_map(|p| user_system_seconds(*p))
+        .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
 }
 
 fn clock_ticks_per_second() -> f64 {

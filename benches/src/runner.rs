@@ -54,10 +54,10 @@ pub struct RunResult {
     pub p999_us: u64,
     /// Server CPU over the measured window, all processes and threads.
     pub server_cpu_seconds: f64,
+    /// The kernel's share of it (system time: syscalls, fsync, networking).
+    pub server_system_cpu_seconds: f64,
     /// What the servers burn idle over as long (heartbeats, timers), measured before the run.
     pub server_idle_cpu_seconds: f64,
-    /// Operations per server CPU-second net of the idle baseline; 0 when not measured.
-    pub ops_per_cpu_second: f64,
     /// The load generator's own CPU over the window.
     pub loadgen_cpu_seconds: f64,
     /// Busy share of the whole machine over the window (1.0: every core busy).
@@ -172,6 +172,7 @@ pub async fn run(
     tokio::time::sleep_until(warm_end.into()).await;
     let window_started = Instant::now();
     let cpu_before = cpu::total_cpu_seconds(server_pids);
+    let system_before = cpu::total_user_system_seconds(server_pids).1;
     let loadgen_before = cpu::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let machine_before = cpu::machine_cpu_seconds();
     let mut total =
@@ -180,13 +181,13 @@ pub async fn run(
         total.add(t.await?)?;
     }
     let cpu_used = cpu::total_cpu_seconds(server_pids) - cpu_before;
+    let server_system_cpu_seconds = cpu::total_user_system_seconds(server_pids).1 - system_before;
     let loadgen_cpu_seconds = cpu::cpu_seconds(std::process::id()).unwrap_or(0.0) - loadgen_before;
     let machine_busy_fraction = match (machine_before, cpu::machine_cpu_seconds()) {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) / (t1 - t0),
         _ => 0.0,
     };
     let server_idle_cpu_seconds = idle_cpu_per_sec * window_started.elapsed().as_secs_f64();
-    let net_cpu = cpu_used - server_idle_cpu_seconds;
     let measured_secs = cfg.duration_secs;
     let ops = total.len();
     Ok(RunResult {
@@ -202,12 +203,8 @@ pub async fn run(
         p99_us: total.value_at_quantile(0.99),
         p999_us: total.value_at_quantile(0.999),
         server_cpu_seconds: cpu_used,
+        server_system_cpu_seconds,
         server_idle_cpu_seconds,
-        ops_per_cpu_second: if server_pids.is_empty() || net_cpu <= 0.0 {
-            0.0
-        } else {
-            ops as f64 / net_cpu
-        },
         loadgen_cpu_seconds,
         machine_busy_fraction,
         range_count: None,
