@@ -31,7 +31,7 @@ bench-compare: deps
 	@./benches/install-etcd.sh
 	$(CARGO) build --release --bin spheredb --bin spheredb-bench
 	./target/release/spheredb-bench compare --workload kv0 --clients 1,16,64,256 --pairs 2 --duration-secs 10 --out-dir bench-results/kv0
-	./target/release/spheredb-bench compare --workload kv0 --clients 256 --rates 2000,5000 --systems spheredb,etcd --pairs 2 --duration-secs 10 --out-dir bench-results/kv0-open-loop
+	./target/release/spheredb-bench compare --workload kv0 --clients 256 --rates 2000,5000 --systems spheredb,spheredb-1range,etcd --pairs 2 --duration-secs 10 --out-dir bench-results/kv0-open-loop
 	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 2 --duration-secs 10 --read-consistency linearizable --out-dir bench-results/reads-linearizable
 
 # 1,000 ranges on a 3-node cluster (999 splits), then the nodes' CPU while they idle.

@@ -41,6 +41,12 @@ pub async fn fresh_run(
     let mut result = runner::run(system, conn, cfg, &cluster.pids()).await?;
     if system.is_spheredb() {
         result.range_count = target::spheredb_user_ranges(&cluster.endpoints).await.ok();
+        if system == System::SpheredbOneRange && result.range_count != Some(1) {
+            eprintln!(
+                "    warning: spheredb-1range ended with {:?} ranges, not one",
+                result.range_count
+            );
+        }
     }
     drop(cluster);
     Ok(result)
@@ -60,6 +66,7 @@ struct Row {
     ratio_vs_etcd_leader: Option<f64>,
     p50_us: u64,
     p99_us: u64,
+    /// The most ranges any of the point's runs ended with.
     range_count: Option<usize>,
     server_cpu_seconds: f64,
     server_idle_cpu_seconds: f64,
@@ -377,6 +384,7 @@ mod tests {
             clients: 16,
             consistency: crate::target::ReadConsistency::Linearizable,
             ops: ops_per_sec as u64,
+            late_ops: 0,
             errors: 0,
             ops_per_sec,
             p50_us: 900,

@@ -78,8 +78,9 @@ enum Cmd {
             default_value = "spheredb,spheredb-1range,etcd,etcd-leader"
         )]
         systems: Vec<System>,
-        /// Pairs per point (each system once per pair).
-        #[arg(long, default_value_t = 3)]
+        /// Pairs per point (each system once per pair); an even number, so that the
+        /// alternating order cancels drift.
+        #[arg(long, default_value_t = 2)]
         pairs: usize,
         /// Where compare.md, compare.json and compare.svg go.
         #[arg(long, default_value = "bench-results")]

@@ -19,7 +19,8 @@ use crate::workload::{key, KeyChooser, KeyDistribution, OpKind, Workload};
 pub const MAX_TRACKED_LATENCY_US: u64 = 60_000_000;
 /// Significant digits kept by the histograms.
 pub const HISTOGRAM_PRECISION_DIGITS: u8 = 3;
-/// Length of the idle window whose server CPU is the baseline subtracted from a run's.
+/// Length of the window, right before the load starts, whose server CPU is reported as the
+/// idle baseline (scaled to the measured window; shown next to the run's CPU, not subtracted).
 pub const IDLE_BASELINE_MS: u64 = 2_000;
 
 /// What to measure.
@@ -45,7 +46,11 @@ pub struct RunResult {
     pub workload: Workload,
     pub clients: usize,
     pub consistency: ReadConsistency,
+    /// Operations of the measured window that finished within it.
     pub ops: u64,
+    /// Operations of the window that finished after it (an open loop behind its schedule);
+    /// their latency is in the percentiles, they are not in `ops`.
+    pub late_ops: u64,
     pub errors: u64,
     pub ops_per_sec: f64,
     pub p50_us: u64,
@@ -114,6 +119,9 @@ pub async fn run(
     let end = warm_end + Duration::from_secs_f64(cfg.duration_secs);
     let next_op = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    // Operations of the measured window that finished within it: an open loop that falls
+    // behind its schedule finishes the rest late, and they must not count as throughput.
+    let completed_in_window = Arc::new(AtomicU64::new(0));
 
     let mut tasks = Vec::new();
     for c in 0..cfg.clients {
@@ -124,6 +132,7 @@ pub async fn run(
             errors.clone(),
             cfg.clone(),
         );
+        let completed_in_window = completed_in_window.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(
                 1,
@@ -159,6 +168,9 @@ pub async fn run(
                             let us = (intended.elapsed().as_micros() as u64)
                                 .clamp(1, MAX_TRACKED_LATENCY_US);
                             hist.record(us).expect("value within bounds");
+                            if Instant::now() <= end {
+                                completed_in_window.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         Err(_) => {
                             errors.fetch_add(1, Ordering::Relaxed);
@@ -175,11 +187,8 @@ pub async fn run(
     let system_before = cpu::total_user_system_seconds(server_pids).1;
     let loadgen_before = cpu::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let machine_before = cpu::machine_cpu_seconds();
-    let mut total =
-        Histogram::<u64>::new_with_bounds(1, MAX_TRACKED_LATENCY_US, HISTOGRAM_PRECISION_DIGITS)?;
-    for t in tasks {
-        total.add(t.await?)?;
-    }
+    // CPU is read at the end of the window, not after late operations drained.
+    tokio::time::sleep_until(end.into()).await;
     let cpu_used = cpu::total_cpu_seconds(server_pids) - cpu_before;
     let server_system_cpu_seconds = cpu::total_user_system_seconds(server_pids).1 - system_before;
     let loadgen_cpu_seconds = cpu::cpu_seconds(std::process::id()).unwrap_or(0.0) - loadgen_before;
@@ -188,14 +197,20 @@ pub async fn run(
         _ => 0.0,
     };
     let server_idle_cpu_seconds = idle_cpu_per_sec * window_started.elapsed().as_secs_f64();
+    let mut total =
+        Histogram::<u64>::new_with_bounds(1, MAX_TRACKED_LATENCY_US, HISTOGRAM_PRECISION_DIGITS)?;
+    for t in tasks {
+        total.add(t.await?)?;
+    }
     let measured_secs = cfg.duration_secs;
-    let ops = total.len();
+    let ops = completed_in_window.load(Ordering::Relaxed);
     Ok(RunResult {
         system,
         workload: cfg.workload,
         clients: cfg.clients,
         consistency: cfg.consistency,
         ops,
+        late_ops: total.len().saturating_sub(ops),
         errors: errors.load(Ordering::Relaxed),
         ops_per_sec: ops as f64 / measured_secs,
         p50_us: total.value_at_quantile(0.50),

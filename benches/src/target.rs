@@ -55,8 +55,10 @@ impl std::fmt::Display for System {
     }
 }
 
-/// `--range-split-qps` that no benchmark reaches: keeps `spheredb-1range` in one range.
+/// `--range-split-qps` and `--range-split-size-bytes` no benchmark reaches: keep
+/// `spheredb-1range` in one range.
 const NEVER_SPLIT_QPS: &str = "1000000000";
+const NEVER_SPLIT_SIZE_BYTES: &str = "1099511627776";
 
 /// Read consistency requested of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -182,7 +184,10 @@ pub async fn start_spheredb(bin: &Path, nodes: usize, system: System) -> anyhow:
             cmd.arg("--join").arg(&cluster.endpoints[0]);
         }
         if system == System::SpheredbOneRange {
-            cmd.arg("--range-split-qps").arg(NEVER_SPLIT_QPS);
+            cmd.arg("--range-split-qps")
+                .arg(NEVER_SPLIT_QPS)
+                .arg("--range-split-size-bytes")
+                .arg(NEVER_SPLIT_SIZE_BYTES);
         }
         cluster.children.push(
             cmd.spawn()
