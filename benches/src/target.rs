@@ -24,6 +24,7 @@ pub const BENCH_SPHERE: u64 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum System {
     /// SphereDB with its defaults: ranges split under load (see `range_count` in results).
+    #[serde(rename = "spheredb")]
     Spheredb,
     /// SphereDB kept to one range (load-based splits off), one Raft group like etcd's.
     #[value(name = "spheredb-1range")]
@@ -31,6 +32,7 @@ pub enum System {
     SpheredbOneRange,
     /// etcd through a client balanced over every member, as etcd's own clients do: a
     /// linearizable read at a follower pays a ReadIndex hop to the leader.
+    #[serde(rename = "etcd")]
     Etcd,
     /// etcd through its leader only, as SphereDB's client goes to each range's leader.
     #[value(name = "etcd-leader")]
