@@ -96,6 +96,13 @@ struct SuiteArgs {
     #[arg(value_enum)]
     suite: SuiteArg,
 
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+/// What every run starts and where it writes, shared by `test` and `suite`.
+#[derive(Debug, Args)]
+struct TargetArgs {
     /// The spheredb binary.
     #[arg(long, value_name = "PATH", default_value = "target/debug/spheredb")]
     bin: PathBuf,
@@ -104,7 +111,9 @@ struct SuiteArgs {
     #[arg(long, value_name = "DIR", default_value = "jepsen/store")]
     store: PathBuf,
 
-    /// FAILPOINTS for every run (nodes, and `client-` ones in the tester itself).
+    /// FAILPOINTS for every node, e.g. `kv-read-skip-barrier=return`, and for the tester's
+    /// own client (`client-` ones); the binaries must be built with the failpoints (`cargo
+    /// test --workspace` builds them so).
     #[arg(long, value_name = "SPEC")]
     failpoints: Option<String>,
 }
@@ -181,18 +190,8 @@ struct TestArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
 
-    /// The spheredb binary.
-    #[arg(long, value_name = "PATH", default_value = "target/debug/spheredb")]
-    bin: PathBuf,
-
-    /// Folder for run folders.
-    #[arg(long, value_name = "DIR", default_value = "jepsen/store")]
-    store: PathBuf,
-
-    /// FAILPOINTS for every node, e.g. `kv-read-skip-barrier=return` (the binary must be
-    /// built with `--features spheredb-engine/failpoints`).
-    #[arg(long, value_name = "SPEC")]
-    failpoints: Option<String>,
+    #[command(flatten)]
+    target: TargetArgs,
 
     /// Mean quiet time between faults, in milliseconds.
     #[arg(long, default_value_t = 4_000)]
@@ -363,15 +362,15 @@ fn run_test(args: &TestArgs) -> u8 {
         WorkloadArg::Set => WorkloadKind::Set,
         WorkloadArg::Scan => WorkloadKind::Scan,
     };
-    let mut options = TestOptions::new(workload, args.bin.clone());
+    let mut options = TestOptions::new(workload, args.target.bin.clone());
     options.faults = faults;
     options.nodes = args.nodes;
     options.time_limit_secs = args.time_limit_secs;
     options.concurrency = args.concurrency;
     options.rate_ops_per_sec = args.rate_ops_per_sec;
     options.seed = args.seed;
-    options.store = args.store.clone();
-    options.failpoints = args.failpoints.clone();
+    options.store = args.target.store.clone();
+    options.failpoints = args.target.failpoints.clone();
     options.quiet_ms = args.quiet_ms;
     options.fault_ms = args.fault_ms;
     options.op_timeout_ms = args.op_timeout_ms;
@@ -413,9 +412,9 @@ fn run_suite(args: &SuiteArgs) -> u8 {
         SuiteArg::Ci => Suite::Ci,
         SuiteArg::Long => Suite::Long,
     };
-    let mut runs = suite::runs(which, &args.bin, &args.store);
+    let mut runs = suite::runs(which, &args.target.bin, &args.target.store);
     for run in &mut runs {
-        run.options.failpoints = args.failpoints.clone();
+        run.options.failpoints = args.target.failpoints.clone();
     }
     let total = runs.len();
     let mut done = 0;

@@ -207,6 +207,23 @@ fn pick_range<'a>(
     Ok((range, leader, addr))
 }
 
+/// The voters of `range` other than its `leader`.
+fn other_voters(range: &RangeDescriptor, leader: u64) -> Vec<u64> {
+    range
+        .voters
+        .iter()
+        .copied()
+        .filter(|&v| v != leader)
+        .collect()
+}
+
+/// An admin request under [`CHURN_CALL_DEADLINE_MS`].
+fn with_deadline<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(Duration::from_millis(CHURN_CALL_DEADLINE_MS));
+    req
+}
+
 async fn transfer_leader(
     client: &Client,
     list: &RangeListResponse,
@@ -214,23 +231,16 @@ async fn transfer_leader(
     pick: u64,
 ) -> Result<ChurnRecord, String> {
     let (range, leader, addr) = pick_range(list, ranges, pick)?;
-    let others: Vec<u64> = range
-        .voters
-        .iter()
-        .copied()
-        .filter(|&v| v != leader)
-        .collect();
+    let others = other_voters(range, leader);
     let to = *others
         .get((pick / 7 % others.len().max(1) as u64) as usize)
         .ok_or("no other voter")?;
     let mut admin = client.admin(&addr).map_err(|e| e.to_string())?;
-    let mut req = tonic::Request::new(TransferLeaderRequest {
-        range_id: range.range_id,
-        to_node_id: to,
-    });
-    req.set_timeout(Duration::from_millis(CHURN_CALL_DEADLINE_MS));
     admin
-        .transfer_leader(req)
+        .transfer_leader(with_deadline(TransferLeaderRequest {
+            range_id: range.range_id,
+            to_node_id: to,
+        }))
         .await
         .map_err(|s| format!("range {} to n{to}: {}", range.range_id, s.message()))?;
     done(
@@ -259,12 +269,7 @@ async fn move_replica(
         ));
     }
     let to = spare[(pick / 13 % spare.len() as u64) as usize];
-    let others: Vec<u64> = range
-        .voters
-        .iter()
-        .copied()
-        .filter(|&v| v != leader)
-        .collect();
+    let others = other_voters(range, leader);
     if others.is_empty() {
         return Err(format!(
             "range {} has no voter but its leader",
@@ -273,27 +278,24 @@ async fn move_replica(
     }
     let from = others[(pick / 11 % others.len() as u64) as usize];
     let mut admin = client.admin(&addr).map_err(|e| e.to_string())?;
-    let mut add = tonic::Request::new(ChangeReplicasRequest {
-        range_id: range.range_id,
-        add_node_id: Some(to),
-        remove_node_id: None,
-        expected_generation: range.generation,
-    });
-    add.set_timeout(Duration::from_millis(CHURN_CALL_DEADLINE_MS));
     let added = admin
-        .change_replicas(add)
+        .change_replicas(with_deadline(ChangeReplicasRequest {
+            range_id: range.range_id,
+            add_node_id: Some(to),
+            remove_node_id: None,
+            expected_generation: range.generation,
+        }))
         .await
         .map_err(|s| format!("range {}: add n{to}: {}", range.range_id, s.message()))?
         .into_inner()
         .descriptor
         .ok_or("the add answered without a descriptor")?;
-    let mut remove = tonic::Request::new(ChangeReplicasRequest {
+    let remove = with_deadline(ChangeReplicasRequest {
         range_id: range.range_id,
         add_node_id: None,
         remove_node_id: Some(from),
         expected_generation: added.generation,
     });
-    remove.set_timeout(Duration::from_millis(CHURN_CALL_DEADLINE_MS));
     admin.change_replicas(remove).await.map_err(|s| {
         format!(
             "range {}: added n{to}, then removing n{from}: {}",
