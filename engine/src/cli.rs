@@ -113,9 +113,20 @@ pub struct StartArgs {
     /// A range whose data grows past this many bytes splits in two.
     #[arg(long, env = "SPHEREDB_RANGE_SPLIT_SIZE_BYTES", default_value_t = config::DEFAULT_RANGE_SPLIT_SIZE_BYTES)]
     pub range_split_size_bytes: u64,
-    /// A range serving more requests per second than this splits in two.
+    /// A range serving more requests per second than this splits in two, once it has stayed
+    /// so for --range-split-sustain-ms and its leader's node keeps at least
+    /// --range-split-min-node-cpu-fraction of its cores busy.
     #[arg(long, env = "SPHEREDB_RANGE_SPLIT_QPS", default_value_t = config::DEFAULT_RANGE_SPLIT_QPS)]
     pub range_split_qps: f64,
+    /// How long a range must stay busier than --range-split-qps, every check, before it
+    /// splits by load.
+    #[arg(long, env = "SPHEREDB_RANGE_SPLIT_SUSTAIN_MS", default_value_t = config::DEFAULT_RANGE_SPLIT_SUSTAIN_MS)]
+    pub range_split_sustain_ms: u64,
+    /// Least busy share of the leader node's cores (0.0 to 1.0) for a busy range to split: a
+    /// load split helps only by moving leader work off a node short of CPU (0: split on
+    /// load alone).
+    #[arg(long, env = "SPHEREDB_RANGE_SPLIT_MIN_NODE_CPU_FRACTION", default_value_t = config::DEFAULT_RANGE_SPLIT_MIN_NODE_CPU_FRACTION, value_parser = cpu_fraction)]
+    pub range_split_min_node_cpu_fraction: f64,
     /// Neighbouring ranges smaller than this (each, and together) and colder than
     /// --range-merge-qps merge into one (0: ranges never merge by themselves).
     #[arg(long, env = "SPHEREDB_RANGE_MERGE_SIZE_BYTES", default_value_t = config::DEFAULT_RANGE_MERGE_SIZE_BYTES)]
@@ -346,6 +357,18 @@ async fn node(client: &Client, op: NodeOp) -> anyhow::Result<()> {
     }
 }
 
+/// Parses a share of the cores, 0.0 to 1.0.
+fn cpu_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if (0.0..=1.0).contains(&f) {
+        Ok(f)
+    } else {
+        Err(format!("{f} is not a share of the cores between 0.0 and 1.0"))
+    }
+}
+
 fn decode_hex(hex: &str) -> anyhow::Result<Vec<u8>> {
     let hex = hex.trim_start_matches("0x");
     if !hex.len().is_multiple_of(2) {
@@ -434,6 +457,8 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         log_kept_behind_snapshot: args.log_kept_behind_snapshot,
         range_split_size_bytes: args.range_split_size_bytes,
         range_split_qps: args.range_split_qps,
+        range_split_sustain_ms: args.range_split_sustain_ms,
+        range_split_min_node_cpu_fraction: args.range_split_min_node_cpu_fraction,
         range_merge_size_bytes: args.range_merge_size_bytes,
         range_merge_qps: args.range_merge_qps,
         range_merge_after_split_ms: args.range_merge_after_split_ms,

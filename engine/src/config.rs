@@ -21,6 +21,17 @@ pub const DEFAULT_RANGE_SPLIT_SIZE_BYTES: u64 = 64 << 20;
 /// Default load (requests per second, averaged over the load window) past which a range
 /// splits.
 pub const DEFAULT_RANGE_SPLIT_QPS: f64 = 2_500.0;
+/// How long a range's load must stay over the threshold, check after check, before it
+/// splits by load: a burst does not split a range (CockroachDB samples 10 s too).
+pub const DEFAULT_RANGE_SPLIT_SUSTAIN_MS: u64 = 10_000;
+/// Least share of the node's cores its process must keep busy for a range it leads to split
+/// by load. A load split pays off only by moving half of a hot range's leader work to
+/// another node; while the leader's node has cores to spare it only adds a Raft group,
+/// which on the same three nodes halves every group's batches and costs CPU per write
+/// (measured in `docs/performance/write-path.md`: four ranges on three nodes served 30 %
+/// fewer writes per second than one, at 65 % more CPU per write).
+pub const DEFAULT_RANGE_SPLIT_MIN_NODE_CPU_FRACTION: f64 = 0.75;
+
 /// Default size under which a range merges with a small right neighbour (their sum must
 /// stay under it too).
 pub const DEFAULT_RANGE_MERGE_SIZE_BYTES: u64 = 16 << 20;
@@ -64,8 +75,14 @@ pub struct NodeConfig {
     pub log_kept_behind_snapshot: u64,
     /// A range larger than this splits.
     pub range_split_size_bytes: u64,
-    /// A range busier than this (requests/s over the load window) splits.
+    /// A range busier than this (requests/s over the load window) splits, once it has
+    /// stayed so for `range_split_sustain_ms` while its leader's node keeps at least
+    /// `range_split_min_node_cpu_fraction` of its cores busy.
     pub range_split_qps: f64,
+    /// How long a range must stay busier than `range_split_qps` before it splits.
+    pub range_split_sustain_ms: u64,
+    /// Least busy share of the leader node's cores (0.0–1.0) for a load split.
+    pub range_split_min_node_cpu_fraction: f64,
     /// Two neighbours both smaller than this, together too, and both colder than
     /// `range_merge_qps`, merge (0: never merge by themselves).
     pub range_merge_size_bytes: u64,
@@ -101,6 +118,8 @@ impl NodeConfig {
             log_kept_behind_snapshot: DEFAULT_LOG_KEPT_BEHIND_SNAPSHOT,
             range_split_size_bytes: DEFAULT_RANGE_SPLIT_SIZE_BYTES,
             range_split_qps: DEFAULT_RANGE_SPLIT_QPS,
+            range_split_sustain_ms: DEFAULT_RANGE_SPLIT_SUSTAIN_MS,
+            range_split_min_node_cpu_fraction: DEFAULT_RANGE_SPLIT_MIN_NODE_CPU_FRACTION,
             range_merge_size_bytes: DEFAULT_RANGE_MERGE_SIZE_BYTES,
             range_merge_qps: DEFAULT_RANGE_MERGE_QPS,
             range_merge_after_split_ms: DEFAULT_RANGE_MERGE_AFTER_SPLIT_MS,

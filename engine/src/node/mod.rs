@@ -57,7 +57,7 @@ use crate::meta::allocator::Allocator;
 use crate::meta::MetaState;
 use crate::peers::{local_ip_of, Peers};
 use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
-use crate::range::split::SplitCheck;
+use crate::range::split::{LoadSplitPolicy, SplitCheck};
 use crate::service::admin::{AdminParts, AdminService, ThisNode};
 use crate::service::kv::KvService;
 use heartbeat::{heartbeat_loop, Heartbeat};
@@ -794,7 +794,11 @@ impl Node {
             peers: peers.clone(),
             counters: view.clone(),
             split_size_bytes: cfg.range_split_size_bytes,
-            split_qps: cfg.range_split_qps,
+            load: LoadSplitPolicy {
+                split_qps: cfg.range_split_qps,
+                sustain_ms: cfg.range_split_sustain_ms,
+                min_node_cpu_fraction: cfg.range_split_min_node_cpu_fraction,
+            },
         };
         let (fatal_tx, fatal_rx) = watch::channel(None);
         let loops = vec![

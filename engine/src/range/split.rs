@@ -33,6 +33,97 @@ pub const MAX_SPLITS_PER_CHECK: usize = 4;
 /// Longest a split waits for its command to commit.
 pub const SPLIT_TIMEOUT_MS: u64 = 10_000;
 
+/// Least time between two load splits of one range, so a split has time to show its effect
+/// (and leaders to move) before the next.
+pub const LOAD_SPLIT_COOLDOWN_MS: u64 = 60_000;
+/// The load-split rule: when a range busier than its threshold splits. A pure function of
+/// what the split check observes, once per check, for each range this node leads.
+#[derive(Debug, Clone)]
+pub struct LoadSplitPolicy {
+    /// Requests per second over which a range is busy.
+    pub split_qps: f64,
+    /// How long a range must stay busy, every check, before it splits.
+    pub sustain_ms: u64,
+    /// Least busy share of the node's cores (0.0–1.0); 0 splits on load alone.
+    pub min_node_cpu_fraction: f64,
+}
+
+/// What [`LoadSplitPolicy`] remembers of one range between checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadSplitState {
+    /// When the range's load went over the threshold and has stayed there since.
+    pub busy_since_ms: Option<u64>,
+    /// When the range last split by load.
+    pub last_load_split_ms: Option<u64>,
+}
+
+impl LoadSplitPolicy {
+    /// Whether the range splits by load at `now_ms`, given its load `qps` and the busy share
+    /// of the node's cores (`None`: unknown, which does not hold a split back); updates
+    /// `state`. The caller records a split it carried out with [`Self::split_done`].
+    pub fn due(
+        &self,
+        state: &mut LoadSplitState,
+        now_ms: u64,
+        qps: f64,
+        node_cpu_fraction: Option<f64>,
+    ) -> bool {
+        if qps <= self.split_qps {
+            state.busy_since_ms = None;
+            return false;
+        }
+        let since = *state.busy_since_ms.get_or_insert(now_ms);
+        let sustained = now_ms.saturating_sub(since) >= self.sustain_ms;
+        let cooled = state
+            .last_load_split_ms
+            .is_none_or(|at| now_ms.saturating_sub(at) >= LOAD_SPLIT_COOLDOWN_MS);
+        let node_busy = node_cpu_fraction.is_none_or(|f| f >= self.min_node_cpu_fraction);
+        sustained && cooled && node_busy
+    }
+
+    /// Records a load split of the range at `now_ms`: it must be busy for a whole new
+    /// sustain period, and the cooldown starts.
+    pub fn split_done(state: &mut LoadSplitState, now_ms: u64) {
+        state.busy_since_ms = None;
+        state.last_load_split_ms = Some(now_ms);
+    }
+}
+
+/// CPU seconds (user and system, all threads) this process has used so far; `None` where
+/// `/proc/self/stat` cannot be read (not Linux).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15,
+    // in USER_HZ ticks (100 per second on every mainstream Linux architecture).
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Busy share of this node's cores between two readings of [`process_cpu_seconds`].
+#[derive(Debug)]
+struct NodeCpu {
+    cores: f64,
+    last: Option<(std::time::Instant, f64)>,
+}
+
+impl NodeCpu {
+    fn new() -> NodeCpu {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        NodeCpu { cores, last: None }
+    }
+
+    /// The busy share since the previous call; `None` on the first call or without /proc.
+    fn sample(&mut self) -> Option<f64> {
+        let now = (std::time::Instant::now(), process_cpu_seconds()?);
+        let previous = self.last.replace(now)?;
+        let wall_secs = now.0.duration_since(previous.0).as_secs_f64();
+        (wall_secs > 0.0).then(|| (now.1 - previous.1) / wall_secs / self.cores)
+    }
+}
+
 /// Size of a span's data and the row boundary near its middle by bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpanSize {
@@ -156,8 +247,8 @@ pub struct SplitCheck {
     pub counters: Arc<MetaState>,
     /// A range larger than this splits.
     pub split_size_bytes: u64,
-    /// A range serving more requests per second than this splits.
-    pub split_qps: f64,
+    /// When a busy range splits.
+    pub load: LoadSplitPolicy,
 }
 
 /// Checks the ranges this node leads every [`SPLIT_CHECK_INTERVAL_MS`] and splits those past
@@ -168,18 +259,25 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
     // (a merge widened it).
     let mut measured: HashMap<RangeId, (RangeSpan, SpanSize)> = HashMap::new();
     let remeasure_bytes = (check.split_size_bytes / 8).max(1);
+    let mut load_state: HashMap<RangeId, LoadSplitState> = HashMap::new();
+    let mut node_cpu = NodeCpu::new();
+    let started = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(Duration::from_millis(SPLIT_CHECK_INTERVAL_MS)) => {}
         }
         let mut splits = 0usize;
+        let node_cpu_fraction = node_cpu.sample();
+        let now_ms = started.elapsed().as_millis() as u64;
         for replica in check.replicas.all() {
             let range_id = replica.shared.range_id;
-            if range_id == META_RANGE_ID
-                || !replica.raft.is_leader()
-                || splits >= MAX_SPLITS_PER_CHECK
-            {
+            if range_id == META_RANGE_ID || !replica.raft.is_leader() {
+                // A leader that comes back must see the load anew.
+                load_state.remove(&range_id);
+                continue;
+            }
+            if splits >= MAX_SPLITS_PER_CHECK {
                 continue;
             }
             let Some(span) = replica.shared.span() else {
@@ -207,7 +305,10 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
                 continue;
             };
             let too_big = size.size_bytes > check.split_size_bytes;
-            let too_busy = replica.qps() > check.split_qps;
+            let state = load_state.entry(range_id).or_default();
+            let too_busy = check
+                .load
+                .due(state, now_ms, replica.qps(), node_cpu_fraction);
             let Some(key) = size.middle_key.clone().filter(|_| too_big || too_busy) else {
                 continue;
             };
@@ -215,10 +316,14 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
                 Ok(_) => {
                     splits += 1;
                     measured.remove(&range_id);
+                    if too_busy {
+                        LoadSplitPolicy::split_done(state, now_ms);
+                    }
                     tracing::info!(
                         range_id,
                         size_bytes = size.size_bytes,
                         qps = replica.qps(),
+                        node_cpu_fraction,
                         too_big,
                         "range split by the size/load check"
                     );
@@ -227,6 +332,7 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
             }
         }
         measured.retain(|id, _| check.replicas.get(*id).is_some());
+        load_state.retain(|id, _| check.replicas.get(*id).is_some());
     }
 }
 
@@ -242,6 +348,82 @@ mod tests {
             generation: 1,
             next_replica_id: 2,
         }
+    }
+
+    fn policy() -> LoadSplitPolicy {
+        LoadSplitPolicy {
+            split_qps: 100.0,
+            sustain_ms: 10_000,
+            min_node_cpu_fraction: 0.75,
+        }
+    }
+
+    #[test]
+    fn a_range_splits_by_load_only_after_staying_busy_for_the_whole_sustain_period() {
+        let p = policy();
+        let mut s = LoadSplitState::default();
+        let busy_node = Some(0.9);
+        assert!(!p.due(&mut s, 0, 500.0, busy_node));
+        assert!(!p.due(&mut s, 9_999, 500.0, busy_node));
+        // One quiet check starts the period over.
+        assert!(!p.due(&mut s, 10_000, 50.0, busy_node));
+        assert!(!p.due(&mut s, 11_000, 500.0, busy_node));
+        assert!(!p.due(&mut s, 20_999, 500.0, busy_node));
+        assert!(p.due(&mut s, 21_000, 500.0, busy_node));
+    }
+
+    #[test]
+    fn a_busy_range_does_not_split_while_its_node_has_cores_to_spare() {
+        let p = policy();
+        let mut s = LoadSplitState::default();
+        assert!(!p.due(&mut s, 0, 500.0, Some(0.4)));
+        assert!(!p.due(&mut s, 30_000, 500.0, Some(0.4)));
+        // The busy period counted all along: once the node is short of CPU it splits.
+        assert!(p.due(&mut s, 31_000, 500.0, Some(0.8)));
+        // Without a CPU reading (no /proc) load alone decides.
+        let mut s = LoadSplitState::default();
+        assert!(!p.due(&mut s, 0, 500.0, None));
+        assert!(p.due(&mut s, 10_000, 500.0, None));
+        // A zero fraction splits on load alone.
+        let eager = LoadSplitPolicy {
+            min_node_cpu_fraction: 0.0,
+            ..policy()
+        };
+        let mut s = LoadSplitState::default();
+        assert!(!eager.due(&mut s, 0, 500.0, Some(0.0)));
+        assert!(eager.due(&mut s, 10_000, 500.0, Some(0.0)));
+    }
+
+    #[test]
+    fn a_range_that_split_by_load_waits_out_the_cooldown_before_the_next() {
+        let p = policy();
+        let mut s = LoadSplitState::default();
+        assert!(!p.due(&mut s, 0, 500.0, Some(0.9)));
+        assert!(p.due(&mut s, 10_000, 500.0, Some(0.9)));
+        LoadSplitPolicy::split_done(&mut s, 10_000);
+        assert!(!p.due(&mut s, 11_000, 500.0, Some(0.9)));
+        assert!(!p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS - 1, 500.0, Some(0.9)));
+        assert!(p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, Some(0.9)));
+    }
+
+    #[test]
+    fn this_process_cpu_time_is_readable_and_grows_while_it_computes() {
+        let Some(before) = process_cpu_seconds() else {
+            return; // not Linux: the gate treats the node's CPU as unknown
+        };
+        // Spin until the kernel has charged at least one more tick (10 ms) to the process,
+        // for at most 10 s of wall time.
+        let start = std::time::Instant::now();
+        let mut now = before;
+        while now <= before && start.elapsed() < Duration::from_secs(10) {
+            let mut x = 0u64;
+            for i in 0..1_000_000u64 {
+                x = x.wrapping_add(std::hint::black_box(i));
+            }
+            std::hint::black_box(x);
+            now = process_cpu_seconds().expect("readable once, readable again");
+        }
+        assert!(now > before, "no CPU time charged after 10 s of spinning");
     }
 
     #[test]
