@@ -36,7 +36,7 @@ pub async fn fresh_run(
     } else {
         target::start_etcd(etcd_bin, 3, system).await?
     };
-    let mut conn = Conn::connect(&cluster, cfg.consistency).await?;
+    let mut conn = Conn::connect(&cluster, cfg).await?;
     runner::preload(&mut conn, cfg).await?;
     let mut result = runner::run(system, conn, cfg, &cluster.pids()).await?;
     if system.is_spheredb() {

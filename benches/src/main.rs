@@ -13,6 +13,7 @@ mod workload;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use spheredb_client::client::DEFAULT_CONNECTIONS_PER_NODE;
 
 use runner::RunConfig;
 use target::{Conn, ReadConsistency, System};
@@ -111,6 +112,10 @@ struct Common {
     warmup_secs: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// HTTP/2 connections the load generator opens to each node, the same for every system;
+    /// its clients take them in turn.
+    #[arg(long, default_value_t = DEFAULT_CONNECTIONS_PER_NODE)]
+    connections: usize,
     /// The spheredb binary [default: next to this one].
     #[arg(long)]
     spheredb_bin: Option<PathBuf>,
@@ -132,6 +137,7 @@ impl Common {
             distribution: self.distribution,
             consistency: self.read_consistency,
             seed: self.seed,
+            connections: self.connections,
         }
     }
 
@@ -157,7 +163,7 @@ async fn main_inner() -> anyhow::Result<()> {
                 compare::fresh_run(system, &cfg, &common.spheredb_bin(), &common.etcd_bin).await?
             } else {
                 let cluster = target::Cluster::existing(system, endpoints);
-                let mut conn = Conn::connect(&cluster, cfg.consistency).await?;
+                let mut conn = Conn::connect(&cluster, &cfg).await?;
                 if !no_preload {
                     runner::preload(&mut conn, &cfg).await?;
                 }

@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub distribution: KeyDistribution,
     pub consistency: ReadConsistency,
     pub seed: u64,
+    /// HTTP/2 connections to each node (see [`crate::target::Conn::connect`]).
+    pub connections: usize,
 }
 
 /// What was measured.

@@ -4,6 +4,8 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -12,6 +14,7 @@ use tonic::transport::Channel;
 use crate::etcd::kv_client::KvClient as EtcdKv;
 use crate::etcd::maintenance_client::MaintenanceClient;
 use crate::etcd::{request_op, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest};
+use crate::runner::RunConfig;
 
 /// Longest a cluster may take to come up.
 pub const CLUSTER_STARTUP_DEADLINE_MS: u64 = 60_000;
@@ -273,8 +276,9 @@ pub async fn start_etcd(bin: &Path, members: usize, system: System) -> anyhow::R
     };
     let eps = cluster.endpoints.clone();
     wait_until("etcd", || async {
-        match etcd_connect(&eps).await {
-            Ok(mut kv) => kv
+        match etcd_connect(&eps, 1).await {
+            Ok(kv) => kv
+                .next()
                 .put(PutRequest {
                     key: b"bench-ready".to_vec(),
                     value: b"1".to_vec(),
@@ -289,21 +293,43 @@ pub async fn start_etcd(bin: &Path, members: usize, system: System) -> anyhow::R
     Ok(cluster)
 }
 
-/// One etcd connection balanced over every member, as etcd's own clients do.
-async fn etcd_connect(endpoints: &[String]) -> anyhow::Result<EtcdKv<Channel>> {
-    let endpoints = endpoints
-        .iter()
-        .map(|e| Channel::from_shared(format!("http://{e}")).map(|c| c.tcp_nodelay(true)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let channel = Channel::balance_list(endpoints.into_iter());
-    let mut kv = EtcdKv::new(channel);
-    kv.range(RangeRequest {
-        key: b"bench-probe".to_vec(),
-        serializable: true,
-        ..Default::default()
+/// `connections` etcd connections, each balanced over every member, as etcd's own clients
+/// do.
+async fn etcd_connect(endpoints: &[String], connections: usize) -> anyhow::Result<EtcdPool> {
+    let mut pool = Vec::with_capacity(connections);
+    for _ in 0..connections.max(1) {
+        let endpoints = endpoints
+            .iter()
+            .map(|e| Channel::from_shared(format!("http://{e}")).map(|c| c.tcp_nodelay(true)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut kv = EtcdKv::new(Channel::balance_list(endpoints.into_iter()));
+        kv.range(RangeRequest {
+            key: b"bench-probe".to_vec(),
+            serializable: true,
+            ..Default::default()
+        })
+        .await?;
+        pool.push(kv);
+    }
+    Ok(EtcdPool {
+        pool: Arc::new(pool),
+        next: Arc::new(AtomicUsize::new(0)),
     })
-    .await?;
-    Ok(kv)
+}
+
+/// etcd connections that successive calls take in turn, as the SphereDB client takes its
+/// connections to a node.
+#[derive(Clone)]
+pub struct EtcdPool {
+    pool: Arc<Vec<EtcdKv<Channel>>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl EtcdPool {
+    fn next(&self) -> EtcdKv<Channel> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.pool[turn % self.pool.len()].clone()
+    }
 }
 
 /// The client endpoint of the member that leads, as the members report it.
@@ -341,12 +367,13 @@ pub async fn spheredb_user_ranges(endpoints: &[String]) -> anyhow::Result<usize>
 #[derive(Clone)]
 pub enum Conn {
     Spheredb(spheredb_client::Client),
-    Etcd(EtcdKv<Channel>, ReadConsistency),
+    Etcd(EtcdPool, ReadConsistency),
 }
 
 impl Conn {
-    /// Connects to `cluster` with the requested read consistency.
-    pub async fn connect(cluster: &Cluster, consistency: ReadConsistency) -> anyhow::Result<Conn> {
+    /// Connects to `cluster` with the read consistency and connections of `cfg`.
+    pub async fn connect(cluster: &Cluster, cfg: &RunConfig) -> anyhow::Result<Conn> {
+        let consistency = cfg.consistency;
         match cluster.system {
             System::Spheredb | System::SpheredbOneRange => {
                 let consistency = match consistency {
@@ -358,6 +385,7 @@ impl Conn {
                 };
                 let options = spheredb_client::ClientOptions {
                     consistency,
+                    connections_per_node: cfg.connections,
                     ..Default::default()
                 };
                 Ok(Conn::Spheredb(
@@ -365,12 +393,15 @@ impl Conn {
                 ))
             }
             System::Etcd => Ok(Conn::Etcd(
-                etcd_connect(&cluster.endpoints).await?,
+                etcd_connect(&cluster.endpoints, cfg.connections).await?,
                 consistency,
             )),
             System::EtcdLeader => {
                 let leader = etcd_leader(&cluster.endpoints).await?;
-                Ok(Conn::Etcd(etcd_connect(&[leader]).await?, consistency))
+                Ok(Conn::Etcd(
+                    etcd_connect(&[leader], cfg.connections).await?,
+                    consistency,
+                ))
             }
         }
     }
@@ -381,6 +412,7 @@ impl Conn {
             Conn::Spheredb(c) => Ok(c.get(BENCH_SPHERE, key).await?),
             Conn::Etcd(kv, consistency) => {
                 let resp = kv
+                    .next()
                     .range(RangeRequest {
                         key: key.to_vec(),
                         serializable: *consistency == ReadConsistency::Follower,
@@ -398,12 +430,13 @@ impl Conn {
         match self {
             Conn::Spheredb(c) => Ok(c.put(BENCH_SPHERE, key, value).await?),
             Conn::Etcd(kv, _) => {
-                kv.put(PutRequest {
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                    lease: 0,
-                })
-                .await?;
+                kv.next()
+                    .put(PutRequest {
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                        lease: 0,
+                    })
+                    .await?;
                 Ok(())
             }
         }
@@ -431,11 +464,12 @@ impl Conn {
                             })),
                         })
                         .collect();
-                    kv.txn(TxnRequest {
-                        success,
-                        failure: vec![],
-                    })
-                    .await?;
+                    kv.next()
+                        .txn(TxnRequest {
+                            success,
+                            failure: vec![],
+                        })
+                        .await?;
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The async SphereDB client: routing cache, leader discovery, bounded retries.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,10 @@ pub const DEFAULT_CALL_DEADLINE_MS: u64 = 10_000;
 pub const MERGE_DEADLINE_MS: u64 = 120_000;
 /// Default most attempts of one client call.
 pub const DEFAULT_RETRY_BUDGET: u32 = 16;
+/// Default HTTP/2 connections the client opens to each node.
+pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 1;
+/// Most HTTP/2 connections the client opens to one node.
+pub const MAX_CONNECTIONS_PER_NODE: usize = 64;
 /// First backoff between attempts; doubles up to [`MAX_BACKOFF_MS`].
 pub const INITIAL_BACKOFF_MS: u64 = 20;
 /// Longest backoff between attempts.
@@ -42,6 +47,11 @@ pub struct ClientOptions {
     pub retry_budget: u32,
     /// Read consistency of gets and scans.
     pub consistency: Consistency,
+    /// HTTP/2 connections to each node, taken in turn by successive calls (1 to
+    /// [`MAX_CONNECTIONS_PER_NODE`]). One connection carries every concurrent call as its
+    /// own stream, but both ends frame all of them in one task behind one lock; several
+    /// spread a busy client's calls over the server's cores.
+    pub connections_per_node: usize,
 }
 
 impl Default for ClientOptions {
@@ -50,6 +60,7 @@ impl Default for ClientOptions {
             call_deadline_ms: DEFAULT_CALL_DEADLINE_MS,
             retry_budget: DEFAULT_RETRY_BUDGET,
             consistency: Consistency::Linearizable,
+            connections_per_node: DEFAULT_CONNECTIONS_PER_NODE,
         }
     }
 }
@@ -128,7 +139,9 @@ pub struct Client {
     seeds: Arc<Vec<String>>,
     options: ClientOptions,
     cache: Arc<Mutex<RoutingCache>>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Each node's connections, and the turn of the next call.
+    channels: Arc<Mutex<HashMap<String, Vec<Channel>>>>,
+    next_channel: Arc<AtomicUsize>,
 }
 
 /// Whether a call may be sent again after an outcome-unknown failure.
@@ -149,11 +162,18 @@ impl Client {
         if seeds.is_empty() {
             return Err(ClientError::InvalidArgument("no seed address given".into()));
         }
+        if !(1..=MAX_CONNECTIONS_PER_NODE).contains(&options.connections_per_node) {
+            return Err(ClientError::InvalidArgument(format!(
+                "connections per node must be 1 to {MAX_CONNECTIONS_PER_NODE}, not {}",
+                options.connections_per_node
+            )));
+        }
         let client = Client {
             seeds: Arc::new(seeds.iter().map(|s| s.as_ref().to_string()).collect()),
             options,
             cache: Arc::new(Mutex::new(RoutingCache::default())),
             channels: Arc::new(Mutex::new(HashMap::new())),
+            next_channel: Arc::new(AtomicUsize::new(0)),
         };
         client.refresh_ranges().await?;
         Ok(client)
@@ -165,16 +185,21 @@ impl Client {
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let turn = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ch) = channels.get(addr) {
-            return Ok(ch.clone());
+        if let Some(pool) = channels.get(addr) {
+            return Ok(pool[turn % pool.len()].clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
             .tcp_nodelay(true);
-        let ch = endpoint.connect_lazy();
-        channels.insert(addr.to_string(), ch.clone());
+        // Lazy channels connect on first use and reconnect by themselves after a failure.
+        let pool: Vec<Channel> = (0..self.options.connections_per_node)
+            .map(|_| endpoint.connect_lazy())
+            .collect();
+        let ch = pool[turn % pool.len()].clone();
+        channels.insert(addr.to_string(), pool);
         Ok(ch)
     }
 

@@ -365,7 +365,9 @@ fn cpu_fraction(s: &str) -> Result<f64, String> {
     if (0.0..=1.0).contains(&f) {
         Ok(f)
     } else {
-        Err(format!("{f} is not a share of the cores between 0.0 and 1.0"))
+        Err(format!(
+            "{f} is not a share of the cores between 0.0 and 1.0"
+        ))
     }
 }
 

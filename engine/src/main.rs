@@ -1,5 +1,12 @@
 use clap::Parser;
 
+/// mimalloc for the node's own (Rust) allocations: under load the write path allocates for
+/// every request (HTTP/2 frames, protobuf and log records), and glibc's malloc spent about a
+/// fifth of the leader's CPU on it (`docs/performance/write-path.md`). RocksDB's C++
+/// allocations keep the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code after a panic anywhere in the process (EX_SOFTWARE).
 const PANIC_EXIT_CODE: i32 = 70;
 

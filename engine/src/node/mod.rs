@@ -744,6 +744,7 @@ impl Node {
                 merges: merges.clone(),
                 replication_factor: cfg.replication_factor,
                 node_heartbeat_interval_ms: cfg.node_heartbeat_interval_ms,
+                group_commit: group_commit.clone(),
             }))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);

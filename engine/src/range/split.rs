@@ -402,7 +402,12 @@ mod tests {
         assert!(p.due(&mut s, 10_000, 500.0, Some(0.9)));
         LoadSplitPolicy::split_done(&mut s, 10_000);
         assert!(!p.due(&mut s, 11_000, 500.0, Some(0.9)));
-        assert!(!p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS - 1, 500.0, Some(0.9)));
+        assert!(!p.due(
+            &mut s,
+            10_000 + LOAD_SPLIT_COOLDOWN_MS - 1,
+            500.0,
+            Some(0.9)
+        ));
         assert!(p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, Some(0.9)));
     }
 

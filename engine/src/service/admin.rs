@@ -22,6 +22,7 @@ use spheredb_client::proto::v1::{
     TransferLeaderRequest, TransferLeaderResponse,
 };
 use spheredb_client::{limits, ClientError};
+use spheredb_raft::group_commit::GroupCommit;
 use spheredb_raft::network::{Replica, ReplicaDirectory};
 use spheredb_raft::registry::{self, NodeRecord, NodeState};
 use spheredb_raft::{
@@ -69,6 +70,8 @@ pub struct AdminParts {
     pub replication_factor: usize,
     /// The node heartbeat period, for the meta leader's liveness answers.
     pub node_heartbeat_interval_ms: u64,
+    /// The node's WAL group commit, whose fsync counts the status reports.
+    pub group_commit: GroupCommit,
 }
 
 /// The admin service of a node.
@@ -100,6 +103,19 @@ fn answer<T>(r: Result<T, ClientError>) -> Reply<T> {
 }
 
 impl AdminService {
+    /// This node's WAL fsyncs since it started and the log appends they made durable
+    /// (`wal_synced_appends / wal_syncs` is the group commit's appends per fsync).
+    fn wal_counters(&self) -> [(String, u64); 2] {
+        let stats = self.parts.group_commit.stats();
+        [
+            ("wal_syncs".into(), stats.syncs.load(Ordering::Relaxed)),
+            (
+                "wal_synced_appends".into(),
+                stats.completions.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+
     /// A service over `parts`.
     pub fn new(parts: AdminParts) -> Self {
         AdminService {
@@ -557,6 +573,7 @@ impl Admin for AdminService {
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
+                .chain(self.wal_counters())
                 .collect();
             Ok(StatusResponse {
                 node_id: self.parts.this_node.node_id,
