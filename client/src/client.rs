@@ -24,7 +24,7 @@ pub const MERGE_DEADLINE_MS: u64 = 120_000;
 /// Default most attempts of one client call.
 pub const DEFAULT_RETRY_BUDGET: u32 = 16;
 /// Default HTTP/2 connections the client opens to each node.
-pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 1;
+pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 4;
 /// Most HTTP/2 connections the client opens to one node.
 pub const MAX_CONNECTIONS_PER_NODE: usize = 64;
 /// First backoff between attempts; doubles up to [`MAX_BACKOFF_MS`].

@@ -124,9 +124,14 @@ pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 
 /// One write to a key: `Some(value)` puts, `None` deletes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// Byte fields go through `serde_bytes`: postcard then copies them whole instead of one
+// element at a time, with the same bytes on the wire and on disk (a length, then the bytes;
+// see the `byte_fields_encode_as_before` test).
 pub struct WriteOp {
     /// Encoded key (see `spheredb_storage::keys`).
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
 }
 
@@ -136,11 +141,17 @@ pub enum Command {
     /// Atomically apply every op, in order.
     Write { ops: Vec<WriteOp> },
     /// Delete a key, reporting whether it existed.
-    Delete { key: Vec<u8> },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Set `key` to `new_value` if it holds `expected` (`None`: absent).
     CompareAndSwap {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new_value: Option<Vec<u8>>,
     },
     /// Allocate (or look up, for a retried join) the node id for `join_token`.
@@ -292,5 +303,90 @@ impl std::fmt::Display for Command {
 impl std::fmt::Display for CommandResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{self:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The encoding of the commands before their byte fields went through `serde_bytes`.
+    #[derive(Serialize)]
+    struct PlainWriteOp {
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    }
+
+    #[derive(Serialize)]
+    enum PlainCommand {
+        Write {
+            ops: Vec<PlainWriteOp>,
+        },
+        Delete {
+            key: Vec<u8>,
+        },
+        CompareAndSwap {
+            key: Vec<u8>,
+            expected: Option<Vec<u8>>,
+            new_value: Option<Vec<u8>>,
+        },
+    }
+
+    #[test]
+    fn byte_fields_encode_as_before() {
+        // Logs and snapshots already on disk hold the old encoding: it must read back the
+        // same, and new records must be what an older node would have written.
+        let long = vec![7u8; 300]; // a length that takes two varint bytes
+        let cases = [
+            (
+                Command::Write {
+                    ops: vec![
+                        WriteOp {
+                            key: b"k".to_vec(),
+                            value: Some(long.clone()),
+                        },
+                        WriteOp {
+                            key: Vec::new(),
+                            value: None,
+                        },
+                    ],
+                },
+                PlainCommand::Write {
+                    ops: vec![
+                        PlainWriteOp {
+                            key: b"k".to_vec(),
+                            value: Some(long.clone()),
+                        },
+                        PlainWriteOp {
+                            key: Vec::new(),
+                            value: None,
+                        },
+                    ],
+                },
+            ),
+            (
+                Command::Delete { key: long.clone() },
+                PlainCommand::Delete { key: long.clone() },
+            ),
+            (
+                Command::CompareAndSwap {
+                    key: b"c".to_vec(),
+                    expected: None,
+                    new_value: Some(b"v".to_vec()),
+                },
+                PlainCommand::CompareAndSwap {
+                    key: b"c".to_vec(),
+                    expected: None,
+                    new_value: Some(b"v".to_vec()),
+                },
+            ),
+        ];
+        for (cmd, plain) in cases {
+            let new = postcard::to_stdvec(&cmd).unwrap();
+            let old = postcard::to_stdvec(&plain).unwrap();
+            assert_eq!(new, old, "{cmd:?}");
+            let back: Command = postcard::from_bytes(&old).unwrap();
+            assert_eq!(back, cmd);
+        }
     }
 }
