@@ -1,5 +1,7 @@
 //! Micro-benchmarks of the hot paths: key encoding, log append with group commit, state
-//! machine apply, point read. Run with `cargo bench -p spheredb-bench`.
+//! machine apply, point read, and the whole write path of one Raft group in-process
+//! (proposal, log append, group-commit fsync, commit, apply, answer). Run with
+//! `cargo bench -p spheredb-bench`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -171,5 +173,120 @@ fn apply_and_read(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, key_encoding, log_append, apply_and_read);
+/// Concurrent proposers in the propose-to-apply benchmark, as many as the load benchmark's
+/// largest client count.
+const PROPOSERS: usize = 256;
+/// Longest the one-voter group may take to elect itself.
+const ELECTION_WAIT_MS: u64 = 10_000;
+
+/// One range on one node with one voter, through openraft: what a write costs without the
+/// network, from `client_write` until its answer (applied, durable on the WAL).
+fn propose_to_apply(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = Db::open(&dir.path().join("db"), &DbOptions::default()).expect("open db");
+    let gc = GroupCommit::start(Arc::new(db.clone())).expect("group commit");
+    let span = spheredb_raft::RangeSpan {
+        range_id: 1,
+        start_key: Vec::new(),
+        end_key: Vec::new(),
+        generation: 1,
+        next_replica_id: 2,
+    };
+    let membership = spheredb_raft::Membership::new(
+        vec![std::collections::BTreeSet::from([1])],
+        std::collections::BTreeMap::from([(
+            1,
+            spheredb_raft::ReplicaNode {
+                node_id: 1,
+                // Never dialled: a single voter replicates to no one.
+                addr: "127.0.0.1:1".into(),
+            },
+        )]),
+    )
+    .expect("membership");
+    let mut batch = rocksdb::WriteBatch::default();
+    spheredb_raft::state_machine::write_range_origin(&db, &mut batch, &span, membership)
+        .expect("origin");
+    db.write(batch, true).expect("write origin");
+    let (events, _events_rx) =
+        tokio::sync::mpsc::channel(spheredb_raft::state_machine::MAX_PENDING_RANGE_EVENTS);
+    let (sm, _shared) = StateMachine::open(
+        db.clone(),
+        1,
+        1,
+        &dir.path().join("snap"),
+        Default::default(),
+        events,
+    )
+    .expect("sm");
+    let config = openraft::Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        ..Default::default()
+    };
+    let peers = spheredb_raft::network::PeerChannels::new(1, None, Default::default());
+    let raft = rt
+        .block_on(spheredb_raft::RaftHandle::new(
+            1,
+            Arc::new(config.validate().expect("raft config")),
+            peers.factory(1),
+            LogStore::new(db.clone(), 1, gc.clone()),
+            sm,
+        ))
+        .expect("raft");
+    rt.block_on(
+        raft.wait(Some(std::time::Duration::from_millis(ELECTION_WAIT_MS)))
+            .state(
+                openraft::ServerState::Leader,
+                "the single voter elects itself",
+            ),
+    )
+    .expect("leader");
+    let mut next_key = 0u64;
+    let mut g = c.benchmark_group("write_path");
+    g.throughput(Throughput::Elements(PROPOSERS as u64));
+    g.sample_size(20);
+    g.bench_function(
+        format!("{PROPOSERS}_concurrent_puts_propose_to_apply"),
+        |b| {
+            b.iter(|| {
+                let first = next_key;
+                next_key += PROPOSERS as u64;
+                rt.block_on(async {
+                    let writes: Vec<_> = (first..first + PROPOSERS as u64)
+                        .map(|i| {
+                            let raft = raft.clone();
+                            tokio::spawn(async move {
+                                raft.client_write(Command::Write {
+                                    ops: vec![WriteOp {
+                                        key: keys::kv_key(1, format!("user{i:012}").as_bytes()),
+                                        value: Some(vec![b'x'; VALUE_SIZE_BYTES]),
+                                    }],
+                                })
+                                .await
+                                .expect("write")
+                            })
+                        })
+                        .collect();
+                    for w in writes {
+                        w.await.expect("proposer");
+                    }
+                })
+            })
+        },
+    );
+    g.finish();
+    rt.block_on(raft.shutdown()).expect("shutdown");
+    gc.shutdown();
+}
+
+criterion_group!(
+    benches,
+    key_encoding,
+    log_append,
+    apply_and_read,
+    propose_to_apply
+);
 criterion_main!(benches);

@@ -13,7 +13,7 @@ mod workload;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use spheredb_client::client::DEFAULT_CONNECTIONS_PER_NODE;
+use spheredb_client::client::{DEFAULT_CONNECTIONS_PER_NODE, MAX_CONNECTIONS_PER_NODE};
 
 use runner::RunConfig;
 use target::{Conn, ReadConsistency, System};
@@ -112,9 +112,11 @@ struct Common {
     warmup_secs: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// HTTP/2 connections the load generator opens to each node, the same for every system;
-    /// its clients take them in turn.
-    #[arg(long, default_value_t = DEFAULT_CONNECTIONS_PER_NODE)]
+    /// HTTP/2 connections the load generator opens to each node, the same for every system
+    /// (etcd: that many balanced channels, each with a connection to every member); its
+    /// clients take them in turn.
+    #[arg(long, default_value_t = DEFAULT_CONNECTIONS_PER_NODE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CONNECTIONS_PER_NODE as u64))]
     connections: usize,
     /// The spheredb binary [default: next to this one].
     #[arg(long)]

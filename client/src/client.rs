@@ -1,7 +1,6 @@
 //! The async SphereDB client: routing cache, leader discovery, bounded retries.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,10 @@ pub const DEFAULT_RETRY_BUDGET: u32 = 16;
 pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 4;
 /// Most HTTP/2 connections the client opens to one node.
 pub const MAX_CONNECTIONS_PER_NODE: usize = 64;
+/// Period of the HTTP/2 pings on a connection with calls in flight.
+pub const KEEPALIVE_INTERVAL_MS: u64 = 5_000;
+/// A connection whose ping is not answered within this is closed (its calls fail over).
+pub const KEEPALIVE_TIMEOUT_MS: u64 = 5_000;
 /// First backoff between attempts; doubles up to [`MAX_BACKOFF_MS`].
 pub const INITIAL_BACKOFF_MS: u64 = 20;
 /// Longest backoff between attempts.
@@ -139,9 +142,14 @@ pub struct Client {
     seeds: Arc<Vec<String>>,
     options: ClientOptions,
     cache: Arc<Mutex<RoutingCache>>,
-    /// Each node's connections, and the turn of the next call.
-    channels: Arc<Mutex<HashMap<String, Vec<Channel>>>>,
-    next_channel: Arc<AtomicUsize>,
+    /// Each node's connections.
+    channels: Arc<Mutex<HashMap<String, NodeConnections>>>,
+}
+
+/// The connections to one node, and whose turn is next.
+struct NodeConnections {
+    pool: Vec<Channel>,
+    next: usize,
 }
 
 /// Whether a call may be sent again after an outcome-unknown failure.
@@ -173,7 +181,6 @@ impl Client {
             options,
             cache: Arc::new(Mutex::new(RoutingCache::default())),
             channels: Arc::new(Mutex::new(HashMap::new())),
-            next_channel: Arc::new(AtomicUsize::new(0)),
         };
         client.refresh_ranges().await?;
         Ok(client)
@@ -185,21 +192,31 @@ impl Client {
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
-        let turn = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pool) = channels.get(addr) {
-            return Ok(pool[turn % pool.len()].clone());
-        }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .tcp_nodelay(true);
-        // Lazy channels connect on first use and reconnect by themselves after a failure.
-        let pool: Vec<Channel> = (0..self.options.connections_per_node)
-            .map(|_| endpoint.connect_lazy())
-            .collect();
-        let ch = pool[turn % pool.len()].clone();
-        channels.insert(addr.to_string(), pool);
+        let node = match channels.entry(addr.to_string()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| {
+                        ClientError::InvalidArgument(format!("bad address {addr:?}: {e}"))
+                    })?
+                    .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+                    .tcp_nodelay(true)
+                    // A connection whose peer vanished (a partition, a dead host) is found
+                    // out by its pings instead of hanging every call on it to the deadline.
+                    .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+                    .keep_alive_timeout(Duration::from_millis(KEEPALIVE_TIMEOUT_MS));
+                // Lazy channels connect on first use and reconnect by themselves.
+                e.insert(NodeConnections {
+                    pool: (0..self.options.connections_per_node)
+                        .map(|_| endpoint.connect_lazy())
+                        .collect(),
+                    next: 0,
+                })
+            }
+        };
+        let ch = node.pool[node.next % node.pool.len()].clone();
+        node.next = node.next.wrapping_add(1);
         Ok(ch)
     }
 

@@ -118,13 +118,15 @@ pub struct StartArgs {
     /// --range-split-min-node-cpu-fraction of its cores busy.
     #[arg(long, env = "SPHEREDB_RANGE_SPLIT_QPS", default_value_t = config::DEFAULT_RANGE_SPLIT_QPS)]
     pub range_split_qps: f64,
-    /// How long a range must stay busier than --range-split-qps, every check, before it
-    /// splits by load.
+    /// How long a range must stay busy (over --range-split-qps, its node short of CPU) at
+    /// every one-second check before it splits by load. A range splits by load at most once
+    /// a minute, and not in the minute after its leader moved here.
     #[arg(long, env = "SPHEREDB_RANGE_SPLIT_SUSTAIN_MS", default_value_t = config::DEFAULT_RANGE_SPLIT_SUSTAIN_MS)]
     pub range_split_sustain_ms: u64,
-    /// Least busy share of the leader node's cores (0.0 to 1.0) for a busy range to split: a
-    /// load split helps only by moving leader work off a node short of CPU (0: split on
-    /// load alone).
+    /// Share of its cores (0.0 to 1.0; at most 2 cores count as enough) this node's process
+    /// must keep busy, by getrusage, for a range it leads to split by load: a load split
+    /// helps only by moving leader work off a node short of CPU. Nodes sharing one machine
+    /// rarely reach it, so they do not split by load (0: split on load alone).
     #[arg(long, env = "SPHEREDB_RANGE_SPLIT_MIN_NODE_CPU_FRACTION", default_value_t = config::DEFAULT_RANGE_SPLIT_MIN_NODE_CPU_FRACTION, value_parser = cpu_fraction)]
     pub range_split_min_node_cpu_fraction: f64,
     /// Neighbouring ranges smaller than this (each, and together) and colder than
@@ -263,6 +265,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     Consistency::Linearizable
                 },
+                // One call: one connection per node is plenty.
+                connections_per_node: 1,
                 ..Default::default()
             };
             let client = Client::connect(&[host.as_str()], options)

@@ -24,8 +24,8 @@ pub const DEFAULT_RANGE_SPLIT_QPS: f64 = 2_500.0;
 /// How long a range's load must stay over the threshold, check after check, before it
 /// splits by load: a burst does not split a range (CockroachDB samples 10 s too).
 pub const DEFAULT_RANGE_SPLIT_SUSTAIN_MS: u64 = 10_000;
-/// Least share of the node's cores its process must keep busy for a range it leads to split
-/// by load. A load split pays off only by moving half of a hot range's leader work to
+/// Share of the node's cores its process must keep busy (capped at
+/// `range::split::LOAD_SPLIT_ENOUGH_BUSY_CORES`) for a range it leads to split by load. A load split pays off only by moving half of a hot range's leader work to
 /// another node; while the leader's node has cores to spare it only adds a Raft group,
 /// which on the same three nodes halves every group's batches and costs CPU per write
 /// (measured in `docs/performance/write-path.md`: four ranges on three nodes served 30 %

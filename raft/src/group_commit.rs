@@ -40,9 +40,9 @@ pub type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
 /// Counters for benchmarks and status.
 #[derive(Debug, Default)]
 pub struct GroupCommitStats {
-    /// WAL fsyncs performed.
+    /// WAL fsyncs that succeeded.
     pub syncs: AtomicU64,
-    /// Completions released by those fsyncs.
+    /// Appends those fsyncs made durable.
     pub completions: AtomicU64,
 }
 
@@ -107,10 +107,12 @@ impl GroupCommit {
                             ));
                             let result =
                                 injected_sync_failure().map_or_else(|| wal.sync_wal(), Err);
-                            stats.syncs.fetch_add(1, Ordering::Relaxed);
-                            stats
-                                .completions
-                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            if result.is_ok() {
+                                stats.syncs.fetch_add(1, Ordering::Relaxed);
+                                stats
+                                    .completions
+                                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            }
                             // Stop first, then answer: whoever sees the error finds the
                             // failure recorded and every later append refused.
                             if let Err(e) = &result {

@@ -380,6 +380,18 @@ mod tests {
                     new_value: Some(b"v".to_vec()),
                 },
             ),
+            (
+                Command::CompareAndSwap {
+                    key: Vec::new(),
+                    expected: Some(Vec::new()),
+                    new_value: Some(long.clone()),
+                },
+                PlainCommand::CompareAndSwap {
+                    key: Vec::new(),
+                    expected: Some(Vec::new()),
+                    new_value: Some(long.clone()),
+                },
+            ),
         ];
         for (cmd, plain) in cases {
             let new = postcard::to_stdvec(&cmd).unwrap();
@@ -388,5 +400,13 @@ mod tests {
             let back: Command = postcard::from_bytes(&old).unwrap();
             assert_eq!(back, cmd);
         }
+        // And the bytes themselves, so that a change of postcard cannot move both sides.
+        let cas = Command::CompareAndSwap {
+            key: b"k".to_vec(),
+            expected: Some(Vec::new()),
+            new_value: None,
+        };
+        // Variant 2, key (length 1, 'k'), Some(empty), None.
+        assert_eq!(postcard::to_stdvec(&cas).unwrap(), [2, 1, b'k', 1, 0, 0]);
     }
 }

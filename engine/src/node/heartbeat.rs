@@ -31,11 +31,12 @@ pub struct Heartbeat {
 }
 
 /// This node's report of its replicas.
-fn build_report(hb: &Heartbeat, interval: Duration) -> NodeHeartbeatRequest {
+/// Loads are the operations counted since the last report, over `counted`.
+fn build_report(hb: &Heartbeat, counted: Duration) -> NodeHeartbeatRequest {
     let mut replicas = Vec::new();
     for r in hb.replicas.all() {
         let ops = r.ops.swap(0, std::sync::atomic::Ordering::Relaxed);
-        r.set_qps(ops as f64 / interval.as_secs_f64().max(0.001));
+        r.set_qps(ops as f64 / counted.as_secs_f64().max(0.001));
         let metrics = r.raft.metrics().borrow_watched().clone();
         let leader = r.raft.is_leader();
         let descriptor = descriptor(&r);
@@ -112,12 +113,17 @@ impl DescriptorDeltas {
 pub async fn heartbeat_loop(hb: Heartbeat, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(hb.interval_ms);
     let mut deltas = DescriptorDeltas::default();
+    // Loads are counted over the time since the last report, not the nominal period: the
+    // report and its answer take time too, most of all on a busy node.
+    let mut last_report = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let mut report = build_report(&hb, interval);
+        let counted = last_report.elapsed();
+        last_report = std::time::Instant::now();
+        let mut report = build_report(&hb, counted);
         report.replicas.extend(hb.lifecycle.dormant_reports());
         let carried = deltas.select(&mut report);
         let local: Vec<RangeId> = report.replicas.iter().map(|r| r.range_id).collect();

@@ -579,6 +579,12 @@ impl Node {
         if cfg.replication_factor == 0 {
             bail!("--replication-factor must be at least 1");
         }
+        if !(0.0..=1.0).contains(&cfg.range_split_min_node_cpu_fraction) {
+            bail!(
+                "--range-split-min-node-cpu-fraction must be between 0.0 and 1.0, not {}",
+                cfg.range_split_min_node_cpu_fraction
+            );
+        }
         let db = Db::open(&cfg.data_dir.join("db"), &DbOptions::default())
             .with_context(|| format!("opening the database under {}", cfg.data_dir.display()))?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen)

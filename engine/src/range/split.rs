@@ -34,8 +34,15 @@ pub const MAX_SPLITS_PER_CHECK: usize = 4;
 pub const SPLIT_TIMEOUT_MS: u64 = 10_000;
 
 /// Least time between two load splits of one range, so a split has time to show its effect
-/// (and leaders to move) before the next.
+/// (and leaders to move) before the next. It also starts when this node becomes a range's
+/// leader (a moved leader is the allocator's answer to load), and for both halves of any
+/// split.
 pub const LOAD_SPLIT_COOLDOWN_MS: u64 = 60_000;
+/// Busy cores of the leader's node that count as busy whatever its core count: one hot
+/// range's leader work runs mostly in a few serial tasks (its RaftCore, its apply loop), so
+/// on a machine with many cores it saturates them long before it fills the machine.
+pub const LOAD_SPLIT_ENOUGH_BUSY_CORES: f64 = 2.0;
+
 /// The load-split rule: when a range busier than its threshold splits. A pure function of
 /// what the split check observes, once per check, for each range this node leads.
 #[derive(Debug, Clone)]
@@ -44,65 +51,96 @@ pub struct LoadSplitPolicy {
     pub split_qps: f64,
     /// How long a range must stay busy, every check, before it splits.
     pub sustain_ms: u64,
-    /// Least busy share of the node's cores (0.0–1.0); 0 splits on load alone.
+    /// Share of the node's cores (0.0–1.0) its process must keep busy, every check, for a
+    /// range it leads to count as busy (capped at [`LOAD_SPLIT_ENOUGH_BUSY_CORES`] cores);
+    /// 0 splits on load alone.
     pub min_node_cpu_fraction: f64,
 }
 
 /// What [`LoadSplitPolicy`] remembers of one range between checks.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LoadSplitState {
-    /// When the range's load went over the threshold and has stayed there since.
+    /// When the range and its node became busy and have stayed so since.
     pub busy_since_ms: Option<u64>,
-    /// When the range last split by load.
-    pub last_load_split_ms: Option<u64>,
+    /// When the cooldown last started: a split of the range (or of its parent, for a new
+    /// right half), or this node becoming its leader.
+    pub cooldown_from_ms: Option<u64>,
+}
+
+/// The node's CPU at one check: busy cores of its process, and the cores it may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeCpuSample {
+    pub busy_cores: f64,
+    pub cores: f64,
 }
 
 impl LoadSplitPolicy {
-    /// Whether the range splits by load at `now_ms`, given its load `qps` and the busy share
-    /// of the node's cores (`None`: unknown, which does not hold a split back); updates
-    /// `state`. The caller records a split it carried out with [`Self::split_done`].
+    /// Whether the node counts as short of CPU at this check; `None` (no reading: the first
+    /// check, or no `getrusage`) does not hold a split back.
+    fn node_busy(&self, cpu: Option<NodeCpuSample>) -> bool {
+        cpu.is_none_or(|c| {
+            let needed = (self.min_node_cpu_fraction * c.cores).min(LOAD_SPLIT_ENOUGH_BUSY_CORES);
+            c.busy_cores >= needed
+        })
+    }
+
+    /// Whether the range splits by load at `now_ms`, given its load `qps` and its node's CPU
+    /// at this check; updates `state`. Both must have held at every check for the sustain
+    /// period, and the cooldown must be over. The caller records a split it carried out with
+    /// [`Self::split_done`].
     pub fn due(
         &self,
         state: &mut LoadSplitState,
         now_ms: u64,
         qps: f64,
-        node_cpu_fraction: Option<f64>,
+        cpu: Option<NodeCpuSample>,
     ) -> bool {
-        if qps <= self.split_qps {
+        if qps <= self.split_qps || !self.node_busy(cpu) {
             state.busy_since_ms = None;
             return false;
         }
         let since = *state.busy_since_ms.get_or_insert(now_ms);
         let sustained = now_ms.saturating_sub(since) >= self.sustain_ms;
         let cooled = state
-            .last_load_split_ms
+            .cooldown_from_ms
             .is_none_or(|at| now_ms.saturating_sub(at) >= LOAD_SPLIT_COOLDOWN_MS);
-        let node_busy = node_cpu_fraction.is_none_or(|f| f >= self.min_node_cpu_fraction);
-        sustained && cooled && node_busy
+        sustained && cooled
     }
 
-    /// Records a load split of the range at `now_ms`: it must be busy for a whole new
-    /// sustain period, and the cooldown starts.
+    /// Records a split of the range at `now_ms` (by size or by load): its load must build a
+    /// whole new sustain period, after the cooldown.
     pub fn split_done(state: &mut LoadSplitState, now_ms: u64) {
         state.busy_since_ms = None;
-        state.last_load_split_ms = Some(now_ms);
+        state.cooldown_from_ms = Some(now_ms);
+    }
+
+    /// The state of a range this node has just started to lead, or a new right half: in
+    /// cooldown from `now_ms`.
+    pub fn fresh(now_ms: u64) -> LoadSplitState {
+        LoadSplitState {
+            busy_since_ms: None,
+            cooldown_from_ms: Some(now_ms),
+        }
     }
 }
 
-/// CPU seconds (user and system, all threads) this process has used so far; `None` where
-/// `/proc/self/stat` cannot be read (not Linux).
+/// CPU seconds (user and system, all threads) this process has used so far, from
+/// `getrusage(RUSAGE_SELF)`; `None` if the call fails.
 pub fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15,
-    // in USER_HZ ticks (100 per second on every mainstream Linux architecture).
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: f64 = fields.next()?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole `rusage` into the pointer it is given on success,
+    // and `usage` is read only then.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return None;
+        }
+        usage.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
-/// Busy share of this node's cores between two readings of [`process_cpu_seconds`].
+/// Busy cores of this process between two readings of [`process_cpu_seconds`].
 #[derive(Debug)]
 struct NodeCpu {
     cores: f64,
@@ -115,12 +153,15 @@ impl NodeCpu {
         NodeCpu { cores, last: None }
     }
 
-    /// The busy share since the previous call; `None` on the first call or without /proc.
-    fn sample(&mut self) -> Option<f64> {
+    /// The CPU since the previous call; `None` on the first call or without a reading.
+    fn sample(&mut self) -> Option<NodeCpuSample> {
         let now = (std::time::Instant::now(), process_cpu_seconds()?);
         let previous = self.last.replace(now)?;
         let wall_secs = now.0.duration_since(previous.0).as_secs_f64();
-        (wall_secs > 0.0).then(|| (now.1 - previous.1) / wall_secs / self.cores)
+        (wall_secs > 0.0).then(|| NodeCpuSample {
+            busy_cores: (now.1 - previous.1) / wall_secs,
+            cores: self.cores,
+        })
     }
 }
 
@@ -268,15 +309,20 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_millis(SPLIT_CHECK_INTERVAL_MS)) => {}
         }
         let mut splits = 0usize;
-        let node_cpu_fraction = node_cpu.sample();
-        let now_ms = started.elapsed().as_millis() as u64;
+        let cpu = node_cpu.sample();
         for replica in check.replicas.all() {
             let range_id = replica.shared.range_id;
+            // Taken per range: the splits before it in this pass may have taken seconds.
+            let now_ms = started.elapsed().as_millis() as u64;
             if range_id == META_RANGE_ID || !replica.raft.is_leader() {
-                // A leader that comes back must see the load anew.
+                // A leader that comes back starts in cooldown, and sees the load anew.
                 load_state.remove(&range_id);
                 continue;
             }
+            let state = load_state
+                .entry(range_id)
+                .or_insert_with(|| LoadSplitPolicy::fresh(now_ms));
+            let too_busy = check.load.due(state, now_ms, replica.qps(), cpu);
             if splits >= MAX_SPLITS_PER_CHECK {
                 continue;
             }
@@ -305,25 +351,23 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
                 continue;
             };
             let too_big = size.size_bytes > check.split_size_bytes;
-            let state = load_state.entry(range_id).or_default();
-            let too_busy = check
-                .load
-                .due(state, now_ms, replica.qps(), node_cpu_fraction);
             let Some(key) = size.middle_key.clone().filter(|_| too_big || too_busy) else {
                 continue;
             };
             match split_range(&check.peers, &check.counters, &replica, &key).await {
-                Ok(_) => {
+                Ok((_, right)) => {
                     splits += 1;
                     measured.remove(&range_id);
-                    if too_busy {
+                    let now_ms = started.elapsed().as_millis() as u64;
+                    if let Some(state) = load_state.get_mut(&range_id) {
                         LoadSplitPolicy::split_done(state, now_ms);
                     }
+                    load_state.insert(right.span.range_id, LoadSplitPolicy::fresh(now_ms));
                     tracing::info!(
                         range_id,
                         size_bytes = size.size_bytes,
                         qps = replica.qps(),
-                        node_cpu_fraction,
+                        node_busy_cores = cpu.map(|c| c.busy_cores),
                         too_big,
                         "range split by the size/load check"
                     );
@@ -358,29 +402,45 @@ mod tests {
         }
     }
 
+    fn cpu(busy_cores: f64, cores: f64) -> Option<NodeCpuSample> {
+        Some(NodeCpuSample { busy_cores, cores })
+    }
+
     #[test]
     fn a_range_splits_by_load_only_after_staying_busy_for_the_whole_sustain_period() {
         let p = policy();
         let mut s = LoadSplitState::default();
-        let busy_node = Some(0.9);
-        assert!(!p.due(&mut s, 0, 500.0, busy_node));
-        assert!(!p.due(&mut s, 9_999, 500.0, busy_node));
+        let busy = cpu(1.8, 2.0);
+        assert!(!p.due(&mut s, 0, 500.0, busy));
+        assert!(!p.due(&mut s, 9_999, 500.0, busy));
         // One quiet check starts the period over.
-        assert!(!p.due(&mut s, 10_000, 50.0, busy_node));
-        assert!(!p.due(&mut s, 11_000, 500.0, busy_node));
-        assert!(!p.due(&mut s, 20_999, 500.0, busy_node));
-        assert!(p.due(&mut s, 21_000, 500.0, busy_node));
+        assert!(!p.due(&mut s, 10_000, 50.0, busy));
+        assert!(!p.due(&mut s, 11_000, 500.0, busy));
+        assert!(!p.due(&mut s, 20_999, 500.0, busy));
+        assert!(p.due(&mut s, 21_000, 500.0, busy));
     }
 
     #[test]
-    fn a_busy_range_does_not_split_while_its_node_has_cores_to_spare() {
+    fn a_busy_range_splits_only_while_its_node_stays_short_of_cpu() {
         let p = policy();
         let mut s = LoadSplitState::default();
-        assert!(!p.due(&mut s, 0, 500.0, Some(0.4)));
-        assert!(!p.due(&mut s, 30_000, 500.0, Some(0.4)));
-        // The busy period counted all along: once the node is short of CPU it splits.
-        assert!(p.due(&mut s, 31_000, 500.0, Some(0.8)));
-        // Without a CPU reading (no /proc) load alone decides.
+        // Two nodes sharing two cores: this one never keeps 1.5 of them busy.
+        assert!(!p.due(&mut s, 0, 500.0, cpu(0.9, 2.0)));
+        assert!(!p.due(&mut s, 30_000, 500.0, cpu(0.9, 2.0)));
+        // Its CPU must hold for the whole period too: one busy check (a compaction) is not
+        // enough, and one idle check starts over.
+        assert!(!p.due(&mut s, 31_000, 500.0, cpu(1.6, 2.0)));
+        assert!(!p.due(&mut s, 35_000, 500.0, cpu(0.5, 2.0)));
+        assert!(!p.due(&mut s, 36_000, 500.0, cpu(1.6, 2.0)));
+        assert!(p.due(&mut s, 46_000, 500.0, cpu(1.6, 2.0)));
+        // On 32 cores, two busy cores are enough (one range's serial work fills a few).
+        let mut s = LoadSplitState::default();
+        assert!(!p.due(&mut s, 0, 500.0, cpu(2.0, 32.0)));
+        assert!(p.due(&mut s, 10_000, 500.0, cpu(2.0, 32.0)));
+        let mut s = LoadSplitState::default();
+        assert!(!p.due(&mut s, 0, 500.0, cpu(1.9, 32.0)));
+        assert!(!p.due(&mut s, 10_000, 500.0, cpu(1.9, 32.0)));
+        // Without a CPU reading load alone decides.
         let mut s = LoadSplitState::default();
         assert!(!p.due(&mut s, 0, 500.0, None));
         assert!(p.due(&mut s, 10_000, 500.0, None));
@@ -390,25 +450,26 @@ mod tests {
             ..policy()
         };
         let mut s = LoadSplitState::default();
-        assert!(!eager.due(&mut s, 0, 500.0, Some(0.0)));
-        assert!(eager.due(&mut s, 10_000, 500.0, Some(0.0)));
+        assert!(!eager.due(&mut s, 0, 500.0, cpu(0.0, 2.0)));
+        assert!(eager.due(&mut s, 10_000, 500.0, cpu(0.0, 2.0)));
     }
 
     #[test]
-    fn a_range_that_split_by_load_waits_out_the_cooldown_before_the_next() {
+    fn splits_new_leaders_and_new_halves_wait_out_the_cooldown() {
         let p = policy();
+        let busy = cpu(1.8, 2.0);
         let mut s = LoadSplitState::default();
-        assert!(!p.due(&mut s, 0, 500.0, Some(0.9)));
-        assert!(p.due(&mut s, 10_000, 500.0, Some(0.9)));
+        assert!(!p.due(&mut s, 0, 500.0, busy));
+        assert!(p.due(&mut s, 10_000, 500.0, busy));
         LoadSplitPolicy::split_done(&mut s, 10_000);
-        assert!(!p.due(&mut s, 11_000, 500.0, Some(0.9)));
-        assert!(!p.due(
-            &mut s,
-            10_000 + LOAD_SPLIT_COOLDOWN_MS - 1,
-            500.0,
-            Some(0.9)
-        ));
-        assert!(p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, Some(0.9)));
+        assert!(!p.due(&mut s, 11_000, 500.0, busy));
+        assert!(!p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS - 1, 500.0, busy));
+        assert!(p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, busy));
+        // A new leader, or the right half of a split, starts in cooldown.
+        let mut s = LoadSplitPolicy::fresh(5_000);
+        assert!(!p.due(&mut s, 5_000, 500.0, busy));
+        assert!(!p.due(&mut s, 5_000 + LOAD_SPLIT_COOLDOWN_MS - 1, 500.0, busy));
+        assert!(p.due(&mut s, 5_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, busy));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct NodeRow {
 pub async fn gather(host: &str) -> anyhow::Result<(RangeListResponse, Vec<NodeRow>)> {
     let options = ClientOptions {
         call_deadline_ms: NODE_STATUS_TIMEOUT_MS * 2,
+        // A handful of calls: one connection per node is plenty.
+        connections_per_node: 1,
         ..Default::default()
     };
     let client = Client::connect(&[host], options).await?;

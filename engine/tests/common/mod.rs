@@ -73,6 +73,7 @@ pub fn free_port() -> u16 {
 pub async fn status(addr: &str, digest: bool) -> Option<StatusResponse> {
     let options = ClientOptions {
         call_deadline_ms: 2_000,
+        connections_per_node: 1,
         ..Default::default()
     };
     let client = Client::connect(&[addr], options).await.ok()?;
