@@ -193,6 +193,11 @@ impl Client {
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(node) = channels.get_mut(addr) {
+            let ch = node.pool[node.next % node.pool.len()].clone();
+            node.next = node.next.wrapping_add(1);
+            return Ok(ch);
+        }
         let node = match channels.entry(addr.to_string()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {

@@ -1352,6 +1352,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
+/// The failpoint `sm-apply-stall` (off unless FAILPOINTS names it, e.g.
+/// `sm-apply-stall=5%return(50)`): milliseconds this apply batch waits before applying.
+fn injected_apply_stall_ms() -> Option<u64> {
+    fail::fail_point!("sm-apply-stall", |arg| arg.and_then(|ms| ms.parse().ok()));
+    None
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
@@ -1364,6 +1371,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        if let Some(stall_ms) = injected_apply_stall_ms() {
+            // A slow disk or a starved apply task, for the tester's `slow-apply` fault: the
+            // state machine falls behind the commit index for a while.
+            tokio::time::sleep(std::time::Duration::from_millis(stall_ms)).await;
+        }
         // Damaged data stops this group (openraft stops on any apply error) and quarantines
         // the replica, instead of failing the node.
         let applied = self.apply_entries(entries).await;

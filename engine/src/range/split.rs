@@ -62,9 +62,12 @@ pub struct LoadSplitPolicy {
 pub struct LoadSplitState {
     /// When the range and its node became busy and have stayed so since.
     pub busy_since_ms: Option<u64>,
-    /// When the cooldown last started: a split of the range (or of its parent, for a new
-    /// right half), or this node becoming its leader.
+    /// When the cooldown last started: a change of the range's span (a split, by this check,
+    /// by hand or one that committed after its proposal timed out; a merge), a new right
+    /// half, or this node becoming its leader.
     pub cooldown_from_ms: Option<u64>,
+    /// The range's generation when last seen; a new one starts the cooldown.
+    pub generation: u64,
 }
 
 /// The node's CPU at one check: busy cores of its process, and the cores it may use.
@@ -107,19 +110,29 @@ impl LoadSplitPolicy {
         sustained && cooled
     }
 
-    /// Records a split of the range at `now_ms` (by size or by load): its load must build a
-    /// whole new sustain period, after the cooldown.
+    /// Records a split of the range at `now_ms` (by size or by load): the sustain period
+    /// starts over now (it may run during the cooldown), and so does the cooldown.
     pub fn split_done(state: &mut LoadSplitState, now_ms: u64) {
         state.busy_since_ms = None;
         state.cooldown_from_ms = Some(now_ms);
     }
 
+    /// Notes the range's `generation` at `now_ms`: a span changed since the last check (a
+    /// split or merge, whoever made it) counts as a split.
+    pub fn observe_generation(state: &mut LoadSplitState, now_ms: u64, generation: u64) {
+        if state.generation != generation {
+            state.generation = generation;
+            Self::split_done(state, now_ms);
+        }
+    }
+
     /// The state of a range this node has just started to lead, or a new right half: in
     /// cooldown from `now_ms`.
-    pub fn fresh(now_ms: u64) -> LoadSplitState {
+    pub fn fresh(now_ms: u64, generation: u64) -> LoadSplitState {
         LoadSplitState {
             busy_since_ms: None,
             cooldown_from_ms: Some(now_ms),
+            generation,
         }
     }
 }
@@ -319,9 +332,11 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
                 load_state.remove(&range_id);
                 continue;
             }
+            let generation = replica.shared.span().map_or(0, |s| s.generation);
             let state = load_state
                 .entry(range_id)
-                .or_insert_with(|| LoadSplitPolicy::fresh(now_ms));
+                .or_insert_with(|| LoadSplitPolicy::fresh(now_ms, generation));
+            LoadSplitPolicy::observe_generation(state, now_ms, generation);
             let too_busy = check.load.due(state, now_ms, replica.qps(), cpu);
             if splits >= MAX_SPLITS_PER_CHECK {
                 continue;
@@ -362,7 +377,10 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
                     if let Some(state) = load_state.get_mut(&range_id) {
                         LoadSplitPolicy::split_done(state, now_ms);
                     }
-                    load_state.insert(right.span.range_id, LoadSplitPolicy::fresh(now_ms));
+                    load_state.insert(
+                        right.span.range_id,
+                        LoadSplitPolicy::fresh(now_ms, right.span.generation),
+                    );
                     tracing::info!(
                         range_id,
                         size_bytes = size.size_bytes,
@@ -465,8 +483,17 @@ mod tests {
         assert!(!p.due(&mut s, 11_000, 500.0, busy));
         assert!(!p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS - 1, 500.0, busy));
         assert!(p.due(&mut s, 10_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, busy));
+        // A span changed by someone else (a split by hand, one that committed after its
+        // proposal timed out, a merge) counts as a split.
+        let mut s = LoadSplitPolicy::fresh(0, 1);
+        LoadSplitPolicy::observe_generation(&mut s, LOAD_SPLIT_COOLDOWN_MS, 1);
+        assert!(!p.due(&mut s, LOAD_SPLIT_COOLDOWN_MS, 500.0, busy));
+        LoadSplitPolicy::observe_generation(&mut s, LOAD_SPLIT_COOLDOWN_MS + 10_000, 2);
+        assert!(!p.due(&mut s, LOAD_SPLIT_COOLDOWN_MS + 10_000, 500.0, busy));
+        assert!(!p.due(&mut s, 2 * LOAD_SPLIT_COOLDOWN_MS + 9_999, 500.0, busy));
+        assert!(p.due(&mut s, 2 * LOAD_SPLIT_COOLDOWN_MS + 10_000, 500.0, busy));
         // A new leader, or the right half of a split, starts in cooldown.
-        let mut s = LoadSplitPolicy::fresh(5_000);
+        let mut s = LoadSplitPolicy::fresh(5_000, 1);
         assert!(!p.due(&mut s, 5_000, 500.0, busy));
         assert!(!p.due(&mut s, 5_000 + LOAD_SPLIT_COOLDOWN_MS - 1, 500.0, busy));
         assert!(p.due(&mut s, 5_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, busy));

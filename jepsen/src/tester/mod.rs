@@ -378,6 +378,18 @@ pub fn preflight(options: &TestOptions) -> Result<Option<PathBuf>, TesterError> 
     Ok(None)
 }
 
+/// FAILPOINTS of the nodes: the run's own, and the `slow-apply` fault's.
+fn node_failpoints(options: &TestOptions) -> Option<String> {
+    let slow_apply = options
+        .faults
+        .contains(&Fault::SlowApply)
+        .then(nemesis::slow_apply_failpoint);
+    match (options.failpoints.clone(), slow_apply) {
+        (Some(a), Some(b)) => Some(format!("{a};{b}")),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Civil UTC time `YYYYMMDDTHHMMSSZ` (days-from-epoch conversion, proleptic Gregorian).
 fn utc_stamp(now: SystemTime) -> String {
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -590,7 +602,7 @@ async fn run_inner(
         election_timeout_ms: options.election_timeout_ms,
         snapshot_log_threshold: options.snapshot_log_threshold,
         log_kept_behind_snapshot: LOG_KEPT_BEHIND_SNAPSHOT,
-        failpoints: options.failpoints.clone(),
+        failpoints: node_failpoints(options),
         faketime_lib,
         fake_monotonic: options.clock_monotonic || !clock_rates.is_empty(),
         clock_rates: clock_rates.clone(),
@@ -616,6 +628,12 @@ async fn run_inner(
         println!("nemesis: clock-rate {}", detail.join(" "));
         let names = (1..=options.nodes).map(|i| format!("n{i}")).collect();
         recorder.fault_started(Fault::ClockRate.name(), names, detail.join(" "))
+    });
+    let slow_apply_fault = options.faults.contains(&Fault::SlowApply).then(|| {
+        let detail = nemesis::slow_apply_failpoint();
+        println!("nemesis: slow-apply {detail}");
+        let names = (1..=options.nodes).map(|i| format!("n{i}")).collect();
+        recorder.fault_started(Fault::SlowApply.name(), names, detail)
     });
     let deadline = Instant::now() + Duration::from_secs(options.time_limit_secs);
 
@@ -692,7 +710,7 @@ async fn run_inner(
         "spheredb-jepsen: {invoked} operations, {faults_injected} faults; healing and waiting for recovery"
     );
     nemesis::heal_all(&shared)?;
-    if let Some(record) = clock_rate_fault {
+    for record in [clock_rate_fault, slow_apply_fault].into_iter().flatten() {
         recorder.fault_healed(record);
     }
     if !wait_recovered(&shared, &workload_addrs).await {

@@ -65,6 +65,21 @@ pub enum Fault {
     /// Not injected and healed: every node's clocks run at their own rate all run long.
     ClockRate,
     Churn,
+    /// Not injected and healed: all run long, every node's state machine now and then
+    /// stalls before applying ([`SLOW_APPLY_STALL_PERCENT`] of apply batches wait
+    /// [`SLOW_APPLY_STALL_MS`]), as behind a slow disk, so a replica's applied state lags
+    /// its commit index. Needs a node built with failpoints.
+    SlowApply,
+}
+
+/// Share of apply batches (percent) the `slow-apply` fault stalls.
+pub const SLOW_APPLY_STALL_PERCENT: u32 = 1;
+/// How long a stalled apply batch waits.
+pub const SLOW_APPLY_STALL_MS: u64 = 1_000;
+
+/// The FAILPOINTS item of the `slow-apply` fault.
+pub fn slow_apply_failpoint() -> String {
+    format!("sm-apply-stall={SLOW_APPLY_STALL_PERCENT}%return({SLOW_APPLY_STALL_MS})")
 }
 
 /// Faults of one class take turns; faults of different classes may overlap.
@@ -77,7 +92,7 @@ pub enum FaultClass {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 15] = [
+    pub const ALL: [Fault; 16] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::KillMinority,
@@ -93,6 +108,7 @@ impl Fault {
         Fault::ClockSkew,
         Fault::ClockRate,
         Fault::Churn,
+        Fault::SlowApply,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,6 +128,7 @@ impl Fault {
             Fault::ClockSkew => "clock-skew",
             Fault::ClockRate => "clock-rate",
             Fault::Churn => "churn",
+            Fault::SlowApply => "slow-apply",
         }
     }
 
@@ -123,7 +140,8 @@ impl Fault {
             | Fault::KillMajority
             | Fault::KillAll
             | Fault::PauseRandom
-            | Fault::PauseLeader => FaultClass::Process,
+            | Fault::PauseLeader
+            | Fault::SlowApply => FaultClass::Process,
             Fault::PartitionOne
             | Fault::PartitionLeader
             | Fault::PartitionHalves
@@ -145,13 +163,19 @@ impl Fault {
         )
     }
 
+    /// Whether the fault holds for the whole run instead of being injected and healed.
+    pub fn whole_run(self) -> bool {
+        matches!(self, Fault::ClockRate | Fault::SlowApply)
+    }
+
     pub fn needs_faketime(self) -> bool {
         matches!(self, Fault::ClockSkew | Fault::ClockRate)
     }
 }
 
 /// Groups accepted by `--nemesis`, besides single fault names. `all` is every fault but
-/// `clock-rate`, which cannot run with `clock-skew` (see [`check_compatible`]).
+/// `clock-rate`, which cannot run with `clock-skew` (see [`check_compatible`]), and
+/// `slow-apply`, which needs a node built with failpoints.
 pub const NEMESIS_GROUPS: &[&str] = &["none", "kill", "pause", "partition", "clock", "all"];
 
 /// Refuses fault sets that cannot run together: `clock-rate` fakes the monotonic clock (the
@@ -188,7 +212,7 @@ pub fn parse_nemesis(spec: &str) -> Result<Vec<Fault>, String> {
             "clock" => vec![Fault::ClockSkew],
             "all" => Fault::ALL
                 .into_iter()
-                .filter(|f| *f != Fault::ClockRate)
+                .filter(|f| !matches!(f, Fault::ClockRate | Fault::SlowApply))
                 .collect(),
             name => match Fault::ALL.iter().find(|f| f.name() == name) {
                 Some(f) => vec![*f],
@@ -299,7 +323,7 @@ pub async fn run(
     deadline: Instant,
 ) -> Result<usize, NemesisError> {
     let mut by_class: BTreeMap<FaultClass, Vec<Fault>> = BTreeMap::new();
-    for &fault in cfg.faults.iter().filter(|f| **f != Fault::ClockRate) {
+    for &fault in cfg.faults.iter().filter(|f| !f.whole_run()) {
         // Without `overlap`, processes, network and clocks share one schedule; churn always
         // has its own (range changes during kills and partitions are the point of it).
         let class = match fault.class() {
@@ -491,7 +515,9 @@ async fn inject(
             }
             (Heal::Links, targets, format!("cut {}", described.join(" ")))
         }
-        Fault::ClockRate | Fault::Churn => unreachable!("not injected: {fault:?}"),
+        Fault::ClockRate | Fault::SlowApply | Fault::Churn => {
+            unreachable!("not injected: {fault:?}")
+        }
         Fault::ClockSkew => {
             let targets = random_minority(n, rng);
             let cluster = shared.cluster();
@@ -705,10 +731,12 @@ mod tests {
                 Fault::PauseLeader
             ])
         );
+        // `all` leaves out clock-rate and slow-apply.
         assert_eq!(
             parse_nemesis("all").map(|f| f.len()),
-            Ok(Fault::ALL.len() - 1)
+            Ok(Fault::ALL.len() - 2)
         );
+        assert_eq!(parse_nemesis("slow-apply"), Ok(vec![Fault::SlowApply]));
         assert!(parse_nemesis("meteor").unwrap_err().contains("meteor"));
     }
 

@@ -78,7 +78,7 @@ fn ci_specs() -> Vec<Spec> {
     let lease = |nodes, seed| Spec {
         tag: "lease",
         workload: WorkloadKind::Register,
-        nemesis: "clock-rate,kill-majority,partition",
+        nemesis: "clock-rate,kill-majority,partition,slow-apply",
         nodes,
         seed,
         time_limit_secs: CI_LEASE_SECS,
@@ -88,17 +88,19 @@ fn ci_specs() -> Vec<Spec> {
         overlap: false,
     };
     vec![
+        // Register runs also stall apply now and then (slow-apply): reads must wait for a
+        // new leader's state machine to catch up with what its predecessor acknowledged.
         short(
             "kill-partition",
             WorkloadKind::Register,
-            "kill,partition",
+            "kill,partition,slow-apply",
             3,
             1,
         ),
         short(
             "kill-partition",
             WorkloadKind::Register,
-            "kill,partition",
+            "kill,partition,slow-apply",
             3,
             2,
         ),
@@ -134,7 +136,7 @@ fn long_specs() -> Vec<Spec> {
         long(
             "lease",
             WorkloadKind::Register,
-            "clock-rate,kill,pause,partition,churn",
+            "clock-rate,kill,pause,partition,churn,slow-apply",
             5,
             true,
             false,
@@ -265,6 +267,7 @@ mod tests {
         for nodes in [3, 5] {
             assert!(has(WorkloadKind::Scan, Fault::Churn, nodes));
             assert!(has(WorkloadKind::Register, Fault::ClockRate, nodes));
+            assert!(has(WorkloadKind::Register, Fault::SlowApply, nodes));
         }
         for r in &runs {
             assert!(r.options.validate().is_ok(), "{}", r.name);
