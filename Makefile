@@ -44,8 +44,9 @@ jepsen-deps:
 	@./scripts/install-jepsen-deps.sh
 
 # The Jepsen tester's `ci` suite (about 5 minutes): register and set under kill and
-# partition faults, scan under churn, kill and partition, lease reads under clock-rate,
-# kill-majority and partition, on 3 and 5 nodes of the debug build. Needs root (iptables)
+# partition faults (register with slow-apply too), scan under churn, kill and partition,
+# lease reads under clock-rate, kill-majority, partition and slow-apply, on 3 and 5 nodes of
+# the debug build. Needs root (iptables)
 # and libfaketime. `cargo test --workspace` builds the binaries with the failpoints compiled
 # in (inactive unless asked for), as the tester's own tests need; a plain build would
 # rebuild them without. Run folders go to jepsen/store/.

@@ -83,10 +83,12 @@ enum Command {
     Test(TestArgs),
     /// Run a named suite of tests one after another and print a summary table.
     ///
-    /// `ci`: short runs on several seeds (register and set under kill and partition, scan
-    /// under churn, kill and partition on 3 and 5 nodes, lease reads under clock-rate,
-    /// kill-majority and partition on 3 and 5 nodes), about 7 minutes. `long`: every
-    /// nemesis on 5 nodes, about 20 minutes. Exit status as for `test`, worst run first.
+    /// `ci`: short runs on several seeds (register under kill, partition and slow-apply,
+    /// set under kill and partition, scan under churn, kill and partition on 3 and 5 nodes,
+    /// lease reads under clock-rate, kill-majority, partition and slow-apply on 3 and 5
+    /// nodes), about 7 minutes. `long`: every nemesis on 5 nodes, about 20 minutes. Exit
+    /// status as for `test`, worst run first. Needs a spheredb built with failpoints
+    /// (`cargo build --workspace` does) for slow-apply.
     Suite(SuiteArgs),
 }
 
@@ -136,7 +138,9 @@ Nemeses (--nemesis, comma-separated; groups or single faults):
   (single)   clock-rate: every node's clocks run fast or slow, within the drift bound the
              engine states, all run long (libfaketime; not with clock-skew)
   (single)   churn: splits, merges, leader transfers and replica moves through the admin API
-  all        every fault above but clock-rate
+  (single)   slow-apply: every node's state machine waits 1 s before 1 % of its apply
+             batches, all run long (failpoint sm-apply-stall: needs a failpoints build)
+  all        every fault above but clock-rate and slow-apply
 
 Process, network and clock faults take turns unless --overlap; churn always runs alongside.
 
@@ -161,7 +165,7 @@ struct TestArgs {
     workload: WorkloadArg,
 
     /// Faults to inject: none, kill, pause, partition, clock, all, or single faults
-    /// (kill-majority, kill-all, churn, clock-rate, ...).
+    /// (kill-majority, kill-all, churn, clock-rate, slow-apply, ...).
     #[arg(long, default_value = "none")]
     nemesis: String,
 

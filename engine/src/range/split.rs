@@ -66,8 +66,17 @@ pub struct LoadSplitState {
     /// by hand or one that committed after its proposal timed out; a merge), a new right
     /// half, or this node becoming its leader.
     pub cooldown_from_ms: Option<u64>,
-    /// The range's generation when last seen; a new one starts the cooldown.
-    pub generation: u64,
+    /// [`span_fingerprint`] of the range's span when last seen; another one starts the
+    /// cooldown. (Not the generation: replica changes bump that too.)
+    pub span: u64,
+}
+
+/// A fingerprint of `span`'s bounds, to notice that they changed.
+pub fn span_fingerprint(span: &RangeSpan) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&span.start_key, &span.end_key).hash(&mut h);
+    h.finish()
 }
 
 /// The node's CPU at one check: busy cores of its process, and the cores it may use.
@@ -117,22 +126,22 @@ impl LoadSplitPolicy {
         state.cooldown_from_ms = Some(now_ms);
     }
 
-    /// Notes the range's `generation` at `now_ms`: a span changed since the last check (a
-    /// split or merge, whoever made it) counts as a split.
-    pub fn observe_generation(state: &mut LoadSplitState, now_ms: u64, generation: u64) {
-        if state.generation != generation {
-            state.generation = generation;
+    /// Notes the range's span (its [`span_fingerprint`]) at `now_ms`: a span changed since
+    /// the last check (a split or merge, whoever made it) counts as a split.
+    pub fn observe_span(state: &mut LoadSplitState, now_ms: u64, span: u64) {
+        if state.span != span {
+            state.span = span;
             Self::split_done(state, now_ms);
         }
     }
 
     /// The state of a range this node has just started to lead, or a new right half: in
     /// cooldown from `now_ms`.
-    pub fn fresh(now_ms: u64, generation: u64) -> LoadSplitState {
+    pub fn fresh(now_ms: u64, span: u64) -> LoadSplitState {
         LoadSplitState {
             busy_since_ms: None,
             cooldown_from_ms: Some(now_ms),
-            generation,
+            span,
         }
     }
 }
@@ -332,11 +341,11 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
                 load_state.remove(&range_id);
                 continue;
             }
-            let generation = replica.shared.span().map_or(0, |s| s.generation);
+            let span_now = replica.shared.span().map_or(0, |s| span_fingerprint(&s));
             let state = load_state
                 .entry(range_id)
-                .or_insert_with(|| LoadSplitPolicy::fresh(now_ms, generation));
-            LoadSplitPolicy::observe_generation(state, now_ms, generation);
+                .or_insert_with(|| LoadSplitPolicy::fresh(now_ms, span_now));
+            LoadSplitPolicy::observe_span(state, now_ms, span_now);
             let too_busy = check.load.due(state, now_ms, replica.qps(), cpu);
             if splits >= MAX_SPLITS_PER_CHECK {
                 continue;
@@ -374,12 +383,10 @@ pub async fn split_loop(check: SplitCheck, mut stop: watch::Receiver<bool>) {
                     splits += 1;
                     measured.remove(&range_id);
                     let now_ms = started.elapsed().as_millis() as u64;
-                    if let Some(state) = load_state.get_mut(&range_id) {
-                        LoadSplitPolicy::split_done(state, now_ms);
-                    }
+                    // The left half's new span starts its cooldown at the next check.
                     load_state.insert(
                         right.span.range_id,
-                        LoadSplitPolicy::fresh(now_ms, right.span.generation),
+                        LoadSplitPolicy::fresh(now_ms, span_fingerprint(&right.span)),
                     );
                     tracing::info!(
                         range_id,
@@ -486,14 +493,16 @@ mod tests {
         // A span changed by someone else (a split by hand, one that committed after its
         // proposal timed out, a merge) counts as a split.
         let mut s = LoadSplitPolicy::fresh(0, 1);
-        LoadSplitPolicy::observe_generation(&mut s, LOAD_SPLIT_COOLDOWN_MS, 1);
+        LoadSplitPolicy::observe_span(&mut s, LOAD_SPLIT_COOLDOWN_MS, 1);
         assert!(!p.due(&mut s, LOAD_SPLIT_COOLDOWN_MS, 500.0, busy));
-        LoadSplitPolicy::observe_generation(&mut s, LOAD_SPLIT_COOLDOWN_MS + 10_000, 2);
+        LoadSplitPolicy::observe_span(&mut s, LOAD_SPLIT_COOLDOWN_MS + 10_000, 2);
         assert!(!p.due(&mut s, LOAD_SPLIT_COOLDOWN_MS + 10_000, 500.0, busy));
         assert!(!p.due(&mut s, 2 * LOAD_SPLIT_COOLDOWN_MS + 9_999, 500.0, busy));
         assert!(p.due(&mut s, 2 * LOAD_SPLIT_COOLDOWN_MS + 10_000, 500.0, busy));
         // A new leader, or the right half of a split, starts in cooldown.
         let mut s = LoadSplitPolicy::fresh(5_000, 1);
+        // The same span again is no change.
+        LoadSplitPolicy::observe_span(&mut s, 5_000, 1);
         assert!(!p.due(&mut s, 5_000, 500.0, busy));
         assert!(!p.due(&mut s, 5_000 + LOAD_SPLIT_COOLDOWN_MS - 1, 500.0, busy));
         assert!(p.due(&mut s, 5_000 + LOAD_SPLIT_COOLDOWN_MS, 500.0, busy));

@@ -50,8 +50,9 @@ pub enum ClusterError {
         dir: PathBuf,
     },
     #[error(
-        "failpoints were requested but node {node} does not log {FAILPOINTS_LOG_MARKER:?}: \
-         the binary was built without the `failpoints` feature; rebuild it with \
+        "failpoints were requested (--failpoints, or the slow-apply nemesis) but node {node} \
+         does not log {FAILPOINTS_LOG_MARKER:?}: the binary was built without the \
+         `failpoints` feature; rebuild it with `cargo build --workspace` or \
          `cargo build -p spheredb-engine --features failpoints --bin spheredb`"
     )]
     FailpointsMissing { node: String },

@@ -710,9 +710,6 @@ async fn run_inner(
         "spheredb-jepsen: {invoked} operations, {faults_injected} faults; healing and waiting for recovery"
     );
     nemesis::heal_all(&shared)?;
-    for record in [clock_rate_fault, slow_apply_fault].into_iter().flatten() {
-        recorder.fault_healed(record);
-    }
     if !wait_recovered(&shared, &workload_addrs).await {
         problems.push(format!(
             "the cluster did not fully recover within {RECOVERY_TIMEOUT_MS} ms after the final heal"
@@ -720,6 +717,10 @@ async fn run_inner(
     }
     tokio::time::sleep(Duration::from_millis(options.recovery_ms)).await;
     let final_reads = workload.final_reads().await;
+    // Whole-run faults hold until the nodes stop, final reads included.
+    for record in [clock_rate_fault, slow_apply_fault].into_iter().flatten() {
+        recorder.fault_healed(record);
+    }
     let end_ns = recorder.now_ns();
     let unexpected_exits = {
         let mut cluster = shared.cluster();
@@ -851,7 +852,7 @@ async fn run_inner(
             "concurrency": options.concurrency,
             "rate_ops_per_sec": options.rate_ops_per_sec,
             "seed": options.seed,
-            "failpoints": options.failpoints,
+            "failpoints": node_failpoints(options),
             "quiet_ms": options.quiet_ms,
             "fault_ms": options.fault_ms,
             "op_timeout_ms": options.op_timeout_ms,
