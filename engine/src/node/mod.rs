@@ -200,6 +200,16 @@ impl LocalReplicas {
     /// `keep_data`), leaving a tombstone. Works from the on-disk state when the replica is not
     /// running (it failed to start, or was stopped), so no claim or state is left behind.
     pub async fn destroy_replica(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
+        // The tombstone goes first. `create_missing` looks for the replica in the directory,
+        // then for a tombstone: once `take_down` has removed the replica, a peer's message
+        // for it (a peer that has not applied a merge yet still sends them) must find the
+        // tombstone, or it would start a new group over the state being deleted here.
+        let running_id = self
+            .replica(range_id)
+            .map(|r| r.raft.metrics().borrow_watched().id);
+        if let Some(id) = running_id.or(self.local_replica_id(range_id)?) {
+            write_state(&self.db, range_id, StateTag::Tombstone, &(id + 1), true)?;
+        }
         self.dormant
             .lock()
             .unwrap_or_else(|p| p.into_inner())
