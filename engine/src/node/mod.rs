@@ -207,7 +207,11 @@ impl LocalReplicas {
         let running_id = self
             .replica(range_id)
             .map(|r| r.raft.metrics().borrow_watched().id);
-        if let Some(id) = running_id.or(self.local_replica_id(range_id)?) {
+        let known_id = match running_id {
+            Some(id) => Some(id),
+            None => self.local_replica_id(range_id)?,
+        };
+        if let Some(id) = known_id {
             write_state(&self.db, range_id, StateTag::Tombstone, &(id + 1), true)?;
         }
         self.dormant
