@@ -109,11 +109,17 @@ fn log_append(c: &mut Criterion) {
     gc.shutdown();
 }
 
-fn apply_and_read(c: &mut Criterion) {
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = Db::open(&dir.path().join("db"), &DbOptions::default()).expect("open db");
-    // A range covering the whole keyspace, as bootstrap creates it.
+/// Receiver of a state machine's range events.
+type EventsRx = tokio::sync::mpsc::Receiver<spheredb_raft::state_machine::RangeEvent>;
+
+/// Range 1 covering the whole keyspace with `membership`, as bootstrap creates it, written
+/// into `db`, and its state machine (snapshots under `dir/snap`) with the receiver of its
+/// range events, which the caller keeps while the state machine lives.
+fn whole_keyspace_range(
+    db: &Db,
+    dir: &std::path::Path,
+    membership: spheredb_raft::Membership,
+) -> (StateMachine, EventsRx) {
     let span = spheredb_raft::RangeSpan {
         range_id: 1,
         start_key: Vec::new(),
@@ -122,20 +128,28 @@ fn apply_and_read(c: &mut Criterion) {
         next_replica_id: 2,
     };
     let mut batch = rocksdb::WriteBatch::default();
-    spheredb_raft::state_machine::write_range_origin(&db, &mut batch, &span, Default::default())
+    spheredb_raft::state_machine::write_range_origin(db, &mut batch, &span, membership)
         .expect("origin");
     db.write(batch, true).expect("write origin");
-    let (events, _events_rx) =
+    let (events, events_rx) =
         tokio::sync::mpsc::channel(spheredb_raft::state_machine::MAX_PENDING_RANGE_EVENTS);
-    let (mut sm, _shared) = StateMachine::open(
+    let (sm, _shared) = StateMachine::open(
         db.clone(),
         1,
         1,
-        &dir.path().join("snap"),
+        &dir.join("snap"),
         Default::default(),
         events,
     )
     .expect("sm");
+    (sm, events_rx)
+}
+
+fn apply_and_read(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = Db::open(&dir.path().join("db"), &DbOptions::default()).expect("open db");
+    let (mut sm, _events_rx) = whole_keyspace_range(&db, dir.path(), Default::default());
     let mut next_index = 1u64;
     let mut g = c.benchmark_group("state_machine");
     const ENTRIES_PER_APPLY: u64 = 64;
@@ -186,13 +200,6 @@ fn propose_to_apply(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Db::open(&dir.path().join("db"), &DbOptions::default()).expect("open db");
     let gc = GroupCommit::start(Arc::new(db.clone())).expect("group commit");
-    let span = spheredb_raft::RangeSpan {
-        range_id: 1,
-        start_key: Vec::new(),
-        end_key: Vec::new(),
-        generation: 1,
-        next_replica_id: 2,
-    };
     let membership = spheredb_raft::Membership::new(
         vec![std::collections::BTreeSet::from([1])],
         std::collections::BTreeMap::from([(
@@ -205,21 +212,7 @@ fn propose_to_apply(c: &mut Criterion) {
         )]),
     )
     .expect("membership");
-    let mut batch = rocksdb::WriteBatch::default();
-    spheredb_raft::state_machine::write_range_origin(&db, &mut batch, &span, membership)
-        .expect("origin");
-    db.write(batch, true).expect("write origin");
-    let (events, _events_rx) =
-        tokio::sync::mpsc::channel(spheredb_raft::state_machine::MAX_PENDING_RANGE_EVENTS);
-    let (sm, _shared) = StateMachine::open(
-        db.clone(),
-        1,
-        1,
-        &dir.path().join("snap"),
-        Default::default(),
-        events,
-    )
-    .expect("sm");
+    let (sm, _events_rx) = whole_keyspace_range(&db, dir.path(), membership);
     let config = openraft::Config {
         heartbeat_interval: 50,
         election_timeout_min: 150,
