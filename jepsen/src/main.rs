@@ -138,8 +138,8 @@ Nemeses (--nemesis, comma-separated; groups or single faults):
   (single)   clock-rate: every node's clocks run fast or slow, within the drift bound the
              engine states, all run long (libfaketime; not with clock-skew)
   (single)   churn: splits, merges, leader transfers and replica moves through the admin API
-  (single)   slow-apply: every node's state machine waits 1 s before 1 % of its apply
-             batches, all run long (failpoint sm-apply-stall: needs a failpoints build)
+  (single)   slow-apply: followers hold their applies back 2.5 s, then drain them 0.5 s,
+             all run long (failpoint sm-apply-stall: needs a failpoints build)
   all        every fault above but clock-rate and slow-apply
 
 Process, network and clock faults take turns unless --overlap; churn always runs alongside.

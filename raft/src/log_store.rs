@@ -95,6 +95,21 @@ pub fn local_ranges(db: &Db) -> io::Result<Vec<RangeId>> {
     Ok(out)
 }
 
+/// The tombstone of `range_id`: the lowest replica id this node may still host for it (it
+/// destroyed every lower one), 0 when it destroyed none.
+pub fn tombstone(db: &Db, range_id: RangeId) -> io::Result<u64> {
+    Ok(read_state(db, range_id, StateTag::Tombstone)?.unwrap_or(0))
+}
+
+/// Raises the tombstone of `range_id` to `floor` (never lowers it: a lower one would let a
+/// destroyed replica's messages start it again). Synced.
+pub fn raise_tombstone(db: &Db, range_id: RangeId, floor: u64) -> io::Result<()> {
+    if tombstone(db, range_id)? >= floor {
+        return Ok(());
+    }
+    write_state(db, range_id, StateTag::Tombstone, &floor, true)
+}
+
 /// Deletes the replica of `range_id` from this node: its log, its Raft state, and the data
 /// in `data_span` (`(start, end)`, empty end: unbounded), and leaves a tombstone so no
 /// replica id up to `replica_id` is ever hosted here again. Synced.
@@ -120,10 +135,11 @@ pub fn destroy_replica(
     ] {
         batch.delete_cf(state, state_key(range_id, tag));
     }
+    let floor = tombstone(db, range_id)?.max(replica_id + 1);
     batch.put_cf(
         state,
         state_key(range_id, StateTag::Tombstone),
-        encode_record(&(replica_id + 1))?,
+        encode_record(&floor)?,
     );
     if let Some((start, end)) = data_span {
         db.batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);

@@ -333,6 +333,9 @@ pub struct StateMachine {
     spans: Arc<SpanRegistry>,
     shared: Arc<ReplicaShared>,
     events: tokio::sync::mpsc::Sender<RangeEvent>,
+    /// When the failpoint `sm-apply-stall` began its current hold (see [`ApplyStall`]);
+    /// never set without it.
+    stall_began_at: Option<std::time::Instant>,
 }
 
 impl StateMachine {
@@ -381,6 +384,7 @@ impl StateMachine {
             spans,
             shared: shared.clone(),
             events,
+            stall_began_at: None,
         };
         if let (Some(_), false) = (&redo, claimed) {
             // A frozen replica whose keys a merged range owns now, with its own keys maybe
@@ -897,7 +901,29 @@ impl StateMachine {
         // Entries are applied into one write batch (flushed at the bounds below), so a burst
         // of commits costs one RocksDB write, not one per entry.
         let mut pending = PendingApply::default();
+        let mut first_entry = true;
         while let Some((entry, responder)) = entries.try_next().await? {
+            if std::mem::take(&mut first_entry) && responder.is_none() {
+                // Only a replica's own proposals carry responders: a batch without one is a
+                // follower's, or a new leader's backlog (see `ApplyStall`).
+                if let Some(stall) = injected_apply_stall() {
+                    let now = std::time::Instant::now();
+                    let since_hold_ms = self
+                        .stall_began_at
+                        .map(|t| now.duration_since(t).as_millis() as u64);
+                    let (wait_ms, new_hold) = stall.wait(since_hold_ms);
+                    if new_hold {
+                        self.stall_began_at = Some(now);
+                        tracing::info!(
+                            range_id = self.range_id,
+                            index = entry.log_id.index,
+                            wait_ms,
+                            "failpoint sm-apply-stall: holding applies back"
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+                }
+            }
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Done,
                 EntryPayload::Normal(cmd) if cmd.reads_registry() => {
@@ -1010,6 +1036,7 @@ impl StateMachine {
             spans: self.spans.clone(),
             shared: self.shared.clone(),
             events: self.events.clone(),
+            stall_began_at: None,
         }
     }
 
@@ -1352,10 +1379,50 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// The failpoint `sm-apply-stall` (off unless FAILPOINTS names it, e.g.
-/// `sm-apply-stall=5%return(50)`): milliseconds this apply batch waits before applying.
-fn injected_apply_stall_ms() -> Option<u64> {
-    fail::fail_point!("sm-apply-stall", |arg| arg.and_then(|ms| ms.parse().ok()));
+/// The failpoint `sm-apply-stall` (off unless FAILPOINTS names it, as
+/// `sm-apply-stall=return(HOLD:FREE)` in milliseconds), as behind a slow disk that writes in
+/// bursts: a replica holds back batches that carry none of its own proposals for HOLD, then
+/// lets every batch through for FREE (enough to drain what queued up), then holds again.
+/// Held are a follower's batches and a new leader's backlog (see
+/// [`StateMachine::apply_entries`]): under load a follower's applied state lags its commit
+/// index, writes the leader already acknowledged included, and a follower elected meanwhile
+/// starts with that lag; the leader's own writes are not slowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyStall {
+    pub hold_ms: u64,
+    pub free_ms: u64,
+}
+
+impl ApplyStall {
+    /// Parses `HOLD:FREE`.
+    pub fn parse(arg: &str) -> Option<ApplyStall> {
+        let (hold, free) = arg.split_once(':')?;
+        Some(ApplyStall {
+            hold_ms: hold.trim().parse().ok()?,
+            free_ms: free.trim().parse().ok()?,
+        })
+    }
+
+    /// How long a batch starting `since_hold_ms` after the current hold began (`None`: no
+    /// hold yet) waits, and whether it begins a new hold.
+    pub fn wait(&self, since_hold_ms: Option<u64>) -> (u64, bool) {
+        match since_hold_ms {
+            Some(t) if t < self.hold_ms + self.free_ms => (self.hold_ms.saturating_sub(t), false),
+            _ => (self.hold_ms, true),
+        }
+    }
+}
+
+/// The failpoint `sm-apply-stall`, when on (see [`ApplyStall`]).
+fn injected_apply_stall() -> Option<ApplyStall> {
+    fail::fail_point!("sm-apply-stall", |arg: Option<String>| {
+        let arg = arg.unwrap_or_default();
+        match ApplyStall::parse(&arg) {
+            Some(stall) => Some(stall),
+            // A fault that silently does nothing would make a run look safer than it is.
+            None => panic!("failpoint sm-apply-stall wants return(HOLD:FREE) in ms, got {arg:?}"),
+        }
+    });
     None
 }
 
@@ -1371,11 +1438,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        if let Some(stall_ms) = injected_apply_stall_ms() {
-            // A slow disk or a starved apply task, for the tester's `slow-apply` fault: the
-            // state machine falls behind the commit index for a while.
-            tokio::time::sleep(std::time::Duration::from_millis(stall_ms)).await;
-        }
         // Damaged data stops this group (openraft stops on any apply error) and quarantines
         // the replica, instead of failing the node.
         let applied = self.apply_entries(entries).await;
@@ -1481,6 +1543,22 @@ mod tests {
 
     const LEFT: RangeId = 2;
     const RIGHT: RangeId = 3;
+
+    #[test]
+    fn apply_stalls_hold_then_let_the_backlog_through() {
+        let stall = ApplyStall::parse("2500:500").unwrap();
+        assert_eq!(stall.wait(None), (2_500, true));
+        // Queued behind the held batch: released with it.
+        assert_eq!(stall.wait(Some(10)), (2_490, false));
+        // The free period: the backlog drains.
+        assert_eq!(stall.wait(Some(2_500)), (0, false));
+        assert_eq!(stall.wait(Some(2_999)), (0, false));
+        // Then the next hold.
+        assert_eq!(stall.wait(Some(3_000)), (2_500, true));
+        for bad in ["", "2500", "a:1", "1:b"] {
+            assert_eq!(ApplyStall::parse(bad), None, "{bad:?}");
+        }
+    }
 
     fn span(range_id: RangeId, start: &[u8], end: &[u8], generation: u64) -> RangeSpan {
         RangeSpan {

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use spheredb_client::proto::v1::{
-    NodeHeartbeatRequest, NodeHeartbeatResponse, NodeInfo, RangeDescriptor, ReplicaReport,
+    NodeHeartbeatRequest, NodeHeartbeatResponse, NodeInfo, RangeDescriptor, RemovedReplica,
+    ReplicaReport,
 };
 use spheredb_client::ClientError;
 use spheredb_raft::network::Replica;
@@ -237,8 +238,8 @@ pub struct HeartbeatOutcome {
     /// Stored ranges a newer descriptor of `upserts` covers entirely: merged into it, so
     /// their descriptors go.
     pub merged_away: Vec<RangeId>,
-    /// Ranges whose replica the reporting node must destroy.
-    pub destroy: Vec<RangeId>,
+    /// Replicas (range, replica id as reported) the reporting node must destroy.
+    pub destroy: Vec<(RangeId, ReplicaId)>,
     /// Ranges reported without a descriptor that this leader lacks at the reported
     /// generation: the node's next report carries them.
     pub want_descriptors: Vec<RangeId>,
@@ -372,7 +373,14 @@ pub async fn handle_heartbeat(
     let unreachable =
         view.unreachable_at(nodes.iter().map(|n| n.node_id), interval_ms, Instant::now());
     Ok(NodeHeartbeatResponse {
-        destroy_ranges: outcome.destroy,
+        destroy_replicas: outcome
+            .destroy
+            .into_iter()
+            .map(|(range_id, replica_id)| RemovedReplica {
+                range_id,
+                replica_id,
+            })
+            .collect(),
         want_descriptors: outcome.want_descriptors,
         unreachable_nodes: unreachable,
         nodes: nodes
@@ -437,7 +445,7 @@ fn track_report(
     removed: bool,
     stored: &HashMap<RangeId, RangeRecord>,
     now: Instant,
-    destroy: &mut Vec<RangeId>,
+    destroy: &mut Vec<(RangeId, ReplicaId)>,
 ) {
     if let Some(d) = &report.descriptor {
         let same = inner
@@ -509,7 +517,7 @@ fn track_report(
                 "replica of a range merged away; telling its node to destroy it"
             );
         }
-        destroy.push(report.range_id);
+        destroy.push((report.range_id, report.replica_id));
     }
 }
 
@@ -740,7 +748,7 @@ mod tests {
         let early = view.take_report(&hb, &stored, t0 + grace / 2);
         assert!(early.destroy.is_empty(), "within the grace period");
         let late = view.take_report(&hb, &stored, t0 + grace);
-        assert_eq!(late.destroy, vec![2]);
+        assert_eq!(late.destroy, vec![(2, 3)]);
     }
 
     #[test]
@@ -770,7 +778,10 @@ mod tests {
         // Its descriptor is never stored, so the leader keeps asking for it: reports that
         // leave it out would hide the merge and restart the grace period every other time.
         assert_eq!(first.want_descriptors, vec![3]);
-        assert_eq!(view.take_report(&hb, &stored, t0 + grace).destroy, vec![3]);
+        assert_eq!(
+            view.take_report(&hb, &stored, t0 + grace).destroy,
+            vec![(3, 3)]
+        );
 
         // Frozen into range 2, which the node also holds: applying the merge stops it.
         let view = MetaState::default();

@@ -144,11 +144,16 @@ pub async fn heartbeat_loop(hb: Heartbeat, mut stop: watch::Receiver<bool>) {
         deltas.acknowledged(carried, &resp.want_descriptors, &local);
         hb.peers
             .learn_nodes(resp.nodes.iter().map(|n| (n.node_id, n.addr.clone())));
-        for range_id in resp.destroy_ranges {
+        for removed in resp.destroy_replicas {
+            let range_id = removed.range_id;
             if range_id == META_RANGE_ID && leading_meta(&hb.replicas).is_some() {
                 continue;
             }
-            if let Err(e) = hb.lifecycle.destroy_replica(range_id, false).await {
+            let destroyed = hb
+                .lifecycle
+                .destroy_removed_replica(range_id, removed.replica_id)
+                .await;
+            if let Err(e) = destroyed {
                 tracing::warn!(range_id, "destroying removed replica: {e:#}");
             }
         }

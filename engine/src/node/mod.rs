@@ -31,7 +31,8 @@ use spheredb_client::ClientError;
 use spheredb_raft::group_commit::GroupCommit;
 use spheredb_raft::layout::{state_key, StateTag, NODE_RECORDS};
 use spheredb_raft::log_store::{
-    destroy_replica, encode_record, local_ranges, read_state, write_state, LogStore,
+    destroy_replica, encode_record, local_ranges, raise_tombstone, read_state, tombstone,
+    write_state, LogStore,
 };
 use spheredb_raft::network::{
     PeerChannels, RaftService, Replica, ReplicaDirectory, ReplicaRequest, TransportFaults,
@@ -84,6 +85,11 @@ struct NodeIdentity {
 /// This node's replicas through their lives: starting them (at start-up, for a split's right
 /// half, for a peer's request), stopping merged ones, and destroying removed ones. The one
 /// owner of the node's `ReplicaDirectory` entries; the other rooms only read them.
+///
+/// Invariant: at most one lifecycle step (start, stop, destroy, create for a peer) runs on a
+/// range at a time, each holding the range's lock from its check to its change. Without it
+/// a peer's message arriving while the replica was being destroyed (a peer yet to apply a
+/// merge still sends them) started a new Raft group over the state being deleted.
 pub struct LocalReplicas {
     node_id: NodeId,
     db: Db,
@@ -97,6 +103,10 @@ pub struct LocalReplicas {
     /// without a Raft group, since starting one would re-apply or re-snapshot the damaged
     /// data and fail. Reported in heartbeats until the allocator replaces them.
     dormant: Mutex<HashMap<RangeId, (ReplicaId, Arc<ReplicaShared>)>>,
+    /// The lifecycle lock of each range ever hosted here (see the invariant above). Entries
+    /// are never removed, one small lock per range: removing one while a task waits on it
+    /// would let a third task take a fresh lock beside it.
+    range_locks: Mutex<HashMap<RangeId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl LocalReplicas {
@@ -124,9 +134,31 @@ impl LocalReplicas {
         self.replicas.get(range_id)
     }
 
+    /// Waits for, and holds, the lifecycle lock of `range_id`.
+    async fn lock_range(&self, range_id: RangeId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .range_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(range_id)
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
     /// Starts the Raft group of this node's replica `replica_id` of `range_id`, from whatever
     /// state it has on disk (none: an empty replica waiting for a snapshot).
     pub async fn start_replica(
+        &self,
+        range_id: RangeId,
+        replica_id: ReplicaId,
+    ) -> anyhow::Result<Arc<Replica>> {
+        let _lifecycle = self.lock_range(range_id).await;
+        self.start_locked(range_id, replica_id).await
+    }
+
+    /// [`Self::start_replica`], the range's lifecycle lock held.
+    async fn start_locked(
         &self,
         range_id: RangeId,
         replica_id: ReplicaId,
@@ -171,11 +203,13 @@ impl LocalReplicas {
         .map_err(|e| anyhow!("starting raft for range {range_id}: {e}"))?;
         let replica = Arc::new(Replica::new(raft, shared));
         replica.touch();
+        if let Some(pause_ms) = injected_start_pause_ms(range_id) {
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
         if !self.replicas.insert(replica.clone()) {
+            // Only lifecycle steps, under this range's lock, insert into the directory.
             let _ = replica.raft.shutdown().await;
-            return self
-                .replica(range_id)
-                .ok_or_else(|| anyhow!("range {range_id} vanished while starting"));
+            bail!("range {range_id} has two replicas starting at once (a lifecycle bug)");
         }
         tracing::debug!(range_id, replica_id, "replica started");
         Ok(replica)
@@ -200,6 +234,37 @@ impl LocalReplicas {
     /// `keep_data`), leaving a tombstone. Works from the on-disk state when the replica is not
     /// running (it failed to start, or was stopped), so no claim or state is left behind.
     pub async fn destroy_replica(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
+        let _lifecycle = self.lock_range(range_id).await;
+        self.destroy_locked(range_id, keep_data).await
+    }
+
+    /// Destroys this node's replica of `range_id`, its data too, if it is still the replica
+    /// `replica_id` the meta range found removed from the range (or an older one). A newer one
+    /// was added back to the range after that finding, and stays.
+    pub async fn destroy_removed_replica(
+        &self,
+        range_id: RangeId,
+        replica_id: ReplicaId,
+    ) -> anyhow::Result<()> {
+        let _lifecycle = self.lock_range(range_id).await;
+        let local = match self.replica(range_id) {
+            Some(r) => Some(r.raft.metrics().borrow_watched().id),
+            None => self.local_replica_id(range_id)?,
+        };
+        if local.is_some_and(|id| id > replica_id) {
+            tracing::info!(
+                range_id,
+                removed = replica_id,
+                local = ?local,
+                "not destroying: this node's replica was added back since"
+            );
+            return Ok(());
+        }
+        self.destroy_locked(range_id, false).await
+    }
+
+    /// [`Self::destroy_replica`], the range's lifecycle lock held.
+    async fn destroy_locked(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
         // The tombstone goes first. `create_missing` looks for the replica in the directory,
         // then for a tombstone: once `take_down` has removed the replica, a peer's message
         // for it (a peer that has not applied a merge yet still sends them) must find the
@@ -212,7 +277,7 @@ impl LocalReplicas {
             None => self.local_replica_id(range_id)?,
         };
         if let Some(id) = known_id {
-            write_state(&self.db, range_id, StateTag::Tombstone, &(id + 1), true)?;
+            raise_tombstone(&self.db, range_id, id + 1)?;
         }
         self.dormant
             .lock()
@@ -261,6 +326,7 @@ impl LocalReplicas {
     /// side it checks for (deleting it made that merge fail on this node for good). The
     /// stopped replica is collected like any merged one (`stop_merged_replicas`).
     pub async fn stop_replica(&self, range_id: RangeId) {
+        let _lifecycle = self.lock_range(range_id).await;
         if self.take_down(range_id).await.is_some() {
             self.replicas.spans().release(range_id);
         }
@@ -337,6 +403,7 @@ impl LocalReplicas {
         if replica_id == 0 {
             return Ok(());
         }
+        let _lifecycle = self.lock_range(range_id).await;
         let dormant = self
             .dormant
             .lock()
@@ -358,9 +425,9 @@ impl LocalReplicas {
                 new = replica_id,
                 "replacing a removed replica with the one added since"
             );
-            self.destroy_replica(range_id, false).await?;
+            self.destroy_locked(range_id, false).await?;
         }
-        let floor: ReplicaId = read_state(&self.db, range_id, StateTag::Tombstone)?.unwrap_or(0);
+        let floor: ReplicaId = tombstone(&self.db, range_id)?;
         if replica_id < floor {
             tracing::debug!(
                 ?missing,
@@ -383,11 +450,11 @@ impl LocalReplicas {
                     new = replica_id,
                     "replacing a stopped replica with the one added since"
                 );
-                self.destroy_replica(range_id, false).await?;
+                self.destroy_locked(range_id, false).await?;
             }
         }
         tracing::info!(range_id, replica_id, "creating replica asked for by a peer");
-        self.start_replica(range_id, replica_id).await.map(|_| ())
+        self.start_locked(range_id, replica_id).await.map(|_| ())
     }
 
     /// Starts the right half of a split applied here.
@@ -440,6 +507,22 @@ impl LocalReplicas {
             }
         }
     }
+}
+
+/// The failpoint `replica-start-pause` (off unless configured, as `return(RANGE:MS)`):
+/// milliseconds a replica of range RANGE waits between opening its state and joining the
+/// directory, the window in which an unguarded destroy deleted the state of a replica about
+/// to run. Tests use it to prove the range's lifecycle lock closes that window.
+fn injected_start_pause_ms(range_id: RangeId) -> Option<u64> {
+    fail::fail_point!("replica-start-pause", |arg: Option<String>| {
+        let arg = arg.unwrap_or_default();
+        let (range, ms) = arg.split_once(':')?;
+        (range.parse::<RangeId>().ok()? == range_id)
+            .then(|| ms.parse().ok())
+            .flatten()
+    });
+    let _ = range_id;
+    None
 }
 
 /// A running node.
@@ -707,11 +790,20 @@ impl Node {
             events: events_tx,
             snapshot_dir: snapshot_dir.clone(),
             dormant: Mutex::default(),
+            range_locks: Mutex::default(),
         });
 
         let ranges = local_ranges(&db)?;
         for range_id in &ranges {
             match lifecycle.local_replica_id(*range_id)? {
+                Some(replica_id) if tombstone(&db, *range_id)? > replica_id => {
+                    // Its destroy wrote the tombstone and stopped before deleting the state:
+                    // finish it. Not started, the replica claims no keys, so its data stays
+                    // (a merged-away replica's keys are the left range's; a removed one's
+                    // are replaced by the next snapshot installed over them).
+                    tracing::info!(range_id, replica_id, "finishing an interrupted destroy");
+                    lifecycle.destroy_replica(*range_id, true).await?;
+                }
                 Some(replica_id) => {
                     // One replica that cannot start (its span overlaps another's: a broken
                     // invariant, reported loudly) must not keep the node's other replicas
@@ -972,5 +1064,61 @@ async fn requests_loop(
         if let Err(e) = lifecycle.on_replica_request(m).await {
             tracing::warn!(request = ?m, "replica request: {e:#}");
         }
+    }
+}
+
+#[cfg(all(test, feature = "failpoints"))]
+mod tests {
+    use super::*;
+
+    /// A range no other test of this crate uses, so the process-wide failpoint touches
+    /// nothing else.
+    const RANGE: RangeId = 999;
+
+    fn local_replicas(dir: &std::path::Path) -> Arc<LocalReplicas> {
+        let db = Db::open(&dir.join("db"), &DbOptions::default()).unwrap();
+        let group_commit = GroupCommit::start(Arc::new(db.clone())).unwrap();
+        let (requests, _) = mpsc::channel(MAX_PENDING_REPLICA_REQUESTS);
+        let (events, _) = mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let raft_config = Arc::new(Config::default().validate().unwrap());
+        Arc::new(LocalReplicas {
+            node_id: 1,
+            db,
+            group_commit,
+            replicas: Arc::new(ReplicaDirectory::new(requests)),
+            peers: PeerChannels::new(1, None, Arc::default()),
+            raft_config,
+            events,
+            snapshot_dir: dir.join("snapshots"),
+            dormant: Mutex::default(),
+            range_locks: Mutex::default(),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_a_peer_asked_for_does_not_outlive_a_destroy_that_began_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let lifecycle = local_replicas(dir.path());
+        // A peer's message asks for replica 1 of the range; it pauses between opening its
+        // state and joining the directory, and the range's destroy begins in that pause.
+        fail::cfg("replica-start-pause", &format!("return({RANGE}:500)")).unwrap();
+        let creating = tokio::spawn({
+            let lifecycle = lifecycle.clone();
+            async move { lifecycle.create_missing(RANGE, 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lifecycle.destroy_replica(RANGE, false).await.unwrap();
+        creating.await.unwrap().unwrap();
+        fail::remove("replica-start-pause");
+
+        assert!(
+            lifecycle.replica(RANGE).is_none(),
+            "a replica runs over the state its range's destroy deleted"
+        );
+        assert_eq!(lifecycle.local_replica_id(RANGE).unwrap(), None);
+        assert_eq!(tombstone(&lifecycle.db, RANGE).unwrap(), 2);
+        // And the destroyed replica's peers start nothing again.
+        lifecycle.create_missing(RANGE, 1).await.unwrap();
+        assert!(lifecycle.replica(RANGE).is_none());
     }
 }

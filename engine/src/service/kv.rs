@@ -297,7 +297,19 @@ impl KvService {
                     "could not confirm leadership within {READ_TIMEOUT_MS} ms"
                 ))),
                 Ok(Err(e)) => Err(read_error(e)),
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(linearizer)) => {
+                    let read_index = linearizer.read_log_id().log_id();
+                    if linearizer.applied() < Some(read_index) {
+                        // Shows, when a run misses the bug, whether it ever had the chance.
+                        tracing::warn!(
+                            range_id = replica.shared.range_id,
+                            applied = ?linearizer.applied(),
+                            ?read_index,
+                            "failpoint kv-read-skip-apply-wait: read served before applying up to the read index"
+                        );
+                    }
+                    Ok(())
+                }
             };
         }
         let barrier = replica.raft.ensure_linearizable(ReadPolicy::ReadIndex);

@@ -65,21 +65,23 @@ pub enum Fault {
     /// Not injected and healed: every node's clocks run at their own rate all run long.
     ClockRate,
     Churn,
-    /// Not injected and healed: all run long, every node's state machine now and then
-    /// stalls before applying ([`SLOW_APPLY_STALL_PERCENT`] of apply batches wait
-    /// [`SLOW_APPLY_STALL_MS`]), as behind a slow disk, so a replica's applied state lags
-    /// its commit index. Needs a node built with failpoints.
+    /// Not injected and healed: all run long, every node's followers hold their applies
+    /// back for [`SLOW_APPLY_HOLD_MS`], then drain them for [`SLOW_APPLY_FREE_MS`], again
+    /// and again, as behind a slow disk: a follower's applied state lags its commit index,
+    /// writes already acknowledged included, and a follower elected meanwhile starts with
+    /// that lag. Needs a node built with failpoints.
     SlowApply,
 }
 
-/// Share of apply batches (percent) the `slow-apply` fault stalls.
-pub const SLOW_APPLY_STALL_PERCENT: u32 = 1;
-/// How long a stalled apply batch waits.
-pub const SLOW_APPLY_STALL_MS: u64 = 1_000;
+/// How long a `slow-apply` hold lasts: well past an election (a few election timeouts), so
+/// a follower elected while held is still behind when it starts to serve.
+pub const SLOW_APPLY_HOLD_MS: u64 = 2_500;
+/// How long the backlog drains between two holds.
+pub const SLOW_APPLY_FREE_MS: u64 = 500;
 
-/// The FAILPOINTS item of the `slow-apply` fault.
+/// The FAILPOINTS item of the `slow-apply` fault (the state machine's `ApplyStall`).
 pub fn slow_apply_failpoint() -> String {
-    format!("sm-apply-stall={SLOW_APPLY_STALL_PERCENT}%return({SLOW_APPLY_STALL_MS})")
+    format!("sm-apply-stall=return({SLOW_APPLY_HOLD_MS}:{SLOW_APPLY_FREE_MS})")
 }
 
 /// Faults of one class take turns; faults of different classes may overlap.
