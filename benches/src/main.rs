@@ -8,6 +8,7 @@ mod etcd {
 }
 mod runner;
 mod target;
+mod tso;
 mod workload;
 
 use std::path::PathBuf;
@@ -88,6 +89,22 @@ enum Cmd {
         out_dir: PathBuf,
         #[command(flatten)]
         common: Common,
+    },
+    /// The timestamp oracle's throughput and latency over a client sweep, beside single-key
+    /// writes on the same fresh 3-node cluster (the latency a transaction pays anyway).
+    Tso {
+        /// Client counts to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        clients: Vec<usize>,
+        /// Measured seconds per point and operation.
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        /// Warm-up seconds per point and operation, excluded from results.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+        /// The spheredb binary [default: next to this one].
+        #[arg(long)]
+        spheredb_bin: Option<PathBuf>,
     },
 }
 
@@ -198,6 +215,21 @@ async fn main_inner() -> anyhow::Result<()> {
                 "wrote {0}/compare.md, {0}/compare.json, {0}/compare.svg",
                 out_dir.display()
             );
+        }
+        Cmd::Tso {
+            clients,
+            duration_secs,
+            warmup_secs,
+            spheredb_bin,
+        } => {
+            let md = tso::run(&tso::TsoConfig {
+                clients,
+                duration_secs,
+                warmup_secs,
+                spheredb_bin: spheredb_bin.unwrap_or_else(target::default_spheredb_bin),
+            })
+            .await?;
+            println!("{md}");
         }
     }
     Ok(())

@@ -10,10 +10,11 @@ use tonic::transport::{Channel, Endpoint};
 use crate::error::ClientError;
 use crate::limits::{self, check_key, check_value};
 use crate::proto::v1::{
-    admin_client::AdminClient, kv_client::KvClient, BatchRequest, CompareAndSwapRequest,
-    DecommissionRequest, DeleteRequest, GetRequest, Header, KeyValue, MergeRequest, PutRequest,
-    RangeDescriptor, RangeListRequest, RangeListResponse, RangeRef, ReadConsistency, ScanRequest,
-    SplitRequest, SplitResponse, StatusRequest, StatusResponse, WriteOp,
+    admin_client::AdminClient, kv_client::KvClient, txn_client::TxnClient, BatchRequest,
+    CompareAndSwapRequest, DecommissionRequest, DeleteRequest, GetRequest, GetTimestampsRequest,
+    Header, KeyValue, MergeRequest, PutRequest, RangeDescriptor, RangeListRequest,
+    RangeListResponse, RangeRef, ReadConsistency, ScanRequest, SplitRequest, SplitResponse,
+    StatusRequest, StatusResponse, WriteOp,
 };
 
 /// Default time budget of one client call, retries included.
@@ -144,6 +145,22 @@ pub struct Client {
     cache: Arc<Mutex<RoutingCache>>,
     /// Each node's connections.
     channels: Arc<Mutex<HashMap<String, NodeConnections>>>,
+    /// Callers waiting for a timestamp (see [`Client::timestamp`]).
+    timestamps: Arc<Mutex<TimestampWaiters>>,
+}
+
+/// Most timestamps one `GetTimestamps` call asks for (the server's own bound).
+pub const MAX_TIMESTAMPS_PER_CALL: usize = 1 << 16;
+
+/// Callers waiting for a timestamp, served together by the next `GetTimestamps` call.
+#[derive(Default)]
+struct TimestampWaiters {
+    /// At most [`MAX_TIMESTAMPS_PER_CALL`] are served per call; the rest wait for the next.
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, ClientError>>>,
+    /// A task is sending calls until no caller waits.
+    in_flight: bool,
+    /// The node that last handed out timestamps (the meta-range leader), asked first.
+    oracle_addr: Option<String>,
 }
 
 /// The connections to one node, and whose turn is next.
@@ -181,6 +198,7 @@ impl Client {
             options,
             cache: Arc::new(Mutex::new(RoutingCache::default())),
             channels: Arc::new(Mutex::new(HashMap::new())),
+            timestamps: Arc::default(),
         };
         client.refresh_ranges().await?;
         Ok(client)
@@ -258,6 +276,25 @@ impl Client {
         F: Fn(AdminClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        let answer = self
+            .cluster_call_within(deadline_ms, preferred, |ch| call(AdminClient::new(ch)))
+            .await?;
+        Ok(answer.0)
+    }
+
+    /// Calls an RPC (`call` builds it on a node's channel) on the first node that answers,
+    /// starting with `preferred`, then the seeds and known nodes, following `NotLeader`
+    /// hints; returns the answer and the address that gave it.
+    async fn cluster_call_within<T, F, Fut>(
+        &self,
+        deadline_ms: u64,
+        preferred: Vec<String>,
+        call: F,
+    ) -> Result<(T, String), ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let mut candidates = preferred;
         candidates.extend(self.seeds.iter().cloned());
         {
@@ -273,11 +310,13 @@ impl Client {
                 break;
             }
             tried.push(addr.clone());
-            let attempt =
-                tokio::time::timeout(Duration::from_millis(deadline_ms), call(self.admin(&addr)?))
-                    .await;
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(deadline_ms),
+                call(self.channel(&addr)?),
+            )
+            .await;
             match attempt {
-                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Ok(resp)) => return Ok((resp.into_inner(), addr)),
                 Ok(Err(status)) => {
                     let e = ClientError::from_status(&status);
                     if let ClientError::NotLeader { leader: Some(l) } = &e {
@@ -308,6 +347,69 @@ impl Client {
             }
         }
         Err(last_error)
+    }
+
+    /// A timestamp from the cluster's oracle, above every timestamp it handed out before
+    /// this call began. Callers share calls: the callers waiting while one `GetTimestamps`
+    /// call is out are served together by the next, each with its own timestamp.
+    pub async fn timestamp(&self) -> Result<u64, ClientError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start_sender = {
+            let mut w = self.timestamps.lock().unwrap_or_else(|p| p.into_inner());
+            w.waiting.push(tx);
+            !std::mem::replace(&mut w.in_flight, true)
+        };
+        if start_sender {
+            // A task of its own, not this caller's future: a caller that gives up must not
+            // strand the others.
+            tokio::spawn(self.clone().send_timestamp_calls());
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(ClientError::Unavailable(
+                "the timestamp request was dropped".into(),
+            ))
+        })
+    }
+
+    /// Sends `GetTimestamps` calls until no caller waits.
+    async fn send_timestamp_calls(self) {
+        loop {
+            let (batch, preferred) = {
+                let mut w = self.timestamps.lock().unwrap_or_else(|p| p.into_inner());
+                if w.waiting.is_empty() {
+                    w.in_flight = false;
+                    return;
+                }
+                let n = w.waiting.len().min(MAX_TIMESTAMPS_PER_CALL);
+                let batch: Vec<_> = w.waiting.drain(..n).collect();
+                (batch, w.oracle_addr.iter().cloned().collect::<Vec<_>>())
+            };
+            let count = batch.len() as u64;
+            let answer = self
+                .cluster_call_within(self.options.call_deadline_ms, preferred, |ch| async move {
+                    TxnClient::new(ch)
+                        .get_timestamps(GetTimestampsRequest { count })
+                        .await
+                })
+                .await;
+            let result = match answer {
+                Ok((resp, addr)) if resp.count == count => {
+                    self.timestamps
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .oracle_addr = Some(addr);
+                    Ok(resp.first)
+                }
+                Ok((resp, addr)) => Err(ClientError::Internal(format!(
+                    "{addr} handed out {} timestamps for {count} asked",
+                    resp.count
+                ))),
+                Err(e) => Err(e),
+            };
+            for (i, waiter) in batch.into_iter().enumerate() {
+                let _ = waiter.send(result.clone().map(|first| first + i as u64));
+            }
+        }
     }
 
     /// The range map from the meta range, with each range's leader and load when the

@@ -68,6 +68,13 @@ pub enum Command {
         #[command(subcommand)]
         op: NodeOp,
     },
+    /// Get a timestamp from the cluster's timestamp oracle (the meta-range leader): above
+    /// every timestamp handed out before. Prints it and its physical time.
+    Timestamp {
+        /// Any node of the cluster.
+        #[arg(long, env = "SPHEREDB_HOST", default_value = config::DEFAULT_LISTEN)]
+        host: String,
+    },
     /// Start a 3-node cluster on loopback in a temporary directory, load sample data and
     /// show how to use it. Stays up until Ctrl-C; with stdin not a terminal it runs a short
     /// scripted tour and exits.
@@ -285,6 +292,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("connecting to {host} (is a node running there?)"))?;
             node(&client, op).await
+        }
+        Command::Timestamp { host } => {
+            let options = ClientOptions {
+                connections_per_node: 1,
+                ..Default::default()
+            };
+            let client = Client::connect(&[host.as_str()], options)
+                .await
+                .with_context(|| format!("connecting to {host} (is a node running there?)"))?;
+            let ts = client.timestamp().await.context("getting a timestamp")?;
+            let physical_ms = crate::meta::tso::physical_ms(ts);
+            let logical = ts & (crate::meta::tso::TIMESTAMPS_PER_MS - 1);
+            println!("{ts} (physical {physical_ms} ms since the Unix epoch, logical {logical})");
+            Ok(())
         }
         Command::Demo { base_port, nodes } => crate::demo::run(base_port, nodes).await,
     }

@@ -137,6 +137,39 @@ async fn restarted_node_catches_up_via_snapshot_after_log_purge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timestamps_keep_increasing_across_a_meta_leader_kill() {
+    let mut cluster = ProcCluster::start(3, FAST_ELECTIONS).await;
+    let client = cluster.client().await;
+    // Concurrent callers share calls, each with its own timestamp.
+    let before: Vec<u64> = futures::future::join_all((0..64).map(|_| client.timestamp()))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let distinct: std::collections::BTreeSet<u64> = before.iter().copied().collect();
+    assert_eq!(distinct.len(), before.len(), "a timestamp handed out twice");
+    let highest_before = *distinct.last().unwrap();
+
+    let meta_leader = cluster.leader_of(spheredb_engine::ids::META_RANGE_ID).await;
+    cluster.procs[meta_leader].kill9();
+    let after = eventually("a timestamp from the next meta-range leader", || async {
+        client.timestamp().await.ok()
+    })
+    .await;
+    assert!(
+        after > highest_before,
+        "timestamp {after} after {highest_before}, across a meta-leader kill"
+    );
+    cluster.procs[meta_leader].restart_plain();
+    let mut last = after;
+    for _ in 0..20 {
+        let ts = client.timestamp().await.unwrap();
+        assert!(ts > last, "timestamp {ts} after {last}");
+        last = ts;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_and_kv_commands_work_from_the_cli() {
     let cluster = ProcCluster::start(1, &["--replication-factor", "1"]).await;
     let addr = cluster.procs[0].addr.clone();
@@ -168,6 +201,19 @@ async fn status_and_kv_commands_work_from_the_cli() {
     let ranges = v["range_map"]["ranges"].as_array().unwrap();
     assert!(ranges.len() >= 2, "meta range and a user range: {v}");
     assert_eq!(ranges[0]["voters"].as_array().unwrap().len(), 1);
+    let ts = run(&["timestamp", "--host", &addr]);
+    assert!(ts.status.success(), "{ts:?}");
+    let printed = String::from_utf8_lossy(&ts.stdout);
+    let first: u64 = printed.split_whitespace().next().unwrap().parse().unwrap();
+    let again = run(&["timestamp", "--host", &addr]);
+    let second: u64 = String::from_utf8_lossy(&again.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(second > first, "{second} after {first}");
+
     let down = run(&["status", "--host", "127.0.0.1:1"]);
     assert!(!down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("is a node running there"));

@@ -285,9 +285,23 @@ fn reads_not_waiting_for_apply_are_caught() {
     caught_by_ci_runs(
         "register-",
         "kv-read-skip-apply-wait=return",
-        "a non-linearizable history",
-        |o| o.validity == Validity::Anomaly,
+        "a non-linearizable history, and a node that served a read below its read index",
+        |o| {
+            o.validity == Validity::Anomaly
+                && node_logs_contain(o, "read served before applying up to the read index")
+        },
     );
+}
+
+/// Whether any node log of the run holds `text`.
+fn node_logs_contain(o: &TestOutcome, text: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(o.run_dir.join("nodes")) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.path().extension().is_some_and(|x| x == "log")
+            && std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(text))
+    })
 }
 
 #[test]

@@ -52,6 +52,27 @@ fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
     keys::system_key(&name)
 }
 
+/// Key of the timestamp oracle's limit (ms since the Unix epoch): no timestamp handed out
+/// has a physical part at or above it.
+pub fn timestamp_limit_key() -> Vec<u8> {
+    keys::system_key(b"tso_limit_ms")
+}
+
+/// Raises the timestamp oracle's limit to `until_ms` unless it is higher already; returns
+/// the limit before and after. Adds the update to `batch`.
+pub fn reserve_timestamps(
+    db: &Db,
+    batch: &mut WriteBatch,
+    until_ms: u64,
+) -> io::Result<(u64, u64)> {
+    let previous: u64 = get(db, &timestamp_limit_key(), "timestamp limit")?.unwrap_or(0);
+    let limit = previous.max(until_ms);
+    if limit > previous {
+        put(db, batch, &timestamp_limit_key(), &limit)?;
+    }
+    Ok((previous, limit))
+}
+
 /// Key of the range id counter.
 pub fn next_range_id_key() -> Vec<u8> {
     keys::system_key(b"next_range_id")

@@ -90,6 +90,9 @@ pub struct ReplicaShared {
     retired: RwLock<bool>,
     /// Why this replica's data cannot be trusted (a checksum mismatch), once it is found.
     quarantine: std::sync::Mutex<Option<String>>,
+    /// Set once the replica's Raft group runs, after openraft replayed the committed
+    /// entries at start-up (the failpoint `sm-apply-stall` holds back only later applies).
+    running: std::sync::atomic::AtomicBool,
 }
 
 impl ReplicaShared {
@@ -100,7 +103,14 @@ impl ReplicaShared {
             written_bytes: AtomicU64::new(0),
             retired: RwLock::new(false),
             quarantine: std::sync::Mutex::new(None),
+            running: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the replica's Raft group as running (its start-up replay is done).
+    pub fn mark_running(&self) {
+        self.running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Why the replica is quarantined, if it is: its data failed a checksum, so it serves
@@ -859,6 +869,17 @@ impl StateMachine {
                 let first = registry::alloc_range_ids(&self.db, &mut pending.batch, count)?;
                 Ok(CommandResponse::RangeIds { first, count })
             }
+            Command::ReserveTimestamps { until_ms } => {
+                if let Err(outside) = self.check_in_span(&registry::timestamp_limit_key()) {
+                    return Ok(outside);
+                }
+                let (previous_ms, limit_ms) =
+                    registry::reserve_timestamps(&self.db, &mut pending.batch, until_ms)?;
+                Ok(CommandResponse::TimestampsReserved {
+                    previous_ms,
+                    limit_ms,
+                })
+            }
             Command::AllocReplicaId {
                 expected_generation,
             } => {
@@ -903,7 +924,11 @@ impl StateMachine {
         let mut pending = PendingApply::default();
         let mut first_entry = true;
         while let Some((entry, responder)) = entries.try_next().await? {
-            if std::mem::take(&mut first_entry) && responder.is_none() {
+            let replaying = !self
+                .shared
+                .running
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if std::mem::take(&mut first_entry) && responder.is_none() && !replaying {
                 // Only a replica's own proposals carry responders: a batch without one is a
                 // follower's, or a new leader's backlog (see `ApplyStall`).
                 if let Some(stall) = injected_apply_stall() {

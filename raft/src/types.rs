@@ -194,6 +194,10 @@ pub enum Command {
     /// the membership: an add that is proposed and then discarded (leader change) must not
     /// free its id for another replica, which would make two replicas answer to one id.
     AllocReplicaId { expected_generation: u64 },
+    /// Meta range only: raise the timestamp oracle's limit to `until_ms` (never lowers it).
+    /// No leader hands out a timestamp at or above the stored limit, so a new leader that
+    /// starts at the limit it finds is above every timestamp handed out before.
+    ReserveTimestamps { until_ms: u64 },
 }
 
 /// A range frozen for a merge into its left neighbour.
@@ -261,6 +265,11 @@ pub enum CommandResponse {
     Rejected {
         reason: String,
     },
+    /// The timestamp oracle's limit before and after a [`Command::ReserveTimestamps`].
+    TimestampsReserved {
+        previous_ms: u64,
+        limit_ms: u64,
+    },
 }
 
 impl Command {
@@ -276,6 +285,7 @@ impl Command {
                 | Command::Merge { .. }
                 | Command::AbortMerge { .. }
                 | Command::AllocReplicaId { .. }
+                | Command::ReserveTimestamps { .. }
         )
     }
 }
@@ -296,6 +306,9 @@ impl std::fmt::Display for Command {
                 write!(f, "abort-merge(range {})", right.range_id)
             }
             Command::AllocReplicaId { .. } => write!(f, "alloc-replica-id"),
+            Command::ReserveTimestamps { until_ms } => {
+                write!(f, "reserve-timestamps(until {until_ms} ms)")
+            }
         }
     }
 }

@@ -19,6 +19,7 @@
 //! `node::heartbeat`), and it does not import `node`.
 
 pub mod allocator;
+pub mod tso;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;

@@ -149,13 +149,18 @@ pub async fn heartbeat_loop(hb: Heartbeat, mut stop: watch::Receiver<bool>) {
             if range_id == META_RANGE_ID && leading_meta(&hb.replicas).is_some() {
                 continue;
             }
-            let destroyed = hb
-                .lifecycle
-                .destroy_removed_replica(range_id, removed.replica_id)
-                .await;
-            if let Err(e) = destroyed {
-                tracing::warn!(range_id, "destroying removed replica: {e:#}");
-            }
+            // Off this loop: a destroy waits for the range's lifecycle lock (and so for a
+            // snapshot install in progress), and heartbeats must go on meanwhile. A destroy
+            // asked for again while one runs finds nothing left to do.
+            let lifecycle = hb.lifecycle.clone();
+            tokio::spawn(async move {
+                let destroyed = lifecycle
+                    .destroy_removed_replica(range_id, removed.replica_id)
+                    .await;
+                if let Err(e) = destroyed {
+                    tracing::warn!(range_id, "destroying removed replica: {e:#}");
+                }
+            });
         }
         if let Err(e) = hb.lifecycle.stop_merged_replicas().await {
             tracing::warn!("stopping merged replicas: {e:#}");

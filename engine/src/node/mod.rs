@@ -26,6 +26,7 @@ use spheredb_client::proto::raft::raft_transport_server::RaftTransportServer;
 use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::admin_server::AdminServer;
 use spheredb_client::proto::v1::kv_server::KvServer;
+use spheredb_client::proto::v1::txn_server::TxnServer;
 use spheredb_client::proto::v1::{JoinRequest, ReplicaReport};
 use spheredb_client::ClientError;
 use spheredb_raft::group_commit::GroupCommit;
@@ -61,6 +62,7 @@ use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
 use crate::range::split::{LoadSplitPolicy, SplitCheck};
 use crate::service::admin::{AdminParts, AdminService, ThisNode};
 use crate::service::kv::KvService;
+use crate::service::txn::TxnService;
 use heartbeat::{heartbeat_loop, Heartbeat};
 /// How long a joining node keeps trying to reach the cluster.
 pub const JOIN_DEADLINE_MS: u64 = 120_000;
@@ -134,16 +136,24 @@ impl LocalReplicas {
         self.replicas.get(range_id)
     }
 
-    /// Waits for, and holds, the lifecycle lock of `range_id`.
-    async fn lock_range(&self, range_id: RangeId) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .range_locks
+    /// The lifecycle lock of `range_id`.
+    fn range_lock(&self, range_id: RangeId) -> Arc<tokio::sync::Mutex<()>> {
+        self.range_locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(range_id)
             .or_default()
-            .clone();
-        lock.lock_owned().await
+            .clone()
+    }
+
+    /// Waits for, and holds, the lifecycle lock of `range_id`.
+    async fn lock_range(&self, range_id: RangeId) -> tokio::sync::OwnedMutexGuard<()> {
+        self.range_lock(range_id).lock_owned().await
+    }
+
+    /// The lifecycle lock of `range_id`, if no other step holds it.
+    fn try_lock_range(&self, range_id: RangeId) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.range_lock(range_id).try_lock_owned().ok()
     }
 
     /// Starts the Raft group of this node's replica `replica_id` of `range_id`, from whatever
@@ -166,6 +176,21 @@ impl LocalReplicas {
         if let Some(existing) = self.replica(range_id) {
             return Ok(existing);
         }
+        let opened = self.open_locked(range_id, replica_id)?;
+        self.launch_locked(opened).await
+    }
+
+    /// Opens the state of this node's replica `replica_id` of `range_id` (redoing a snapshot
+    /// install a crash interrupted) without starting its Raft group; the range's lifecycle
+    /// lock held, or the node still starting.
+    fn open_locked(&self, range_id: RangeId, replica_id: ReplicaId) -> anyhow::Result<Opened> {
+        let floor = tombstone(&self.db, range_id)?;
+        if replica_id < floor {
+            bail!(
+                "replica {replica_id} of range {range_id} was destroyed here (replicas below \
+                 {floor} are); not starting it"
+            );
+        }
         write_state(
             &self.db,
             range_id,
@@ -173,7 +198,6 @@ impl LocalReplicas {
             &replica_id,
             false,
         )?;
-        let log_store = LogStore::new(self.db.clone(), range_id, self.group_commit.clone());
         let (sm, shared) = StateMachine::open(
             self.db.clone(),
             range_id,
@@ -192,6 +216,25 @@ impl LocalReplicas {
                  stopped, and is reported for replacement"
             );
         }
+        Ok(Opened {
+            range_id,
+            replica_id,
+            sm,
+            shared,
+        })
+    }
+
+    /// Starts the Raft group of an opened replica (openraft first replays its committed
+    /// entries) and adds it to the directory; the range's lifecycle lock held, or the node
+    /// still starting.
+    async fn launch_locked(&self, opened: Opened) -> anyhow::Result<Arc<Replica>> {
+        let Opened {
+            range_id,
+            replica_id,
+            sm,
+            shared,
+        } = opened;
+        let log_store = LogStore::new(self.db.clone(), range_id, self.group_commit.clone());
         let raft = RaftHandle::new(
             replica_id,
             self.raft_config.clone(),
@@ -201,6 +244,7 @@ impl LocalReplicas {
         )
         .await
         .map_err(|e| anyhow!("starting raft for range {range_id}: {e}"))?;
+        shared.mark_running();
         let replica = Arc::new(Replica::new(raft, shared));
         replica.touch();
         if let Some(pause_ms) = injected_start_pause_ms(range_id) {
@@ -403,7 +447,12 @@ impl LocalReplicas {
         if replica_id == 0 {
             return Ok(());
         }
-        let _lifecycle = self.lock_range(range_id).await;
+        // A peer retries its messages: while another step holds the range (a long destroy or
+        // install), drop this request rather than hold up the requests of every other range.
+        let Some(_lifecycle) = self.try_lock_range(range_id) else {
+            tracing::debug!(?missing, "range busy; a later message asks again");
+            return Ok(());
+        };
         let dormant = self
             .dormant
             .lock()
@@ -523,6 +572,14 @@ fn injected_start_pause_ms(range_id: RangeId) -> Option<u64> {
     });
     let _ = range_id;
     None
+}
+
+/// A replica whose state is open and whose Raft group is not started yet.
+struct Opened {
+    range_id: RangeId,
+    replica_id: ReplicaId,
+    sm: StateMachine,
+    shared: Arc<ReplicaShared>,
 }
 
 /// A running node.
@@ -794,25 +851,40 @@ impl Node {
         });
 
         let ranges = local_ranges(&db)?;
+        // Two phases: every replica's state is opened first (redoing snapshot installs a
+        // crash interrupted), then the Raft groups start. Starting a group replays its
+        // committed entries, and a merge among them waits until the right range's
+        // interrupted install is redone, which only opening that range does.
+        let mut opened = Vec::new();
         for range_id in &ranges {
             match lifecycle.local_replica_id(*range_id)? {
                 Some(replica_id) if tombstone(&db, *range_id)? > replica_id => {
                     // Its destroy wrote the tombstone and stopped before deleting the state:
-                    // finish it. Not started, the replica claims no keys, so its data stays
-                    // (a merged-away replica's keys are the left range's; a removed one's
-                    // are replaced by the next snapshot installed over them).
+                    // finish it. Not started, the replica claims no keys, so its data stays:
+                    // a merged-away replica's keys are the left range's; a removed one's stay
+                    // unclaimed and unserved (a replica that claims their span later clears
+                    // it when its snapshot installs).
                     tracing::info!(range_id, replica_id, "finishing an interrupted destroy");
-                    lifecycle.destroy_replica(*range_id, true).await?;
-                }
-                Some(replica_id) => {
-                    // One replica that cannot start (its span overlaps another's: a broken
-                    // invariant, reported loudly) must not keep the node's other replicas
-                    // down; the allocator replaces it like a missing one.
-                    if let Err(e) = lifecycle.start_replica(*range_id, replica_id).await {
-                        tracing::error!(range_id, replica_id, "replica not started: {e:#}");
+                    if let Err(e) = lifecycle.destroy_replica(*range_id, true).await {
+                        tracing::error!(range_id, "finishing an interrupted destroy: {e:#}");
                     }
                 }
+                // One replica that cannot open (its span overlaps another's: a broken
+                // invariant, reported loudly) must not keep the node's other replicas
+                // down; the allocator replaces it like a missing one.
+                Some(replica_id) => match lifecycle.open_locked(*range_id, replica_id) {
+                    Ok(o) => opened.push(o),
+                    Err(e) => {
+                        tracing::error!(range_id, replica_id, "replica not started: {e:#}")
+                    }
+                },
                 None => tracing::warn!(range_id, "range state without a replica id; skipped"),
+            }
+        }
+        for o in opened {
+            let (range_id, replica_id) = (o.range_id, o.replica_id);
+            if let Err(e) = lifecycle.launch_locked(o).await {
+                tracing::error!(range_id, replica_id, "replica not started: {e:#}");
             }
         }
         tracing::info!(node_id, replicas = ranges.len(), "replicas started");
@@ -860,6 +932,7 @@ impl Node {
             }))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
+            let txn = TxnServer::new(TxnService::new(replicas.clone(), peers.clone()));
             let raft_svc = RaftTransportServer::new(RaftService::new(
                 replicas.clone(),
                 faults.clone(),
@@ -876,6 +949,7 @@ impl Node {
                     .tcp_nodelay(true)
                     .add_service(kv)
                     .add_service(admin)
+                    .add_service(txn)
                     .add_service(raft_svc)
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop_rx.wait_for(|s| *s).await;
@@ -1106,7 +1180,14 @@ mod tests {
             let lifecycle = lifecycle.clone();
             async move { lifecycle.create_missing(RANGE, 1).await }
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // It holds the range once it has stored its replica id (bounded: 10 s).
+        for _ in 0..2_000 {
+            if lifecycle.local_replica_id(RANGE).unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(lifecycle.local_replica_id(RANGE).unwrap().is_some());
         lifecycle.destroy_replica(RANGE, false).await.unwrap();
         creating.await.unwrap().unwrap();
         fail::remove("replica-start-pause");

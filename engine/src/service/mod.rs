@@ -4,3 +4,4 @@
 pub mod admin;
 pub mod kv;
 pub mod status;
+pub mod txn;

@@ -179,8 +179,13 @@ pub fn to_json(list: &RangeListResponse, rows: &[NodeRow]) -> serde_json::Value 
 /// Renders the cluster view as tables.
 pub fn to_text(list: &RangeListResponse, rows: &[NodeRow]) -> String {
     let v = to_json(list, rows);
+    let oracle = list
+        .leader_id
+        .map_or("unknown (no meta-range leader)".to_string(), |id| {
+            format!("node {id} (the meta-range leader)")
+        });
     let mut out = format!(
-        "cluster {}  ({} ranges)\n\n",
+        "cluster {}  ({} ranges)\ntimestamp oracle: {oracle}\n\n",
         v["cluster_id"].as_str().unwrap_or("?"),
         list.ranges.len()
     );

@@ -155,11 +155,16 @@ impl ProcCluster {
 
     /// Index of the node leading the first user range.
     pub async fn leader(&self) -> usize {
+        self.leader_of(USER_RANGE).await
+    }
+
+    /// Index of the running node leading `range_id`.
+    pub async fn leader_of(&self, range_id: u64) -> usize {
         let addrs = self.addrs();
         eventually("a leader", || async {
             for a in &addrs {
                 if let Some(s) = status(a, false).await {
-                    if let Some(l) = range(&s, USER_RANGE).and_then(|r| r.leader_id) {
+                    if let Some(l) = range(&s, range_id).and_then(|r| r.leader_id) {
                         let leader_addr = s.nodes.iter().find(|n| n.node_id == l)?.addr.clone();
                         let idx = addrs.iter().position(|x| *x == leader_addr)?;
                         if self.procs[idx].child.is_some() {

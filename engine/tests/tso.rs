@@ -1,0 +1,133 @@
+//! The timestamp oracle against a meta-range leader cut off from the others: it must not
+//! hand out a timestamp below its successor's. In-process nodes (their transports can drop a
+//! peer's messages); the tests here run one at a time, since the failpoint one configures a
+//! process-wide failpoint.
+
+mod common;
+
+use openraft::async_runtime::WatchReceiver;
+use spheredb_client::proto::v1::txn_client::TxnClient;
+use spheredb_client::proto::v1::GetTimestampsRequest;
+use spheredb_engine::ids::META_RANGE_ID;
+use spheredb_engine::{Node, NodeConfig};
+use tonic::transport::Channel;
+
+use common::eventually;
+
+/// The tests of this file, one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(dir: &std::path::Path, name: &str, join: Option<&str>) -> NodeConfig {
+    let mut c = NodeConfig::new(dir.join(name));
+    c.listen = "127.0.0.1:0".into();
+    c.join = join.map(|j| vec![j.to_string()]).unwrap_or_default();
+    c.replication_factor = 3;
+    c.heartbeat_interval_ms = 50;
+    c.election_timeout_ms = 300;
+    c
+}
+
+async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
+    let first = Node::start(config(dir, "n1", None)).await.unwrap();
+    let seed = first.addr().to_string();
+    let second = Node::start(config(dir, "n2", Some(&seed))).await.unwrap();
+    let third = Node::start(config(dir, "n3", Some(&seed))).await.unwrap();
+    let nodes = vec![first, second, third];
+    eventually("three voters in the meta range on every node", || async {
+        nodes
+            .iter()
+            .all(|n| {
+                n.raft(META_RANGE_ID).is_some_and(|raft| {
+                    let m = raft.metrics().borrow_watched().clone();
+                    m.membership_config.membership().voter_ids().count() == 3
+                        && m.current_leader.is_some()
+                })
+            })
+            .then_some(())
+    })
+    .await;
+    nodes
+}
+
+fn leads_meta(node: &Node) -> bool {
+    node.raft(META_RANGE_ID)
+        .is_some_and(|r| r.metrics().borrow_watched().state.is_leader())
+}
+
+async fn oracle(node: &Node) -> TxnClient<Channel> {
+    TxnClient::connect(format!("http://{}", node.addr()))
+        .await
+        .unwrap()
+}
+
+async fn one_timestamp(oracle: &mut TxnClient<Channel>) -> Result<u64, tonic::Status> {
+    oracle
+        .get_timestamps(GetTimestampsRequest { count: 1 })
+        .await
+        .map(|r| r.into_inner().first)
+}
+
+/// Cuts the meta-range leader off, takes a timestamp from its successor, then asks the
+/// cut-off leader again; returns an error naming what went wrong if it answered with a
+/// timestamp at or below the successor's.
+async fn cut_off_leader_then_ask_it(dir: &std::path::Path) -> Result<(), String> {
+    let nodes = three_nodes(dir).await;
+    let old = eventually("a meta-range leader", || async {
+        nodes.iter().position(leads_meta)
+    })
+    .await;
+    let mut old_oracle = oracle(&nodes[old]).await;
+    // Its window is reserved (3 s ahead) and its leadership confirmed.
+    let before = one_timestamp(&mut old_oracle).await.unwrap();
+
+    let others: Vec<usize> = (0..nodes.len()).filter(|i| *i != old).collect();
+    nodes[old]
+        .faults()
+        .block(others.iter().map(|i| nodes[*i].node_id()));
+    for i in &others {
+        nodes[*i].faults().block([nodes[old].node_id()]);
+    }
+    let successor = eventually("a successor leading the meta range", || async {
+        others.iter().copied().find(|i| leads_meta(&nodes[*i]))
+    })
+    .await;
+    let new_oracle = oracle(&nodes[successor]).await;
+    let from_successor = eventually("a timestamp from the successor", || async {
+        one_timestamp(&mut new_oracle.clone()).await.ok()
+    })
+    .await;
+    assert!(from_successor > before, "{from_successor} after {before}");
+    let still_leader = leads_meta(&nodes[old]);
+    let outcome = match one_timestamp(&mut old_oracle).await {
+        Ok(ts) if ts <= from_successor => Err(format!(
+            "the cut-off leader (still leading: {still_leader}) handed out {ts}, at or below \
+             {from_successor} its successor handed out before"
+        )),
+        _ => Ok(()),
+    };
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_meta_leader_hands_out_no_timestamp_below_its_successors() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    cut_off_leader_then_ask_it(dir.path()).await.unwrap();
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oracle_that_skips_confirming_its_leadership_is_caught() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    fail::cfg("tso-skip-leadership-confirm", "return").unwrap();
+    let outcome = cut_off_leader_then_ask_it(dir.path()).await;
+    fail::remove("tso-skip-leadership-confirm");
+    assert!(
+        outcome.is_err(),
+        "a cut-off leader that does not confirm its leadership went unnoticed"
+    );
+}
