@@ -149,13 +149,33 @@ pub struct Client {
     timestamps: Arc<Mutex<TimestampWaiters>>,
 }
 
-/// Most timestamps one `GetTimestamps` call asks for (the server's own bound).
-pub const MAX_TIMESTAMPS_PER_CALL: usize = 1 << 16;
+/// Should the sending task end early (a panic, its runtime shutting down), the callers still
+/// waiting get an error instead of waiting in vain, and the next caller starts a new task.
+struct TimestampSenderGuard {
+    waiters: Arc<Mutex<TimestampWaiters>>,
+    finished: bool,
+}
+
+impl Drop for TimestampSenderGuard {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.in_flight = false;
+        for waiter in w.waiting.drain(..) {
+            let _ = waiter.send(Err(ClientError::Unavailable(
+                "the timestamp sender stopped; retry".into(),
+            )));
+        }
+    }
+}
 
 /// Callers waiting for a timestamp, served together by the next `GetTimestamps` call.
 #[derive(Default)]
 struct TimestampWaiters {
-    /// At most [`MAX_TIMESTAMPS_PER_CALL`] are served per call; the rest wait for the next.
+    /// At most [`limits::MAX_TIMESTAMPS_PER_CALL`] are served per call; the rest wait for
+    /// the next.
     waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, ClientError>>>,
     /// A task is sending calls until no caller waits.
     in_flight: bool,
@@ -364,23 +384,39 @@ impl Client {
             // strand the others.
             tokio::spawn(self.clone().send_timestamp_calls());
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(ClientError::Unavailable(
+        // A caller waits for the call out now and the next one, each bounded by the retry
+        // budget's attempts.
+        let attempts = u64::from(self.options.retry_budget.max(1));
+        let wait_ms = 2 * attempts * self.options.call_deadline_ms;
+        match tokio::time::timeout(Duration::from_millis(wait_ms), rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ClientError::Unavailable(
                 "the timestamp request was dropped".into(),
-            ))
-        })
+            )),
+            Err(_) => Err(ClientError::Unavailable(format!(
+                "no timestamp within {wait_ms} ms"
+            ))),
+        }
     }
 
     /// Sends `GetTimestamps` calls until no caller waits.
     async fn send_timestamp_calls(self) {
+        let mut guard = TimestampSenderGuard {
+            waiters: self.timestamps.clone(),
+            finished: false,
+        };
         loop {
             let (batch, preferred) = {
                 let mut w = self.timestamps.lock().unwrap_or_else(|p| p.into_inner());
                 if w.waiting.is_empty() {
                     w.in_flight = false;
+                    guard.finished = true;
                     return;
                 }
-                let n = w.waiting.len().min(MAX_TIMESTAMPS_PER_CALL);
+                let n = w
+                    .waiting
+                    .len()
+                    .min(limits::MAX_TIMESTAMPS_PER_CALL as usize);
                 let batch: Vec<_> = w.waiting.drain(..n).collect();
                 (batch, w.oracle_addr.iter().cloned().collect::<Vec<_>>())
             };

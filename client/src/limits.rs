@@ -4,6 +4,9 @@ use crate::ClientError;
 
 /// Largest key accepted, in bytes.
 pub const MAX_KEY_SIZE_BYTES: usize = 4 << 10;
+/// Most timestamps one `GetTimestamps` call hands out (a batch never spans two
+/// milliseconds of the oracle's 2^18 logical values).
+pub const MAX_TIMESTAMPS_PER_CALL: u64 = 1 << 16;
 /// Largest value accepted, in bytes.
 pub const MAX_VALUE_SIZE_BYTES: usize = 8 << 20;
 /// Largest total of keys and values in one batch, in bytes.

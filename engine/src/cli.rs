@@ -163,6 +163,12 @@ pub struct StartArgs {
     /// space falls under half the reserve, so the node can still compact and recover (0: none).
     #[arg(long, env = "SPHEREDB_BALLAST_SIZE_BYTES", default_value_t = config::DEFAULT_BALLAST_SIZE_BYTES)]
     pub ballast_size_bytes: u64,
+    /// How far (ms) past its clock the timestamp oracle (on the meta-range leader) reserves
+    /// timestamps through Raft; it reserves again when a third of that is left. Longer
+    /// means fewer Raft writes, and a larger gap in timestamps after a leader change.
+    #[arg(long, env = "SPHEREDB_TSO_RESERVE_WINDOW_MS", default_value_t = config::DEFAULT_TSO_RESERVE_WINDOW_MS,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(3..))]
+    pub tso_reserve_window_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -494,6 +500,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         node_heartbeat_interval_ms: args.node_heartbeat_interval_ms,
         disk_reserve_bytes: args.disk_reserve_bytes,
         ballast_size_bytes: args.ballast_size_bytes,
+        tso_reserve_window_ms: args.tso_reserve_window_ms,
     };
     let node = Node::start(cfg).await?;
     eprintln!(

@@ -47,6 +47,8 @@ pub const DEFAULT_QUIESCE_AFTER_MS: u64 = 3_000;
 /// Default period of the node's heartbeat to the meta-range leader.
 pub const DEFAULT_NODE_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
+/// Default reach of the timestamp oracle's reservations past its clock (see `meta::tso`).
+pub const DEFAULT_TSO_RESERVE_WINDOW_MS: u64 = 3_000;
 /// Default free space under which a node refuses client writes (see `disk.rs`).
 pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 256 << 20;
 /// Default size of the ballast file a node keeps for recovering from a full disk.
@@ -101,6 +103,8 @@ pub struct NodeConfig {
     pub disk_reserve_bytes: u64,
     /// Size of the ballast file released when the disk is nearly full (0: none).
     pub ballast_size_bytes: u64,
+    /// How far past its clock the timestamp oracle reserves timestamps through Raft.
+    pub tso_reserve_window_ms: u64,
 }
 
 impl NodeConfig {
@@ -128,6 +132,7 @@ impl NodeConfig {
             node_heartbeat_interval_ms: DEFAULT_NODE_HEARTBEAT_INTERVAL_MS,
             disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
             ballast_size_bytes: DEFAULT_BALLAST_SIZE_BYTES,
+            tso_reserve_window_ms: DEFAULT_TSO_RESERVE_WINDOW_MS,
         }
     }
 }

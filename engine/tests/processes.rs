@@ -169,6 +169,40 @@ async fn timestamps_keep_increasing_across_a_meta_leader_kill() {
     }
 }
 
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_successor_whose_clock_is_behind_starts_above_its_predecessors_timestamps() {
+    // The followers' oracle clocks run 20 s behind the leader's: the successor must start
+    // at the limit its predecessor stored, not at its own clock.
+    let mut cluster = ProcCluster::start(3, FAST_ELECTIONS).await;
+    let meta = spheredb_engine::ids::META_RANGE_ID;
+    let leader = cluster.leader_of(meta).await;
+    for i in (0..3).filter(|i| *i != leader) {
+        cluster.procs[i].kill9();
+        cluster.procs[i].env = vec![(
+            "FAILPOINTS".into(),
+            "tso-clock-offset-ms=return(-20000)".into(),
+        )];
+        cluster.procs[i].spawn();
+        eventually("the restarted node to log its failpoints", || async {
+            cluster.log(i).contains("failpoints active").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(cluster.leader_of(meta).await, leader);
+    let client = cluster.client().await;
+    let before = client.timestamp().await.unwrap();
+    cluster.procs[leader].kill9();
+    let after = eventually("a timestamp from the successor", || async {
+        client.timestamp().await.ok()
+    })
+    .await;
+    assert!(
+        after > before,
+        "the successor handed out {after} after its predecessor's {before}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_and_kv_commands_work_from_the_cli() {
     let cluster = ProcCluster::start(1, &["--replication-factor", "1"]).await;

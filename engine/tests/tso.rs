@@ -24,6 +24,9 @@ fn config(dir: &std::path::Path, name: &str, join: Option<&str>) -> NodeConfig {
     c.replication_factor = 3;
     c.heartbeat_interval_ms = 50;
     c.election_timeout_ms = 300;
+    // Long enough that the cut-off leader's window outlasts the successor's election, so
+    // a leader that skips confirming its leadership has timestamps left to hand out.
+    c.tso_reserve_window_ms = 30_000;
     c
 }
 

@@ -5,14 +5,14 @@
 //! across leader changes. Two things keep it:
 //! - **A persisted limit.** A leader hands out only timestamps whose physical part is below
 //!   the limit stored in the meta range, which it raises through Raft
-//!   ([`Command::ReserveTimestamps`]) [`TSO_RESERVE_WINDOW_MS`] ahead of its clock before it
-//!   gets there. A new leader's first reservation returns the limit its predecessors stored,
+//!   ([`Command::ReserveTimestamps`]) a window ahead of its clock (`--tso-reserve-window-ms`)
+//!   before it gets there. A new leader's first reservation returns the limit its predecessors stored,
 //!   and it starts at that limit: above everything they handed out.
 //! - **Leadership confirmed after allocating.** A deposed leader that has not heard of its
 //!   successor would hand out timestamps below the successor's. So a batch is allocated
 //!   first and returned only once a quorum round that started after the allocation confirms
-//!   this node still leads in the term its window belongs to; a new leader elected before
-//!   that round would have failed it. The batch then precedes anything a later leader hands
+//!   this node still leads in the term its window belongs to (the term of the read log id
+//!   the round returns); a new leader elected before that round would have failed it. The batch then precedes anything a later leader hands
 //!   out.
 //!
 //! [`TsoWindow`] is the pure core (allocation, logical overflow, the limit), unit-tested
@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::ReadPolicy;
+pub use spheredb_client::limits::MAX_TIMESTAMPS_PER_CALL;
 use spheredb_client::ClientError;
 use spheredb_raft::network::Replica;
 use spheredb_raft::{Command, CommandResponse};
@@ -34,13 +35,6 @@ use crate::errors::{internal, read_error, write_error};
 pub const LOGICAL_BITS: u32 = 18;
 /// Timestamps one millisecond holds.
 pub const TIMESTAMPS_PER_MS: u64 = 1 << LOGICAL_BITS;
-/// Most timestamps one call may ask for (a batch never spans two milliseconds).
-pub const MAX_TIMESTAMPS_PER_CALL: u64 = 1 << 16;
-/// How far past its clock a leader reserves timestamps through Raft.
-pub const TSO_RESERVE_WINDOW_MS: u64 = 3_000;
-/// A leader reserves again when less than this much of its window is left, so callers
-/// rarely wait for a reservation.
-pub const TSO_RESERVE_AHEAD_MS: u64 = 1_000;
 /// Reservations one call may make before giving up (the second covers a clock behind the
 /// stored limit; more means the leadership is changing under it).
 pub const MAX_RESERVATIONS_PER_CALL: usize = 3;
@@ -64,6 +58,9 @@ pub fn physical_ms(ts: u64) -> u64 {
 pub struct TsoWindow {
     /// The Raft term of the leadership this window belongs to.
     pub term: u64,
+    /// How far past the clock a reservation reaches; a new one is due when less than a
+    /// third of it is left, so most calls find room without waiting for Raft.
+    reserve_window_ms: u64,
     last_physical_ms: u64,
     /// Next free logical value at `last_physical_ms`.
     next_logical: u64,
@@ -75,9 +72,10 @@ impl TsoWindow {
     /// The window of a leader of `term` whose first reservation found the stored limit
     /// `previous_ms` and raised it to `limit_ms`: it starts at `previous_ms`, above
     /// everything handed out before.
-    pub fn new(term: u64, previous_ms: u64, limit_ms: u64) -> TsoWindow {
+    pub fn new(term: u64, reserve_window_ms: u64, previous_ms: u64, limit_ms: u64) -> TsoWindow {
         TsoWindow {
             term,
+            reserve_window_ms,
             last_physical_ms: previous_ms,
             next_logical: 0,
             limit_ms,
@@ -108,11 +106,17 @@ impl TsoWindow {
         Some(compose(physical, logical))
     }
 
-    /// The limit to reserve up to at clock `now_ms`, when less than
-    /// [`TSO_RESERVE_AHEAD_MS`] of the window is left; `None` while enough is.
+    /// The limit to reserve up to at clock `now_ms`, when less than a third of the window
+    /// is left; `None` while enough is.
     pub fn reservation_due(&self, now_ms: u64) -> Option<u64> {
         let from = now_ms.max(self.last_physical_ms);
-        (from + TSO_RESERVE_AHEAD_MS >= self.limit_ms).then_some(from + TSO_RESERVE_WINDOW_MS)
+        (from + self.reserve_window_ms / 3 >= self.limit_ms)
+            .then(|| self.reservation_target(now_ms))
+    }
+
+    /// A full window past the clock, or past the last timestamp when the clock is behind it.
+    pub fn reservation_target(&self, now_ms: u64) -> u64 {
+        now_ms.max(self.last_physical_ms) + self.reserve_window_ms
     }
 
     /// Takes a reservation that raised the stored limit to `limit_ms`.
@@ -121,21 +125,45 @@ impl TsoWindow {
     }
 }
 
-/// The wall clock, ms since the Unix epoch.
+/// The oracle's clock: the wall clock, ms since the Unix epoch (shifted by the failpoint
+/// `tso-clock-offset-ms`, which tests use to give one node a clock far from the others').
 pub fn wall_clock_ms() -> u64 {
-    SystemTime::now()
+    let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64);
+    now_ms.saturating_add_signed(injected_clock_offset_ms())
+}
+
+fn injected_clock_offset_ms() -> i64 {
+    fail::fail_point!("tso-clock-offset-ms", |arg: Option<String>| {
+        let arg = arg.unwrap_or_default();
+        match arg.parse() {
+            Ok(ms) => ms,
+            Err(_) => panic!("failpoint tso-clock-offset-ms wants return(MS), got {arg:?}"),
+        }
+    });
+    0
 }
 
 /// The oracle on this node: its window while it leads the meta range.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tso {
-    /// Held across a reservation: callers meanwhile wait for it rather than reserve too.
+    /// How far past the clock reservations reach.
+    reserve_window_ms: u64,
+    /// Held across a reservation: callers meanwhile wait for it rather than reserve too (one
+    /// caller about every two thirds of a window waits for that Raft write).
     window: tokio::sync::Mutex<Option<TsoWindow>>,
 }
 
 impl Tso {
+    /// An oracle reserving `reserve_window_ms` past its clock (at least 3).
+    pub fn new(reserve_window_ms: u64) -> Tso {
+        Tso {
+            reserve_window_ms: reserve_window_ms.max(3),
+            window: tokio::sync::Mutex::new(None),
+        }
+    }
+
     /// Hands out `count` consecutive timestamps through `meta`, this node's leading meta
     /// replica; returns the first.
     pub async fn timestamps(&self, meta: &Replica, count: u64) -> Result<u64, ClientError> {
@@ -168,11 +196,11 @@ impl Tso {
         for _ in 0..MAX_RESERVATIONS_PER_CALL {
             let now_ms = wall_clock_ms();
             let until_ms = match window.as_mut() {
-                None => now_ms + TSO_RESERVE_WINDOW_MS,
+                None => now_ms + self.reserve_window_ms,
                 Some(w) => match w.reservation_due(now_ms) {
                     None => match w.allocate(now_ms, count) {
                         Some(first) => return Ok(first),
-                        None => now_ms + TSO_RESERVE_WINDOW_MS,
+                        None => w.reservation_target(now_ms),
                     },
                     Some(until_ms) => until_ms,
                 },
@@ -180,7 +208,14 @@ impl Tso {
             let (previous_ms, limit_ms) = reserve(meta, until_ms).await?;
             match window.as_mut() {
                 Some(w) => w.extend(limit_ms),
-                None => *window = Some(TsoWindow::new(term, previous_ms, limit_ms)),
+                None => {
+                    *window = Some(TsoWindow::new(
+                        term,
+                        self.reserve_window_ms,
+                        previous_ms,
+                        limit_ms,
+                    ))
+                }
             }
             if let Some(first) = window.as_mut().and_then(|w| w.allocate(now_ms, count)) {
                 return Ok(first);
@@ -211,16 +246,19 @@ impl Tso {
             return Ok(());
         }
         let confirm = meta.raft.ensure_linearizable(ReadPolicy::ReadIndex);
-        match tokio::time::timeout(Duration::from_millis(TSO_RAFT_TIMEOUT_MS), confirm).await {
-            Err(_) => {
-                return Err(ClientError::Unavailable(format!(
+        let read_log_id =
+            match tokio::time::timeout(Duration::from_millis(TSO_RAFT_TIMEOUT_MS), confirm).await {
+                Err(_) => {
+                    return Err(ClientError::Unavailable(format!(
                     "could not confirm the meta range's leadership within {TSO_RAFT_TIMEOUT_MS} ms"
                 )))
-            }
-            Ok(Err(e)) => return Err(read_error(e)),
-            Ok(Ok(_)) => {}
-        }
-        if self.leading_term(meta)? != term {
+                }
+                Ok(Err(e)) => return Err(read_error(e)),
+                Ok(Ok(read_log_id)) => read_log_id,
+            };
+        // The read log id is the confirming leader's own first entry or later: its term is
+        // the term this node was confirmed to lead in.
+        if read_log_id.log_id().committed_leader_id().term != term {
             return Err(ClientError::Unavailable(
                 "the meta range changed leaders while handing out timestamps; retry".into(),
             ));
@@ -263,12 +301,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const W: u64 = crate::config::DEFAULT_TSO_RESERVE_WINDOW_MS;
+
     #[test]
     fn a_new_leader_starts_above_the_limit_its_predecessors_stored() {
-        let mut old = TsoWindow::new(1, 0, 10_000);
+        let mut old = TsoWindow::new(1, W, 0, 10_000);
         let last_old = old.allocate(9_999, 5).unwrap();
         // The new leader's clock is behind; it still starts at the stored limit.
-        let mut new = TsoWindow::new(2, 10_000, 13_000);
+        let mut new = TsoWindow::new(2, W, 10_000, 13_000);
         let first_new = new.allocate(5_000, 1).unwrap();
         assert!(first_new > last_old + 4);
         assert_eq!(physical_ms(first_new), 10_000);
@@ -276,7 +316,7 @@ mod tests {
 
     #[test]
     fn a_full_millisecond_moves_on_to_the_next() {
-        let mut w = TsoWindow::new(1, 100, 200);
+        let mut w = TsoWindow::new(1, W, 100, 200);
         let a = w.allocate(100, MAX_TIMESTAMPS_PER_CALL).unwrap();
         assert_eq!(a, compose(100, 0));
         for _ in 1..TIMESTAMPS_PER_MS / MAX_TIMESTAMPS_PER_CALL {
@@ -288,10 +328,10 @@ mod tests {
 
     #[test]
     fn nothing_is_handed_out_at_or_past_the_limit() {
-        let mut w = TsoWindow::new(1, 0, 1_000);
+        let mut w = TsoWindow::new(1, W, 0, 1_000);
         assert_eq!(w.allocate(1_000, 1), None);
-        assert_eq!(w.reservation_due(500), Some(500 + TSO_RESERVE_WINDOW_MS));
-        assert_eq!(w.reservation_due(0), Some(TSO_RESERVE_WINDOW_MS));
+        assert_eq!(w.reservation_due(500), Some(500 + W));
+        assert_eq!(w.reservation_due(0), Some(W));
         w.extend(5_000);
         assert_eq!(w.reservation_due(500), None);
         assert!(w.allocate(1_000, 1).is_some());
@@ -305,13 +345,13 @@ mod tests {
         fn timestamps_strictly_increase_whatever_the_clock_does(
             steps in proptest::collection::vec((0u64..5_000, 1u64..=MAX_TIMESTAMPS_PER_CALL), 1..200)
         ) {
-            let mut w = TsoWindow::new(1, 1_000, 1_000);
+            let mut w = TsoWindow::new(1, W, 1_000, 1_000);
             let mut last: Option<u64> = None;
             for (clock_ms, count) in steps {
                 let first = match w.allocate(clock_ms, count) {
                     Some(first) => first,
                     None => {
-                        let until = w.reservation_due(clock_ms).unwrap_or(clock_ms + TSO_RESERVE_WINDOW_MS);
+                        let until = w.reservation_due(clock_ms).unwrap_or(w.reservation_target(clock_ms));
                         w.extend(until);
                         w.allocate(clock_ms, count).expect("a fresh reservation leaves room")
                     }

@@ -56,6 +56,7 @@ use crate::descriptor::wire_descriptor;
 use crate::disk::DiskGuard;
 use crate::ids::{FIRST_USER_RANGE_ID, META_RANGE_ID};
 use crate::meta::allocator::Allocator;
+use crate::meta::tso::Tso;
 use crate::meta::MetaState;
 use crate::peers::{local_ip_of, Peers};
 use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
@@ -932,7 +933,11 @@ impl Node {
             }))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
-            let txn = TxnServer::new(TxnService::new(replicas.clone(), peers.clone()));
+            let txn = TxnServer::new(TxnService::new(
+                replicas.clone(),
+                peers.clone(),
+                Tso::new(cfg.tso_reserve_window_ms),
+            ));
             let raft_svc = RaftTransportServer::new(RaftService::new(
                 replicas.clone(),
                 faults.clone(),

@@ -22,11 +22,11 @@ pub struct TxnService {
 }
 
 impl TxnService {
-    pub fn new(replicas: Arc<ReplicaDirectory>, peers: Arc<Peers>) -> TxnService {
+    pub fn new(replicas: Arc<ReplicaDirectory>, peers: Arc<Peers>, tso: Tso) -> TxnService {
         TxnService {
             replicas,
             peers,
-            tso: Tso::default(),
+            tso,
         }
     }
 }
