@@ -310,10 +310,11 @@ impl LocalReplicas {
 
     /// [`Self::destroy_replica`], the range's lifecycle lock held.
     async fn destroy_locked(&self, range_id: RangeId, keep_data: bool) -> anyhow::Result<()> {
-        // The tombstone goes first. `create_missing` looks for the replica in the directory,
-        // then for a tombstone: once `take_down` has removed the replica, a peer's message
-        // for it (a peer that has not applied a merge yet still sends them) must find the
-        // tombstone, or it would start a new group over the state being deleted here.
+        // The tombstone goes first. The range's lock keeps a peer's request out while this
+        // runs, and the tombstone keeps it out afterwards (a peer that has not applied a
+        // merge yet still sends messages for the merged-away range); should the node stop
+        // before the state below is deleted, start-up finds the tombstone above the stored
+        // replica id and finishes the destroy.
         let running_id = self
             .replica(range_id)
             .map(|r| r.raft.metrics().borrow_watched().id);
