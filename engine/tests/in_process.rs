@@ -7,7 +7,7 @@ use openraft::async_runtime::WatchReceiver;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::eventually;
+use common::{eventually, in_process_config as config, three_nodes_with};
 use prost::Message;
 use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::kv_client::KvClient;
@@ -15,20 +15,10 @@ use spheredb_client::proto::v1::{
     ErrorCode, GetRequest, Header, PutRequest, RangeListRequest, RangeRef,
 };
 use spheredb_client::{Client, ClientOptions};
-use spheredb_engine::{Node, NodeConfig};
+use spheredb_engine::Node;
 use spheredb_raft::state_machine::read_value;
 use spheredb_raft::{Command, RaftHandle, WriteOp};
 use spheredb_storage::keys;
-
-fn config(dir: &std::path::Path, name: &str, join: Option<&str>, rf: usize) -> NodeConfig {
-    let mut c = NodeConfig::new(dir.join(name));
-    c.listen = "127.0.0.1:0".into();
-    c.join = join.map(|j| vec![j.to_string()]).unwrap_or_default();
-    c.replication_factor = rf;
-    c.heartbeat_interval_ms = 50;
-    c.election_timeout_ms = 300;
-    c
-}
 
 /// The user range's Raft group on `node`.
 fn user_raft(node: &Node) -> RaftHandle {
@@ -48,36 +38,6 @@ fn leader_node(node: &Node) -> Option<u64> {
 
 async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
     three_nodes_with(dir, |_| {}).await
-}
-
-/// Three nodes whose configuration `tweak` adjusts.
-async fn three_nodes_with(dir: &std::path::Path, tweak: fn(&mut NodeConfig)) -> Vec<Node> {
-    let start = |name: &str, join: Option<&str>| {
-        let mut c = config(dir, name, join, 3);
-        tweak(&mut c);
-        Node::start(c)
-    };
-    let first = start("n1", None).await.unwrap();
-    let seed = first.addr().to_string();
-    let second = start("n2", Some(&seed)).await.unwrap();
-    let third = start("n3", Some(&seed)).await.unwrap();
-    let nodes = vec![first, second, third];
-    eventually("three voters in every range on every node", || async {
-        nodes
-            .iter()
-            .all(|n| {
-                [1, common::USER_RANGE].iter().all(|r| {
-                    n.raft(*r).is_some_and(|raft| {
-                        let m = raft.metrics().borrow_watched().clone();
-                        m.membership_config.membership().voter_ids().count() == 3
-                            && m.current_leader.is_some()
-                    })
-                })
-            })
-            .then_some(())
-    })
-    .await;
-    nodes
 }
 
 /// A one-node cluster and a client of it.

@@ -9,48 +9,13 @@ use openraft::async_runtime::WatchReceiver;
 use spheredb_client::proto::v1::txn_client::TxnClient;
 use spheredb_client::proto::v1::GetTimestampsRequest;
 use spheredb_engine::ids::META_RANGE_ID;
-use spheredb_engine::{Node, NodeConfig};
+use spheredb_engine::Node;
 use tonic::transport::Channel;
 
-use common::eventually;
+use common::{eventually, three_nodes_with};
 
 /// The tests of this file, one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn config(dir: &std::path::Path, name: &str, join: Option<&str>) -> NodeConfig {
-    let mut c = NodeConfig::new(dir.join(name));
-    c.listen = "127.0.0.1:0".into();
-    c.join = join.map(|j| vec![j.to_string()]).unwrap_or_default();
-    c.replication_factor = 3;
-    c.heartbeat_interval_ms = 50;
-    c.election_timeout_ms = 300;
-    // Long enough that the cut-off leader's window outlasts the successor's election, so
-    // a leader that skips confirming its leadership has timestamps left to hand out.
-    c.tso_reserve_window_ms = 30_000;
-    c
-}
-
-async fn three_nodes(dir: &std::path::Path) -> Vec<Node> {
-    let first = Node::start(config(dir, "n1", None)).await.unwrap();
-    let seed = first.addr().to_string();
-    let second = Node::start(config(dir, "n2", Some(&seed))).await.unwrap();
-    let third = Node::start(config(dir, "n3", Some(&seed))).await.unwrap();
-    let nodes = vec![first, second, third];
-    eventually("three voters in the meta range on every node", || async {
-        nodes
-            .iter()
-            .all(|n| {
-                n.raft(META_RANGE_ID).is_some_and(|raft| {
-                    let m = raft.metrics().borrow_watched().clone();
-                    m.membership_config.membership().voter_ids().count() == 3
-                        && m.current_leader.is_some()
-                })
-            })
-            .then_some(())
-    })
-    .await;
-    nodes
-}
 
 fn leads_meta(node: &Node) -> bool {
     node.raft(META_RANGE_ID)
@@ -74,7 +39,9 @@ async fn one_timestamp(oracle: &mut TxnClient<Channel>) -> Result<u64, tonic::St
 /// cut-off leader again; returns an error naming what went wrong if it answered with a
 /// timestamp at or below the successor's.
 async fn cut_off_leader_then_ask_it(dir: &std::path::Path) -> Result<(), String> {
-    let nodes = three_nodes(dir).await;
+    // A reserve window long enough that the cut-off leader's outlasts the successor's
+    // election, so a leader that skips confirming its leadership has timestamps left.
+    let nodes = three_nodes_with(dir, |c| c.tso_reserve_window_ms = 30_000).await;
     let old = eventually("a meta-range leader", || async {
         nodes.iter().position(leads_meta)
     })

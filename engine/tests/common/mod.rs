@@ -267,3 +267,57 @@ impl Drop for ProcCluster {
         }
     }
 }
+
+/// Configuration of in-process node `name` under `dir`, on a free loopback port, with fast
+/// elections; joining `join` when given.
+pub fn in_process_config(
+    dir: &std::path::Path,
+    name: &str,
+    join: Option<&str>,
+    rf: usize,
+) -> spheredb_engine::NodeConfig {
+    let mut c = spheredb_engine::NodeConfig::new(dir.join(name));
+    c.listen = "127.0.0.1:0".into();
+    c.join = join.map(|j| vec![j.to_string()]).unwrap_or_default();
+    c.replication_factor = rf;
+    c.heartbeat_interval_ms = 50;
+    c.election_timeout_ms = 300;
+    c
+}
+
+/// Three in-process nodes whose configuration `tweak` adjusts, once every range has three
+/// voters and a leader on every node.
+pub async fn three_nodes_with(
+    dir: &std::path::Path,
+    tweak: fn(&mut spheredb_engine::NodeConfig),
+) -> Vec<spheredb_engine::Node> {
+    use openraft::async_runtime::WatchReceiver;
+    let start = |name: &str, join: Option<&str>| {
+        let mut c = in_process_config(dir, name, join, 3);
+        tweak(&mut c);
+        spheredb_engine::Node::start(c)
+    };
+    let first = start("n1", None).await.unwrap();
+    let seed = first.addr().to_string();
+    let second = start("n2", Some(&seed)).await.unwrap();
+    let third = start("n3", Some(&seed)).await.unwrap();
+    let nodes = vec![first, second, third];
+    eventually("three voters in every range on every node", || async {
+        nodes
+            .iter()
+            .all(|n| {
+                [spheredb_engine::ids::META_RANGE_ID, USER_RANGE]
+                    .iter()
+                    .all(|r| {
+                        n.raft(*r).is_some_and(|raft| {
+                            let m = raft.metrics().borrow_watched().clone();
+                            m.membership_config.membership().voter_ids().count() == 3
+                                && m.current_leader.is_some()
+                        })
+                    })
+            })
+            .then_some(())
+    })
+    .await;
+    nodes
+}
