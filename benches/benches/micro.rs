@@ -11,9 +11,11 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::type_config::TypeConfigExt;
 use openraft::vote::RaftLeaderIdExt;
+use spheredb_engine::range::commit_ts::Epoch;
+use spheredb_engine::range::timestamps::{Proposal, RangeClock};
 use spheredb_raft::group_commit::GroupCommit;
 use spheredb_raft::log_store::LogStore;
-use spheredb_raft::state_machine::{read_value, StateMachine};
+use spheredb_raft::state_machine::StateMachine;
 use spheredb_raft::{Command, Entry, LogId, TypeConfig, WriteOp};
 use spheredb_storage::keys::{self, Datum};
 use spheredb_storage::{Db, DbOptions};
@@ -38,6 +40,7 @@ fn write_entry(index: u64) -> Entry {
                 key: keys::kv_key(1, format!("user{index:012}").as_bytes()),
                 value: Some(vec![b'x'; VALUE_SIZE_BYTES]),
             }],
+            commit_ts: Some(index),
         },
     )
 }
@@ -181,7 +184,13 @@ fn apply_and_read(c: &mut Criterion) {
     g.bench_function("point_read", |b| {
         b.iter(|| {
             i = (i + 7919) % (written - 1) + 1;
-            read_value(&db, &keys::kv_key(1, format!("user{i:012}").as_bytes())).expect("read")
+            spheredb_storage::mvcc::store::get_at(
+                &db,
+                None,
+                &keys::kv_key(1, format!("user{i:012}").as_bytes()),
+                u64::MAX,
+            )
+            .expect("read")
         })
     });
     g.finish();
@@ -238,9 +247,18 @@ fn propose_to_apply(c: &mut Criterion) {
     )
     .expect("leader");
     let mut next_key = 0u64;
+    let put = |i: u64, commit_ts: u64| Command::Write {
+        ops: vec![WriteOp {
+            key: keys::kv_key(1, format!("user{i:012}").as_bytes()),
+            value: Some(vec![b'x'; VALUE_SIZE_BYTES]),
+        }],
+        commit_ts: Some(commit_ts),
+    };
     let mut g = c.benchmark_group("write_path");
     g.throughput(Throughput::Elements(PROPOSERS as u64));
     g.sample_size(20);
+    // The entry alone: timestamps from a counter, no rules.
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(1));
     g.bench_function(
         format!("{PROPOSERS}_concurrent_puts_propose_to_apply"),
         |b| {
@@ -250,16 +268,62 @@ fn propose_to_apply(c: &mut Criterion) {
                 rt.block_on(async {
                     let writes: Vec<_> = (first..first + PROPOSERS as u64)
                         .map(|i| {
-                            let raft = raft.clone();
+                            let (raft, counter) = (raft.clone(), counter.clone());
                             tokio::spawn(async move {
-                                raft.client_write(Command::Write {
-                                    ops: vec![WriteOp {
-                                        key: keys::kv_key(1, format!("user{i:012}").as_bytes()),
-                                        value: Some(vec![b'x'; VALUE_SIZE_BYTES]),
-                                    }],
-                                })
-                                .await
-                                .expect("write")
+                                let ts = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                raft.client_write(put(i, ts)).await.expect("write")
+                            })
+                        })
+                        .collect();
+                    for w in writes {
+                        w.await.expect("proposer");
+                    }
+                })
+            })
+        },
+    );
+    // As the KV service writes: the commit ts fixed under the range's rules, the proposal
+    // made while they are held and conditional on the leader, the keys in flight until
+    // applied. Timestamps come from a counter standing in for the node's oracle batch.
+    let clock = Arc::new(RangeClock::default());
+    let leader_id = raft.as_leader().expect("leader").to_committed_leader_id();
+    let epoch = Epoch {
+        term: 1,
+        generation: 1,
+    };
+    rt.block_on(clock.seed(epoch, 1));
+    g.bench_function(
+        format!("{PROPOSERS}_concurrent_puts_with_commit_ts_rules"),
+        |b| {
+            b.iter(|| {
+                let first = next_key;
+                next_key += PROPOSERS as u64;
+                rt.block_on(async {
+                    let writes: Vec<_> = (first..first + PROPOSERS as u64)
+                        .map(|i| {
+                            let (raft, clock, counter) =
+                                (raft.clone(), clock.clone(), counter.clone());
+                            tokio::spawn(async move {
+                                let keys = [keys::kv_key(1, format!("user{i:012}").as_bytes())];
+                                let proposal = Proposal {
+                                    epoch,
+                                    leader_id,
+                                    keys: &keys,
+                                    timeout_ms: ELECTION_WAIT_MS,
+                                };
+                                let take = |floor: u64| {
+                                    Some(
+                                        counter
+                                            .fetch_max(
+                                                floor + 1,
+                                                std::sync::atomic::Ordering::Relaxed,
+                                            )
+                                            .max(floor + 1),
+                                    )
+                                };
+                                let taken =
+                                    clock.propose(&raft, proposal, take, |ts| put(i, ts)).await;
+                                taken.expect("write")
                             })
                         })
                         .collect();

@@ -837,8 +837,35 @@ impl Client {
         })
     }
 
-    /// Reads `key` of `sphere`.
+    /// Reads `key` of `sphere`: its latest value, linearizably.
     pub async fn get(&self, sphere: u64, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read_key(sphere, key, 0).await
+    }
+
+    /// Reads `key` of `sphere` as it was at `ts`, a timestamp from [`Client::timestamp`]:
+    /// every write acknowledged before the oracle handed `ts` out is seen, and the answer
+    /// never changes (until GC passes `ts`).
+    pub async fn get_at(
+        &self,
+        sphere: u64,
+        key: &[u8],
+        ts: u64,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        if ts == 0 {
+            return Err(ClientError::InvalidArgument(
+                "timestamp 0 is before every write; read at a timestamp the oracle handed out"
+                    .into(),
+            ));
+        }
+        self.read_key(sphere, key, ts).await
+    }
+
+    async fn read_key(
+        &self,
+        sphere: u64,
+        key: &[u8],
+        at_ts: u64,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         check_key(key)?;
         let consistency = self.options.consistency.wire();
         self.call(
@@ -850,6 +877,7 @@ impl Client {
                         header: Some(header),
                         key: key.to_vec(),
                         consistency,
+                        at_ts,
                     })
                     .await?
                     .into_inner();
@@ -1021,13 +1049,44 @@ impl Client {
     }
 
     /// Returns up to `limit` pairs of `sphere` with `start <= key < end` (empty `end`: to the
-    /// end of the sphere), in key order, following the scan across ranges.
+    /// end of the sphere), in key order, following the scan across ranges. Each key is read
+    /// linearizably (each range at its own latest timestamp).
     pub async fn scan(
         &self,
         sphere: u64,
         start: &[u8],
         end: &[u8],
         limit: u32,
+    ) -> Result<Vec<KeyValue>, ClientError> {
+        self.scan_span(sphere, start, end, limit, 0).await
+    }
+
+    /// As [`Client::scan`], but every range is read as it was at `ts` (a timestamp from
+    /// [`Client::timestamp`]): one consistent snapshot across ranges.
+    pub async fn scan_at(
+        &self,
+        sphere: u64,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+        ts: u64,
+    ) -> Result<Vec<KeyValue>, ClientError> {
+        if ts == 0 {
+            return Err(ClientError::InvalidArgument(
+                "timestamp 0 is before every write; read at a timestamp the oracle handed out"
+                    .into(),
+            ));
+        }
+        self.scan_span(sphere, start, end, limit, ts).await
+    }
+
+    async fn scan_span(
+        &self,
+        sphere: u64,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+        at_ts: u64,
     ) -> Result<Vec<KeyValue>, ClientError> {
         let limit = if limit == 0 {
             limits::DEFAULT_SCAN_LIMIT
@@ -1061,6 +1120,7 @@ impl Client {
                                 end: end.to_vec(),
                                 limit: want,
                                 consistency,
+                                at_ts,
                             })
                             .await?
                             .into_inner())

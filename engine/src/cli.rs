@@ -224,8 +224,13 @@ pub enum NodeOp {
 pub enum KvOp {
     /// Write KEY = VALUE.
     Put { key: String, value: String },
-    /// Read KEY.
-    Get { key: String },
+    /// Read KEY: its latest value, or with --at its value as of a timestamp.
+    Get {
+        key: String,
+        /// Read as of this timestamp (time travel); take one from `spheredb timestamp`.
+        #[arg(long, value_name = "TS")]
+        at: Option<u64>,
+    },
     /// Delete KEY.
     Delete { key: String },
     /// Set KEY to NEW if it holds EXPECTED (--expect-absent: if it does not exist).
@@ -246,6 +251,9 @@ pub enum KvOp {
         end: String,
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Read as of this timestamp: one consistent snapshot across ranges.
+        #[arg(long, value_name = "TS")]
+        at: Option<u64>,
     },
 }
 
@@ -422,7 +430,10 @@ async fn kv(client: &Client, sphere: u64, op: KvOp) -> anyhow::Result<()> {
             client.put(sphere, key.as_bytes(), value.as_bytes()).await?;
             println!("OK");
         }
-        KvOp::Get { key } => match client.get(sphere, key.as_bytes()).await? {
+        KvOp::Get { key, at } => match match at {
+            Some(ts) => client.get_at(sphere, key.as_bytes(), ts).await?,
+            None => client.get(sphere, key.as_bytes()).await?,
+        } {
             Some(v) => println!("{}", String::from_utf8_lossy(&v)),
             None => {
                 eprintln!("(not found)");
@@ -461,11 +472,25 @@ async fn kv(client: &Client, sphere: u64, op: KvOp) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        KvOp::Scan { start, end, limit } => {
-            for kv in client
-                .scan(sphere, start.as_bytes(), end.as_bytes(), limit)
-                .await?
-            {
+        KvOp::Scan {
+            start,
+            end,
+            limit,
+            at,
+        } => {
+            let pairs = match at {
+                Some(ts) => {
+                    client
+                        .scan_at(sphere, start.as_bytes(), end.as_bytes(), limit, ts)
+                        .await?
+                }
+                None => {
+                    client
+                        .scan(sphere, start.as_bytes(), end.as_bytes(), limit)
+                        .await?
+                }
+            };
+            for kv in pairs {
                 println!(
                     "{}\t{}",
                     String::from_utf8_lossy(&kv.key),

@@ -94,6 +94,13 @@ impl Peers {
 
     /// An admin stub for the node at `addr`.
     pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, ClientError> {
+        Ok(AdminClient::new(self.channel(addr)?)
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES))
+    }
+
+    /// The channel to the node at `addr` (connected on first use, then shared).
+    pub fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
         let mut channels = self
             .admin_channels
             .lock()
@@ -111,9 +118,7 @@ impl Peers {
                 c
             }
         };
-        Ok(AdminClient::new(channel)
-            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
-            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES))
+        Ok(channel)
     }
 
     /// Calls the meta-range leader, following `NotLeader` hints, trying at most

@@ -16,7 +16,6 @@ use spheredb_client::proto::v1::{
 };
 use spheredb_client::{Client, ClientOptions};
 use spheredb_engine::Node;
-use spheredb_raft::state_machine::read_value;
 use spheredb_raft::{Command, RaftHandle, WriteOp};
 use spheredb_storage::keys;
 
@@ -66,7 +65,9 @@ async fn user_range_generation(node: &Node) -> u64 {
 }
 
 fn local(node: &Node, sphere: u64, key: &[u8]) -> Option<Vec<u8>> {
-    read_value(node.db(), &keys::kv_key(sphere, key)).unwrap()
+    spheredb_storage::mvcc::store::get_at(node.db(), None, &keys::kv_key(sphere, key), u64::MAX)
+        .unwrap()
+        .and_then(|v| v.value)
 }
 
 /// Cuts node `cut` off from the other nodes, both ways; returns the others' indexes.
@@ -155,6 +156,7 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
             }),
             key: b"anything".to_vec(),
             consistency: spheredb_client::proto::v1::ReadConsistency::Lease as i32,
+            at_ts: 0,
         })
         .await;
     assert!(
@@ -168,6 +170,7 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
             key: keys::kv_key(9, b"doomed"),
             value: Some(b"lost".to_vec()),
         }],
+        commit_ts: Some(1),
     };
     let attempt = tokio::time::timeout(
         Duration::from_secs(3),
@@ -297,11 +300,14 @@ async fn a_replica_with_a_damaged_value_is_quarantined_and_replaced_while_its_no
     let old_replica = user_raft(&nodes[damaged]).metrics().borrow_watched().id;
     let key = keys::kv_key(9, b"precious");
     let db = nodes[damaged].db();
-    let data = db.cf(spheredb_storage::ColumnFamilyName::Data);
-    let mut framed = db.raw().get_cf(data, &key).unwrap().unwrap();
+    let write = spheredb_storage::ColumnFamilyName::Write;
+    let mut key_end = key.clone();
+    key_end.push(0);
+    let (version, framed) = db.iter_span(write, &key, &key_end).next().unwrap().unwrap();
+    let mut framed = framed.to_vec();
     let last = framed.len() - 1;
     framed[last] ^= 0x01;
-    db.raw().put_cf(data, &key, &framed).unwrap();
+    db.raw().put_cf(db.cf(write), &version, &framed).unwrap();
 
     // The read that meets it fails loudly, never with wrong data.
     let err = client.get(9, b"precious").await.unwrap_err();
@@ -403,6 +409,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
             header: None,
             key: b"k".to_vec(),
             consistency: 0,
+            at_ts: 0,
         })
         .await
         .unwrap_err();

@@ -142,7 +142,7 @@ pub fn destroy_replica(
         encode_record(&floor)?,
     );
     if let Some((start, end)) = data_span {
-        db.batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);
+        db.batch_delete_range_data(&mut batch, &start, &end);
     }
     db.write(batch, true).map_err(io::Error::from)
 }
@@ -434,6 +434,7 @@ mod tests {
                         key: vec![1, index as u8],
                         value: Some(vec![7; 3 << 20]),
                     }],
+                    commit_ts: Some(index),
                 },
             )
         };

@@ -554,6 +554,14 @@ impl ReplicaDirectory {
             .remove(&range_id)
     }
 
+    /// How many replicas the node has.
+    pub fn count(&self) -> usize {
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Every replica.
     pub fn all(&self) -> Vec<Arc<Replica>> {
         self.replicas

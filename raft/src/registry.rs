@@ -107,7 +107,7 @@ fn join_key(token: &[u8]) -> Vec<u8> {
 fn get<T: for<'de> Deserialize<'de>>(db: &Db, key: &[u8], what: &str) -> io::Result<Option<T>> {
     match db
         .raw()
-        .get_pinned_cf(db.cf(ColumnFamilyName::Data), key)
+        .get_pinned_cf(db.cf(ColumnFamilyName::System), key)
         .map_err(io::Error::other)?
     {
         None => Ok(None),
@@ -116,7 +116,7 @@ fn get<T: for<'de> Deserialize<'de>>(db: &Db, key: &[u8], what: &str) -> io::Res
 }
 
 fn put<T: Serialize>(db: &Db, batch: &mut WriteBatch, key: &[u8], value: &T) -> io::Result<()> {
-    batch.put_cf(db.cf(ColumnFamilyName::Data), key, encode_record(value)?);
+    batch.put_cf(db.cf(ColumnFamilyName::System), key, encode_record(value)?);
     Ok(())
 }
 
@@ -151,7 +151,7 @@ pub fn ranges_page(
     opts.set_iterate_upper_bound(keys::prefix_end(&keys::system_key(RANGE_PREFIX)));
     let start = range_key(first);
     let iter = db.raw().iterator_cf_opt(
-        db.cf(ColumnFamilyName::Data),
+        db.cf(ColumnFamilyName::System),
         opts,
         IteratorMode::From(&start, Direction::Forward),
     );
@@ -192,7 +192,7 @@ fn list<T: for<'de> Deserialize<'de>>(db: &Db, name: &[u8], what: &str) -> io::R
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
     let iter = db.raw().iterator_cf_opt(
-        db.cf(ColumnFamilyName::Data),
+        db.cf(ColumnFamilyName::System),
         opts,
         IteratorMode::From(&prefix, Direction::Forward),
     );

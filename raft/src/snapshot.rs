@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use spheredb_storage::{ColumnFamilyName, StorageError};
+use spheredb_storage::{mvcc, ColumnFamilyName, StorageError};
 
 use crate::types::{MergeFreeze, RangeId, RangeSpan, SnapshotMeta};
 
 /// Version of the snapshot file format; a file of another version is refused by name.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SPHSNAP\0";
 /// Pairs are packed into frames of about this size (a single larger pair gets its own frame).
 pub const SNAPSHOT_BLOCK_SIZE_BYTES: usize = 256 << 10;
@@ -370,9 +370,11 @@ fn visit(
             (FrameKind::Section, None) => {
                 let name = String::from_utf8(payload.clone())
                     .map_err(|_| corrupt("section name is not UTF-8"))?;
-                // Only column families a snapshot carries (today the data one): a file
-                // naming another is refused before an install replaces any key.
-                if name != ColumnFamilyName::Data.as_str() {
+                // Only column families a snapshot carries (a range's data): a file naming
+                // another is refused before an install replaces any key.
+                if !ColumnFamilyName::from_name(&name)
+                    .is_some_and(|cf| ColumnFamilyName::RANGE_DATA.contains(&cf))
+                {
                     return Err(corrupt(format!("unknown section {name:?}")));
                 }
                 section = Some((name, 0));
@@ -383,6 +385,14 @@ fn visit(
                     let key = take_field(&mut rest)?;
                     let value = take_field(&mut rest)?;
                     if let Some(span) = &header.span {
+                        // A version key's span is its key's.
+                        let versioned = ColumnFamilyName::from_name(cf)
+                            .is_some_and(ColumnFamilyName::is_versioned);
+                        let key = if versioned {
+                            mvcc::split_version_key(key).map_err(io::Error::from)?.0
+                        } else {
+                            key
+                        };
                         if !span.contains(key) {
                             return Err(corrupt("key outside the snapshot's span"));
                         }
@@ -619,7 +629,7 @@ mod tests {
 
     fn write(dir: &Path, pairs: &[(Vec<u8>, Vec<u8>)]) -> SnapshotFile {
         let mut w = SnapshotWriter::create(dir, 2, &header(7)).unwrap();
-        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
+        w.begin_section(ColumnFamilyName::System.as_str()).unwrap();
         for (k, v) in pairs {
             w.pair(k, v).unwrap();
         }
@@ -636,7 +646,7 @@ mod tests {
     fn read_all(file: &SnapshotFile) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();
         file.visit_pairs(|cf, k, v| {
-            assert_eq!(cf, ColumnFamilyName::Data.as_str());
+            assert_eq!(cf, ColumnFamilyName::System.as_str());
             out.push((k.to_vec(), v.to_vec()));
             Ok(())
         })
@@ -715,7 +725,7 @@ mod tests {
     fn a_key_outside_the_span_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = SnapshotWriter::create(dir.path(), 2, &header(7)).unwrap();
-        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
+        w.begin_section(ColumnFamilyName::System.as_str()).unwrap();
         w.pair(b"zz", b"v").unwrap();
         assert!(w.finish().is_err());
     }

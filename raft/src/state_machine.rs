@@ -1,4 +1,8 @@
-//! The replicated state machine of one range, applied to the node's data column family.
+//! The replicated state machine of one range, applied to the node's data column families.
+//!
+//! System keys are written as plain values; sphere keys as versions at the commit ts each
+//! write carries (see `spheredb_storage::mvcc`). Apply never reads a clock: the leader fixed
+//! the commit ts when it proposed the entry, so every replica writes the same versions.
 //!
 //! Every applied entry is written in one RocksDB batch together with the applied log id (and
 //! membership), so after a crash the state machine is exactly at some applied id: nothing is
@@ -23,9 +27,10 @@ use std::sync::{Arc, RwLock};
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
-use spheredb_storage::{record, ColumnFamilyName, Db, StorageError};
+use spheredb_storage::mvcc::{self, Timestamp};
+use spheredb_storage::{keys, record, ColumnFamilyName, Db, StorageError};
 
 use crate::layout::{state_key, StateTag};
 use crate::log_store::{decode_record, encode_record, read_state, write_state};
@@ -231,7 +236,7 @@ pub const MAX_APPLY_BATCH_BYTES: usize = 32 << 20;
 #[derive(Default)]
 struct PendingApply {
     batch: WriteBatch,
-    overlay: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    overlay: std::collections::HashMap<Vec<u8>, KeyState>,
     events: Vec<RangeEvent>,
     /// Keys this batch moves between ranges (splits, merges), for the span registry.
     span_changes: Vec<SpanChange>,
@@ -272,61 +277,19 @@ impl AppliedState {
     }
 }
 
-/// A key and its value.
-pub type KvPair = (Vec<u8>, Vec<u8>);
+pub use spheredb_storage::mvcc::store::{KvPair, ScanPage};
 
-/// Reads the value of an encoded key; verifies its checksum.
-pub fn read_value(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-    db.get_record(ColumnFamilyName::Data, key)
+/// The value of the system key `key`; verifies its checksum.
+pub fn read_system_value(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    db.get_record(ColumnFamilyName::System, key)
 }
 
-/// Where a bounded scan stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScanPage {
-    /// The pairs read, in key order.
-    pub pairs: Vec<KvPair>,
-    /// `Some(key)` when a limit cut the scan short: the rest starts at `key` (inclusive).
-    pub resume_key: Option<Vec<u8>>,
-}
-
-/// Reads the pairs with `start <= key < end` (empty `end`: unbounded) from `snapshot`, up
-/// to `max_pairs` pairs and `max_bytes` bytes of keys and values (the pair that crosses
-/// `max_bytes` is included, so every page makes progress). Verifies every checksum.
-pub fn scan_values(
-    db: &Db,
-    snapshot: &rocksdb::Snapshot<'_>,
-    start: &[u8],
-    end: &[u8],
-    max_pairs: usize,
-    max_bytes: usize,
-) -> Result<ScanPage, StorageError> {
-    let mut opts = ReadOptions::default();
-    if !end.is_empty() {
-        opts.set_iterate_upper_bound(end.to_vec());
-    }
-    let iter = snapshot.iterator_cf_opt(
-        db.cf(ColumnFamilyName::Data),
-        opts,
-        IteratorMode::From(start, Direction::Forward),
-    );
-    let mut pairs: Vec<KvPair> = Vec::new();
-    let mut size_bytes = 0usize;
-    for item in iter {
-        let (k, v) = item?;
-        if pairs.len() >= max_pairs || size_bytes >= max_bytes {
-            return Ok(ScanPage {
-                pairs,
-                resume_key: Some(k.to_vec()),
-            });
-        }
-        let value = record::decode("data", &v)?.to_vec();
-        size_bytes += k.len() + value.len();
-        pairs.push((k.to_vec(), value));
-    }
-    Ok(ScanPage {
-        pairs,
-        resume_key: None,
-    })
+/// The state of a key as the pending batch leaves it.
+#[derive(Debug, Clone, Default)]
+struct KeyState {
+    value: Option<Vec<u8>>,
+    /// Commit ts of the newest version (sphere keys only).
+    newest_ts: Option<Timestamp>,
 }
 
 /// The state machine of one range.
@@ -432,8 +395,89 @@ impl StateMachine {
         snapshot_file(&self.snapshot_dir, self.range_id)
     }
 
-    fn data_cf(&self) -> &rocksdb::ColumnFamily {
-        self.db.cf(ColumnFamilyName::Data)
+    /// The state of `key` as applied so far, including the pending batch.
+    fn current(&self, pending: &PendingApply, key: &[u8]) -> io::Result<KeyState> {
+        if let Some(state) = pending.overlay.get(key) {
+            return Ok(state.clone());
+        }
+        if !keys::is_sphere_key(key) {
+            return Ok(KeyState {
+                value: read_system_value(&self.db, key)?,
+                newest_ts: None,
+            });
+        }
+        let newest = mvcc::store::get_at(&self.db, None, key, Timestamp::MAX)?;
+        Ok(KeyState {
+            newest_ts: newest.as_ref().map(|v| v.commit_ts),
+            value: newest.and_then(|v| v.value),
+        })
+    }
+
+    /// Checks that `key` may be written by a command committing at `commit_ts`: inside the
+    /// span, and for a sphere key above its newest version. A sphere key written at or below
+    /// its newest version would hide an acknowledged write behind an older one, so the leader
+    /// never proposes one; applying it anyway is refused on every replica alike.
+    fn check_write(
+        &self,
+        pending: &PendingApply,
+        key: &[u8],
+        commit_ts: Option<Timestamp>,
+    ) -> io::Result<Result<(), CommandResponse>> {
+        if let Err(outside) = self.check_in_span(key) {
+            return Ok(Err(outside));
+        }
+        if !keys::is_sphere_key(key) {
+            return Ok(Ok(()));
+        }
+        let Some(commit_ts) = commit_ts else {
+            return Ok(Err(CommandResponse::Rejected {
+                reason: "a write of a sphere key carries no commit timestamp".into(),
+            }));
+        };
+        if let Some(newest) = self.current(pending, key)?.newest_ts {
+            if newest >= commit_ts {
+                tracing::error!(
+                    range_id = self.range_id,
+                    commit_ts,
+                    newest,
+                    "refusing a write below its key's newest version: the leader's commit timestamps went backwards"
+                );
+                return Ok(Err(CommandResponse::Rejected {
+                    reason: format!(
+                        "commit timestamp {commit_ts} is not above the key's newest version \
+                         {newest}; the write was not applied"
+                    ),
+                }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Writes `key` (checked by [`Self::check_write`]) into the pending batch.
+    fn write_key(
+        &self,
+        pending: &mut PendingApply,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        commit_ts: Option<Timestamp>,
+    ) {
+        let newest_ts = if keys::is_sphere_key(&key) {
+            let ts = commit_ts.unwrap_or_default();
+            mvcc::store::put_version(&self.db, &mut pending.batch, &key, ts, value.as_deref());
+            Some(ts)
+        } else {
+            match &value {
+                Some(v) => {
+                    self.db
+                        .batch_put_record(&mut pending.batch, ColumnFamilyName::System, &key, v)
+                }
+                None => pending
+                    .batch
+                    .delete_cf(self.db.cf(ColumnFamilyName::System), &key),
+            }
+            None
+        };
+        pending.overlay.insert(key, KeyState { value, newest_ts });
     }
 
     fn put_applied(&self, batch: &mut WriteBatch) -> io::Result<()> {
@@ -519,12 +563,8 @@ impl StateMachine {
             // This replica joined after the split was proposed (it caught up from an older
             // snapshot): the right half has no replica here. Its keys are not ours any more.
             self.applied.span = Some(left.clone());
-            self.db.batch_delete_span(
-                &mut pending.batch,
-                ColumnFamilyName::Data,
-                &right.start_key,
-                &right.end_key,
-            );
+            self.db
+                .batch_delete_range_data(&mut pending.batch, &right.start_key, &right.end_key);
             pending.events.push(RangeEvent::Split {
                 parent: self.range_id,
                 child: new_range_id,
@@ -733,16 +773,11 @@ impl StateMachine {
         pending: &mut PendingApply,
         cmd: Command,
     ) -> io::Result<CommandResponse> {
-        let current = |pending: &PendingApply, key: &[u8]| match pending.overlay.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => read_value(&self.db, key).map_err(io::Error::from),
-        };
-        let batch = &mut pending.batch;
         match cmd {
-            Command::Write { ops } => {
+            Command::Write { ops, commit_ts } => {
                 for op in &ops {
-                    if let Err(outside) = self.check_in_span(&op.key) {
-                        return Ok(outside);
+                    if let Err(refused) = self.check_write(pending, &op.key, commit_ts)? {
+                        return Ok(refused);
                     }
                 }
                 let written: usize = ops
@@ -753,45 +788,35 @@ impl StateMachine {
                     .written_bytes
                     .fetch_add(written as u64, Ordering::Relaxed);
                 for WriteOp { key, value } in ops {
-                    match &value {
-                        Some(v) => batch.put_cf(self.data_cf(), &key, record::encode(v)),
-                        None => batch.delete_cf(self.data_cf(), &key),
-                    }
-                    pending.overlay.insert(key, value);
+                    self.write_key(pending, key, value, commit_ts);
                 }
                 Ok(CommandResponse::Done)
             }
-            Command::Delete { key } => {
-                if let Err(outside) = self.check_in_span(&key) {
-                    return Ok(outside);
+            Command::Delete { key, commit_ts } => {
+                if let Err(refused) = self.check_write(pending, &key, commit_ts)? {
+                    return Ok(refused);
                 }
-                let existed = current(pending, &key)?.is_some();
-                pending.batch.delete_cf(self.data_cf(), &key);
-                pending.overlay.insert(key, None);
+                let existed = self.current(pending, &key)?.value.is_some();
+                self.write_key(pending, key, None, commit_ts);
                 Ok(CommandResponse::Deleted { existed })
             }
             Command::CompareAndSwap {
                 key,
                 expected,
                 new_value,
+                commit_ts,
             } => {
-                if let Err(outside) = self.check_in_span(&key) {
-                    return Ok(outside);
+                if let Err(refused) = self.check_write(pending, &key, commit_ts)? {
+                    return Ok(refused);
                 }
-                let found = current(pending, &key)?;
+                let found = self.current(pending, &key)?.value;
                 if found != expected {
                     return Ok(CommandResponse::Swapped {
                         succeeded: false,
                         current: found,
                     });
                 }
-                match &new_value {
-                    Some(v) => pending
-                        .batch
-                        .put_cf(self.data_cf(), &key, record::encode(v)),
-                    None => pending.batch.delete_cf(self.data_cf(), &key),
-                }
-                pending.overlay.insert(key, new_value.clone());
+                self.write_key(pending, key, new_value.clone(), commit_ts);
                 Ok(CommandResponse::Swapped {
                     succeeded: true,
                     current: new_value,
@@ -1089,25 +1114,26 @@ impl StateMachine {
             recent_merges: applied.recent_merges,
         };
         let mut writer = SnapshotWriter::create(&self.snapshot_dir, self.range_id, &header)?;
-        writer.begin_section(ColumnFamilyName::Data.as_str())?;
-        if let Some(span) = &header.span {
-            let mut opts = ReadOptions::default();
-            if !span.end_key.is_empty() {
-                opts.set_iterate_upper_bound(span.end_key.clone());
+        for cf in ColumnFamilyName::RANGE_DATA {
+            writer.begin_section(cf.as_str())?;
+            if let Some(span) = &header.span {
+                let (lower, upper) = self.db.span_bounds(cf, &span.start_key, &span.end_key);
+                let mut opts = rocksdb::ReadOptions::default();
+                opts.set_iterate_upper_bound(upper);
+                let iter = rocks_snapshot.iterator_cf_opt(
+                    self.db.cf(cf),
+                    opts,
+                    rocksdb::IteratorMode::From(&lower, rocksdb::Direction::Forward),
+                );
+                for item in iter {
+                    let (k, v) = item.map_err(StorageError::rocks_io)?;
+                    // Values stay framed with their checksums, verified again on install.
+                    record::decode(cf.as_str(), &v).map_err(io::Error::from)?;
+                    writer.pair(&k, &v)?;
+                }
             }
-            let iter = rocks_snapshot.iterator_cf_opt(
-                self.data_cf(),
-                opts,
-                IteratorMode::From(&span.start_key, Direction::Forward),
-            );
-            for item in iter {
-                let (k, v) = item.map_err(StorageError::rocks_io)?;
-                // Values stay framed with their checksums, verified again on install.
-                record::decode("data", &v).map_err(io::Error::from)?;
-                writer.pair(&k, &v)?;
-            }
+            writer.end_section()?;
         }
-        writer.end_section()?;
         drop(rocks_snapshot);
         let file = writer.finish()?;
         self.publish_snapshot_file(&file)?;
@@ -1241,26 +1267,26 @@ impl StateMachine {
             Some(s) => (s.start_key.clone(), s.end_key.clone()),
             None => self.span_bounds(),
         };
-        let data = ColumnFamilyName::Data.as_str();
         let mut batch = WriteBatch::default();
-        self.db
-            .batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);
+        self.db.batch_delete_range_data(&mut batch, &start, &end);
         // Keys of what the replica owned before, outside the new span (a snapshot taken
         // after a split the replica missed), would belong to nobody afterwards: they go too.
         if let Some(owned) = self.spans.owned(self.range_id) {
             self.db
-                .batch_delete_span(&mut batch, ColumnFamilyName::Data, &owned.start, &owned.end);
+                .batch_delete_range_data(&mut batch, &owned.start, &owned.end);
         }
         let mut pairs = 0u64;
         file.visit_pairs(|cf, key, value| {
-            if cf != data {
+            let Some(cf) = ColumnFamilyName::from_name(cf)
+                .filter(|cf| ColumnFamilyName::RANGE_DATA.contains(cf))
+            else {
                 return Err(io::Error::from(StorageError::corruption(
                     "snapshot",
                     format!("unknown column family section {cf:?}"),
                 )));
-            }
+            };
             record::decode("snapshot value", value).map_err(io::Error::from)?;
-            batch.put_cf(self.data_cf(), key, value);
+            batch.put_cf(self.db.cf(cf), key, value);
             pairs += 1;
             if batch.size_in_bytes() >= MAX_INSTALL_BATCH_BYTES {
                 // Unsynced: the last, synced batch makes every earlier one durable.
@@ -1630,6 +1656,7 @@ mod tests {
                 key: key.to_vec(),
                 value: Some(b"v".to_vec()),
             }],
+            commit_ts: None,
         }
     }
 
@@ -1656,7 +1683,7 @@ mod tests {
             recent_merges: Vec::new(),
         };
         let mut w = SnapshotWriter::create(&sm.snapshot_dir, sm.range_id, &header).unwrap();
-        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
+        w.begin_section(ColumnFamilyName::System.as_str()).unwrap();
         w.pair(format!("b{index}").as_bytes(), &record::encode(b"v"))
             .unwrap();
         w.finish().unwrap()
@@ -1698,7 +1725,7 @@ mod tests {
         let mut pending = PendingApply::default();
         sm.apply_command(&mut pending, put(b"b")).unwrap();
         assert!(sm.flush(&mut pending).await.is_err());
-        assert_eq!(read_value(&db, b"b").unwrap(), None);
+        assert_eq!(read_system_value(&db, b"b").unwrap(), None);
         assert_eq!(spans.owned(LEFT), None);
     }
 
@@ -1817,12 +1844,18 @@ mod tests {
                 value: Some(vec![(i % 251) as u8; value_bytes]),
             })
             .collect();
-        apply(&mut sm, Command::Write { ops });
+        apply(
+            &mut sm,
+            Command::Write {
+                ops,
+                commit_ts: None,
+            },
+        );
         sm
     }
 
     fn span_pairs(db: &Db) -> Vec<KvPair> {
-        db.iter_span(ColumnFamilyName::Data, b"", b"")
+        db.iter_span(ColumnFamilyName::System, b"", b"")
             .map(|item| {
                 let (k, v) = item.unwrap();
                 (k.to_vec(), v.to_vec())
@@ -1849,7 +1882,7 @@ mod tests {
         // A key the snapshot does not hold goes; one outside the span stays.
         apply(&mut sm, put(b"stale"));
         let mut outside = WriteBatch::default();
-        outside.put_cf(db.cf(ColumnFamilyName::Data), b"zz", record::encode(b"x"));
+        outside.put_cf(db.cf(ColumnFamilyName::System), b"zz", record::encode(b"x"));
         db.write(outside, true).unwrap();
 
         let meta = snapshot.meta().clone();
@@ -1877,7 +1910,7 @@ mod tests {
         last.index += 10;
         header.meta.last_log_id = Some(last);
         let mut w = SnapshotWriter::create(source_dir.path(), LEFT, &header).unwrap();
-        w.begin_section(ColumnFamilyName::Data.as_str()).unwrap();
+        w.begin_section(ColumnFamilyName::System.as_str()).unwrap();
         snapshot.visit_pairs(|_, k, v| w.pair(k, v)).unwrap();
         snapshot = w.finish().unwrap();
 
@@ -1891,9 +1924,9 @@ mod tests {
         write_state(&db, LEFT, StateTag::Installing, &Some(last), true).unwrap();
         assert!(sm.publish_snapshot_file(&snapshot).unwrap());
         let mut half = WriteBatch::default();
-        db.batch_delete_span(&mut half, ColumnFamilyName::Data, b"a", b"z");
+        db.batch_delete_span(&mut half, ColumnFamilyName::System, b"a", b"z");
         half.put_cf(
-            db.cf(ColumnFamilyName::Data),
+            db.cf(ColumnFamilyName::System),
             b"k000000",
             record::encode(b"torn"),
         );
@@ -2023,12 +2056,12 @@ mod tests {
         let key = b"k000003".to_vec();
         let mut framed = db
             .raw()
-            .get_cf(db.cf(ColumnFamilyName::Data), &key)
+            .get_cf(db.cf(ColumnFamilyName::System), &key)
             .unwrap()
             .unwrap();
         framed[6] ^= 0x10;
         let mut batch = WriteBatch::default();
-        batch.put_cf(db.cf(ColumnFamilyName::Data), &key, &framed);
+        batch.put_cf(db.cf(ColumnFamilyName::System), &key, &framed);
         db.write(batch, true).unwrap();
 
         // An apply that reads it (a compare-and-swap) fails and quarantines the replica.
@@ -2040,6 +2073,7 @@ mod tests {
                 key: key.clone(),
                 expected: None,
                 new_value: Some(b"x".to_vec()),
+                commit_ts: None,
             },
         );
         let entries = futures::stream::iter(vec![Ok((entry, None))]);
@@ -2068,33 +2102,6 @@ mod tests {
         let mut builder = fresh.get_snapshot_builder().await;
         assert!(builder.build_snapshot().await.is_err());
         assert!(shared.quarantined().is_some());
-    }
-
-    #[test]
-    fn scans_stop_at_the_pair_or_byte_limit_and_resume_at_the_next_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
-        let mut batch = WriteBatch::default();
-        for i in 0..10u8 {
-            db.batch_put_record(&mut batch, ColumnFamilyName::Data, &[1, i], &[i; 100]);
-        }
-        db.write(batch, false).unwrap();
-        let snap = db.raw().snapshot();
-        let page = scan_values(&db, &snap, &[1], &[2], 4, usize::MAX).unwrap();
-        assert_eq!(page.pairs.len(), 4);
-        assert_eq!(page.resume_key, Some(vec![1, 4]));
-        // 250 bytes: the third pair crosses the budget and is the last one returned.
-        let page = scan_values(&db, &snap, &[1, 2], &[2], 100, 250).unwrap();
-        assert_eq!(page.pairs.len(), 3);
-        assert_eq!(page.resume_key, Some(vec![1, 5]));
-        // A budget smaller than one pair still returns that pair.
-        let page = scan_values(&db, &snap, &[1, 9], &[2], 100, 1).unwrap();
-        assert_eq!(page.pairs.len(), 1);
-        assert_eq!(page.resume_key, None);
-        // The end bound is exclusive and ends the scan without a resume key.
-        let page = scan_values(&db, &snap, &[1, 0], &[1, 3], 100, usize::MAX).unwrap();
-        assert_eq!(page.pairs.len(), 3);
-        assert_eq!(page.resume_key, None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The Raft type configuration and the commands a range replicates.
 
 use serde::{Deserialize, Serialize};
+pub use spheredb_storage::mvcc::Timestamp;
 
 /// A node's id. Allocated by the cluster's node registry and never reused.
 pub type NodeId = u64;
@@ -138,12 +139,18 @@ pub struct WriteOp {
 /// A replicated command. Keys are fully encoded keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Atomically apply every op, in order.
-    Write { ops: Vec<WriteOp> },
+    /// Atomically apply every op, in order. Sphere keys are written as versions at
+    /// `commit_ts`, which the leader fixed when it proposed the entry (a single-range
+    /// transaction committed in one entry); system keys need none.
+    Write {
+        ops: Vec<WriteOp>,
+        commit_ts: Option<Timestamp>,
+    },
     /// Delete a key, reporting whether it existed.
     Delete {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        commit_ts: Option<Timestamp>,
     },
     /// Set `key` to `new_value` if it holds `expected` (`None`: absent).
     CompareAndSwap {
@@ -153,6 +160,7 @@ pub enum Command {
         expected: Option<Vec<u8>>,
         #[serde(with = "serde_bytes")]
         new_value: Option<Vec<u8>>,
+        commit_ts: Option<Timestamp>,
     },
     /// Allocate (or look up, for a retried join) the node id for `join_token`.
     RegisterNode { join_token: Vec<u8>, addr: String },
@@ -293,7 +301,7 @@ impl Command {
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::Write { ops } => write!(f, "write({} ops)", ops.len()),
+            Command::Write { ops, .. } => write!(f, "write({} ops)", ops.len()),
             Command::Delete { .. } => write!(f, "delete"),
             Command::CompareAndSwap { .. } => write!(f, "compare-and-swap"),
             Command::RegisterNode { addr, .. } => write!(f, "register-node({addr})"),
@@ -323,7 +331,7 @@ impl std::fmt::Display for CommandResponse {
 mod tests {
     use super::*;
 
-    /// The encoding of the commands before their byte fields went through `serde_bytes`.
+    /// The commands with plain byte vectors instead of `serde_bytes` fields.
     #[derive(Serialize)]
     struct PlainWriteOp {
         key: Vec<u8>,
@@ -334,21 +342,24 @@ mod tests {
     enum PlainCommand {
         Write {
             ops: Vec<PlainWriteOp>,
+            commit_ts: Option<u64>,
         },
         Delete {
             key: Vec<u8>,
+            commit_ts: Option<u64>,
         },
         CompareAndSwap {
             key: Vec<u8>,
             expected: Option<Vec<u8>>,
             new_value: Option<Vec<u8>>,
+            commit_ts: Option<u64>,
         },
     }
 
     #[test]
-    fn byte_fields_encode_as_before() {
-        // Logs and snapshots already on disk hold the old encoding: it must read back the
-        // same, and new records must be what an older node would have written.
+    fn byte_fields_encode_as_plain_byte_vectors() {
+        // `serde_bytes` is only a faster path: the bytes must be exactly those of plain
+        // vectors, so the encoding stays what the format version says it is.
         let long = vec![7u8; 300]; // a length that takes two varint bytes
         let cases = [
             (
@@ -363,6 +374,7 @@ mod tests {
                             value: None,
                         },
                     ],
+                    commit_ts: Some(300),
                 },
                 PlainCommand::Write {
                     ops: vec![
@@ -375,22 +387,31 @@ mod tests {
                             value: None,
                         },
                     ],
+                    commit_ts: Some(300),
                 },
             ),
             (
-                Command::Delete { key: long.clone() },
-                PlainCommand::Delete { key: long.clone() },
+                Command::Delete {
+                    key: long.clone(),
+                    commit_ts: None,
+                },
+                PlainCommand::Delete {
+                    key: long.clone(),
+                    commit_ts: None,
+                },
             ),
             (
                 Command::CompareAndSwap {
                     key: b"c".to_vec(),
                     expected: None,
                     new_value: Some(b"v".to_vec()),
+                    commit_ts: Some(1),
                 },
                 PlainCommand::CompareAndSwap {
                     key: b"c".to_vec(),
                     expected: None,
                     new_value: Some(b"v".to_vec()),
+                    commit_ts: Some(1),
                 },
             ),
             (
@@ -398,11 +419,13 @@ mod tests {
                     key: Vec::new(),
                     expected: Some(Vec::new()),
                     new_value: Some(long.clone()),
+                    commit_ts: Some(u64::MAX),
                 },
                 PlainCommand::CompareAndSwap {
                     key: Vec::new(),
                     expected: Some(Vec::new()),
                     new_value: Some(long.clone()),
+                    commit_ts: Some(u64::MAX),
                 },
             ),
         ];
@@ -418,8 +441,12 @@ mod tests {
             key: b"k".to_vec(),
             expected: Some(Vec::new()),
             new_value: None,
+            commit_ts: Some(5),
         };
-        // Variant 2, key (length 1, 'k'), Some(empty), None.
-        assert_eq!(postcard::to_stdvec(&cas).unwrap(), [2, 1, b'k', 1, 0, 0]);
+        // Variant 2, key (length 1, 'k'), Some(empty), None, Some(5).
+        assert_eq!(
+            postcard::to_stdvec(&cas).unwrap(),
+            [2, 1, b'k', 1, 0, 0, 1, 5]
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The node's single RocksDB instance and its column families.
 //!
 //! Every Raft group on a node shares this database: the log of every range lives in
-//! `raft_log`, votes and applied ids in `raft_state`, and user data in `data`. Sharing one
+//! `raft_log`, votes and applied ids in `raft_state`, system keys in `system`, and the versions
+//! of sphere keys in `lock`, `write` and `data` (see [`crate::mvcc`]). Sharing one
 //! WAL is what makes cross-group group commit possible: one `sync_wal` makes every write
 //! issued before it durable.
 
@@ -13,15 +14,16 @@ use rocksdb::{
     Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use crate::{keys, record, StorageError};
+use crate::{keys, mvcc, record, StorageError};
 
 /// Version of everything this build writes to a data directory: key layout, record framing,
 /// applied-state and snapshot encodings. A directory written with another version is refused
 /// at open, naming both versions, instead of being misread.
 ///
 /// History: 1 = kind-major keys, no version record (directories without the record);
-/// 2 = sphere-major keys (`keys::KEY_LAYOUT_VERSION` 2), versioned snapshots.
-pub const DATA_FORMAT_VERSION: u32 = 2;
+/// 2 = sphere-major keys (`keys::KEY_LAYOUT_VERSION` 2), versioned snapshots;
+/// 3 = multi-version sphere keys (`lock`, `write`, `data`), system keys in `system`.
+pub const DATA_FORMAT_VERSION: u32 = 3;
 /// Key of the format-version record in `raft_state`; its length (14 bytes) differs from every
 /// Raft state key (9 bytes), so the two never collide.
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
@@ -33,21 +35,52 @@ pub enum ColumnFamilyName {
     RaftLog,
     /// Per-range vote, committed id, applied state; node identity.
     RaftState,
-    /// User data: system, SQL and raw KV keys.
+    /// System keys (descriptors, node registry, the oracle's limit), one value each.
+    System,
+    /// Transactions' locks on sphere keys, keyed by the key.
+    Lock,
+    /// Committed versions of sphere keys, `key || !commit_ts`.
+    Write,
+    /// Long values of versions, `key || !start_ts`.
     Data,
 }
 
 impl ColumnFamilyName {
     /// All column families, in creation order.
-    pub const ALL: [ColumnFamilyName; 3] = [Self::RaftLog, Self::RaftState, Self::Data];
+    pub const ALL: [ColumnFamilyName; 6] = [
+        Self::RaftLog,
+        Self::RaftState,
+        Self::System,
+        Self::Lock,
+        Self::Write,
+        Self::Data,
+    ];
+
+    /// The families holding a range's data; a range's snapshot has one section for each, in
+    /// this order.
+    pub const RANGE_DATA: [ColumnFamilyName; 4] =
+        [Self::System, Self::Lock, Self::Write, Self::Data];
 
     /// The name RocksDB knows the family by.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RaftLog => "raft_log",
             Self::RaftState => "raft_state",
+            Self::System => "system",
+            Self::Lock => "lock",
+            Self::Write => "write",
             Self::Data => "data",
         }
+    }
+
+    /// The family named `name`.
+    pub fn from_name(name: &str) -> Option<ColumnFamilyName> {
+        Self::ALL.into_iter().find(|cf| cf.as_str() == name)
+    }
+
+    /// True for the families keyed by version keys (`key || !ts`, see [`crate::mvcc`]).
+    pub fn is_versioned(self) -> bool {
+        matches!(self, Self::Write | Self::Data)
     }
 }
 
@@ -115,9 +148,42 @@ impl Db {
             cf.set_block_based_table_factory(&table);
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
             cf.set_bottommost_compression_type(rocksdb::DBCompressionType::Zstd);
+            if name.is_versioned() {
+                cf.set_comparator(
+                    mvcc::VERSION_KEY_COMPARATOR,
+                    Box::new(mvcc::compare_version_keys),
+                );
+            }
             ColumnFamilyDescriptor::new(name.as_str(), cf)
         });
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
+        // The version is read before the full open: an older directory's families may be
+        // ordered differently, which RocksDB would refuse with a less helpful error.
+        let stored = if is_new || !check_version {
+            None
+        } else {
+            Self::stored_format_version(dir)?
+        };
+        if let Some(found) = stored.filter(|v| *v != DATA_FORMAT_VERSION) {
+            return Err(StorageError::IncompatibleFormat {
+                dir: dir.display().to_string(),
+                found,
+                supported: DATA_FORMAT_VERSION,
+            });
+        }
+        let db = match DB::open_cf_descriptors(&db_opts, dir, cfs) {
+            Ok(db) => db,
+            // Without a version record, a directory whose families RocksDB refuses (their
+            // ordering differs) is from before format versions; saying so tells the operator
+            // what to do, RocksDB's comparator message would not.
+            Err(_) if check_version && !is_new && stored.is_none() => {
+                return Err(StorageError::IncompatibleFormat {
+                    dir: dir.display().to_string(),
+                    found: 1,
+                    supported: DATA_FORMAT_VERSION,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let db = Db {
             inner: Arc::new(db),
             path: dir.to_path_buf(),
@@ -128,6 +194,26 @@ impl Db {
             db.check_format_version(dir)?;
         }
         Ok(db)
+    }
+
+    /// The format version recorded in the directory, read without opening its other
+    /// families; `None` when there is no record.
+    fn stored_format_version(dir: &Path) -> Result<Option<u32>, StorageError> {
+        let opts = Options::default();
+        let db =
+            DB::open_cf_for_read_only(&opts, dir, [ColumnFamilyName::RaftState.as_str()], false)?;
+        let Some(cf) = db.cf_handle(ColumnFamilyName::RaftState.as_str()) else {
+            return Ok(None);
+        };
+        let framed = db.get_pinned_cf(cf, FORMAT_VERSION_KEY)?;
+        let version = match framed {
+            None => None,
+            Some(framed) => Some(decode_format_version(record::decode(
+                "format version",
+                &framed,
+            )?)?),
+        };
+        Ok(version)
     }
 
     /// True when no column family holds any key.
@@ -161,15 +247,7 @@ impl Db {
             }
             // Written before format versions existed.
             None => 1,
-            Some(raw) => {
-                let bytes: [u8; 4] = raw.as_slice().try_into().map_err(|_| {
-                    StorageError::corruption(
-                        "format version",
-                        format!("record of {} bytes, expected 4", raw.len()),
-                    )
-                })?;
-                u32::from_le_bytes(bytes)
-            }
+            Some(raw) => decode_format_version(&raw)?,
         };
         if found != DATA_FORMAT_VERSION {
             return Err(StorageError::IncompatibleFormat {
@@ -216,26 +294,53 @@ impl Db {
         }
     }
 
-    /// Iterates `cf` over `[start, end)` in key order (empty `end`: unbounded).
+    /// The stored-key bounds `[lower, upper)` of the keys `start <= key < end` (empty `end`:
+    /// unbounded) in `cf`: the keys themselves, or for a versioned family the bounds of all
+    /// their versions.
+    pub fn span_bounds(
+        &self,
+        cf: ColumnFamilyName,
+        start: &[u8],
+        end: &[u8],
+    ) -> (Vec<u8>, Vec<u8>) {
+        // Every encoded key starts with a prefix byte below 0xff, so this bounds them all
+        // (and, read as a version key, its key part does too).
+        const ABOVE_EVERY_KEY: [u8; 16] = [0xff; 16];
+        let upper = if end.is_empty() {
+            ABOVE_EVERY_KEY.to_vec()
+        } else if cf.is_versioned() {
+            mvcc::newest_bound(end)
+        } else {
+            end.to_vec()
+        };
+        let lower = if cf.is_versioned() {
+            mvcc::newest_bound(start)
+        } else {
+            start.to_vec()
+        };
+        (lower, upper)
+    }
+
+    /// Iterates `cf` over the stored keys of `[start, end)` in order (empty `end`:
+    /// unbounded); in a versioned family, over every version of those keys.
     pub fn iter_span(
         &self,
         cf: ColumnFamilyName,
         start: &[u8],
         end: &[u8],
     ) -> DBIteratorWithThreadMode<'_, DB> {
+        let (lower, upper) = self.span_bounds(cf, start, end);
         let mut opts = ReadOptions::default();
-        if !end.is_empty() {
-            opts.set_iterate_upper_bound(end.to_vec());
-        }
+        opts.set_iterate_upper_bound(upper);
         self.inner.iterator_cf_opt(
             self.cf(cf),
             opts,
-            IteratorMode::From(start, Direction::Forward),
+            IteratorMode::From(&lower, Direction::Forward),
         )
     }
 
-    /// Adds to `batch` the deletion of every key of `cf` in `[start, end)` (empty `end`:
-    /// unbounded).
+    /// Adds to `batch` the deletion of every stored key of `cf` in `[start, end)` (empty
+    /// `end`: unbounded); in a versioned family, of every version of those keys.
     pub fn batch_delete_span(
         &self,
         batch: &mut WriteBatch,
@@ -243,14 +348,16 @@ impl Db {
         start: &[u8],
         end: &[u8],
     ) {
-        // Every encoded key starts with a prefix byte below 0xff, so this bounds them all.
-        const ABOVE_EVERY_KEY: [u8; 16] = [0xff; 16];
-        let end = if end.is_empty() {
-            &ABOVE_EVERY_KEY[..]
-        } else {
-            end
-        };
-        batch.delete_range_cf(self.cf(cf), start, end);
+        let (lower, upper) = self.span_bounds(cf, start, end);
+        batch.delete_range_cf(self.cf(cf), lower, upper);
+    }
+
+    /// Adds to `batch` the deletion of a range's data in `[start, end)`: its keys in every
+    /// family of [`ColumnFamilyName::RANGE_DATA`].
+    pub fn batch_delete_range_data(&self, batch: &mut WriteBatch, start: &[u8], end: &[u8]) {
+        for cf in ColumnFamilyName::RANGE_DATA {
+            self.batch_delete_span(batch, cf, start, end);
+        }
     }
 
     /// Adds a checksummed put to `batch`.
@@ -279,6 +386,16 @@ impl Db {
     }
 }
 
+fn decode_format_version(raw: &[u8]) -> Result<u32, StorageError> {
+    let bytes: [u8; 4] = raw.try_into().map_err(|_| {
+        StorageError::corruption(
+            "format version",
+            format!("record of {} bytes, expected 4", raw.len()),
+        )
+    })?;
+    Ok(u32::from_le_bytes(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,10 +412,10 @@ mod tests {
                 let v: Vec<u8> = (0..200u32)
                     .map(|j| (j * 31 + k[3] as u32 * 7) as u8)
                     .collect();
-                db.batch_put_record(&mut batch, ColumnFamilyName::Data, k, &v);
+                db.batch_put_record(&mut batch, ColumnFamilyName::System, k, &v);
             }
             db.write(batch, true).unwrap();
-            db.raw().flush_cf(db.cf(ColumnFamilyName::Data)).unwrap();
+            db.raw().flush_cf(db.cf(ColumnFamilyName::System)).unwrap();
         }
         // Flip bytes in the first data blocks of every table file (the footer and index at
         // the end stay whole, so the database still opens).
@@ -315,7 +432,7 @@ mod tests {
         let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
         let errors: Vec<StorageError> = keys
             .iter()
-            .filter_map(|k| db.get_record(ColumnFamilyName::Data, k).err())
+            .filter_map(|k| db.get_record(ColumnFamilyName::System, k).err())
             .collect();
         assert!(!errors.is_empty(), "no read noticed the damage");
         for e in errors {
@@ -350,7 +467,7 @@ mod tests {
                 .delete_cf(db.cf(ColumnFamilyName::RaftState), FORMAT_VERSION_KEY)
                 .unwrap();
             db.raw()
-                .put_cf(db.cf(ColumnFamilyName::Data), b"\x02old", b"row")
+                .put_cf(db.cf(ColumnFamilyName::System), b"\x02old", b"row")
                 .unwrap();
         }
         let msg = Db::open(dir.path(), &DbOptions::default())
@@ -380,9 +497,9 @@ mod tests {
         {
             let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
             let mut b = WriteBatch::default();
-            db.batch_put_record(&mut b, ColumnFamilyName::Data, b"k", b"v");
+            db.batch_put_record(&mut b, ColumnFamilyName::System, b"k", b"v");
             b.put_cf(
-                db.cf(ColumnFamilyName::Data),
+                db.cf(ColumnFamilyName::System),
                 b"bad",
                 b"\x00\x00\x00\x00xyz",
             );
@@ -390,17 +507,17 @@ mod tests {
         }
         let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
         assert_eq!(
-            db.get_record(ColumnFamilyName::Data, b"k")
+            db.get_record(ColumnFamilyName::System, b"k")
                 .unwrap()
                 .unwrap(),
             b"v"
         );
         assert_eq!(
-            db.get_record(ColumnFamilyName::Data, b"none").unwrap(),
+            db.get_record(ColumnFamilyName::System, b"none").unwrap(),
             None
         );
         assert!(db
-            .get_record(ColumnFamilyName::Data, b"bad")
+            .get_record(ColumnFamilyName::System, b"bad")
             .unwrap_err()
             .is_corruption());
     }

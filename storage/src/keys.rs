@@ -65,6 +65,12 @@ pub fn all_spheres_span() -> (Vec<u8>, Vec<u8>) {
     (vec![SPHERE_PREFIX], prefix_end(&[SPHERE_PREFIX]))
 }
 
+/// True for a key that belongs to a sphere (a SQL row or a raw KV key): such keys are
+/// versioned (see [`crate::mvcc`]); system keys are not.
+pub fn is_sphere_key(key: &[u8]) -> bool {
+    key.first() == Some(&SPHERE_PREFIX)
+}
+
 /// Encodes a system key.
 pub fn system_key(name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + name.len());

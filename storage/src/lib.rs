@@ -8,6 +8,7 @@
 pub mod db;
 pub mod error;
 pub mod keys;
+pub mod mvcc;
 pub mod record;
 
 #[cfg(feature = "rocksdb")]

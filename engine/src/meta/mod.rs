@@ -555,7 +555,10 @@ pub async fn write_meta(
 ) -> Result<(), ClientError> {
     match tokio::time::timeout(
         Duration::from_millis(META_WRITE_TIMEOUT_MS),
-        meta.client_write(Command::Write { ops }),
+        meta.client_write(Command::Write {
+            ops,
+            commit_ts: None,
+        }),
     )
     .await
     {

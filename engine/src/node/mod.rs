@@ -61,6 +61,7 @@ use crate::meta::MetaState;
 use crate::peers::{local_ip_of, Peers};
 use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
 use crate::range::split::{LoadSplitPolicy, SplitCheck};
+use crate::range::timestamps::NodeTimestamps;
 use crate::service::admin::{AdminParts, AdminService, ThisNode};
 use crate::service::kv::KvService;
 use crate::service::txn::TxnService;
@@ -356,8 +357,7 @@ impl LocalReplicas {
             destroy_replica(&self.db, range_id, replica_id, data_span)?;
         } else if let Some((start, end)) = data_span {
             let mut batch = WriteBatch::default();
-            self.db
-                .batch_delete_span(&mut batch, ColumnFamilyName::Data, &start, &end);
+            self.db.batch_delete_range_data(&mut batch, &start, &end);
             self.db.write(batch, true)?;
         }
         self.replicas.spans().release(range_id);
@@ -906,6 +906,12 @@ impl Node {
             },
         });
         let (stop, stop_rx) = watch::channel(false);
+        let tso = Arc::new(Tso::new(cfg.tso_reserve_window_ms));
+        let timestamps = Arc::new(NodeTimestamps::new(
+            replicas.clone(),
+            peers.clone(),
+            tso.clone(),
+        ));
         let server = {
             let mut stop_rx = stop_rx.clone();
             let kv = KvServer::new(KvService::new(
@@ -913,6 +919,7 @@ impl Node {
                 db.clone(),
                 replicas.clone(),
                 disk.clone(),
+                timestamps,
             ))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
@@ -934,11 +941,7 @@ impl Node {
             }))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
-            let txn = TxnServer::new(TxnService::new(
-                replicas.clone(),
-                peers.clone(),
-                Tso::new(cfg.tso_reserve_window_ms),
-            ));
+            let txn = TxnServer::new(TxnService::new(replicas.clone(), peers.clone(), tso));
             let raft_svc = RaftTransportServer::new(RaftService::new(
                 replicas.clone(),
                 faults.clone(),

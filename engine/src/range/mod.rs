@@ -4,6 +4,8 @@
 //! carry them out (the merge's behind `merge::MergeTransport`). These modules take the few
 //! handles they use as arguments and do not import `node`.
 
+pub mod commit_ts;
 pub mod merge;
 pub mod quiesce;
 pub mod split;
+pub mod timestamps;

@@ -17,7 +17,7 @@ use spheredb_client::proto::v1::AllocRangeIdsRequest;
 use spheredb_client::ClientError;
 use spheredb_raft::network::{Replica, ReplicaDirectory};
 use spheredb_raft::{Command, CommandResponse, RangeId, RangeRecord, RangeSpan};
-use spheredb_storage::{keys, ColumnFamilyName, Db};
+use spheredb_storage::{keys, mvcc, ColumnFamilyName, Db, StorageError};
 use tokio::sync::watch;
 
 use crate::errors::{not_leader_hint, write_error};
@@ -195,20 +195,44 @@ pub struct SpanSize {
     pub middle_key: Option<Vec<u8>>,
 }
 
-/// Measures `span`: two passes, one for the total and one to find the middle.
-pub fn measure_span(db: &Db, span: &RangeSpan) -> Result<SpanSize, rocksdb::Error> {
+/// Measures `span`: its bytes in every data family, then a second pass over the family
+/// holding most of them to find the middle. Version keys count as their key (a row's
+/// versions never split), and long values (in `data`) count towards the size but not
+/// towards the middle, which is found among the write records.
+pub fn measure_span(db: &Db, span: &RangeSpan) -> Result<SpanSize, StorageError> {
     let mut total = 0u64;
-    for item in db.iter_span(ColumnFamilyName::Data, &span.start_key, &span.end_key) {
-        let (k, v) = item?;
-        total += (k.len() + v.len()) as u64;
+    let mut by_family = Vec::new();
+    for cf in ColumnFamilyName::RANGE_DATA {
+        let mut size = 0u64;
+        for item in db.iter_span(cf, &span.start_key, &span.end_key) {
+            let (k, v) = item?;
+            size += (k.len() + v.len()) as u64;
+        }
+        total += size;
+        by_family.push((size, cf));
     }
+    let middle_in = match by_family.iter().max_by_key(|(size, _)| *size) {
+        Some((_, ColumnFamilyName::Data)) => ColumnFamilyName::Write,
+        Some((_, cf)) => *cf,
+        None => ColumnFamilyName::Write,
+    };
+    let family_total: u64 = by_family
+        .iter()
+        .filter(|(_, cf)| *cf == middle_in)
+        .map(|(size, _)| *size)
+        .sum();
     let mut seen = 0u64;
     let mut middle_key = None;
-    for item in db.iter_span(ColumnFamilyName::Data, &span.start_key, &span.end_key) {
+    for item in db.iter_span(middle_in, &span.start_key, &span.end_key) {
         let (k, v) = item?;
         seen += (k.len() + v.len()) as u64;
-        if seen * 2 >= total {
-            middle_key = split_point(span, &k);
+        if seen * 2 >= family_total {
+            let key = if middle_in.is_versioned() {
+                mvcc::split_version_key(&k)?.0.to_vec()
+            } else {
+                k.to_vec()
+            };
+            middle_key = split_point(span, &key);
             if middle_key.is_some() {
                 break;
             }
@@ -548,15 +572,19 @@ mod tests {
     fn measuring_finds_the_middle_row() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), &spheredb_storage::DbOptions::default()).unwrap();
+        let mut batch = rocksdb::WriteBatch::default();
         for i in 0..100u32 {
             let key = keys::kv_key(1, format!("k{i:03}").as_bytes());
-            db.raw()
-                .put_cf(db.cf(ColumnFamilyName::Data), key, [0u8; 100])
-                .unwrap();
+            mvcc::store::put_version(&db, &mut batch, &key, 7, Some(&[0u8; 100]));
         }
+        db.write(batch, false).unwrap();
         let size = measure_span(&db, &span(&[keys::SPHERE_PREFIX], &[])).unwrap();
-        // value, sphere header (prefix, sphere id, kind) and user key
-        assert_eq!(size.size_bytes, 100 * (100 + 10 + 4));
+        // Version key (sphere header, user key, ts) and write record (checksum, kind,
+        // start ts, value flag, value).
+        assert_eq!(
+            size.size_bytes,
+            100 * ((10 + 4 + 8) + (4 + 1 + 8 + 1 + 100))
+        );
         let middle = size.middle_key.unwrap();
         assert!(
             middle >= keys::kv_key(1, b"k048") && middle <= keys::kv_key(1, b"k051"),

@@ -196,20 +196,20 @@ impl AdminService {
         nodes
     }
 
-    /// Key count and crc32 over every pair of `span`, in key order.
+    /// Record count and crc32 over every record of `span` in every data family, in order:
+    /// replicas that applied the same log have the same digest.
     fn digest(&self, span: &RangeSpan) -> Result<(u64, u32), ClientError> {
-        let iter = self
-            .parts
-            .db
-            .iter_span(ColumnFamilyName::Data, &span.start_key, &span.end_key);
         let mut hasher = crc32fast::Hasher::new();
         let mut count = 0u64;
-        for item in iter {
-            let (k, v) = item.map_err(internal)?;
-            hasher.update(&(k.len() as u32).to_le_bytes());
-            hasher.update(&k);
-            hasher.update(&v);
-            count += 1;
+        for cf in ColumnFamilyName::RANGE_DATA {
+            hasher.update(cf.as_str().as_bytes());
+            for item in self.parts.db.iter_span(cf, &span.start_key, &span.end_key) {
+                let (k, v) = item.map_err(internal)?;
+                hasher.update(&(k.len() as u32).to_le_bytes());
+                hasher.update(&k);
+                hasher.update(&v);
+                count += 1;
+            }
         }
         Ok((count, hasher.finalize()))
     }
@@ -766,9 +766,10 @@ impl Admin for AdminService {
             if target != metrics.id {
                 // A fresh entry first: it wakes quiesced followers and makes the target's
                 // flushed log (which openraft checks before taking over) current.
-                let nudge = replica
-                    .raft
-                    .client_write(Command::Write { ops: Vec::new() });
+                let nudge = replica.raft.client_write(Command::Write {
+                    ops: Vec::new(),
+                    commit_ts: None,
+                });
                 tokio::time::timeout(Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS), nudge)
                     .await
                     .map_err(|_| ClientError::Unavailable("range did not commit in time".into()))?

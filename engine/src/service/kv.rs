@@ -21,14 +21,16 @@ use spheredb_client::proto::v1::{
 };
 use spheredb_client::ClientError;
 use spheredb_raft::network::{Replica, ReplicaDirectory};
-use spheredb_raft::state_machine::{quarantine, read_value, scan_values};
+use spheredb_raft::state_machine::quarantine;
 use spheredb_raft::{Command, CommandResponse, NodeId, RangeId, RangeRecord, WriteOp};
+use spheredb_storage::mvcc::{self, Timestamp};
 use spheredb_storage::{keys, Db, StorageError};
 use tonic::{Request, Response, Status};
 
 use crate::descriptor::wire_descriptor;
 use crate::disk::DiskGuard;
-use crate::errors::{read_error, storage_error, write_error};
+use crate::errors::{read_error, storage_error};
+use crate::range::timestamps::{NodeTimestamps, ReadTs};
 use crate::replica::descriptor;
 
 /// Longest a write waits for commit before answering "outcome unknown".
@@ -43,6 +45,8 @@ pub struct KvService {
     replicas: Arc<ReplicaDirectory>,
     /// Refuses client writes while the disk is nearly full.
     disk: Arc<DiskGuard>,
+    /// Commit and read timestamps of the ranges this node leads.
+    timestamps: Arc<NodeTimestamps>,
 }
 
 impl KvService {
@@ -52,12 +56,14 @@ impl KvService {
         db: Db,
         replicas: Arc<ReplicaDirectory>,
         disk: Arc<DiskGuard>,
+        timestamps: Arc<NodeTimestamps>,
     ) -> Self {
         KvService {
             node_id,
             db,
             replicas,
             disk,
+            timestamps,
         }
     }
 
@@ -212,7 +218,14 @@ impl KvService {
         }
     }
 
-    async fn write(&self, replica: &Replica, cmd: Command) -> Result<CommandResponse, ClientError> {
+    /// Writes `keys` through Raft as a single-range transaction: `command` builds the entry
+    /// for the commit ts the range's leader fixes (see `range::timestamps`).
+    async fn write(
+        &self,
+        replica: &Arc<Replica>,
+        keys: Vec<Vec<u8>>,
+        command: impl Fn(Timestamp) -> Command + Send + Sync + 'static,
+    ) -> Result<CommandResponse, ClientError> {
         // Refused before proposing, so nothing is written and the caller may retry.
         self.disk.check_write()?;
         if ack_write_before_commit() {
@@ -221,33 +234,26 @@ impl KvService {
             // as done at once, so a crash or leader change can lose an acknowledged write
             // and a read right after the ack can miss it. The Jepsen tests use it to show
             // the tester detects lost writes.
-            let raft = replica.raft.clone();
-            let acked = fake_success(&cmd);
+            let acked = fake_success(&command(0));
+            let (timestamps, replica) = (self.timestamps.clone(), replica.clone());
             tokio::spawn(async move {
-                let _ = raft.client_write(cmd).await;
+                let _ = timestamps
+                    .propose(&replica, keys, command, WRITE_TIMEOUT_MS)
+                    .await;
             });
             return Ok(acked);
         }
-        let result = tokio::time::timeout(
-            Duration::from_millis(WRITE_TIMEOUT_MS),
-            replica.raft.client_write(cmd),
-        )
-        .await;
-        match result {
-            Err(_) => Err(ClientError::Indeterminate(format!(
-                "write not committed within {WRITE_TIMEOUT_MS} ms; it may still apply"
+        match self
+            .timestamps
+            .propose(replica, keys, command, WRITE_TIMEOUT_MS)
+            .await?
+        {
+            CommandResponse::Rejected { reason } => Err(ClientError::InvalidArgument(reason)),
+            CommandResponse::Frozen { into } => Err(ClientError::Unavailable(format!(
+                "range is being merged into range {into}; retry shortly"
             ))),
-            Ok(Err(e)) => Err(write_error(e)),
-            Ok(Ok(resp)) => match resp.data {
-                CommandResponse::Rejected { reason } => Err(ClientError::InvalidArgument(reason)),
-                CommandResponse::Frozen { into } => Err(ClientError::Unavailable(format!(
-                    "range is being merged into range {into}; retry shortly"
-                ))),
-                CommandResponse::OutsideSpan { span } => {
-                    Err(self.outside(replica, span.map(|s| *s)))
-                }
-                other => Ok(other),
-            },
+            CommandResponse::OutsideSpan { span } => Err(self.outside(replica, span.map(|s| *s))),
+            other => Ok(other),
         }
     }
 
@@ -320,6 +326,37 @@ impl KvService {
             Ok(Err(e)) => Err(read_error(e)),
             Ok(Ok(_)) => Ok(()),
         }
+    }
+
+    /// The timestamp to read `[start, end)` at on `replica` (see `range::timestamps`), once
+    /// the writes in flight below it applied.
+    async fn read_ts(
+        &self,
+        replica: &Replica,
+        start: &[u8],
+        end: &[u8],
+        at: Option<Timestamp>,
+    ) -> Result<Timestamp, ClientError> {
+        if skip_read_barrier() && !replica.raft.is_leader() {
+            // The failpoint `kv-read-skip-barrier` serves followers and deposed leaders from
+            // their local state: the newest versions they applied.
+            return Ok(at.unwrap_or(Timestamp::MAX));
+        }
+        let ReadTs(ts) = self
+            .timestamps
+            .begin_read(replica, start, end, at, READ_TIMEOUT_MS)
+            .await?;
+        Ok(ts)
+    }
+
+    /// The timestamp of a snapshot read asked for with `at_ts` (`None` for 0: the latest),
+    /// refused when the oracle has not reached it.
+    async fn snapshot_ts(&self, at_ts: Timestamp) -> Result<Option<Timestamp>, ClientError> {
+        if at_ts == 0 {
+            return Ok(None);
+        }
+        self.timestamps.check_read_ts(at_ts).await?;
+        Ok(Some(at_ts))
     }
 
     /// After the barrier: the span may have changed while waiting (a split applied), or the
@@ -400,6 +437,7 @@ impl Kv for KvService {
             async {
                 check_key(&req.key)?;
                 let (sphere, replica) = self.route(&req.header, &req.key)?;
+                let at = self.snapshot_ts(req.at_ts).await?;
                 // The failpoint `kv-read-skip-barrier` (off unless FAILPOINTS names it)
                 // serves the read from local state without confirming leadership, so a
                 // deposed leader or a follower answers with possibly stale data.
@@ -407,12 +445,17 @@ impl Kv for KvService {
                     self.read_barrier(&replica, req.consistency).await?;
                 }
                 let key = keys::kv_key(sphere, &req.key);
+                let mut key_end = key.clone();
+                key_end.push(0);
+                let read_ts = self.read_ts(&replica, &key, &key_end, at).await?;
                 self.check_still_in_span(&replica, &key)?;
-                let value =
-                    read_value(&self.db, &key).map_err(|e| self.read_failed(&replica, e))?;
+                let version = mvcc::store::get_at(&self.db, None, &key, read_ts)
+                    .map_err(|e| self.read_failed(&replica, e))?;
+                let value = version.and_then(|v| v.value);
                 Ok(GetResponse {
                     found: value.is_some(),
                     value: value.unwrap_or_default(),
+                    read_ts,
                 })
             }
             .await,
@@ -430,8 +473,13 @@ impl Kv for KvService {
                     key: keys::kv_key(sphere, &req.key),
                     value: Some(req.value),
                 };
+                let keys = vec![op.key.clone()];
+                let ops = vec![op];
                 match self
-                    .write(&replica, Command::Write { ops: vec![op] })
+                    .write(&replica, keys, move |ts| Command::Write {
+                        ops: ops.clone(),
+                        commit_ts: Some(ts),
+                    })
                     .await?
                 {
                     CommandResponse::Done => Ok(PutResponse {}),
@@ -448,13 +496,12 @@ impl Kv for KvService {
             async {
                 check_key(&req.key)?;
                 let (sphere, replica) = self.route(&req.header, &req.key)?;
+                let key = keys::kv_key(sphere, &req.key);
                 match self
-                    .write(
-                        &replica,
-                        Command::Delete {
-                            key: keys::kv_key(sphere, &req.key),
-                        },
-                    )
+                    .write(&replica, vec![key.clone()], move |ts| Command::Delete {
+                        key: key.clone(),
+                        commit_ts: Some(ts),
+                    })
                     .await?
                 {
                     CommandResponse::Deleted { existed } => Ok(DeleteResponse { existed }),
@@ -483,6 +530,7 @@ impl Kv for KvService {
                 if !req.end.is_empty() && req.end <= req.start {
                     return Ok(ScanResponse::default());
                 }
+                let at = self.snapshot_ts(req.at_ts).await?;
                 // Same failpoint as in `get`: stale scans from any node.
                 if !skip_read_barrier() {
                     self.read_barrier(&replica, req.consistency).await?;
@@ -493,6 +541,7 @@ impl Kv for KvService {
                 } else {
                     keys::kv_key(sphere, &req.end)
                 };
+                let read_ts = self.read_ts(&replica, &start, &request_end, at).await?;
                 // The span is read before and after the RocksDB snapshot is taken, and must
                 // be the same both times: then the snapshot holds exactly what this replica
                 // had applied over that span. (A merge applied in between would widen the
@@ -518,11 +567,12 @@ impl Kv for KvService {
                         clamped = true;
                     }
                 }
-                let page = scan_values(
+                let page = mvcc::store::scan_at(
                     db,
                     &snapshot,
                     &start,
                     &end,
+                    read_ts,
                     limit as usize,
                     limits::MAX_SCAN_RESPONSE_BYTES,
                 )
@@ -558,6 +608,7 @@ impl Kv for KvService {
                     pairs,
                     more: resume_key.is_some(),
                     resume_key: resume_key.unwrap_or_default(),
+                    read_ts,
                 })
             }
             .await,
@@ -579,15 +630,17 @@ impl Kv for KvService {
                 if let Some(v) = &req.new_value {
                     check_value(v)?;
                 }
+                let key = keys::kv_key(sphere, &req.key);
+                let (expected, new_value) = (req.expected, req.new_value);
                 match self
-                    .write(
-                        &replica,
+                    .write(&replica, vec![key.clone()], move |ts| {
                         Command::CompareAndSwap {
-                            key: keys::kv_key(sphere, &req.key),
-                            expected: req.expected,
-                            new_value: req.new_value,
-                        },
-                    )
+                            key: key.clone(),
+                            expected: expected.clone(),
+                            new_value: new_value.clone(),
+                            commit_ts: Some(ts),
+                        }
+                    })
                     .await?
                 {
                     CommandResponse::Swapped { succeeded, current } => {
@@ -642,7 +695,14 @@ impl Kv for KvService {
                 {
                     return Err(self.outside(&replica, span));
                 }
-                match self.write(&replica, Command::Write { ops }).await? {
+                let keys = ops.iter().map(|op| op.key.clone()).collect();
+                match self
+                    .write(&replica, keys, move |ts| Command::Write {
+                        ops: ops.clone(),
+                        commit_ts: Some(ts),
+                    })
+                    .await?
+                {
                     CommandResponse::Done => Ok(BatchResponse {}),
                     other => Err(unexpected(other)),
                 }

@@ -18,11 +18,11 @@ use crate::replica::leading_meta;
 pub struct TxnService {
     replicas: Arc<ReplicaDirectory>,
     peers: Arc<Peers>,
-    tso: Tso,
+    tso: Arc<Tso>,
 }
 
 impl TxnService {
-    pub fn new(replicas: Arc<ReplicaDirectory>, peers: Arc<Peers>, tso: Tso) -> TxnService {
+    pub fn new(replicas: Arc<ReplicaDirectory>, peers: Arc<Peers>, tso: Arc<Tso>) -> TxnService {
         TxnService {
             replicas,
             peers,
