@@ -131,7 +131,7 @@ fn whole_keyspace_range(
         next_replica_id: 2,
     };
     let mut batch = rocksdb::WriteBatch::default();
-    spheredb_raft::state_machine::write_range_origin(db, &mut batch, &span, membership)
+    spheredb_raft::state_machine::write_range_origin(db, &mut batch, &span, membership, 0)
         .expect("origin");
     db.write(batch, true).expect("write origin");
     let (events, events_rx) =

@@ -793,7 +793,8 @@ impl Client {
                 ClientError::InvalidArgument(_)
                 | ClientError::Corruption(_)
                 | ClientError::Internal(_)
-                | ClientError::ResourceExhausted(_) => return Err(result),
+                | ClientError::ResourceExhausted(_)
+                | ClientError::HistoryCompacted { .. } => return Err(result),
                 e if retry == Retry::OnlyIfNotApplied && !e.is_rejected_before_apply() => {
                     return Err(result)
                 }

@@ -50,11 +50,19 @@ pub enum ClientError {
     /// once space is freed.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// The read asked for history older than the range's GC horizon; read at `horizon` or
+    /// later (a device resyncs from the latest state).
+    #[error("history compacted: {message} (the oldest readable timestamp is {horizon})")]
+    HistoryCompacted { message: String, horizon: u64 },
 }
 
 impl ClientError {
     /// The wire error for this client error (used by servers to build statuses).
     pub fn to_wire(&self) -> WireError {
+        let gc_horizon = match self {
+            ClientError::HistoryCompacted { horizon, .. } => *horizon,
+            _ => 0,
+        };
         let (code, leader_hint, descriptors) = match self {
             ClientError::NotLeader { leader } => (ErrorCode::NotLeader, leader.clone(), vec![]),
             ClientError::KeyNotInRange { descriptors, .. } => {
@@ -72,12 +80,17 @@ impl ClientError {
             ClientError::Corruption(_) => (ErrorCode::Corruption, None, vec![]),
             ClientError::Internal(_) => (ErrorCode::Internal, None, vec![]),
             ClientError::ResourceExhausted(_) => (ErrorCode::ResourceExhausted, None, vec![]),
+            ClientError::HistoryCompacted { .. } => (ErrorCode::HistoryCompacted, None, vec![]),
         };
         WireError {
             code: code as i32,
-            message: self.to_string(),
+            message: match self {
+                ClientError::HistoryCompacted { message, .. } => message.clone(),
+                other => other.to_string(),
+            },
             leader_hint,
             descriptors,
+            gc_horizon,
         }
     }
 
@@ -95,6 +108,7 @@ impl ClientError {
             ClientError::Corruption(_) => tonic::Code::DataLoss,
             ClientError::Internal(_) => tonic::Code::Internal,
             ClientError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            ClientError::HistoryCompacted { .. } => tonic::Code::OutOfRange,
         };
         tonic::Status::with_details(code, wire.message.clone(), wire.encode_to_vec().into())
     }
@@ -144,6 +158,10 @@ impl ClientError {
             ErrorCode::Corruption => ClientError::Corruption(wire.message),
             ErrorCode::OutcomeUnknown => ClientError::Indeterminate(wire.message),
             ErrorCode::ResourceExhausted => ClientError::ResourceExhausted(wire.message),
+            ErrorCode::HistoryCompacted => ClientError::HistoryCompacted {
+                message: wire.message,
+                horizon: wire.gc_horizon,
+            },
             ErrorCode::Internal | ErrorCode::Unknown => ClientError::Internal(wire.message),
         }
     }
@@ -198,6 +216,20 @@ mod tests {
         match back {
             ClientError::NotLeader { leader: Some(l) } => {
                 assert_eq!((l.node_id, l.addr.as_str()), (3, "127.0.0.1:7403"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn history_compacted_carries_its_horizon_through_a_status() {
+        let err = ClientError::HistoryCompacted {
+            message: "read at 5".into(),
+            horizon: 42,
+        };
+        match ClientError::from_status(&err.to_status()) {
+            ClientError::HistoryCompacted { horizon, message } => {
+                assert_eq!((horizon, message.as_str()), (42, "read at 5"))
             }
             other => panic!("unexpected {other:?}"),
         }

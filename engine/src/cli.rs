@@ -169,6 +169,42 @@ pub struct StartArgs {
     #[arg(long, env = "SPHEREDB_TSO_RESERVE_WINDOW_MS", default_value_t = config::DEFAULT_TSO_RESERVE_WINDOW_MS,
           value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(3..))]
     pub tso_reserve_window_ms: u64,
+    /// How long old versions are kept (e.g. 25h, 90m, 30s): reads `--at` a timestamp older
+    /// than this answer HISTORY_COMPACTED, and versions behind it are collected.
+    #[arg(long, env = "SPHEREDB_GC_TTL", default_value = "25h", value_parser = parse_duration_ms)]
+    pub gc_ttl: u64,
+    /// Period (ms) of the node's pass over its ranges that raises GC horizons and collects
+    /// old versions (bounded work per range per pass).
+    #[arg(long, env = "SPHEREDB_GC_INTERVAL_MS", default_value_t = config::DEFAULT_GC_INTERVAL_MS,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
+    pub gc_interval_ms: u64,
+}
+
+/// Parses a duration such as `25h`, `90m`, `30s`, `1d` or `500ms` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit; write e.g. 25h, 90m, 30s or 500ms"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}; use ms, s, m, h or d"
+            ))
+        }
+    };
+    n.checked_mul(unit_ms)
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -526,6 +562,8 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         disk_reserve_bytes: args.disk_reserve_bytes,
         ballast_size_bytes: args.ballast_size_bytes,
         tso_reserve_window_ms: args.tso_reserve_window_ms,
+        gc_ttl_ms: args.gc_ttl,
+        gc_interval_ms: args.gc_interval_ms,
     };
     let node = Node::start(cfg).await?;
     eprintln!(

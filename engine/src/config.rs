@@ -49,6 +49,11 @@ pub const DEFAULT_NODE_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
 /// Default reach of the timestamp oracle's reservations past its clock (see `meta::tso`).
 pub const DEFAULT_TSO_RESERVE_WINDOW_MS: u64 = 3_000;
+/// Default age past which old versions are garbage-collected and reads refused (25 h): the
+/// limit of time travel and of change-feed resumption.
+pub const DEFAULT_GC_TTL_MS: u64 = 25 * 3_600_000;
+/// Default period of the node's GC pass (see `range::gc`).
+pub const DEFAULT_GC_INTERVAL_MS: u64 = 10_000;
 /// Default free space under which a node refuses client writes (see `disk.rs`).
 pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 256 << 20;
 /// Default size of the ballast file a node keeps for recovering from a full disk.
@@ -105,6 +110,10 @@ pub struct NodeConfig {
     pub ballast_size_bytes: u64,
     /// How far past its clock the timestamp oracle reserves timestamps through Raft.
     pub tso_reserve_window_ms: u64,
+    /// Versions older than this (behind the newest oracle timestamp) are collected.
+    pub gc_ttl_ms: u64,
+    /// Period of the node's GC pass.
+    pub gc_interval_ms: u64,
 }
 
 impl NodeConfig {
@@ -133,6 +142,8 @@ impl NodeConfig {
             disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
             ballast_size_bytes: DEFAULT_BALLAST_SIZE_BYTES,
             tso_reserve_window_ms: DEFAULT_TSO_RESERVE_WINDOW_MS,
+            gc_ttl_ms: DEFAULT_GC_TTL_MS,
+            gc_interval_ms: DEFAULT_GC_INTERVAL_MS,
         }
     }
 }

@@ -1,12 +1,16 @@
 //! Versions and snapshot reads through the KV API on three in-process nodes: reads as of a
 //! timestamp see exactly what was acknowledged before the oracle handed it out, and stay the
-//! same while writes go on.
+//! same while writes go on. The tests run one at a time, since the failpoint one configures a
+//! process-wide failpoint.
 
 mod common;
 
 use spheredb_client::{Client, ClientError, ClientOptions};
 
 use common::three_nodes_with;
+
+/// The tests of this file, one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const SPHERE: u64 = 5;
 /// Rounds of read-then-write in the repeatability check.
@@ -39,8 +43,32 @@ async fn reads_then_writes(client: &Client) -> Vec<String> {
     changed
 }
 
+/// A write acknowledged before the oracle hands out a timestamp must be seen at it; returns
+/// what was seen instead otherwise.
+async fn acknowledged_writes_show_at_later_timestamps(client: &Client) -> Result<(), String> {
+    for i in 0..5 {
+        let value = format!("ack{i}");
+        client
+            .put(SPHERE, b"acked", value.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let ts = client.timestamp().await.map_err(|e| e.to_string())?;
+        let seen = client
+            .get_at(SPHERE, b"acked", ts)
+            .await
+            .map_err(|e| e.to_string())?;
+        if seen.as_deref() != Some(value.as_bytes()) {
+            return Err(format!(
+                "{value} was acknowledged before timestamp {ts}, which reads {seen:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_as_of_a_timestamp_see_what_was_acknowledged_before_it_and_never_change() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nodes = three_nodes_with(dir.path(), |_| {}).await;
     let client = client_of(&nodes).await;
@@ -93,6 +121,9 @@ async fn reads_as_of_a_timestamp_see_what_was_acknowledged_before_it_and_never_c
     );
     assert_eq!(at(t3).await, vec![(b"other".to_vec(), b"o1".to_vec())]);
 
+    acknowledged_writes_show_at_later_timestamps(&client)
+        .await
+        .unwrap();
     // Writes after a read at a timestamp commit above it: the read stays the same.
     let changed = reads_then_writes(&client).await;
     assert!(changed.is_empty(), "snapshot reads changed: {changed:?}");
@@ -104,4 +135,91 @@ async fn reads_as_of_a_timestamp_see_what_was_acknowledged_before_it_and_never_c
     for n in nodes {
         n.shutdown().await.unwrap();
     }
+}
+
+/// Versions of `key` of `SPHERE` stored on `node`.
+fn stored_versions(node: &spheredb_engine::Node, key: &[u8]) -> usize {
+    let key = spheredb_storage::keys::kv_key(SPHERE, key);
+    let mut end = key.clone();
+    end.push(0);
+    node.db()
+        .iter_span(spheredb_storage::ColumnFamilyName::Write, &key, &end)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_behind_the_gc_horizon_are_collected_and_reads_there_are_refused() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |c| {
+        c.gc_ttl_ms = 2_000;
+        c.gc_interval_ms = 200;
+    })
+    .await;
+    let client = client_of(&nodes).await;
+    for i in 0..5 {
+        client
+            .put(SPHERE, b"hot", format!("v{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let old = client.timestamp().await.unwrap();
+    assert_eq!(
+        client.get_at(SPHERE, b"hot", old).await.unwrap(),
+        Some(b"v4".to_vec())
+    );
+    // Time passes; a write moves the nodes' newest oracle timestamp on.
+    tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+    client.put(SPHERE, b"hot", b"latest").await.unwrap();
+    let horizon = common::eventually("a read below the horizon to be refused", || async {
+        match client.get_at(SPHERE, b"hot", old).await {
+            Err(ClientError::HistoryCompacted { horizon, .. }) => Some(horizon),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(horizon > old, "horizon {horizon} not above {old}");
+    // Every replica keeps the newest version at or below the horizon (v4, which reads at the
+    // horizon see) and the ones above it (the latest); v0 to v3 go.
+    common::eventually("old versions to be collected on every replica", || async {
+        nodes
+            .iter()
+            .all(|n| stored_versions(n, b"hot") == 2)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        client.get(SPHERE, b"hot").await.unwrap(),
+        Some(b"latest".to_vec())
+    );
+    let now = client.timestamp().await.unwrap();
+    assert_eq!(
+        client.get_at(SPHERE, b"hot", now).await.unwrap(),
+        Some(b"latest".to_vec())
+    );
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// With the failpoint `sm-commit-ts-from-clock` (versions stamped from the applying replica's
+/// clock, 5 s fast, instead of the commit ts the leader fixed), an acknowledged write lands
+/// above a timestamp the oracle hands out after it: the read at that timestamp misses it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_stamped_from_the_clock_at_apply_are_caught() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |_| {}).await;
+    let client = client_of(&nodes).await;
+    fail::cfg("sm-commit-ts-from-clock", "return(5000)").unwrap();
+    let outcome = acknowledged_writes_show_at_later_timestamps(&client).await;
+    fail::remove("sm-commit-ts-from-clock");
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+    assert!(
+        outcome.is_err(),
+        "versions stamped at apply from a fast clock went unnoticed"
+    );
 }

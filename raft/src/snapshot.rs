@@ -83,6 +83,8 @@ pub struct SnapshotHeader {
     pub span: Option<RangeSpan>,
     pub frozen: Option<MergeFreeze>,
     pub recent_merges: Vec<AppliedMerge>,
+    /// The range's GC horizon: its versions are collected up to it.
+    pub gc_horizon: mvcc::Timestamp,
 }
 
 impl SnapshotHeader {
@@ -624,6 +626,7 @@ mod tests {
             }),
             frozen: None,
             recent_merges: Vec::new(),
+            gc_horizon: 0,
         }
     }
 

@@ -77,6 +77,7 @@ struct AppliedView {
     membership: Membership,
     frozen: Option<MergeFreeze>,
     recent_merges: Vec<AppliedMerge>,
+    gc_horizon: Timestamp,
 }
 
 /// What a range's state machine shares with the rest of the node.
@@ -154,6 +155,12 @@ impl ReplicaShared {
         self.view().span.clone()
     }
 
+    /// The GC horizon as last applied: reads below it are refused, versions they would need
+    /// may be gone.
+    pub fn gc_horizon(&self) -> Timestamp {
+        self.view().gc_horizon
+    }
+
     /// The merge this range is frozen for, if any.
     pub fn frozen(&self) -> Option<MergeFreeze> {
         self.view().frozen
@@ -195,12 +202,14 @@ pub fn write_range_origin(
     batch: &mut WriteBatch,
     span: &RangeSpan,
     membership: Membership,
+    gc_horizon: Timestamp,
 ) -> io::Result<()> {
     let origin = range_origin_log_id();
     let applied = AppliedState {
         last_applied: Some(origin),
         membership: StoredMembership::new(Some(origin), membership),
         span: Some(span.clone()),
+        gc_horizon,
         ..AppliedState::default()
     };
     let state = db.cf(ColumnFamilyName::RaftState);
@@ -264,6 +273,10 @@ struct AppliedState {
     /// The last merges applied, newest last: how an abort learns that a merge happened even
     /// after the span changed again.
     recent_merges: Vec<AppliedMerge>,
+    /// Versions older than the newest one at or below this timestamp may be collected; no read
+    /// below it is served. Only rises (see [`Command::RaiseGcHorizon`]).
+    #[serde(default)]
+    gc_horizon: Timestamp,
 }
 
 impl AppliedState {
@@ -273,6 +286,7 @@ impl AppliedState {
             membership: self.membership.membership().clone(),
             frozen: self.frozen,
             recent_merges: self.recent_merges.clone(),
+            gc_horizon: self.gc_horizon,
         }
     }
 }
@@ -585,7 +599,14 @@ impl StateMachine {
                 "right half of a split already exists on this node; keeping its state"
             );
         } else {
-            write_range_origin(&self.db, &mut pending.batch, &right, membership)?;
+            // The right half's versions were collected up to the parent's horizon.
+            write_range_origin(
+                &self.db,
+                &mut pending.batch,
+                &right,
+                membership,
+                self.applied.gc_horizon,
+            )?;
         }
         self.applied.span = Some(left.clone());
         pending.span_changes.push(SpanChange::SplitChild {
@@ -742,6 +763,9 @@ impl StateMachine {
             ..span
         };
         self.applied.span = Some(merged.clone());
+        // The right half's keys may have been collected up to its own horizon.
+        let right_horizon = local.as_ref().map_or(0, |l| l.gc_horizon);
+        self.applied.gc_horizon = self.applied.gc_horizon.max(right_horizon);
         self.applied.recent_merges.push(AppliedMerge {
             right: right.range_id,
             left_generation: expected_generation,
@@ -775,6 +799,7 @@ impl StateMachine {
     ) -> io::Result<CommandResponse> {
         match cmd {
             Command::Write { ops, commit_ts } => {
+                let commit_ts = applied_commit_ts(commit_ts);
                 for op in &ops {
                     if let Err(refused) = self.check_write(pending, &op.key, commit_ts)? {
                         return Ok(refused);
@@ -793,6 +818,7 @@ impl StateMachine {
                 Ok(CommandResponse::Done)
             }
             Command::Delete { key, commit_ts } => {
+                let commit_ts = applied_commit_ts(commit_ts);
                 if let Err(refused) = self.check_write(pending, &key, commit_ts)? {
                     return Ok(refused);
                 }
@@ -806,6 +832,7 @@ impl StateMachine {
                 new_value,
                 commit_ts,
             } => {
+                let commit_ts = applied_commit_ts(commit_ts);
                 if let Err(refused) = self.check_write(pending, &key, commit_ts)? {
                     return Ok(refused);
                 }
@@ -893,6 +920,15 @@ impl StateMachine {
                 }
                 let first = registry::alloc_range_ids(&self.db, &mut pending.batch, count)?;
                 Ok(CommandResponse::RangeIds { first, count })
+            }
+            Command::RaiseGcHorizon { horizon } => {
+                if let Some(frozen) = &self.applied.frozen {
+                    // A frozen range's state is final until the merge: its left neighbour
+                    // takes the horizon it has now.
+                    return Ok(CommandResponse::Frozen { into: frozen.into });
+                }
+                self.applied.gc_horizon = self.applied.gc_horizon.max(horizon);
+                Ok(CommandResponse::Done)
             }
             Command::ReserveTimestamps { until_ms } => {
                 if let Err(outside) = self.check_in_span(&registry::timestamp_limit_key()) {
@@ -1112,6 +1148,7 @@ impl StateMachine {
             span: applied.span,
             frozen: applied.frozen,
             recent_merges: applied.recent_merges,
+            gc_horizon: applied.gc_horizon,
         };
         let mut writer = SnapshotWriter::create(&self.snapshot_dir, self.range_id, &header)?;
         for cf in ColumnFamilyName::RANGE_DATA {
@@ -1304,6 +1341,7 @@ impl StateMachine {
             frozen: header.frozen,
             snapshot_floor: meta.last_log_id,
             recent_merges: header.recent_merges.clone(),
+            gc_horizon: header.gc_horizon,
         };
         batch.put_cf(
             self.db.cf(ColumnFamilyName::RaftState),
@@ -1462,6 +1500,27 @@ impl ApplyStall {
             _ => (self.hold_ms, true),
         }
     }
+}
+
+/// The commit ts a write is applied at: the one its entry carries. The failpoint
+/// `sm-commit-ts-from-clock=return(OFFSET_MS)` takes it from this replica's wall clock
+/// shifted by `OFFSET_MS` instead (the classic mistake of stamping versions at apply), so
+/// replicas write different versions and an acknowledged write can land above a timestamp
+/// the oracle hands out after its acknowledgement. The tests must catch it.
+fn applied_commit_ts(carried: Option<Timestamp>) -> Option<Timestamp> {
+    fail::fail_point!("sm-commit-ts-from-clock", |arg: Option<String>| {
+        let offset_ms: i64 = arg
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                panic!("failpoint sm-commit-ts-from-clock wants return(OFFSET_MS), got {arg:?}")
+            });
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        carried.map(|_| ((now_ms + offset_ms).max(0) as u64) << 18)
+    });
+    carried
 }
 
 /// The failpoint `sm-apply-stall`, when on (see [`ApplyStall`]).
@@ -1632,7 +1691,7 @@ mod tests {
     /// Opens replica 1 of `range` at `s` (its origin written first), as a node would.
     fn open(db: &Db, dir: &Path, s: &RangeSpan) -> StateMachine {
         let mut batch = WriteBatch::default();
-        write_range_origin(db, &mut batch, s, membership()).unwrap();
+        write_range_origin(db, &mut batch, s, membership(), 0).unwrap();
         db.write(batch, true).unwrap();
         let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         StateMachine::open(db.clone(), s.range_id, 1, dir, Arc::default(), events)
@@ -1681,6 +1740,7 @@ mod tests {
             span: sm.applied.span.clone(),
             frozen: None,
             recent_merges: Vec::new(),
+            gc_horizon: 0,
         };
         let mut w = SnapshotWriter::create(&sm.snapshot_dir, sm.range_id, &header).unwrap();
         w.begin_section(ColumnFamilyName::System.as_str()).unwrap();
@@ -1713,7 +1773,7 @@ mod tests {
         let spans = Arc::new(SpanRegistry::default());
         let s = span(LEFT, b"a", b"m", 1);
         let mut batch = WriteBatch::default();
-        write_range_origin(&db, &mut batch, &s, membership()).unwrap();
+        write_range_origin(&db, &mut batch, &s, membership(), 0).unwrap();
         db.write(batch, true).unwrap();
         let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         let (mut sm, shared) =
@@ -1983,7 +2043,7 @@ mod tests {
         let spans = Arc::new(SpanRegistry::default());
         let open_shared = |s: &RangeSpan| {
             let mut batch = WriteBatch::default();
-            write_range_origin(&db, &mut batch, s, membership()).unwrap();
+            write_range_origin(&db, &mut batch, s, membership(), 0).unwrap();
             db.write(batch, true).unwrap();
             let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
             StateMachine::open(db.clone(), s.range_id, 1, dir.path(), spans.clone(), events)

@@ -206,6 +206,9 @@ pub enum Command {
     /// No leader hands out a timestamp at or above the stored limit, so a new leader that
     /// starts at the limit it finds is above every timestamp handed out before.
     ReserveTimestamps { until_ms: u64 },
+    /// Raise the range's GC horizon to `horizon` (never lowers it): versions older than the
+    /// newest one at or below it may be collected, and reads below it are refused.
+    RaiseGcHorizon { horizon: Timestamp },
 }
 
 /// A range frozen for a merge into its left neighbour.
@@ -317,6 +320,7 @@ impl std::fmt::Display for Command {
             Command::ReserveTimestamps { until_ms } => {
                 write!(f, "reserve-timestamps(until {until_ms} ms)")
             }
+            Command::RaiseGcHorizon { horizon } => write!(f, "raise-gc-horizon({horizon})"),
         }
     }
 }

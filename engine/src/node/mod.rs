@@ -718,7 +718,8 @@ fn bootstrap(db: &Db, identity: &NodeIdentity) -> anyhow::Result<()> {
         &records,
     )?;
     for span in &spans {
-        write_range_origin(db, &mut batch, span, membership.clone())?;
+        // A new cluster has nothing to collect yet.
+        write_range_origin(db, &mut batch, span, membership.clone(), 0)?;
         batch.put_cf(
             state,
             state_key(span.range_id, StateTag::LocalReplica),
@@ -919,7 +920,7 @@ impl Node {
                 db.clone(),
                 replicas.clone(),
                 disk.clone(),
-                timestamps,
+                timestamps.clone(),
             ))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
@@ -1021,6 +1022,16 @@ impl Node {
                 stop_rx.clone(),
             )),
             tokio::spawn(crate::disk::disk_loop(disk, stop_rx.clone())),
+            tokio::spawn(crate::range::gc::gc_loop(
+                crate::range::gc::Gc {
+                    db: db.clone(),
+                    replicas: replicas.clone(),
+                    timestamps,
+                    ttl_ms: cfg.gc_ttl_ms,
+                    interval_ms: cfg.gc_interval_ms,
+                },
+                stop_rx.clone(),
+            )),
             tokio::spawn(crate::range::quiesce::quiesce_loop(
                 replicas.clone(),
                 raft_peers,

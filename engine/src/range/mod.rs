@@ -5,6 +5,7 @@
 //! handles they use as arguments and do not import `node`.
 
 pub mod commit_ts;
+pub mod gc;
 pub mod merge;
 pub mod quiesce;
 pub mod split;

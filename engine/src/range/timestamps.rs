@@ -211,8 +211,8 @@ impl NodeTimestamps {
         Some(ts)
     }
 
-    /// The newest oracle timestamp this node holds.
-    fn newest_known(&self) -> Timestamp {
+    /// The newest oracle timestamp this node holds (0 before its first fetch).
+    pub fn newest_known(&self) -> Timestamp {
         let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
         b.end.saturating_sub(1)
     }

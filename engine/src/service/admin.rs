@@ -277,6 +277,7 @@ impl AdminService {
             role: format!("{:?}", metrics.state).to_lowercase(),
             frozen_into: replica.shared.frozen().map(|f| f.into),
             frozen_left_generation: replica.shared.frozen().map_or(0, |f| f.left_generation),
+            gc_horizon: replica.shared.gc_horizon(),
         })
     }
 

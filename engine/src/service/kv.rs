@@ -377,6 +377,24 @@ impl KvService {
     }
 }
 
+/// Refuses a read at `read_ts` below the range's GC horizon. Checked after reading: a horizon
+/// applied before the read began may have let collection remove versions it needed, and one
+/// applied later is caught here too, since collection only starts once a horizon is applied.
+fn check_history(replica: &Replica, read_ts: Timestamp) -> Result<(), ClientError> {
+    let horizon = replica.shared.gc_horizon();
+    if read_ts < horizon {
+        return Err(ClientError::HistoryCompacted {
+            message: format!(
+                "range {} keeps history back to timestamp {horizon} only (--gc-ttl); the read \
+                 asked for {read_ts}",
+                replica.shared.range_id
+            ),
+            horizon,
+        });
+    }
+    Ok(())
+}
+
 /// Whether the failpoint `kv-read-skip-barrier` is active. Always false unless the engine is
 /// built with the `failpoints` feature and FAILPOINTS activates it (e.g. `=return`).
 fn skip_read_barrier() -> bool {
@@ -451,6 +469,7 @@ impl Kv for KvService {
                 self.check_still_in_span(&replica, &key)?;
                 let version = mvcc::store::get_at(&self.db, None, &key, read_ts)
                     .map_err(|e| self.read_failed(&replica, e))?;
+                check_history(&replica, read_ts)?;
                 let value = version.and_then(|v| v.value);
                 Ok(GetResponse {
                     found: value.is_some(),
@@ -578,6 +597,7 @@ impl Kv for KvService {
                 )
                 .map_err(|e| self.read_failed(&replica, e))?;
                 drop(snapshot);
+                check_history(&replica, read_ts)?;
                 let resume_key = match page.resume_key {
                     Some(key) => Some(key),
                     None if clamped => Some(end),

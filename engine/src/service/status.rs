@@ -172,8 +172,21 @@ pub fn to_json(list: &RangeListResponse, rows: &[NodeRow]) -> serde_json::Value 
     json!({
         "cluster_id": cluster_id,
         "nodes": nodes,
+        "gc_horizon": gc_horizon(rows),
         "range_map": ranges_json(list),
     })
+}
+
+/// The oldest timestamp every range can still be read at: the highest GC horizon among the
+/// leaders' reports (`None` while no range has collected anything).
+fn gc_horizon(rows: &[NodeRow]) -> Option<u64> {
+    rows.iter()
+        .filter_map(|r| r.status.as_ref().ok())
+        .flat_map(|s| s.ranges.iter())
+        .filter(|r| r.role == "leader")
+        .map(|r| r.gc_horizon)
+        .max()
+        .filter(|h| *h > 0)
 }
 
 /// Renders the cluster view as tables.
@@ -184,8 +197,16 @@ pub fn to_text(list: &RangeListResponse, rows: &[NodeRow]) -> String {
         .map_or("unknown (no meta-range leader)".to_string(), |id| {
             format!("node {id} (the meta-range leader)")
         });
+    let horizon = match gc_horizon(rows) {
+        Some(h) => format!(
+            "{h} (physical {} ms since the Unix epoch; reads --at an older timestamp answer \
+             HISTORY_COMPACTED)",
+            h >> 18
+        ),
+        None => "none yet (every version kept; --gc-ttl sets how long)".to_string(),
+    };
     let mut out = format!(
-        "cluster {}  ({} ranges)\ntimestamp oracle: {oracle}\n\n",
+        "cluster {}  ({} ranges)\ntimestamp oracle: {oracle}\nGC horizon: {horizon}\n\n",
         v["cluster_id"].as_str().unwrap_or("?"),
         list.ranges.len()
     );

@@ -14,6 +14,14 @@
 //!   whose write started only after the read ended;
 //! - **misplaced**: a key outside the requested range, or the same key twice.
 //!
+//! A scan *as of a timestamp* (invoked with `[start end at]`, `at` 0 for a fresh timestamp
+//! from the oracle, completing with `[ts [[key value] ...]]`) is checked the same way with
+//! its snapshot taken when its timestamp was handed out: it "began" when the first read at
+//! that timestamp began. Reads at one timestamp must also agree on every key they share:
+//!
+//! - **changed**: two reads at the same timestamp returned different values for a key (a
+//!   commit landed at or below a timestamp already read).
+//!
 //! Values are unique per write, so a value names its write. Times are positions in the
 //! history, which the tester records in real-time order. The check is linear in the number
 //! of (read, key) pairs times the mutations of a key.
@@ -60,6 +68,8 @@ pub struct RangeRead {
     pub returned: Vec<(i64, i64)>,
     /// 1-based history line of the completion, for reports.
     pub line: usize,
+    /// The timestamp of a read as of a timestamp; `None` for a linearizable read.
+    pub at_ts: Option<i64>,
 }
 
 /// What the range reads showed.
@@ -75,6 +85,10 @@ pub struct RangeReadReport {
     pub stale_count: usize,
     pub phantom_count: usize,
     pub misplaced_count: usize,
+    /// Keys that two reads at one timestamp returned differently.
+    pub changed_count: usize,
+    /// Reads as of a timestamp among `reads`.
+    pub snapshot_reads: usize,
     /// Absent keys that only a delete of unknown outcome excuses (it may take effect at any
     /// time after its invocation, so such a key is never reported missing again).
     pub excused_by_unknown_delete: usize,
@@ -84,7 +98,11 @@ pub struct RangeReadReport {
 
 impl RangeReadReport {
     pub fn anomaly_count(&self) -> usize {
-        self.missing_count + self.stale_count + self.phantom_count + self.misplaced_count
+        self.missing_count
+            + self.stale_count
+            + self.phantom_count
+            + self.misplaced_count
+            + self.changed_count
     }
 
     /// The findings as lines of text.
@@ -98,6 +116,12 @@ impl RangeReadReport {
             self.mutations_failed,
             self.mutations_unknown
         )];
+        if self.snapshot_reads > 0 {
+            lines.push(format!(
+                "{} of the range reads were as of a timestamp",
+                self.snapshot_reads
+            ));
+        }
         if self.excused_by_unknown_delete > 0 {
             lines.push(format!(
                 "{} absent keys excused only by a delete of unknown outcome",
@@ -106,8 +130,12 @@ impl RangeReadReport {
         }
         if self.anomaly_count() > 0 {
             lines.push(format!(
-                "anomalies: {} missing, {} stale, {} phantom, {} misplaced",
-                self.missing_count, self.stale_count, self.phantom_count, self.misplaced_count
+                "anomalies: {} missing, {} stale, {} phantom, {} misplaced, {} changed",
+                self.missing_count,
+                self.stale_count,
+                self.phantom_count,
+                self.misplaced_count,
+                self.changed_count
             ));
             lines.extend(self.anomalies.iter().cloned());
         }
@@ -125,8 +153,30 @@ impl RangeReadReport {
 pub fn check_range_reads(mutations: &[Mutation], reads: &[RangeRead]) -> RangeReadReport {
     let mut report = RangeReadReport {
         reads: reads.len(),
+        snapshot_reads: reads.iter().filter(|r| r.at_ts.is_some()).count(),
         ..RangeReadReport::default()
     };
+    // A read as of a timestamp sees the state of when that timestamp was handed out: during
+    // the first read at it.
+    let mut taken_at: HashMap<i64, usize> = HashMap::new();
+    for r in reads {
+        if let Some(ts) = r.at_ts {
+            let began = taken_at.entry(ts).or_insert(r.invoke);
+            *began = (*began).min(r.invoke);
+        }
+    }
+    let reads: Vec<RangeRead> = reads
+        .iter()
+        .map(|r| RangeRead {
+            invoke: r
+                .at_ts
+                .and_then(|ts| taken_at.get(&ts).copied())
+                .unwrap_or(r.invoke),
+            ..r.clone()
+        })
+        .collect();
+    let reads = &reads[..];
+    check_repeated_snapshots(&mut report, reads);
     for m in mutations {
         match m.outcome {
             MutationOutcome::Ok => report.mutations_ok += 1,
@@ -184,6 +234,37 @@ pub fn check_range_reads(mutations: &[Mutation], reads: &[RangeRead]) -> RangeRe
         }
     }
     report
+}
+
+/// Reads at one timestamp must agree on every key both cover.
+fn check_repeated_snapshots(report: &mut RangeReadReport, reads: &[RangeRead]) {
+    let mut by_ts: BTreeMap<i64, Vec<&RangeRead>> = BTreeMap::new();
+    for r in reads {
+        if let Some(ts) = r.at_ts {
+            by_ts.entry(ts).or_default().push(r);
+        }
+    }
+    for (ts, group) in by_ts {
+        let first = group[0];
+        let seen: BTreeMap<i64, i64> = first.returned.iter().copied().collect();
+        for later in &group[1..] {
+            let again: BTreeMap<i64, i64> = later.returned.iter().copied().collect();
+            let (lo, hi) = (first.start.max(later.start), first.end.min(later.end));
+            for key in lo..hi {
+                let (a, b) = (seen.get(&key), again.get(&key));
+                if a != b {
+                    report.changed_count += 1;
+                    report.note(format!(
+                        "changed: lines {} and {}: key {key} read as {} then {} at timestamp {ts}",
+                        first.line,
+                        later.line,
+                        a.map_or("absent".into(), |v| v.to_string()),
+                        b.map_or("absent".into(), |v| v.to_string()),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// `key` read as `value` by `r`: the value's write must not have been refused, must have
@@ -337,6 +418,14 @@ fn int(v: &Value) -> Option<i64> {
     }
 }
 
+/// The `[start end]` or `[start end at]` of a scan's invocation.
+fn scan_bounds(v: &Value) -> Option<(i64, i64, Option<i64>)> {
+    match v {
+        Value::List(b) if b.len() == 3 => Some((int(&b[0])?, int(&b[1])?, Some(int(&b[2])?))),
+        _ => bounds(v).map(|(s, e)| (s, e, None)),
+    }
+}
+
 /// The `[start end]` of a range read's invocation.
 fn bounds(v: &Value) -> Option<(i64, i64)> {
     match v {
@@ -386,14 +475,36 @@ pub fn check_scan_history(events: &[Event]) -> Result<RangeReadReport, String> {
                 else {
                     continue;
                 };
-                let (start, end) = bounds(&e.value).ok_or_else(|| {
-                    format!("line {}: a scan is invoked with [start end]", e.line)
+                let (start, end, at) = scan_bounds(&e.value).ok_or_else(|| {
+                    format!(
+                        "line {}: a scan is invoked with [start end] or [start end at]",
+                        e.line
+                    )
                 })?;
-                let Value::List(pairs) = &done.value else {
-                    return Err(format!(
-                        "line {}: a scan returns a list of pairs",
-                        done.line
-                    ));
+                let (at_ts, pairs) = match (at, &done.value) {
+                    (None, Value::List(pairs)) => (None, pairs),
+                    (Some(at), Value::List(v)) if v.len() == 2 => {
+                        let (Some(ts), Value::List(pairs)) = (int(&v[0]), &v[1]) else {
+                            return Err(format!(
+                                "line {}: a scan as of a timestamp returns [ts pairs]",
+                                done.line
+                            ));
+                        };
+                        if at != 0 && at != ts {
+                            return Err(format!(
+                                "line {}: a scan asked for timestamp {at} answered at {ts}",
+                                done.line
+                            ));
+                        }
+                        (Some(ts), pairs)
+                    }
+                    _ => {
+                        return Err(format!(
+                            "line {}: a scan returns a list of pairs ([ts pairs] as of a \
+                             timestamp)",
+                            done.line
+                        ))
+                    }
                 };
                 // A pair that is not two integers (a value nobody wrote, a foreign key) is
                 // kept as a key or value no write has: a phantom or misplaced key.
@@ -408,6 +519,7 @@ pub fn check_scan_history(events: &[Event]) -> Result<RangeReadReport, String> {
                     complete,
                     returned,
                     line: done.line,
+                    at_ts,
                 });
             }
             other => return Err(format!("line {}: the scan history has no {other}", e.line)),
@@ -454,6 +566,7 @@ pub fn check_set_reads(events: &[Event]) -> RangeReadReport {
                     complete,
                     returned: items.iter().filter_map(int).map(|x| (x, x)).collect(),
                     line: done.line,
+                    at_ts: None,
                 });
             }
             _ => {}
@@ -490,7 +603,41 @@ mod tests {
             complete,
             returned: kv.to_vec(),
             line: complete + 1,
+            at_ts: None,
         }
+    }
+
+    fn read_at(ts: i64, invoke: usize, complete: usize, kv: &[(i64, i64)]) -> RangeRead {
+        RangeRead {
+            at_ts: Some(ts),
+            ..read(0, 5, invoke, complete, kv)
+        }
+    }
+
+    #[test]
+    fn a_read_as_of_a_timestamp_began_when_its_timestamp_was_handed_out() {
+        // Key 1 = 10 acked at 1, overwritten with 20 (invoked 4, acked 5). A read at a
+        // timestamp taken by a read invoked at 2 may return 10 even when repeated after 5.
+        let ms = [m(1, Some(10), 0, 1, true), m(1, Some(20), 4, 5, true)];
+        let reads = [read_at(7, 2, 3, &[(1, 10)]), read_at(7, 6, 7, &[(1, 10)])];
+        let r = check_range_reads(&ms, &reads);
+        assert_eq!(r.anomaly_count(), 0, "{r:?}");
+        assert_eq!(r.snapshot_reads, 2);
+        // The same second read as a linearizable read is stale.
+        let r = check_range_reads(&ms, &[reads[0].clone(), read(0, 5, 6, 7, &[(1, 10)])]);
+        assert_eq!(r.stale_count, 1, "{r:?}");
+    }
+
+    #[test]
+    fn reads_at_one_timestamp_that_disagree_are_changed() {
+        let ms = [m(1, Some(10), 0, 1, true), m(1, Some(20), 2, 5, true)];
+        // The write of 20 overlaps the first read, so either value is fine for it alone;
+        // the second read at the same timestamp must agree with the first.
+        let reads = [read_at(7, 2, 3, &[(1, 10)]), read_at(7, 6, 7, &[(1, 20)])];
+        let r = check_range_reads(&ms, &reads);
+        assert_eq!(r.changed_count, 1, "{r:?}");
+        let reads = [read_at(7, 2, 3, &[(1, 10)]), read_at(7, 6, 7, &[])];
+        assert_eq!(check_range_reads(&ms, &reads).changed_count, 1);
     }
 
     #[test]

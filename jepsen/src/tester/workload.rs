@@ -10,7 +10,9 @@
 //!   elements during the run, and one final read of the whole set after the cluster healed.
 //! - **scan**: a fixed key space pre-split over many ranges; writes of unique values,
 //!   deletes, and full and partial scans that cross range boundaries while ranges split,
-//!   merge and move. Every scanned key is checked against what was acknowledged
+//!   merge and move, some of them as of a timestamp from the oracle (one snapshot across
+//!   ranges), some repeated at a timestamp read before. Every scanned key is checked against
+//!   what was acknowledged, and reads at one timestamp against each other
 //!   ([`crate::check::scan`]).
 //!
 //! Outcomes follow the client's error contract: a read that fails is `fail` (it constrains
@@ -146,7 +148,13 @@ pub struct Workload {
     state: Mutex<RegisterState>,
     /// Source of unique values and set elements.
     next_value: AtomicI64,
+    /// Timestamps of the last scans as of a fresh timestamp, with their spans, to read again
+    /// (at most [`MAX_REPEATABLE_SNAPSHOTS`]).
+    snapshots: Mutex<Vec<(i64, i64, i64)>>,
 }
+
+/// Snapshot timestamps the scan workload keeps for reading again.
+const MAX_REPEATABLE_SNAPSHOTS: usize = 16;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -174,12 +182,18 @@ enum Op {
         start: i64,
         end: i64,
     },
+    /// Scan keys in `[start, end)` as of `at`, or of a fresh timestamp when `None`.
+    ReadRangeAt {
+        start: i64,
+        end: i64,
+        at: Option<i64>,
+    },
 }
 
 impl Op {
     fn function(&self) -> Function {
         match self {
-            Op::Read { .. } | Op::ReadRange { .. } => Function::Read,
+            Op::Read { .. } | Op::ReadRange { .. } | Op::ReadRangeAt { .. } => Function::Read,
             Op::Write { .. } | Op::Delete { .. } => Function::Write,
             Op::Cas { .. } => Function::Cas,
             Op::Add { .. } => Function::Add,
@@ -191,7 +205,7 @@ impl Op {
             Op::Read { key } | Op::Write { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => {
                 Some(*key)
             }
-            Op::Add { .. } | Op::ReadRange { .. } => None,
+            Op::Add { .. } | Op::ReadRange { .. } | Op::ReadRangeAt { .. } => None,
         }
     }
 
@@ -202,6 +216,7 @@ impl Op {
             Op::Cas { from, to, .. } => json!([from, to]),
             Op::Add { element } => json!(element),
             Op::ReadRange { start, end } => json!([start, end]),
+            Op::ReadRangeAt { start, end, at } => json!([start, end, at.unwrap_or(0)]),
         }
     }
 }
@@ -278,6 +293,7 @@ impl Workload {
             deadline,
             state: Mutex::new(state),
             next_value: AtomicI64::new(1),
+            snapshots: Mutex::new(Vec::new()),
         }
     }
 
@@ -333,10 +349,30 @@ impl Workload {
                     9..=11 => Op::Delete {
                         key: rng.random_range(0..SCAN_KEYS),
                     },
-                    12..=14 => Op::ReadRange {
+                    12..=13 => Op::ReadRange {
                         start: 0,
                         end: SCAN_KEYS,
                     },
+                    14 => Op::ReadRangeAt {
+                        start: 0,
+                        end: SCAN_KEYS,
+                        at: None,
+                    },
+                    15 => {
+                        let snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+                        match snapshots.get(rng.random_range(0..snapshots.len().max(1))) {
+                            Some(&(at, start, end)) => Op::ReadRangeAt {
+                                start,
+                                end,
+                                at: Some(at),
+                            },
+                            None => Op::ReadRangeAt {
+                                start: 0,
+                                end: SCAN_KEYS,
+                                at: None,
+                            },
+                        }
+                    }
                     _ => {
                         let start = rng.random_range(0..SCAN_KEYS);
                         Op::ReadRange {
@@ -456,6 +492,9 @@ impl Workload {
                 Err(e) => failed(write_failure(&e), Json::Null, e),
             },
             Op::ReadRange { start, end } => self.read_range(client, *start, *end).await,
+            Op::ReadRangeAt { start, end, at } => {
+                self.read_range_at(client, *start, *end, *at).await
+            }
             Op::Cas { key, from, to } => {
                 let expected = from.map(|v| v.to_string().into_bytes());
                 let new_value = to.to_string().into_bytes();
@@ -683,6 +722,56 @@ impl Workload {
         }
     }
 
+    /// A scan of scan keys in `[start, end)` as of `at`, or of a fresh timestamp.
+    async fn read_range_at(
+        &self,
+        client: &Client,
+        start: i64,
+        end: i64,
+        at: Option<i64>,
+    ) -> Completion {
+        let fail = |e: ClientError| Completion {
+            kind: EventType::Fail,
+            value: Json::Null,
+            error: Some(e.to_string()),
+        };
+        let ts = match at {
+            Some(ts) => ts,
+            None => match client.timestamp().await {
+                Ok(ts) => ts as i64,
+                Err(e) => return fail(e),
+            },
+        };
+        let limit = u32::try_from(end - start + 1).unwrap_or(u32::MAX);
+        match client
+            .scan_at(SPHERE, &scan_key(start), &scan_key(end), limit, ts as u64)
+            .await
+        {
+            Ok(pairs) => {
+                if at.is_none() {
+                    let mut snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+                    if snapshots.len() == MAX_REPEATABLE_SNAPSHOTS {
+                        snapshots.remove(0);
+                    }
+                    snapshots.push((ts, start, end));
+                }
+                let items: Vec<Json> = pairs
+                    .iter()
+                    .map(|kv| {
+                        let key = scan_key_number(&kv.key).unwrap_or(-1);
+                        json!([key, decode_value(&kv.value)])
+                    })
+                    .collect();
+                Completion {
+                    kind: EventType::Ok,
+                    value: json!([ts, items]),
+                    error: None,
+                }
+            }
+            Err(e) => fail(e),
+        }
+    }
+
     async fn read_set(&self, client: &Client) -> Completion {
         let limit = u32::try_from(MAX_SET_ELEMENTS).unwrap_or(u32::MAX);
         match client
@@ -760,7 +849,14 @@ mod tests {
         let (mut scans, mut writes) = (0, 0);
         for _ in 0..200 {
             match w.generate(&mut rng) {
-                Some(Op::ReadRange { start, end }) => {
+                Some(
+                    Op::ReadRange { start, end }
+                    | Op::ReadRangeAt {
+                        start,
+                        end,
+                        at: None,
+                    },
+                ) => {
                     assert!(0 <= start && start < end && end <= SCAN_KEYS);
                     scans += 1;
                 }

@@ -17,12 +17,14 @@
 //!
 //! System keys (descriptors, the node registry, the oracle's limit) are not versioned and
 //! live in the `system` family. This module is pure encoding; reads and writes against
-//! RocksDB are in [`store`].
+//! RocksDB are in [`store`], garbage collection behind a horizon in [`gc`].
 
 use std::cmp::Ordering;
 
 use crate::{record, StorageError};
 
+#[cfg(feature = "rocksdb")]
+pub mod gc;
 #[cfg(feature = "rocksdb")]
 pub mod store;
 
