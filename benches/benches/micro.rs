@@ -304,25 +304,20 @@ fn propose_to_apply(c: &mut Criterion) {
                             let (raft, clock, counter) =
                                 (raft.clone(), clock.clone(), counter.clone());
                             tokio::spawn(async move {
-                                let keys = [keys::kv_key(1, format!("user{i:012}").as_bytes())];
                                 let proposal = Proposal {
                                     epoch,
                                     leader_id,
-                                    keys: &keys,
+                                    keys: vec![keys::kv_key(1, format!("user{i:012}").as_bytes())],
                                     timeout_ms: ELECTION_WAIT_MS,
                                 };
-                                let take = |floor: u64| {
-                                    Some(
-                                        counter
-                                            .fetch_max(
-                                                floor + 1,
-                                                std::sync::atomic::Ordering::Relaxed,
-                                            )
-                                            .max(floor + 1),
-                                    )
+                                let take = move |floor: u64| {
+                                    let ts = counter
+                                        .fetch_max(floor + 1, std::sync::atomic::Ordering::Relaxed);
+                                    Some(ts.max(floor + 1))
                                 };
-                                let taken =
-                                    clock.propose(&raft, proposal, take, |ts| put(i, ts)).await;
+                                let taken = clock
+                                    .propose(raft, proposal, take, move |ts| put(i, ts))
+                                    .await;
                                 taken.expect("write")
                             })
                         })

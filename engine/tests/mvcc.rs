@@ -223,3 +223,93 @@ async fn versions_stamped_from_the_clock_at_apply_are_caught() {
         "versions stamped at apply from a fast clock went unnoticed"
     );
 }
+
+/// A write whose caller gives up while it is in flight (the failpoint
+/// `kv-write-answer-delay` holds its answer back for 2 s; the caller waits 200 ms) still
+/// applies, and its key is released: a read afterwards answers with the write's value. A
+/// write's key stays in flight until Raft answers for its entry, and the proposal runs in a
+/// task of its own, so a request the server drops cannot take that answer with it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_whose_caller_gave_up_does_not_block_reads_of_its_key() {
+    use spheredb_client::proto::v1::kv_client::KvClient;
+    use spheredb_client::proto::v1::{Header, PutRequest, RangeRef};
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |_| {}).await;
+    let client = client_of(&nodes).await;
+    client.put(SPHERE, b"stuck", b"before").await.unwrap();
+    // The range map's generation may lag the range's own: a refusal names the current one.
+    // Retry until the write is taken and times out.
+    fail::cfg("kv-write-answer-delay", "return(2000)").unwrap();
+    let generation = std::sync::Mutex::new(None::<u64>);
+    let timed_out = common::eventually("a write taken by the leader to time out", || async {
+        let list = client.range_list().await.ok()?;
+        let mut range = list
+            .ranges
+            .iter()
+            .find(|d| d.range_id == common::USER_RANGE)?
+            .clone();
+        if let Some(g) = *generation.lock().unwrap() {
+            range.generation = g;
+        }
+        let leader_id = list
+            .loads
+            .iter()
+            .find(|l| l.range_id == common::USER_RANGE)?
+            .leader_node_id?;
+        let leader = nodes.iter().find(|n| n.node_id() == leader_id)?;
+        let mut raw = KvClient::connect(format!("http://{}", leader.addr()))
+            .await
+            .ok()?;
+        let mut req = tonic::Request::new(PutRequest {
+            header: Some(Header {
+                sphere_id: SPHERE,
+                range: Some(RangeRef {
+                    range_id: range.range_id,
+                    generation: range.generation,
+                }),
+            }),
+            key: b"stuck".to_vec(),
+            value: b"after".to_vec(),
+        });
+        req.set_timeout(std::time::Duration::from_millis(200));
+        match raw.put(req).await {
+            // The client's own deadline: cancelled, or the server's answer to it.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                Some(Ok(()))
+            }
+            Ok(_) => Some(Err("the write answered within 200 ms".to_string())),
+            Err(status) => {
+                if let ClientError::StaleGeneration { descriptors, .. } =
+                    ClientError::from_status(&status)
+                {
+                    *generation.lock().unwrap() = descriptors
+                        .iter()
+                        .find(|d| d.range_id == common::USER_RANGE)
+                        .map(|d| d.generation);
+                }
+                None
+            }
+        }
+    })
+    .await;
+    fail::remove("kv-write-answer-delay");
+    timed_out.unwrap();
+    let read = client.get(SPHERE, b"stuck").await;
+    let outcome = match &read {
+        Ok(Some(v)) if v.as_slice() == b"after" => Ok(()),
+        other => Err(format!(
+            "reading the key after its writer gave up: {other:?}"
+        )),
+    };
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+    outcome.unwrap();
+}

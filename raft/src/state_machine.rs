@@ -448,7 +448,12 @@ impl StateMachine {
                 reason: "a write of a sphere key carries no commit timestamp".into(),
             }));
         };
-        if let Some(newest) = self.current(pending, key)?.newest_ts {
+        // Only the newest version's ts: no value is read (a put does not need one).
+        let newest = match pending.overlay.get(key) {
+            Some(state) => state.newest_ts,
+            None => mvcc::store::newest_version_ts(&self.db, key)?,
+        };
+        if let Some(newest) = newest {
             if newest >= commit_ts {
                 tracing::error!(
                     range_id = self.range_id,

@@ -16,6 +16,7 @@
 //! regained leadership meanwhile cannot slip in a write fixed under the old seed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,8 +42,8 @@ pub const TS_BATCH_SIZE: u64 = 1 << 12;
 pub const TS_FETCH_TIMEOUT_MS: u64 = 3_000;
 /// Nodes asked per fetch (following `NotLeader` hints).
 pub const TS_FETCH_ATTEMPTS: usize = 3;
-/// Batches a write may use up before it gives up (each is one fetch; the second always
-/// suffices unless reads push the floor past a fresh batch).
+/// Batches a write may try before it gives up: one fetch each, needed again only when
+/// concurrent writes used a batch up or reads pushed the range's floor past it.
 pub const MAX_BATCHES_PER_WRITE: usize = 3;
 /// A read at a timestamp more than this far past the newest one this node knows is refused
 /// without asking the oracle; a closer one is checked against a fresh timestamp.
@@ -59,6 +60,9 @@ struct Batch {
     /// First timestamp past the batch.
     end: Timestamp,
     fetched_at: Option<Instant>,
+    /// Counts the batches fetched, so a caller that found one used up fetches another
+    /// instead of waiting for the same one again.
+    seq: u64,
 }
 
 /// One range leader's rules, and the wake-up of reads waiting for writes in flight.
@@ -69,12 +73,12 @@ pub struct RangeClock {
 }
 
 /// What a write proposes under: the epoch and leadership its range's rules were seeded
-/// for, its keys, and how long it waits for its answer.
-#[derive(Debug, Clone, Copy)]
-pub struct Proposal<'a> {
+/// for, its keys, and how long its caller waits for the answer.
+#[derive(Debug, Clone)]
+pub struct Proposal {
     pub epoch: Epoch,
     pub leader_id: LeaderId,
-    pub keys: &'a [Vec<u8>],
+    pub keys: Vec<Vec<u8>>,
     pub timeout_ms: u64,
 }
 
@@ -95,15 +99,45 @@ impl RangeClock {
         }
     }
 
-    /// Fixes the write's commit ts (from `take_above`, given the floor) and proposes the
-    /// entry `command` builds for it, both while the rules are held, so entries reach the log
-    /// in commit-ts order. Then waits for the answer; the keys stay in flight until the write
-    /// applies or can no longer apply, even past the timeout, since a read must not skip a
-    /// write that may still commit below its ts.
+    /// Proposes a write and waits at most `p.timeout_ms` for its answer. The work runs in a
+    /// task of its own (see [`RangeClock::propose_and_wait`]), so a caller that goes away (a
+    /// cancelled request) cannot leave the write's keys in flight for good.
     pub async fn propose(
         self: &Arc<Self>,
-        raft: &RaftHandle,
-        p: Proposal<'_>,
+        raft: RaftHandle,
+        p: Proposal,
+        take_above: impl FnOnce(Timestamp) -> Option<Timestamp> + Send + 'static,
+        command: impl FnOnce(Timestamp) -> Command + Send + 'static,
+    ) -> Result<CommandResponse, Proposed> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let clock = self.clone();
+        let timeout_ms = p.timeout_ms;
+        tokio::spawn(async move {
+            let result = clock.propose_and_wait(raft, p, take_above, command).await;
+            // The caller may have stopped waiting; the keys are out of flight either way.
+            let _ = tx.send(result);
+        });
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Proposed::Failed(ClientError::Indeterminate(
+                "the write's task ended without an answer; it may or may not have applied".into(),
+            ))),
+            Err(_) => Err(Proposed::Failed(ClientError::Indeterminate(format!(
+                "write not committed within {timeout_ms} ms; it may still apply"
+            )))),
+        }
+    }
+
+    /// Fixes the write's commit ts (from `take_above`, given the floor) and proposes the
+    /// entry `command` builds for it, both while the rules are held, so entries reach the log
+    /// in commit-ts order. Then waits for the answer, however long it takes: openraft answers
+    /// when the entry applies, or when it is truncated or purged and can no longer apply. The
+    /// keys stay in flight until then, since a read must not skip a write that may still
+    /// commit below its ts.
+    async fn propose_and_wait(
+        self: Arc<Self>,
+        raft: RaftHandle,
+        p: Proposal,
         take_above: impl FnOnce(Timestamp) -> Option<Timestamp>,
         command: impl FnOnce(Timestamp) -> Command,
     ) -> Result<CommandResponse, Proposed> {
@@ -114,53 +148,47 @@ impl RangeClock {
             )));
         }
         let commit_ts = take_above(rules.commit_floor()).ok_or(Proposed::NoTimestamp)?;
-        rules.begin_write(p.keys, commit_ts);
+        rules.begin_write(&p.keys, commit_ts);
         let (responder, answer) = ProgressResponder::<TypeConfig, _>::complete_only();
+        // A send that does not complete leaves nothing queued (the channel's send is
+        // cancel-safe), and this task is not cancelled but by the runtime's shutdown.
         let submitted = raft
             .write(command(commit_ts))
             .with_leader(p.leader_id)
             .responder(responder)
             .await;
         drop(rules);
-        let in_flight = InFlightWrite {
-            clock: self.clone(),
-            keys: p.keys.to_vec(),
-            commit_ts,
-        };
-        if let Err(fatal) = submitted {
-            in_flight.end().await;
-            return Err(Proposed::Failed(ClientError::Unavailable(format!(
+        if let Some(delay_ms) = answer_delay_ms() {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        let result = match submitted {
+            Err(fatal) => Err(Proposed::Failed(ClientError::Unavailable(format!(
                 "raft stopped: {fatal}"
-            ))));
-        }
-        let mut answer = Box::pin(answer);
-        let timeout_ms = p.timeout_ms;
-        match tokio::time::timeout(Duration::from_millis(timeout_ms), &mut answer).await {
-            Ok(result) => {
-                in_flight.end().await;
-                match result {
-                    Ok(Ok(resp)) => Ok(resp.data),
-                    Ok(Err(e)) => Err(Proposed::Failed(write_error(
-                        openraft::errors::RaftError::APIError(e),
-                    ))),
-                    Err(_) => Err(Proposed::Failed(ClientError::Indeterminate(
-                        "raft dropped the write's answer; it may or may not have applied".into(),
-                    ))),
-                }
-            }
-            Err(_) => {
-                // The answer comes when the entry applies or the leadership ends; openraft
-                // answers or drops every responder then.
-                tokio::spawn(async move {
-                    let _ = answer.await;
-                    in_flight.end().await;
-                });
-                Err(Proposed::Failed(ClientError::Indeterminate(format!(
-                    "write not committed within {timeout_ms} ms; it may still apply"
-                ))))
-            }
-        }
+            )))),
+            Ok(()) => match answer.await {
+                Ok(Ok(resp)) => Ok(resp.data),
+                Ok(Err(e)) => Err(Proposed::Failed(write_error(
+                    openraft::errors::RaftError::APIError(e),
+                ))),
+                Err(_) => Err(Proposed::Failed(ClientError::Indeterminate(
+                    "raft dropped the write's answer; it may or may not have applied".into(),
+                ))),
+            },
+        };
+        self.rules.lock().await.end_write(&p.keys, commit_ts);
+        self.applied.notify_waiters();
+        result
     }
+}
+
+/// The failpoint `kv-write-answer-delay=return(MS)`: a proposed write waits `MS` longer for
+/// its answer, as behind a slow commit, so that tests can give up on it while it is in
+/// flight.
+fn answer_delay_ms() -> Option<u64> {
+    fail::fail_point!("kv-write-answer-delay", |arg: Option<String>| {
+        arg.as_deref().and_then(|a| a.parse().ok())
+    });
+    None
 }
 
 /// Where a read reads, once the writes it waited for applied.
@@ -175,6 +203,8 @@ pub struct NodeTimestamps {
     batch: Mutex<Batch>,
     /// Held by the one fetch in progress; others wait for it and use its batch.
     fetching: tokio::sync::Mutex<()>,
+    /// The newest oracle timestamp seen outside batches (checks of read timestamps).
+    oracle_high: AtomicU64,
     clocks: Mutex<HashMap<RangeId, Arc<RangeClock>>>,
 }
 
@@ -186,6 +216,7 @@ impl NodeTimestamps {
             tso,
             batch: Mutex::default(),
             fetching: tokio::sync::Mutex::new(()),
+            oracle_high: AtomicU64::new(0),
             clocks: Mutex::default(),
         }
     }
@@ -199,32 +230,38 @@ impl NodeTimestamps {
     }
 
     /// The smallest unused timestamp above `floor` of a batch fetched after `since`, if the
-    /// batch has one.
-    fn take_above(&self, floor: Timestamp, since: Instant) -> Option<Timestamp> {
+    /// batch has one; else the sequence number of the batch that had none.
+    fn take_above(&self, floor: Timestamp, since: Instant) -> Result<Timestamp, u64> {
         let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = b.fetched_at.is_some_and(|t| t > since);
         let ts = b.next.max(floor.saturating_add(1));
         if !fresh || ts >= b.end {
-            return None;
+            return Err(b.seq);
         }
         b.next = ts + 1;
-        Some(ts)
+        Ok(ts)
     }
 
     /// The newest oracle timestamp this node holds (0 before its first fetch).
     pub fn newest_known(&self) -> Timestamp {
         let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-        b.end.saturating_sub(1)
+        b.end
+            .saturating_sub(1)
+            .max(self.oracle_high.load(Ordering::Relaxed))
     }
 
-    /// Fetches a new batch unless one was fetched since `since` (another caller's fetch,
-    /// which began after the caller needed one, serves it too). Returns the batch's first
-    /// timestamp: handed out after the call began.
-    async fn refresh(&self, since: Instant) -> Result<Timestamp, ClientError> {
+    /// Fetches a new batch unless one was fetched since `since` that is not batch `used_up`
+    /// (another caller's fetch, begun after this caller needed one, serves it too). Returns
+    /// the batch's first timestamp: handed out after the call began.
+    async fn refresh(
+        &self,
+        since: Instant,
+        used_up: Option<u64>,
+    ) -> Result<Timestamp, ClientError> {
         let _fetching = self.fetching.lock().await;
         {
             let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-            if b.fetched_at.is_some_and(|at| at > since) {
+            if b.fetched_at.is_some_and(|at| at > since) && used_up != Some(b.seq) {
                 return Ok(b.end - TS_BATCH_SIZE);
             }
         }
@@ -235,6 +272,7 @@ impl NodeTimestamps {
             next: first,
             end: first + TS_BATCH_SIZE,
             fetched_at: Some(requested_at),
+            seq: b.seq + 1,
         };
         Ok(first)
     }
@@ -294,7 +332,7 @@ impl NodeTimestamps {
         if !clock.rules.lock().await.seeded_for(epoch) {
             // Fetched after this leadership began, so above every timestamp read or committed
             // under an earlier one.
-            let fresh = self.refresh(Instant::now()).await?;
+            let fresh = self.refresh(Instant::now(), None).await?;
             clock.seed(epoch, fresh).await;
         }
         Ok((clock, epoch, leader_id))
@@ -303,10 +341,10 @@ impl NodeTimestamps {
     /// Proposes the write of `keys` that `command` builds for a commit ts, as a single-range
     /// transaction on `replica`'s range, and waits at most `timeout_ms` for its answer.
     pub async fn propose(
-        &self,
+        self: &Arc<Self>,
         replica: &Replica,
         keys: Vec<Vec<u8>>,
-        command: impl Fn(Timestamp) -> Command,
+        command: Arc<dyn Fn(Timestamp) -> Command + Send + Sync>,
         timeout_ms: u64,
     ) -> Result<CommandResponse, ClientError> {
         // The commit ts comes from a batch fetched after the write arrived: above every
@@ -314,22 +352,27 @@ impl NodeTimestamps {
         let needed_at = Instant::now();
         let (clock, epoch, leader_id) = self.leading_clock(replica).await?;
         for _ in 0..MAX_BATCHES_PER_WRITE {
+            let used_up = Arc::new(AtomicU64::new(u64::MAX));
+            let (me, seen) = (self.clone(), used_up.clone());
+            let take = move |floor| {
+                me.take_above(floor, needed_at)
+                    .map_err(|seq| seen.store(seq, Ordering::Relaxed))
+                    .ok()
+            };
+            let command = command.clone();
+            let proposal = Proposal {
+                epoch,
+                leader_id,
+                keys: keys.clone(),
+                timeout_ms,
+            };
             match clock
-                .propose(
-                    &replica.raft,
-                    Proposal {
-                        epoch,
-                        leader_id,
-                        keys: &keys,
-                        timeout_ms,
-                    },
-                    |floor| self.take_above(floor, needed_at),
-                    &command,
-                )
+                .propose(replica.raft.clone(), proposal, take, move |ts| command(ts))
                 .await
             {
                 Err(Proposed::NoTimestamp) => {
-                    self.refresh(needed_at).await?;
+                    let used_up = used_up.load(Ordering::Relaxed);
+                    self.refresh(needed_at, Some(used_up)).await?;
                 }
                 Err(Proposed::Failed(e)) => return Err(e),
                 Ok(resp) => return Ok(resp),
@@ -350,8 +393,10 @@ impl NodeTimestamps {
         }
         let ahead_ms = physical_ms(ts).saturating_sub(physical_ms(known));
         if known == 0 || ahead_ms <= MAX_READ_TS_AHEAD_MS {
-            self.refresh(Instant::now()).await?;
-            if ts <= self.newest_known() {
+            // One timestamp, handed out now: the oracle's present.
+            let now = self.fetch(1).await?;
+            self.oracle_high.fetch_max(now, Ordering::Relaxed);
+            if ts <= now {
                 return Ok(());
             }
         }
@@ -361,10 +406,12 @@ impl NodeTimestamps {
         )))
     }
 
-    /// Begins a read of `[start, end)` (empty `end`: unbounded) on `replica`'s range, whose
-    /// barrier already confirmed this node leads it: at `at` for a snapshot read, else at the
-    /// latest timestamp. Waits, at most `timeout_ms`, for the writes in flight at or below
-    /// the read's timestamp, and returns the timestamp to read at.
+    /// Begins a read of `[start, end)` (empty `end`: unbounded) on `replica`'s range, which this
+    /// node leads: at `at` for a snapshot read, else at the latest timestamp. Raises the
+    /// range's `max_read_ts`, waits (at most `timeout_ms`) for the writes in flight at or below
+    /// the read's timestamp, and returns the timestamp to read at. The caller confirms its
+    /// leadership (ReadIndex) afterwards and reads right after that, so nothing can change
+    /// the replica's data between the confirmation and the read but its own applies.
     pub async fn begin_read(
         &self,
         replica: &Replica,
@@ -404,21 +451,3 @@ impl NodeTimestamps {
 
 /// The committed leader id a proposal is conditional on.
 pub type LeaderId = openraft::alias::CommittedLeaderIdOf<TypeConfig>;
-
-/// A write's keys in flight, until [`InFlightWrite::end`].
-struct InFlightWrite {
-    clock: Arc<RangeClock>,
-    keys: Vec<Vec<u8>>,
-    commit_ts: Timestamp,
-}
-
-impl InFlightWrite {
-    async fn end(self) {
-        self.clock
-            .rules
-            .lock()
-            .await
-            .end_write(&self.keys, self.commit_ts);
-        self.clock.applied.notify_waiters();
-    }
-}

@@ -226,6 +226,7 @@ impl KvService {
         keys: Vec<Vec<u8>>,
         command: impl Fn(Timestamp) -> Command + Send + Sync + 'static,
     ) -> Result<CommandResponse, ClientError> {
+        let command: Arc<dyn Fn(Timestamp) -> Command + Send + Sync> = Arc::new(command);
         // Refused before proposing, so nothing is written and the caller may retry.
         self.disk.check_write()?;
         if ack_write_before_commit() {
@@ -243,11 +244,19 @@ impl KvService {
             });
             return Ok(acked);
         }
-        match self
+        // Bounded as a whole (seeding the range's timestamps, fetching a batch, the commit):
+        // the proposal runs detached, so giving up here cannot strand its keys in flight.
+        let proposal = self
             .timestamps
-            .propose(replica, keys, command, WRITE_TIMEOUT_MS)
-            .await?
-        {
+            .propose(replica, keys, command, WRITE_TIMEOUT_MS);
+        let answer = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), proposal)
+            .await
+            .map_err(|_| {
+                ClientError::Indeterminate(format!(
+                    "write not committed within {WRITE_TIMEOUT_MS} ms; it may still apply"
+                ))
+            })?;
+        match answer? {
             CommandResponse::Rejected { reason } => Err(ClientError::InvalidArgument(reason)),
             CommandResponse::Frozen { into } => Err(ClientError::Unavailable(format!(
                 "range is being merged into range {into}; retry shortly"
@@ -342,11 +351,16 @@ impl KvService {
             // their local state: the newest versions they applied.
             return Ok(at.unwrap_or(Timestamp::MAX));
         }
-        let ReadTs(ts) = self
+        let begin = self
             .timestamps
-            .begin_read(replica, start, end, at, READ_TIMEOUT_MS)
-            .await?;
-        Ok(ts)
+            .begin_read(replica, start, end, at, READ_TIMEOUT_MS);
+        match tokio::time::timeout(Duration::from_millis(READ_TIMEOUT_MS), begin).await {
+            Ok(ts) => ts.map(|ReadTs(ts)| ts),
+            Err(_) => Err(ClientError::Unavailable(format!(
+                "no read timestamp within {READ_TIMEOUT_MS} ms (seeding the range's \
+                 timestamps, or writes in flight on the keys read); retry"
+            ))),
+        }
     }
 
     /// The timestamp of a snapshot read asked for with `at_ts` (`None` for 0: the latest),
@@ -456,16 +470,18 @@ impl Kv for KvService {
                 check_key(&req.key)?;
                 let (sphere, replica) = self.route(&req.header, &req.key)?;
                 let at = self.snapshot_ts(req.at_ts).await?;
+                let key = keys::kv_key(sphere, &req.key);
+                let mut key_end = key.clone();
+                key_end.push(0);
+                // The read's timestamp is fixed (and the writes in flight below it waited
+                // for) before the barrier, so the data is read right after the barrier.
+                let read_ts = self.read_ts(&replica, &key, &key_end, at).await?;
                 // The failpoint `kv-read-skip-barrier` (off unless FAILPOINTS names it)
                 // serves the read from local state without confirming leadership, so a
                 // deposed leader or a follower answers with possibly stale data.
                 if !skip_read_barrier() {
                     self.read_barrier(&replica, req.consistency).await?;
                 }
-                let key = keys::kv_key(sphere, &req.key);
-                let mut key_end = key.clone();
-                key_end.push(0);
-                let read_ts = self.read_ts(&replica, &key, &key_end, at).await?;
                 self.check_still_in_span(&replica, &key)?;
                 let version = mvcc::store::get_at(&self.db, None, &key, read_ts)
                     .map_err(|e| self.read_failed(&replica, e))?;
@@ -550,17 +566,18 @@ impl Kv for KvService {
                     return Ok(ScanResponse::default());
                 }
                 let at = self.snapshot_ts(req.at_ts).await?;
-                // Same failpoint as in `get`: stale scans from any node.
-                if !skip_read_barrier() {
-                    self.read_barrier(&replica, req.consistency).await?;
-                }
                 let start = keys::kv_key(sphere, &req.start);
                 let request_end = if req.end.is_empty() {
                     keys::kv_sphere_span(sphere).1
                 } else {
                     keys::kv_key(sphere, &req.end)
                 };
+                // As in `get`: the timestamp first, then the barrier, then the data.
                 let read_ts = self.read_ts(&replica, &start, &request_end, at).await?;
+                // Same failpoint as in `get`: stale scans from any node.
+                if !skip_read_barrier() {
+                    self.read_barrier(&replica, req.consistency).await?;
+                }
                 // The span is read before and after the RocksDB snapshot is taken, and must
                 // be the same both times: then the snapshot holds exactly what this replica
                 // had applied over that span. (A merge applied in between would widen the
