@@ -39,9 +39,9 @@ use crate::replica::leading_meta;
 /// before it began.
 pub const TS_BATCH_SIZE: u64 = 1 << 12;
 /// Longest one fetch of a batch may take.
-pub const TS_FETCH_TIMEOUT_MS: u64 = 3_000;
-/// Nodes asked per fetch (following `NotLeader` hints).
-pub const TS_FETCH_ATTEMPTS: usize = 3;
+pub const TS_FETCH_TIMEOUT_MS: u64 = 1_500;
+/// Nodes asked per fetch (the known meta-range leader first, `NotLeader` hints next).
+pub const TS_FETCH_ATTEMPTS: usize = 6;
 /// Batches a write may try before it gives up: one fetch each, needed again only when
 /// concurrent writes used a batch up or reads pushed the range's floor past it.
 pub const MAX_BATCHES_PER_WRITE: usize = 3;
@@ -283,28 +283,40 @@ impl NodeTimestamps {
         if let Some(meta) = leading_meta(&self.replicas) {
             return self.tso.timestamps(&meta, count).await;
         }
-        let mut target = self.peers.meta_leader_hint();
-        let mut last = ClientError::Unavailable("the meta-range leader is not known yet".into());
-        for _ in 0..TS_FETCH_ATTEMPTS {
-            let Some(node) = target.take() else {
+        // The meta-range leader as this node knows it first, then every node it knows (a node
+        // without a meta replica may not know the leader yet); a `NotLeader` hint goes first.
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some(leader) = self.peers.meta_leader_hint() {
+            candidates.push(leader.addr);
+        }
+        let mut others: Vec<(u64, String)> = self.peers.known_nodes().into_iter().collect();
+        others.sort();
+        candidates.extend(others.into_iter().map(|(_, addr)| addr));
+        let mut last = ClientError::Unavailable("no node is known to ask for timestamps".into());
+        let mut asked: Vec<String> = Vec::new();
+        while asked.len() < TS_FETCH_ATTEMPTS {
+            let Some(addr) = candidates.iter().find(|a| !asked.contains(a)).cloned() else {
                 break;
             };
-            let mut txn = TxnClient::new(self.peers.channel(&node.addr)?);
+            asked.push(addr.clone());
+            let mut txn = TxnClient::new(self.peers.channel(&addr)?);
             let mut req = tonic::Request::new(GetTimestampsRequest { count });
             req.set_timeout(Duration::from_millis(TS_FETCH_TIMEOUT_MS));
             match txn.get_timestamps(req).await {
                 Ok(resp) if resp.get_ref().count == count => return Ok(resp.get_ref().first),
                 Ok(resp) => {
                     return Err(ClientError::Internal(format!(
-                        "the oracle at {} handed out {} timestamps for {count} asked",
-                        node.addr,
+                        "the oracle at {addr} handed out {} timestamps for {count} asked",
                         resp.get_ref().count
                     )))
                 }
                 Err(status) => {
                     last = ClientError::from_status(&status);
-                    if let ClientError::NotLeader { leader } = &last {
-                        target = leader.clone();
+                    if let ClientError::NotLeader {
+                        leader: Some(leader),
+                    } = &last
+                    {
+                        candidates.insert(0, leader.addr.clone());
                     }
                 }
             }
