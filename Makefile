@@ -45,7 +45,7 @@ jepsen-deps:
 
 # The Jepsen tester's `ci` suite (about 5 minutes): register and set under kill and
 # partition faults (register with slow-apply too, and once with churn and clock-rate), scan
-# under churn, kill, partition and clock-rate,
+# under churn, kill and partition,
 # lease reads under clock-rate, kill-majority, partition and slow-apply, on 3 and 5 nodes of
 # the debug build. Needs root (iptables)
 # and libfaketime. `cargo test --workspace` builds the binaries with the failpoints compiled

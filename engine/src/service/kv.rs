@@ -345,10 +345,16 @@ impl KvService {
         start: &[u8],
         end: &[u8],
         at: Option<Timestamp>,
+        consistency: i32,
     ) -> Result<Timestamp, ClientError> {
         if skip_read_barrier() && !replica.raft.is_leader() {
             // The failpoint `kv-read-skip-barrier` serves followers and deposed leaders from
             // their local state: the newest versions they applied.
+            return Ok(at.unwrap_or(Timestamp::MAX));
+        }
+        if consistency == ReadConsistency::Lease as i32 && lease_longer_than_election_timeout() {
+            // The failpoint `kv-lease-longer-than-election`: a leader that trusts its lease
+            // serves from local state, without its range's timestamp bookkeeping either.
             return Ok(at.unwrap_or(Timestamp::MAX));
         }
         let begin = self
@@ -475,7 +481,9 @@ impl Kv for KvService {
                 key_end.push(0);
                 // The read's timestamp is fixed (and the writes in flight below it waited
                 // for) before the barrier, so the data is read right after the barrier.
-                let read_ts = self.read_ts(&replica, &key, &key_end, at).await?;
+                let read_ts = self
+                    .read_ts(&replica, &key, &key_end, at, req.consistency)
+                    .await?;
                 // The failpoint `kv-read-skip-barrier` (off unless FAILPOINTS names it)
                 // serves the read from local state without confirming leadership, so a
                 // deposed leader or a follower answers with possibly stale data.
@@ -573,7 +581,9 @@ impl Kv for KvService {
                     keys::kv_key(sphere, &req.end)
                 };
                 // As in `get`: the timestamp first, then the barrier, then the data.
-                let read_ts = self.read_ts(&replica, &start, &request_end, at).await?;
+                let read_ts = self
+                    .read_ts(&replica, &start, &request_end, at, req.consistency)
+                    .await?;
                 // Same failpoint as in `get`: stale scans from any node.
                 if !skip_read_barrier() {
                     self.read_barrier(&replica, req.consistency).await?;
