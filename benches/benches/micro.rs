@@ -263,20 +263,12 @@ fn propose_to_apply(c: &mut Criterion) {
         format!("{PROPOSERS}_concurrent_puts_propose_to_apply"),
         |b| {
             b.iter(|| {
-                let first = next_key;
-                next_key += PROPOSERS as u64;
-                rt.block_on(async {
-                    let writes: Vec<_> = (first..first + PROPOSERS as u64)
-                        .map(|i| {
-                            let (raft, counter) = (raft.clone(), counter.clone());
-                            tokio::spawn(async move {
-                                let ts = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                raft.client_write(put(i, ts)).await.expect("write")
-                            })
-                        })
-                        .collect();
-                    for w in writes {
-                        w.await.expect("proposer");
+                let counter = counter.clone();
+                concurrent_writes(&rt, &mut next_key, |i| {
+                    let (raft, counter) = (raft.clone(), counter.clone());
+                    async move {
+                        let ts = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        raft.client_write(put(i, ts)).await.expect("write");
                     }
                 })
             })
@@ -296,34 +288,24 @@ fn propose_to_apply(c: &mut Criterion) {
         format!("{PROPOSERS}_concurrent_puts_with_commit_ts_rules"),
         |b| {
             b.iter(|| {
-                let first = next_key;
-                next_key += PROPOSERS as u64;
-                rt.block_on(async {
-                    let writes: Vec<_> = (first..first + PROPOSERS as u64)
-                        .map(|i| {
-                            let (raft, clock, counter) =
-                                (raft.clone(), clock.clone(), counter.clone());
-                            tokio::spawn(async move {
-                                let proposal = Proposal {
-                                    epoch,
-                                    leader_id,
-                                    keys: vec![keys::kv_key(1, format!("user{i:012}").as_bytes())],
-                                    timeout_ms: ELECTION_WAIT_MS,
-                                };
-                                let take = move |floor: u64| {
-                                    let ts = counter
-                                        .fetch_max(floor + 1, std::sync::atomic::Ordering::Relaxed);
-                                    Some(ts.max(floor + 1))
-                                };
-                                let taken = clock
-                                    .propose(raft, proposal, take, move |ts| put(i, ts))
-                                    .await;
-                                taken.expect("write")
-                            })
-                        })
-                        .collect();
-                    for w in writes {
-                        w.await.expect("proposer");
+                concurrent_writes(&rt, &mut next_key, |i| {
+                    let (raft, clock, counter) = (raft.clone(), clock.clone(), counter.clone());
+                    async move {
+                        let proposal = Proposal {
+                            epoch,
+                            leader_id,
+                            keys: vec![keys::kv_key(1, format!("user{i:012}").as_bytes())],
+                            timeout_ms: ELECTION_WAIT_MS,
+                        };
+                        let take = move |floor: u64| {
+                            let ts =
+                                counter.fetch_max(floor + 1, std::sync::atomic::Ordering::Relaxed);
+                            Ok(ts.max(floor + 1))
+                        };
+                        clock
+                            .propose(raft, proposal, take, move |ts| put(i, ts))
+                            .await
+                            .expect("write");
                     }
                 })
             })
@@ -332,6 +314,26 @@ fn propose_to_apply(c: &mut Criterion) {
     g.finish();
     rt.block_on(raft.shutdown()).expect("shutdown");
     gc.shutdown();
+}
+
+/// Runs [`PROPOSERS`] writes at once, keys from `next_key` on, each as `write` builds it.
+fn concurrent_writes<Fut>(
+    rt: &tokio::runtime::Runtime,
+    next_key: &mut u64,
+    write: impl Fn(u64) -> Fut,
+) where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let first = *next_key;
+    *next_key += PROPOSERS as u64;
+    rt.block_on(async {
+        let writes: Vec<_> = (first..first + PROPOSERS as u64)
+            .map(|i| tokio::spawn(write(i)))
+            .collect();
+        for w in writes {
+            w.await.expect("proposer");
+        }
+    })
 }
 
 criterion_group!(

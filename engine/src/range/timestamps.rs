@@ -85,8 +85,11 @@ pub struct Proposal {
 /// Why a write was not proposed or not answered.
 #[derive(Debug)]
 pub enum Proposed {
-    /// The timestamp source had none above the range's floor: fetch more and retry.
-    NoTimestamp,
+    /// The timestamp source had none above the range's floor in batch `batch`: fetch
+    /// another and retry.
+    NoTimestamp {
+        batch: u64,
+    },
     Failed(ClientError),
 }
 
@@ -106,7 +109,7 @@ impl RangeClock {
         self: &Arc<Self>,
         raft: RaftHandle,
         p: Proposal,
-        take_above: impl FnOnce(Timestamp) -> Option<Timestamp> + Send + 'static,
+        take_above: impl FnOnce(Timestamp) -> Result<Timestamp, u64> + Send + 'static,
         command: impl FnOnce(Timestamp) -> Command + Send + 'static,
     ) -> Result<CommandResponse, Proposed> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -138,7 +141,7 @@ impl RangeClock {
         self: Arc<Self>,
         raft: RaftHandle,
         p: Proposal,
-        take_above: impl FnOnce(Timestamp) -> Option<Timestamp>,
+        take_above: impl FnOnce(Timestamp) -> Result<Timestamp, u64>,
         command: impl FnOnce(Timestamp) -> Command,
     ) -> Result<CommandResponse, Proposed> {
         let mut rules = self.rules.lock().await;
@@ -147,7 +150,8 @@ impl RangeClock {
                 "the range's leadership changed; retry".into(),
             )));
         }
-        let commit_ts = take_above(rules.commit_floor()).ok_or(Proposed::NoTimestamp)?;
+        let commit_ts =
+            take_above(rules.commit_floor()).map_err(|batch| Proposed::NoTimestamp { batch })?;
         rules.begin_write(&p.keys, commit_ts);
         let (responder, answer) = ProgressResponder::<TypeConfig, _>::complete_only();
         // A send that does not complete leaves nothing queued (the channel's send is
@@ -364,13 +368,8 @@ impl NodeTimestamps {
         let needed_at = Instant::now();
         let (clock, epoch, leader_id) = self.leading_clock(replica).await?;
         for _ in 0..MAX_BATCHES_PER_WRITE {
-            let used_up = Arc::new(AtomicU64::new(u64::MAX));
-            let (me, seen) = (self.clone(), used_up.clone());
-            let take = move |floor| {
-                me.take_above(floor, needed_at)
-                    .map_err(|seq| seen.store(seq, Ordering::Relaxed))
-                    .ok()
-            };
+            let me = self.clone();
+            let take = move |floor| me.take_above(floor, needed_at);
             let command = command.clone();
             let proposal = Proposal {
                 epoch,
@@ -382,9 +381,8 @@ impl NodeTimestamps {
                 .propose(replica.raft.clone(), proposal, take, move |ts| command(ts))
                 .await
             {
-                Err(Proposed::NoTimestamp) => {
-                    let used_up = used_up.load(Ordering::Relaxed);
-                    self.refresh(needed_at, Some(used_up)).await?;
+                Err(Proposed::NoTimestamp { batch }) => {
+                    self.refresh(needed_at, Some(batch)).await?;
                 }
                 Err(Proposed::Failed(e)) => return Err(e),
                 Ok(resp) => return Ok(resp),

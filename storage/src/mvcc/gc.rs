@@ -105,15 +105,9 @@ pub fn collect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mvcc::store::{get_at, put_version};
+    use crate::mvcc::store::{get_at, write};
     use crate::mvcc::SHORT_VALUE_MAX_BYTES;
     use crate::DbOptions;
-
-    fn write(db: &Db, key: &[u8], ts: Timestamp, value: Option<&[u8]>) {
-        let mut batch = WriteBatch::default();
-        put_version(db, &mut batch, key, ts, value);
-        db.write(batch, false).unwrap();
-    }
 
     fn versions(db: &Db) -> Vec<(Vec<u8>, Timestamp)> {
         db.iter_span(ColumnFamilyName::Write, b"", b"")

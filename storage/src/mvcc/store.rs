@@ -225,16 +225,18 @@ fn skip_older_versions(iter: &mut DBRawIterator<'_>, key: &[u8]) -> Result<(), S
     Ok(())
 }
 
+/// Writes one version of `key` at once (tests of this module and of `gc`).
+#[cfg(test)]
+pub(crate) fn write(db: &Db, key: &[u8], ts: Timestamp, value: Option<&[u8]>) {
+    let mut batch = WriteBatch::default();
+    put_version(db, &mut batch, key, ts, value);
+    db.write(batch, false).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::DbOptions;
-
-    fn write(db: &Db, key: &[u8], ts: Timestamp, value: Option<&[u8]>) {
-        let mut batch = WriteBatch::default();
-        put_version(db, &mut batch, key, ts, value);
-        db.write(batch, false).unwrap();
-    }
 
     fn value_at(db: &Db, key: &[u8], ts: Timestamp) -> Option<Vec<u8>> {
         get_at(db, None, key, ts).unwrap().and_then(|v| v.value)
