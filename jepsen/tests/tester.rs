@@ -209,9 +209,17 @@ fn a_node_that_panics_fails_the_run_even_when_the_history_is_valid() {
     assert_eq!(outcome.label(), "unhealthy");
 }
 
+/// More rounds of a failpoint's CI runs, each on fresh seeds, before a test gives up: whether a
+/// run shows a timing bug is a matter of chance (where faults land against which range
+/// changes), and a test that fails on an unlucky draw cannot land.
+const RESEED_ROUNDS: u64 = 2;
+/// How far each round moves the seeds, past every seed the suite uses.
+const RESEED_STEP: u64 = 1_000;
+
 /// Runs the CI suite's runs whose name starts with `prefix`, each with `failpoint`, until one
 /// shows the bug's own signature (`shows`, described by `signature`): the bug is caught with
-/// exactly the settings CI uses. An unrelated problem in a run does not count. Returns false
+/// the settings CI uses. When none does, the same runs go again on fresh seeds, up to
+/// [`RESEED_ROUNDS`] more times. An unrelated problem in a run does not count. Returns false
 /// when partitions are unavailable and the runs were skipped (with a notice).
 fn caught_by_ci_runs(
     prefix: &str,
@@ -229,19 +237,30 @@ fn caught_by_ci_runs(
         .collect();
     assert!(!runs.is_empty(), "no CI run is named {prefix}*");
     let mut seen = Vec::new();
-    for mut r in runs {
-        r.options.failpoints = Some(failpoint.to_string());
-        let outcome = run(&r.options);
-        if shows(&outcome) {
-            return true;
+    for round in 0..=RESEED_ROUNDS {
+        for r in &runs {
+            let mut options = r.options.clone();
+            options.failpoints = Some(failpoint.to_string());
+            options.seed += round * RESEED_STEP;
+            let outcome = run(&options);
+            if shows(&outcome) {
+                if round > 0 {
+                    eprintln!(
+                        "{failpoint}: caught by {} on seed {} after {seen:?}",
+                        r.name, options.seed
+                    );
+                }
+                return true;
+            }
+            seen.push(format!(
+                "{} seed {}: {} {:?} in {}",
+                r.name,
+                options.seed,
+                outcome.label(),
+                outcome.problems,
+                outcome.run_dir.display()
+            ));
         }
-        seen.push(format!(
-            "{}: {} {:?} in {}",
-            r.name,
-            outcome.label(),
-            outcome.problems,
-            outcome.run_dir.display()
-        ));
     }
     panic!("{failpoint}: no CI run {prefix}* showed {signature}: {seen:?}");
 }
