@@ -131,8 +131,14 @@ fn whole_keyspace_range(
         next_replica_id: 2,
     };
     let mut batch = rocksdb::WriteBatch::default();
-    spheredb_raft::state_machine::write_range_origin(db, &mut batch, &span, membership, 0)
-        .expect("origin");
+    spheredb_raft::state_machine::write_range_origin(
+        db,
+        &mut batch,
+        &span,
+        membership,
+        spheredb_raft::RangeTimes::default(),
+    )
+    .expect("origin");
     db.write(batch, true).expect("write origin");
     let (events, events_rx) =
         tokio::sync::mpsc::channel(spheredb_raft::state_machine::MAX_PENDING_RANGE_EVENTS);

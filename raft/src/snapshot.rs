@@ -28,7 +28,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use spheredb_storage::{mvcc, ColumnFamilyName, StorageError};
 
-use crate::types::{MergeFreeze, RangeId, RangeSpan, SnapshotMeta};
+use crate::types::{MergeFreeze, RangeId, RangeSpan, RangeTimes, SnapshotMeta};
 
 /// Version of the snapshot file format; a file of another version is refused by name.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
@@ -83,8 +83,8 @@ pub struct SnapshotHeader {
     pub span: Option<RangeSpan>,
     pub frozen: Option<MergeFreeze>,
     pub recent_merges: Vec<AppliedMerge>,
-    /// The range's GC horizon: its versions are collected up to it.
-    pub gc_horizon: mvcc::Timestamp,
+    /// The range's GC horizon and last commit.
+    pub times: RangeTimes,
 }
 
 impl SnapshotHeader {
@@ -626,7 +626,7 @@ mod tests {
             }),
             frozen: None,
             recent_merges: Vec::new(),
-            gc_horizon: 0,
+            times: RangeTimes::default(),
         }
     }
 

@@ -41,7 +41,7 @@ use crate::snapshot::{
 use crate::spans::{SpanChange, SpanRegistry};
 use crate::types::{
     Command, CommandResponse, LogId, Membership, MergeFreeze, RangeId, RangeRecord, RangeSpan,
-    ReplicaId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
+    RangeTimes, ReplicaId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
 };
 
 /// An install writes the snapshot's pairs in batches of about this size.
@@ -202,14 +202,14 @@ pub fn write_range_origin(
     batch: &mut WriteBatch,
     span: &RangeSpan,
     membership: Membership,
-    gc_horizon: Timestamp,
+    times: RangeTimes,
 ) -> io::Result<()> {
     let origin = range_origin_log_id();
     let applied = AppliedState {
         last_applied: Some(origin),
         membership: StoredMembership::new(Some(origin), membership),
         span: Some(span.clone()),
-        gc_horizon,
+        times,
         ..AppliedState::default()
     };
     let state = db.cf(ColumnFamilyName::RaftState);
@@ -245,7 +245,8 @@ pub const MAX_APPLY_BATCH_BYTES: usize = 32 << 20;
 #[derive(Default)]
 struct PendingApply {
     batch: WriteBatch,
-    overlay: std::collections::HashMap<Vec<u8>, KeyState>,
+    /// Each key's value as the batch leaves it (`None`: deleted).
+    overlay: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
     events: Vec<RangeEvent>,
     /// Keys this batch moves between ranges (splits, merges), for the span registry.
     span_changes: Vec<SpanChange>,
@@ -273,10 +274,8 @@ struct AppliedState {
     /// The last merges applied, newest last: how an abort learns that a merge happened even
     /// after the span changed again.
     recent_merges: Vec<AppliedMerge>,
-    /// Versions older than the newest one at or below this timestamp may be collected; no read
-    /// below it is served. Only rises (see [`Command::RaiseGcHorizon`]).
     #[serde(default)]
-    gc_horizon: Timestamp,
+    times: RangeTimes,
 }
 
 impl AppliedState {
@@ -286,7 +285,7 @@ impl AppliedState {
             membership: self.membership.membership().clone(),
             frozen: self.frozen,
             recent_merges: self.recent_merges.clone(),
-            gc_horizon: self.gc_horizon,
+            gc_horizon: self.times.gc_horizon,
         }
     }
 }
@@ -296,14 +295,6 @@ pub use spheredb_storage::mvcc::store::{KvPair, ScanPage};
 /// The value of the system key `key`; verifies its checksum.
 pub fn read_system_value(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
     db.get_record(ColumnFamilyName::System, key)
-}
-
-/// The state of a key as the pending batch leaves it.
-#[derive(Debug, Clone, Default)]
-struct KeyState {
-    value: Option<Vec<u8>>,
-    /// Commit ts of the newest version (sphere keys only).
-    newest_ts: Option<Timestamp>,
 }
 
 /// The state machine of one range.
@@ -409,81 +400,67 @@ impl StateMachine {
         snapshot_file(&self.snapshot_dir, self.range_id)
     }
 
-    /// The state of `key` as applied so far, including the pending batch.
-    fn current(&self, pending: &PendingApply, key: &[u8]) -> io::Result<KeyState> {
-        if let Some(state) = pending.overlay.get(key) {
-            return Ok(state.clone());
+    /// The value of `key` as applied so far, including the pending batch.
+    fn current(&self, pending: &PendingApply, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        if let Some(value) = pending.overlay.get(key) {
+            return Ok(value.clone());
         }
         if !keys::is_sphere_key(key) {
-            return Ok(KeyState {
-                value: read_system_value(&self.db, key)?,
-                newest_ts: None,
-            });
+            return Ok(read_system_value(&self.db, key)?);
         }
         let newest = mvcc::store::get_at(&self.db, None, key, Timestamp::MAX)?;
-        Ok(KeyState {
-            newest_ts: newest.as_ref().map(|v| v.commit_ts),
-            value: newest.and_then(|v| v.value),
-        })
+        Ok(newest.and_then(|v| v.value))
     }
 
     /// Checks that `key` may be written by a command committing at `commit_ts`: inside the
-    /// span, and for a sphere key above its newest version. A sphere key written at or below
-    /// its newest version would hide an acknowledged write behind an older one, so the leader
-    /// never proposes one; applying it anyway is refused on every replica alike.
-    fn check_write(
-        &self,
-        pending: &PendingApply,
-        key: &[u8],
-        commit_ts: Option<Timestamp>,
-    ) -> io::Result<Result<(), CommandResponse>> {
-        if let Err(outside) = self.check_in_span(key) {
-            return Ok(Err(outside));
-        }
+    /// span, and for a sphere key above the range's last commit. A write at or below it
+    /// could hide an acknowledged write behind an older one, or land below a read that
+    /// already happened, so the leader never proposes one; applying it anyway is refused on
+    /// every replica alike. The check is range-wide rather than per key (which would cost a
+    /// lookup of the key's newest version in every write): the leader fixes commit
+    /// timestamps in log order, so the range-wide rule holds for every correct log and
+    /// implies the per-key one.
+    fn check_write(&self, key: &[u8], commit_ts: Option<Timestamp>) -> Result<(), CommandResponse> {
+        self.check_in_span(key)?;
         if !keys::is_sphere_key(key) {
-            return Ok(Ok(()));
+            return Ok(());
         }
         let Some(commit_ts) = commit_ts else {
-            return Ok(Err(CommandResponse::Rejected {
+            return Err(CommandResponse::Rejected {
                 reason: "a write of a sphere key carries no commit timestamp".into(),
-            }));
+            });
         };
-        // Only the newest version's ts: no value is read (a put does not need one).
-        let newest = match pending.overlay.get(key) {
-            Some(state) => state.newest_ts,
-            None => mvcc::store::newest_version_ts(&self.db, key)?,
-        };
-        if let Some(newest) = newest {
-            if newest >= commit_ts {
-                tracing::error!(
-                    range_id = self.range_id,
-                    commit_ts,
-                    newest,
-                    "refusing a write below its key's newest version: the leader's commit timestamps went backwards"
-                );
-                return Ok(Err(CommandResponse::Rejected {
-                    reason: format!(
-                        "commit timestamp {commit_ts} is not above the key's newest version \
-                         {newest}; the write was not applied"
-                    ),
-                }));
-            }
+        let last = self.applied.times.last_commit_ts;
+        if commit_ts <= last {
+            tracing::error!(
+                range_id = self.range_id,
+                commit_ts,
+                last_commit_ts = last,
+                "refusing a write at or below the range's last commit: the leader's commit timestamps went backwards"
+            );
+            return Err(CommandResponse::Rejected {
+                reason: format!(
+                    "commit timestamp {commit_ts} is not above the range's last commit {last}; \
+                     the write was not applied"
+                ),
+            });
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// Writes `key` (checked by [`Self::check_write`]) into the pending batch.
     fn write_key(
-        &self,
+        &mut self,
         pending: &mut PendingApply,
         key: Vec<u8>,
         value: Option<Vec<u8>>,
         commit_ts: Option<Timestamp>,
     ) {
-        let newest_ts = if keys::is_sphere_key(&key) {
+        if keys::is_sphere_key(&key) {
             let ts = commit_ts.unwrap_or_default();
             mvcc::store::put_version(&self.db, &mut pending.batch, &key, ts, value.as_deref());
-            Some(ts)
+            let last = &mut self.applied.times.last_commit_ts;
+            *last = (*last).max(ts);
         } else {
             match &value {
                 Some(v) => {
@@ -494,9 +471,8 @@ impl StateMachine {
                     .batch
                     .delete_cf(self.db.cf(ColumnFamilyName::System), &key),
             }
-            None
-        };
-        pending.overlay.insert(key, KeyState { value, newest_ts });
+        }
+        pending.overlay.insert(key, value);
     }
 
     fn put_applied(&self, batch: &mut WriteBatch) -> io::Result<()> {
@@ -604,13 +580,14 @@ impl StateMachine {
                 "right half of a split already exists on this node; keeping its state"
             );
         } else {
-            // The right half's versions were collected up to the parent's horizon.
+            // The right half's versions were collected up to the parent's horizon, and
+            // written up to its last commit.
             write_range_origin(
                 &self.db,
                 &mut pending.batch,
                 &right,
                 membership,
-                self.applied.gc_horizon,
+                self.applied.times,
             )?;
         }
         self.applied.span = Some(left.clone());
@@ -768,9 +745,10 @@ impl StateMachine {
             ..span
         };
         self.applied.span = Some(merged.clone());
-        // The right half's keys may have been collected up to its own horizon.
-        let right_horizon = local.as_ref().map_or(0, |l| l.gc_horizon);
-        self.applied.gc_horizon = self.applied.gc_horizon.max(right_horizon);
+        // The right half's keys may have been collected up to its own horizon, and written
+        // up to its own last commit.
+        let right_times = local.as_ref().map_or_else(RangeTimes::default, |l| l.times);
+        self.applied.times = self.applied.times.covering(right_times);
         self.applied.recent_merges.push(AppliedMerge {
             right: right.range_id,
             left_generation: expected_generation,
@@ -806,7 +784,7 @@ impl StateMachine {
             Command::Write { ops, commit_ts } => {
                 let commit_ts = applied_commit_ts(commit_ts);
                 for op in &ops {
-                    if let Err(refused) = self.check_write(pending, &op.key, commit_ts)? {
+                    if let Err(refused) = self.check_write(&op.key, commit_ts) {
                         return Ok(refused);
                     }
                 }
@@ -824,10 +802,10 @@ impl StateMachine {
             }
             Command::Delete { key, commit_ts } => {
                 let commit_ts = applied_commit_ts(commit_ts);
-                if let Err(refused) = self.check_write(pending, &key, commit_ts)? {
+                if let Err(refused) = self.check_write(&key, commit_ts) {
                     return Ok(refused);
                 }
-                let existed = self.current(pending, &key)?.value.is_some();
+                let existed = self.current(pending, &key)?.is_some();
                 self.write_key(pending, key, None, commit_ts);
                 Ok(CommandResponse::Deleted { existed })
             }
@@ -838,10 +816,10 @@ impl StateMachine {
                 commit_ts,
             } => {
                 let commit_ts = applied_commit_ts(commit_ts);
-                if let Err(refused) = self.check_write(pending, &key, commit_ts)? {
+                if let Err(refused) = self.check_write(&key, commit_ts) {
                     return Ok(refused);
                 }
-                let found = self.current(pending, &key)?.value;
+                let found = self.current(pending, &key)?;
                 if found != expected {
                     return Ok(CommandResponse::Swapped {
                         succeeded: false,
@@ -932,7 +910,7 @@ impl StateMachine {
                     // takes the horizon it has now.
                     return Ok(CommandResponse::Frozen { into: frozen.into });
                 }
-                self.applied.gc_horizon = self.applied.gc_horizon.max(horizon);
+                self.applied.times.gc_horizon = self.applied.times.gc_horizon.max(horizon);
                 Ok(CommandResponse::Done)
             }
             Command::ReserveTimestamps { until_ms } => {
@@ -1153,7 +1131,7 @@ impl StateMachine {
             span: applied.span,
             frozen: applied.frozen,
             recent_merges: applied.recent_merges,
-            gc_horizon: applied.gc_horizon,
+            times: applied.times,
         };
         let mut writer = SnapshotWriter::create(&self.snapshot_dir, self.range_id, &header)?;
         for cf in ColumnFamilyName::RANGE_DATA {
@@ -1346,7 +1324,7 @@ impl StateMachine {
             frozen: header.frozen,
             snapshot_floor: meta.last_log_id,
             recent_merges: header.recent_merges.clone(),
-            gc_horizon: header.gc_horizon,
+            times: header.times,
         };
         batch.put_cf(
             self.db.cf(ColumnFamilyName::RaftState),
@@ -1696,7 +1674,7 @@ mod tests {
     /// Opens replica 1 of `range` at `s` (its origin written first), as a node would.
     fn open(db: &Db, dir: &Path, s: &RangeSpan) -> StateMachine {
         let mut batch = WriteBatch::default();
-        write_range_origin(db, &mut batch, s, membership(), 0).unwrap();
+        write_range_origin(db, &mut batch, s, membership(), RangeTimes::default()).unwrap();
         db.write(batch, true).unwrap();
         let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         StateMachine::open(db.clone(), s.range_id, 1, dir, Arc::default(), events)
@@ -1745,7 +1723,7 @@ mod tests {
             span: sm.applied.span.clone(),
             frozen: None,
             recent_merges: Vec::new(),
-            gc_horizon: 0,
+            times: RangeTimes::default(),
         };
         let mut w = SnapshotWriter::create(&sm.snapshot_dir, sm.range_id, &header).unwrap();
         w.begin_section(ColumnFamilyName::System.as_str()).unwrap();
@@ -1778,7 +1756,7 @@ mod tests {
         let spans = Arc::new(SpanRegistry::default());
         let s = span(LEFT, b"a", b"m", 1);
         let mut batch = WriteBatch::default();
-        write_range_origin(&db, &mut batch, &s, membership(), 0).unwrap();
+        write_range_origin(&db, &mut batch, &s, membership(), RangeTimes::default()).unwrap();
         db.write(batch, true).unwrap();
         let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
         let (mut sm, shared) =
@@ -2048,7 +2026,7 @@ mod tests {
         let spans = Arc::new(SpanRegistry::default());
         let open_shared = |s: &RangeSpan| {
             let mut batch = WriteBatch::default();
-            write_range_origin(&db, &mut batch, s, membership(), 0).unwrap();
+            write_range_origin(&db, &mut batch, s, membership(), RangeTimes::default()).unwrap();
             db.write(batch, true).unwrap();
             let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
             StateMachine::open(db.clone(), s.range_id, 1, dir.path(), spans.clone(), events)
@@ -2266,6 +2244,85 @@ mod tests {
             CommandResponse::MergeAborted { merged: true, .. }
         ));
         assert_eq!(left.shared.span().map(|s| s.generation), Some(7));
+    }
+
+    fn put_sphere_keys(names: &[&[u8]], commit_ts: Timestamp) -> Command {
+        Command::Write {
+            ops: names
+                .iter()
+                .map(|name| WriteOp {
+                    key: keys::kv_key(1, name),
+                    value: Some(b"v".to_vec()),
+                })
+                .collect(),
+            commit_ts: Some(commit_ts),
+        }
+    }
+
+    #[test]
+    fn sphere_writes_commit_above_the_range_s_last_commit_which_splits_and_merges_carry() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let middle = keys::kv_key(1, b"m");
+        let mut left = open(&db, dir.path(), &span(LEFT, b"\x01", &middle, 3));
+        let mut right = open(&db, dir.path(), &span(RIGHT, &middle, b"", 5));
+        let refused = |r: CommandResponse| matches!(r, CommandResponse::Rejected { .. });
+        // One entry's keys share its commit ts; the next entry must go above it, whatever
+        // its keys.
+        assert_eq!(
+            apply(&mut left, put_sphere_keys(&[b"a", b"b"], 10)),
+            CommandResponse::Done
+        );
+        assert!(refused(apply(&mut left, put_sphere_keys(&[b"c"], 10))));
+        assert!(refused(apply(&mut left, put_sphere_keys(&[b"c"], 9))));
+        assert_eq!(
+            apply(&mut left, put_sphere_keys(&[b"c"], 11)),
+            CommandResponse::Done
+        );
+        // Nothing of a refused entry was written.
+        assert_eq!(
+            mvcc::store::get_at(&db, None, &keys::kv_key(1, b"c"), Timestamp::MAX)
+                .unwrap()
+                .map(|v| v.commit_ts),
+            Some(11)
+        );
+        // A merge takes the later of the two last commits.
+        assert_eq!(
+            apply(&mut right, put_sphere_keys(&[b"n"], 20)),
+            CommandResponse::Done
+        );
+        apply(&mut right, freeze(3));
+        let merge = Command::Merge {
+            right: span(RIGHT, &middle, b"", 5),
+            expected_generation: 3,
+        };
+        assert!(matches!(
+            apply(&mut left, merge),
+            CommandResponse::MergeDone { .. }
+        ));
+        assert!(refused(apply(&mut left, put_sphere_keys(&[b"d"], 15))));
+        assert_eq!(
+            apply(&mut left, put_sphere_keys(&[b"d"], 21)),
+            CommandResponse::Done
+        );
+        // A split hands the last commit to the right half.
+        let split = Command::Split {
+            split_key: keys::kv_key(1, b"e"),
+            new_range_id: 9,
+            expected_generation: 6,
+        };
+        assert!(matches!(
+            apply(&mut left, split),
+            CommandResponse::SplitDone { .. }
+        ));
+        let (events, _) = tokio::sync::mpsc::channel(MAX_PENDING_RANGE_EVENTS);
+        let (mut child, _) =
+            StateMachine::open(db.clone(), 9, 1, dir.path(), Arc::default(), events).unwrap();
+        assert!(refused(apply(&mut child, put_sphere_keys(&[b"f"], 21))));
+        assert_eq!(
+            apply(&mut child, put_sphere_keys(&[b"f"], 22)),
+            CommandResponse::Done
+        );
     }
 
     #[test]

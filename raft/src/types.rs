@@ -220,6 +220,32 @@ pub struct MergeFreeze {
     pub left_generation: u64,
 }
 
+/// A range's bounds in time, kept with its applied state and carried by its snapshots,
+/// splits and merges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeTimes {
+    /// Versions older than the newest one at or below this timestamp may be collected; no
+    /// read below it is served. Only rises (see [`Command::RaiseGcHorizon`]).
+    pub gc_horizon: Timestamp,
+    /// The highest commit timestamp the range applied. A leader fixes commit timestamps in
+    /// log order, each above the last, and a new leader starts above every timestamp handed
+    /// out before it, so every committed single-range write lies above this one; one that
+    /// does not is refused.
+    pub last_commit_ts: Timestamp,
+}
+
+impl RangeTimes {
+    /// The times of a range that took over both `self`'s keys and `other`'s (a merge): the
+    /// keys of either may have been collected up to its horizon, and written up to its last
+    /// commit.
+    pub fn covering(self, other: RangeTimes) -> RangeTimes {
+        RangeTimes {
+            gc_horizon: self.gc_horizon.max(other.gc_horizon),
+            last_commit_ts: self.last_commit_ts.max(other.last_commit_ts),
+        }
+    }
+}
+
 /// The result of applying a [`Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResponse {

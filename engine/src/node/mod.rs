@@ -718,8 +718,14 @@ fn bootstrap(db: &Db, identity: &NodeIdentity) -> anyhow::Result<()> {
         &records,
     )?;
     for span in &spans {
-        // A new cluster has nothing to collect yet.
-        write_range_origin(db, &mut batch, span, membership.clone(), 0)?;
+        // A new cluster has nothing to collect and no commit yet.
+        write_range_origin(
+            db,
+            &mut batch,
+            span,
+            membership.clone(),
+            spheredb_raft::RangeTimes::default(),
+        )?;
         batch.put_cf(
             state,
             state_key(span.range_id, StateTag::LocalReplica),

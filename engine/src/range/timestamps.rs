@@ -8,7 +8,10 @@
 //! from a batch fetched after the write arrived, so it is also above every timestamp handed
 //! out before the write began: a snapshot read at such a timestamp never sees it. One fetch
 //! (one `GetTimestamps` call of [`TS_BATCH_SIZE`]) serves every write that arrived before it
-//! began, so the oracle's cost is one round trip per wave of writes, not per write.
+//! began, so the oracle's cost is one round trip per wave of writes, not per write. Fetches
+//! overlap (at most [`MAX_FETCHES_IN_FLIGHT`]): a write that arrives while a fetch is under
+//! way starts the next one at once rather than waiting for the first to end, so it waits for
+//! about one round trip, not two.
 //!
 //! A write is proposed while its range's lock is held, after its commit ts was fixed, so
 //! proposals reach the log in commit-ts order and a key's versions rise in log order. The
@@ -42,6 +45,9 @@ pub const TS_BATCH_SIZE: u64 = 1 << 12;
 pub const TS_FETCH_TIMEOUT_MS: u64 = 1_500;
 /// Nodes asked per fetch (the known meta-range leader first, `NotLeader` hints next).
 pub const TS_FETCH_ATTEMPTS: usize = 6;
+/// Fetches under way at once. A write that finds them all begun before it arrived waits for
+/// the newest to end and then starts its own.
+pub const MAX_FETCHES_IN_FLIGHT: usize = 4;
 /// Batches a write may try before it gives up: one fetch each, needed again only when
 /// concurrent writes used a batch up or reads pushed the range's floor past it.
 pub const MAX_BATCHES_PER_WRITE: usize = 3;
@@ -51,6 +57,18 @@ pub const MAX_READ_TS_AHEAD_MS: u64 = 10_000;
 /// Clocks of ranges no longer here are dropped once this many more are kept than the node
 /// has replicas.
 const STALE_CLOCKS_BOUND: usize = 64;
+
+/// How a fetch of a batch ended (`None` while it is under way), for every caller waiting on
+/// it.
+type FetchOutcome = tokio::sync::watch::Receiver<Option<Result<(), ClientError>>>;
+
+/// A fetch of a batch under way.
+#[derive(Debug, Clone)]
+struct Fetch {
+    /// Before the request was sent: every timestamp it brings was handed out after this.
+    began: Instant,
+    outcome: FetchOutcome,
+}
 
 /// The node's current batch of oracle timestamps.
 #[derive(Debug, Default)]
@@ -205,8 +223,8 @@ pub struct NodeTimestamps {
     peers: Arc<Peers>,
     tso: Arc<Tso>,
     batch: Mutex<Batch>,
-    /// Held by the one fetch in progress; others wait for it and use its batch.
-    fetching: tokio::sync::Mutex<()>,
+    /// The fetches under way, oldest first.
+    fetches: Mutex<Vec<Fetch>>,
     /// The newest oracle timestamp seen outside batches (checks of read timestamps).
     oracle_high: AtomicU64,
     clocks: Mutex<HashMap<RangeId, Arc<RangeClock>>>,
@@ -219,7 +237,7 @@ impl NodeTimestamps {
             peers,
             tso,
             batch: Mutex::default(),
-            fetching: tokio::sync::Mutex::new(()),
+            fetches: Mutex::default(),
             oracle_high: AtomicU64::new(0),
             clocks: Mutex::default(),
         }
@@ -254,31 +272,77 @@ impl NodeTimestamps {
             .max(self.oracle_high.load(Ordering::Relaxed))
     }
 
-    /// Fetches a new batch unless one was fetched since `since` that is not batch `used_up`
-    /// (another caller's fetch, begun after this caller needed one, serves it too). Returns
-    /// the batch's first timestamp: handed out after the call began.
+    /// Waits for a batch fetched after `since` that is newer than batch `used_up` (a fetch
+    /// another caller began after `since` serves this one too), fetching one unless one is
+    /// under way. Returns the batch's first timestamp: handed out after `since`.
     async fn refresh(
-        &self,
+        self: &Arc<Self>,
         since: Instant,
         used_up: Option<u64>,
     ) -> Result<Timestamp, ClientError> {
-        let _fetching = self.fetching.lock().await;
-        {
-            let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-            if b.fetched_at.is_some_and(|at| at > since) && used_up != Some(b.seq) {
-                return Ok(b.end - TS_BATCH_SIZE);
+        // Each turn either returns or waits for a fetch to end; a fetch that began after
+        // `since` ends the loop whatever it brought, so the turns are bounded by the fetches
+        // under way when the call began, plus one.
+        for _ in 0..=MAX_FETCHES_IN_FLIGHT + 1 {
+            {
+                let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+                let newer = used_up.is_none_or(|used| b.seq > used);
+                if b.fetched_at.is_some_and(|at| at > since) && newer {
+                    return Ok(b.end - TS_BATCH_SIZE);
+                }
             }
+            let outcome = {
+                let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+                match fetches.iter().rev().find(|f| f.began > since) {
+                    Some(f) => f.outcome.clone(),
+                    None if fetches.len() < MAX_FETCHES_IN_FLIGHT => self.start_fetch(&mut fetches),
+                    // All under way began too early; the newest ends first, most likely.
+                    None => fetches.last().map(|f| f.outcome.clone()).ok_or_else(|| {
+                        ClientError::Internal("no fetch under way and none allowed".into())
+                    })?,
+                }
+            };
+            wait_for_fetch(outcome).await?;
         }
-        let requested_at = Instant::now();
-        let first = self.fetch(TS_BATCH_SIZE).await?;
-        let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-        *b = Batch {
-            next: first,
-            end: first + TS_BATCH_SIZE,
-            fetched_at: Some(requested_at),
-            seq: b.seq + 1,
-        };
-        Ok(first)
+        Err(ClientError::Unavailable(
+            "no timestamp batch fetched after the write arrived; retry".into(),
+        ))
+    }
+
+    /// Starts fetching a batch in a task of its own, so that it ends (and leaves the list of
+    /// fetches under way) even when every caller waiting for it has gone, and adds it to
+    /// `fetches`, the locked list: the task removes it under that lock, so only after this.
+    /// The batch becomes the node's unless a fetch begun later already delivered one.
+    fn start_fetch(self: &Arc<Self>, fetches: &mut Vec<Fetch>) -> FetchOutcome {
+        let me = self.clone();
+        let began = Instant::now();
+        let (done, outcome) = tokio::sync::watch::channel(None);
+        let mine = outcome.clone();
+        tokio::spawn(async move {
+            let result = me.fetch(TS_BATCH_SIZE).await;
+            if let Ok(first) = result {
+                let mut b = me.batch.lock().unwrap_or_else(|p| p.into_inner());
+                if b.fetched_at.is_none_or(|at| at < began) {
+                    *b = Batch {
+                        next: first,
+                        end: first + TS_BATCH_SIZE,
+                        fetched_at: Some(began),
+                        seq: b.seq + 1,
+                    };
+                }
+            }
+            me.fetches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|f| !f.outcome.same_channel(&mine));
+            // Nobody may be waiting any more; the batch is installed either way.
+            let _ = done.send(Some(result.map(|_| ())));
+        });
+        fetches.push(Fetch {
+            began,
+            outcome: outcome.clone(),
+        });
+        outcome
     }
 
     /// `count` timestamps from the oracle: this node's own when it leads the meta range, else
@@ -330,7 +394,7 @@ impl NodeTimestamps {
 
     /// The clock of `replica`'s range, seeded for the leadership and span it has now.
     async fn leading_clock(
-        &self,
+        self: &Arc<Self>,
         replica: &Replica,
     ) -> Result<(Arc<RangeClock>, Epoch, LeaderId), ClientError> {
         let leader = replica.raft.as_leader().map_err(|f| not_leader(&f))?;
@@ -423,7 +487,7 @@ impl NodeTimestamps {
     /// leadership (ReadIndex) afterwards and reads right after that, so nothing can change
     /// the replica's data between the confirmation and the read but its own applies.
     pub async fn begin_read(
-        &self,
+        self: &Arc<Self>,
         replica: &Replica,
         start: &[u8],
         end: &[u8],
@@ -456,6 +520,16 @@ impl NodeTimestamps {
             }
         }
         Ok(ReadTs(ts))
+    }
+}
+
+/// The outcome of a fetch, once it ended.
+async fn wait_for_fetch(mut outcome: FetchOutcome) -> Result<(), ClientError> {
+    match outcome.wait_for(Option::is_some).await {
+        Ok(ended) => ended.clone().unwrap_or(Ok(())),
+        Err(_) => Err(ClientError::Internal(
+            "the timestamp fetch task ended without an answer".into(),
+        )),
     }
 }
 

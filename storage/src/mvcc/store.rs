@@ -109,22 +109,6 @@ pub fn get_at(
     Ok(Some(Version { value, commit_ts }))
 }
 
-/// The commit ts of `key`'s newest version, if it has one.
-pub fn newest_version_ts(db: &Db, key: &[u8]) -> Result<Option<Timestamp>, StorageError> {
-    let mut opts = ReadOptions::default();
-    opts.set_iterate_upper_bound(after_key_bound(key));
-    let mut iter = db
-        .raw()
-        .raw_iterator_cf_opt(db.cf(ColumnFamilyName::Write), opts);
-    iter.seek(newest_bound(key));
-    if !iter.valid() {
-        iter.status()?;
-        return Ok(None);
-    }
-    let (found, ts) = split_version_key(iter.key().unwrap_or_default())?;
-    Ok((found == key).then_some(ts))
-}
-
 /// The value a put's record names: kept in the record, or in `data` at its start ts.
 fn value_of(
     db: &Db,
@@ -258,8 +242,7 @@ mod tests {
         assert_eq!(get_at(&db, None, b"k", 25).unwrap().unwrap().commit_ts, 20);
         assert_eq!(value_at(&db, b"k", 25), None);
         assert_eq!(value_at(&db, b"k", u64::MAX), Some(long.clone()));
-        assert_eq!(newest_version_ts(&db, b"k").unwrap(), Some(30));
-        assert_eq!(newest_version_ts(&db, b"j").unwrap(), None);
+        assert_eq!(get_at(&db, None, b"j", u64::MAX).unwrap(), None);
         assert_eq!(value_at(&db, b"k\x00", 5), Some(b"other".to_vec()));
 
         let snap = db.raw().snapshot();
