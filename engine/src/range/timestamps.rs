@@ -84,10 +84,26 @@ struct Batch {
 }
 
 /// One range leader's rules, and the wake-up of reads waiting for writes in flight.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RangeClock {
     rules: tokio::sync::Mutex<CommitTsRules>,
+    /// Writes waiting to be proposed. Whoever holds `rules` next proposes every one of them
+    /// in a row, so that they reach Raft together (openraft merges consecutive proposals
+    /// into one append) instead of one per hand-over of the lock. Each waiting write holds
+    /// a request and has one entry, so the writes in flight on the range bound it.
+    queue: Mutex<Vec<QueuedWrite>>,
     applied: tokio::sync::Notify,
+}
+
+/// A write waiting in [`RangeClock::queue`].
+struct QueuedWrite {
+    raft: RaftHandle,
+    proposal: Proposal,
+    take_above: Box<dyn FnOnce(Timestamp) -> Result<Timestamp, u64> + Send>,
+    command: Box<dyn FnOnce(Timestamp) -> Command + Send>,
+    responder: openraft::alias::WriteResponderOf<TypeConfig>,
+    /// The commit ts the write was proposed at, or why it was not.
+    proposed: tokio::sync::oneshot::Sender<Result<Timestamp, Proposed>>,
 }
 
 /// What a write proposes under: the epoch and leadership its range's rules were seeded
@@ -151,55 +167,114 @@ impl RangeClock {
 
     /// Fixes the write's commit ts (from `take_above`, given the floor) and proposes the
     /// entry `command` builds for it, both while the rules are held, so entries reach the log
-    /// in commit-ts order. Then waits for the answer, however long it takes: openraft answers
-    /// when the entry applies, or when it is truncated or purged and can no longer apply. The
-    /// keys stay in flight until then, since a read must not skip a write that may still
-    /// commit below its ts.
+    /// in commit-ts order (see [`RangeClock::propose_queued`]). Then waits for the answer,
+    /// however long it takes: openraft answers when the entry applies, or when it is
+    /// truncated or purged and can no longer apply. The keys stay in flight until then,
+    /// since a read must not skip a write that may still commit below its ts.
     async fn propose_and_wait(
         self: Arc<Self>,
         raft: RaftHandle,
         p: Proposal,
-        take_above: impl FnOnce(Timestamp) -> Result<Timestamp, u64>,
-        command: impl FnOnce(Timestamp) -> Command,
+        take_above: impl FnOnce(Timestamp) -> Result<Timestamp, u64> + Send + 'static,
+        command: impl FnOnce(Timestamp) -> Command + Send + 'static,
     ) -> Result<CommandResponse, Proposed> {
-        let mut rules = self.rules.lock().await;
-        if !rules.seeded_for(p.epoch) {
-            return Err(Proposed::Failed(ClientError::Unavailable(
-                "the range's leadership changed; retry".into(),
-            )));
-        }
-        let commit_ts =
-            take_above(rules.commit_floor()).map_err(|batch| Proposed::NoTimestamp { batch })?;
-        rules.begin_write(&p.keys, commit_ts);
         let (responder, answer) = ProgressResponder::<TypeConfig, _>::complete_only();
-        // A send that does not complete leaves nothing queued (the channel's send is
-        // cancel-safe), and this task is not cancelled but by the runtime's shutdown.
-        let submitted = raft
-            .write(command(commit_ts))
-            .with_leader(p.leader_id)
-            .responder(responder)
-            .await;
-        drop(rules);
+        let (proposed, mut proposed_rx) = tokio::sync::oneshot::channel();
+        let keys = p.keys.clone();
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(QueuedWrite {
+                raft,
+                proposal: p,
+                take_above: Box::new(take_above),
+                command: Box::new(command),
+                responder,
+                proposed,
+            });
+        // Whoever holds the rules proposes this write along with the rest of the queue;
+        // when nobody has by the time the rules are free, this task does.
+        let proposed = tokio::select! {
+            biased;
+            proposed = &mut proposed_rx => proposed,
+            mut rules = self.rules.lock() => {
+                self.propose_queued(&mut rules).await;
+                drop(rules);
+                proposed_rx.await
+            }
+        };
+        let commit_ts = match proposed {
+            Ok(Ok(commit_ts)) => commit_ts,
+            Ok(Err(not_proposed)) => return Err(not_proposed),
+            Err(_) => {
+                return Err(Proposed::Failed(ClientError::Internal(
+                    "the write left the proposal queue unanswered".into(),
+                )))
+            }
+        };
         if let Some(delay_ms) = answer_delay_ms() {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         }
-        let result = match submitted {
-            Err(fatal) => Err(Proposed::Failed(ClientError::Unavailable(format!(
-                "raft stopped: {fatal}"
-            )))),
-            Ok(()) => match answer.await {
-                Ok(Ok(resp)) => Ok(resp.data),
-                Ok(Err(e)) => Err(Proposed::Failed(write_error(
-                    openraft::errors::RaftError::APIError(e),
-                ))),
-                Err(_) => Err(Proposed::Failed(ClientError::Indeterminate(
-                    "raft dropped the write's answer; it may or may not have applied".into(),
-                ))),
-            },
+        let result = match answer.await {
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(e)) => Err(Proposed::Failed(write_error(
+                openraft::errors::RaftError::APIError(e),
+            ))),
+            Err(_) => Err(Proposed::Failed(ClientError::Indeterminate(
+                "raft dropped the write's answer; it may or may not have applied".into(),
+            ))),
         };
-        self.rules.lock().await.end_write(&p.keys, commit_ts);
+        self.rules.lock().await.end_write(&keys, commit_ts);
         self.applied.notify_waiters();
         result
+    }
+
+    /// Proposes every queued write, in queue order, while `rules` is held: each gets its
+    /// commit ts and goes to Raft before the next gets one, so the log holds them in
+    /// commit-ts order. A write that gets no timestamp or that Raft refuses is answered so
+    /// and leaves nothing in flight.
+    async fn propose_queued(&self, rules: &mut CommitTsRules) {
+        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        for q in queued {
+            let p = &q.proposal;
+            if !rules.seeded_for(p.epoch) {
+                let _ = q
+                    .proposed
+                    .send(Err(Proposed::Failed(ClientError::Unavailable(
+                        "the range's leadership changed; retry".into(),
+                    ))));
+                continue;
+            }
+            let commit_ts = match (q.take_above)(rules.commit_floor()) {
+                Ok(ts) => ts,
+                Err(batch) => {
+                    let _ = q.proposed.send(Err(Proposed::NoTimestamp { batch }));
+                    continue;
+                }
+            };
+            rules.begin_write(&p.keys, commit_ts);
+            // A send that does not complete leaves nothing queued (the channel's send is
+            // cancel-safe), and this task is not cancelled but by the runtime's shutdown.
+            let submitted = q
+                .raft
+                .write((q.command)(commit_ts))
+                .with_leader(p.leader_id)
+                .responder(q.responder)
+                .await;
+            let answer = match submitted {
+                Ok(()) => Ok(commit_ts),
+                Err(fatal) => {
+                    rules.end_write(&p.keys, commit_ts);
+                    self.applied.notify_waiters();
+                    Err(Proposed::Failed(ClientError::Unavailable(format!(
+                        "raft stopped: {fatal}"
+                    ))))
+                }
+            };
+            // The writer's task ends the flight when the answer comes; it is not cancelled
+            // but by the runtime's shutdown, when nothing is waited for any more.
+            let _ = q.proposed.send(answer);
+        }
     }
 }
 
