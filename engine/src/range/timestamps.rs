@@ -47,7 +47,7 @@ pub const TS_FETCH_TIMEOUT_MS: u64 = 1_500;
 pub const TS_FETCH_ATTEMPTS: usize = 6;
 /// Fetches under way at once. A write that finds them all begun before it arrived waits for
 /// the newest to end and then starts its own.
-pub const MAX_FETCHES_IN_FLIGHT: usize = 4;
+pub const MAX_FETCHES_IN_FLIGHT: usize = 2;
 /// Batches a write may try before it gives up: one fetch each, needed again only when
 /// concurrent writes used a batch up or reads pushed the range's floor past it.
 pub const MAX_BATCHES_PER_WRITE: usize = 3;
