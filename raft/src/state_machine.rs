@@ -413,13 +413,12 @@ impl StateMachine {
     }
 
     /// Checks that `key` may be written by a command committing at `commit_ts`: inside the
-    /// span, and for a sphere key above the range's last commit. A write at or below it
-    /// could hide an acknowledged write behind an older one, or land below a read that
-    /// already happened, so the leader never proposes one; applying it anyway is refused on
-    /// every replica alike. The check is range-wide rather than per key (which would cost a
-    /// lookup of the key's newest version in every write): the leader fixes commit
-    /// timestamps in log order, so the range-wide rule holds for every correct log and
-    /// implies the per-key one.
+    /// span, and for a sphere key above the range's last commit (see
+    /// [`RangeTimes::last_commit_ts`]). A write at or below it could hide an acknowledged
+    /// write behind an older one, or land below a read that already happened, so the leader
+    /// never proposes one; applying it anyway is refused on every replica alike. The check
+    /// is range-wide rather than per key (which would cost a lookup of the key's newest
+    /// version in every write): the range's leaders fix commit timestamps in log order.
     fn check_write(&self, key: &[u8], commit_ts: Option<Timestamp>) -> Result<(), CommandResponse> {
         self.check_in_span(key)?;
         if !keys::is_sphere_key(key) {
@@ -745,10 +744,13 @@ impl StateMachine {
             ..span
         };
         self.applied.span = Some(merged.clone());
-        // The right half's keys may have been collected up to its own horizon, and written
-        // up to its own last commit.
-        let right_times = local.as_ref().map_or_else(RangeTimes::default, |l| l.times);
-        self.applied.times = self.applied.times.covering(right_times);
+        // The right half's keys may have been collected up to its own horizon. Its last
+        // commit is not taken over: writes this range's leader fixed before the merge
+        // applied follow the merge entry in the log and may lie below it. The right half's
+        // keys are written only under the merged range's next seed, a fresh oracle
+        // timestamp above everything the right range committed.
+        let right_horizon = local.as_ref().map_or(0, |l| l.times.gc_horizon);
+        self.applied.times.gc_horizon = self.applied.times.gc_horizon.max(right_horizon);
         self.applied.recent_merges.push(AppliedMerge {
             right: right.range_id,
             left_generation: expected_generation,
@@ -2260,7 +2262,7 @@ mod tests {
     }
 
     #[test]
-    fn sphere_writes_commit_above_the_range_s_last_commit_which_splits_and_merges_carry() {
+    fn sphere_writes_commit_above_the_range_s_last_commit_which_splits_carry_and_merges_keep() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
         let middle = keys::kv_key(1, b"m");
@@ -2286,7 +2288,8 @@ mod tests {
                 .map(|v| v.commit_ts),
             Some(11)
         );
-        // A merge takes the later of the two last commits.
+        // A merge keeps the left range's own last commit: a write its leader fixed before
+        // the merge applied, below the right range's commits, still applies.
         assert_eq!(
             apply(&mut right, put_sphere_keys(&[b"n"], 20)),
             CommandResponse::Done
@@ -2300,9 +2303,13 @@ mod tests {
             apply(&mut left, merge),
             CommandResponse::MergeDone { .. }
         ));
-        assert!(refused(apply(&mut left, put_sphere_keys(&[b"d"], 15))));
         assert_eq!(
-            apply(&mut left, put_sphere_keys(&[b"d"], 21)),
+            apply(&mut left, put_sphere_keys(&[b"d"], 15)),
+            CommandResponse::Done
+        );
+        assert!(refused(apply(&mut left, put_sphere_keys(&[b"g"], 15))));
+        assert_eq!(
+            apply(&mut left, put_sphere_keys(&[b"g"], 21)),
             CommandResponse::Done
         );
         // A split hands the last commit to the right half.

@@ -230,20 +230,10 @@ pub struct RangeTimes {
     /// The highest commit timestamp the range applied. A leader fixes commit timestamps in
     /// log order, each above the last, and a new leader starts above every timestamp handed
     /// out before it, so every committed single-range write lies above this one; one that
-    /// does not is refused.
+    /// does not is refused. A split's right half copies it; a merge keeps the left range's
+    /// own (writes fixed before the merge applied may follow it in the log below the right
+    /// range's commits; the right half's keys are written only under a fresh seed).
     pub last_commit_ts: Timestamp,
-}
-
-impl RangeTimes {
-    /// The times of a range that took over both `self`'s keys and `other`'s (a merge): the
-    /// keys of either may have been collected up to its horizon, and written up to its last
-    /// commit.
-    pub fn covering(self, other: RangeTimes) -> RangeTimes {
-        RangeTimes {
-            gc_horizon: self.gc_horizon.max(other.gc_horizon),
-            last_commit_ts: self.last_commit_ts.max(other.last_commit_ts),
-        }
-    }
 }
 
 /// The result of applying a [`Command`].

@@ -89,8 +89,8 @@ pub struct RangeClock {
     rules: tokio::sync::Mutex<CommitTsRules>,
     /// Writes waiting to be proposed. Whoever holds `rules` next proposes every one of them
     /// in a row, so that they reach Raft together (openraft merges consecutive proposals
-    /// into one append) instead of one per hand-over of the lock. Each waiting write holds
-    /// a request and has one entry, so the writes in flight on the range bound it.
+    /// into one append) instead of one per hand-over of the lock. Each entry belongs to a
+    /// write's task waiting for the lock, so it holds no more than those tasks do.
     queue: Mutex<Vec<QueuedWrite>>,
     applied: tokio::sync::Notify,
 }
@@ -355,9 +355,9 @@ impl NodeTimestamps {
         since: Instant,
         used_up: Option<u64>,
     ) -> Result<Timestamp, ClientError> {
-        // Each turn either returns or waits for a fetch to end; a fetch that began after
-        // `since` ends the loop whatever it brought, so the turns are bounded by the fetches
-        // under way when the call began, plus one.
+        // Each turn either returns or waits for a fetch to end. A fetch that began after
+        // `since` serves this call, and its failure is this call's; the turns are bounded by
+        // the fetches under way when the call began, plus the one it starts or joins.
         for _ in 0..=MAX_FETCHES_IN_FLIGHT + 1 {
             {
                 let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
@@ -366,18 +366,28 @@ impl NodeTimestamps {
                     return Ok(b.end - TS_BATCH_SIZE);
                 }
             }
-            let outcome = {
+            let (outcome, serves_this_call) = {
                 let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
                 match fetches.iter().rev().find(|f| f.began > since) {
-                    Some(f) => f.outcome.clone(),
-                    None if fetches.len() < MAX_FETCHES_IN_FLIGHT => self.start_fetch(&mut fetches),
+                    Some(f) => (f.outcome.clone(), true),
+                    None if fetches.len() < MAX_FETCHES_IN_FLIGHT => {
+                        (self.start_fetch(&mut fetches), true)
+                    }
                     // All under way began too early; the newest ends first, most likely.
-                    None => fetches.last().map(|f| f.outcome.clone()).ok_or_else(|| {
-                        ClientError::Internal("no fetch under way and none allowed".into())
-                    })?,
+                    None => match fetches.last() {
+                        Some(f) => (f.outcome.clone(), false),
+                        None => {
+                            return Err(ClientError::Internal(
+                                "no fetch under way and none allowed".into(),
+                            ))
+                        }
+                    },
                 }
             };
-            wait_for_fetch(outcome).await?;
+            let ended = wait_for_fetch(outcome).await;
+            if serves_this_call {
+                ended?;
+            }
         }
         Err(ClientError::Unavailable(
             "no timestamp batch fetched after the write arrived; retry".into(),
@@ -387,37 +397,54 @@ impl NodeTimestamps {
     /// Starts fetching a batch in a task of its own, so that it ends (and leaves the list of
     /// fetches under way) even when every caller waiting for it has gone, and adds it to
     /// `fetches`, the locked list: the task removes it under that lock, so only after this.
-    /// The batch becomes the node's unless a fetch begun later already delivered one.
     fn start_fetch(self: &Arc<Self>, fetches: &mut Vec<Fetch>) -> FetchOutcome {
         let me = self.clone();
         let began = Instant::now();
         let (done, outcome) = tokio::sync::watch::channel(None);
-        let mine = outcome.clone();
+        let listed = ListedFetch {
+            timestamps: self.clone(),
+            outcome: outcome.clone(),
+        };
         tokio::spawn(async move {
-            let result = me.fetch(TS_BATCH_SIZE).await;
-            if let Ok(first) = result {
-                let mut b = me.batch.lock().unwrap_or_else(|p| p.into_inner());
-                if b.fetched_at.is_none_or(|at| at < began) {
-                    *b = Batch {
-                        next: first,
-                        end: first + TS_BATCH_SIZE,
-                        fetched_at: Some(began),
-                        seq: b.seq + 1,
-                    };
-                }
-            }
-            me.fetches
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|f| !f.outcome.same_channel(&mine));
+            let result = match me.fetch(TS_BATCH_SIZE).await {
+                Ok(first) => me.install(first, began),
+                Err(e) => Err(e),
+            };
+            drop(listed);
             // Nobody may be waiting any more; the batch is installed either way.
-            let _ = done.send(Some(result.map(|_| ())));
+            let _ = done.send(Some(result));
         });
         fetches.push(Fetch {
             began,
             outcome: outcome.clone(),
         });
         outcome
+    }
+
+    /// Takes the batch starting at `first`, fetched by a call that began at `began`, unless
+    /// the node's batch holds higher timestamps. Either way the node's batch is fresh as of
+    /// the later of the two fetches' beginnings: the oracle hands out ever higher
+    /// timestamps, so the higher batch was handed out after the lower one, which was handed
+    /// out after its own fetch began.
+    fn install(&self, first: Timestamp, began: Instant) -> Result<(), ClientError> {
+        let end = first.checked_add(TS_BATCH_SIZE).ok_or_else(|| {
+            ClientError::Internal(format!(
+                "the oracle handed out a batch at {first}, past the end of time"
+            ))
+        })?;
+        let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh_as_of = b.fetched_at.map_or(began, |at| at.max(began));
+        if first >= b.end {
+            *b = Batch {
+                next: first,
+                end,
+                fetched_at: Some(fresh_as_of),
+                seq: b.seq + 1,
+            };
+        } else {
+            b.fetched_at = Some(fresh_as_of);
+        }
+        Ok(())
     }
 
     /// `count` timestamps from the oracle: this node's own when it leads the meta range, else
@@ -595,6 +622,23 @@ impl NodeTimestamps {
             }
         }
         Ok(ReadTs(ts))
+    }
+}
+
+/// A fetch's place in the list of fetches under way, given up when its task ends, however it
+/// ends.
+struct ListedFetch {
+    timestamps: Arc<NodeTimestamps>,
+    outcome: FetchOutcome,
+}
+
+impl Drop for ListedFetch {
+    fn drop(&mut self) {
+        self.timestamps
+            .fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|f| !f.outcome.same_channel(&self.outcome));
     }
 }
 

@@ -541,14 +541,29 @@ async fn wait_recovered(shared: &Shared, addrs: &[String]) -> bool {
     .is_some()
 }
 
+/// What a node logs when a correct cluster's invariant broke without a panic: apply refusing
+/// a write its leader fixed below the range's last commit (a refused write is a clean
+/// failure to the client, so no history shows it).
+const BROKEN_INVARIANT_MARKERS: &[&str] = &["the leader's commit timestamps went backwards"];
+
 /// Panics the nodes logged: a panicking task can leave a node up but useless (its Raft core
-/// stopped), which no exit status shows.
+/// stopped), which no exit status shows. Also the broken invariants they logged
+/// ([`BROKEN_INVARIANT_MARKERS`]).
 fn panics_in_logs(run_dir: &Path, nodes: usize) -> Vec<String> {
     let mut found = Vec::new();
     for i in 1..=nodes {
         let log = run_dir.join("nodes").join(format!("n{i}.log"));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
+        for marker in BROKEN_INVARIANT_MARKERS {
+            if let Some(n) = lines.iter().position(|l| l.contains(marker)) {
+                found.push(format!(
+                    "node n{i} logged a broken invariant at nodes/n{i}.log:{}: {}",
+                    n + 1,
+                    lines[n].trim()
+                ));
+            }
+        }
         let panics: Vec<usize> = lines
             .iter()
             .enumerate()
