@@ -63,7 +63,7 @@ const STALE_CLOCKS_BOUND: usize = 64;
 type FetchOutcome = tokio::sync::watch::Receiver<Option<Result<(), ClientError>>>;
 
 /// A fetch of a batch under way.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Fetch {
     /// Before the request was sent: every timestamp it brings was handed out after this.
     began: Instant,
@@ -398,7 +398,6 @@ impl NodeTimestamps {
     /// fetches under way) even when every caller waiting for it has gone, and adds it to
     /// `fetches`, the locked list: the task removes it under that lock, so only after this.
     fn start_fetch(self: &Arc<Self>, fetches: &mut Vec<Fetch>) -> FetchOutcome {
-        let me = self.clone();
         let began = Instant::now();
         let (done, outcome) = tokio::sync::watch::channel(None);
         let listed = ListedFetch {
@@ -406,6 +405,7 @@ impl NodeTimestamps {
             outcome: outcome.clone(),
         };
         tokio::spawn(async move {
+            let me = &listed.timestamps;
             let result = match me.fetch(TS_BATCH_SIZE).await {
                 Ok(first) => me.install(first, began),
                 Err(e) => Err(e),
