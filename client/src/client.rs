@@ -1,6 +1,7 @@
 //! The async SphereDB client: routing cache, leader discovery, bounded retries.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,6 +148,10 @@ pub struct Client {
     channels: Arc<Mutex<HashMap<String, NodeConnections>>>,
     /// Callers waiting for a timestamp (see [`Client::timestamp`]).
     timestamps: Arc<Mutex<TimestampWaiters>>,
+    /// The newest oracle timestamp this client has seen (handed to it, or read at), sent
+    /// with every request (`Header.causal_ts`): a write commits above it, so a write that
+    /// follows a timestamp in this client's order is never visible at that timestamp.
+    causal_ts: Arc<AtomicU64>,
 }
 
 /// Should the sending task end early (a panic, its runtime shutting down), the callers still
@@ -219,6 +224,7 @@ impl Client {
             cache: Arc::new(Mutex::new(RoutingCache::default())),
             channels: Arc::new(Mutex::new(HashMap::new())),
             timestamps: Arc::default(),
+            causal_ts: Arc::default(),
         };
         client.refresh_ranges().await?;
         Ok(client)
@@ -389,7 +395,12 @@ impl Client {
         let attempts = u64::from(self.options.retry_budget.max(1));
         let wait_ms = 2 * attempts * self.options.call_deadline_ms;
         match tokio::time::timeout(Duration::from_millis(wait_ms), rx).await {
-            Ok(Ok(answer)) => answer,
+            Ok(Ok(answer)) => {
+                if let Ok(ts) = &answer {
+                    self.causal_ts.fetch_max(*ts, Ordering::Relaxed);
+                }
+                answer
+            }
             Ok(Err(_)) => Err(ClientError::Unavailable(
                 "the timestamp request was dropped".into(),
             )),
@@ -758,6 +769,7 @@ impl Client {
                     range_id: range.range_id,
                     generation: range.generation,
                 }),
+                causal_ts: self.causal_ts.load(Ordering::Relaxed),
             };
             // A replica on a node this client has not heard of (added since the last range
             // map): reload the map, which names every node.
@@ -858,7 +870,10 @@ impl Client {
                     .into(),
             ));
         }
-        self.read_key(sphere, key, ts).await
+        let value = self.read_key(sphere, key, ts).await?;
+        // Served, so the oracle had handed it out.
+        self.causal_ts.fetch_max(ts, Ordering::Relaxed);
+        Ok(value)
     }
 
     async fn read_key(
@@ -1078,7 +1093,9 @@ impl Client {
                     .into(),
             ));
         }
-        self.scan_span(sphere, start, end, limit, ts).await
+        let pairs = self.scan_span(sphere, start, end, limit, ts).await?;
+        self.causal_ts.fetch_max(ts, Ordering::Relaxed);
+        Ok(pairs)
     }
 
     async fn scan_span(

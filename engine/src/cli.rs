@@ -169,6 +169,14 @@ pub struct StartArgs {
     #[arg(long, env = "SPHEREDB_TSO_RESERVE_WINDOW_MS", default_value_t = config::DEFAULT_TSO_RESERVE_WINDOW_MS,
           value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(3..))]
     pub tso_reserve_window_ms: u64,
+    /// How old (ms) a node's batch of oracle timestamps may be when a write takes its commit
+    /// timestamp from it. A write then commits above every timestamp the oracle handed out
+    /// more than this long before the write arrived, and above every timestamp its client
+    /// had seen; 0 fetches a batch after every write's arrival (one oracle round trip per
+    /// wave of writes: strict real-time order across ranges, at a large CPU cost).
+    #[arg(long, env = "SPHEREDB_COMMIT_TS_STALENESS_MS", default_value_t = config::DEFAULT_COMMIT_TS_STALENESS_MS,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(..=60_000))]
+    pub commit_ts_staleness_ms: u64,
     /// How long old versions are kept (e.g. 25h, 90m, 30s): reads `--at` a timestamp older
     /// than this answer HISTORY_COMPACTED, and versions behind it are collected.
     #[arg(long, env = "SPHEREDB_GC_TTL", default_value = "25h", value_parser = parse_duration_ms)]
@@ -562,6 +570,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         disk_reserve_bytes: args.disk_reserve_bytes,
         ballast_size_bytes: args.ballast_size_bytes,
         tso_reserve_window_ms: args.tso_reserve_window_ms,
+        commit_ts_staleness_ms: args.commit_ts_staleness_ms,
         gc_ttl_ms: args.gc_ttl,
         gc_interval_ms: args.gc_interval_ms,
     };

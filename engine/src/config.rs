@@ -49,6 +49,10 @@ pub const DEFAULT_NODE_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
 /// Default reach of the timestamp oracle's reservations past its clock (see `meta::tso`).
 pub const DEFAULT_TSO_RESERVE_WINDOW_MS: u64 = 3_000;
+/// Default age an oracle batch may have when a write takes its commit ts from it (see
+/// `range::timestamps`): a write commits above every timestamp the oracle handed out more
+/// than this long before it arrived.
+pub const DEFAULT_COMMIT_TS_STALENESS_MS: u64 = 50;
 /// Default age past which old versions are garbage-collected and reads refused (25 h): the
 /// limit of time travel and of change-feed resumption.
 pub const DEFAULT_GC_TTL_MS: u64 = 25 * 3_600_000;
@@ -110,6 +114,9 @@ pub struct NodeConfig {
     pub ballast_size_bytes: u64,
     /// How far past its clock the timestamp oracle reserves timestamps through Raft.
     pub tso_reserve_window_ms: u64,
+    /// How old an oracle batch may be when a write takes its commit ts from it (0: fetched
+    /// after the write arrived).
+    pub commit_ts_staleness_ms: u64,
     /// Versions older than this (behind the newest oracle timestamp) are collected.
     pub gc_ttl_ms: u64,
     /// Period of the node's GC pass.
@@ -142,6 +149,7 @@ impl NodeConfig {
             disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
             ballast_size_bytes: DEFAULT_BALLAST_SIZE_BYTES,
             tso_reserve_window_ms: DEFAULT_TSO_RESERVE_WINDOW_MS,
+            commit_ts_staleness_ms: DEFAULT_COMMIT_TS_STALENESS_MS,
             gc_ttl_ms: DEFAULT_GC_TTL_MS,
             gc_interval_ms: DEFAULT_GC_INTERVAL_MS,
         }

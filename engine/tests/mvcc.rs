@@ -269,6 +269,7 @@ async fn a_write_whose_caller_gave_up_does_not_block_reads_of_its_key() {
                     range_id: range.range_id,
                     generation: range.generation,
                 }),
+                causal_ts: 0,
             }),
             key: b"stuck".to_vec(),
             value: b"after".to_vec(),

@@ -918,6 +918,7 @@ impl Node {
             replicas.clone(),
             peers.clone(),
             tso.clone(),
+            Duration::from_millis(cfg.commit_ts_staleness_ms),
         ));
         let server = {
             let mut stop_rx = stop_rx.clone();

@@ -4,14 +4,21 @@
 //! Every commit ts and every seed is a timestamp the oracle handed out to this node, so any
 //! timestamp the oracle hands out later is above it: a write acknowledged before a client asks
 //! the oracle for a read ts is visible at that ts, and a new leader seeded from a fresh
-//! timestamp starts above everything its predecessors fixed or read. A write's commit ts comes
-//! from a batch fetched after the write arrived, so it is also above every timestamp handed
-//! out before the write began: a snapshot read at such a timestamp never sees it. One fetch
-//! (one `GetTimestamps` call of [`TS_BATCH_SIZE`]) serves every write that arrived before it
-//! began, so the oracle's cost is one round trip per wave of writes, not per write. Fetches
-//! overlap (at most [`MAX_FETCHES_IN_FLIGHT`]): a write that arrives while a fetch is under
-//! way starts the next one at once rather than waiting for the first to end, so it waits for
-//! about one round trip, not two.
+//! timestamp starts above everything its predecessors fixed or read.
+//!
+//! A write's commit ts comes from a batch whose fetch began at most the node's staleness
+//! bound (`--commit-ts-staleness-ms`) before the write arrived, and lies above the timestamp
+//! its client sent as the newest it has seen (`causal_ts`). So it is above every timestamp the
+//! oracle handed out more than that bound before the write arrived, and above every one in the
+//! client's own past: a snapshot read at such a timestamp never sees the write. One fetch
+//! (one `GetTimestamps` call of [`TS_BATCH_SIZE`]) serves every write of that window, so under
+//! load the oracle costs a round trip per window, not per wave of writes; a batch half that
+//! old is refreshed in the background, so writes rarely wait for one. With a bound of 0 every
+//! write waits for a fetch that began after it arrived: strict real-time order across ranges,
+//! for one oracle round trip per wave of writes. Fetches overlap (at most
+//! [`MAX_FETCHES_IN_FLIGHT`]): a write that arrives while a fetch is under way starts the next
+//! one at once rather than waiting for the first to end, so it waits for about one round trip,
+//! not two.
 //!
 //! A write is proposed while its range's lock is held, after its commit ts was fixed, so
 //! proposals reach the log in commit-ts order and a key's versions rise in log order. The
@@ -303,14 +310,23 @@ pub struct NodeTimestamps {
     /// The newest oracle timestamp seen outside batches (checks of read timestamps).
     oracle_high: AtomicU64,
     clocks: Mutex<HashMap<RangeId, Arc<RangeClock>>>,
+    /// How long before a write arrived the fetch of the batch it takes its commit ts from may
+    /// have begun.
+    staleness: Duration,
 }
 
 impl NodeTimestamps {
-    pub fn new(replicas: Arc<ReplicaDirectory>, peers: Arc<Peers>, tso: Arc<Tso>) -> Self {
+    pub fn new(
+        replicas: Arc<ReplicaDirectory>,
+        peers: Arc<Peers>,
+        tso: Arc<Tso>,
+        staleness: Duration,
+    ) -> Self {
         NodeTimestamps {
             replicas,
             peers,
             tso,
+            staleness,
             batch: Mutex::default(),
             fetches: Mutex::default(),
             oracle_high: AtomicU64::new(0),
@@ -520,22 +536,33 @@ impl NodeTimestamps {
         Ok((clock, epoch, leader_id))
     }
 
-    /// Proposes the write of `keys` that `command` builds for a commit ts, as a single-range
+    /// Proposes the write of `keys` that `command` builds for a commit ts above `causal_ts`
+    /// (the newest timestamp the write's client has seen; 0 for none), as a single-range
     /// transaction on `replica`'s range, and waits at most `timeout_ms` for its answer.
     pub async fn propose(
         self: &Arc<Self>,
         replica: &Replica,
         keys: Vec<Vec<u8>>,
         command: Arc<dyn Fn(Timestamp) -> Command + Send + Sync>,
+        causal_ts: Timestamp,
         timeout_ms: u64,
     ) -> Result<CommandResponse, ClientError> {
-        // The commit ts comes from a batch fetched after the write arrived: above every
-        // timestamp handed out before, so a snapshot read at one of those never sees it.
-        let needed_at = Instant::now();
+        let arrived = Instant::now();
+        // A timestamp from the future would push commits above timestamps the oracle has
+        // yet to hand out, which would then miss them.
+        self.check_handed_out(causal_ts, "the request's causal timestamp")
+            .await?;
+        // The commit ts comes from a batch fetched at most the staleness bound before the
+        // write arrived: above every timestamp handed out before that, so a snapshot read at
+        // one of those never sees it. A batch that had none high enough is followed by one
+        // fetched after the write arrived, above everything handed out before.
+        let mut fresh_since = arrived.checked_sub(self.staleness).unwrap_or(arrived);
+        self.refresh_in_background(arrived);
         let (clock, epoch, leader_id) = self.leading_clock(replica).await?;
         for _ in 0..MAX_BATCHES_PER_WRITE {
             let me = self.clone();
-            let take = move |floor| me.take_above(floor, needed_at);
+            let since = fresh_since;
+            let take = move |floor: Timestamp| me.take_above(floor.max(causal_ts), since);
             let command = command.clone();
             let proposal = Proposal {
                 epoch,
@@ -548,7 +575,8 @@ impl NodeTimestamps {
                 .await
             {
                 Err(Proposed::NoTimestamp { batch }) => {
-                    self.refresh(needed_at, Some(batch)).await?;
+                    fresh_since = arrived;
+                    self.refresh(arrived, Some(batch)).await?;
                 }
                 Err(Proposed::Failed(e)) => return Err(e),
                 Ok(resp) => return Ok(resp),
@@ -559,10 +587,35 @@ impl NodeTimestamps {
         )))
     }
 
+    /// Starts fetching a batch, without waiting for it, when the node's batch is half as old
+    /// as writes may take, so that under steady writes the batch is renewed before writes
+    /// would have to wait for it.
+    fn refresh_in_background(self: &Arc<Self>, now: Instant) {
+        if self.staleness.is_zero() {
+            return;
+        }
+        let due = {
+            let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            b.fetched_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= self.staleness / 2)
+        };
+        if due {
+            let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+            if fetches.is_empty() {
+                self.start_fetch(&mut fetches);
+            }
+        }
+    }
+
     /// Checks a snapshot read's timestamp: refused when it is past the newest timestamp the
     /// oracle has handed out (a timestamp from the future would let later writes commit
     /// below a read already served, since new leaders seed from the oracle).
     pub async fn check_read_ts(&self, ts: Timestamp) -> Result<(), ClientError> {
+        self.check_handed_out(ts, "read timestamp").await
+    }
+
+    /// Refuses `ts` (`what` it is, for the error) unless the oracle has handed it out.
+    async fn check_handed_out(&self, ts: Timestamp, what: &str) -> Result<(), ClientError> {
         let known = self.newest_known();
         if ts <= known {
             return Ok(());
@@ -577,8 +630,8 @@ impl NodeTimestamps {
             }
         }
         Err(ClientError::InvalidArgument(format!(
-            "read timestamp {ts} is ahead of the timestamp oracle; read at a timestamp the \
-             oracle handed out (spheredb timestamp)"
+            "{what} {ts} is ahead of the timestamp oracle; use a timestamp the oracle handed \
+             out (spheredb timestamp)"
         )))
     }
 

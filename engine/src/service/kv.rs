@@ -223,10 +223,12 @@ impl KvService {
     async fn write(
         &self,
         replica: &Arc<Replica>,
+        header: &Option<Header>,
         keys: Vec<Vec<u8>>,
         command: impl Fn(Timestamp) -> Command + Send + Sync + 'static,
     ) -> Result<CommandResponse, ClientError> {
         let command: Arc<dyn Fn(Timestamp) -> Command + Send + Sync> = Arc::new(command);
+        let causal_ts = header.as_ref().map_or(0, |h| h.causal_ts);
         // Refused before proposing, so nothing is written and the caller may retry.
         self.disk.check_write()?;
         if ack_write_before_commit() {
@@ -239,7 +241,7 @@ impl KvService {
             let (timestamps, replica) = (self.timestamps.clone(), replica.clone());
             tokio::spawn(async move {
                 let _ = timestamps
-                    .propose(&replica, keys, command, WRITE_TIMEOUT_MS)
+                    .propose(&replica, keys, command, causal_ts, WRITE_TIMEOUT_MS)
                     .await;
             });
             return Ok(acked);
@@ -248,7 +250,7 @@ impl KvService {
         // the proposal runs detached, so giving up here cannot strand its keys in flight.
         let proposal = self
             .timestamps
-            .propose(replica, keys, command, WRITE_TIMEOUT_MS);
+            .propose(replica, keys, command, causal_ts, WRITE_TIMEOUT_MS);
         let answer = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), proposal)
             .await
             .map_err(|_| {
@@ -519,7 +521,7 @@ impl Kv for KvService {
                 let keys = vec![op.key.clone()];
                 let ops = vec![op];
                 match self
-                    .write(&replica, keys, move |ts| Command::Write {
+                    .write(&replica, &req.header, keys, move |ts| Command::Write {
                         ops: ops.clone(),
                         commit_ts: Some(ts),
                     })
@@ -541,9 +543,11 @@ impl Kv for KvService {
                 let (sphere, replica) = self.route(&req.header, &req.key)?;
                 let key = keys::kv_key(sphere, &req.key);
                 match self
-                    .write(&replica, vec![key.clone()], move |ts| Command::Delete {
-                        key: key.clone(),
-                        commit_ts: Some(ts),
+                    .write(&replica, &req.header, vec![key.clone()], move |ts| {
+                        Command::Delete {
+                            key: key.clone(),
+                            commit_ts: Some(ts),
+                        }
                     })
                     .await?
                 {
@@ -680,7 +684,7 @@ impl Kv for KvService {
                 let key = keys::kv_key(sphere, &req.key);
                 let (expected, new_value) = (req.expected, req.new_value);
                 match self
-                    .write(&replica, vec![key.clone()], move |ts| {
+                    .write(&replica, &req.header, vec![key.clone()], move |ts| {
                         Command::CompareAndSwap {
                             key: key.clone(),
                             expected: expected.clone(),
@@ -744,7 +748,7 @@ impl Kv for KvService {
                 }
                 let keys = ops.iter().map(|op| op.key.clone()).collect();
                 match self
-                    .write(&replica, keys, move |ts| Command::Write {
+                    .write(&replica, &req.header, keys, move |ts| Command::Write {
                         ops: ops.clone(),
                         commit_ts: Some(ts),
                     })
