@@ -1,6 +1,7 @@
 //! Versions and snapshot reads through the KV API on three in-process nodes: reads as of a
-//! timestamp see exactly what was acknowledged before the oracle handed it out, and stay the
-//! same while writes go on. The tests run one at a time, since the failpoint one configures a
+//! timestamp see what was acknowledged before the oracle handed it out, and nothing written
+//! after it by a client that had it or more than the commit-ts staleness bound later, and
+//! stay the same while writes go on. The tests run one at a time, since the failpoint one configures a
 //! process-wide failpoint.
 
 mod common;
@@ -127,6 +128,14 @@ async fn reads_as_of_a_timestamp_see_what_was_acknowledged_before_it_and_never_c
     // Writes after a read at a timestamp commit above it: the read stays the same.
     let changed = reads_then_writes(&client).await;
     assert!(changed.is_empty(), "snapshot reads changed: {changed:?}");
+    // A client that has seen no timestamp, writing well past the staleness bound after `t`
+    // was handed out, commits above `t`: its node's batch is fresher than that.
+    let t = client.timestamp().await.unwrap();
+    let staleness_ms = spheredb_engine::config::DEFAULT_COMMIT_TS_STALENESS_MS;
+    tokio::time::sleep(std::time::Duration::from_millis(4 * staleness_ms)).await;
+    let other = client_of(&nodes).await;
+    other.put(SPHERE, b"late", b"x").await.unwrap();
+    assert_eq!(client.get_at(SPHERE, b"late", t).await.unwrap(), None);
 
     // A timestamp the oracle has not handed out is refused.
     let future = client.timestamp().await.unwrap() + (3_600_000u64 << 18);

@@ -58,8 +58,9 @@ pub const MAX_FETCHES_IN_FLIGHT: usize = 2;
 /// Batches a write may try before it gives up: one fetch each, needed again only when
 /// concurrent writes used a batch up or reads pushed the range's floor past it.
 pub const MAX_BATCHES_PER_WRITE: usize = 3;
-/// A read at a timestamp more than this far past the newest one this node knows is refused
-/// without asking the oracle; a closer one is checked against a fresh timestamp.
+/// A read at a timestamp more than this far past the newest one this node knows (moved on by
+/// the time since its fetch began) is refused without asking the oracle; a closer one is
+/// checked against a fresh timestamp.
 pub const MAX_READ_TS_AHEAD_MS: u64 = 10_000;
 /// Clocks of ranges no longer here are dropped once this many more are kept than the node
 /// has replicas.
@@ -548,17 +549,27 @@ impl NodeTimestamps {
         timeout_ms: u64,
     ) -> Result<CommandResponse, ClientError> {
         let arrived = Instant::now();
-        // A timestamp from the future would push commits above timestamps the oracle has
-        // yet to hand out, which would then miss them.
-        self.check_handed_out(causal_ts, "the request's causal timestamp")
-            .await?;
+        let (clock, epoch, leader_id) = self.leading_clock(replica).await?;
         // The commit ts comes from a batch fetched at most the staleness bound before the
         // write arrived: above every timestamp handed out before that, so a snapshot read at
         // one of those never sees it. A batch that had none high enough is followed by one
         // fetched after the write arrived, above everything handed out before.
         let mut fresh_since = arrived.checked_sub(self.staleness).unwrap_or(arrived);
-        self.refresh_in_background(arrived);
-        let (clock, epoch, leader_id) = self.leading_clock(replica).await?;
+        if causal_ts > self.newest_known() {
+            // The client has seen a timestamp newer than this node's batch: a batch fetched
+            // now lies above it, unless it is one the oracle has not handed out, which would
+            // push commits above timestamps still to come, so that reads at those miss them.
+            fresh_since = arrived;
+            self.refresh(arrived, None).await?;
+            if causal_ts > self.newest_known() {
+                return Err(ClientError::InvalidArgument(format!(
+                    "the request's causal timestamp {causal_ts} is ahead of the timestamp \
+                     oracle; send only timestamps the oracle handed out"
+                )));
+            }
+        } else {
+            self.refresh_in_background(arrived);
+        }
         for _ in 0..MAX_BATCHES_PER_WRITE {
             let me = self.clone();
             let since = fresh_since;
@@ -611,16 +622,17 @@ impl NodeTimestamps {
     /// oracle has handed out (a timestamp from the future would let later writes commit
     /// below a read already served, since new leaders seed from the oracle).
     pub async fn check_read_ts(&self, ts: Timestamp) -> Result<(), ClientError> {
-        self.check_handed_out(ts, "read timestamp").await
-    }
-
-    /// Refuses `ts` (`what` it is, for the error) unless the oracle has handed it out.
-    async fn check_handed_out(&self, ts: Timestamp, what: &str) -> Result<(), ClientError> {
         let known = self.newest_known();
         if ts <= known {
             return Ok(());
         }
-        let ahead_ms = physical_ms(ts).saturating_sub(physical_ms(known));
+        // The oracle's clock has moved on since this node last heard from it: an idle node's
+        // newest timestamp may be hours old.
+        let heard_ms = {
+            let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            b.fetched_at.map_or(0, |at| at.elapsed().as_millis() as u64)
+        };
+        let ahead_ms = physical_ms(ts).saturating_sub(physical_ms(known).saturating_add(heard_ms));
         if known == 0 || ahead_ms <= MAX_READ_TS_AHEAD_MS {
             // One timestamp, handed out now: the oracle's present.
             let now = self.fetch(1).await?;
@@ -630,8 +642,8 @@ impl NodeTimestamps {
             }
         }
         Err(ClientError::InvalidArgument(format!(
-            "{what} {ts} is ahead of the timestamp oracle; use a timestamp the oracle handed \
-             out (spheredb timestamp)"
+            "read timestamp {ts} is ahead of the timestamp oracle; read at a timestamp the \
+             oracle handed out (spheredb timestamp)"
         )))
     }
 
