@@ -108,7 +108,15 @@ fn ci_specs() -> Vec<Spec> {
         short("kill-partition", WorkloadKind::Set, "kill,partition", 3, 1),
         short("kill-partition", WorkloadKind::Set, "kill,partition", 3, 2),
         short("churn", WorkloadKind::Scan, "churn,kill,partition", 3, 1),
-        short("churn", WorkloadKind::Scan, "churn,kill,partition", 3, 2),
+        // Snapshot reads at oracle timestamps and commit timestamps under clocks at their
+        // own rates.
+        short(
+            "churn-clock-rate",
+            WorkloadKind::Scan,
+            "churn,kill,partition,clock-rate",
+            3,
+            2,
+        ),
         short("churn", WorkloadKind::Scan, "churn,kill,partition", 5, 3),
         lease(3, 4),
         lease(3, 5),
@@ -270,6 +278,7 @@ mod tests {
             assert!(has(WorkloadKind::Register, Fault::ClockRate, nodes));
             assert!(has(WorkloadKind::Register, Fault::SlowApply, nodes));
         }
+        assert!(has(WorkloadKind::Scan, Fault::ClockRate, 3));
         for r in &runs {
             assert!(r.options.validate().is_ok(), "{}", r.name);
         }
