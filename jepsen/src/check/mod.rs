@@ -5,6 +5,7 @@
 //! explanation.
 
 pub mod linearizable;
+pub mod list_append;
 pub mod scan;
 pub mod set_final;
 

@@ -1,0 +1,1043 @@
+//! An Elle-style checker for list-append transaction histories: from what committed
+//! transactions read, infer each key's version order and the write-write (ww),
+//! write-read (wr) and read-write (rw, anti-dependency) edges between transactions, then look
+//! for the cycles and the non-cyclic anomalies that snapshot isolation and serializability
+//! forbid.
+//!
+//! A transaction is a list of micro-operations: `append k v` adds `v` to the end of the list
+//! at `k`; `r k` reads the whole list. Every appended value is unique per key, so a read
+//! names the exact writes it saw, in order, and the longest read of a key gives that key's
+//! version order (every other read must be a prefix of it). That is what makes the graph
+//! exact rather than guessed (Kingsbury & Alvaro, "Elle", VLDB 2020).
+//!
+//! Anomalies (Adya's names, as Elle reports them):
+//! - **G0**: a cycle of ww edges only (dirty writes);
+//! - **G1a**: a committed transaction read a value an aborted one appended;
+//! - **G1b**: a committed transaction read a value that was not its writer's last append to
+//!   the key (an intermediate state);
+//! - **G1c**: a cycle of ww and wr edges with at least one wr (circular information flow);
+//! - **G-single**: a cycle with exactly one rw edge (read skew);
+//! - **G2-item**: a cycle with more than one rw edge (write skew);
+//! - and what no history may show: a read that is not a prefix of the key's longest read
+//!   (`incompatible-order`), a transaction reading its own append before making it
+//!   (`future-read`), a value read twice (`duplicate-elements`), a value nobody
+//!   appended (`garbage-read`), a value appended twice (`duplicate-append`), and a
+//!   transaction whose read disagrees with its own earlier operations (`internal`).
+//!
+//! Snapshot isolation forbids all of them but G2-item; serializability forbids G2-item too.
+//!
+//! The search is linear in the history for the graph, and bounded for the cycles: one
+//! breadth-first search per candidate edge inside a strongly connected component, stopping
+//! at the first cycle of each anomaly per component, at most [`MAX_CYCLES_PER_ANOMALY`]
+//! listed each.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+
+/// Cycles listed per anomaly; the count of components showing it is always complete.
+pub const MAX_CYCLES_PER_ANOMALY: usize = 5;
+/// Non-cyclic anomalies listed per kind; the count is always complete.
+pub const MAX_LISTED_PER_ANOMALY: usize = 10;
+
+/// One micro-operation of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mop {
+    Append {
+        key: i64,
+        elem: i64,
+    },
+    /// `elems` is what the read returned; `None` when it is unknown (a transaction that
+    /// did not complete, or the invocation).
+    Read {
+        key: i64,
+        elems: Option<Vec<i64>>,
+    },
+}
+
+/// How a transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnStatus {
+    Committed,
+    /// Definitely did not take effect.
+    Aborted,
+    /// May or may not have taken effect.
+    Unknown,
+}
+
+/// A transaction as the checker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Txn {
+    pub process: i64,
+    pub status: TxnStatus,
+    pub mops: Vec<Mop>,
+    /// Line of the completion (or the invocation when it never completed), for reports.
+    pub line: usize,
+}
+
+/// What an anomaly is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Anomaly {
+    G0,
+    G1a,
+    G1b,
+    G1c,
+    GSingle,
+    G2Item,
+    Internal,
+    FutureRead,
+    IncompatibleOrder,
+    DuplicateElements,
+    GarbageRead,
+    DuplicateAppend,
+}
+
+impl Anomaly {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::G0 => "G0",
+            Self::G1a => "G1a",
+            Self::G1b => "G1b",
+            Self::G1c => "G1c",
+            Self::GSingle => "G-single",
+            Self::G2Item => "G2-item",
+            Self::Internal => "internal",
+            Self::FutureRead => "future-read",
+            Self::IncompatibleOrder => "incompatible-order",
+            Self::DuplicateElements => "duplicate-elements",
+            Self::GarbageRead => "garbage-read",
+            Self::DuplicateAppend => "duplicate-append",
+        }
+    }
+}
+
+impl fmt::Display for Anomaly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The consistency model a history is judged against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    SnapshotIsolation,
+    Serializable,
+}
+
+impl Consistency {
+    /// Whether a history showing `anomaly` violates this model.
+    pub fn forbids(self, anomaly: Anomaly) -> bool {
+        match self {
+            Self::SnapshotIsolation => anomaly != Anomaly::G2Item,
+            Self::Serializable => true,
+        }
+    }
+}
+
+/// A dependency between two transactions, through one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EdgeKind {
+    /// The source appended the version right before the target's.
+    Ww,
+    /// The target read the source's append.
+    Wr,
+    /// The source read a version the target's append overwrote.
+    Rw,
+}
+
+impl EdgeKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ww => "ww",
+            Self::Wr => "wr",
+            Self::Rw => "rw",
+        }
+    }
+}
+
+/// An edge `from -> to` of the dependency graph; `elem` is the value it goes through (the
+/// target's append for ww and rw, the value read for wr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Edge {
+    pub from: usize,
+    pub to: usize,
+    pub kind: EdgeKind,
+    pub key: i64,
+    pub elem: i64,
+}
+
+/// One anomaly found, with its evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub anomaly: Anomaly,
+    /// For a cycle, its edges in order (the last one's target is the first one's source).
+    pub cycle: Vec<Edge>,
+    pub explanation: String,
+}
+
+/// What the check found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub txns: usize,
+    pub committed: usize,
+    pub edges: usize,
+    /// How many times each anomaly was found (cycles: per strongly connected component).
+    pub counts: BTreeMap<Anomaly, usize>,
+    /// The listed findings, bounded per anomaly.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// Whether the history is legal under `model`.
+    pub fn valid_under(&self, model: Consistency) -> bool {
+        self.counts.keys().all(|a| !model.forbids(*a))
+    }
+
+    fn found(&mut self, anomaly: Anomaly, cycle: Vec<Edge>, explanation: String) {
+        let count = self.counts.entry(anomaly).or_default();
+        *count += 1;
+        let limit = if cycle.is_empty() {
+            MAX_LISTED_PER_ANOMALY
+        } else {
+            MAX_CYCLES_PER_ANOMALY
+        };
+        if *count <= limit {
+            self.findings.push(Finding {
+                anomaly,
+                cycle,
+                explanation,
+            });
+        }
+    }
+}
+
+/// Checks a list-append history.
+pub fn check(txns: &[Txn]) -> Report {
+    let mut report = Report {
+        txns: txns.len(),
+        committed: txns
+            .iter()
+            .filter(|t| t.status == TxnStatus::Committed)
+            .count(),
+        ..Report::default()
+    };
+    let writers = appends_by_value(txns, &mut report);
+    check_internal(txns, &mut report);
+    let orders = version_orders(txns, &writers, &mut report);
+    check_aborted_and_intermediate_reads(txns, &writers, &mut report);
+    let edges = dependency_edges(txns, &writers, &orders);
+    report.edges = edges.len();
+    find_cycles(txns, &edges, &mut report);
+    report
+}
+
+/// Which transaction appended each `(key, value)`, with its position among that
+/// transaction's appends to the key.
+struct Writer {
+    txn: usize,
+    /// Whether this is the transaction's last append to the key.
+    last_of_txn: bool,
+}
+
+fn appends_by_value(txns: &[Txn], report: &mut Report) -> HashMap<(i64, i64), Writer> {
+    let mut writers: HashMap<(i64, i64), Writer> = HashMap::new();
+    for (id, t) in txns.iter().enumerate() {
+        let mut last_append: HashMap<i64, i64> = HashMap::new();
+        for m in &t.mops {
+            if let Mop::Append { key, elem } = m {
+                last_append.insert(*key, *elem);
+            }
+        }
+        for m in &t.mops {
+            let Mop::Append { key, elem } = m else {
+                continue;
+            };
+            let writer = Writer {
+                txn: id,
+                last_of_txn: last_append.get(key) == Some(elem),
+            };
+            if let Some(first) = writers.insert((*key, *elem), writer) {
+                report.found(
+                    Anomaly::DuplicateAppend,
+                    Vec::new(),
+                    format!(
+                        "value {elem} was appended to key {key} by {} and by {}",
+                        describe(txns, first.txn),
+                        describe(txns, id)
+                    ),
+                );
+            }
+        }
+    }
+    writers
+}
+
+/// A transaction's reads must agree with its own earlier reads and appends of the key.
+fn check_internal(txns: &[Txn], report: &mut Report) {
+    for (id, t) in txns.iter().enumerate() {
+        if t.status != TxnStatus::Committed {
+            continue;
+        }
+        // What the transaction knows of each key: a read's result plus its appends since;
+        // for a key it has not read, only its own appends, which must end the list.
+        let mut known: HashMap<i64, (bool, Vec<i64>)> = HashMap::new();
+        for (i, m) in t.mops.iter().enumerate() {
+            if let Mop::Read {
+                key,
+                elems: Some(elems),
+            } = m
+            {
+                let later = t.mops[i + 1..].iter().find_map(|later| match later {
+                    Mop::Append { key: k, elem } if k == key && elems.contains(elem) => Some(*elem),
+                    _ => None,
+                });
+                if let Some(elem) = later {
+                    report.found(
+                        Anomaly::FutureRead,
+                        Vec::new(),
+                        format!(
+                            "{} read {elem} in key {key} before appending it",
+                            describe(txns, id)
+                        ),
+                    );
+                }
+            }
+            match m {
+                Mop::Append { key, elem } => known.entry(*key).or_default().1.push(*elem),
+                Mop::Read {
+                    key,
+                    elems: Some(elems),
+                } => {
+                    if let Some((whole, expected)) = known.get(key) {
+                        let consistent = if *whole {
+                            elems == expected
+                        } else {
+                            elems.ends_with(expected)
+                        };
+                        if !consistent {
+                            report.found(
+                                Anomaly::Internal,
+                                Vec::new(),
+                                format!(
+                                    "{} read key {key} as {elems:?}, but its own earlier operations \
+                                     imply {}{expected:?}",
+                                    describe(txns, id),
+                                    if *whole { "" } else { "a list ending in " }
+                                ),
+                            );
+                        }
+                    }
+                    known.insert(*key, (true, elems.clone()));
+                }
+                Mop::Read { elems: None, .. } => {}
+            }
+        }
+    }
+}
+
+/// Each key's version order: its longest committed read, which every other committed read
+/// must be a prefix of.
+fn version_orders(
+    txns: &[Txn],
+    writers: &HashMap<(i64, i64), Writer>,
+    report: &mut Report,
+) -> HashMap<i64, Vec<i64>> {
+    let mut longest: HashMap<i64, (usize, Vec<i64>)> = HashMap::new();
+    for (id, t) in txns.iter().enumerate() {
+        if t.status != TxnStatus::Committed {
+            continue;
+        }
+        for m in &t.mops {
+            let Mop::Read {
+                key,
+                elems: Some(elems),
+            } = m
+            else {
+                continue;
+            };
+            let mut seen = HashSet::new();
+            for e in elems {
+                if !seen.insert(*e) {
+                    report.found(
+                        Anomaly::DuplicateElements,
+                        Vec::new(),
+                        format!(
+                            "{} read key {key} as {elems:?}: {e} twice",
+                            describe(txns, id)
+                        ),
+                    );
+                }
+                if !writers.contains_key(&(*key, *e)) {
+                    report.found(
+                        Anomaly::GarbageRead,
+                        Vec::new(),
+                        format!(
+                            "{} read {e} in key {key}, which no transaction appended",
+                            describe(txns, id)
+                        ),
+                    );
+                }
+            }
+            let entry = longest.entry(*key).or_insert((id, Vec::new()));
+            if elems.len() > entry.1.len() {
+                *entry = (id, elems.clone());
+            }
+        }
+    }
+    for (id, t) in txns.iter().enumerate() {
+        if t.status != TxnStatus::Committed {
+            continue;
+        }
+        for m in &t.mops {
+            let Mop::Read {
+                key,
+                elems: Some(elems),
+            } = m
+            else {
+                continue;
+            };
+            let (by, order) = &longest[key];
+            if !order.starts_with(elems) {
+                report.found(
+                    Anomaly::IncompatibleOrder,
+                    Vec::new(),
+                    format!(
+                        "{} read key {key} as {elems:?}, not a prefix of {order:?} read by {}",
+                        describe(txns, id),
+                        describe(txns, *by)
+                    ),
+                );
+            }
+        }
+    }
+    longest
+        .into_iter()
+        .map(|(k, (_, order))| (k, order))
+        .collect()
+}
+
+/// G1a: reading an aborted transaction's append; G1b: reading a state in which the writer
+/// had appended to the key again later.
+fn check_aborted_and_intermediate_reads(
+    txns: &[Txn],
+    writers: &HashMap<(i64, i64), Writer>,
+    report: &mut Report,
+) {
+    for (id, t) in txns.iter().enumerate() {
+        if t.status != TxnStatus::Committed {
+            continue;
+        }
+        for m in &t.mops {
+            let Mop::Read {
+                key,
+                elems: Some(elems),
+            } = m
+            else {
+                continue;
+            };
+            for e in elems {
+                let Some(w) = writers.get(&(*key, *e)) else {
+                    continue;
+                };
+                if w.txn != id && txns[w.txn].status == TxnStatus::Aborted {
+                    report.found(
+                        Anomaly::G1a,
+                        Vec::new(),
+                        format!(
+                            "{} read {e} in key {key}, appended by {}, which aborted",
+                            describe(txns, id),
+                            describe(txns, w.txn)
+                        ),
+                    );
+                }
+            }
+            if let Some(last) = elems.last() {
+                if let Some(w) = writers.get(&(*key, *last)) {
+                    if w.txn != id && !w.last_of_txn {
+                        report.found(
+                            Anomaly::G1b,
+                            Vec::new(),
+                            format!(
+                                "{} read key {key} ending in {last}, an intermediate append of {}",
+                                describe(txns, id),
+                                describe(txns, w.txn)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The ww, wr and rw edges among transactions that took effect (committed ones, and
+/// unknown ones whose appends were read).
+fn dependency_edges(
+    txns: &[Txn],
+    writers: &HashMap<(i64, i64), Writer>,
+    orders: &HashMap<i64, Vec<i64>>,
+) -> Vec<Edge> {
+    let mut edges = HashSet::new();
+    let writer_of = |key: i64, elem: i64| {
+        writers
+            .get(&(key, elem))
+            .map(|w| w.txn)
+            .filter(|t| txns[*t].status != TxnStatus::Aborted)
+    };
+    // Transactions that took effect: the committed ones, and those of unknown outcome
+    // whose appends some read observed (a transaction takes effect whole or not at all).
+    let mut took_effect: Vec<bool> = txns
+        .iter()
+        .map(|t| t.status == TxnStatus::Committed)
+        .collect();
+    for (key, order) in orders {
+        for elem in order {
+            if let Some(w) = writer_of(*key, *elem) {
+                took_effect[w] = true;
+            }
+        }
+    }
+    // Committed appends no read observed: each comes after every observed version of its
+    // key (else the longest read, which holds every version before its last, would show
+    // it), in an order nobody saw. So they follow the key's last observed writer, and every
+    // read of the whole observed order precedes them.
+    let mut unobserved: HashMap<i64, Vec<(usize, i64)>> = HashMap::new();
+    for (&(key, elem), w) in writers {
+        let observed = orders.get(&key).is_some_and(|o| o.contains(&elem));
+        if !observed && took_effect[w.txn] {
+            unobserved.entry(key).or_default().push((w.txn, elem));
+        }
+    }
+    for (key, later) in &unobserved {
+        let last = orders.get(key).and_then(|o| o.last());
+        if let Some(a) = last.and_then(|e| writer_of(*key, *e)) {
+            for &(b, elem) in later {
+                if a != b {
+                    edges.insert(Edge {
+                        from: a,
+                        to: b,
+                        kind: EdgeKind::Ww,
+                        key: *key,
+                        elem,
+                    });
+                }
+            }
+        }
+    }
+    // ww: consecutive versions of a key, between different transactions.
+    for (key, order) in orders {
+        for pair in order.windows(2) {
+            if let (Some(a), Some(b)) = (writer_of(*key, pair[0]), writer_of(*key, pair[1])) {
+                if a != b {
+                    edges.insert(Edge {
+                        from: a,
+                        to: b,
+                        kind: EdgeKind::Ww,
+                        key: *key,
+                        elem: pair[1],
+                    });
+                }
+            }
+        }
+    }
+    for (id, t) in txns.iter().enumerate() {
+        if t.status != TxnStatus::Committed {
+            continue;
+        }
+        // A transaction's read of a key after its own append to it says nothing about
+        // others beyond what its first read of the key said.
+        let mut read_keys = HashSet::new();
+        let mut appended_keys = HashSet::new();
+        for m in &t.mops {
+            match m {
+                Mop::Append { key, .. } => {
+                    appended_keys.insert(*key);
+                }
+                Mop::Read {
+                    key,
+                    elems: Some(elems),
+                } => {
+                    if appended_keys.contains(key) || !read_keys.insert(*key) {
+                        continue;
+                    }
+                    // wr: from the writer of the last value read.
+                    if let Some(last) = elems.last() {
+                        if let Some(w) = writer_of(*key, *last) {
+                            if w != id {
+                                edges.insert(Edge {
+                                    from: w,
+                                    to: id,
+                                    kind: EdgeKind::Wr,
+                                    key: *key,
+                                    elem: *last,
+                                });
+                            }
+                        }
+                    }
+                    // rw: to the writer of the version that followed the one read; after
+                    // the whole observed order, to every unobserved append.
+                    let Some(order) = orders.get(key).filter(|o| o.starts_with(elems)) else {
+                        continue;
+                    };
+                    let next: Vec<(usize, i64)> = match order.get(elems.len()) {
+                        Some(next) => writer_of(*key, *next)
+                            .map(|w| (w, *next))
+                            .into_iter()
+                            .collect(),
+                        None => unobserved.get(key).cloned().unwrap_or_default(),
+                    };
+                    for (w, elem) in next {
+                        if w != id {
+                            edges.insert(Edge {
+                                from: id,
+                                to: w,
+                                kind: EdgeKind::Rw,
+                                key: *key,
+                                elem,
+                            });
+                        }
+                    }
+                }
+                Mop::Read { elems: None, .. } => {}
+            }
+        }
+    }
+    let mut edges: Vec<Edge> = edges.into_iter().collect();
+    edges.sort_by_key(|e| (e.from, e.to, e.kind, e.key, e.elem));
+    edges
+}
+
+/// Finds, in each strongly connected component, a cycle of each anomaly it holds: G0 (ww
+/// only), G1c (ww and wr, one wr at least), G-single (exactly one rw), G2-item (more).
+fn find_cycles(txns: &[Txn], edges: &[Edge], report: &mut Report) {
+    let n = txns.len();
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, e) in edges.iter().enumerate() {
+        out[e.from].push(i);
+    }
+    let component = strongly_connected_components(n, edges, &out);
+    let mut by_component: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, e) in edges.iter().enumerate() {
+        if component[e.from] == component[e.to] {
+            by_component.entry(component[e.from]).or_default().push(i);
+        }
+    }
+    for inner in by_component.values() {
+        let ww = |e: &Edge| e.kind == EdgeKind::Ww;
+        let ww_wr = |e: &Edge| e.kind != EdgeKind::Rw;
+        let any = |_: &Edge| true;
+        let search = |first_kind: EdgeKind, allowed: &dyn Fn(&Edge) -> bool| {
+            inner
+                .iter()
+                .filter(|i| edges[**i].kind == first_kind)
+                .find_map(|i| cycle_through(edges, &out, *i, allowed))
+        };
+        if let Some(c) = search(EdgeKind::Ww, &ww) {
+            report.found(Anomaly::G0, c.clone(), describe_cycle(txns, &c));
+        }
+        if let Some(c) = search(EdgeKind::Wr, &ww_wr) {
+            report.found(Anomaly::G1c, c.clone(), describe_cycle(txns, &c));
+        }
+        match search(EdgeKind::Rw, &ww_wr) {
+            Some(c) => report.found(Anomaly::GSingle, c.clone(), describe_cycle(txns, &c)),
+            None => {
+                if let Some(c) = search(EdgeKind::Rw, &any) {
+                    report.found(Anomaly::G2Item, c.clone(), describe_cycle(txns, &c));
+                }
+            }
+        }
+    }
+}
+
+/// A shortest cycle that starts with edge `first` and returns to its source through edges
+/// `allowed` keeps.
+fn cycle_through(
+    edges: &[Edge],
+    out: &[Vec<usize>],
+    first: usize,
+    allowed: &dyn Fn(&Edge) -> bool,
+) -> Option<Vec<Edge>> {
+    let (start, goal) = (edges[first].to, edges[first].from);
+    let mut came_by: HashMap<usize, usize> = HashMap::new();
+    let mut queue = VecDeque::from([start]);
+    let mut reached = start == goal;
+    let mut visited = HashSet::from([start]);
+    while let Some(node) = queue.pop_front() {
+        if reached {
+            break;
+        }
+        for &i in &out[node] {
+            let e = &edges[i];
+            if !allowed(e) || !visited.insert(e.to) {
+                continue;
+            }
+            came_by.insert(e.to, i);
+            if e.to == goal {
+                reached = true;
+                break;
+            }
+            queue.push_back(e.to);
+        }
+    }
+    if !reached {
+        return None;
+    }
+    let mut path = Vec::new();
+    let mut node = goal;
+    while node != start {
+        let i = came_by[&node];
+        path.push(edges[i]);
+        node = edges[i].from;
+    }
+    path.push(edges[first]);
+    path.reverse();
+    Some(path)
+}
+
+/// Tarjan's algorithm, iteratively; returns each node's component number.
+fn strongly_connected_components(n: usize, edges: &[Edge], out: &[Vec<usize>]) -> Vec<usize> {
+    const UNSEEN: usize = usize::MAX;
+    let mut index = vec![UNSEEN; n];
+    let mut low = vec![0; n];
+    let mut on_stack = vec![false; n];
+    let mut stack = Vec::new();
+    let mut component = vec![UNSEEN; n];
+    let mut next_index = 0;
+    let mut components = 0;
+    for root in 0..n {
+        if index[root] != UNSEEN {
+            continue;
+        }
+        // (node, position in its out-edges)
+        let mut work = vec![(root, 0usize)];
+        while let Some(&mut (node, ref mut pos)) = work.last_mut() {
+            if *pos == 0 && index[node] == UNSEEN {
+                index[node] = next_index;
+                low[node] = next_index;
+                next_index += 1;
+                stack.push(node);
+                on_stack[node] = true;
+            }
+            if let Some(&i) = out[node].get(*pos) {
+                *pos += 1;
+                let to = edges[i].to;
+                if index[to] == UNSEEN {
+                    work.push((to, 0));
+                } else if on_stack[to] {
+                    low[node] = low[node].min(index[to]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(parent, _)) = work.last() {
+                low[parent] = low[parent].min(low[node]);
+            }
+            if low[node] == index[node] {
+                while let Some(member) = stack.pop() {
+                    on_stack[member] = false;
+                    component[member] = components;
+                    if member == node {
+                        break;
+                    }
+                }
+                components += 1;
+            }
+        }
+    }
+    component
+}
+
+fn describe(txns: &[Txn], id: usize) -> String {
+    format!(
+        "T{id} (process {}, line {})",
+        txns[id].process, txns[id].line
+    )
+}
+
+fn describe_cycle(txns: &[Txn], cycle: &[Edge]) -> String {
+    let mut s = String::new();
+    for e in cycle {
+        s.push_str(&format!(
+            "{} -{} key {} value {}-> ",
+            describe(txns, e.from),
+            e.kind.name(),
+            e.key,
+            e.elem
+        ));
+    }
+    if let Some(first) = cycle.first() {
+        s.push_str(&describe(txns, first.from));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(key: i64, elem: i64) -> Mop {
+        Mop::Append { key, elem }
+    }
+
+    fn r(key: i64, elems: &[i64]) -> Mop {
+        Mop::Read {
+            key,
+            elems: Some(elems.to_vec()),
+        }
+    }
+
+    fn ok(mops: Vec<Mop>) -> Txn {
+        Txn {
+            process: 0,
+            status: TxnStatus::Committed,
+            mops,
+            line: 0,
+        }
+    }
+
+    fn with(status: TxnStatus, mops: Vec<Mop>) -> Txn {
+        Txn { status, ..ok(mops) }
+    }
+
+    fn anomalies(txns: &[Txn]) -> Vec<Anomaly> {
+        check(txns).counts.into_keys().collect()
+    }
+
+    #[test]
+    fn a_serial_history_is_legal_under_both_models() {
+        let h = vec![
+            ok(vec![a(1, 1), a(2, 1)]),
+            ok(vec![r(1, &[1]), a(1, 2)]),
+            ok(vec![r(1, &[1, 2]), r(2, &[1])]),
+        ];
+        let report = check(&h);
+        assert!(report.counts.is_empty(), "{report:?}");
+        assert!(report.valid_under(Consistency::Serializable));
+    }
+
+    #[test]
+    fn a_write_cycle_is_g0() {
+        // T0 appended before T1 on key 1, after it on key 2.
+        let h = vec![
+            ok(vec![a(1, 1), a(2, 2)]),
+            ok(vec![a(1, 2), a(2, 1)]),
+            ok(vec![r(1, &[1, 2]), r(2, &[1, 2])]),
+        ];
+        assert!(anomalies(&h).contains(&Anomaly::G0));
+        assert!(!check(&h).valid_under(Consistency::SnapshotIsolation));
+    }
+
+    #[test]
+    fn reading_an_aborted_append_is_g1a() {
+        let h = vec![
+            with(TxnStatus::Aborted, vec![a(1, 1)]),
+            ok(vec![r(1, &[1])]),
+        ];
+        assert_eq!(anomalies(&h), vec![Anomaly::G1a]);
+    }
+
+    #[test]
+    fn reading_an_intermediate_append_is_g1b() {
+        let h = vec![ok(vec![a(1, 1), a(1, 2)]), ok(vec![r(1, &[1])])];
+        assert!(anomalies(&h).contains(&Anomaly::G1b));
+    }
+
+    #[test]
+    fn circular_information_flow_is_g1c() {
+        // Each read the other's append.
+        let h = vec![ok(vec![a(1, 1), r(2, &[1])]), ok(vec![a(2, 1), r(1, &[1])])];
+        assert!(anomalies(&h).contains(&Anomaly::G1c));
+    }
+
+    #[test]
+    fn read_skew_is_g_single_and_illegal_under_si() {
+        // T2 sees T1's append to key 2 but not its append to key 1.
+        let h = vec![ok(vec![a(1, 1), a(2, 1)]), ok(vec![r(1, &[]), r(2, &[1])])];
+        let report = check(&h);
+        assert_eq!(
+            report.counts.keys().copied().collect::<Vec<_>>(),
+            vec![Anomaly::GSingle]
+        );
+        assert!(!report.valid_under(Consistency::SnapshotIsolation));
+        assert_eq!(report.findings[0].cycle.len(), 2);
+    }
+
+    #[test]
+    fn write_skew_is_g2_item_legal_under_si_only() {
+        // Each read the key the other appended to, before the other's append.
+        let h = vec![
+            ok(vec![r(1, &[]), a(2, 1)]),
+            ok(vec![r(2, &[]), a(1, 1)]),
+            ok(vec![r(1, &[1]), r(2, &[1])]),
+        ];
+        let report = check(&h);
+        assert_eq!(
+            report.counts.keys().copied().collect::<Vec<_>>(),
+            vec![Anomaly::G2Item]
+        );
+        assert!(report.valid_under(Consistency::SnapshotIsolation));
+        assert!(!report.valid_under(Consistency::Serializable));
+    }
+
+    #[test]
+    fn non_cyclic_impossibilities_are_reported() {
+        let h = vec![
+            ok(vec![a(1, 1), a(1, 2)]),
+            ok(vec![r(1, &[1, 2])]),
+            ok(vec![r(1, &[2])]),
+            ok(vec![r(2, &[7, 7])]),
+            ok(vec![a(3, 1), r(3, &[])]),
+        ];
+        let found = anomalies(&h);
+        for expected in [
+            Anomaly::IncompatibleOrder,
+            Anomaly::DuplicateElements,
+            Anomaly::GarbageRead,
+            Anomaly::Internal,
+        ] {
+            assert!(
+                found.contains(&expected),
+                "{expected} missing from {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reading_an_own_append_before_making_it_is_a_future_read() {
+        let h = vec![ok(vec![r(1, &[1]), a(1, 1)]), ok(vec![r(1, &[1])])];
+        assert_eq!(anomalies(&h), vec![Anomaly::FutureRead]);
+    }
+
+    #[test]
+    fn unknown_transactions_count_only_when_read() {
+        // An unknown append that was read took effect: the read skew is still G-single.
+        let h = vec![
+            with(TxnStatus::Unknown, vec![a(1, 1), a(2, 1)]),
+            ok(vec![r(1, &[]), r(2, &[1])]),
+            with(TxnStatus::Unknown, vec![a(3, 1)]),
+        ];
+        assert_eq!(anomalies(&h), vec![Anomaly::GSingle]);
+    }
+
+    /// Whether some serial order of the (all committed) transactions produces every read.
+    fn brute_force_serializable(h: &[Txn]) -> bool {
+        fn permute(h: &[Txn], order: &mut Vec<usize>, used: &mut Vec<bool>) -> bool {
+            if order.len() == h.len() {
+                let mut state: HashMap<i64, Vec<i64>> = HashMap::new();
+                for &t in order.iter() {
+                    for m in &h[t].mops {
+                        match m {
+                            Mop::Append { key, elem } => state.entry(*key).or_default().push(*elem),
+                            Mop::Read { key, elems } => {
+                                let now = state.get(key).cloned().unwrap_or_default();
+                                if elems.as_ref().is_some_and(|e| *e != now) {
+                                    return false;
+                                }
+                            }
+                        }
+                    }
+                }
+                return true;
+            }
+            for t in 0..h.len() {
+                if !used[t] {
+                    used[t] = true;
+                    order.push(t);
+                    if permute(h, order, used) {
+                        return true;
+                    }
+                    order.pop();
+                    used[t] = false;
+                }
+            }
+            false
+        }
+        permute(h, &mut Vec::new(), &mut vec![false; h.len()])
+    }
+
+    /// Up to four transactions over two keys, run in a random serial order; each read
+    /// returns what that order gives, or now and then another prefix of the key's final
+    /// list (which may make the history unserializable). A last transaction reads every key
+    /// whole, so every key's version order is known.
+    fn random_history(rng: &mut impl rand::Rng) -> Vec<Txn> {
+        let n = rng.random_range(2..=4);
+        let mut next_elem = [1i64; 2];
+        let mut h: Vec<Txn> = (0..n)
+            .map(|_| {
+                let mops = (0..rng.random_range(1..=3))
+                    .map(|_| {
+                        let k = rng.random_range(0..2usize);
+                        if rng.random_bool(0.5) {
+                            next_elem[k] += 1;
+                            a(k as i64, next_elem[k] - 1)
+                        } else {
+                            Mop::Read {
+                                key: k as i64,
+                                elems: None,
+                            }
+                        }
+                    })
+                    .collect();
+                ok(mops)
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+        let mut state: HashMap<i64, Vec<i64>> = HashMap::new();
+        let mut reads = Vec::new();
+        for &t in &order {
+            for (i, m) in h[t].mops.iter().enumerate() {
+                match m {
+                    Mop::Append { key, elem } => state.entry(*key).or_default().push(*elem),
+                    Mop::Read { key, .. } => {
+                        reads.push((t, i, *key, state.get(key).cloned().unwrap_or_default()))
+                    }
+                }
+            }
+        }
+        for (t, i, key, seen) in reads {
+            let final_list = state.get(&key).cloned().unwrap_or_default();
+            let elems = if rng.random_bool(0.7) {
+                seen
+            } else {
+                final_list[..rng.random_range(0..=final_list.len())].to_vec()
+            };
+            h[t].mops[i] = Mop::Read {
+                key,
+                elems: Some(elems),
+            };
+        }
+        h.push(ok((0..2)
+            .map(|k| r(k, &state.get(&k).cloned().unwrap_or_default()))
+            .collect()));
+        h
+    }
+
+    #[test]
+    fn anomalies_are_found_exactly_when_no_serial_order_explains_the_reads() {
+        use rand::SeedableRng;
+        let (mut serializable, mut not) = (0, 0);
+        for seed in 0..3_000u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let h = random_history(&mut rng);
+            let report = check(&h);
+            let serial = brute_force_serializable(&h);
+            assert_eq!(
+                report.valid_under(Consistency::Serializable),
+                serial,
+                "seed {seed}: history {h:#?}\nreport {report:#?}"
+            );
+            if serial {
+                serializable += 1;
+            } else {
+                not += 1;
+            }
+        }
+        // The generator makes both kinds, so both directions were exercised.
+        assert!(
+            serializable > 300 && not > 300,
+            "{serializable} serializable, {not} not"
+        );
+    }
+}
