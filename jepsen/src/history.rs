@@ -46,6 +46,8 @@ pub enum Function {
     Get,
     Append,
     Add,
+    /// A transaction: its value lists micro-operations (`[:append k v]`, `[:r k nil]`).
+    Txn,
 }
 
 impl Function {
@@ -59,6 +61,7 @@ impl Function {
             "get" => Some(Self::Get),
             "append" => Some(Self::Append),
             "add" => Some(Self::Add),
+            "txn" => Some(Self::Txn),
             _ => None,
         }
     }
@@ -72,6 +75,7 @@ impl Function {
             Self::Get => "get",
             Self::Append => "append",
             Self::Add => "add",
+            Self::Txn => "txn",
         }
     }
 

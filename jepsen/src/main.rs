@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use spheredb_jepsen::check::{check_events, CheckOptions, CheckReport, Verdict};
+use spheredb_jepsen::check::{check_events, list_append, CheckOptions, CheckReport, Verdict};
 use spheredb_jepsen::model::ModelKind;
 use spheredb_jepsen::parse::{load, Format};
 use spheredb_jepsen::tester::nemesis::parse_nemesis;
@@ -47,6 +47,7 @@ Examples:
   spheredb-jepsen check --model cas-register --format jepsen-log etcd_*.log
   spheredb-jepsen check --model kv --format edn history.edn
   spheredb-jepsen check --model set --format jsonl --time-limit-secs 300 run.jsonl
+  spheredb-jepsen check --model list-append --consistency serializable --format edn h.edn
 
 ",
     exit_codes_help!()
@@ -286,6 +287,10 @@ struct CheckArgs {
     #[arg(long, value_enum, default_value_t = FormatArg::Edn)]
     format: FormatArg,
 
+    /// The isolation level a list-append history is judged against.
+    #[arg(long, value_enum, default_value_t = ConsistencyArg::SnapshotIsolation)]
+    consistency: ConsistencyArg,
+
     /// Time budget per history, in seconds; past it the answer is `unknown`.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     time_limit_secs: u64,
@@ -313,6 +318,17 @@ enum ModelArg {
     Kv,
     /// Grow-only set: add, and read of all elements.
     Set,
+    /// Transactions of appends to and reads of integer lists (Elle's list-append), checked
+    /// for dependency cycles against `--consistency`.
+    ListAppend,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ConsistencyArg {
+    /// Forbids G0, G1a, G1b, G1c and G-single; allows G2-item (write skew).
+    SnapshotIsolation,
+    /// Forbids G2-item too.
+    Serializable,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -441,16 +457,78 @@ fn run_suite(args: &SuiteArgs) -> u8 {
     suite::suite_exit_code(&results)
 }
 
-fn run_check(args: &CheckArgs) -> io::Result<u8> {
-    let model = match args.model {
-        ModelArg::CasRegister => ModelKind::CasRegister,
-        ModelArg::Kv => ModelKind::Kv,
-        ModelArg::Set => ModelKind::Set,
+/// `check --model list-append`: one line `<file>\t<ok|illegal|error>` per file, then the
+/// anomalies the model forbids, with their evidence.
+fn run_list_append_check(args: &CheckArgs, format: Format) -> io::Result<u8> {
+    let consistency = match args.consistency {
+        ConsistencyArg::SnapshotIsolation => list_append::Consistency::SnapshotIsolation,
+        ConsistencyArg::Serializable => list_append::Consistency::Serializable,
     };
+    let (mut any_illegal, mut any_error) = (false, false);
+    let mut out = io::stdout().lock();
+    for path in &args.files {
+        let shown = path.display();
+        let checked = load(format, path)
+            .map_err(|e| e.to_string())
+            .and_then(|events| {
+                list_append::txns_from_events(&events).map_err(|e| format!("{shown}: {e}"))
+            });
+        let txns = match checked {
+            Ok(txns) => txns,
+            Err(message) => {
+                any_error = true;
+                writeln!(out, "{shown}\terror")?;
+                out.flush()?;
+                eprintln!("spheredb-jepsen: {message}");
+                continue;
+            }
+        };
+        let report = list_append::check(&txns);
+        let valid = report.valid_under(consistency);
+        any_illegal |= !valid;
+        writeln!(out, "{shown}\t{}", if valid { "ok" } else { "illegal" })?;
+        for (anomaly, count) in &report.counts {
+            let verdict = if consistency.forbids(*anomaly) {
+                "forbidden"
+            } else {
+                "allowed"
+            };
+            writeln!(out, "    {anomaly}: {count} ({verdict})")?;
+        }
+        for finding in &report.findings {
+            if !valid || args.verbose {
+                writeln!(out, "    {}: {}", finding.anomaly, finding.explanation)?;
+            }
+        }
+        if args.verbose {
+            writeln!(
+                out,
+                "    {} transactions ({} committed), {} dependency edges",
+                report.txns, report.committed, report.edges
+            )?;
+        }
+        out.flush()?;
+    }
+    Ok(if any_illegal {
+        EXIT_ILLEGAL
+    } else if any_error {
+        EXIT_ERROR
+    } else {
+        EXIT_OK
+    })
+}
+
+fn run_check(args: &CheckArgs) -> io::Result<u8> {
     let format = match args.format {
         FormatArg::JepsenLog => Format::JepsenLog,
         FormatArg::Edn => Format::Edn,
         FormatArg::Jsonl => Format::Jsonl,
+    };
+    let model = match args.model {
+        ModelArg::CasRegister => ModelKind::CasRegister,
+        ModelArg::Kv => ModelKind::Kv,
+        ModelArg::Set => ModelKind::Set,
+        ModelArg::ListAppend => return run_list_append_check(args, format),
     };
     let options = CheckOptions {
         time_limit_ms: args.time_limit_secs.saturating_mul(1000),

@@ -34,6 +34,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 
+use crate::history::{Event, EventType, Function, Value};
+
 /// Cycles listed per anomaly; the count of components showing it is always complete.
 pub const MAX_CYCLES_PER_ANOMALY: usize = 5;
 /// Non-cyclic anomalies listed per kind; the count is always complete.
@@ -208,6 +210,110 @@ impl Report {
             });
         }
     }
+}
+
+/// The transactions of a history of `:txn` operations: each invocation paired with its
+/// completion (`ok`: committed, with what its reads returned; `fail`: aborted; `info` or
+/// none: unknown).
+pub fn txns_from_events(events: &[Event]) -> Result<Vec<Txn>, String> {
+    let mut pending: HashMap<i64, &Event> = HashMap::new();
+    let mut txns = Vec::new();
+    for event in events {
+        if event.f != Function::Txn {
+            return Err(format!(
+                "line {}: a list-append history holds only :txn operations, not {}",
+                event.line, event.f
+            ));
+        }
+        if event.kind == EventType::Invoke {
+            if let Some(earlier) = pending.insert(event.process, event) {
+                return Err(format!(
+                    "line {}: process {} invoked again while its operation at line {} was pending",
+                    event.line, event.process, earlier.line
+                ));
+            }
+            continue;
+        }
+        let Some(invoke) = pending.remove(&event.process) else {
+            return Err(format!(
+                "line {}: completion of process {} without an invocation",
+                event.line, event.process
+            ));
+        };
+        let (status, value, with_reads) = match event.kind {
+            EventType::Ok => (TxnStatus::Committed, &event.value, true),
+            EventType::Fail => (TxnStatus::Aborted, &invoke.value, false),
+            _ => (TxnStatus::Unknown, &invoke.value, false),
+        };
+        txns.push(Txn {
+            process: event.process,
+            status,
+            mops: mops_of(value, with_reads).map_err(|m| format!("line {}: {m}", event.line))?,
+            line: event.line,
+        });
+    }
+    let mut never_completed: Vec<&Event> = pending.into_values().collect();
+    never_completed.sort_by_key(|e| e.line);
+    for invoke in never_completed {
+        txns.push(Txn {
+            process: invoke.process,
+            status: TxnStatus::Unknown,
+            mops: mops_of(&invoke.value, false)
+                .map_err(|m| format!("line {}: {m}", invoke.line))?,
+            line: invoke.line,
+        });
+    }
+    Ok(txns)
+}
+
+/// The micro-operations in a `:txn` value; reads keep their results when `with_reads`.
+fn mops_of(value: &Value, with_reads: bool) -> Result<Vec<Mop>, String> {
+    let Value::List(items) = value else {
+        return Err(format!(
+            "a :txn value is a list of micro-operations, not {value}"
+        ));
+    };
+    items
+        .iter()
+        .map(|item| {
+            let parts = match item {
+                Value::List(parts) if parts.len() == 3 => parts,
+                other => return Err(format!("micro-operation {other} is not [f key value]")),
+            };
+            let f = match &parts[0] {
+                Value::Keyword(f) | Value::Str(f) => f.as_str(),
+                other => return Err(format!("micro-operation function {other} is not a name")),
+            };
+            let Value::Int(key) = parts[1] else {
+                return Err(format!(
+                    "micro-operation key {} is not an integer",
+                    parts[1]
+                ));
+            };
+            match (f, &parts[2]) {
+                ("append", Value::Int(elem)) => Ok(Mop::Append { key, elem: *elem }),
+                ("r", Value::Nil) => Ok(Mop::Read { key, elems: None }),
+                ("r", Value::List(elems)) => {
+                    let elems = elems
+                        .iter()
+                        .map(|e| match e {
+                            Value::Int(i) => Ok(*i),
+                            other => {
+                                Err(format!("read of key {key} holds {other}, not an integer"))
+                            }
+                        })
+                        .collect::<Result<Vec<i64>, String>>()?;
+                    Ok(Mop::Read {
+                        key,
+                        elems: with_reads.then_some(elems),
+                    })
+                }
+                (f, v) => Err(format!(
+                    "micro-operation [{f} {key} {v}]: expected [append k int] or [r k nil|list]"
+                )),
+            }
+        })
+        .collect()
 }
 
 /// Checks a list-append history.

@@ -153,7 +153,8 @@ fn event_from_form(form: &Edn<'_>, line: usize) -> Result<Option<Event>, String>
     let f = match f {
         Some(Edn::Key(name)) => Function::from_name(name).ok_or_else(|| unknown_function(name))?,
         Some(other) => return Err(format!(":f must be a keyword, found {other}")),
-        None => return Err("op map has no :f".into()),
+        // Elle's list-append histories leave out `:f`: every op is a transaction.
+        None => Function::Txn,
     };
     Ok(Some(Event {
         process,
@@ -167,7 +168,7 @@ fn event_from_form(form: &Edn<'_>, line: usize) -> Result<Option<Event>, String>
 }
 
 pub(crate) fn unknown_function(name: &str) -> String {
-    format!("unsupported :f :{name}; expected one of read, write, cas, put, get, append, add")
+    format!("unsupported :f :{name}; expected one of read, write, cas, put, get, append, add, txn")
 }
 
 /// Position in the text, tracking the line for error messages.

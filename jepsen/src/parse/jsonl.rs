@@ -53,7 +53,8 @@ fn event_from_json(json: &Json, line: usize) -> Result<Option<Event>, String> {
             Function::from_name(name).ok_or_else(|| unknown_function(name))?
         }
         Some(other) => return Err(format!("\"f\" must be a string, found {other}")),
-        None => return Err("missing \"f\"".into()),
+        // Elle's list-append histories leave out `f`: every op is a transaction.
+        None => Function::Txn,
     };
     let value = match map.get("value") {
         Some(v) => to_value(v, 0).map_err(|m| format!("\"value\": {m}"))?,
