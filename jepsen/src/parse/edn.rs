@@ -270,7 +270,7 @@ mod tests {
         assert!(err.message.contains(":done"), "{}", err.message);
         let err = parse("[{:process 0, :type :invoke, :f :read}\n").expect_err("unclosed");
         assert_eq!(err.line, 1);
-        let err = parse("{:process 0, :type :invoke, :f :txn}").expect_err("bad f");
-        assert!(err.message.contains(":txn"), "{}", err.message);
+        let err = parse("{:process 0, :type :invoke, :f :commit}").expect_err("bad f");
+        assert!(err.message.contains(":commit"), "{}", err.message);
     }
 }

@@ -128,8 +128,8 @@ mod tests {
         let err = parse("{\"process\":0,\"type\":\"invoke\",\"f\":\"read\"}\n{\"process\":0,")
             .expect_err("truncated");
         assert_eq!(err.line, 2);
-        let err = parse("{\"process\":0,\"type\":\"invoke\",\"f\":\"txn\"}").expect_err("bad f");
-        assert!(err.message.contains("txn"));
+        let err = parse("{\"process\":0,\"type\":\"invoke\",\"f\":\"commit\"}").expect_err("bad f");
+        assert!(err.message.contains("commit"));
         let err = parse("{\"type\":\"invoke\",\"f\":\"read\"}").expect_err("no process");
         assert!(err.message.contains("process"));
     }
