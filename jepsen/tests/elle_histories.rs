@@ -47,3 +47,19 @@ fn elle_issue_30_is_write_skew_legal_only_under_snapshot_isolation() {
     assert!(out.contains("\tok"), "{out}");
     assert!(out.contains("G2-item: 1 (allowed)"), "{out}");
 }
+
+#[test]
+fn elle_s_si_without_g_single_is_write_skew_only() {
+    let (code, out) = check("si-without-g-single.edn", "snapshot-isolation");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("G2-item: 1 (allowed)"), "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("(allowed)") || l.contains("(forbidden)"))
+            .count(),
+        1,
+        "{out}"
+    );
+    let (code, out) = check("si-without-g-single.edn", "serializable");
+    assert_eq!(code, 1, "{out}");
+}

@@ -292,7 +292,11 @@ fn mops_of(value: &Value, with_reads: bool) -> Result<Vec<Mop>, String> {
             };
             match (f, &parts[2]) {
                 ("append", Value::Int(elem)) => Ok(Mop::Append { key, elem: *elem }),
-                ("r", Value::Nil) => Ok(Mop::Read { key, elems: None }),
+                // A completed read of a key nobody appended to returns nil: the empty list.
+                ("r", Value::Nil) => Ok(Mop::Read {
+                    key,
+                    elems: with_reads.then(Vec::new),
+                }),
                 ("r", Value::List(elems)) => {
                     let elems = elems
                         .iter()

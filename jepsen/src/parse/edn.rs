@@ -115,7 +115,7 @@ fn event_from_form(form: &Edn<'_>, line: usize) -> Result<Option<Event>, String>
     let mut process = None;
     let mut kind = None;
     let mut f = None;
-    let mut value = Value::Nil;
+    let mut raw_value = None;
     let mut key = None;
     let mut time_ns = None;
     for (field, field_value) in map {
@@ -124,7 +124,9 @@ fn event_from_form(form: &Edn<'_>, line: usize) -> Result<Option<Event>, String>
             "process" => process = Some(field_value),
             "type" => kind = Some(field_value),
             "f" => f = Some(field_value),
-            "value" => value = to_value(field_value).map_err(|m| format!(":value: {m}"))?,
+            // Converted once the op is known to be a client's: a nemesis's values can hold
+            // maps, which histories of client operations never do.
+            "value" => raw_value = Some(field_value),
             "key" => key = Some(to_value(field_value).map_err(|m| format!(":key: {m}"))?),
             "time" => match field_value {
                 Edn::Int(t) if *t >= 0 => time_ns = Some(*t as u64),
@@ -142,6 +144,10 @@ fn event_from_form(form: &Edn<'_>, line: usize) -> Result<Option<Event>, String>
         // Nemesis and other non-client events have keyword processes.
         Some(_) => return Ok(None),
         None => return Err("op map has no :process".into()),
+    };
+    let value = match raw_value {
+        Some(v) => to_value(v).map_err(|m| format!(":value: {m}"))?,
+        None => Value::Nil,
     };
     let kind = match kind {
         Some(Edn::Key(name)) => EventType::from_name(name).ok_or_else(|| {
