@@ -621,10 +621,13 @@ fn dependency_edges(
     // key (else the longest read, which holds every version before its last, would show
     // it), in an order nobody saw. So they follow the key's last observed writer, and every
     // read of the whole observed order precedes them.
+    let observed: HashSet<(i64, i64)> = orders
+        .iter()
+        .flat_map(|(key, order)| order.iter().map(move |elem| (*key, *elem)))
+        .collect();
     let mut unobserved: HashMap<i64, Vec<(usize, i64)>> = HashMap::new();
     for (&(key, elem), w) in writers {
-        let observed = orders.get(&key).is_some_and(|o| o.contains(&elem));
-        if !observed && took_effect[w.txn] {
+        if !observed.contains(&(key, elem)) && took_effect[w.txn] {
             unobserved.entry(key).or_default().push((w.txn, elem));
         }
     }
