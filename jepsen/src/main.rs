@@ -511,13 +511,7 @@ fn run_list_append_check(args: &CheckArgs, format: Format) -> io::Result<u8> {
         }
         out.flush()?;
     }
-    Ok(if any_illegal {
-        EXIT_ILLEGAL
-    } else if any_error {
-        EXIT_ERROR
-    } else {
-        EXIT_OK
-    })
+    Ok(exit_status(any_illegal, any_error, false))
 }
 
 fn run_check(args: &CheckArgs) -> io::Result<u8> {
@@ -580,7 +574,12 @@ fn run_check(args: &CheckArgs) -> io::Result<u8> {
         }
         out.flush()?;
     }
-    Ok(if any_illegal {
+    Ok(exit_status(any_illegal, any_error, any_unknown))
+}
+
+/// The exit status of `check`: illegal first, then errors, then unknown answers.
+fn exit_status(any_illegal: bool, any_error: bool, any_unknown: bool) -> u8 {
+    if any_illegal {
         EXIT_ILLEGAL
     } else if any_error {
         EXIT_ERROR
@@ -588,5 +587,5 @@ fn run_check(args: &CheckArgs) -> io::Result<u8> {
         EXIT_UNKNOWN
     } else {
         EXIT_OK
-    })
+    }
 }

@@ -1165,32 +1165,23 @@ mod tests {
         assert_eq!(anomalies(&h), vec![Anomaly::GSingle]);
     }
 
-    /// Whether some serial order of the committed transactions, and of any subset of those
-    /// of unknown outcome, produces every read (aborted ones never run).
-    fn brute_force_serializable(h: &[Txn]) -> bool {
-        fn permute(h: &[Txn], chosen: &[usize], order: &mut Vec<usize>, used: &mut [bool]) -> bool {
+    /// Whether `accept` holds for some order of the committed transactions together with
+    /// some subset of those of unknown outcome (aborted ones never take part).
+    fn any_execution(h: &[Txn], accept: &dyn Fn(&[usize]) -> bool) -> bool {
+        fn permute(
+            chosen: &[usize],
+            order: &mut Vec<usize>,
+            used: &mut [bool],
+            accept: &dyn Fn(&[usize]) -> bool,
+        ) -> bool {
             if order.len() == chosen.len() {
-                let mut state: HashMap<i64, Vec<i64>> = HashMap::new();
-                for &t in order.iter() {
-                    for m in &h[t].mops {
-                        match m {
-                            Mop::Append { key, elem } => state.entry(*key).or_default().push(*elem),
-                            Mop::Read { key, elems } => {
-                                let now = state.get(key).cloned().unwrap_or_default();
-                                if elems.as_ref().is_some_and(|e| *e != now) {
-                                    return false;
-                                }
-                            }
-                        }
-                    }
-                }
-                return true;
+                return accept(order);
             }
             for (i, &t) in chosen.iter().enumerate() {
                 if !used[i] {
                     used[i] = true;
                     order.push(t);
-                    if permute(h, chosen, order, used) {
+                    if permute(chosen, order, used, accept) {
                         return true;
                     }
                     order.pop();
@@ -1213,7 +1204,35 @@ mod tests {
                     }
                 })
                 .collect();
-            permute(h, &chosen, &mut Vec::new(), &mut vec![false; chosen.len()])
+            permute(
+                &chosen,
+                &mut Vec::new(),
+                &mut vec![false; chosen.len()],
+                accept,
+            )
+        })
+    }
+
+    /// Runs `t`'s operations on `state`; whether every read returned what `state` held.
+    fn run(t: &Txn, state: &mut HashMap<i64, Vec<i64>>) -> bool {
+        t.mops.iter().all(|m| match m {
+            Mop::Append { key, elem } => {
+                state.entry(*key).or_default().push(*elem);
+                true
+            }
+            Mop::Read { key, elems } => {
+                let now = state.get(key).cloned().unwrap_or_default();
+                elems.as_ref().is_none_or(|e| *e == now)
+            }
+        })
+    }
+
+    /// Whether some serial order of the committed transactions, and of any subset of those
+    /// of unknown outcome, produces every read (aborted ones never run).
+    fn brute_force_serializable(h: &[Txn]) -> bool {
+        any_execution(h, &|order| {
+            let mut state = HashMap::new();
+            order.iter().all(|&t| run(&h[t], &mut state))
         })
     }
 
@@ -1223,22 +1242,17 @@ mod tests {
     /// earlier appends, and no two transactions that append to one key overlap (first
     /// committer wins): snapshot isolation by brute force.
     fn brute_force_snapshot_isolation(h: &[Txn]) -> bool {
-        fn appends_to(t: &Txn, key: i64) -> bool {
-            t.mops
-                .iter()
-                .any(|m| matches!(m, Mop::Append { key: k, .. } if *k == key))
-        }
-        fn keys_appended(t: &Txn) -> Vec<i64> {
-            t.mops
+        let keys_appended = |t: usize| -> HashSet<i64> {
+            h[t].mops
                 .iter()
                 .filter_map(|m| match m {
                     Mop::Append { key, .. } => Some(*key),
                     _ => None,
                 })
                 .collect()
-        }
-        /// Whether `t`'s reads are what it sees on the snapshot of the first `m` commits.
-        fn reads_match(h: &[Txn], commits: &[usize], t: usize, m: usize) -> bool {
+        };
+        // Whether `t`'s reads are what it sees on the snapshot of the first `m` commits.
+        let reads_match = |commits: &[usize], t: usize, m: usize| {
             let mut state: HashMap<i64, Vec<i64>> = HashMap::new();
             for &c in &commits[..m] {
                 for op in &h[c].mops {
@@ -1247,70 +1261,22 @@ mod tests {
                     }
                 }
             }
-            for op in &h[t].mops {
-                match op {
-                    Mop::Append { key, elem } => state.entry(*key).or_default().push(*elem),
-                    Mop::Read { key, elems } => {
-                        let now = state.get(key).cloned().unwrap_or_default();
-                        if elems.as_ref().is_some_and(|e| *e != now) {
-                            return false;
-                        }
-                    }
-                }
-            }
-            true
-        }
-        fn orders(
-            h: &[Txn],
-            chosen: &[usize],
-            commits: &mut Vec<usize>,
-            used: &mut [bool],
-        ) -> bool {
-            if commits.len() == chosen.len() {
-                // Each transaction's snapshot holds the first m commits, m at most its own
-                // position, and at least past every earlier one appending to a key it
-                // appends to.
-                return commits.iter().enumerate().all(|(pos, &t)| {
-                    let lower = commits[..pos]
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &i)| {
-                            keys_appended(&h[t]).iter().any(|k| appends_to(&h[i], *k))
-                        })
-                        .map(|(p, _)| p + 1)
-                        .max()
-                        .unwrap_or(0);
-                    (lower..=pos).any(|m| reads_match(h, commits, t, m))
-                });
-            }
-            for (i, &t) in chosen.iter().enumerate() {
-                if !used[i] {
-                    used[i] = true;
-                    commits.push(t);
-                    if orders(h, chosen, commits, used) {
-                        return true;
-                    }
-                    commits.pop();
-                    used[i] = false;
-                }
-            }
-            false
-        }
-        let unknown: Vec<usize> = (0..h.len())
-            .filter(|t| h[*t].status == TxnStatus::Unknown)
-            .collect();
-        (0..1u32 << unknown.len()).any(|subset| {
-            let chosen: Vec<usize> = (0..h.len())
-                .filter(|t| match h[*t].status {
-                    TxnStatus::Committed => true,
-                    TxnStatus::Aborted => false,
-                    TxnStatus::Unknown => {
-                        let bit = unknown.iter().position(|u| u == t).unwrap_or(0);
-                        subset & (1 << bit) != 0
-                    }
-                })
-                .collect();
-            orders(h, &chosen, &mut Vec::new(), &mut vec![false; chosen.len()])
+            run(&h[t], &mut state)
+        };
+        any_execution(h, &|commits| {
+            // Each transaction's snapshot holds the first m commits, m at most its own
+            // position, and at least past every earlier one appending to a key it appends
+            // to.
+            commits.iter().enumerate().all(|(pos, &t)| {
+                let lower = commits[..pos]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &i)| !keys_appended(t).is_disjoint(&keys_appended(i)))
+                    .map(|(p, _)| p + 1)
+                    .max()
+                    .unwrap_or(0);
+                (lower..=pos).any(|m| reads_match(commits, t, m))
+            })
         })
     }
 
