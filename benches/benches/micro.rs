@@ -302,6 +302,7 @@ fn propose_to_apply(c: &mut Criterion) {
                             leader_id,
                             keys: vec![keys::kv_key(1, format!("user{i:012}").as_bytes())],
                             timeout_ms: ELECTION_WAIT_MS,
+                            txn_commit_ts: None,
                         };
                         let take = move |floor: u64| {
                             let ts =

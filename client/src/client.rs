@@ -196,7 +196,7 @@ struct NodeConnections {
 
 /// Whether a call may be sent again after an outcome-unknown failure.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Retry {
+pub(crate) enum Retry {
     /// Reads: any failure may be retried.
     Always,
     /// Writes: retried only when the server guarantees it did not apply the request.
@@ -228,6 +228,14 @@ impl Client {
         };
         client.refresh_ranges().await?;
         Ok(client)
+    }
+
+    /// The range this client's map has holding `key` (encoded), if any.
+    pub(crate) fn cached_range(&self, key: &[u8]) -> Option<RangeDescriptor> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lookup(key)
     }
 
     /// The options this client was built with.
@@ -699,7 +707,8 @@ impl Client {
         }
     }
 
-    /// Runs `op` against the range holding `routing_key` with retries, backoff and deadline.
+    /// Runs `op` on a `Kv` stub against the range holding `routing_key` (see
+    /// [`Client::call_with`]).
     async fn call<T, F, Fut>(
         &self,
         routing_key: &[u8],
@@ -708,6 +717,31 @@ impl Client {
     ) -> Result<T, ClientError>
     where
         F: Fn(KvClient<Channel>, Header, RangeDescriptor) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        self.call_with(routing_key, retry, Client::kv, op).await
+    }
+
+    /// `Txn` stub for `addr`.
+    pub(crate) fn txn_stub(&self, addr: &str) -> Result<TxnClient<Channel>, ClientError> {
+        Ok(TxnClient::new(self.channel(addr)?)
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES))
+    }
+
+    /// Runs `op` on the stub `stub` makes for a node of the range holding `routing_key`,
+    /// with retries, backoff and deadline. Errors that name a transaction's state (locks,
+    /// conflicts, aborts) come back at once: the caller decides what they mean.
+    pub(crate) async fn call_with<S, M, T, F, Fut>(
+        &self,
+        routing_key: &[u8],
+        retry: Retry,
+        stub: M,
+        op: F,
+    ) -> Result<T, ClientError>
+    where
+        M: Fn(&Client, &str) -> Result<S, ClientError>,
+        F: Fn(S, Header, RangeDescriptor) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let started = Instant::now();
@@ -791,22 +825,25 @@ impl Client {
             };
             let result = match tokio::time::timeout(
                 attempt_budget,
-                op(self.kv(&addr)?, header, range.clone()),
+                op(stub(self, &addr)?, header, range.clone()),
             )
             .await
             {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) => ClientError::from_status(&status),
-                Err(_) => {
-                    ClientError::Indeterminate(format!("no answer from {addr} before the deadline"))
-                }
+                Err(_) => ClientError::OutcomeUnknown(format!(
+                    "no answer from {addr} before the deadline"
+                )),
             };
             match &result {
                 ClientError::InvalidArgument(_)
                 | ClientError::Corruption(_)
                 | ClientError::Internal(_)
                 | ClientError::ResourceExhausted(_)
-                | ClientError::HistoryCompacted { .. } => return Err(result),
+                | ClientError::HistoryCompacted { .. }
+                | ClientError::Locked { .. }
+                | ClientError::WriteConflict { .. }
+                | ClientError::TxnAborted(_) => return Err(result),
                 e if retry == Retry::OnlyIfNotApplied && !e.is_rejected_before_apply() => {
                     return Err(result)
                 }
@@ -842,7 +879,7 @@ impl Client {
             followed_hint = follow_hint;
         }
         Err(match last_error {
-            e @ ClientError::Indeterminate(_) => e,
+            e @ ClientError::OutcomeUnknown(_) => e,
             e => ClientError::DeadlineExceeded {
                 deadline_ms: self.options.call_deadline_ms,
                 last_error: e.to_string(),
@@ -884,22 +921,25 @@ impl Client {
     ) -> Result<Option<Vec<u8>>, ClientError> {
         check_key(key)?;
         let consistency = self.options.consistency.wire();
-        self.call(
-            &keys::kv_key(sphere, key),
-            Retry::Always,
-            |mut kv, header, _| async move {
-                let resp = kv
-                    .get(GetRequest {
-                        header: Some(header),
-                        key: key.to_vec(),
-                        consistency,
-                        at_ts,
-                    })
-                    .await?
-                    .into_inner();
-                Ok(resp.found.then_some(resp.value))
-            },
-        )
+        let routing_key = keys::kv_key(sphere, key);
+        self.resolving_locks(|| {
+            self.call(
+                &routing_key,
+                Retry::Always,
+                |mut kv, header, _| async move {
+                    let resp = kv
+                        .get(GetRequest {
+                            header: Some(header),
+                            key: key.to_vec(),
+                            consistency,
+                            at_ts,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok(resp.found.then_some(resp.value))
+                },
+            )
+        })
         .await
     }
 
@@ -907,39 +947,45 @@ impl Client {
     pub async fn put(&self, sphere: u64, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
         check_key(key)?;
         check_value(value)?;
-        self.call(
-            &keys::kv_key(sphere, key),
-            Retry::OnlyIfNotApplied,
-            |mut kv, header, _| async move {
-                kv.put(PutRequest {
-                    header: Some(header),
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                })
-                .await?;
-                Ok(())
-            },
-        )
+        let routing_key = keys::kv_key(sphere, key);
+        self.resolving_locks(|| {
+            self.call(
+                &routing_key,
+                Retry::OnlyIfNotApplied,
+                |mut kv, header, _| async move {
+                    kv.put(PutRequest {
+                        header: Some(header),
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                    })
+                    .await?;
+                    Ok(())
+                },
+            )
+        })
         .await
     }
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, sphere: u64, key: &[u8]) -> Result<bool, ClientError> {
         check_key(key)?;
-        self.call(
-            &keys::kv_key(sphere, key),
-            Retry::OnlyIfNotApplied,
-            |mut kv, header, _| async move {
-                Ok(kv
-                    .delete(DeleteRequest {
-                        header: Some(header),
-                        key: key.to_vec(),
-                    })
-                    .await?
-                    .into_inner()
-                    .existed)
-            },
-        )
+        let routing_key = keys::kv_key(sphere, key);
+        self.resolving_locks(|| {
+            self.call(
+                &routing_key,
+                Retry::OnlyIfNotApplied,
+                |mut kv, header, _| async move {
+                    Ok(kv
+                        .delete(DeleteRequest {
+                            header: Some(header),
+                            key: key.to_vec(),
+                        })
+                        .await?
+                        .into_inner()
+                        .existed)
+                },
+            )
+        })
         .await
     }
 
@@ -956,30 +1002,31 @@ impl Client {
         if let Some(v) = new_value {
             check_value(v)?;
         }
-        self.call(
-            &keys::kv_key(sphere, key),
-            Retry::OnlyIfNotApplied,
-            |mut kv, header, _| async move {
-                let resp = kv
-                    .compare_and_swap(CompareAndSwapRequest {
-                        header: Some(header),
-                        key: key.to_vec(),
-                        expected: expected.map(<[u8]>::to_vec),
-                        new_value: new_value.map(<[u8]>::to_vec),
-                    })
-                    .await?
-                    .into_inner();
-                Ok((resp.succeeded, resp.current))
-            },
-        )
+        let routing_key = keys::kv_key(sphere, key);
+        self.resolving_locks(|| {
+            self.call(
+                &routing_key,
+                Retry::OnlyIfNotApplied,
+                |mut kv, header, _| async move {
+                    let resp = kv
+                        .compare_and_swap(CompareAndSwapRequest {
+                            header: Some(header),
+                            key: key.to_vec(),
+                            expected: expected.map(<[u8]>::to_vec),
+                            new_value: new_value.map(<[u8]>::to_vec),
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((resp.succeeded, resp.current))
+                },
+            )
+        })
         .await
     }
 
-    /// Applies `ops` (`(key, Some(value))` puts, `(key, None)` deletes).
-    ///
-    /// Atomic: every key must lie in one range. A batch whose keys span ranges is refused at
-    /// once with `InvalidArgument` (nothing is written) until transactions make such batches
-    /// atomic; split it per range (`range_list` names the spans) or write key by key.
+    /// Applies `ops` (`(key, Some(value))` puts, `(key, None)` deletes) atomically. Keys in
+    /// one range commit in one Raft entry; keys that span ranges commit as a transaction
+    /// (two-phase), retried on conflicts as [`Client::transact`] does.
     pub async fn batch(
         &self,
         sphere: u64,
@@ -1017,50 +1064,64 @@ impl Client {
             })
             .collect();
         let wire_ops = &wire_ops;
-        // The range map is reloaded once before a batch is refused: the ranges this client
-        // cached may have merged since.
+        // The range map is reloaded once before a batch is committed as a transaction: the
+        // ranges this client cached may have merged since.
         let reloaded = &std::sync::atomic::AtomicBool::new(false);
-        self.call(
-            &keys::kv_key(sphere, first),
-            Retry::OnlyIfNotApplied,
-            |mut kv, header, range| async move {
-                // A stale cache may also think one range holds every key; the server then
-                // answers KEY_NOT_IN_RANGE with fresh descriptors and this check runs again
-                // on them.
-                if let Some(outside) = wire_ops.iter().find(|op| {
-                    !keys::span_contains(
-                        &range.start_key,
-                        &range.end_key,
-                        &keys::kv_key(sphere, &op.key),
-                    )
-                }) {
-                    if !reloaded.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        self.refresh_ranges().await.map_err(|e| e.to_status())?;
-                        return Err(ClientError::KeyNotInRange {
-                            message: "batch keys outside the cached range; range map reloaded"
-                                .into(),
-                            descriptors: Vec::new(),
+        let routing_key = keys::kv_key(sphere, first);
+        let single_range = self
+            .resolving_locks(|| {
+                self.call(
+                    &routing_key,
+                    Retry::OnlyIfNotApplied,
+                    |mut kv, header, range| async move {
+                        // A stale cache may also think one range holds every key; the server then
+                        // answers KEY_NOT_IN_RANGE with fresh descriptors and this check runs again
+                        // on them.
+                        if wire_ops.iter().any(|op| {
+                            !keys::span_contains(
+                                &range.start_key,
+                                &range.end_key,
+                                &keys::kv_key(sphere, &op.key),
+                            )
+                        }) {
+                            if !reloaded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                self.refresh_ranges().await.map_err(|e| e.to_status())?;
+                                return Err(ClientError::KeyNotInRange {
+                                    message:
+                                        "batch keys outside the cached range; range map reloaded"
+                                            .into(),
+                                    descriptors: Vec::new(),
+                                }
+                                .to_status());
+                            }
+                            // Spans ranges even on a fresh map: a transaction commits it.
+                            return Ok(false);
                         }
-                        .to_status());
+                        kv.batch(BatchRequest {
+                            header: Some(header),
+                            ops: wire_ops.clone(),
+                        })
+                        .await?;
+                        Ok(true)
+                    },
+                )
+            })
+            .await?;
+        if single_range {
+            return Ok(());
+        }
+        self.transact(|txn| {
+            let ops = ops.to_vec();
+            Box::pin(async move {
+                for (key, value) in &ops {
+                    match value {
+                        Some(v) => txn.put(sphere, key, v)?,
+                        None => txn.delete(sphere, key)?,
                     }
-                    return Err(ClientError::InvalidArgument(format!(
-                        "batch keys span more than one range (key {:?} is outside range {}, \
-                         which holds key {:?}); a batch is atomic only within one range until \
-                         transactions exist: send one batch per range (see `range list`)",
-                        String::from_utf8_lossy(&outside.key),
-                        range.range_id,
-                        String::from_utf8_lossy(first),
-                    ))
-                    .to_status());
                 }
-                kv.batch(BatchRequest {
-                    header: Some(header),
-                    ops: wire_ops.clone(),
-                })
-                .await?;
                 Ok(())
-            },
-        )
+            })
+        })
         .await
     }
 
@@ -1126,24 +1187,27 @@ impl Client {
                     .map(|d| d.end_key)
             };
             let cursor_ref = &cursor;
+            let routing_key = keys::kv_key(sphere, cursor_ref);
             let resp = self
-                .call(
-                    &keys::kv_key(sphere, cursor_ref),
-                    Retry::Always,
-                    |mut kv, header, _| async move {
-                        Ok(kv
-                            .scan(ScanRequest {
-                                header: Some(header),
-                                start: cursor_ref.clone(),
-                                end: end.to_vec(),
-                                limit: want,
-                                consistency,
-                                at_ts,
-                            })
-                            .await?
-                            .into_inner())
-                    },
-                )
+                .resolving_locks(|| {
+                    self.call(
+                        &routing_key,
+                        Retry::Always,
+                        |mut kv, header, _| async move {
+                            Ok(kv
+                                .scan(ScanRequest {
+                                    header: Some(header),
+                                    start: cursor_ref.clone(),
+                                    end: end.to_vec(),
+                                    limit: want,
+                                    consistency,
+                                    at_ts,
+                                })
+                                .await?
+                                .into_inner())
+                        },
+                    )
+                })
                 .await?;
             out.extend(resp.pairs);
             if !resp.more {

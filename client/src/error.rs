@@ -2,7 +2,7 @@
 
 use prost::Message;
 
-use crate::proto::v1::{Error as WireError, ErrorCode, NodeInfo, RangeDescriptor};
+use crate::proto::v1::{Error as WireError, ErrorCode, LockInfo, NodeInfo, RangeDescriptor};
 
 /// A typed client-side error. Each variant says what the caller can do next.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum ClientError {
     Unavailable(String),
     /// The outcome of a write is unknown: it may or may not have been applied.
     #[error("outcome unknown: {0}")]
-    Indeterminate(String),
+    OutcomeUnknown(String),
     /// The server found a checksum mismatch; the data was not served.
     #[error("corruption: {0}")]
     Corruption(String),
@@ -54,6 +54,22 @@ pub enum ClientError {
     /// later (a device resyncs from the latest state).
     #[error("history compacted: {message} (the oldest readable timestamp is {horizon})")]
     HistoryCompacted { message: String, horizon: u64 },
+    /// Another transaction's locks are on keys the call needed; nothing was done. The
+    /// client resolves them (through each lock's primary) and retries by itself; this
+    /// reaches callers only when a lock outlives the retries.
+    #[error("locked: {message}")]
+    Locked {
+        message: String,
+        locks: Vec<LockInfo>,
+    },
+    /// A write committed at `conflict_ts`, at or after the transaction's start: the
+    /// transaction was not committed. Run it again (`Client::transact` does).
+    #[error("write conflict: {message}")]
+    WriteConflict { message: String, conflict_ts: u64 },
+    /// The transaction was rolled back (by its client, or by another that found it expired);
+    /// nothing of it was committed. Run it again.
+    #[error("transaction aborted: {0}")]
+    TxnAborted(String),
 }
 
 impl ClientError {
@@ -62,6 +78,11 @@ impl ClientError {
         let gc_horizon = match self {
             ClientError::HistoryCompacted { horizon, .. } => *horizon,
             _ => 0,
+        };
+        let (locks, conflict_ts) = match self {
+            ClientError::Locked { locks, .. } => (locks.clone(), 0),
+            ClientError::WriteConflict { conflict_ts, .. } => (Vec::new(), *conflict_ts),
+            _ => (Vec::new(), 0),
         };
         let (code, leader_hint, descriptors) = match self {
             ClientError::NotLeader { leader } => (ErrorCode::NotLeader, leader.clone(), vec![]),
@@ -76,21 +97,29 @@ impl ClientError {
             ClientError::Unavailable(_) | ClientError::DeadlineExceeded { .. } => {
                 (ErrorCode::Unavailable, None, vec![])
             }
-            ClientError::Indeterminate(_) => (ErrorCode::OutcomeUnknown, None, vec![]),
+            ClientError::OutcomeUnknown(_) => (ErrorCode::OutcomeUnknown, None, vec![]),
             ClientError::Corruption(_) => (ErrorCode::Corruption, None, vec![]),
             ClientError::Internal(_) => (ErrorCode::Internal, None, vec![]),
             ClientError::ResourceExhausted(_) => (ErrorCode::ResourceExhausted, None, vec![]),
             ClientError::HistoryCompacted { .. } => (ErrorCode::HistoryCompacted, None, vec![]),
+            ClientError::Locked { .. } => (ErrorCode::Locked, None, vec![]),
+            ClientError::WriteConflict { .. } => (ErrorCode::WriteConflict, None, vec![]),
+            ClientError::TxnAborted(_) => (ErrorCode::TxnAborted, None, vec![]),
         };
         WireError {
             code: code as i32,
             message: match self {
-                ClientError::HistoryCompacted { message, .. } => message.clone(),
+                ClientError::HistoryCompacted { message, .. }
+                | ClientError::Locked { message, .. }
+                | ClientError::WriteConflict { message, .. } => message.clone(),
+                ClientError::TxnAborted(message) => message.clone(),
                 other => other.to_string(),
             },
             leader_hint,
             descriptors,
             gc_horizon,
+            locks,
+            conflict_ts,
         }
     }
 
@@ -103,18 +132,22 @@ impl ClientError {
             | ClientError::StaleGeneration { .. } => tonic::Code::FailedPrecondition,
             ClientError::RangeNotFound(_) => tonic::Code::NotFound,
             ClientError::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            ClientError::Unavailable(_) | ClientError::Indeterminate(_) => tonic::Code::Unavailable,
+            ClientError::Unavailable(_) | ClientError::OutcomeUnknown(_) => {
+                tonic::Code::Unavailable
+            }
             ClientError::DeadlineExceeded { .. } => tonic::Code::DeadlineExceeded,
             ClientError::Corruption(_) => tonic::Code::DataLoss,
             ClientError::Internal(_) => tonic::Code::Internal,
             ClientError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             ClientError::HistoryCompacted { .. } => tonic::Code::OutOfRange,
+            ClientError::Locked { .. } | ClientError::WriteConflict { .. } => tonic::Code::Aborted,
+            ClientError::TxnAborted(_) => tonic::Code::Aborted,
         };
         tonic::Status::with_details(code, wire.message.clone(), wire.encode_to_vec().into())
     }
 
     /// Decodes a gRPC status. Statuses without SphereDB details (transport failures) map to
-    /// `Unavailable`, or `Indeterminate` when the request may have reached the server.
+    /// `Unavailable`, or `OutcomeUnknown` when the request may have reached the server.
     pub fn from_status(status: &tonic::Status) -> ClientError {
         if let Ok(wire) = WireError::decode(status.details()) {
             if wire.code != ErrorCode::Unknown as i32 || !wire.message.is_empty() {
@@ -132,7 +165,7 @@ impl ClientError {
             | tonic::Code::Cancelled
             | tonic::Code::DeadlineExceeded
             | tonic::Code::Unknown => {
-                ClientError::Indeterminate(format!("{}: {}", status.code(), status.message()))
+                ClientError::OutcomeUnknown(format!("{}: {}", status.code(), status.message()))
             }
             _ => ClientError::Internal(format!("{}: {}", status.code(), status.message())),
         }
@@ -156,12 +189,21 @@ impl ClientError {
             ErrorCode::InvalidArgument => ClientError::InvalidArgument(wire.message),
             ErrorCode::Unavailable => ClientError::Unavailable(wire.message),
             ErrorCode::Corruption => ClientError::Corruption(wire.message),
-            ErrorCode::OutcomeUnknown => ClientError::Indeterminate(wire.message),
+            ErrorCode::OutcomeUnknown => ClientError::OutcomeUnknown(wire.message),
             ErrorCode::ResourceExhausted => ClientError::ResourceExhausted(wire.message),
             ErrorCode::HistoryCompacted => ClientError::HistoryCompacted {
                 message: wire.message,
                 horizon: wire.gc_horizon,
             },
+            ErrorCode::Locked => ClientError::Locked {
+                message: wire.message,
+                locks: wire.locks,
+            },
+            ErrorCode::WriteConflict => ClientError::WriteConflict {
+                message: wire.message,
+                conflict_ts: wire.conflict_ts,
+            },
+            ErrorCode::TxnAborted => ClientError::TxnAborted(wire.message),
             ErrorCode::Internal | ErrorCode::Unknown => ClientError::Internal(wire.message),
         }
     }
@@ -236,9 +278,39 @@ mod tests {
     }
 
     #[test]
+    fn transaction_errors_carry_their_locks_and_conflicts_through_a_status() {
+        let lock = LockInfo {
+            key: b"k".to_vec(),
+            primary: b"p".to_vec(),
+            start_ts: 7,
+            ttl_ms: 3_000,
+        };
+        let err = ClientError::Locked {
+            message: "key k".into(),
+            locks: vec![lock.clone()],
+        };
+        match ClientError::from_status(&err.to_status()) {
+            ClientError::Locked { locks, .. } => assert_eq!(locks, vec![lock]),
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = ClientError::WriteConflict {
+            message: "key k".into(),
+            conflict_ts: 9,
+        };
+        match ClientError::from_status(&err.to_status()) {
+            ClientError::WriteConflict { conflict_ts, .. } => assert_eq!(conflict_ts, 9),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            ClientError::from_status(&ClientError::TxnAborted("gone".into()).to_status()),
+            ClientError::TxnAborted(m) if m == "gone"
+        ));
+    }
+
+    #[test]
     fn a_bare_unavailable_status_is_indeterminate() {
         let back = ClientError::from_status(&tonic::Status::unavailable("connection reset"));
-        assert!(matches!(back, ClientError::Indeterminate(_)));
+        assert!(matches!(back, ClientError::OutcomeUnknown(_)));
         assert!(!back.is_rejected_before_apply());
     }
 }

@@ -16,6 +16,7 @@
 pub mod client;
 pub mod error;
 pub mod limits;
+pub mod txn;
 
 /// Generated protobuf types and gRPC stubs.
 pub mod proto {
@@ -33,3 +34,4 @@ pub use client::{Client, ClientOptions, Consistency};
 pub use error::ClientError;
 /// The stored form of a sphere's raw key, as the admin API's split keys take it.
 pub use spheredb_storage::keys::kv_key;
+pub use txn::{Txn, TxnBody};

@@ -287,6 +287,13 @@ pub enum KvOp {
         #[arg(long)]
         new: String,
     },
+    /// Run SCRIPT atomically, as one transaction (snapshot isolation; retried on conflicts):
+    /// statements separated by `;` or new lines, each `get KEY`, `put KEY VALUE`,
+    /// `delete KEY` or `lock KEY` (lock without writing). Prints each get's result once the
+    /// transaction committed. Keys and values are single words.
+    ///
+    /// Example: spheredb kv --sphere 7 txn 'get alice; put alice 90; put bob 110'
+    Txn { script: String },
     /// List keys in [START, END), in order.
     Scan {
         #[arg(long, default_value = "")]
@@ -516,6 +523,19 @@ async fn kv(client: &Client, sphere: u64, op: KvOp) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        KvOp::Txn { script } => {
+            let steps = parse_txn_script(&script).map_err(anyhow::Error::msg)?;
+            let read = run_txn_script(client, sphere, &steps)
+                .await
+                .context("running the transaction")?;
+            for (key, value) in read {
+                match value {
+                    Some(v) => println!("{key}\t{}", String::from_utf8_lossy(&v)),
+                    None => println!("{key}\t(not found)"),
+                }
+            }
+            println!("committed");
+        }
         KvOp::Scan {
             start,
             end,
@@ -544,6 +564,75 @@ async fn kv(client: &Client, sphere: u64, op: KvOp) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One statement of a `kv txn` script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScriptStep {
+    Get(String),
+    Put(String, String),
+    Delete(String),
+    Lock(String),
+}
+
+/// Parses a `kv txn` script (see [`KvOp::Txn`]).
+pub fn parse_txn_script(script: &str) -> Result<Vec<ScriptStep>, String> {
+    let mut steps = Vec::new();
+    for (n, statement) in script
+        .split([';', '\n'])
+        .map(str::trim)
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+    {
+        let words: Vec<&str> = statement.split_whitespace().collect();
+        let step = match words.as_slice() {
+            ["get", key] => ScriptStep::Get(key.to_string()),
+            ["put", key, value] => ScriptStep::Put(key.to_string(), value.to_string()),
+            ["delete", key] => ScriptStep::Delete(key.to_string()),
+            ["lock", key] => ScriptStep::Lock(key.to_string()),
+            _ => {
+                return Err(format!(
+                    "statement {} ({statement:?}) is not `get KEY`, `put KEY VALUE`, `delete KEY` \
+                     or `lock KEY`",
+                    n + 1
+                ))
+            }
+        };
+        steps.push(step);
+    }
+    if steps.is_empty() {
+        return Err("the script has no statement".into());
+    }
+    Ok(steps)
+}
+
+/// Runs a `kv txn` script in one transaction; returns each get's key and value.
+async fn run_txn_script(
+    client: &Client,
+    sphere: u64,
+    steps: &[ScriptStep],
+) -> Result<Vec<(String, Option<Vec<u8>>)>, spheredb_client::ClientError> {
+    client
+        .transact(|txn| {
+            let steps = steps.to_vec();
+            Box::pin(async move {
+                let mut read = Vec::new();
+                for step in &steps {
+                    match step {
+                        ScriptStep::Get(key) => {
+                            read.push((key.clone(), txn.get(sphere, key.as_bytes()).await?))
+                        }
+                        ScriptStep::Put(key, value) => {
+                            txn.put(sphere, key.as_bytes(), value.as_bytes())?
+                        }
+                        ScriptStep::Delete(key) => txn.delete(sphere, key.as_bytes())?,
+                        ScriptStep::Lock(key) => txn.lock(sphere, key.as_bytes()).await?,
+                    }
+                }
+                Ok(read)
+            })
+        })
+        .await
 }
 
 async fn start(args: StartArgs) -> anyhow::Result<()> {
@@ -595,4 +684,25 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     eprintln!("shutting down");
     node.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txn_scripts_parse_statement_by_statement_and_bad_ones_say_which() {
+        assert_eq!(
+            parse_txn_script("get a; put b 1\n delete c;lock d;").unwrap(),
+            vec![
+                ScriptStep::Get("a".into()),
+                ScriptStep::Put("b".into(), "1".into()),
+                ScriptStep::Delete("c".into()),
+                ScriptStep::Lock("d".into()),
+            ]
+        );
+        let err = parse_txn_script("get a; put b").unwrap_err();
+        assert!(err.contains("statement 2"), "{err}");
+        assert!(parse_txn_script(" ; ").is_err());
+    }
 }

@@ -1,10 +1,10 @@
 //! Mapping of openraft and storage failures to the wire error of every service.
 
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
-use spheredb_client::proto::v1::NodeInfo;
+use spheredb_client::proto::v1::{LockInfo as WireLockInfo, NodeInfo};
 use spheredb_client::ClientError;
-use spheredb_raft::TypeConfig;
-use spheredb_storage::StorageError;
+use spheredb_raft::{LockInfo, TxnRefusal, TypeConfig};
+use spheredb_storage::{keys, StorageError};
 
 /// `NotLeader` with the leader's node when openraft knows it.
 pub fn not_leader(f: &ForwardToLeader<TypeConfig>) -> ClientError {
@@ -23,12 +23,12 @@ pub fn not_leader_hint(leader: Option<NodeInfo>) -> ClientError {
 pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ClientError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(&f),
-        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ClientError::Indeterminate(format!(
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ClientError::OutcomeUnknown(format!(
             "leader changed while the write was in flight (new leader {:?}); it may or may not have applied",
             f.leader_id
         )),
         RaftError::APIError(other) => ClientError::Internal(other.to_string()),
-        RaftError::Fatal(f) => ClientError::Indeterminate(format!("raft stopped during the write: {f}")),
+        RaftError::Fatal(f) => ClientError::OutcomeUnknown(format!("raft stopped during the write: {f}")),
     }
 }
 
@@ -54,4 +54,56 @@ pub fn storage_error(e: StorageError) -> ClientError {
         return ClientError::Corruption(e.to_string());
     }
     ClientError::Internal(e.to_string())
+}
+
+/// A stored key as people read it: `sphere S key "K"` for a raw KV key.
+pub fn key_text(key: &[u8]) -> String {
+    match keys::decode_kv_key(key) {
+        Some((sphere, user)) => format!("sphere {sphere} key {:?}", String::from_utf8_lossy(user)),
+        None => format!("key {key:?}"),
+    }
+}
+
+/// The wire form of a lock report.
+pub fn wire_lock(lock: LockInfo) -> WireLockInfo {
+    WireLockInfo {
+        key: lock.key,
+        primary: lock.primary,
+        start_ts: lock.start_ts,
+        ttl_ms: lock.ttl_ms,
+    }
+}
+
+/// The error for a transaction command (or a single-range write) the range refused.
+pub fn txn_refused(refusal: TxnRefusal) -> ClientError {
+    match refusal {
+        TxnRefusal::Locked(lock) => ClientError::Locked {
+            message: format!(
+                "{} is locked by the transaction that started at {}",
+                key_text(&lock.key),
+                lock.start_ts
+            ),
+            locks: vec![wire_lock(lock)],
+        },
+        TxnRefusal::WriteConflict { key, commit_ts } => ClientError::WriteConflict {
+            message: format!(
+                "{} has a write committed at {commit_ts}, at or after the transaction's start",
+                key_text(&key)
+            ),
+            conflict_ts: commit_ts,
+        },
+        TxnRefusal::Aborted { key } => ClientError::TxnAborted(format!(
+            "the transaction was rolled back (found on {})",
+            key_text(&key)
+        )),
+        TxnRefusal::Committed { commit_ts } => ClientError::InvalidArgument(format!(
+            "the transaction already committed at {commit_ts}; it can no longer be rolled back"
+        )),
+        TxnRefusal::BelowGcHorizon { horizon } => ClientError::HistoryCompacted {
+            message: "the transaction's start timestamp is at or below the range's GC horizon; \
+                      start a new transaction"
+                .into(),
+            horizon,
+        },
+    }
 }

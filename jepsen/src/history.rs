@@ -48,6 +48,8 @@ pub enum Function {
     Add,
     /// A transaction: its value lists micro-operations (`[:append k v]`, `[:r k nil]`).
     Txn,
+    /// A bank transfer, `[from to amount]`.
+    Transfer,
 }
 
 impl Function {
@@ -62,6 +64,7 @@ impl Function {
             "append" => Some(Self::Append),
             "add" => Some(Self::Add),
             "txn" => Some(Self::Txn),
+            "transfer" => Some(Self::Transfer),
             _ => None,
         }
     }
@@ -76,6 +79,7 @@ impl Function {
             Self::Append => "append",
             Self::Add => "add",
             Self::Txn => "txn",
+            Self::Transfer => "transfer",
         }
     }
 

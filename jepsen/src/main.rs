@@ -275,6 +275,12 @@ enum WorkloadArg {
     /// Writes, deletes and full and partial scans over a key space split into many ranges:
     /// acknowledged keys missing from a scan, deleted or replaced values still in one.
     Scan,
+    /// Transfers between accounts spread over several ranges, in transactions, and snapshot
+    /// reads of every balance: the total never changes, no balance goes negative.
+    Bank,
+    /// Transactions of appends to and reads of short lists, checked for dependency cycles
+    /// (Elle-style) against snapshot isolation.
+    ListAppend,
 }
 
 #[derive(Debug, Args)]
@@ -382,6 +388,8 @@ fn run_test(args: &TestArgs) -> u8 {
         WorkloadArg::Register => WorkloadKind::Register,
         WorkloadArg::Set => WorkloadKind::Set,
         WorkloadArg::Scan => WorkloadKind::Scan,
+        WorkloadArg::Bank => WorkloadKind::Bank,
+        WorkloadArg::ListAppend => WorkloadKind::ListAppend,
     };
     let mut options = TestOptions::new(workload, args.target.bin.clone());
     options.faults = faults;

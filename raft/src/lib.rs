@@ -16,6 +16,7 @@ pub mod registry;
 pub mod snapshot;
 pub mod spans;
 pub mod state_machine;
+pub mod txn;
 pub mod types;
 
 pub use types::*;

@@ -41,7 +41,8 @@ use crate::snapshot::{
 use crate::spans::{SpanChange, SpanRegistry};
 use crate::types::{
     Command, CommandResponse, LogId, Membership, MergeFreeze, RangeId, RangeRecord, RangeSpan,
-    RangeTimes, ReplicaId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
+    RangeTimes, ReplicaId, SnapshotData, SnapshotMeta, StoredMembership, TxnRefusal, TypeConfig,
+    WriteOp,
 };
 
 /// An install writes the snapshot's pairs in batches of about this size.
@@ -429,6 +430,17 @@ impl StateMachine {
                 reason: "a write of a sphere key carries no commit timestamp".into(),
             });
         };
+        match crate::txn::lock_refusal(&self.db, key) {
+            Ok(Some(locked)) => return Err(CommandResponse::TxnRefused(locked)),
+            Ok(None) => {}
+            Err(e) => {
+                // Refused like a write that met a lock: the caller retries, nothing applied.
+                tracing::error!(range_id = self.range_id, "reading a lock: {e}");
+                return Err(CommandResponse::Rejected {
+                    reason: format!("cannot read the key's lock: {e}"),
+                });
+            }
+        }
         let last = self.applied.times.last_commit_ts;
         if commit_ts <= last {
             tracing::error!(
@@ -493,6 +505,31 @@ impl StateMachine {
                 span: span.clone().map(Box::new),
             }),
         }
+    }
+
+    /// Checks that every key of a transaction command is a sphere key of this range, and
+    /// that a prewrite's `start_ts` (0 for other commands) is above the GC horizon: versions
+    /// it should conflict with may be gone below it, and the rollback records that keep late
+    /// prewrites out are collected there.
+    fn check_txn_keys<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k [u8]>,
+        start_ts: Timestamp,
+    ) -> Option<CommandResponse> {
+        for key in keys {
+            if !keys::is_sphere_key(key) {
+                return Some(CommandResponse::Rejected {
+                    reason: "a transaction names a key outside every sphere".into(),
+                });
+            }
+            if let Err(refused) = self.check_in_span(key) {
+                return Some(refused);
+            }
+        }
+        let horizon = self.applied.times.gc_horizon;
+        (start_ts != 0 && start_ts <= horizon).then_some(CommandResponse::TxnRefused(
+            TxnRefusal::BelowGcHorizon { horizon },
+        ))
     }
 
     /// The rejection of a `what` (split, merge) that expected the range at
@@ -833,6 +870,126 @@ impl StateMachine {
                     succeeded: true,
                     current: new_value,
                 })
+            }
+            Command::Prewrite {
+                mutations,
+                primary,
+                start_ts,
+                ttl_ms,
+            } => {
+                if let Some(refused) =
+                    self.check_txn_keys(mutations.iter().map(|m| m.key.as_slice()), start_ts)
+                {
+                    return Ok(refused);
+                }
+                Ok(crate::txn::prewrite(
+                    &self.db,
+                    &mut pending.batch,
+                    &mutations,
+                    &primary,
+                    start_ts,
+                    ttl_ms,
+                )?)
+            }
+            Command::CommitTxn {
+                keys,
+                start_ts,
+                commit_ts,
+            } => {
+                if let Some(refused) = self.check_txn_keys(keys.iter().map(|k| k.0.as_slice()), 0) {
+                    return Ok(refused);
+                }
+                if commit_ts <= start_ts {
+                    return Ok(CommandResponse::Rejected {
+                        reason: format!(
+                            "commit ts {commit_ts} is not above the transaction's start ts {start_ts}"
+                        ),
+                    });
+                }
+                let response =
+                    crate::txn::commit(&self.db, &mut pending.batch, &keys, start_ts, commit_ts)?;
+                if response == CommandResponse::Done {
+                    let last = &mut self.applied.times.last_commit_ts;
+                    *last = (*last).max(commit_ts);
+                }
+                Ok(response)
+            }
+            Command::RollbackTxn { keys, start_ts } => {
+                if let Some(refused) = self.check_txn_keys(keys.iter().map(|k| k.0.as_slice()), 0) {
+                    return Ok(refused);
+                }
+                Ok(crate::txn::rollback(
+                    &self.db,
+                    &mut pending.batch,
+                    &keys,
+                    start_ts,
+                )?)
+            }
+            Command::CheckTxnStatus {
+                primary,
+                start_ts,
+                current_ts,
+                rollback_if_missing,
+            } => {
+                if let Some(refused) = self.check_txn_keys([primary.as_slice()], 0) {
+                    return Ok(refused);
+                }
+                Ok(crate::txn::check_status(
+                    &self.db,
+                    &mut pending.batch,
+                    &primary,
+                    start_ts,
+                    current_ts,
+                    rollback_if_missing,
+                )?)
+            }
+            Command::TxnHeartbeat {
+                primary,
+                start_ts,
+                ttl_ms,
+            } => {
+                if let Some(refused) = self.check_txn_keys([primary.as_slice()], 0) {
+                    return Ok(refused);
+                }
+                Ok(crate::txn::heartbeat(
+                    &self.db,
+                    &mut pending.batch,
+                    &primary,
+                    start_ts,
+                    ttl_ms,
+                )?)
+            }
+            Command::OnePhaseTxn {
+                ops,
+                start_ts,
+                commit_ts,
+            } => {
+                let commit_ts = applied_commit_ts(commit_ts);
+                if let Some(refused) =
+                    self.check_txn_keys(ops.iter().map(|op| op.key.as_slice()), start_ts)
+                {
+                    return Ok(refused);
+                }
+                for op in &ops {
+                    if let Err(refused) = self.check_write(&op.key, commit_ts) {
+                        return Ok(refused);
+                    }
+                }
+                let keys: Vec<&[u8]> = ops.iter().map(|op| op.key.as_slice()).collect();
+                if let Some(refused) = crate::txn::check_one_phase(&self.db, &keys, start_ts)? {
+                    return Ok(CommandResponse::TxnRefused(refused));
+                }
+                if commit_ts.is_some_and(|ts| ts <= start_ts) {
+                    return Ok(CommandResponse::Rejected {
+                        reason: format!(
+                            "commit ts {commit_ts:?} is not above the transaction's start ts {start_ts}"
+                        ),
+                    });
+                }
+                for WriteOp { key, value } in ops {
+                    self.write_key(pending, key, value, commit_ts);
+                }
+                Ok(CommandResponse::Done)
             }
             Command::RegisterNode { join_token, addr } => {
                 let Some(cluster_id) = registry::cluster_id(&self.db)? else {

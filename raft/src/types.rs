@@ -209,6 +209,116 @@ pub enum Command {
     /// Raise the range's GC horizon to `horizon` (never lowers it): versions older than the
     /// newest one at or below it may be collected, and reads below it are refused.
     RaiseGcHorizon { horizon: Timestamp },
+    /// Percolator prewrite of a transaction's keys in this range (all or none): a lock on
+    /// each, after checking for locks of others and for writes committed since `start_ts`.
+    /// With `TxnOp::PessimisticLock` ops, a pessimistic lock (`Txn::lock`).
+    Prewrite {
+        mutations: Vec<TxnMutation>,
+        #[serde(with = "serde_bytes")]
+        primary: Vec<u8>,
+        start_ts: Timestamp,
+        ttl_ms: u64,
+    },
+    /// Commit the transaction's locks on `keys` at `commit_ts` (all or none).
+    CommitTxn {
+        keys: Vec<TxnKey>,
+        start_ts: Timestamp,
+        commit_ts: Timestamp,
+    },
+    /// Roll the transaction back on `keys` (all or none: refused if one committed).
+    RollbackTxn {
+        keys: Vec<TxnKey>,
+        start_ts: Timestamp,
+    },
+    /// The transaction's status on its primary at `current_ts`, rolling it back when its
+    /// lock expired (or it left no trace and `rollback_if_missing`).
+    CheckTxnStatus {
+        #[serde(with = "serde_bytes")]
+        primary: Vec<u8>,
+        start_ts: Timestamp,
+        current_ts: Timestamp,
+        rollback_if_missing: bool,
+    },
+    /// Raise the TTL of the transaction's primary lock to `ttl_ms`.
+    TxnHeartbeat {
+        #[serde(with = "serde_bytes")]
+        primary: Vec<u8>,
+        start_ts: Timestamp,
+        ttl_ms: u64,
+    },
+    /// A transaction whose keys all lie in this range, committed in one entry (1PC): the
+    /// checks of a prewrite against `start_ts`, then the writes as versions at `commit_ts`,
+    /// which the leader fixed as for [`Command::Write`].
+    OnePhaseTxn {
+        ops: Vec<WriteOp>,
+        start_ts: Timestamp,
+        commit_ts: Option<Timestamp>,
+    },
+}
+
+/// An encoded key in a transaction command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnKey(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// What a transaction does to a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOp {
+    Put(#[serde(with = "serde_bytes")] Vec<u8>),
+    Delete,
+    /// Lock the key without writing it (its value is unchanged by the commit).
+    Lock,
+    /// Take a pessimistic lock now; the prewrite turns it into one of the others.
+    PessimisticLock,
+}
+
+/// One key of a prewrite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnMutation {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub op: TxnOp,
+}
+
+/// A transaction's lock, as a refusal reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub primary: Vec<u8>,
+    pub start_ts: Timestamp,
+    pub ttl_ms: u64,
+}
+
+/// Why a transaction command was refused; nothing of it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnRefusal {
+    /// Another transaction's lock: resolve it through its primary and retry.
+    Locked(LockInfo),
+    /// `key` has a write committed at `commit_ts`, at or after the transaction's start.
+    WriteConflict {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        commit_ts: Timestamp,
+    },
+    /// The transaction was rolled back.
+    Aborted {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// The transaction committed at `commit_ts` (a rollback came too late).
+    Committed { commit_ts: Timestamp },
+    /// The transaction's start ts is at or below the range's GC horizon.
+    BelowGcHorizon { horizon: Timestamp },
+}
+
+/// A transaction's state as its primary tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnState {
+    Committed(Timestamp),
+    RolledBack,
+    Alive { ttl_ms: u64 },
+    NotFound,
 }
 
 /// A range frozen for a merge into its left neighbour.
@@ -297,6 +407,10 @@ pub enum CommandResponse {
         previous_ms: u64,
         limit_ms: u64,
     },
+    /// A transaction command (or a single-range write meeting a lock) was refused.
+    TxnRefused(TxnRefusal),
+    /// A transaction's state (status checks and heartbeats).
+    TxnStatus(TxnState),
 }
 
 impl Command {
@@ -313,6 +427,12 @@ impl Command {
                 | Command::AbortMerge { .. }
                 | Command::AllocReplicaId { .. }
                 | Command::ReserveTimestamps { .. }
+                | Command::Prewrite { .. }
+                | Command::CommitTxn { .. }
+                | Command::RollbackTxn { .. }
+                | Command::CheckTxnStatus { .. }
+                | Command::TxnHeartbeat { .. }
+                | Command::OnePhaseTxn { .. }
         )
     }
 }
@@ -337,6 +457,30 @@ impl std::fmt::Display for Command {
                 write!(f, "reserve-timestamps(until {until_ms} ms)")
             }
             Command::RaiseGcHorizon { horizon } => write!(f, "raise-gc-horizon({horizon})"),
+            Command::Prewrite {
+                mutations,
+                start_ts,
+                ..
+            } => write!(f, "prewrite({} keys, start {start_ts})", mutations.len()),
+            Command::CommitTxn {
+                keys,
+                start_ts,
+                commit_ts,
+            } => write!(
+                f,
+                "commit-txn({} keys, start {start_ts}, commit {commit_ts})",
+                keys.len()
+            ),
+            Command::RollbackTxn { keys, start_ts } => {
+                write!(f, "rollback-txn({} keys, start {start_ts})", keys.len())
+            }
+            Command::CheckTxnStatus { start_ts, .. } => {
+                write!(f, "check-txn-status(start {start_ts})")
+            }
+            Command::TxnHeartbeat { start_ts, .. } => write!(f, "txn-heartbeat(start {start_ts})"),
+            Command::OnePhaseTxn { ops, start_ts, .. } => {
+                write!(f, "one-phase-txn({} ops, start {start_ts})", ops.len())
+            }
         }
     }
 }

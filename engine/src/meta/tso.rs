@@ -31,8 +31,9 @@ use spheredb_raft::{Command, CommandResponse};
 
 use crate::errors::{internal, read_error, write_error};
 
-/// Bits of a timestamp's logical part: 262,144 timestamps per millisecond.
-pub const LOGICAL_BITS: u32 = 18;
+/// Bits of a timestamp's logical part (262,144 timestamps per millisecond), and the
+/// physical part (ms since the Unix epoch) of a timestamp.
+pub use spheredb_storage::mvcc::{physical_ms, LOGICAL_BITS};
 /// Timestamps one millisecond holds.
 pub const TIMESTAMPS_PER_MS: u64 = 1 << LOGICAL_BITS;
 /// Reservations one call may make before giving up (the second covers a clock behind the
@@ -45,11 +46,6 @@ pub const TSO_RAFT_TIMEOUT_MS: u64 = 5_000;
 pub fn compose(physical_ms: u64, logical: u64) -> u64 {
     debug_assert!(logical < TIMESTAMPS_PER_MS);
     physical_ms << LOGICAL_BITS | logical
-}
-
-/// The physical part (ms since the Unix epoch) of timestamp `ts`.
-pub fn physical_ms(ts: u64) -> u64 {
-    ts >> LOGICAL_BITS
 }
 
 /// A leader's allocation state in one term: the last timestamp handed out and the limit

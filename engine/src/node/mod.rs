@@ -922,15 +922,16 @@ impl Node {
         ));
         let server = {
             let mut stop_rx = stop_rx.clone();
-            let kv = KvServer::new(KvService::new(
+            let kv_service = Arc::new(KvService::new(
                 node_id,
                 db.clone(),
                 replicas.clone(),
                 disk.clone(),
                 timestamps.clone(),
-            ))
-            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
-            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
+            ));
+            let kv = KvServer::from_arc(kv_service.clone())
+                .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+                .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
             let admin = AdminServer::new(AdminService::new(AdminParts {
                 this_node: ThisNode {
                     node_id,
@@ -949,7 +950,15 @@ impl Node {
             }))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
-            let txn = TxnServer::new(TxnService::new(replicas.clone(), peers.clone(), tso));
+            let txn = TxnServer::new(TxnService::new(
+                kv_service,
+                replicas.clone(),
+                peers.clone(),
+                tso,
+                timestamps.clone(),
+            ))
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
             let raft_svc = RaftTransportServer::new(RaftService::new(
                 replicas.clone(),
                 faults.clone(),

@@ -103,6 +103,15 @@ impl CommitTsRules {
         }
     }
 
+    /// A transaction's commit at `commit_ts` (which its client took from the oracle) is
+    /// proposed: single-range writes proposed later commit above it, so a key's versions still
+    /// rise in log order, and linearizable reads read at or above it, so they see it once it
+    /// applied. Its keys need no flight: they carry the transaction's locks until it applies,
+    /// and reads wait for those.
+    pub fn note_commit(&mut self, commit_ts: Timestamp) {
+        self.last_commit_ts = self.last_commit_ts.max(commit_ts);
+    }
+
     /// The write of `keys` at `commit_ts` was applied, or will never be.
     pub fn end_write(&mut self, keys: &[Vec<u8>], commit_ts: Timestamp) {
         for key in keys {

@@ -2,9 +2,9 @@
 //! Raft as time passes, and every replica collects the versions behind the horizon it has
 //! applied, in bounded passes off the write path.
 //!
-//! The horizon is `--gc-ttl` behind the newest oracle timestamp the node holds (a later issue
-//! lowers it for spans whose history moves to cold storage first, and multi-range
-//! transactions will hold it at their oldest start ts). It lives in the range's applied state,
+//! The horizon is `--gc-ttl` behind the newest oracle timestamp the node holds, and below the
+//! oldest lock in the range (a later issue lowers it for spans whose history moves to cold
+//! storage first). It lives in the range's applied state,
 //! so every replica refuses the same reads, snapshots carry it, a split's halves keep it and a
 //! merge takes the higher of the two. A read checks it *after* reading: collection starts only
 //! once a horizon is applied, so a read at or above the horizon it finds afterwards read
@@ -35,6 +35,20 @@ const GC_PROPOSE_TIMEOUT_MS: u64 = 5_000;
 pub fn horizon_target(newest: Timestamp, ttl_ms: u64) -> Option<Timestamp> {
     let physical = physical_ms(newest);
     (newest > 0 && physical > ttl_ms).then(|| compose(physical - ttl_ms, 0))
+}
+
+/// Locks a leader reads to find its range's oldest before it raises the horizon; with more,
+/// the horizon waits (for them to be resolved).
+pub const GC_MAX_LOCKS_SCANNED: usize = 10_000;
+
+/// The horizon a range with `oldest_lock` (the oldest start ts of its locks) may move to when
+/// the time-based target is `target`: below every lock, so the transaction of a lock can still
+/// commit above what it read and a prewrite of it is never refused for the horizon.
+pub fn below_locks(target: Timestamp, oldest_lock: Option<Timestamp>) -> Timestamp {
+    match oldest_lock {
+        Some(ts) => target.min(ts.saturating_sub(1)),
+        None => target,
+    }
 }
 
 /// Whether a leader whose range is at `current` should raise it to `target`.
@@ -73,6 +87,24 @@ pub async fn gc_loop(gc: Gc, mut stop: watch::Receiver<bool>) {
         for replica in replicas {
             let range_id = replica.shared.range_id;
             let current = replica.shared.gc_horizon();
+            let target = match (target, replica.shared.span()) {
+                (Some(t), Some(span)) if replica.raft.is_leader() => {
+                    match mvcc::locks::oldest_lock_start_ts(
+                        &gc.db,
+                        &span.start_key,
+                        &span.end_key,
+                        GC_MAX_LOCKS_SCANNED,
+                    ) {
+                        Ok(Some(oldest)) => Some(below_locks(t, oldest)),
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(range_id, "reading the range's locks for GC: {e}");
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
             if let Some(target) = target.filter(|t| should_raise(current, *t)) {
                 if replica.raft.is_leader() {
                     let proposal = replica
@@ -149,5 +181,12 @@ mod tests {
         assert!(should_raise(0, compose(10_000, 0)));
         assert!(!should_raise(compose(9_500, 0), compose(10_000, 0)));
         assert!(should_raise(compose(9_000, 0), compose(10_000, 0)));
+    }
+
+    #[test]
+    fn the_horizon_stays_below_the_oldest_lock() {
+        assert_eq!(below_locks(100, None), 100);
+        assert_eq!(below_locks(100, Some(50)), 49);
+        assert_eq!(below_locks(100, Some(500)), 100);
     }
 }

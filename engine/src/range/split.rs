@@ -296,7 +296,7 @@ pub async fn split_range(
     });
     let resp = match tokio::time::timeout(Duration::from_millis(SPLIT_TIMEOUT_MS), write).await {
         Err(_) => {
-            return Err(ClientError::Indeterminate(
+            return Err(ClientError::OutcomeUnknown(
                 "split not committed in time".into(),
             ))
         }

@@ -122,6 +122,9 @@ pub struct Proposal {
     pub leader_id: LeaderId,
     pub keys: Vec<Vec<u8>>,
     pub timeout_ms: u64,
+    /// A transaction's commit at this timestamp, fixed by its client, rather than a write
+    /// whose commit ts the leader fixes (see [`CommitTsRules::note_commit`]).
+    pub txn_commit_ts: Option<Timestamp>,
 }
 
 /// Why a write was not proposed or not answered.
@@ -164,10 +167,10 @@ impl RangeClock {
         });
         match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Proposed::Failed(ClientError::Indeterminate(
+            Ok(Err(_)) => Err(Proposed::Failed(ClientError::OutcomeUnknown(
                 "the write's task ended without an answer; it may or may not have applied".into(),
             ))),
-            Err(_) => Err(Proposed::Failed(ClientError::Indeterminate(format!(
+            Err(_) => Err(Proposed::Failed(ClientError::OutcomeUnknown(format!(
                 "write not committed within {timeout_ms} ms; it may still apply"
             )))),
         }
@@ -228,7 +231,7 @@ impl RangeClock {
             Ok(Err(e)) => Err(Proposed::Failed(write_error(
                 openraft::errors::RaftError::APIError(e),
             ))),
-            Err(_) => Err(Proposed::Failed(ClientError::Indeterminate(
+            Err(_) => Err(Proposed::Failed(ClientError::OutcomeUnknown(
                 "raft dropped the write's answer; it may or may not have applied".into(),
             ))),
         };
@@ -253,14 +256,22 @@ impl RangeClock {
                     ))));
                 continue;
             }
-            let commit_ts = match (q.take_above)(rules.commit_floor()) {
-                Ok(ts) => ts,
-                Err(batch) => {
-                    let _ = q.proposed.send(Err(Proposed::NoTimestamp { batch }));
-                    continue;
+            let commit_ts = match p.txn_commit_ts {
+                Some(ts) => {
+                    rules.note_commit(ts);
+                    ts
                 }
+                None => match (q.take_above)(rules.commit_floor()) {
+                    Ok(ts) => {
+                        rules.begin_write(&p.keys, ts);
+                        ts
+                    }
+                    Err(batch) => {
+                        let _ = q.proposed.send(Err(Proposed::NoTimestamp { batch }));
+                        continue;
+                    }
+                },
             };
-            rules.begin_write(&p.keys, commit_ts);
             // A send that does not complete leaves nothing queued (the channel's send is
             // cancel-safe), and this task is not cancelled but by the runtime's shutdown.
             let submitted = q
@@ -580,6 +591,7 @@ impl NodeTimestamps {
                 leader_id,
                 keys: keys.clone(),
                 timeout_ms,
+                txn_commit_ts: None,
             };
             match clock
                 .propose(replica.raft.clone(), proposal, take, move |ts| command(ts))
@@ -596,6 +608,41 @@ impl NodeTimestamps {
         Err(ClientError::Unavailable(format!(
             "no commit timestamp above the range's reads after {MAX_BATCHES_PER_WRITE} oracle batches; retry"
         )))
+    }
+
+    /// Proposes the commit of a transaction's keys on `replica`'s range at `commit_ts` (which
+    /// its client took from the oracle; checked by the caller) in the range's commit order,
+    /// and waits at most `timeout_ms` for its answer.
+    pub async fn propose_txn_commit(
+        self: &Arc<Self>,
+        replica: &Replica,
+        commit_ts: Timestamp,
+        command: Command,
+        timeout_ms: u64,
+    ) -> Result<CommandResponse, ClientError> {
+        let (clock, epoch, leader_id) = self.leading_clock(replica).await?;
+        let proposal = Proposal {
+            epoch,
+            leader_id,
+            keys: Vec::new(),
+            timeout_ms,
+            txn_commit_ts: Some(commit_ts),
+        };
+        match clock
+            .propose(
+                replica.raft.clone(),
+                proposal,
+                move |_| Ok(commit_ts),
+                move |_| command,
+            )
+            .await
+        {
+            Ok(resp) => Ok(resp),
+            Err(Proposed::Failed(e)) => Err(e),
+            Err(Proposed::NoTimestamp { .. }) => Err(ClientError::Internal(
+                "a transaction commit asked for a commit timestamp".into(),
+            )),
+        }
     }
 
     /// Starts fetching a batch, without waiting for it, when the node's batch is half as old

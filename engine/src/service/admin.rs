@@ -153,7 +153,7 @@ impl AdminService {
         let resp = tokio::time::timeout(Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS), write)
             .await
             .map_err(|_| {
-                ClientError::Indeterminate("replica id allocation did not commit in time".into())
+                ClientError::OutcomeUnknown("replica id allocation did not commit in time".into())
             })?
             .map_err(write_error)?;
         match resp.data {
@@ -403,7 +403,7 @@ impl AdminService {
                     tokio::time::timeout(timed(MEMBERSHIP_CHANGE_TIMEOUT_MS), change)
                         .await
                         .map_err(|_| {
-                            ClientError::Indeterminate("promotion did not commit in time".into())
+                            ClientError::OutcomeUnknown("promotion did not commit in time".into())
                         })?
                         .map_err(write_error)?;
                 }
@@ -441,7 +441,7 @@ impl AdminService {
                 tokio::time::timeout(timed(MEMBERSHIP_CHANGE_TIMEOUT_MS), change)
                     .await
                     .map_err(|_| {
-                        ClientError::Indeterminate("removal did not commit in time".into())
+                        ClientError::OutcomeUnknown("removal did not commit in time".into())
                     })?
                     .map_err(write_error)?;
             }
@@ -506,7 +506,7 @@ impl AdminService {
         let write = replica.raft.client_write(cmd);
         let resp = tokio::time::timeout(Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS), write)
             .await
-            .map_err(|_| ClientError::Indeterminate("merge step did not commit in time".into()))?
+            .map_err(|_| ClientError::OutcomeUnknown("merge step did not commit in time".into()))?
             .map_err(write_error)?;
         let merged = match resp.data {
             CommandResponse::MergeAborted { merged, .. } => merged,
@@ -844,7 +844,7 @@ impl Admin for AdminService {
             let meta = self.meta_leading()?;
             let write = meta.raft.client_write(Command::AllocRangeIds { count });
             match tokio::time::timeout(Duration::from_millis(JOIN_COMMIT_TIMEOUT_MS), write).await {
-                Err(_) => Err(ClientError::Indeterminate(
+                Err(_) => Err(ClientError::OutcomeUnknown(
                     "allocation not committed in time".into(),
                 )),
                 Ok(Err(e)) => Err(write_error(e)),

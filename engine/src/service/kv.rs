@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 
 use crate::descriptor::wire_descriptor;
 use crate::disk::DiskGuard;
-use crate::errors::{read_error, storage_error};
+use crate::errors::{read_error, storage_error, txn_refused, wire_lock};
 use crate::range::timestamps::{NodeTimestamps, ReadTs};
 use crate::replica::descriptor;
 
@@ -37,6 +37,8 @@ use crate::replica::descriptor;
 pub const WRITE_TIMEOUT_MS: u64 = 5_000;
 /// Longest a read waits for its linearizability barrier.
 pub const READ_TIMEOUT_MS: u64 = 5_000;
+/// Locks one refused read reports, for the client to resolve together.
+pub const MAX_LOCKS_PER_ANSWER: usize = 64;
 
 /// The KV service of a node.
 pub struct KvService {
@@ -67,9 +69,14 @@ impl KvService {
         }
     }
 
+    /// Refuses a write while the node's disk is nearly full; nothing is written.
+    pub(crate) fn check_disk(&self) -> Result<(), ClientError> {
+        self.disk.check_write()
+    }
+
     /// Finds the local replica a request for `range_id` at `generation` touching `key` must
     /// go to, or the error that tells the client where to go instead.
-    fn route_to(
+    pub(crate) fn route_to(
         &self,
         range_id: RangeId,
         generation: u64,
@@ -196,7 +203,11 @@ impl KvService {
     }
 
     /// `KeyNotInRange` with the range's current descriptor.
-    fn outside(&self, replica: &Replica, span: Option<spheredb_raft::RangeSpan>) -> ClientError {
+    pub(crate) fn outside(
+        &self,
+        replica: &Replica,
+        span: Option<spheredb_raft::RangeSpan>,
+    ) -> ClientError {
         let descriptors = span
             .map(|s| {
                 let m = replica
@@ -220,7 +231,7 @@ impl KvService {
 
     /// Writes `keys` through Raft as a single-range transaction: `command` builds the entry
     /// for the commit ts the range's leader fixes (see `range::timestamps`).
-    async fn write(
+    pub(crate) async fn write(
         &self,
         replica: &Arc<Replica>,
         header: &Option<Header>,
@@ -254,7 +265,7 @@ impl KvService {
         let answer = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), proposal)
             .await
             .map_err(|_| {
-                ClientError::Indeterminate(format!(
+                ClientError::OutcomeUnknown(format!(
                     "write not committed within {WRITE_TIMEOUT_MS} ms; it may still apply"
                 ))
             })?;
@@ -264,6 +275,7 @@ impl KvService {
                 "range is being merged into range {into}; retry shortly"
             ))),
             CommandResponse::OutsideSpan { span } => Err(self.outside(replica, span.map(|s| *s))),
+            CommandResponse::TxnRefused(refusal) => Err(txn_refused(refusal)),
             other => Ok(other),
         }
     }
@@ -381,6 +393,44 @@ impl KvService {
         Ok(Some(at_ts))
     }
 
+    /// Refuses a read at `read_ts` of `[start, end)` from `snapshot` when transactions'
+    /// locks are on it that may commit at or below `read_ts`: the read cannot know those
+    /// writes yet. The client resolves the locks it is told of and reads again.
+    fn check_locks(
+        &self,
+        replica: &Replica,
+        snapshot: &rocksdb::Snapshot<'_>,
+        start: &[u8],
+        end: &[u8],
+        read_ts: Timestamp,
+    ) -> Result<(), ClientError> {
+        let locks = mvcc::locks::locks_blocking_read(
+            &self.db,
+            snapshot,
+            start,
+            end,
+            read_ts,
+            MAX_LOCKS_PER_ANSWER,
+        )
+        .map_err(|e| self.read_failed(replica, e))?;
+        let Some((first, lock)) = locks.first() else {
+            return Ok(());
+        };
+        Err(ClientError::Locked {
+            message: format!(
+                "{} ({} locks in all) is locked by the transaction that started at {}, which may \
+                 commit below the read's timestamp {read_ts}",
+                crate::errors::key_text(first),
+                locks.len(),
+                lock.start_ts
+            ),
+            locks: locks
+                .iter()
+                .map(|(key, lock)| wire_lock(spheredb_raft::txn::lock_info(key, lock)))
+                .collect(),
+        })
+    }
+
     /// After the barrier: the span may have changed while waiting (a split applied), or the
     /// range frozen for a merge; the read is only correct if the key is still served here.
     fn check_still_in_span(&self, replica: &Replica, key: &[u8]) -> Result<(), ClientError> {
@@ -493,8 +543,11 @@ impl Kv for KvService {
                     self.read_barrier(&replica, req.consistency).await?;
                 }
                 self.check_still_in_span(&replica, &key)?;
-                let version = mvcc::store::get_at(&self.db, None, &key, read_ts)
+                let snapshot = self.db.raw().snapshot();
+                self.check_locks(&replica, &snapshot, &key, &key_end, read_ts)?;
+                let version = mvcc::store::get_at(&self.db, Some(&snapshot), &key, read_ts)
                     .map_err(|e| self.read_failed(&replica, e))?;
+                drop(snapshot);
                 check_history(&replica, read_ts)?;
                 let value = version.and_then(|v| v.value);
                 Ok(GetResponse {
@@ -627,6 +680,9 @@ impl Kv for KvService {
                     limits::MAX_SCAN_RESPONSE_BYTES,
                 )
                 .map_err(|e| self.read_failed(&replica, e))?;
+                // Locks over what the page covered, from the same snapshot.
+                let page_end = page.resume_key.clone().unwrap_or_else(|| end.clone());
+                self.check_locks(&replica, &snapshot, &start, &page_end, read_ts)?;
                 drop(snapshot);
                 check_history(&replica, read_ts)?;
                 let resume_key = match page.resume_key {

@@ -4,6 +4,7 @@
 //! under one shared time budget, and turning a failed search into a short
 //! explanation.
 
+pub mod bank;
 pub mod linearizable;
 pub mod list_append;
 pub mod scan;

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use spheredb_client::{Client, ClientOptions};
 
+use crate::check::bank::check_bank;
+use crate::check::list_append::{self, Consistency as TxnConsistency};
 use crate::check::scan::{check_scan_history, check_set_reads};
 use crate::check::set_final::check_set_final;
 use crate::check::{check_events, CheckOptions, Verdict};
@@ -810,6 +812,57 @@ async fn run_inner(
                 "phantom": report.phantom_count,
                 "misplaced": report.misplaced_count,
                 "excused_by_unknown_delete": report.excused_by_unknown_delete,
+                "explanation": lines,
+            });
+            (validity, lines, json)
+        }
+        WorkloadKind::Bank => {
+            let report = check_bank(
+                &parsed,
+                workload::BANK_ACCOUNTS as usize,
+                Workload::bank_total(),
+            );
+            let validity = if report.anomaly_count > 0 {
+                Validity::Anomaly
+            } else {
+                Validity::Valid
+            };
+            let lines = report.lines();
+            let json = json!({
+                "model": "bank: every snapshot read shows the same total, no balance below zero",
+                "verdict": validity.label(),
+                "reads": report.reads,
+                "anomalies": report.anomaly_count,
+                "explanation": lines,
+            });
+            (validity, lines, json)
+        }
+        WorkloadKind::ListAppend => {
+            let txns = list_append::txns_from_events(&parsed).map_err(TesterError::Check)?;
+            let report = list_append::check(&txns).map_err(TesterError::Check)?;
+            let model = TxnConsistency::SnapshotIsolation;
+            let validity = if report.valid_under(model) {
+                Validity::Valid
+            } else {
+                Validity::Anomaly
+            };
+            let lines: Vec<String> = report
+                .findings
+                .iter()
+                .filter(|f| model.forbids(f.anomaly))
+                .map(|f| format!("{}: {}", f.anomaly.name(), f.explanation))
+                .collect();
+            let json = json!({
+                "model": "list-append, snapshot isolation (Elle-style dependency cycles)",
+                "verdict": validity.label(),
+                "transactions": report.txns,
+                "committed": report.committed,
+                "edges": report.edges,
+                "anomalies": report
+                    .counts
+                    .iter()
+                    .map(|(a, n)| (a.name().to_string(), json!(n)))
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
                 "explanation": lines,
             });
             (validity, lines, json)

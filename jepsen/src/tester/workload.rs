@@ -16,7 +16,7 @@
 //!   ([`crate::check::scan`]).
 //!
 //! Outcomes follow the client's error contract: a read that fails is `fail` (it constrains
-//! nothing); a write whose outcome is unknown (`Indeterminate`, deadline exceeded, an
+//! nothing); a write whose outcome is unknown (`OutcomeUnknown`, deadline exceeded, an
 //! internal error) is `info`; any other error of a write means it was not applied: `fail`.
 //! As in Jepsen, a worker whose operation ended `info` continues as a new process (its old
 //! operation may still be in flight) with a new connection.
@@ -68,6 +68,31 @@ pub const SCAN_KEYS: i64 = 200;
 pub const SCAN_INITIAL_RANGES: i64 = 8;
 /// Longest a split before the run may take, each.
 const SCAN_SPLIT_DEADLINE_MS: u64 = 10_000;
+/// Key prefix of the bank workload's accounts, and the end of its span.
+const BANK_PREFIX: &str = "bank/";
+const BANK_END: &str = "bank0";
+/// Accounts of the bank workload, and each one's balance before the run.
+pub const BANK_ACCOUNTS: i64 = 8;
+pub const BANK_INITIAL_BALANCE: i64 = 100;
+/// Ranges the accounts are split into before the run (transfers cross them).
+const BANK_INITIAL_RANGES: i64 = 4;
+/// Largest amount one transfer moves.
+const BANK_MAX_TRANSFER: i64 = 5;
+/// One bank operation in this many is a read of every balance.
+const BANK_READ_EVERY_OPS: u32 = 4;
+/// Key prefix of the list-append workload's lists, and the end of its span.
+const LIST_PREFIX: &str = "la/";
+const LIST_END: &str = "la0";
+/// Lists a list-append transaction picks from at a time; the window moves on every
+/// [`LIST_KEY_LIFETIME_OPS`] transactions, so each list stays short enough to check.
+const LIST_ACTIVE_KEYS: i64 = 5;
+const LIST_KEY_LIFETIME_OPS: i64 = 100;
+/// Most micro-operations in one list-append transaction.
+const LIST_MAX_MOPS: usize = 4;
+/// List keys below this are where the run's splits go (before and by the churn nemesis).
+const LIST_SPLIT_KEYS: i64 = 24;
+/// Ranges the first lists are split into before the run.
+const LIST_INITIAL_RANGES: i64 = 4;
 
 /// Which workload to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +100,8 @@ pub enum WorkloadKind {
     Register,
     Set,
     Scan,
+    Bank,
+    ListAppend,
 }
 
 impl WorkloadKind {
@@ -83,6 +110,8 @@ impl WorkloadKind {
             WorkloadKind::Register => "register",
             WorkloadKind::Set => "set",
             WorkloadKind::Scan => "scan",
+            WorkloadKind::Bank => "bank",
+            WorkloadKind::ListAppend => "list-append",
         }
     }
 
@@ -92,6 +121,14 @@ impl WorkloadKind {
             WorkloadKind::Register => (b"r/".to_vec(), b"r0".to_vec()),
             WorkloadKind::Set => (SET_PREFIX.as_bytes().to_vec(), SET_END.as_bytes().to_vec()),
             WorkloadKind::Scan => (scan_key(0), scan_key(SCAN_KEYS)),
+            WorkloadKind::Bank => (
+                BANK_PREFIX.as_bytes().to_vec(),
+                BANK_END.as_bytes().to_vec(),
+            ),
+            WorkloadKind::ListAppend => (
+                LIST_PREFIX.as_bytes().to_vec(),
+                LIST_END.as_bytes().to_vec(),
+            ),
         }
     }
 
@@ -101,6 +138,8 @@ impl WorkloadKind {
             WorkloadKind::Register => register_key(rng.random_range(0..1_000)),
             WorkloadKind::Set => set_key(rng.random_range(1..MAX_SET_ELEMENTS)),
             WorkloadKind::Scan => scan_key(rng.random_range(1..SCAN_KEYS)),
+            WorkloadKind::Bank => bank_key(rng.random_range(1..BANK_ACCOUNTS)),
+            WorkloadKind::ListAppend => list_key(rng.random_range(1..LIST_SPLIT_KEYS)),
         }
     }
 }
@@ -151,6 +190,8 @@ pub struct Workload {
     /// Timestamps of the last scans as of a fresh timestamp, with their spans, to read again
     /// (at most [`MAX_REPEATABLE_SNAPSHOTS`]).
     snapshots: Mutex<Vec<(i64, i64, i64)>>,
+    /// List-append transactions generated, which moves the window of lists.
+    list_txns: AtomicI64,
 }
 
 /// Snapshot timestamps the scan workload keeps for reading again.
@@ -188,15 +229,46 @@ enum Op {
         end: i64,
         at: Option<i64>,
     },
+    /// Bank: move `amount` from account `from` to `to` in one transaction.
+    Transfer {
+        from: i64,
+        to: i64,
+        amount: i64,
+    },
+    /// Bank: every balance, from one snapshot.
+    ReadBalances,
+    /// List-append: one transaction of appends and reads.
+    ListTxn {
+        mops: Vec<ListMop>,
+    },
+}
+
+/// One micro-operation of a list-append transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListMop {
+    Append { key: i64, elem: i64 },
+    Read { key: i64 },
+}
+
+impl ListMop {
+    fn key(self) -> i64 {
+        match self {
+            ListMop::Append { key, .. } | ListMop::Read { key } => key,
+        }
+    }
 }
 
 impl Op {
     fn function(&self) -> Function {
         match self {
-            Op::Read { .. } | Op::ReadRange { .. } | Op::ReadRangeAt { .. } => Function::Read,
+            Op::Read { .. } | Op::ReadRange { .. } | Op::ReadRangeAt { .. } | Op::ReadBalances => {
+                Function::Read
+            }
             Op::Write { .. } | Op::Delete { .. } => Function::Write,
             Op::Cas { .. } => Function::Cas,
             Op::Add { .. } => Function::Add,
+            Op::Transfer { .. } => Function::Transfer,
+            Op::ListTxn { .. } => Function::Txn,
         }
     }
 
@@ -205,7 +277,12 @@ impl Op {
             Op::Read { key } | Op::Write { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => {
                 Some(*key)
             }
-            Op::Add { .. } | Op::ReadRange { .. } | Op::ReadRangeAt { .. } => None,
+            Op::Add { .. }
+            | Op::ReadRange { .. }
+            | Op::ReadRangeAt { .. }
+            | Op::Transfer { .. }
+            | Op::ReadBalances
+            | Op::ListTxn { .. } => None,
         }
     }
 
@@ -217,6 +294,9 @@ impl Op {
             Op::Add { element } => json!(element),
             Op::ReadRange { start, end } => json!([start, end]),
             Op::ReadRangeAt { start, end, at } => json!([start, end, at.unwrap_or(0)]),
+            Op::Transfer { from, to, amount } => json!([from, to, amount]),
+            Op::ReadBalances => Json::Null,
+            Op::ListTxn { mops } => list_txn_value(mops, None),
         }
     }
 }
@@ -226,6 +306,51 @@ struct Completion {
     kind: EventType,
     value: Json,
     error: Option<String>,
+}
+
+/// A list-append transaction's value: `[["append", k, e], ["r", k, null | [e...]]]`, with
+/// each read's result from `reads` (in order) when given.
+fn list_txn_value(mops: &[ListMop], reads: Option<&[Vec<i64>]>) -> Json {
+    let mut read_results = reads.map(|r| r.iter());
+    Json::Array(
+        mops.iter()
+            .map(|mop| match *mop {
+                ListMop::Append { key, elem } => json!(["append", key, elem]),
+                ListMop::Read { key } => {
+                    let result = read_results
+                        .as_mut()
+                        .and_then(Iterator::next)
+                        .map_or(Json::Null, |elems| json!(elems));
+                    json!(["r", key, result])
+                }
+            })
+            .collect(),
+    )
+}
+
+fn bank_key(account: i64) -> Vec<u8> {
+    format!("{BANK_PREFIX}{account:03}").into_bytes()
+}
+
+fn list_key(key: i64) -> Vec<u8> {
+    format!("{LIST_PREFIX}{key:08}").into_bytes()
+}
+
+/// A stored list: comma-separated integers (absent: empty).
+fn decode_list(stored: Option<&[u8]>) -> Result<Vec<i64>, String> {
+    let Some(bytes) = stored else {
+        return Ok(Vec::new());
+    };
+    let text = String::from_utf8_lossy(bytes);
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|e| {
+            e.parse::<i64>()
+                .map_err(|_| format!("a stored list holds {text:?}, not integers"))
+        })
+        .collect()
 }
 
 fn register_key(key: i64) -> Vec<u8> {
@@ -258,10 +383,19 @@ fn decode_value(bytes: &[u8]) -> Json {
     }
 }
 
+/// A transaction that failed before its commit: nothing of it was written.
+fn fail_with(value: Json, e: ClientError) -> Completion {
+    Completion {
+        kind: EventType::Fail,
+        value,
+        error: Some(e.to_string()),
+    }
+}
+
 /// `info` for errors that leave a write's outcome unknown, `fail` otherwise.
 fn write_failure(e: &ClientError) -> EventType {
     match e {
-        ClientError::Indeterminate(_)
+        ClientError::OutcomeUnknown(_)
         | ClientError::DeadlineExceeded { .. }
         | ClientError::Internal(_)
         | ClientError::Corruption(_) => EventType::Info,
@@ -294,6 +428,7 @@ impl Workload {
             state: Mutex::new(state),
             next_value: AtomicI64::new(1),
             snapshots: Mutex::new(Vec::new()),
+            list_txns: AtomicI64::new(0),
         }
     }
 
@@ -383,6 +518,36 @@ impl Workload {
                 };
                 Some(op)
             }
+            WorkloadKind::Bank => {
+                if rng.random_ratio(1, BANK_READ_EVERY_OPS) {
+                    return Some(Op::ReadBalances);
+                }
+                let from = rng.random_range(0..BANK_ACCOUNTS);
+                let to = (from + rng.random_range(1..BANK_ACCOUNTS)) % BANK_ACCOUNTS;
+                Some(Op::Transfer {
+                    from,
+                    to,
+                    amount: rng.random_range(1..=BANK_MAX_TRANSFER),
+                })
+            }
+            WorkloadKind::ListAppend => {
+                let n = self.list_txns.fetch_add(1, Ordering::Relaxed);
+                let base = n / LIST_KEY_LIFETIME_OPS;
+                let mops = (0..rng.random_range(1..=LIST_MAX_MOPS))
+                    .map(|_| {
+                        let key = base + rng.random_range(0..LIST_ACTIVE_KEYS);
+                        if rng.random_bool(0.5) {
+                            ListMop::Append {
+                                key,
+                                elem: self.next_value(),
+                            }
+                        } else {
+                            ListMop::Read { key }
+                        }
+                    })
+                    .collect();
+                Some(Op::ListTxn { mops })
+            }
             WorkloadKind::Register => {
                 let mut state = self.state();
                 let slot_index = rng.random_range(0..state.slots.len());
@@ -431,23 +596,198 @@ impl Workload {
     /// Splits the scan workload's key space into [`SCAN_INITIAL_RANGES`] ranges, so that
     /// scans cross range boundaries from the first operation. Returns the splits made.
     pub async fn prepare(&self) -> Result<usize, String> {
-        if self.cfg.kind != WorkloadKind::Scan {
-            return Ok(0);
-        }
+        let split_keys: Vec<Vec<u8>> = match self.cfg.kind {
+            WorkloadKind::Scan => (1..SCAN_INITIAL_RANGES)
+                .map(|i| scan_key(i * SCAN_KEYS / SCAN_INITIAL_RANGES))
+                .collect(),
+            WorkloadKind::Bank => (1..BANK_INITIAL_RANGES)
+                .map(|i| bank_key(i * BANK_ACCOUNTS / BANK_INITIAL_RANGES))
+                .collect(),
+            WorkloadKind::ListAppend => (1..LIST_INITIAL_RANGES)
+                .map(|i| list_key(i * LIST_SPLIT_KEYS / LIST_INITIAL_RANGES))
+                .collect(),
+            WorkloadKind::Register | WorkloadKind::Set => return Ok(0),
+        };
         let client = self
             .connect(0, SCAN_SPLIT_DEADLINE_MS)
             .await
             .ok_or("cannot connect to split the key space")?;
         let mut made = 0;
-        for i in 1..SCAN_INITIAL_RANGES {
-            let key = scan_key(i * SCAN_KEYS / SCAN_INITIAL_RANGES);
+        for key in split_keys {
             client
                 .split(&spheredb_client::kv_key(SPHERE, &key))
                 .await
                 .map_err(|e| format!("split at {}: {e}", String::from_utf8_lossy(&key)))?;
             made += 1;
         }
+        if self.cfg.kind == WorkloadKind::Bank {
+            // Every account's opening balance, in one transaction across the ranges.
+            let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..BANK_ACCOUNTS)
+                .map(|a| {
+                    let balance = BANK_INITIAL_BALANCE.to_string().into_bytes();
+                    (bank_key(a), Some(balance))
+                })
+                .collect();
+            client
+                .batch(SPHERE, &ops)
+                .await
+                .map_err(|e| format!("opening the accounts: {e}"))?;
+        }
         Ok(made)
+    }
+
+    /// The total of every balance, which the bank workload's reads must always show.
+    pub fn bank_total() -> i64 {
+        BANK_ACCOUNTS * BANK_INITIAL_BALANCE
+    }
+
+    /// A bank transfer in one transaction; `fail` without a write when `from` holds less
+    /// than `amount`.
+    async fn transfer(&self, client: &Client, from: i64, to: i64, amount: i64) -> Completion {
+        let input = json!([from, to, amount]);
+        let mut txn = match client.begin().await {
+            Ok(t) => t,
+            Err(e) => return fail_with(input, e),
+        };
+        let read = async {
+            let a = txn.get(SPHERE, &bank_key(from)).await?;
+            let b = txn.get(SPHERE, &bank_key(to)).await?;
+            Ok::<_, ClientError>((a, b))
+        }
+        .await;
+        let (a, b) = match read {
+            Ok((Some(a), Some(b))) => (decode_value(&a), decode_value(&b)),
+            Ok(_) => {
+                return Completion {
+                    kind: EventType::Fail,
+                    value: input,
+                    error: Some("an account is missing".into()),
+                }
+            }
+            Err(e) => return fail_with(input, e),
+        };
+        let (Some(a), Some(b)) = (a.as_i64(), b.as_i64()) else {
+            return Completion {
+                kind: EventType::Fail,
+                value: input,
+                error: Some(format!("balances {a} and {b} are not numbers")),
+            };
+        };
+        if a < amount {
+            let _ = txn.rollback().await;
+            return Completion {
+                kind: EventType::Fail,
+                value: input,
+                error: Some(format!("insufficient funds: {a} < {amount}")),
+            };
+        }
+        let written = txn
+            .put(SPHERE, &bank_key(from), (a - amount).to_string().as_bytes())
+            .and_then(|()| txn.put(SPHERE, &bank_key(to), (b + amount).to_string().as_bytes()));
+        if let Err(e) = written {
+            return fail_with(input, e);
+        }
+        match txn.commit().await {
+            Ok(()) => Completion {
+                kind: EventType::Ok,
+                value: input,
+                error: None,
+            },
+            Err(e) => Completion {
+                kind: write_failure(&e),
+                value: input,
+                error: Some(e.to_string()),
+            },
+        }
+    }
+
+    /// Every balance, from one transaction's snapshot.
+    async fn read_balances(&self, client: &Client) -> Completion {
+        let read = async {
+            let mut txn = client.begin().await?;
+            let pairs = txn
+                .scan(
+                    SPHERE,
+                    BANK_PREFIX.as_bytes(),
+                    BANK_END.as_bytes(),
+                    BANK_ACCOUNTS as u32 + 1,
+                )
+                .await?;
+            txn.rollback().await?;
+            Ok::<_, ClientError>(pairs)
+        }
+        .await;
+        match read {
+            Ok(pairs) => {
+                let mut balances = vec![Json::Null; BANK_ACCOUNTS as usize];
+                for kv in pairs {
+                    let account = std::str::from_utf8(&kv.key)
+                        .ok()
+                        .and_then(|k| k.strip_prefix(BANK_PREFIX))
+                        .and_then(|n| n.parse::<usize>().ok());
+                    match account {
+                        Some(a) if a < balances.len() => balances[a] = decode_value(&kv.value),
+                        // A key the workload never wrote: the read is wrong as a whole.
+                        _ => balances.push(json!(String::from_utf8_lossy(&kv.key))),
+                    }
+                }
+                Completion {
+                    kind: EventType::Ok,
+                    value: Json::Array(balances),
+                    error: None,
+                }
+            }
+            Err(e) => fail_with(Json::Null, e),
+        }
+    }
+
+    /// One list-append transaction: appends read the list and write it back longer.
+    async fn list_txn(&self, client: &Client, mops: &[ListMop]) -> Completion {
+        let input = list_txn_value(mops, None);
+        let mut txn = match client.begin().await {
+            Ok(t) => t,
+            Err(e) => return fail_with(input, e),
+        };
+        let mut reads = Vec::new();
+        for mop in mops {
+            let key = list_key(mop.key());
+            let current = match txn.get(SPHERE, &key).await {
+                Ok(v) => v,
+                Err(e) => return fail_with(input, e),
+            };
+            let mut list = match decode_list(current.as_deref()) {
+                Ok(l) => l,
+                Err(e) => {
+                    return Completion {
+                        kind: EventType::Fail,
+                        value: input,
+                        error: Some(e),
+                    }
+                }
+            };
+            match *mop {
+                ListMop::Read { .. } => reads.push(list),
+                ListMop::Append { elem, .. } => {
+                    list.push(elem);
+                    let text: Vec<String> = list.iter().map(i64::to_string).collect();
+                    if let Err(e) = txn.put(SPHERE, &key, text.join(",").as_bytes()) {
+                        return fail_with(input, e);
+                    }
+                }
+            }
+        }
+        match txn.commit().await {
+            Ok(()) => Completion {
+                kind: EventType::Ok,
+                value: list_txn_value(mops, Some(&reads)),
+                error: None,
+            },
+            Err(e) => Completion {
+                kind: write_failure(&e),
+                value: input,
+                error: Some(e.to_string()),
+            },
+        }
     }
 
     fn remember(&self, key: i64, value: Option<i64>) {
@@ -523,6 +863,9 @@ impl Workload {
                     Err(e) => failed(write_failure(&e), op.input(), e),
                 }
             }
+            Op::Transfer { from, to, amount } => self.transfer(client, *from, *to, *amount).await,
+            Op::ReadBalances => self.read_balances(client).await,
+            Op::ListTxn { mops } => self.list_txn(client, mops).await,
             Op::Add { element } => {
                 let bytes = element.to_string().into_bytes();
                 match client.put(SPHERE, &set_key(*element), &bytes).await {
@@ -643,6 +986,15 @@ impl Workload {
                 start: 0,
                 end: SCAN_KEYS,
             })],
+            WorkloadKind::Bank => vec![Some(Op::ReadBalances)],
+            WorkloadKind::ListAppend => {
+                // Every list the run may have appended to, in one transaction.
+                let generated = self.list_txns.load(Ordering::Relaxed);
+                let last_key = generated / LIST_KEY_LIFETIME_OPS + LIST_ACTIVE_KEYS;
+                vec![Some(Op::ListTxn {
+                    mops: (0..last_key).map(|key| ListMop::Read { key }).collect(),
+                })]
+            }
         };
         let mut succeeded = 0;
         let mut client: Option<Client> = None;
@@ -662,7 +1014,7 @@ impl Workload {
                 let read = |kind, value, error| Record {
                     process,
                     kind,
-                    f: Function::Read,
+                    f: op.as_ref().map_or(Function::Read, Op::function),
                     key: op.as_ref().and_then(Op::key),
                     value,
                     time_ns: 0,

@@ -31,6 +31,10 @@ pub fn verdict(
 ) -> Verdict {
     if ts > horizon {
         Verdict::Keep
+    } else if !kind.is_version() {
+        // Rollbacks and lock-only commits only keep late prewrites out, and prewrites at or
+        // below the horizon are refused anyway.
+        Verdict::Collect
     } else if newest_below_seen || kind == WriteKind::Delete {
         Verdict::Collect
     } else {
@@ -89,7 +93,7 @@ pub fn collect(
             }
             pass.versions_collected += 1;
         }
-        if ts <= horizon {
+        if ts <= horizon && record.kind.is_version() {
             newest_below_seen = true;
         }
         if batch.size_in_bytes() >= MAX_GC_BATCH_BYTES {

@@ -69,7 +69,7 @@ pub fn put_version(
 }
 
 /// The upper bound of every version of `key`: the newest bound of the key right after it.
-fn after_key_bound(key: &[u8]) -> Vec<u8> {
+pub(crate) fn after_key_bound(key: &[u8]) -> Vec<u8> {
     let mut next = Vec::with_capacity(key.len() + 1);
     next.extend_from_slice(key);
     next.push(0);
@@ -96,28 +96,33 @@ pub fn get_at(
     opts.set_iterate_upper_bound(after_key_bound(key));
     let mut iter = snapshot.raw_iterator_cf_opt(db.cf(ColumnFamilyName::Write), opts);
     iter.seek(version_key(key, ts));
-    if !iter.valid() {
-        iter.status()?;
-        return Ok(None);
+    // Past records that are not versions (rollbacks, lock-only commits) to the newest
+    // version at or below `ts`.
+    while iter.valid() {
+        let (found, commit_ts) = split_version_key(iter.key().unwrap_or_default())?;
+        if found != key {
+            return Ok(None);
+        }
+        let record = WriteRecord::decode(iter.value().unwrap_or_default())?;
+        if record.kind.is_version() {
+            let value = value_of(db, snapshot, key, &record)?;
+            return Ok(Some(Version { value, commit_ts }));
+        }
+        iter.next();
     }
-    let (found, commit_ts) = split_version_key(iter.key().unwrap_or_default())?;
-    if found != key {
-        return Ok(None);
-    }
-    let record = WriteRecord::decode(iter.value().unwrap_or_default())?;
-    let value = value_of(db, snapshot, key, &record)?;
-    Ok(Some(Version { value, commit_ts }))
+    iter.status()?;
+    Ok(None)
 }
 
 /// The value a put's record names: kept in the record, or in `data` at its start ts.
-fn value_of(
+pub(crate) fn value_of(
     db: &Db,
     snapshot: &Snapshot<'_>,
     key: &[u8],
     record: &WriteRecord,
 ) -> Result<Option<Vec<u8>>, StorageError> {
     match (record.kind, &record.short_value) {
-        (WriteKind::Delete, _) => Ok(None),
+        (WriteKind::Delete | WriteKind::Lock | WriteKind::Rollback, _) => Ok(None),
         (WriteKind::Put, Some(v)) => Ok(Some(v.clone())),
         (WriteKind::Put, None) => {
             let at = version_key(key, record.start_ts);
@@ -174,13 +179,19 @@ pub fn scan_at(
                 continue;
             }
         }
+        let record = WriteRecord::decode(iter.value().unwrap_or_default())?;
+        if !record.kind.is_version() {
+            // A rollback or a lock-only commit: the next record is an older one of this
+            // key (at or below `ts`), or the next key.
+            iter.next();
+            continue;
+        }
         if pairs.len() >= max_pairs || size_bytes >= max_bytes {
             return Ok(ScanPage {
                 pairs,
                 resume_key: Some(key),
             });
         }
-        let record = WriteRecord::decode(iter.value().unwrap_or_default())?;
         if let Some(value) = value_of(db, snapshot, &key, &record)? {
             size_bytes += key.len() + value.len();
             pairs.push((key.clone(), value));
