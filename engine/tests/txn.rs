@@ -46,8 +46,32 @@ async fn total_at(client: &Client, ts: u64) -> i64 {
     pairs.into_iter().map(|kv| balance(Some(kv.value))).sum()
 }
 
+/// Two transactions from the same snapshot write the same key (across two ranges): the
+/// second must abort. Returns what happened otherwise.
+async fn same_key_writers_conflict(client: &Client) -> Result<(), String> {
+    let mut first = client.begin().await.map_err(|e| e.to_string())?;
+    let mut second = client.begin().await.map_err(|e| e.to_string())?;
+    first.get(SPHERE, b"a").await.map_err(|e| e.to_string())?;
+    second.get(SPHERE, b"a").await.map_err(|e| e.to_string())?;
+    first.put(SPHERE, b"a", b"1").map_err(|e| e.to_string())?;
+    first.put(SPHERE, b"n", b"1").map_err(|e| e.to_string())?;
+    second.put(SPHERE, b"a", b"2").map_err(|e| e.to_string())?;
+    second.put(SPHERE, b"o", b"2").map_err(|e| e.to_string())?;
+    first.commit().await.map_err(|e| e.to_string())?;
+    match second.commit().await {
+        Err(ClientError::WriteConflict { .. }) => Ok(()),
+        other => Err(format!(
+            "the second writer of a key from the same snapshot: {other:?}"
+        )),
+    }
+}
+
+/// Serializes the tests of this file that configure process-wide failpoints.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transactions_across_ranges_commit_whole_and_conflicting_ones_abort() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nodes = three_nodes_with(dir.path(), |_| {}).await;
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
@@ -65,19 +89,7 @@ async fn transactions_across_ranges_commit_whole_and_conflicting_ones_abort() {
         ACCOUNTS as i64 * INITIAL_BALANCE
     );
 
-    // Two transactions from the same snapshot write the same key: the second aborts.
-    let mut first = client.begin().await.unwrap();
-    let mut second = client.begin().await.unwrap();
-    first.get(SPHERE, b"a").await.unwrap();
-    second.get(SPHERE, b"a").await.unwrap();
-    first.put(SPHERE, b"a", b"1").unwrap();
-    first.put(SPHERE, b"n", b"1").unwrap();
-    second.put(SPHERE, b"a", b"2").unwrap();
-    first.commit().await.unwrap();
-    match second.commit().await {
-        Err(ClientError::WriteConflict { .. }) => {}
-        other => panic!("the second writer of a key committed: {other:?}"),
-    }
+    same_key_writers_conflict(&client).await.unwrap();
     assert_eq!(client.get(SPHERE, b"a").await.unwrap(), Some(b"1".to_vec()));
     assert_eq!(client.get(SPHERE, b"n").await.unwrap(), Some(b"1".to_vec()));
     // The same within one range (one-phase commits).
@@ -116,6 +128,7 @@ async fn transactions_across_ranges_commit_whole_and_conflicting_ones_abort() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_transfers_across_ranges_never_change_the_total() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nodes = three_nodes_with(dir.path(), |_| {}).await;
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
@@ -184,6 +197,26 @@ async fn concurrent_transfers_across_ranges_never_change_the_total() {
     );
 }
 
+/// With the failpoint `txn-skip-write-conflict-check` (prewrites ignore writes committed
+/// since their start), both writers of a key commit: the conflict check above catches it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prewrite_that_skips_the_conflict_check_is_caught() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |_| {}).await;
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+    let client = client_of(&addrs, 10_000).await;
+    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    fail::cfg("txn-skip-write-conflict-check", "return").unwrap();
+    let outcome = same_key_writers_conflict(&client).await;
+    fail::remove("txn-skip-write-conflict-check");
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+    assert!(outcome.is_err(), "a lost update went unnoticed");
+}
+
 const FAST_ELECTIONS: &[&str] = &[
     "--heartbeat-interval-ms",
     "50",
@@ -218,16 +251,9 @@ async fn locks_of_a_coordinator_killed_mid_commit_are_resolved_by_readers() {
     client.split(&kv_key(SPHERE, b"m")).await.unwrap();
     let addr = cluster.procs[0].addr.clone();
 
-    // Killed between the primary's commit ("a", the first key) and the secondary's ("z"):
-    // the transaction committed, so a reader of "z" rolls its lock forward.
-    let out = run_txn_cli(
-        &addr,
-        "put a 1; put z 2",
-        "txn-exit-after-primary-commit=return",
-    );
-    assert!(!out.contains("committed"), "the coordinator ran on: {out}");
-    assert_eq!(client.get(SPHERE, b"z").await.unwrap(), Some(b"2".to_vec()));
-    assert_eq!(client.get(SPHERE, b"a").await.unwrap(), Some(b"1".to_vec()));
+    killed_after_primary_commit_is_rolled_forward(&client, &addr)
+        .await
+        .unwrap();
 
     // Killed after its prewrites, before the commit point: once its locks expire, readers
     // roll it back, and nothing of it is ever seen.
@@ -244,4 +270,58 @@ async fn locks_of_a_coordinator_killed_mid_commit_are_resolved_by_readers() {
     let out = run_txn_cli(&addr, "put b 3; put y 4; get b", "");
     assert!(out.contains("b\t3") && out.contains("committed"), "{out}");
     assert_eq!(client.get(SPHERE, b"y").await.unwrap(), Some(b"4".to_vec()));
+}
+
+/// A coordinator killed between the primary's commit ("a", the first key) and the
+/// secondary's ("z"): the transaction committed, so a reader of "z" must roll its lock
+/// forward and see it whole. Returns what the reader saw otherwise.
+async fn killed_after_primary_commit_is_rolled_forward(
+    client: &Client,
+    addr: &str,
+) -> Result<(), String> {
+    let out = run_txn_cli(
+        addr,
+        "put a 1; put z 2",
+        "txn-exit-after-primary-commit=return",
+    );
+    if out.contains("committed") {
+        return Err(format!("the coordinator ran on: {out}"));
+    }
+    let z = client.get(SPHERE, b"z").await.map_err(|e| e.to_string())?;
+    let a = client.get(SPHERE, b"a").await.map_err(|e| e.to_string())?;
+    if z.as_deref() != Some(b"2") || a.as_deref() != Some(b"1") {
+        return Err(format!("half a transaction: a = {a:?}, z = {z:?}"));
+    }
+    Ok(())
+}
+
+/// With the failpoint `txn-reader-ignores-locks` on the nodes, a reader looks past the lock
+/// the dead coordinator left on "z" and sees half of its transaction: caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the `failpoints` feature (cargo test --workspace turns it on)"
+)]
+async fn a_reader_that_ignores_locks_is_caught() {
+    let mut cluster = ProcCluster::start(3, FAST_ELECTIONS).await;
+    for p in &mut cluster.procs {
+        p.kill9();
+        p.env.push((
+            "FAILPOINTS".into(),
+            "txn-reader-ignores-locks=return".into(),
+        ));
+        p.spawn();
+    }
+    let client = cluster.client().await;
+    common::eventually("the restarted cluster to take a write", || async {
+        client.put(SPHERE, b"warm", b"up").await.ok()
+    })
+    .await;
+    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    let addr = cluster.procs[0].addr.clone();
+    let outcome = killed_after_primary_commit_is_rolled_forward(&client, &addr).await;
+    assert!(
+        outcome.is_err(),
+        "a reader that ignores locks went unnoticed"
+    );
 }
