@@ -95,7 +95,14 @@ pub fn check_bank(events: &[Event], accounts: usize, total: i64) -> BankReport {
         if whole && sum != total {
             report.found(
                 event.line,
-                format!("the balances {balances:?} total {sum}, not {total}"),
+                format!(
+                    "the balances [{}] total {sum}, not {total}",
+                    balances
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             );
         }
     }
