@@ -340,3 +340,29 @@ fn snapshots_installed_without_reserving_their_span_are_caught() {
         },
     );
 }
+
+#[test]
+fn prewrites_skipping_the_write_conflict_check_are_caught_by_bank() {
+    // Two transfers that read the same balance both commit: money appears or vanishes, and
+    // a snapshot read of every balance shows another total.
+    caught_by_ci_runs(
+        "bank",
+        "txn-skip-write-conflict-check=return",
+        "a read with another total",
+        |o| {
+            o.validity == Validity::Anomaly && o.checker_lines.iter().any(|l| l.contains(" total "))
+        },
+    );
+}
+
+#[test]
+fn readers_ignoring_locks_are_caught_by_list_append() {
+    // A transaction reads past the lock of one that commits below its snapshot, and appends
+    // to a list that misses the other's element: cycles and incompatible orders.
+    caught_by_ci_runs(
+        "list-append",
+        "txn-reader-ignores-locks=return",
+        "an anomaly snapshot isolation forbids",
+        |o| o.validity == Validity::Anomaly,
+    );
+}

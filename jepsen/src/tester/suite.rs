@@ -118,6 +118,22 @@ fn ci_specs() -> Vec<Spec> {
             2,
         ),
         short("churn", WorkloadKind::Scan, "churn,kill,partition", 5, 3),
+        // Transactions across ranges that split, merge and move, under clocks at their own
+        // rates: totals never change, no dependency cycle that snapshot isolation forbids.
+        short(
+            "churn-clock-rate",
+            WorkloadKind::Bank,
+            "churn,kill,partition,clock-rate",
+            3,
+            7,
+        ),
+        short(
+            "churn",
+            WorkloadKind::ListAppend,
+            "churn,kill,partition",
+            5,
+            8,
+        ),
         lease(3, 4),
         lease(3, 5),
         lease(5, 6),
@@ -142,6 +158,8 @@ fn long_specs() -> Vec<Spec> {
         long("all-overlap", WorkloadKind::Register, "all", 2, false, true),
         long("all", WorkloadKind::Set, "all", 3, false, false),
         long("all-overlap", WorkloadKind::Scan, "all", 4, false, true),
+        long("all", WorkloadKind::Bank, "all", 6, false, false),
+        long("all", WorkloadKind::ListAppend, "all", 7, false, false),
         long(
             "lease",
             WorkloadKind::Register,
@@ -279,6 +297,9 @@ mod tests {
             assert!(has(WorkloadKind::Register, Fault::SlowApply, nodes));
         }
         assert!(has(WorkloadKind::Scan, Fault::ClockRate, 3));
+        assert!(has(WorkloadKind::Bank, Fault::Churn, 3));
+        assert!(has(WorkloadKind::Bank, Fault::ClockRate, 3));
+        assert!(has(WorkloadKind::ListAppend, Fault::Churn, 5));
         for r in &runs {
             assert!(r.options.validate().is_ok(), "{}", r.name);
         }
