@@ -27,7 +27,7 @@ async fn client_of(addrs: &[String], call_deadline_ms: u64) -> Client {
 
 fn account(i: usize) -> Vec<u8> {
     // Accounts a.. on the left of the split at "m", n.. on the right.
-    let first = if i % 2 == 0 { b'a' } else { b'n' };
+    let first = if i.is_multiple_of(2) { b'a' } else { b'n' };
     vec![first + (i / 2) as u8]
 }
 
