@@ -217,6 +217,48 @@ async fn a_prewrite_that_skips_the_conflict_check_is_caught() {
     assert!(outcome.is_err(), "a lost update went unnoticed");
 }
 
+/// A transaction whose secondary key is still locked (the failpoint
+/// `txn-skip-secondary-commits` leaves it so) is seen whole by a linearizable read right
+/// after its commit, also on a range whose read timestamps were below the transaction's
+/// start: the read meets the lock and rolls it forward instead of reading under it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_after_a_commit_rolls_its_locked_secondary_forward() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |_| {}).await;
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+    let client = client_of(&addrs, 10_000).await;
+    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    client.put(SPHERE, b"z", b"old").await.unwrap();
+    // Reads of the right range, at timestamps below the transaction's start.
+    assert_eq!(
+        client.get(SPHERE, b"z").await.unwrap(),
+        Some(b"old".to_vec())
+    );
+    fail::cfg("txn-skip-secondary-commits", "return").unwrap();
+    let written = client
+        .batch(
+            SPHERE,
+            &[
+                (b"a".to_vec(), Some(b"new".to_vec())),
+                (b"z".to_vec(), Some(b"new".to_vec())),
+            ],
+        )
+        .await;
+    fail::remove("txn-skip-secondary-commits");
+    written.unwrap();
+    let z = client.get(SPHERE, b"z").await.unwrap();
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+    assert_eq!(
+        z,
+        Some(b"new".to_vec()),
+        "a read missed an acknowledged transaction"
+    );
+}
+
 const FAST_ELECTIONS: &[&str] = &[
     "--heartbeat-interval-ms",
     "50",

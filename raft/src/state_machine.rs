@@ -45,6 +45,10 @@ use crate::types::{
     WriteOp,
 };
 
+/// Locks a `RaiseGcHorizon` reads on apply to keep the horizon below them; with more, the
+/// horizon does not move.
+pub const MAX_LOCKS_READ_FOR_GC_HORIZON: usize = 10_000;
+
 /// An install writes the snapshot's pairs in batches of about this size.
 pub const MAX_INSTALL_BATCH_BYTES: usize = 4 << 20;
 /// How often a merge waiting for a snapshot install of its right-hand range looks again.
@@ -1069,6 +1073,21 @@ impl StateMachine {
                     // takes the horizon it has now.
                     return Ok(CommandResponse::Frozen { into: frozen.into });
                 }
+                // Never past a lock: its transaction must still be able to commit above
+                // what it read, and the leader's own check of its locks ran before this
+                // entry, so a prewrite may have applied in between.
+                let (start, end) = self.span_bounds();
+                let horizon = match mvcc::locks::oldest_lock_start_ts(
+                    &self.db,
+                    &start,
+                    &end,
+                    MAX_LOCKS_READ_FOR_GC_HORIZON,
+                )? {
+                    Some(Some(oldest)) => horizon.min(oldest.saturating_sub(1)),
+                    Some(None) => horizon,
+                    // More locks than are worth reading on apply: the horizon stays.
+                    None => self.applied.times.gc_horizon,
+                };
                 self.applied.times.gc_horizon = self.applied.times.gc_horizon.max(horizon);
                 Ok(CommandResponse::Done)
             }

@@ -103,6 +103,14 @@ impl CommitTsRules {
         }
     }
 
+    /// A transaction that started at `start_ts` locks keys of the range (a prewrite or a
+    /// pessimistic lock): as a read at `start_ts` would, this raises `max_read_ts`, so every
+    /// linearizable read from now on reads at or above `start_ts` and meets the lock (which
+    /// it resolves) instead of reading below it and missing the transaction once it commits.
+    pub fn note_lock(&mut self, start_ts: Timestamp) {
+        self.max_read_ts = self.max_read_ts.max(start_ts);
+    }
+
     /// A transaction's commit at `commit_ts` (which its client took from the oracle) is
     /// proposed: single-range writes proposed later commit above it, so a key's versions still
     /// rise in log order, and linearizable reads read at or above it, so they see it once it

@@ -610,6 +610,18 @@ impl NodeTimestamps {
         )))
     }
 
+    /// Raises the read floor of `replica`'s range to a transaction's `start_ts` before its
+    /// locks are proposed there (see [`CommitTsRules::note_lock`]).
+    pub async fn note_lock(
+        self: &Arc<Self>,
+        replica: &Replica,
+        start_ts: Timestamp,
+    ) -> Result<(), ClientError> {
+        let (clock, _, _) = self.leading_clock(replica).await?;
+        clock.rules.lock().await.note_lock(start_ts);
+        Ok(())
+    }
+
     /// Proposes the commit of a transaction's keys on `replica`'s range at `commit_ts` (which
     /// its client took from the oracle; checked by the caller) in the range's commit order,
     /// and waits at most `timeout_ms` for its answer.

@@ -265,6 +265,7 @@ impl Txn for TxnService {
                 }
                 self.check_ts("start ts", req.start_ts).await?;
                 self.kv.check_disk()?;
+                self.timestamps.note_lock(&replica, req.start_ts).await?;
                 let mutations = req
                     .mutations
                     .into_iter()
@@ -298,6 +299,7 @@ impl Txn for TxnService {
                 }
                 self.check_ts("start ts", req.start_ts).await?;
                 self.kv.check_disk()?;
+                self.timestamps.note_lock(&replica, req.start_ts).await?;
                 let command = Command::Prewrite {
                     mutations: req
                         .keys

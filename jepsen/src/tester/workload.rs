@@ -89,10 +89,10 @@ const LIST_ACTIVE_KEYS: i64 = 5;
 const LIST_KEY_LIFETIME_OPS: i64 = 100;
 /// Most micro-operations in one list-append transaction.
 const LIST_MAX_MOPS: usize = 4;
-/// List keys below this are where the run's splits go (before and by the churn nemesis).
-const LIST_SPLIT_KEYS: i64 = 24;
-/// Ranges the first lists are split into before the run.
-const LIST_INITIAL_RANGES: i64 = 4;
+/// Lists are spread over this many shards of the key space (`la/<shard>/<list>`), one range
+/// each before the run, so a transaction's lists lie in several ranges however far the
+/// window has moved.
+const LIST_SHARDS: i64 = 4;
 
 /// Which workload to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +139,10 @@ impl WorkloadKind {
             WorkloadKind::Set => set_key(rng.random_range(1..MAX_SET_ELEMENTS)),
             WorkloadKind::Scan => scan_key(rng.random_range(1..SCAN_KEYS)),
             WorkloadKind::Bank => bank_key(rng.random_range(1..BANK_ACCOUNTS)),
-            WorkloadKind::ListAppend => list_key(rng.random_range(1..LIST_SPLIT_KEYS)),
+            WorkloadKind::ListAppend => {
+                let shard = rng.random_range(0..LIST_SHARDS);
+                format!("{LIST_PREFIX}{shard}/{:08}", rng.random_range(0..1_000)).into_bytes()
+            }
         }
     }
 }
@@ -333,7 +336,7 @@ fn bank_key(account: i64) -> Vec<u8> {
 }
 
 fn list_key(key: i64) -> Vec<u8> {
-    format!("{LIST_PREFIX}{key:08}").into_bytes()
+    format!("{LIST_PREFIX}{}/{key:08}", key % LIST_SHARDS).into_bytes()
 }
 
 /// A stored list: comma-separated integers (absent: empty).
@@ -603,8 +606,8 @@ impl Workload {
             WorkloadKind::Bank => (1..BANK_INITIAL_RANGES)
                 .map(|i| bank_key(i * BANK_ACCOUNTS / BANK_INITIAL_RANGES))
                 .collect(),
-            WorkloadKind::ListAppend => (1..LIST_INITIAL_RANGES)
-                .map(|i| list_key(i * LIST_SPLIT_KEYS / LIST_INITIAL_RANGES))
+            WorkloadKind::ListAppend => (1..LIST_SHARDS)
+                .map(|shard| format!("{LIST_PREFIX}{shard}/").into_bytes())
                 .collect(),
             WorkloadKind::Register | WorkloadKind::Set => return Ok(0),
         };

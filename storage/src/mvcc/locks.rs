@@ -79,26 +79,28 @@ pub fn oldest_lock_start_ts(
     Ok(Some(oldest))
 }
 
-/// The newest record of `key` in the `write` family (of any kind), with its commit ts.
-fn newest_record(db: &Db, key: &[u8]) -> Result<Option<(Timestamp, WriteRecord)>, StorageError> {
+/// The newest record of `key` in the `write` family that a transaction committed (a
+/// version or a lock-only commit; rollbacks are passed over), with its commit ts.
+fn newest_commit(db: &Db, key: &[u8]) -> Result<Option<(Timestamp, WriteRecord)>, StorageError> {
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(after_key_bound(key));
     let mut iter = db
         .raw()
         .raw_iterator_cf_opt(db.cf(ColumnFamilyName::Write), opts);
     iter.seek(version_key(key, Timestamp::MAX));
-    if !iter.valid() {
-        iter.status()?;
-        return Ok(None);
+    while iter.valid() {
+        let (found, commit_ts) = split_version_key(iter.key().unwrap_or_default())?;
+        if found != key {
+            return Ok(None);
+        }
+        let record = WriteRecord::decode(iter.value().unwrap_or_default())?;
+        if record.kind != WriteKind::Rollback {
+            return Ok(Some((commit_ts, record)));
+        }
+        iter.next();
     }
-    let (found, commit_ts) = split_version_key(iter.key().unwrap_or_default())?;
-    if found != key {
-        return Ok(None);
-    }
-    Ok(Some((
-        commit_ts,
-        WriteRecord::decode(iter.value().unwrap_or_default())?,
-    )))
+    iter.status()?;
+    Ok(None)
 }
 
 /// What the transaction that started at `start_ts` left on `key`: its commit record (at or
@@ -169,7 +171,7 @@ pub fn prewrite(
     let mut to_lock = Vec::with_capacity(mutations.len());
     for m in mutations {
         let lock = lock_of(db, None, m.key)?;
-        let newest = newest_record(db, m.key)?;
+        let newest = newest_commit(db, m.key)?;
         let own = txn_record(db, m.key, start_ts)?;
         let pessimistic = m.kind == LockKind::Pessimistic;
         match percolator::prewrite(
@@ -218,6 +220,7 @@ pub fn commit(
     commit_ts: Timestamp,
 ) -> TxnOutcome<()> {
     let mut to_commit = Vec::with_capacity(keys.len());
+    let mut to_remove = Vec::new();
     for key in keys {
         let lock = lock_of(db, None, key)?;
         let own = match &lock {
@@ -226,13 +229,17 @@ pub fn commit(
         };
         match percolator::commit(start_ts, lock.as_ref(), own) {
             Ok(CommitStep::Commit(lock)) => to_commit.push((key, lock)),
+            Ok(CommitStep::RemovePessimistic) => to_remove.push(key),
             Ok(CommitStep::AlreadyCommitted) => {}
             Err(e) => return failed(key, e),
         }
     }
+    for key in to_remove {
+        batch.delete_cf(db.cf(ColumnFamilyName::Lock), key);
+    }
     for (key, lock) in to_commit {
         let Some(kind) = lock.kind.write_kind() else {
-            // `percolator::commit` refuses pessimistic locks.
+            // `percolator::commit` removes pessimistic locks instead.
             return Err(StorageError::corruption(
                 "lock record",
                 "a pessimistic lock reached a commit",
@@ -449,6 +456,11 @@ mod tests {
             .iter_span(ColumnFamilyName::Data, b"", b"")
             .next()
             .is_none());
+        // Another transaction's rollback wrote nothing: an older transaction may still
+        // prewrite the key.
+        let earlier = [put(b"a", b"earlier")];
+        apply(&db, |b| prewrite(&db, b, &earlier, b"a", 8, 1_000)).unwrap();
+        apply(&db, |b| rollback(&db, b, &[b"a".to_vec()], 8)).unwrap();
         // `b` was never prewritten: its rollback record keeps the late prewrite out.
         let late = [put(b"b", b"v")];
         assert_eq!(
@@ -587,6 +599,17 @@ mod tests {
             .unwrap()
             .is_empty());
         drop(snap);
+        // A pessimistic lock left unprewritten by a committed transaction is removed by its
+        // commit, which writes nothing for it.
+        let stray = [Mutation {
+            key: b"s",
+            kind: LockKind::Pessimistic,
+            value: None,
+        }];
+        apply(&db, |b| prewrite(&db, b, &stray, b"k", 10, 1_000)).unwrap();
+        apply(&db, |b| commit(&db, b, &[b"s".to_vec()], 10, 12)).unwrap();
+        assert!(lock_of(&db, None, b"s").unwrap().is_none());
+        assert_eq!(value_at(&db, b"s", 100), None);
         let other = [put(b"k", b"theirs")];
         assert!(matches!(
             apply(&db, |b| prewrite(&db, b, &other, b"k", 11, 1_000))
@@ -594,12 +617,6 @@ mod tests {
                 .error,
             KeyError::Locked(_)
         ));
-        assert_eq!(
-            apply(&db, |b| commit(&db, b, &[b"k".to_vec()], 10, 12))
-                .unwrap_err()
-                .error,
-            KeyError::Aborted
-        );
         // The prewrite turns it into a write, which then commits.
         let mine = [put(b"k", b"mine")];
         apply(&db, |b| prewrite(&db, b, &mine, b"k", 10, 1_000)).unwrap();

@@ -73,12 +73,14 @@ pub enum PrewriteStep {
 
 /// The prewrite of a key by the transaction that started at `start_ts`. `pessimistic`: the
 /// request is a pessimistic lock rather than a prewrite. `newest` is the key's newest `write`
-/// record with its commit ts; `own` what the transaction left on the key.
+/// record other than a rollback (another transaction's rollback wrote nothing), with its
+/// commit ts; `own` what the transaction left on the key.
 ///
 /// Conflicts are `commit_ts >= start_ts`, one more than Percolator's `>`: a single-range
 /// write at exactly `start_ts` then conflicts too, which is what keeps a late prewrite of a
-/// rolled-back transaction out when such a write shares the rollback's slot (the module
-/// comment).
+/// rolled-back transaction out should such a write share the rollback's slot (the module
+/// comment; single-range commit timestamps come from the leader's oracle batch, so this is
+/// a guard rather than a case expected to happen).
 pub fn prewrite(
     start_ts: Timestamp,
     pessimistic: bool,
@@ -116,6 +118,9 @@ pub fn prewrite(
 pub enum CommitStep {
     /// Replace the lock with a `write` record at the commit ts.
     Commit(LockRecord),
+    /// A pessimistic lock the transaction took and never prewrote (the key is not among its
+    /// writes): remove it and write nothing (TiKV#14551 commits it as nothing, too).
+    RemovePessimistic,
     /// Committed before (a retry): nothing to do.
     AlreadyCommitted,
 }
@@ -130,8 +135,9 @@ pub fn commit(
         Some(lock) if lock.start_ts == start_ts => {
             if lock.kind == LockKind::Pessimistic {
                 // Locked and never prewritten: committing it would write a record nobody
-                // prewrote (TiKV#14551). The client prewrites every key it locked first.
-                return Err(KeyError::Aborted);
+                // prewrote. The client prewrites every key it locked; one whose lock call
+                // ended without an answer may be left, and must not block the key for good.
+                return Ok(CommitStep::RemovePessimistic);
             }
             Ok(CommitStep::Commit(lock.clone()))
         }
@@ -370,7 +376,7 @@ mod tests {
         );
         assert_eq!(
             commit(10, Some(&lock(10, LockKind::Pessimistic)), None),
-            Err(KeyError::Aborted)
+            Ok(CommitStep::RemovePessimistic)
         );
     }
 
