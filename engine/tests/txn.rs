@@ -25,6 +25,21 @@ async fn client_of(addrs: &[String], call_deadline_ms: u64) -> Client {
     Client::connect(addrs, options).await.unwrap()
 }
 
+/// Three in-process nodes with the sphere split at "m", and a client.
+async fn split_cluster() -> (
+    tempfile::TempDir,
+    Vec<spheredb_engine::Node>,
+    Vec<String>,
+    Client,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |_| {}).await;
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+    let client = client_of(&addrs, 10_000).await;
+    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    (dir, nodes, addrs, client)
+}
+
 fn account(i: usize) -> Vec<u8> {
     // Accounts a.. on the left of the split at "m", n.. on the right.
     let first = if i.is_multiple_of(2) { b'a' } else { b'n' };
@@ -72,11 +87,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transactions_across_ranges_commit_whole_and_conflicting_ones_abort() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = three_nodes_with(dir.path(), |_| {}).await;
-    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
-    let client = client_of(&addrs, 10_000).await;
-    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    let (_dir, _nodes, addrs, client) = split_cluster().await;
 
     // A batch across the two ranges is now one transaction.
     let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..ACCOUNTS)
@@ -129,11 +140,7 @@ async fn transactions_across_ranges_commit_whole_and_conflicting_ones_abort() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_transfers_across_ranges_never_change_the_total() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = three_nodes_with(dir.path(), |_| {}).await;
-    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
-    let client = client_of(&addrs, 10_000).await;
-    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    let (_dir, _nodes, _addrs, client) = split_cluster().await;
     let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..ACCOUNTS)
         .map(|i| (account(i), Some(INITIAL_BALANCE.to_string().into_bytes())))
         .collect();
@@ -203,11 +210,7 @@ async fn concurrent_transfers_across_ranges_never_change_the_total() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prewrite_that_skips_the_conflict_check_is_caught() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = three_nodes_with(dir.path(), |_| {}).await;
-    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
-    let client = client_of(&addrs, 10_000).await;
-    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    let (_dir, nodes, _addrs, client) = split_cluster().await;
     fail::cfg("txn-skip-write-conflict-check", "return").unwrap();
     let outcome = same_key_writers_conflict(&client).await;
     fail::remove("txn-skip-write-conflict-check");
@@ -225,11 +228,7 @@ async fn a_prewrite_that_skips_the_conflict_check_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_after_a_commit_rolls_its_locked_secondary_forward() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = three_nodes_with(dir.path(), |_| {}).await;
-    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
-    let client = client_of(&addrs, 10_000).await;
-    client.split(&kv_key(SPHERE, b"m")).await.unwrap();
+    let (_dir, nodes, _addrs, client) = split_cluster().await;
     client.put(SPHERE, b"z", b"old").await.unwrap();
     // Reads of the right range, at timestamps below the transaction's start.
     assert_eq!(

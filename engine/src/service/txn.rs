@@ -159,6 +159,29 @@ impl TxnService {
         }
     }
 
+    /// The checks of a call that locks `keys` (prewrite, pessimistic lock), and the range's
+    /// read floor raised to its start ts (`NodeTimestamps::note_lock`); returns the replica.
+    async fn before_locking<'k>(
+        &self,
+        header: &Option<Header>,
+        keys: impl IntoIterator<Item = &'k [u8]>,
+        primary: &[u8],
+        start_ts: Timestamp,
+        ttl_ms: u64,
+    ) -> Result<Arc<Replica>, ClientError> {
+        check_ttl(ttl_ms)?;
+        let replica = self.route(header, keys)?;
+        if keys::decode_kv_key(primary).is_none() {
+            return Err(ClientError::InvalidArgument(
+                "the primary is not an encoded sphere key".into(),
+            ));
+        }
+        self.check_ts("start ts", start_ts).await?;
+        self.kv.check_disk()?;
+        self.timestamps.note_lock(&replica, start_ts).await?;
+        Ok(replica)
+    }
+
     /// Checks that `ts` is a timestamp the oracle handed out (a transaction's timestamps
     /// must be: a commit above the oracle would land above reads still to come).
     async fn check_ts(&self, what: &str, ts: Timestamp) -> Result<(), ClientError> {
@@ -255,17 +278,15 @@ impl Txn for TxnService {
         let req = request.into_inner();
         reply(
             async {
-                check_ttl(req.ttl_ms)?;
-                let replica =
-                    self.route(&req.header, req.mutations.iter().map(|m| m.key.as_slice()))?;
-                if keys::decode_kv_key(&req.primary).is_none() {
-                    return Err(ClientError::InvalidArgument(
-                        "the primary is not an encoded sphere key".into(),
-                    ));
-                }
-                self.check_ts("start ts", req.start_ts).await?;
-                self.kv.check_disk()?;
-                self.timestamps.note_lock(&replica, req.start_ts).await?;
+                let replica = self
+                    .before_locking(
+                        &req.header,
+                        req.mutations.iter().map(|m| m.key.as_slice()),
+                        &req.primary,
+                        req.start_ts,
+                        req.ttl_ms,
+                    )
+                    .await?;
                 let mutations = req
                     .mutations
                     .into_iter()
@@ -290,16 +311,15 @@ impl Txn for TxnService {
         let req = request.into_inner();
         reply(
             async {
-                check_ttl(req.ttl_ms)?;
-                let replica = self.route(&req.header, req.keys.iter().map(Vec::as_slice))?;
-                if keys::decode_kv_key(&req.primary).is_none() {
-                    return Err(ClientError::InvalidArgument(
-                        "the primary is not an encoded sphere key".into(),
-                    ));
-                }
-                self.check_ts("start ts", req.start_ts).await?;
-                self.kv.check_disk()?;
-                self.timestamps.note_lock(&replica, req.start_ts).await?;
+                let replica = self
+                    .before_locking(
+                        &req.header,
+                        req.keys.iter().map(Vec::as_slice),
+                        &req.primary,
+                        req.start_ts,
+                        req.ttl_ms,
+                    )
+                    .await?;
                 let command = Command::Prewrite {
                     mutations: req
                         .keys
