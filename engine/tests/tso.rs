@@ -7,8 +7,9 @@ mod common;
 
 use openraft::async_runtime::WatchReceiver;
 use spheredb_client::proto::v1::txn_client::TxnClient;
-use spheredb_client::proto::v1::GetTimestampsRequest;
+use spheredb_client::proto::v1::{GetTimestampsRequest, TransferLeaderRequest};
 use spheredb_engine::ids::META_RANGE_ID;
+use spheredb_engine::meta::tso::physical_ms;
 use spheredb_engine::Node;
 use tonic::transport::Channel;
 
@@ -100,4 +101,59 @@ async fn an_oracle_that_skips_confirming_its_leadership_is_caught() {
         outcome.is_err(),
         "a cut-off leader that does not confirm its leadership went unnoticed"
     );
+}
+
+/// Each new meta-range leader starts at the limit its predecessors reserved, a reserve
+/// window ahead of the wall clock, so after a leader change the oracle runs ahead of the
+/// clock. A range leader whose newest timestamp is from before the change must still serve
+/// snapshot reads at the new timestamps: only the oracle can say whether one is from the
+/// future, not the distance from the wall clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_at_timestamps_of_an_oracle_ahead_of_the_clock_are_served() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes_with(dir.path(), |c| c.tso_reserve_window_ms = 60_000).await;
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+    let client = spheredb_client::Client::connect(&addrs, Default::default())
+        .await
+        .unwrap();
+    // The key's range leader takes its timestamps from the oracle as it is now.
+    client.put(3, b"k", b"before").await.unwrap();
+    let before = client.timestamp().await.unwrap();
+    let old = eventually("a meta-range leader", || async {
+        nodes.iter().position(leads_meta)
+    })
+    .await;
+    let to = (old + 1) % nodes.len();
+    let admin = client.admin(&addrs[old]).unwrap();
+    // Refused while the target catches up with the meta range's log.
+    eventually("the meta-range leadership handed over", || async {
+        admin
+            .clone()
+            .transfer_leader(TransferLeaderRequest {
+                range_id: META_RANGE_ID,
+                to_node_id: nodes[to].node_id(),
+            })
+            .await
+            .ok()
+    })
+    .await;
+    let after = eventually("a timestamp from the new meta-range leader", || async {
+        if !leads_meta(&nodes[to]) {
+            return None;
+        }
+        client.timestamp().await.ok()
+    })
+    .await;
+    let ahead_ms = physical_ms(after) - physical_ms(before);
+    assert!(
+        ahead_ms >= 20_000,
+        "the new oracle leader started only {ahead_ms} ms past its predecessor"
+    );
+    let mut txn = client.begin().await.unwrap();
+    let read = txn.get(3, b"k").await;
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+    assert_eq!(read.unwrap(), Some(b"before".to_vec()));
 }

@@ -26,7 +26,6 @@
 //! regained leadership meanwhile cannot slip in a write fixed under the old seed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,10 +57,10 @@ pub const MAX_FETCHES_IN_FLIGHT: usize = 2;
 /// Batches a write may try before it gives up: one fetch each, needed again only when
 /// concurrent writes used a batch up or reads pushed the range's floor past it.
 pub const MAX_BATCHES_PER_WRITE: usize = 3;
-/// A read at a timestamp more than this far past the newest one this node knows (moved on by
-/// the time since its fetch began) is refused without asking the oracle; a closer one is
-/// checked against a fresh timestamp.
-pub const MAX_READ_TS_AHEAD_MS: u64 = 10_000;
+/// A read timestamp whose physical part is this far past the wall clock is refused without
+/// asking the oracle. The oracle runs ahead of the clock only by the reserve windows of leader
+/// changes in a row (3 s each by default), never by an hour.
+pub const MAX_READ_TS_AHEAD_OF_CLOCK_MS: u64 = 3_600_000;
 /// Clocks of ranges no longer here are dropped once this many more are kept than the node
 /// has replicas.
 const STALE_CLOCKS_BOUND: usize = 64;
@@ -319,8 +318,6 @@ pub struct NodeTimestamps {
     batch: Mutex<Batch>,
     /// The fetches under way, oldest first.
     fetches: Mutex<Vec<Fetch>>,
-    /// The newest oracle timestamp seen outside batches (checks of read timestamps).
-    oracle_high: AtomicU64,
     clocks: Mutex<HashMap<RangeId, Arc<RangeClock>>>,
     /// How long before a write arrived the fetch of the batch it takes its commit ts from may
     /// have begun.
@@ -341,7 +338,6 @@ impl NodeTimestamps {
             staleness,
             batch: Mutex::default(),
             fetches: Mutex::default(),
-            oracle_high: AtomicU64::new(0),
             clocks: Mutex::default(),
         }
     }
@@ -370,9 +366,7 @@ impl NodeTimestamps {
     /// The newest oracle timestamp this node holds (0 before its first fetch).
     pub fn newest_known(&self) -> Timestamp {
         let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-        b.end
-            .saturating_sub(1)
-            .max(self.oracle_high.load(Ordering::Relaxed))
+        b.end.saturating_sub(1)
     }
 
     /// Waits for a batch fetched after `since` that is newer than batch `used_up` (a fetch
@@ -680,29 +674,35 @@ impl NodeTimestamps {
     /// Checks a snapshot read's timestamp: refused when it is past the newest timestamp the
     /// oracle has handed out (a timestamp from the future would let later writes commit
     /// below a read already served, since new leaders seed from the oracle).
-    pub async fn check_read_ts(&self, ts: Timestamp) -> Result<(), ClientError> {
+    pub async fn check_read_ts(self: &Arc<Self>, ts: Timestamp) -> Result<(), ClientError> {
+        if ts <= self.newest_known() {
+            return Ok(());
+        }
+        let wall_ms = crate::meta::tso::wall_clock_ms();
+        if physical_ms(ts) > wall_ms.saturating_add(MAX_READ_TS_AHEAD_OF_CLOCK_MS) {
+            // Far past anything an oracle leader can reach: refused without a fetch, so a
+            // flood of such reads costs the oracle nothing.
+            return Err(ClientError::InvalidArgument(format!(
+                "read timestamp {ts} is more than {MAX_READ_TS_AHEAD_OF_CLOCK_MS} ms past the \
+                 clock; read at a timestamp the oracle handed out (spheredb timestamp)"
+            )));
+        }
+        // The oracle has moved on since this node last heard from it (an idle node's newest
+        // timestamp may be hours old), and its clock need not follow the wall clock: each new
+        // oracle leader starts at the limit its predecessors reserved, a window ahead of
+        // their clocks. So only the oracle can tell: a batch fetched after the read arrived
+        // lies above every timestamp handed out before it. Concurrent reads (and writes)
+        // share one fetch.
+        let arrived = Instant::now();
+        self.refresh(arrived, None).await?;
         let known = self.newest_known();
         if ts <= known {
             return Ok(());
         }
-        // The oracle's clock has moved on since this node last heard from it: an idle node's
-        // newest timestamp may be hours old.
-        let heard_ms = {
-            let b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-            b.fetched_at.map_or(0, |at| at.elapsed().as_millis() as u64)
-        };
-        let ahead_ms = physical_ms(ts).saturating_sub(physical_ms(known).saturating_add(heard_ms));
-        if known == 0 || ahead_ms <= MAX_READ_TS_AHEAD_MS {
-            // One timestamp, handed out now: the oracle's present.
-            let now = self.fetch(1).await?;
-            self.oracle_high.fetch_max(now, Ordering::Relaxed);
-            if ts <= now {
-                return Ok(());
-            }
-        }
         Err(ClientError::InvalidArgument(format!(
-            "read timestamp {ts} is ahead of the timestamp oracle; read at a timestamp the \
-             oracle handed out (spheredb timestamp)"
+            "read timestamp {ts} is ahead of the timestamp oracle, which had handed out at \
+             most {known} when the read arrived; read at a timestamp the oracle handed out \
+             (spheredb timestamp)"
         )))
     }
 
