@@ -17,12 +17,15 @@
 //!
 //! System keys (descriptors, the node registry, the oracle's limit) are not versioned and
 //! live in the `system` family. This module is pure encoding; reads and writes against
-//! RocksDB are in [`store`], garbage collection behind a horizon in [`gc`].
+//! RocksDB are in [`store`], garbage collection behind a horizon in [`gc`], the changes after a
+//! timestamp (a change feed's catch-up scan) in [`changes`].
 
 use std::cmp::Ordering;
 
 use crate::{record, StorageError};
 
+#[cfg(feature = "rocksdb")]
+pub mod changes;
 #[cfg(feature = "rocksdb")]
 pub mod gc;
 #[cfg(feature = "rocksdb")]
