@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps demo test lint build bench-compare idle-ranges jepsen-deps jepsen-ci jepsen-long
+.PHONY: deps demo test lint build bench-compare bench-transfers idle-ranges jepsen-deps jepsen-ci jepsen-long
 
 deps:
 	@./scripts/install-deps.sh
@@ -33,6 +33,14 @@ bench-compare: deps
 	./target/release/spheredb-bench compare --workload kv0 --clients 1,16,64,256 --pairs 2 --duration-secs 10 --out-dir bench-results/kv0
 	./target/release/spheredb-bench compare --workload kv0 --clients 256 --rates 2000,5000 --systems spheredb,spheredb-1range,etcd --pairs 2 --duration-secs 10 --out-dir bench-results/kv0-open-loop
 	./target/release/spheredb-bench compare --workload ycsb-c --clients 64 --pairs 2 --duration-secs 10 --read-consistency linearizable --out-dir bench-results/reads-linearizable
+
+# Transfers in transactions (one range: one-phase commit; two ranges: two phases) against
+# PostgreSQL 15 on the same machine, 1/16/64 clients, ABBA pairs (about 10 minutes after
+# the release build). Results go to bench-results/transfers/.
+bench-transfers: deps
+	@./benches/install-postgres.sh
+	$(CARGO) build --release --bin spheredb --bin spheredb-bench
+	./target/release/spheredb-bench transfers --clients 1,16,64 --pairs 2 --duration-secs 10 --out-dir bench-results/transfers
 
 # 1,000 ranges on a 3-node cluster (999 splits), then the nodes' CPU while they idle.
 # Release build (a debug build spends several times the CPU per Raft message); minutes

@@ -76,7 +76,7 @@ struct Row {
     errors: u64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -90,7 +90,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The order of `systems` in pair `pair`: as given in even pairs, reversed in odd ones.
-fn pair_order(systems: &[System], pair: usize) -> Vec<System> {
+pub(crate) fn pair_order<S: Clone>(systems: &[S], pair: usize) -> Vec<S> {
     let mut order = systems.to_vec();
     if pair % 2 == 1 {
         order.reverse();
@@ -163,8 +163,18 @@ fn rows_of(
     rows
 }
 
-fn ratio_cell(r: Option<f64>) -> String {
+/// A median ratio as a table cell ("–" without one).
+pub(crate) fn ratio_cell(r: Option<f64>) -> String {
     r.map_or_else(|| "–".to_string(), |x| format!("{x:.2}×"))
+}
+
+/// Per-pair ratios as a table cell: "0.75, 0.50".
+pub(crate) fn pair_ratios_cell(ratios: &[f64]) -> String {
+    ratios
+        .iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Runs the comparison and writes `compare.md`, `compare.json` and `compare.svg`.
@@ -260,11 +270,7 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<String> {
             r.ops_per_sec,
             ratio_cell(r.ratio_vs_etcd),
             ratio_cell(r.ratio_vs_etcd_leader),
-            r.pair_ratios_vs_etcd
-                .iter()
-                .map(|x| format!("{x:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            pair_ratios_cell(&r.pair_ratios_vs_etcd),
             r.p50_us as f64 / 1000.0,
             r.p99_us as f64 / 1000.0,
             r.range_count.map_or("–".to_string(), |n| n.to_string()),

@@ -6,8 +6,10 @@ mod cpu;
 mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
+mod postgres;
 mod runner;
 mod target;
+mod transfer;
 mod tso;
 mod workload;
 
@@ -90,6 +92,11 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Transfers between two accounts in a transaction, SphereDB (one range: one-phase
+    /// commit; two ranges: two phases) against PostgreSQL 15 (REPEATABLE READ) on the same
+    /// machine, over a client sweep, ABBA pairs on fresh servers: a Markdown table of
+    /// medians, ratios against PostgreSQL and abort rates, plus JSON.
+    Transfers(transfer::TransferConfig),
     /// The timestamp oracle's throughput and latency over a client sweep, beside single-key
     /// writes on the same fresh 3-node cluster (the latency a transaction pays anyway).
     Tso {
@@ -213,6 +220,15 @@ async fn main_inner() -> anyhow::Result<()> {
             println!("{md}");
             eprintln!(
                 "wrote {0}/compare.md, {0}/compare.json, {0}/compare.svg",
+                out_dir.display()
+            );
+        }
+        Cmd::Transfers(cfg) => {
+            let out_dir = cfg.out_dir.clone();
+            let md = transfer::run(cfg).await?;
+            println!("{md}");
+            eprintln!(
+                "wrote {0}/transfers.md, {0}/transfers.json",
                 out_dir.display()
             );
         }
