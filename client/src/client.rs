@@ -11,11 +11,11 @@ use tonic::transport::{Channel, Endpoint};
 use crate::error::ClientError;
 use crate::limits::{self, check_key, check_value};
 use crate::proto::v1::{
-    admin_client::AdminClient, kv_client::KvClient, txn_client::TxnClient, BatchRequest,
-    CompareAndSwapRequest, DecommissionRequest, DeleteRequest, GetRequest, GetTimestampsRequest,
-    Header, KeyValue, MergeRequest, PutRequest, RangeDescriptor, RangeListRequest,
-    RangeListResponse, RangeRef, ReadConsistency, ScanRequest, SplitRequest, SplitResponse,
-    StatusRequest, StatusResponse, WriteOp,
+    admin_client::AdminClient, feed_client::FeedClient, kv_client::KvClient, txn_client::TxnClient,
+    BatchRequest, CompareAndSwapRequest, DecommissionRequest, DeleteRequest, GetRequest,
+    GetTimestampsRequest, Header, KeyValue, MergeRequest, PutRequest, RangeDescriptor,
+    RangeListRequest, RangeListResponse, RangeRef, ReadConsistency, ScanRequest, SplitRequest,
+    SplitResponse, StatusRequest, StatusResponse, WriteOp,
 };
 
 /// Default time budget of one client call, retries included.
@@ -720,6 +720,13 @@ impl Client {
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         self.call_with(routing_key, retry, Client::kv, op).await
+    }
+
+    /// `Feed` stub for `addr`.
+    pub(crate) fn feed_stub(&self, addr: &str) -> Result<FeedClient<Channel>, ClientError> {
+        Ok(FeedClient::new(self.channel(addr)?)
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES))
     }
 
     /// `Txn` stub for `addr`.

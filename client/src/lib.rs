@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod error;
+pub mod feed;
 pub mod limits;
 pub mod txn;
 
@@ -32,6 +33,7 @@ pub mod proto {
 
 pub use client::{Client, ClientOptions, Consistency};
 pub use error::ClientError;
+pub use feed::{Change, Cursor, FeedItem, Subscription};
 /// The stored form of a sphere's raw key, as the admin API's split keys take it.
 pub use spheredb_storage::keys::kv_key;
 pub use txn::{Txn, TxnBody};

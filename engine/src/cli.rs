@@ -68,6 +68,9 @@ pub enum Command {
         #[command(subcommand)]
         op: NodeOp,
     },
+    /// Follow a sphere's changes: one line per change (key, value, commit timestamp) and per
+    /// checkpoint (a resolved timestamp and the cursor to resume from with --since).
+    Feed(crate::feed_cli::FeedArgs),
     /// Get a timestamp from the cluster's timestamp oracle (the meta-range leader): above
     /// every timestamp handed out before. Prints it and its physical time.
     Timestamp {
@@ -372,6 +375,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{ts} (physical {physical_ms} ms since the Unix epoch, logical {logical})");
             Ok(())
         }
+        Command::Feed(args) => crate::feed_cli::run(args).await,
         Command::Demo { base_port, nodes } => crate::demo::run(base_port, nodes).await,
     }
 }

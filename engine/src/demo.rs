@@ -166,6 +166,10 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
         "  {exe} kv --host {} --sphere {TEAM_SPHERE} put task/999 '{{\"title\":\"ship it\"}}'",
         addrs[0]
     );
+    println!(
+        "  {exe} feed --host {} --sphere {TEAM_SPHERE}   # follows the team's changes; write in another terminal",
+        addrs[0]
+    );
     println!("Node logs are in {}.\n", dir.path().display());
 
     if std::io::stdin().is_terminal() {
@@ -192,6 +196,60 @@ async fn wait_for_ranges(client: &Client) -> usize {
     seen
 }
 
+/// Most feed items the tour prints before it moves on.
+const TOUR_FEED_MAX_ITEMS: usize = 32;
+
+/// Follows the team sphere's feed while a few writes (one of them a transaction over two
+/// keys) land, and prints what it delivers up to a checkpoint past the last write.
+async fn follow_feed(client: &Client) -> anyhow::Result<()> {
+    use spheredb_client::feed::FeedItem;
+    println!("\n$ feed --sphere {TEAM_SPHERE} --grouped   (while tasks are written)");
+    let mut feed = client.feed(TEAM_SPHERE).grouped().subscribe().await?;
+    client
+        .put(TEAM_SPHERE, b"task/1000", br#"{"title":"write the docs"}"#)
+        .await?;
+    let mut txn = client.begin().await?;
+    txn.put(TEAM_SPHERE, b"task/1001", br#"{"title":"review"}"#)?;
+    txn.put(TEAM_SPHERE, b"task/1002", br#"{"title":"release"}"#)?;
+    txn.commit().await?;
+    client.delete(TEAM_SPHERE, b"task/1000").await?;
+    let last = client.timestamp().await?;
+    for _ in 0..TOUR_FEED_MAX_ITEMS {
+        let next =
+            tokio::time::timeout(Duration::from_millis(DEMO_STARTUP_DEADLINE_MS), feed.next());
+        let Ok(Some(item)) = next.await else {
+            println!("(the feed went quiet)");
+            break;
+        };
+        match item? {
+            FeedItem::Txn { commit_ts, changes } => {
+                println!("transaction at {commit_ts}:");
+                for c in changes {
+                    match c.value {
+                        Some(v) => println!(
+                            "  {} = {}",
+                            String::from_utf8_lossy(&c.key),
+                            String::from_utf8_lossy(&v)
+                        ),
+                        None => println!("  {} deleted", String::from_utf8_lossy(&c.key)),
+                    }
+                }
+            }
+            FeedItem::Change(_) => {}
+            FeedItem::Checkpoint(cursor) => {
+                if cursor.resolved_ts() >= last {
+                    println!(
+                        "checkpoint at {} (a cursor to resume from)",
+                        cursor.resolved_ts()
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> anyhow::Result<()> {
     println!("== Tour (stdin is not a terminal) ==\n");
     let (list, rows) = crate::service::status::gather(&addrs[0]).await?;
@@ -204,6 +262,7 @@ async fn tour(client: &Client, addrs: &[String], children: &mut Children) -> any
             String::from_utf8_lossy(&kv.value)
         );
     }
+    follow_feed(client).await?;
     let leader = list.leader_id;
     if children.0.len() >= 3 {
         if let Some(leader) = leader {

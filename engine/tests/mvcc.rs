@@ -188,6 +188,12 @@ async fn versions_behind_the_gc_horizon_are_collected_and_reads_there_are_refuse
     })
     .await;
     assert!(horizon > old, "horizon {horizon} not above {old}");
+    // A change feed from there is refused the same way, with the horizon to resync from.
+    let mut feed = client.feed(SPHERE).since_ts(old).subscribe().await.unwrap();
+    match feed.next().await {
+        Some(Err(ClientError::HistoryCompacted { horizon: h, .. })) => assert!(h > old),
+        other => panic!("a feed from below the horizon: {other:?}"),
+    }
     // Every replica keeps the newest version at or below the horizon (v4, which reads at the
     // horizon see) and the ones above it (the latest); v0 to v3 go.
     common::eventually("old versions to be collected on every replica", || async {

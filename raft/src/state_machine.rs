@@ -104,6 +104,8 @@ pub struct ReplicaShared {
     /// Set once the replica's Raft group runs, after openraft replayed the committed
     /// entries at start-up (the failpoint `sm-apply-stall` holds back only later applies).
     running: std::sync::atomic::AtomicBool,
+    /// Counts the applies (and snapshot installs) written, for change feeds that wake on them.
+    applies: tokio::sync::watch::Sender<u64>,
 }
 
 impl ReplicaShared {
@@ -115,7 +117,14 @@ impl ReplicaShared {
             retired: RwLock::new(false),
             quarantine: std::sync::Mutex::new(None),
             running: std::sync::atomic::AtomicBool::new(false),
+            applies: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever the replica wrote an apply or installed a snapshot: a change feed
+    /// waits on it for new changes to read.
+    pub fn watch_applies(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applies.subscribe()
     }
 
     /// Marks the replica's Raft group as running (its start-up replay is done).
@@ -186,6 +195,7 @@ impl ReplicaShared {
 
     fn set_applied(&self, applied: &AppliedState) {
         *self.applied.write().unwrap_or_else(|p| p.into_inner()) = applied.view();
+        self.applies.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

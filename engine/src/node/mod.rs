@@ -25,6 +25,7 @@ use spheredb_client::limits;
 use spheredb_client::proto::raft::raft_transport_server::RaftTransportServer;
 use spheredb_client::proto::v1::admin_client::AdminClient;
 use spheredb_client::proto::v1::admin_server::AdminServer;
+use spheredb_client::proto::v1::feed_server::FeedServer;
 use spheredb_client::proto::v1::kv_server::KvServer;
 use spheredb_client::proto::v1::txn_server::TxnServer;
 use spheredb_client::proto::v1::{JoinRequest, ReplicaReport};
@@ -63,6 +64,7 @@ use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
 use crate::range::split::{LoadSplitPolicy, SplitCheck};
 use crate::range::timestamps::NodeTimestamps;
 use crate::service::admin::{AdminParts, AdminService, ThisNode};
+use crate::service::feed::FeedService;
 use crate::service::kv::KvService;
 use crate::service::txn::TxnService;
 use heartbeat::{heartbeat_loop, Heartbeat};
@@ -950,6 +952,13 @@ impl Node {
             }))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
+            let feed = FeedServer::new(FeedService::new(
+                kv_service.clone(),
+                db.clone(),
+                timestamps.clone(),
+            ))
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);
             let txn = TxnServer::new(TxnService::new(
                 kv_service,
                 replicas.clone(),
@@ -976,6 +985,7 @@ impl Node {
                     .add_service(kv)
                     .add_service(admin)
                     .add_service(txn)
+                    .add_service(feed)
                     .add_service(raft_svc)
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop_rx.wait_for(|s| *s).await;

@@ -604,6 +604,25 @@ impl NodeTimestamps {
         )))
     }
 
+    /// A timestamp the oracle handed out after this call began, taken from the node's batch
+    /// (fetching a new one): above the commit ts of every write this node proposed before,
+    /// and above every timestamp the oracle handed out before the call. A change feed resolves
+    /// at it.
+    pub async fn fresh_ts(self: &Arc<Self>) -> Result<Timestamp, ClientError> {
+        let began = Instant::now();
+        let mut used_up = None;
+        for _ in 0..MAX_BATCHES_PER_WRITE {
+            self.refresh(began, used_up).await?;
+            match self.take_above(0, began) {
+                Ok(ts) => return Ok(ts),
+                Err(batch) => used_up = Some(batch),
+            }
+        }
+        Err(ClientError::Unavailable(format!(
+            "no fresh timestamp after {MAX_BATCHES_PER_WRITE} oracle batches; retry"
+        )))
+    }
+
     /// Raises the read floor of `replica`'s range to a transaction's `start_ts` before its
     /// locks are proposed there (see [`CommitTsRules::note_lock`]).
     pub async fn note_lock(

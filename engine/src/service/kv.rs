@@ -130,7 +130,7 @@ impl KvService {
     /// The error for a failed read of `replica`'s data. Damaged data quarantines the
     /// replica: it stops serving and its Raft group stops, the node stays up, and the
     /// allocator replaces the replica from a sound copy.
-    fn read_failed(&self, replica: &Replica, e: StorageError) -> ClientError {
+    pub(crate) fn read_failed(&self, replica: &Replica, e: StorageError) -> ClientError {
         if e.is_corruption() {
             match quarantine(&self.db, &replica.shared, &e.to_string()) {
                 Ok(()) => {
@@ -181,7 +181,7 @@ impl KvService {
 
     /// Checks the header and finds the local replica for `user_key` of the named sphere.
     /// Returns the sphere id and the replica.
-    fn route(
+    pub(crate) fn route(
         &self,
         header: &Option<Header>,
         user_key: &[u8],
@@ -288,7 +288,11 @@ impl KvService {
     /// trusts its lease, and the lease has no clock-drift margin. A read that trusted it could
     /// miss a write acknowledged by the new leader. ReadIndex confirms leadership with a quorum
     /// round on every read, which costs one round trip and is always safe.
-    async fn read_barrier(&self, replica: &Replica, consistency: i32) -> Result<(), ClientError> {
+    pub(crate) async fn read_barrier(
+        &self,
+        replica: &Replica,
+        consistency: i32,
+    ) -> Result<(), ClientError> {
         match ReadConsistency::try_from(consistency) {
             Ok(ReadConsistency::Lease | ReadConsistency::Linearizable) => {}
             Err(_) => {
@@ -353,7 +357,7 @@ impl KvService {
 
     /// The timestamp to read `[start, end)` at on `replica` (see `range::timestamps`), once
     /// the writes in flight below it applied.
-    async fn read_ts(
+    pub(crate) async fn read_ts(
         &self,
         replica: &Replica,
         start: &[u8],
@@ -452,7 +456,7 @@ impl KvService {
 /// Refuses a read at `read_ts` below the range's GC horizon. Checked after reading: a horizon
 /// applied before the read began may have let collection remove versions it needed, and one
 /// applied later is caught here too, since collection only starts once a horizon is applied.
-fn check_history(replica: &Replica, read_ts: Timestamp) -> Result<(), ClientError> {
+pub(crate) fn check_history(replica: &Replica, read_ts: Timestamp) -> Result<(), ClientError> {
     let horizon = replica.shared.gc_horizon();
     if read_ts < horizon {
         return Err(ClientError::HistoryCompacted {

@@ -2,6 +2,7 @@
 //! assembles from them.
 
 pub mod admin;
+pub mod feed;
 pub mod kv;
 pub mod status;
 pub mod txn;

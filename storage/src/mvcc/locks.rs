@@ -67,14 +67,31 @@ pub fn oldest_lock_start_ts(
     end: &[u8],
     max_locks: usize,
 ) -> Result<Option<Option<Timestamp>>, StorageError> {
-    let mut oldest: Option<Timestamp> = None;
+    Ok(oldest_lock(db, start, end, max_locks)?.map(|o| o.map(|(_, lock)| lock.start_ts)))
+}
+
+/// The lock with the oldest start ts in `[start, end)` (empty `end`: unbounded), with its
+/// key, reading at most `max_locks` locks: `Ok(None)` when there are more (the caller cannot
+/// know the oldest), `Ok(Some(None))` when there is none.
+pub fn oldest_lock(
+    db: &Db,
+    start: &[u8],
+    end: &[u8],
+    max_locks: usize,
+) -> Result<Option<Option<(Vec<u8>, LockRecord)>>, StorageError> {
+    let mut oldest: Option<(Vec<u8>, LockRecord)> = None;
     for (n, item) in db.iter_span(ColumnFamilyName::Lock, start, end).enumerate() {
         if n >= max_locks {
             return Ok(None);
         }
-        let (_, framed) = item?;
+        let (key, framed) = item?;
         let lock = LockRecord::decode(&framed)?;
-        oldest = Some(oldest.map_or(lock.start_ts, |o| o.min(lock.start_ts)));
+        if oldest
+            .as_ref()
+            .is_none_or(|(_, o)| lock.start_ts < o.start_ts)
+        {
+            oldest = Some((key.to_vec(), lock));
+        }
     }
     Ok(Some(oldest))
 }
