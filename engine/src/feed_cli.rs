@@ -48,6 +48,10 @@ pub struct FeedArgs {
     /// How often idle ranges checkpoint, in ms (0: the server's default).
     #[arg(long, default_value_t = 0)]
     pub resolve_interval_ms: u64,
+    /// Print a checkpoint at most this often while nothing changes, in ms (one always
+    /// follows printed changes).
+    #[arg(long, default_value_t = 1_000)]
+    pub checkpoint_every_ms: u64,
     /// `json`: one JSON object per line; keys and values as UTF-8 strings where they are,
     /// else base64 (`key_base64`, `value_base64`).
     #[arg(long, value_enum, default_value = "text")]
@@ -79,6 +83,10 @@ pub async fn run(args: FeedArgs) -> anyhow::Result<()> {
     let deadline = (args.duration_secs > 0)
         .then(|| tokio::time::Instant::now() + Duration::from_secs(args.duration_secs));
     let mut changes = 0u64;
+    // Changes printed since the last checkpoint printed, and when that one was printed.
+    let mut unconfirmed = false;
+    let mut checkpoint_printed: Option<tokio::time::Instant> = None;
+    let checkpoint_every = Duration::from_millis(args.checkpoint_every_ms);
     loop {
         let next = async {
             match deadline {
@@ -97,15 +105,24 @@ pub async fn run(args: FeedArgs) -> anyhow::Result<()> {
             FeedItem::Change(change) => {
                 println!("{}", change_line(&change, args.format));
                 changes += 1;
+                unconfirmed = true;
             }
             FeedItem::Txn {
                 commit_ts,
                 changes: txn,
             } => {
                 changes += txn.len() as u64;
+                unconfirmed = true;
                 println!("{}", txn_line(commit_ts, &txn, args.format));
             }
-            FeedItem::Checkpoint(cursor) => println!("{}", checkpoint_line(&cursor, args.format)),
+            FeedItem::Checkpoint(cursor) => {
+                let due = checkpoint_printed.is_none_or(|at| at.elapsed() >= checkpoint_every);
+                if unconfirmed || due {
+                    println!("{}", checkpoint_line(&cursor, args.format));
+                    unconfirmed = false;
+                    checkpoint_printed = Some(tokio::time::Instant::now());
+                }
+            }
         }
         if args.max_changes > 0 && changes >= args.max_changes {
             return Ok(());
