@@ -86,8 +86,9 @@ enum Command {
     ///
     /// `ci`: short runs on several seeds (register under kill, partition and slow-apply,
     /// set under kill and partition, scan under churn, kill and partition, once with
-    /// clock-rate, on 3 and 5 nodes, lease reads under clock-rate, kill-majority, partition
-    /// and slow-apply on 3 and 5 nodes), about 7 minutes. `long`: every nemesis on 5 nodes, about 20 minutes. Exit
+    /// clock-rate, on 3 and 5 nodes, bank, list-append, changefeed under churn, kill and
+    /// partition, lease reads under clock-rate, kill-majority, partition and slow-apply on
+    /// 3 and 5 nodes), about 8 minutes. `long`: every nemesis on 5 nodes, about 20 minutes. Exit
     /// status as for `test`, worst run first. Needs a spheredb built with failpoints
     /// (`cargo build --workspace` does) for slow-apply.
     Suite(SuiteArgs),
@@ -281,6 +282,12 @@ enum WorkloadArg {
     /// Transactions of appends to and reads of short lists, checked for dependency cycles
     /// (Elle-style) against snapshot isolation.
     ListAppend,
+    /// Write transactions of 1 to 3 keys across ranges, each with a unique value, while
+    /// consumers follow the change feed (one ungrouped, one grouped), resuming from their
+    /// last cursor every few seconds: every acknowledged write delivered, nothing failed or
+    /// unwritten, nothing twice or out of order in a subscription, nothing at or below a
+    /// delivered checkpoint, whole transactions in grouped mode.
+    Changefeed,
 }
 
 #[derive(Debug, Args)]
@@ -390,6 +397,7 @@ fn run_test(args: &TestArgs) -> u8 {
         WorkloadArg::Scan => WorkloadKind::Scan,
         WorkloadArg::Bank => WorkloadKind::Bank,
         WorkloadArg::ListAppend => WorkloadKind::ListAppend,
+        WorkloadArg::Changefeed => WorkloadKind::Changefeed,
     };
     let mut options = TestOptions::new(workload, args.target.bin.clone());
     options.faults = faults;

@@ -5,6 +5,7 @@
 //! explanation.
 
 pub mod bank;
+pub mod changefeed;
 pub mod linearizable;
 pub mod list_append;
 pub mod scan;

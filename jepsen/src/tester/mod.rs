@@ -8,12 +8,17 @@
 //!   -> results.json + report.html
 //! ```
 //!
+//! The changefeed workload also runs consumers of the change feed alongside the workers
+//! ([`feeds`]); their final checkpoint takes the place of final reads, and what they
+//! delivered goes to `feeds.jsonl` next to the history.
+//!
 //! Every process the tester starts is killed and every firewall rule it adds is removed when
 //! the run ends, also on Ctrl-C, SIGTERM or a panic: both are owned by guards
 //! ([`cluster::Cluster`], [`netfilter::Netfilter`]) that act on drop.
 
 pub mod churn;
 pub mod cluster;
+pub mod feeds;
 pub mod history;
 pub mod nemesis;
 pub mod netfilter;
@@ -30,6 +35,7 @@ use serde_json::json;
 use spheredb_client::{Client, ClientOptions};
 
 use crate::check::bank::check_bank;
+use crate::check::changefeed;
 use crate::check::list_append::{self, Consistency as TxnConsistency};
 use crate::check::scan::{check_scan_history, check_set_reads};
 use crate::check::set_final::check_set_final;
@@ -677,6 +683,20 @@ async fn run_inner(
             splits + 1
         );
     }
+    // Change-feed consumers start before any write, from a timestamp below every commit.
+    let feed_consumers = match options.workload {
+        WorkloadKind::Changefeed => Some(
+            feeds::Consumers::start(
+                workload_addrs.clone(),
+                recorder.clone(),
+                options.seed,
+                deadline,
+            )
+            .await
+            .map_err(TesterError::Setup)?,
+        ),
+        _ => None,
+    };
     let mut workers = tokio::task::JoinSet::new();
     for i in 0..options.concurrency {
         workers.spawn(workload.clone().worker(i));
@@ -733,7 +753,15 @@ async fn run_inner(
         ));
     }
     tokio::time::sleep(Duration::from_millis(options.recovery_ms)).await;
-    let final_reads = workload.final_reads().await;
+    let (final_reads, feed_records) = match feed_consumers {
+        Some(consumers) => {
+            let end = consumers.finish().await;
+            notes.extend(end.notes);
+            problems.extend(end.problems);
+            (end.reached, Some(end.records))
+        }
+        None => (workload.final_reads().await, None),
+    };
     // Whole-run faults hold until the nodes stop, final reads included.
     for record in [clock_rate_fault, slow_apply_fault].into_iter().flatten() {
         recorder.fault_healed(record);
@@ -767,6 +795,14 @@ async fn run_inner(
         path: history_path.clone(),
         source,
     })?;
+    let feed_text = feed_records.map(|records| changefeed::records_jsonl(&records));
+    if let Some(feed_text) = &feed_text {
+        let feeds_path = run_dir.join("feeds.jsonl");
+        write_file(&feeds_path, feed_text).map_err(|source| TesterError::Io {
+            path: feeds_path.clone(),
+            source,
+        })?;
+    }
     let parsed = parse_str(Format::Jsonl, &text).map_err(|e| TesterError::Check(e.to_string()))?;
     let spans = op_spans(&events);
     let counts = count_ops(&spans);
@@ -858,6 +894,42 @@ async fn run_inner(
                 "transactions": report.txns,
                 "committed": report.committed,
                 "edges": report.edges,
+                "anomalies": report
+                    .counts
+                    .iter()
+                    .map(|(a, n)| (a.name().to_string(), json!(n)))
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
+                "explanation": lines,
+            });
+            (validity, lines, json)
+        }
+        WorkloadKind::Changefeed => {
+            // Checked from the file as written, so a run can be checked again from it.
+            let feed_text = feed_text.as_deref().unwrap_or_default();
+            let records = changefeed::parse_feed_records(feed_text).map_err(TesterError::Check)?;
+            let report = changefeed::check(&parsed, &records).map_err(TesterError::Check)?;
+            let validity = if report.anomaly_count() > 0 {
+                Validity::Anomaly
+            } else if !report.complete() {
+                Validity::Unknown
+            } else {
+                Validity::Valid
+            };
+            let lines = report.lines();
+            let json = json!({
+                "model": "change feed: every acknowledged write delivered to every consumer, \
+                          nothing failed or unwritten, once per subscription in commit order \
+                          per key, nothing at or below a delivered checkpoint or the cursor \
+                          resumed from, whole transactions in grouped mode",
+                "verdict": validity.label(),
+                "consumers": report.consumers,
+                "consumers_reached_final": report.reached_final,
+                "subscriptions": report.subscriptions,
+                "changes": report.changes,
+                "checkpoints": report.checkpoints,
+                "writes_ok": report.writes_ok,
+                "writes_failed": report.writes_failed,
+                "writes_unknown": report.writes_unknown,
                 "anomalies": report
                     .counts
                     .iter()

@@ -134,6 +134,15 @@ fn ci_specs() -> Vec<Spec> {
             5,
             8,
         ),
+        // Change feeds followed (and resumed from their cursors) while the ranges they
+        // follow split, merge and move, leaders die and links are cut.
+        short(
+            "churn",
+            WorkloadKind::Changefeed,
+            "churn,kill,partition",
+            3,
+            9,
+        ),
         lease(3, 4),
         lease(3, 5),
         lease(5, 6),
@@ -160,6 +169,7 @@ fn long_specs() -> Vec<Spec> {
         long("all-overlap", WorkloadKind::Scan, "all", 4, false, true),
         long("all", WorkloadKind::Bank, "all", 6, false, false),
         long("all", WorkloadKind::ListAppend, "all", 7, false, false),
+        long("all", WorkloadKind::Changefeed, "all", 8, false, false),
         long(
             "lease",
             WorkloadKind::Register,
@@ -300,6 +310,7 @@ mod tests {
         assert!(has(WorkloadKind::Bank, Fault::Churn, 3));
         assert!(has(WorkloadKind::Bank, Fault::ClockRate, 3));
         assert!(has(WorkloadKind::ListAppend, Fault::Churn, 5));
+        assert!(has(WorkloadKind::Changefeed, Fault::Churn, 3));
         for r in &runs {
             assert!(r.options.validate().is_ok(), "{}", r.name);
         }

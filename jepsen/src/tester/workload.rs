@@ -14,6 +14,10 @@
 //!   ranges), some repeated at a timestamp read before. Every scanned key is checked against
 //!   what was acknowledged, and reads at one timestamp against each other
 //!   ([`crate::check::scan`]).
+//! - **changefeed**: write transactions of 1 to 3 keys of a span pre-split over a few
+//!   ranges, each putting its own unique value (its id) on every key it writes, so each
+//!   delivered change names the write it came from; consumers ([`super::feeds`]) follow the
+//!   span's change feed meanwhile ([`crate::check::changefeed`]).
 //!
 //! Outcomes follow the client's error contract: a read that fails is `fail` (it constrains
 //! nothing); a write whose outcome is unknown (`OutcomeUnknown`, deadline exceeded, an
@@ -93,6 +97,20 @@ const LIST_MAX_MOPS: usize = 4;
 /// each before the run, so a transaction's lists lie in several ranges however far the
 /// window has moved.
 const LIST_SHARDS: i64 = 4;
+/// Key prefix of the changefeed workload's keys, and the end of its span.
+const FEED_PREFIX: &str = "feed/";
+const FEED_END: &str = "feed0";
+/// Keys the changefeed workload writes, `feed/<shard>/<key>` for keys `0..FEED_KEYS`.
+pub const FEED_KEYS: i64 = 64;
+/// Shards of the changefeed keys (key % shards), one range each before the run
+/// (`feed/<shard>/`), so most transactions of two or three keys commit in two phases across
+/// ranges: their locks are what a feed's resolved timestamp must wait for.
+const FEED_SHARDS: i64 = 4;
+/// Most keys one changefeed transaction writes.
+const FEED_MAX_KEYS_PER_TXN: usize = 3;
+/// Random draws of a key per transaction; a transaction that drew the same key again
+/// writes fewer keys.
+const FEED_MAX_KEY_DRAWS: usize = 12;
 
 /// Which workload to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +120,7 @@ pub enum WorkloadKind {
     Scan,
     Bank,
     ListAppend,
+    Changefeed,
 }
 
 impl WorkloadKind {
@@ -112,6 +131,7 @@ impl WorkloadKind {
             WorkloadKind::Scan => "scan",
             WorkloadKind::Bank => "bank",
             WorkloadKind::ListAppend => "list-append",
+            WorkloadKind::Changefeed => "changefeed",
         }
     }
 
@@ -129,6 +149,10 @@ impl WorkloadKind {
                 LIST_PREFIX.as_bytes().to_vec(),
                 LIST_END.as_bytes().to_vec(),
             ),
+            WorkloadKind::Changefeed => (
+                FEED_PREFIX.as_bytes().to_vec(),
+                FEED_END.as_bytes().to_vec(),
+            ),
         }
     }
 
@@ -143,6 +167,7 @@ impl WorkloadKind {
                 let shard = rng.random_range(0..LIST_SHARDS);
                 format!("{LIST_PREFIX}{shard}/{:08}", rng.random_range(0..1_000)).into_bytes()
             }
+            WorkloadKind::Changefeed => feed_key(rng.random_range(0..FEED_KEYS)).into_bytes(),
         }
     }
 }
@@ -244,6 +269,11 @@ enum Op {
     ListTxn {
         mops: Vec<ListMop>,
     },
+    /// Changefeed: one transaction putting `id` on each of `keys` (distinct).
+    FeedWrite {
+        id: i64,
+        keys: Vec<i64>,
+    },
 }
 
 /// One micro-operation of a list-append transaction.
@@ -271,7 +301,7 @@ impl Op {
             Op::Cas { .. } => Function::Cas,
             Op::Add { .. } => Function::Add,
             Op::Transfer { .. } => Function::Transfer,
-            Op::ListTxn { .. } => Function::Txn,
+            Op::ListTxn { .. } | Op::FeedWrite { .. } => Function::Txn,
         }
     }
 
@@ -285,7 +315,8 @@ impl Op {
             | Op::ReadRangeAt { .. }
             | Op::Transfer { .. }
             | Op::ReadBalances
-            | Op::ListTxn { .. } => None,
+            | Op::ListTxn { .. }
+            | Op::FeedWrite { .. } => None,
         }
     }
 
@@ -300,6 +331,7 @@ impl Op {
             Op::Transfer { from, to, amount } => json!([from, to, amount]),
             Op::ReadBalances => Json::Null,
             Op::ListTxn { mops } => list_txn_value(mops, None),
+            Op::FeedWrite { id, keys } => feed_write_value(*id, keys),
         }
     }
 }
@@ -329,6 +361,21 @@ fn list_txn_value(mops: &[ListMop], reads: Option<&[Vec<i64>]>) -> Json {
             })
             .collect(),
     )
+}
+
+/// A changefeed transaction's value: `[["w", key, id], ...]`, each key as stored, so the
+/// checker matches delivered changes without knowing the key layout.
+fn feed_write_value(id: i64, keys: &[i64]) -> Json {
+    Json::Array(
+        keys.iter()
+            .map(|&k| json!(["w", feed_key(k), id]))
+            .collect(),
+    )
+}
+
+/// The stored key of changefeed key `key`: `feed/<shard>/<key>`.
+fn feed_key(key: i64) -> String {
+    format!("{FEED_PREFIX}{}/{key:06}", key % FEED_SHARDS)
 }
 
 fn bank_key(account: i64) -> Vec<u8> {
@@ -551,6 +598,24 @@ impl Workload {
                     .collect();
                 Some(Op::ListTxn { mops })
             }
+            WorkloadKind::Changefeed => {
+                let want = rng.random_range(1..=FEED_MAX_KEYS_PER_TXN);
+                let mut keys: Vec<i64> = Vec::with_capacity(want);
+                for _ in 0..FEED_MAX_KEY_DRAWS {
+                    if keys.len() == want {
+                        break;
+                    }
+                    let key = rng.random_range(0..FEED_KEYS);
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+                keys.sort_unstable();
+                Some(Op::FeedWrite {
+                    id: self.next_value(),
+                    keys,
+                })
+            }
             WorkloadKind::Register => {
                 let mut state = self.state();
                 let slot_index = rng.random_range(0..state.slots.len());
@@ -608,6 +673,9 @@ impl Workload {
                 .collect(),
             WorkloadKind::ListAppend => (1..LIST_SHARDS)
                 .map(|shard| format!("{LIST_PREFIX}{shard}/").into_bytes())
+                .collect(),
+            WorkloadKind::Changefeed => (1..FEED_SHARDS)
+                .map(|shard| format!("{FEED_PREFIX}{shard}/").into_bytes())
                 .collect(),
             WorkloadKind::Register | WorkloadKind::Set => return Ok(0),
         };
@@ -744,6 +812,36 @@ impl Workload {
         }
     }
 
+    /// One changefeed transaction: `id` on every key of `keys`, committed at once (in two
+    /// phases when the keys lie in several ranges).
+    async fn feed_write(&self, client: &Client, id: i64, keys: &[i64]) -> Completion {
+        let input = feed_write_value(id, keys);
+        let mut txn = match client.begin().await {
+            Ok(t) => t,
+            Err(e) => return fail_with(input, e),
+        };
+        let value = id.to_string();
+        for &key in keys {
+            // Dropping the transaction rolls back whatever it locked (nothing yet: writes
+            // are buffered until the commit).
+            if let Err(e) = txn.put(SPHERE, feed_key(key).as_bytes(), value.as_bytes()) {
+                return fail_with(input, e);
+            }
+        }
+        match txn.commit().await {
+            Ok(()) => Completion {
+                kind: EventType::Ok,
+                value: input,
+                error: None,
+            },
+            Err(e) => Completion {
+                kind: write_failure(&e),
+                value: input,
+                error: Some(e.to_string()),
+            },
+        }
+    }
+
     /// One list-append transaction: appends read the list and write it back longer.
     async fn list_txn(&self, client: &Client, mops: &[ListMop]) -> Completion {
         let input = list_txn_value(mops, None);
@@ -869,6 +967,7 @@ impl Workload {
             Op::Transfer { from, to, amount } => self.transfer(client, *from, *to, *amount).await,
             Op::ReadBalances => self.read_balances(client).await,
             Op::ListTxn { mops } => self.list_txn(client, mops).await,
+            Op::FeedWrite { id, keys } => self.feed_write(client, *id, keys).await,
             Op::Add { element } => {
                 let bytes = element.to_string().into_bytes();
                 match client.put(SPHERE, &set_key(*element), &bytes).await {
@@ -998,6 +1097,9 @@ impl Workload {
                     mops: (0..last_key).map(|key| ListMop::Read { key }).collect(),
                 })]
             }
+            // The consumers' final checkpoint plays the part of a final read
+            // (`super::feeds::Consumers::finish`).
+            WorkloadKind::Changefeed => Vec::new(),
         };
         let mut succeeded = 0;
         let mut client: Option<Client> = None;
@@ -1227,6 +1329,41 @@ mod tests {
         assert_eq!(scan_key_number(b"r/1"), None);
         let (start, end) = WorkloadKind::Scan.key_span();
         assert!(start <= scan_key(0) && scan_key(SCAN_KEYS - 1) < end);
+    }
+
+    #[test]
+    fn changefeed_transactions_write_distinct_keys_of_the_span_with_unique_values() {
+        let w = workload(WorkloadKind::Changefeed);
+        let mut rng = StdRng::seed_from_u64(7);
+        let (start, end) = WorkloadKind::Changefeed.key_span();
+        let mut ids = BTreeSet::new();
+        let mut multi_shard = 0;
+        for _ in 0..200 {
+            let Some(Op::FeedWrite { id, keys }) = w.generate(&mut rng) else {
+                panic!("not a changefeed operation");
+            };
+            assert!(ids.insert(id), "value {id} used twice");
+            assert!(
+                (1..=FEED_MAX_KEYS_PER_TXN).contains(&keys.len()),
+                "{keys:?}"
+            );
+            let distinct: BTreeSet<i64> = keys.iter().copied().collect();
+            assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+            for &k in &keys {
+                assert!((0..FEED_KEYS).contains(&k));
+                let stored = feed_key(k).into_bytes();
+                assert!(start <= stored && stored < end);
+            }
+            let shards: BTreeSet<i64> = keys.iter().map(|k| k % FEED_SHARDS).collect();
+            if shards.len() > 1 {
+                multi_shard += 1;
+            }
+        }
+        assert!(multi_shard > 50, "{multi_shard} of 200 cross ranges");
+        assert_eq!(
+            feed_write_value(9, &[1, 6]),
+            json!([["w", "feed/1/000001", 9], ["w", "feed/2/000006", 9]])
+        );
     }
 
     #[test]
