@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps demo test lint build bench-compare bench-transfers idle-ranges jepsen-deps jepsen-ci jepsen-long
+.PHONY: deps demo test lint build bench-compare bench-transfers bench-feed idle-ranges jepsen-deps jepsen-ci jepsen-long
 
 deps:
 	@./scripts/install-deps.sh
@@ -41,6 +41,15 @@ bench-transfers: deps
 	@./benches/install-postgres.sh
 	$(CARGO) build --release --bin spheredb --bin spheredb-bench
 	./target/release/spheredb-bench transfers --clients 1,16,64 --pairs 2 --duration-secs 10 --out-dir bench-results/transfers
+
+# Change feeds against etcd watch (release build; about 15 minutes of runs): delivery latency
+# for one subscriber at 1k and 5k writes/s and for 1,000 subscribers on 1,000 spheres,
+# catch-up speed, and kv0 throughput with and without a feed following. Results go to
+# bench-results/feed/.
+bench-feed: deps
+	@./benches/install-etcd.sh
+	$(CARGO) build --release --bin spheredb --bin spheredb-bench
+	./target/release/spheredb-bench feed --pairs 2 --out-dir bench-results/feed
 
 # 1,000 ranges on a 3-node cluster (999 splits), then the nodes' CPU while they idle.
 # Release build (a debug build spends several times the CPU per Raft message); minutes

@@ -2,10 +2,11 @@
 
 mod compare;
 mod cpu;
-/// Generated client of etcd's KV service (subset).
+/// Generated client of etcd's KV, Maintenance and Watch services (subset).
 mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
+mod feed;
 mod postgres;
 mod runner;
 mod target;
@@ -97,6 +98,11 @@ enum Cmd {
     /// machine, over a client sweep, ABBA pairs on fresh servers: a Markdown table of
     /// medians, ratios against PostgreSQL and abort rates, plus JSON.
     Transfers(transfer::TransferConfig),
+    /// Change feeds beside etcd watch: write→delivery latency for one subscriber at fixed
+    /// write rates and for a subscriber on each of many spheres, catch-up speed from a cursor
+    /// behind many writes, and what a following feed costs kv0's throughput; ABBA pairs on
+    /// fresh clusters, medians in a Markdown table, plus JSON.
+    Feed(feed::FeedConfig),
     /// The timestamp oracle's throughput and latency over a client sweep, beside single-key
     /// writes on the same fresh 3-node cluster (the latency a transaction pays anyway).
     Tso {
@@ -231,6 +237,12 @@ async fn main_inner() -> anyhow::Result<()> {
                 "wrote {0}/transfers.md, {0}/transfers.json",
                 out_dir.display()
             );
+        }
+        Cmd::Feed(cfg) => {
+            let out_dir = cfg.out_dir.clone();
+            let md = feed::run(cfg).await?;
+            println!("{md}");
+            eprintln!("wrote {0}/feed.md, {0}/feed.json", out_dir.display());
         }
         Cmd::Tso {
             clients,

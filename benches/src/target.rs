@@ -326,7 +326,7 @@ pub struct EtcdPool {
 }
 
 impl EtcdPool {
-    fn next(&self) -> EtcdKv<Channel> {
+    pub fn next(&self) -> EtcdKv<Channel> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         self.pool[turn % self.pool.len()].clone()
     }

@@ -690,7 +690,7 @@ impl Client {
         all[attempt as usize % all.len()].clone()
     }
 
-    fn note_failure(&self, range: &RangeDescriptor, err: &ClientError) {
+    pub(crate) fn note_failure(&self, range: &RangeDescriptor, err: &ClientError) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         match err {
             ClientError::NotLeader { leader: Some(l) } => {

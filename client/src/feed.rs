@@ -32,6 +32,8 @@
 //! a device never applies half a transaction.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spheredb_storage::keys;
@@ -59,9 +61,15 @@ pub const MAX_STREAM_BACKOFF_MS: u64 = 1_000;
 /// subscription (its transaction's coordinator may have died); at most once per this long
 /// per piece.
 pub const RESOLVE_BLOCKING_LOCK_AFTER_MS: u64 = 2_000;
-/// A stream that sends nothing (not even a checkpoint) for this long is given up and opened
-/// again: servers checkpoint at least every resolve interval.
+/// A stream that sends nothing (not even a checkpoint) for this long, or for two resolve
+/// intervals when those are longer, is given up and opened again: servers checkpoint at
+/// least every resolve interval.
 pub const STREAM_SILENCE_TIMEOUT_MS: u64 = 15_000;
+
+/// How long a stream resolving every `resolve_interval_ms` may stay silent.
+fn silence_timeout_ms(resolve_interval_ms: u64) -> u64 {
+    STREAM_SILENCE_TIMEOUT_MS.max(resolve_interval_ms.saturating_mul(2))
+}
 
 /// One committed write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,10 +280,12 @@ impl FeedBuilder {
             None => self.client.timestamp().await?,
         };
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER_MESSAGES);
+        let reopened = Arc::new(AtomicU64::new(0));
         let spec = StreamSpec {
             sphere: self.sphere,
             with_prev_value: self.with_prev_value,
             resolve_interval_ms: self.resolve_interval_ms,
+            reopened: reopened.clone(),
         };
         let first = Piece {
             start: self.start.clone(),
@@ -299,16 +309,19 @@ impl FeedBuilder {
             held: BTreeMap::new(),
             held_bytes: 0,
             failed: false,
+            reopened,
         })
     }
 }
 
 /// What every stream of a subscription asks for.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct StreamSpec {
     sphere: u64,
     with_prev_value: bool,
     resolve_interval_ms: u64,
+    /// Streams that ended with an error and were opened again (shared by all pieces).
+    reopened: Arc<AtomicU64>,
 }
 
 /// A part of the span followed by one stream at a time.
@@ -319,6 +332,33 @@ struct Piece {
     resolved: u64,
     /// The newest commit ts delivered per key above `resolved`.
     seen: HashMap<Vec<u8>, u64>,
+}
+
+impl Piece {
+    /// Whether a change is new to this piece: above its resolved ts and above what was
+    /// already delivered for its key (a reopened stream replays from `resolved`).
+    fn admit(&mut self, key: &[u8], commit_ts: u64) -> bool {
+        if commit_ts <= self.resolved {
+            return false;
+        }
+        let newest = self.seen.entry(key.to_vec()).or_insert(0);
+        if commit_ts <= *newest {
+            return false;
+        }
+        *newest = commit_ts;
+        true
+    }
+
+    /// Moves the piece's resolved ts forward; false if `ts` is not ahead of it. Changes
+    /// delivered above the new ts stay remembered: a stream reopened from it replays them.
+    fn resolve(&mut self, ts: u64) -> bool {
+        if ts <= self.resolved {
+            return false;
+        }
+        self.resolved = ts;
+        self.seen.retain(|_, delivered| *delivered > ts);
+        true
+    }
 }
 
 enum PieceMessage {
@@ -357,6 +397,7 @@ pub struct Subscription {
     held: BTreeMap<u64, Vec<Change>>,
     held_bytes: usize,
     failed: bool,
+    reopened: Arc<AtomicU64>,
 }
 
 impl Subscription {
@@ -375,6 +416,13 @@ impl Subscription {
                 return Some(Err(e));
             }
         }
+    }
+
+    /// How many times a stream of this subscription ended with an error (a leader change, a
+    /// split, a node down, the subscriber too slow to keep up) and was opened again from its
+    /// last checkpoint. Nothing is lost or repeated by it.
+    pub fn streams_reopened(&self) -> u64 {
+        self.reopened.load(Ordering::Relaxed)
     }
 
     /// The cursor of the last checkpoint (or of the start).
@@ -471,7 +519,7 @@ async fn follow_piece(
     let mut backoff_ms = INITIAL_STREAM_BACKOFF_MS;
     let mut lock_resolved_at: Option<Instant> = None;
     loop {
-        let outcome = stream_once(&client, spec, &mut piece, &tx, &mut lock_resolved_at).await;
+        let outcome = stream_once(&client, &spec, &mut piece, &tx, &mut lock_resolved_at).await;
         let error = match outcome {
             StreamEnd::Gone => return,
             StreamEnd::Failed { error, progressed } => {
@@ -488,12 +536,17 @@ async fn follow_piece(
             ClientError::HistoryCompacted { .. }
                 | ClientError::InvalidArgument(_)
                 | ClientError::Corruption(_)
-                | ClientError::Internal(_)
         );
         if fatal || failures >= MAX_STREAM_FAILURES_IN_A_ROW {
             let _ = tx.send(PieceMessage::Failed(error)).await;
             return;
         }
+        spec.reopened.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            sphere = spec.sphere,
+            resolved = piece.resolved,
+            "a change feed stream reopens from its checkpoint: {error}"
+        );
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
             _ = tx.closed() => return,
@@ -514,7 +567,7 @@ enum StreamEnd {
 
 async fn stream_once(
     client: &Client,
-    spec: StreamSpec,
+    spec: &StreamSpec,
     piece: &mut Piece,
     tx: &mpsc::Sender<PieceMessage>,
     lock_resolved_at: &mut Option<Instant>,
@@ -533,16 +586,16 @@ async fn stream_once(
             &routing_key,
             Retry::Always,
             Client::feed_stub,
-            |mut feed, header, _| {
+            |mut feed, header, range| {
                 let request = SubscribeRequest {
                     header: Some(header),
                     ..request.clone()
                 };
-                async move { Ok(feed.subscribe(request).await?.into_inner()) }
+                async move { Ok((feed.subscribe(request).await?.into_inner(), range)) }
             },
         )
         .await;
-    let mut stream = match opened {
+    let (mut stream, range) = match opened {
         Ok(s) => s,
         Err(error) => {
             return StreamEnd::Failed {
@@ -551,19 +604,21 @@ async fn stream_once(
             }
         }
     };
+    let silence_timeout = Duration::from_millis(silence_timeout_ms(spec.resolve_interval_ms));
     let opened_at_resolved = piece.resolved;
     let mut progressed = false;
     let mut first_checkpoint = true;
     loop {
         let message = tokio::select! {
-            m = tokio::time::timeout(Duration::from_millis(STREAM_SILENCE_TIMEOUT_MS), stream.message()) => m,
+            m = tokio::time::timeout(silence_timeout, stream.message()) => m,
             _ = tx.closed() => return StreamEnd::Gone,
         };
         let message: SubscribeResponse = match message {
             Err(_) => {
                 return StreamEnd::Failed {
                     error: ClientError::Unavailable(format!(
-                        "the change feed sent nothing for {STREAM_SILENCE_TIMEOUT_MS} ms"
+                        "the change feed sent nothing for {} ms",
+                        silence_timeout.as_millis()
                     )),
                     progressed,
                 }
@@ -576,21 +631,20 @@ async fn stream_once(
                 }
             }
             Ok(Err(status)) => {
-                return StreamEnd::Failed {
-                    error: ClientError::from_status(&status),
-                    progressed,
-                }
+                // A leader change or a split seen by the server corrects the routing cache,
+                // as a failed call would, so the stream reopens at the right place.
+                let error = ClientError::from_status(&status);
+                client.note_failure(&range, &error);
+                return StreamEnd::Failed { error, progressed };
             }
         };
         let fresh: Vec<Change> = message
             .events
             .into_iter()
             .filter_map(|e| {
-                let newest = piece.seen.entry(e.key.clone()).or_insert(0);
-                if e.commit_ts <= piece.resolved || e.commit_ts <= *newest {
+                if !piece.admit(&e.key, e.commit_ts) {
                     return None;
                 }
-                *newest = e.commit_ts;
                 Some(Change {
                     key: e.key,
                     value: (!e.deleted).then_some(e.value),
@@ -609,6 +663,17 @@ async fn stream_once(
             // The range ends inside the piece: the rest is a piece of its own, which stands
             // where this one stood when the stream opened (this stream never served it).
             let at = message.served_end.clone();
+            let inside = at.as_slice() > piece.start.as_slice()
+                && (piece.end.is_empty() || at.as_slice() < piece.end.as_slice());
+            if !inside {
+                return StreamEnd::Failed {
+                    error: ClientError::Internal(format!(
+                        "the change feed's server said it serves a piece up to a key outside \
+                         it ({at:?}); its ranges are inconsistent"
+                    )),
+                    progressed,
+                };
+            }
             let (rest_seen, own_seen): (HashMap<_, _>, HashMap<_, _>) =
                 std::mem::take(&mut piece.seen)
                     .into_iter()
@@ -629,11 +694,9 @@ async fn stream_once(
             if tx.send(split).await.is_err() {
                 return StreamEnd::Gone;
             }
-            spawn_piece(client.clone(), spec, rest, tx.clone());
+            spawn_piece(client.clone(), spec.clone(), rest, tx.clone());
         }
-        if message.resolved_ts > piece.resolved {
-            piece.resolved = message.resolved_ts;
-            piece.seen.clear();
+        if piece.resolve(message.resolved_ts) {
             progressed = true;
             let resolved = PieceMessage::Resolved {
                 start: piece.start.clone(),
@@ -723,6 +786,7 @@ mod tests {
             held: BTreeMap::new(),
             held_bytes: 0,
             failed: false,
+            reopened: Default::default(),
         }
     }
 
@@ -763,6 +827,29 @@ mod tests {
             "the change at 15 waits for a checkpoint past it"
         );
         assert_eq!(sub.held_bytes, change_bytes(&change("c", 15)));
+    }
+
+    #[test]
+    fn a_piece_remembers_changes_above_its_checkpoint_across_reopens() {
+        let mut piece = Piece {
+            start: Vec::new(),
+            end: Vec::new(),
+            resolved: 10,
+            seen: HashMap::new(),
+        };
+        assert!(piece.admit(b"a", 12));
+        assert!(
+            piece.admit(b"b", 20),
+            "a lock below 20 holds the checkpoint at 15"
+        );
+        assert!(piece.resolve(15));
+        assert!(!piece.resolve(15), "resolved timestamps only move forward");
+        // The stream reopens from 15 and replays what it had sent above it.
+        assert!(!piece.admit(b"a", 12), "at or below the checkpoint");
+        assert!(!piece.admit(b"b", 20), "delivered before the checkpoint");
+        assert!(piece.admit(b"b", 21));
+        assert!(piece.resolve(30));
+        assert!(piece.seen.is_empty(), "nothing above 30 was delivered");
     }
 
     #[test]

@@ -189,6 +189,13 @@ pub struct StartArgs {
     #[arg(long, env = "SPHEREDB_GC_INTERVAL_MS", default_value_t = config::DEFAULT_GC_INTERVAL_MS,
           value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     pub gc_interval_ms: u64,
+    /// A change-feed subscriber that takes no message for this long (ms) is disconnected
+    /// with RESOURCE_EXHAUSTED; it resumes from its cursor. Nothing is buffered for it
+    /// beyond a few pages meanwhile.
+    #[arg(long, env = "SPHEREDB_FEED_SLOW_CONSUMER_TIMEOUT_MS",
+          default_value_t = crate::service::feed::DEFAULT_SLOW_CONSUMER_TIMEOUT_MS,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(100..=3_600_000))]
+    pub feed_slow_consumer_timeout_ms: u64,
 }
 
 /// Parses a duration such as `25h`, `90m`, `30s`, `1d` or `500ms` into milliseconds.
@@ -666,6 +673,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         commit_ts_staleness_ms: args.commit_ts_staleness_ms,
         gc_ttl_ms: args.gc_ttl,
         gc_interval_ms: args.gc_interval_ms,
+        feed_slow_consumer_timeout_ms: args.feed_slow_consumer_timeout_ms,
     };
     let node = Node::start(cfg).await?;
     eprintln!(

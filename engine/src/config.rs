@@ -121,6 +121,8 @@ pub struct NodeConfig {
     pub gc_ttl_ms: u64,
     /// Period of the node's GC pass.
     pub gc_interval_ms: u64,
+    /// A change-feed subscriber that takes no message for this long is disconnected.
+    pub feed_slow_consumer_timeout_ms: u64,
 }
 
 impl NodeConfig {
@@ -152,6 +154,7 @@ impl NodeConfig {
             commit_ts_staleness_ms: DEFAULT_COMMIT_TS_STALENESS_MS,
             gc_ttl_ms: DEFAULT_GC_TTL_MS,
             gc_interval_ms: DEFAULT_GC_INTERVAL_MS,
+            feed_slow_consumer_timeout_ms: crate::service::feed::DEFAULT_SLOW_CONSUMER_TIMEOUT_MS,
         }
     }
 }

@@ -271,3 +271,131 @@ async fn feeds_deliver_every_write_once_across_splits_merges_and_a_leader_kill()
     })
     .await;
 }
+
+/// A subscriber that stops taking changes while writes go on is disconnected by the server
+/// (nothing piles up for it there) and, once it reads again, resumes from its checkpoint
+/// with nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_subscriber_is_disconnected_and_resumes_whole() {
+    const SLOW_CONSUMER_TIMEOUT_MS: &str = "300";
+    /// Long enough for the server's queue, the connection's window and the client's buffer
+    /// to fill, and far longer than the timeout.
+    const PAUSE_MS: u64 = 4_000;
+    const WRITERS: usize = 4;
+    /// Large, so the writes outrun the HTTP/2 windows (megabytes) in a pause.
+    const VALUE_SIZE_BYTES: usize = 64 << 10;
+    const MIN_RESOLVE_INTERVAL_MS: u64 = 10;
+    let mut args = FAST_ELECTIONS.to_vec();
+    args.extend(["--feed-slow-consumer-timeout-ms", SLOW_CONSUMER_TIMEOUT_MS]);
+    let cluster = ProcCluster::start(3, &args).await;
+    let client = cluster.client().await;
+    let mut sub = client
+        .feed(SPHERE)
+        .resolve_interval_ms(MIN_RESOLVE_INTERVAL_MS)
+        .subscribe()
+        .await
+        .unwrap();
+    let before = client.timestamp().await.unwrap();
+    let mut seen = Delivered::default();
+    follow_until(&mut sub, &mut seen, before).await;
+
+    // The subscriber sleeps while writers go on. A leader move (the allocator balances
+    // leaders of a new cluster) may end the stream first; the pause then goes again.
+    const PAUSES: usize = 3;
+    let disconnected = |cluster: &ProcCluster| {
+        (0..cluster.procs.len()).any(|i| {
+            cluster
+                .log(i)
+                .contains("disconnected: resume from the last cursor")
+        })
+    };
+    let mut written = 0;
+    for pause in 0..PAUSES {
+        let stop_at = tokio::time::Instant::now() + Duration::from_millis(PAUSE_MS);
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let mut written = 0usize;
+                    while tokio::time::Instant::now() < stop_at {
+                        let key = format!("slow{pause}-{w}-{written:05}");
+                        client
+                            .put(SPHERE, key.as_bytes(), &vec![b'v'; VALUE_SIZE_BYTES])
+                            .await
+                            .unwrap();
+                        written += 1;
+                    }
+                    written
+                })
+            })
+            .collect();
+        for w in writers {
+            written += w.await.unwrap();
+        }
+        let after = client.timestamp().await.unwrap();
+        follow_until(&mut sub, &mut seen, after).await;
+        assert_eq!(
+            seen.changes.len(),
+            written,
+            "every write delivered once after pause {pause}"
+        );
+        if disconnected(&cluster) {
+            break;
+        }
+    }
+    assert!(
+        disconnected(&cluster),
+        "the slow subscriber was never disconnected ({written} writes of \
+         {VALUE_SIZE_BYTES} bytes in {PAUSES} pauses of {PAUSE_MS} ms)"
+    );
+    assert!(sub.streams_reopened() >= 1);
+}
+
+/// A feed from below the GC horizon answers HISTORY_COMPACTED with the horizon, and one from
+/// the horizon delivers what came after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_feed_from_below_the_gc_horizon_is_refused_with_the_horizon() {
+    let mut args = FAST_ELECTIONS.to_vec();
+    args.extend(["--gc-ttl", "2s", "--gc-interval-ms", "200"]);
+    let cluster = ProcCluster::start(3, &args).await;
+    let client = cluster.client().await;
+    client.put(SPHERE, b"early", b"1").await.unwrap();
+    let before = client.timestamp().await.unwrap();
+    // Time passes; a write moves the newest oracle timestamp past the GC TTL.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    client.put(SPHERE, b"late", b"1").await.unwrap();
+    let horizon = eventually("a feed from below the GC horizon to be refused", || async {
+        let mut feed = client
+            .feed(SPHERE)
+            .since_ts(before)
+            .subscribe()
+            .await
+            .ok()?;
+        match tokio::time::timeout(Duration::from_secs(10), feed.next()).await {
+            Ok(Some(Err(spheredb_client::ClientError::HistoryCompacted { horizon, .. }))) => {
+                Some(horizon)
+            }
+            _ => None,
+        }
+    })
+    .await;
+    assert!(horizon > before, "horizon {horizon} not above {before}");
+    let mut from_horizon = client
+        .feed(SPHERE)
+        .since_ts(horizon)
+        .resolve_interval_ms(RESOLVE_INTERVAL_MS)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut resynced = Delivered {
+        resolved: horizon,
+        ..Delivered::default()
+    };
+    let now = client.timestamp().await.unwrap();
+    follow_until(&mut from_horizon, &mut resynced, now).await;
+    assert_eq!(
+        resynced.latest().get(b"late".as_slice()),
+        Some(&Some(b"1".to_vec())),
+        "the write after the horizon is delivered"
+    );
+}

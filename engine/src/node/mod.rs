@@ -956,6 +956,7 @@ impl Node {
                 kv_service.clone(),
                 db.clone(),
                 timestamps.clone(),
+                cfg.feed_slow_consumer_timeout_ms,
             ))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES);

@@ -27,13 +27,14 @@
 //!
 //! Bounds: pages of [`FEED_PAGE_MAX_EVENTS`] / [`FEED_PAGE_MAX_BYTES`], read one at a time;
 //! [`FEED_STREAM_BUFFER_MESSAGES`] messages queued per stream; a subscriber that takes none
-//! for [`SLOW_CONSUMER_TIMEOUT_MS`] is disconnected (it resumes from its cursor);
+//! for `--feed-slow-consumer-timeout-ms` is disconnected (it resumes from its cursor);
 //! [`MAX_CATCHUP_READS_PER_NODE`] pages read at once per node; [`MAX_FEEDS_PER_NODE`] streams.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use spheredb_client::proto::v1::feed_server::Feed;
 use spheredb_client::proto::v1::{FeedEvent, ReadConsistency, SubscribeRequest, SubscribeResponse};
 use spheredb_client::ClientError;
@@ -42,10 +43,12 @@ use spheredb_storage::mvcc::changes::{scan_changes, ChangePage, ChangeResume, Ch
 use spheredb_storage::mvcc::{self, Timestamp};
 use spheredb_storage::{keys, Db};
 use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use crate::errors::wire_lock;
+use crate::errors::{not_leader_hint, wire_lock};
 use crate::range::timestamps::NodeTimestamps;
+use crate::replica::leader_node;
 use crate::service::kv::{check_history, KvService};
 
 /// How often an idle stream resolves and checkpoints, unless the subscriber asks otherwise.
@@ -61,7 +64,7 @@ pub const FEED_PAGE_MAX_BYTES: usize = 1 << 20;
 /// Messages queued for one subscriber before its stream waits for it.
 pub const FEED_STREAM_BUFFER_MESSAGES: usize = 16;
 /// A subscriber that takes no message for this long is disconnected.
-pub const SLOW_CONSUMER_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_SLOW_CONSUMER_TIMEOUT_MS: u64 = 10_000;
 /// Pages of MVCC history read at once on a node, across all its streams.
 pub const MAX_CATCHUP_READS_PER_NODE: usize = 4;
 /// Streams a node serves at once.
@@ -81,14 +84,21 @@ pub struct FeedService {
     timestamps: Arc<NodeTimestamps>,
     reads: Arc<Semaphore>,
     feeds: Arc<Semaphore>,
+    slow_consumer_timeout_ms: u64,
 }
 
 impl FeedService {
-    pub fn new(kv: Arc<KvService>, db: Db, timestamps: Arc<NodeTimestamps>) -> Self {
+    pub fn new(
+        kv: Arc<KvService>,
+        db: Db,
+        timestamps: Arc<NodeTimestamps>,
+        slow_consumer_timeout_ms: u64,
+    ) -> Self {
         FeedService {
             kv,
             db,
             timestamps,
+            slow_consumer_timeout_ms,
             reads: Arc::new(Semaphore::new(MAX_CATCHUP_READS_PER_NODE)),
             feeds: Arc::new(Semaphore::new(MAX_FEEDS_PER_NODE)),
         }
@@ -111,6 +121,10 @@ struct Stream {
     /// Every change at or below it was sent.
     resolved: Timestamp,
     out: mpsc::Sender<Result<SubscribeResponse, Status>>,
+    /// The error that ended the stream, sent after everything `out` queued.
+    last_error: Arc<OnceLock<Status>>,
+    /// A subscriber that takes no message for this long is disconnected.
+    slow_consumer_timeout: Duration,
 }
 
 /// The subscriber went away or fell too far behind: the stream ends.
@@ -135,17 +149,16 @@ impl Stream {
                 Ok(()) => {}
                 Err(Stop::Gone) => return,
                 Err(Stop::Failed(e)) => {
-                    // The subscriber may have gone too; nothing is left to tell then.
-                    let _ = self.out.try_send(Err(e.to_status()));
+                    self.fail(e);
                     return;
                 }
             }
             tokio::select! {
                 changed = applies.changed() => {
                     if changed.is_err() {
-                        let _ = self.out.try_send(Err(ClientError::Unavailable(
+                        self.fail(ClientError::Unavailable(
                             "the range's replica stopped on this node; re-subscribe".into(),
-                        ).to_status()));
+                        ));
                         return;
                     }
                 }
@@ -155,9 +168,30 @@ impl Stream {
         }
     }
 
+    /// Ends the stream with `error`, delivered after the messages already queued (the queue
+    /// may be full: a slow subscriber).
+    fn fail(&self, error: ClientError) {
+        if let ClientError::ResourceExhausted(why) = &error {
+            tracing::info!(
+                range = self.replica.shared.range_id,
+                "change feed ended: {why}"
+            );
+        }
+        // Set once: the stream ends here.
+        let _ = self.last_error.set(error.to_status());
+    }
+
     /// The part of the request the range holds now, or the error that ends the stream when
     /// the range changed (the subscriber re-subscribes where it stands).
     fn served_end(&self) -> Result<Vec<u8>, ClientError> {
+        // A range being merged away must not resolve: once the merge applies, the left range
+        // commits on these keys from its own timestamps, which a round here may have passed.
+        if let Some(frozen) = self.replica.shared.frozen() {
+            return Err(ClientError::Unavailable(format!(
+                "range {} is being merged into range {}; re-subscribe from the last resolved timestamp",
+                self.replica.shared.range_id, frozen.into
+            )));
+        }
         let span = self.replica.shared.span();
         match &span {
             Some(s) if s.generation == self.generation && s.contains(&self.start) => {
@@ -188,6 +222,7 @@ impl Stream {
         self.replica.touch();
         let fresh = self.timestamps.fresh_ts();
         let resolve_at = with_timeout(fresh, "a fresh timestamp").await?;
+        let term = self.leading_term()?;
         let read = self.kv.read_ts(
             &self.replica,
             &self.start,
@@ -234,7 +269,8 @@ impl Stream {
                 if pages.len() >= FEED_STREAM_BUFFER_MESSAGES {
                     // Sent before reading on, so a round's memory stays bounded; they are all
                     // at or below `resolved`, which the round still sends last.
-                    self.check_unchanged()?;
+                    check_history(&self.replica, self.resolved)?;
+                    self.check_unchanged(term)?;
                     for page in pages.drain(..) {
                         self.send(self.message(page)).await?;
                     }
@@ -244,7 +280,7 @@ impl Stream {
             // must still hold what was read: both checked after the reads.
             check_history(&self.replica, self.resolved)?;
         }
-        self.check_unchanged()?;
+        self.check_unchanged(term)?;
         for page in pages {
             self.send(self.message(page)).await?;
         }
@@ -259,9 +295,25 @@ impl Stream {
         Ok(())
     }
 
-    /// Ends the stream when the range's span changed since the round began.
-    fn check_unchanged(&self) -> Result<(), ClientError> {
-        self.served_end().map(|_| ())
+    /// The term this replica leads the range in, or `NotLeader`.
+    fn leading_term(&self) -> Result<u64, ClientError> {
+        let metrics = self.replica.raft.metrics().borrow_watched().clone();
+        if metrics.state.is_leader() {
+            Ok(metrics.current_term)
+        } else {
+            Err(not_leader_hint(leader_node(&self.replica)))
+        }
+    }
+
+    /// Ends the stream when the range's span changed since the round began, or when the
+    /// replica stopped leading in `term`: only a follower installs snapshots, so a replica
+    /// that led in one term throughout read no half-installed snapshot.
+    fn check_unchanged(&self, term: u64) -> Result<(), ClientError> {
+        self.served_end()?;
+        if self.leading_term()? != term {
+            return Err(not_leader_hint(leader_node(&self.replica)));
+        }
+        Ok(())
     }
 
     async fn read_page(
@@ -327,17 +379,13 @@ impl Stream {
     }
 
     async fn send(&self, message: SubscribeResponse) -> Result<(), Stop> {
-        match tokio::time::timeout(
-            Duration::from_millis(SLOW_CONSUMER_TIMEOUT_MS),
-            self.out.send(Ok(message)),
-        )
-        .await
-        {
+        match tokio::time::timeout(self.slow_consumer_timeout, self.out.send(Ok(message))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Stop::Gone),
             Err(_) => Err(Stop::Failed(ClientError::ResourceExhausted(format!(
-                "the subscriber took no change for {SLOW_CONSUMER_TIMEOUT_MS} ms; disconnected \
-                 (resume from the last cursor)"
+                "the subscriber took no message for {} ms (--feed-slow-consumer-timeout-ms); \
+                 disconnected: resume from the last cursor",
+                self.slow_consumer_timeout.as_millis()
             )))),
         }
     }
@@ -391,6 +439,11 @@ impl Feed for FeedService {
         let req = request.into_inner();
         let opened = async {
             let (sphere, replica) = self.kv.route(&req.header, &req.start)?;
+            // Only the leader serves a feed; a follower says where the leader is before the
+            // stream opens, so the subscriber goes there at once.
+            if !replica.raft.is_leader() {
+                return Err(not_leader_hint(leader_node(&replica)));
+            }
             let generation = req
                 .header
                 .as_ref()
@@ -426,6 +479,7 @@ impl Feed for FeedService {
         let (sphere, replica, generation, resolve_interval_ms, permit) =
             opened.map_err(|e| e.to_status())?;
         let (out, stream) = mpsc::channel(FEED_STREAM_BUFFER_MESSAGES);
+        let last_error = Arc::new(OnceLock::new());
         let request_end = if req.end.is_empty() {
             keys::kv_sphere_span(sphere).1
         } else {
@@ -444,13 +498,19 @@ impl Feed for FeedService {
             resolve_interval: Duration::from_millis(resolve_interval_ms),
             resolved: req.since,
             out,
+            last_error: last_error.clone(),
+            slow_consumer_timeout: Duration::from_millis(self.slow_consumer_timeout_ms),
         };
         tokio::spawn(async move {
             feed.run().await;
             drop(permit);
         });
+        // The error that ended the stream comes after every queued message: the sender is
+        // dropped after it is set, so it is there once the queue ends.
+        let last = std::iter::once_with(move || last_error.get().cloned());
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(stream),
+            tokio_stream::wrappers::ReceiverStream::new(stream)
+                .chain(tokio_stream::iter(last).filter_map(|e| e.map(Err))),
         )))
     }
 }
