@@ -135,11 +135,12 @@ fn ci_specs() -> Vec<Spec> {
             8,
         ),
         // Change feeds followed (and resumed from their cursors) while the ranges they
-        // follow split, merge and move, leaders die and links are cut.
+        // follow split, merge and move, leaders die, stall and are cut off, and clocks run
+        // at their own rates.
         short(
-            "churn",
+            "churn-clock-rate",
             WorkloadKind::Changefeed,
-            "churn,kill,partition",
+            "churn,kill,pause,partition,clock-rate",
             3,
             9,
         ),
@@ -170,6 +171,14 @@ fn long_specs() -> Vec<Spec> {
         long("all", WorkloadKind::Bank, "all", 6, false, false),
         long("all", WorkloadKind::ListAppend, "all", 7, false, false),
         long("all", WorkloadKind::Changefeed, "all", 8, false, false),
+        long(
+            "clock-rate",
+            WorkloadKind::Changefeed,
+            "clock-rate,kill,pause,partition,churn",
+            9,
+            false,
+            false,
+        ),
         long(
             "lease",
             WorkloadKind::Register,
@@ -311,6 +320,8 @@ mod tests {
         assert!(has(WorkloadKind::Bank, Fault::ClockRate, 3));
         assert!(has(WorkloadKind::ListAppend, Fault::Churn, 5));
         assert!(has(WorkloadKind::Changefeed, Fault::Churn, 3));
+        assert!(has(WorkloadKind::Changefeed, Fault::PauseRandom, 3));
+        assert!(has(WorkloadKind::Changefeed, Fault::ClockRate, 3));
         for r in &runs {
             assert!(r.options.validate().is_ok(), "{}", r.name);
         }
