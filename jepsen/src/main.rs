@@ -86,9 +86,10 @@ enum Command {
     ///
     /// `ci`: short runs on several seeds (register under kill, partition and slow-apply,
     /// set under kill and partition, scan under churn, kill and partition, once with
-    /// clock-rate, on 3 and 5 nodes, bank, list-append, changefeed under churn, kill and
-    /// partition, lease reads under clock-rate, kill-majority, partition and slow-apply on
-    /// 3 and 5 nodes), about 8 minutes. `long`: every nemesis on 5 nodes, about 20 minutes. Exit
+    /// clock-rate, on 3 and 5 nodes, bank, list-append, changefeed under churn, kill, pause,
+    /// partition and clock-rate, lease reads under clock-rate, kill-majority, partition and
+    /// slow-apply on 3 and 5 nodes), about 8 minutes. `long`: every nemesis on 5 nodes,
+    /// about 25 minutes. Exit
     /// status as for `test`, worst run first. Needs a spheredb built with failpoints
     /// (`cargo build --workspace` does) for slow-apply.
     Suite(SuiteArgs),
