@@ -482,7 +482,7 @@ impl Subscription {
             return;
         }
         self.resolved = lowest;
-        let later = self.held.split_off(&(lowest + 1));
+        let later = self.held.split_off(&lowest.saturating_add(1));
         for (commit_ts, mut changes) in std::mem::replace(&mut self.held, later) {
             self.held_bytes -= changes.iter().map(change_bytes).sum::<usize>();
             changes.sort_by(|a, b| a.key.cmp(&b.key));

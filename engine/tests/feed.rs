@@ -443,3 +443,66 @@ async fn a_feed_from_below_the_gc_horizon_is_refused_with_the_horizon() {
         "the write after the horizon is delivered"
     );
 }
+
+/// A followed range that goes idle quiesces: its feed confirms leadership through the
+/// node's batched checks, which wake no replica. Its checkpoints keep advancing while every
+/// replica sleeps, and a write wakes it and is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
+    const QUIESCE_AFTER_MS: &str = "500";
+    /// Checkpoints followed while the range sleeps.
+    const QUIET_CHECKPOINTS: usize = 20;
+    let mut args = FAST_ELECTIONS.to_vec();
+    args.extend(["--quiesce-after-ms", QUIESCE_AFTER_MS]);
+    let cluster = ProcCluster::start(3, &args).await;
+    let client = cluster.client().await;
+    client.put(SPHERE, b"before", b"1").await.unwrap();
+    let mut sub = client
+        .feed(SPHERE)
+        .resolve_interval_ms(RESOLVE_INTERVAL_MS)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut seen = Delivered::default();
+    let ts = client.timestamp().await.unwrap();
+    follow_until(&mut sub, &mut seen, ts).await;
+    let range = user_range_of(&client.range_list().await.unwrap(), b"before");
+    let quiesced_everywhere = || async {
+        let mut quiesced = 0;
+        for addr in cluster.addrs() {
+            let status = common::status(&addr, false).await?;
+            quiesced += status
+                .ranges
+                .iter()
+                .filter(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == range))
+                .filter(|r| r.quiesced)
+                .count();
+        }
+        Some(quiesced == cluster.procs.len())
+    };
+    // The subscription's rounds go on meanwhile (every 50 ms); they must not keep it awake.
+    eventually("the followed range to quiesce on every replica", || async {
+        quiesced_everywhere().await?.then_some(())
+    })
+    .await;
+    let after_quiesce = client.timestamp().await.unwrap();
+    let mut checkpoints = 0;
+    while checkpoints < QUIET_CHECKPOINTS || seen.resolved <= after_quiesce {
+        let before = seen.resolved;
+        follow_until(&mut sub, &mut seen, before + 1).await;
+        checkpoints += 1;
+    }
+    assert_eq!(
+        quiesced_everywhere().await,
+        Some(true),
+        "{QUIET_CHECKPOINTS} checkpoints woke the range"
+    );
+    client.put(SPHERE, b"after", b"2").await.unwrap();
+    let ts = client.timestamp().await.unwrap();
+    follow_until(&mut sub, &mut seen, ts).await;
+    assert_eq!(
+        seen.latest().get(b"after".as_slice()),
+        Some(&Some(b"2".to_vec())),
+        "the write that woke the range is delivered"
+    );
+}

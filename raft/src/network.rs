@@ -37,6 +37,26 @@ use crate::types::{
     Vote,
 };
 
+/// Most claims one `CheckLeader` message carries; a node checking more sends several.
+pub const MAX_LEADER_CLAIMS_PER_CHECK: usize = 10_000;
+
+/// A leader's claim, in a batched leadership check, that replica `replica_id` of range
+/// `range_id` on the asked node still holds `vote`, the leader's committed vote.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaderClaim {
+    pub range_id: RangeId,
+    pub replica_id: ReplicaId,
+    pub vote: Vote,
+}
+
+/// Whether replica `here`, holding `vote` in its Raft core, confirms `claim`: it is the
+/// replica the leader addressed and its vote is exactly the leader's committed one. Votes only
+/// grow, so the replica has granted no newer candidate anything: no leader of a later term
+/// can have counted on it before the answer.
+pub fn confirms_claim(claim: &LeaderClaim, here: ReplicaId, vote: &Vote) -> bool {
+    here == claim.replica_id && claim.vote.is_committed() && *vote == claim.vote
+}
+
 /// Largest Raft message sent or accepted, in bytes. Bounds one AppendEntries batch.
 pub const MAX_RAFT_MESSAGE_SIZE_BYTES: usize = 256 << 20;
 /// Size of each snapshot chunk on the wire.
@@ -138,6 +158,29 @@ impl PeerChannels {
             channels: Arc::new(Mutex::new(HashMap::new())),
             faults,
         }
+    }
+
+    /// Sends `claims` (at most [`MAX_LEADER_CLAIMS_PER_CHECK`]) to node `node_id` at `addr`;
+    /// answers the ranges whose replica there confirmed its claim (see [`confirms_claim`]).
+    pub async fn check_leader(
+        &self,
+        node_id: NodeId,
+        addr: &str,
+        claims: &[LeaderClaim],
+        timeout: Duration,
+    ) -> Result<Vec<RangeId>, String> {
+        if self.faults.is_blocked(node_id) {
+            return Err(format!("link to node {node_id} is cut"));
+        }
+        let msg = encode(0, self.node_id, 0, &claims)?;
+        let mut client = self.client(addr)?;
+        let mut request = Request::new(msg);
+        request.set_timeout(timeout);
+        let answer = client
+            .check_leader(request)
+            .await
+            .map_err(|s| s.message().to_string())?;
+        decode(&answer.into_inner())
     }
 
     fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
@@ -747,6 +790,43 @@ impl RaftTransport for RaftService {
         }
         replica.quiesce();
         reply(msg.range_id, &())
+    }
+
+    async fn check_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        if self.faults.is_blocked(msg.from_node) {
+            return Err(Status::unavailable("link cut by fault injection"));
+        }
+        let claims: Vec<LeaderClaim> = decode(&msg).map_err(Status::invalid_argument)?;
+        if claims.len() > MAX_LEADER_CLAIMS_PER_CHECK {
+            return Err(Status::invalid_argument(format!(
+                "{} leader claims in one check; at most {MAX_LEADER_CLAIMS_PER_CHECK}",
+                claims.len()
+            )));
+        }
+        // The vote is read from each replica's Raft core, in order with the votes it grants:
+        // its metrics are published after the fact and may still show the leader's vote
+        // when a newer one was granted. Nothing here touches the replicas: a quiesced range
+        // stays quiesced.
+        let checks = claims.iter().map(|claim| async move {
+            let replica = self.replicas.get(claim.range_id)?;
+            let here = replica.raft.metrics().borrow_watched().id;
+            let vote = replica
+                .raft
+                .with_raft_state(|s| s.vote_ref().clone())
+                .await
+                .ok()?;
+            confirms_claim(claim, here, &vote).then_some(claim.range_id)
+        });
+        let confirmed: Vec<RangeId> = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        reply(0, &confirmed)
     }
 
     async fn snapshot(

@@ -83,6 +83,8 @@ struct AppliedView {
     frozen: Option<MergeFreeze>,
     recent_merges: Vec<AppliedMerge>,
     gc_horizon: Timestamp,
+    /// Index of the last log entry applied (or covered by the installed snapshot).
+    applied_index: Option<u64>,
 }
 
 /// What a range's state machine shares with the rest of the node.
@@ -162,6 +164,11 @@ impl ReplicaShared {
 
     fn view(&self) -> std::sync::RwLockReadGuard<'_, AppliedView> {
         self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Index of the last log entry applied, or covered by the installed snapshot.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.view().applied_index
     }
 
     /// The span as last applied; `None` until the replica received its first snapshot.
@@ -301,6 +308,7 @@ impl AppliedState {
             frozen: self.frozen,
             recent_merges: self.recent_merges.clone(),
             gc_horizon: self.times.gc_horizon,
+            applied_index: self.last_applied.as_ref().map(|l| l.index),
         }
     }
 }

@@ -60,6 +60,7 @@ use crate::meta::allocator::Allocator;
 use crate::meta::tso::Tso;
 use crate::meta::MetaState;
 use crate::peers::{local_ip_of, Peers};
+use crate::range::leadership::LeaderChecks;
 use crate::range::merge::{AutoMerge, Merges, TonicMergeTransport};
 use crate::range::split::{LoadSplitPolicy, SplitCheck};
 use crate::range::timestamps::NodeTimestamps;
@@ -956,6 +957,7 @@ impl Node {
                 kv_service.clone(),
                 db.clone(),
                 timestamps.clone(),
+                Arc::new(LeaderChecks::start(raft_peers.clone())),
                 cfg.feed_slow_consumer_timeout_ms,
             ))
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE_SIZE_BYTES)

@@ -6,6 +6,7 @@
 
 pub mod commit_ts;
 pub mod gc;
+pub mod leadership;
 pub mod merge;
 pub mod quiesce;
 pub mod split;

@@ -12,9 +12,10 @@
 //! - the range's leader first reads at `T` (`range::timestamps`): every single-range write it
 //!   proposes from then on commits above `T`, and the writes in flight at or below `T` apply
 //!   before the round goes on;
-//! - a ReadIndex barrier then confirms the leadership with a quorum and waits for the replica
-//!   to apply everything committed: a deposed leader cannot resolve, and a later leader seeds
-//!   its commit timestamps from an oracle timestamp fetched after it took over, above `T`;
+//! - the node's batched leadership check ([`crate::range::leadership`]), or else a ReadIndex
+//!   barrier, then confirms the leadership with a quorum and that the replica applied
+//!   everything committed: a deposed leader cannot resolve, and a later leader seeds its
+//!   commit timestamps from an oracle timestamp fetched after it took over, above `T`;
 //! - a transaction's commit at or below `T` has its locks on the range until it applies, and
 //!   commits above its start ts: the oldest lock bounds the resolved ts. A prewrite not yet
 //!   applied is no risk: its transaction takes its commit ts from the oracle after every
@@ -47,6 +48,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::errors::{not_leader_hint, wire_lock};
+use crate::range::leadership::LeaderChecks;
 use crate::range::timestamps::NodeTimestamps;
 use crate::replica::leader_node;
 use crate::service::kv::{check_history, KvService};
@@ -82,6 +84,7 @@ pub struct FeedService {
     kv: Arc<KvService>,
     db: Db,
     timestamps: Arc<NodeTimestamps>,
+    checks: Arc<LeaderChecks>,
     reads: Arc<Semaphore>,
     feeds: Arc<Semaphore>,
     slow_consumer_timeout_ms: u64,
@@ -92,12 +95,14 @@ impl FeedService {
         kv: Arc<KvService>,
         db: Db,
         timestamps: Arc<NodeTimestamps>,
+        checks: Arc<LeaderChecks>,
         slow_consumer_timeout_ms: u64,
     ) -> Self {
         FeedService {
             kv,
             db,
             timestamps,
+            checks,
             slow_consumer_timeout_ms,
             reads: Arc::new(Semaphore::new(MAX_CATCHUP_READS_PER_NODE)),
             feeds: Arc::new(Semaphore::new(MAX_FEEDS_PER_NODE)),
@@ -110,6 +115,7 @@ struct Stream {
     kv: Arc<KvService>,
     db: Db,
     timestamps: Arc<NodeTimestamps>,
+    checks: Arc<LeaderChecks>,
     reads: Arc<Semaphore>,
     replica: Arc<Replica>,
     generation: u64,
@@ -217,12 +223,9 @@ impl Stream {
 
     async fn round(&mut self) -> Result<(), Stop> {
         let end = self.served_end()?;
-        // A followed range stays awake: its rounds confirm leadership with a quorum round
-        // (see docs/architecture.md, "Change feeds", for the batched check left to do).
-        self.replica.touch();
+        let term = self.leading_term()?;
         let fresh = self.timestamps.fresh_ts();
         let resolve_at = with_timeout(fresh, "a fresh timestamp").await?;
-        let term = self.leading_term()?;
         let read = self.kv.read_ts(
             &self.replica,
             &self.start,
@@ -231,10 +234,15 @@ impl Stream {
             ReadConsistency::Linearizable as i32,
         );
         with_timeout(read, "the read timestamp").await?;
-        let barrier = self
-            .kv
-            .read_barrier(&self.replica, ReadConsistency::Linearizable as i32);
-        with_timeout(barrier, "the leadership check").await?;
+        // The node's batched check confirms the leadership without waking the range; when it
+        // cannot (entries in flight, a peer down), a ReadIndex does, on an awake range.
+        if !self.checks.confirm(&self.replica, term).await {
+            self.replica.touch();
+            let barrier = self
+                .kv
+                .read_barrier(&self.replica, ReadConsistency::Linearizable as i32);
+            with_timeout(barrier, "the leadership check").await?;
+        }
         // Everything committed at or below `resolve_at` has applied here now, except the
         // transactions whose locks are still on the span.
         let oldest =
@@ -272,7 +280,7 @@ impl Stream {
                     check_history(&self.replica, self.resolved)?;
                     self.check_unchanged(term)?;
                     for page in pages.drain(..) {
-                        self.send(self.message(page)).await?;
+                        self.send(self.message(page)?).await?;
                     }
                 }
             }
@@ -282,7 +290,7 @@ impl Stream {
         }
         self.check_unchanged(term)?;
         for page in pages {
-            self.send(self.message(page)).await?;
+            self.send(self.message(page)?).await?;
         }
         let mut checkpoint = SubscribeResponse {
             resolved_ts: resolved,
@@ -348,13 +356,20 @@ impl Stream {
         Ok(read.map_err(|e| self.kv.read_failed(&self.replica, e))?)
     }
 
-    fn message(&self, page: ChangePage) -> SubscribeResponse {
+    /// The message of `page`; a key that is not a sphere's key is corruption (a change would
+    /// otherwise vanish without a trace).
+    fn message(&self, page: ChangePage) -> Result<SubscribeResponse, ClientError> {
         let events = page
             .changes
             .into_iter()
-            .filter_map(|c| {
-                let (_, user) = keys::decode_kv_key(&c.key)?;
-                Some(FeedEvent {
+            .map(|c| {
+                let Some((_, user)) = keys::decode_kv_key(&c.key) else {
+                    return Err(ClientError::Corruption(format!(
+                        "range {}: a change of key {:02x?} in a sphere's span is not a sphere key",
+                        self.replica.shared.range_id, c.key
+                    )));
+                };
+                Ok(FeedEvent {
                     key: user.to_vec(),
                     deleted: c.value.is_none(),
                     value: c.value.unwrap_or_default(),
@@ -363,11 +378,11 @@ impl Stream {
                     prev_value: c.prev_value.unwrap_or_default(),
                 })
             })
-            .collect();
-        SubscribeResponse {
+            .collect::<Result<_, _>>()?;
+        Ok(SubscribeResponse {
             events,
             ..SubscribeResponse::default()
-        }
+        })
     }
 
     fn set_served(&self, message: &mut SubscribeResponse, end: &[u8]) {
@@ -489,6 +504,7 @@ impl Feed for FeedService {
             kv: self.kv.clone(),
             db: self.db.clone(),
             timestamps: self.timestamps.clone(),
+            checks: self.checks.clone(),
             reads: self.reads.clone(),
             replica,
             generation,
@@ -501,13 +517,14 @@ impl Feed for FeedService {
             last_error: last_error.clone(),
             slow_consumer_timeout: Duration::from_millis(self.slow_consumer_timeout_ms),
         };
-        tokio::spawn(async move {
-            feed.run().await;
-            drop(permit);
-        });
+        tokio::spawn(feed.run());
         // The error that ended the stream comes after every queued message: the sender is
-        // dropped after it is set, so it is there once the queue ends.
-        let last = std::iter::once_with(move || last_error.get().cloned());
+        // dropped after it is set, so it is there once the queue ends. The stream counts
+        // against the node's bound until the response is dropped, queued messages included.
+        let last = std::iter::once_with(move || {
+            drop(permit);
+            last_error.get().cloned()
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(stream)
                 .chain(tokio_stream::iter(last).filter_map(|e| e.map(Err))),

@@ -32,11 +32,15 @@ pub struct Change {
 impl Change {
     /// Bytes this change holds, for accounting against memory bounds.
     pub fn size_bytes(&self) -> usize {
-        self.key.len()
-            + self.value.as_ref().map_or(0, Vec::len)
-            + self.prev_value.as_ref().map_or(0, Vec::len)
-            + std::mem::size_of::<Timestamp>()
+        change_size_bytes(&self.key, &self.value, &self.prev_value)
     }
+}
+
+fn change_size_bytes(key: &[u8], value: &Option<Vec<u8>>, prev_value: &Option<Vec<u8>>) -> usize {
+    key.len()
+        + value.as_ref().map_or(0, Vec::len)
+        + prev_value.as_ref().map_or(0, Vec::len)
+        + std::mem::size_of::<Timestamp>()
 }
 
 /// Where a catch-up scan goes on: the changes of `key` after `after_ts`, then the keys that
@@ -65,8 +69,9 @@ pub struct ChangeScan<'a> {
     pub until: Timestamp,
     /// Whether each change carries the value before it.
     pub with_prev_value: bool,
-    /// Bounds of one page: changes, and bytes of keys and values (the change that crosses
-    /// `max_bytes` is included, so every page makes progress).
+    /// Bounds of one page: changes, and bytes of keys and values (a change that would cross
+    /// `max_bytes` starts the next page, alone if it is larger, so every page makes progress
+    /// and none holds more than `max_bytes` or one change).
     pub max_changes: usize,
     pub max_bytes: usize,
 }
@@ -142,6 +147,21 @@ impl PageBuilder<'_, '_> {
                 || self.size_bytes >= self.scan.max_bytes)
     }
 
+    /// Where the next page starts: at `key`, after the newest of its changes this page holds
+    /// (or after `after_ts` when it holds none of them).
+    fn resume_at(&self, key: &[u8], after_ts: Timestamp) -> ChangeResume {
+        ChangeResume {
+            key: key.to_vec(),
+            after_ts: self.changes.last().map_or(after_ts, |c| {
+                if c.key == key {
+                    c.commit_ts
+                } else {
+                    after_ts
+                }
+            }),
+        }
+    }
+
     fn done(self, resume: Option<ChangeResume>) -> ChangePage {
         ChangePage {
             changes: self.changes,
@@ -185,18 +205,17 @@ impl PageBuilder<'_, '_> {
             let record = WriteRecord::decode(iter.value().unwrap_or_default())?;
             if record.kind.is_version() {
                 if self.full() {
-                    return Ok(Some(ChangeResume {
-                        key: key.to_vec(),
-                        after_ts: self.changes.last().map_or(after_ts, |c| {
-                            if c.key == key {
-                                c.commit_ts
-                            } else {
-                                after_ts
-                            }
-                        }),
-                    }));
+                    return Ok(Some(self.resume_at(key, after_ts)));
                 }
                 let value = value_of(db, snapshot, key, &record)?;
+                // A change that would take a page past its byte bound starts the next one
+                // (alone if need be), so a page stays within one message.
+                if !self.changes.is_empty()
+                    && self.size_bytes + change_size_bytes(key, &value, &prev_value)
+                        > self.scan.max_bytes
+                {
+                    return Ok(Some(self.resume_at(key, after_ts)));
+                }
                 let change = Change {
                     key: key.to_vec(),
                     commit_ts,
@@ -297,6 +316,46 @@ mod tests {
         assert_eq!(all.changes[3].prev_value, None, "after a delete");
         let none = scan_changes(&db, &snap, &scan(30, Timestamp::MAX, 100), None).unwrap();
         assert!(none.changes.is_empty() && none.resume.is_none());
+    }
+
+    #[test]
+    fn a_change_that_would_cross_the_byte_bound_starts_the_next_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let big = vec![b'x'; 600];
+        write(&db, b"a", 1, Some(&big));
+        write(&db, b"a", 2, Some(&big));
+        write(&db, b"b", 1, Some(b"small"));
+        let snap = db.raw().snapshot();
+        let bounded = ChangeScan {
+            max_bytes: 1_000,
+            ..scan(0, Timestamp::MAX, 100)
+        };
+        let mut pages = Vec::new();
+        let mut resume = None;
+        loop {
+            let page = scan_changes(&db, &snap, &bounded, resume.as_ref()).unwrap();
+            pages.push(
+                page.changes
+                    .iter()
+                    .map(|c| (c.key.clone(), c.commit_ts))
+                    .collect::<Vec<_>>(),
+            );
+            resume = page.resume;
+            if resume.is_none() {
+                break;
+            }
+        }
+        // a@1 alone (600 bytes); a@2 carries a@1 as its previous value (1,200 bytes), alone
+        // although larger than the bound; then b.
+        assert_eq!(
+            pages,
+            vec![
+                vec![(b"a".to_vec(), 1)],
+                vec![(b"a".to_vec(), 2)],
+                vec![(b"b".to_vec(), 1)],
+            ]
+        );
     }
 
     #[test]
