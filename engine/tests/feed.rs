@@ -487,16 +487,18 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
     .await;
     let after_quiesce = client.timestamp().await.unwrap();
     let mut checkpoints = 0;
+    // Sampled after every checkpoint: a woken range stays awake for at least the quiesce
+    // delay (500 ms, ten resolve intervals), so a round that woke it would show.
     while checkpoints < QUIET_CHECKPOINTS || seen.resolved <= after_quiesce {
         let before = seen.resolved;
         follow_until(&mut sub, &mut seen, before + 1).await;
         checkpoints += 1;
+        assert_eq!(
+            quiesced_everywhere().await,
+            Some(true),
+            "checkpoint {checkpoints} of the quiesced range woke it"
+        );
     }
-    assert_eq!(
-        quiesced_everywhere().await,
-        Some(true),
-        "{QUIET_CHECKPOINTS} checkpoints woke the range"
-    );
     client.put(SPHERE, b"after", b"2").await.unwrap();
     let ts = client.timestamp().await.unwrap();
     follow_until(&mut sub, &mut seen, ts).await;

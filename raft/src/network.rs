@@ -39,6 +39,8 @@ use crate::types::{
 
 /// Most claims one `CheckLeader` message carries; a node checking more sends several.
 pub const MAX_LEADER_CLAIMS_PER_CHECK: usize = 10_000;
+/// Longest a peer waits for one replica's vote while answering a `CheckLeader`.
+pub const CLAIM_READ_TIMEOUT_MS: u64 = 200;
 
 /// A leader's claim, in a batched leadership check, that replica `replica_id` of range
 /// `range_id` on the asked node still holds `vote`, the leader's committed vote.
@@ -161,14 +163,14 @@ impl PeerChannels {
     }
 
     /// Sends `claims` (at most [`MAX_LEADER_CLAIMS_PER_CHECK`]) to node `node_id` at `addr`;
-    /// answers the ranges whose replica there confirmed its claim (see [`confirms_claim`]).
+    /// answers the indexes of the claims its replicas confirmed (see [`confirms_claim`]).
     pub async fn check_leader(
         &self,
         node_id: NodeId,
         addr: &str,
         claims: &[LeaderClaim],
         timeout: Duration,
-    ) -> Result<Vec<RangeId>, String> {
+    ) -> Result<Vec<usize>, String> {
         if self.faults.is_blocked(node_id) {
             return Err(format!("link to node {node_id} is cut"));
         }
@@ -811,17 +813,16 @@ impl RaftTransport for RaftService {
         // its metrics are published after the fact and may still show the leader's vote
         // when a newer one was granted. Nothing here touches the replicas: a quiesced range
         // stays quiesced.
-        let checks = claims.iter().map(|claim| async move {
+        // A busy core does not hold up the answer: its claim goes unconfirmed.
+        let read_timeout = Duration::from_millis(CLAIM_READ_TIMEOUT_MS);
+        let checks = claims.iter().enumerate().map(|(index, claim)| async move {
             let replica = self.replicas.get(claim.range_id)?;
             let here = replica.raft.metrics().borrow_watched().id;
-            let vote = replica
-                .raft
-                .with_raft_state(|s| s.vote_ref().clone())
-                .await
-                .ok()?;
-            confirms_claim(claim, here, &vote).then_some(claim.range_id)
+            let vote = replica.raft.with_raft_state(|s| s.vote_ref().clone());
+            let vote = tokio::time::timeout(read_timeout, vote).await.ok()?.ok()?;
+            confirms_claim(claim, here, &vote).then_some(index)
         });
-        let confirmed: Vec<RangeId> = futures::future::join_all(checks)
+        let confirmed: Vec<usize> = futures::future::join_all(checks)
             .await
             .into_iter()
             .flatten()

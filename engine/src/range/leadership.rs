@@ -34,6 +34,8 @@ pub const MAX_PENDING_LEADER_CHECKS: usize = 10_000;
 pub const MAX_LEADER_CHECK_BATCHES_IN_FLIGHT: usize = 4;
 /// Time allowed for a peer node to answer one batch.
 pub const CHECK_LEADER_TIMEOUT_MS: u64 = 1_000;
+/// Longest a round waits for its check, queue and leader's own state included.
+pub const CONFIRM_TIMEOUT_MS: u64 = 2_000;
 
 /// What a leader's Raft core holds, read in one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,40 +101,54 @@ impl LeaderChecks {
     }
 
     /// Whether `replica` leads its range in `term` with everything committed applied, as
-    /// confirmed by a quorum of its voters after this call began. `false` proves nothing
-    /// either way: the caller confirms with a ReadIndex instead.
+    /// confirmed by a quorum of its voters after this call began, within
+    /// [`CONFIRM_TIMEOUT_MS`]. `false` proves nothing either way: the caller confirms with a
+    /// ReadIndex instead.
     pub async fn confirm(&self, replica: &Replica, term: u64) -> bool {
-        let metrics = replica.raft.metrics().borrow_watched().clone();
-        let membership = metrics.membership_config.membership();
-        if membership.get_joint_config().len() != 1 {
-            return false;
-        }
-        let state = replica
+        let timeout = Duration::from_millis(CONFIRM_TIMEOUT_MS);
+        tokio::time::timeout(timeout, self.try_confirm(replica, term))
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn try_confirm(&self, replica: &Replica, term: u64) -> bool {
+        // A Raft instance's own replica id never changes.
+        let me = replica.raft.metrics().borrow_watched().id;
+        // Vote, log and membership from the core in one step (metrics lag it).
+        let read = replica
             .raft
-            .with_raft_state(|s| LeaderState {
-                vote: s.vote_ref().clone(),
-                last_log_index: s.log_ids.last().map(|l| l.index),
-                committed_index: s.local_committed().map(|l| l.index),
+            .with_raft_state(|s| {
+                let membership = s.membership_state.effective().membership();
+                let voters: BTreeSet<ReplicaId> = membership.voter_ids().collect();
+                let nodes: Vec<(ReplicaId, ReplicaNode)> = voters
+                    .iter()
+                    .filter_map(|id| membership.get_node(id).map(|n| (*id, n.clone())))
+                    .collect();
+                let state = LeaderState {
+                    vote: s.vote_ref().clone(),
+                    last_log_index: s.log_ids.last().map(|l| l.index),
+                    committed_index: s.local_committed().map(|l| l.index),
+                };
+                let uniform = membership.get_joint_config().len() == 1;
+                (state, uniform, voters, nodes)
             })
             .await;
-        let Ok(state) = state else {
+        let Ok((state, uniform, voters, nodes)) = read else {
             return false;
         };
-        if !leader_ready(&state, metrics.id, term, replica.shared.applied_index()) {
+        if !uniform || !leader_ready(&state, me, term, replica.shared.applied_index()) {
             return false;
         }
-        let voters: BTreeSet<ReplicaId> = membership.voter_ids().collect();
-        let peers: Vec<(ReplicaId, ReplicaNode)> = voters
-            .iter()
-            .filter(|id| **id != metrics.id)
-            .filter_map(|id| membership.get_node(id).map(|n| (*id, n.clone())))
-            .collect();
+        if quorum_confirms(&voters, me, &BTreeSet::new()) {
+            // The only voter: nobody else can lead.
+            return true;
+        }
         let (done, answer) = oneshot::channel();
         let pending = Pending {
             range_id: replica.shared.range_id,
-            leader: metrics.id,
+            leader: me,
             voters,
-            peers,
+            peers: nodes.into_iter().filter(|(id, _)| *id != me).collect(),
             vote: state.vote,
             done,
         };
@@ -166,67 +182,74 @@ async fn batch_loop(peers: PeerChannels, mut queue: mpsc::Receiver<Pending>) {
 }
 
 /// Sends one message per peer node for `batch` and answers each round as soon as its quorum
-/// is in (a slow or unreachable peer delays only the rounds that need it).
+/// is in (a slow or unreachable peer delays only the rounds that need it); the batch ends
+/// once every round is answered.
 async fn check_batch(peers: &PeerChannels, batch: Vec<Pending>) {
-    let mut by_node: HashMap<NodeId, (String, Vec<LeaderClaim>)> = HashMap::new();
-    for p in &batch {
+    // Per node: its address, the claims, and the round each claim is for.
+    let mut by_node: HashMap<NodeId, (String, Vec<LeaderClaim>, Vec<usize>)> = HashMap::new();
+    for (round, p) in batch.iter().enumerate() {
         for (replica_id, node) in &p.peers {
-            by_node
+            let (_, claims, rounds) = by_node
                 .entry(node.node_id)
-                .or_insert_with(|| (node.addr.clone(), Vec::new()))
-                .1
-                .push(LeaderClaim {
-                    range_id: p.range_id,
-                    replica_id: *replica_id,
-                    vote: p.vote.clone(),
-                });
+                .or_insert_with(|| (node.addr.clone(), Vec::new(), Vec::new()));
+            claims.push(LeaderClaim {
+                range_id: p.range_id,
+                replica_id: *replica_id,
+                vote: p.vote.clone(),
+            });
+            rounds.push(round);
         }
     }
     let timeout = Duration::from_millis(CHECK_LEADER_TIMEOUT_MS);
     let mut answers = JoinSet::new();
-    for (node_id, (addr, claims)) in by_node {
+    for (node_id, (addr, claims, rounds)) in by_node {
         let peers = peers.clone();
         answers.spawn(async move {
             let answer = peers.check_leader(node_id, &addr, &claims, timeout).await;
-            (node_id, answer)
+            (node_id, claims, rounds, answer)
         });
     }
-    let mut waiting: Vec<(Pending, BTreeSet<ReplicaId>)> =
-        batch.into_iter().map(|p| (p, BTreeSet::new())).collect();
-    while let Some(joined) = answers.join_next().await {
-        let (node_id, answer) = match joined {
+    let mut waiting: Vec<Option<(Pending, BTreeSet<ReplicaId>)>> = batch
+        .into_iter()
+        .map(|p| Some((p, BTreeSet::new())))
+        .collect();
+    let mut unanswered = waiting.len();
+    while unanswered > 0 {
+        let Some(joined) = answers.join_next().await else {
+            break;
+        };
+        let (node_id, claims, rounds, answer) = match joined {
             Ok(answered) => answered,
             Err(e) => {
                 tracing::warn!("a leadership check task failed: {e}");
                 continue;
             }
         };
-        let confirmed: BTreeSet<RangeId> = match answer {
-            Ok(ranges) => ranges.into_iter().collect(),
+        let confirmed = match answer {
+            Ok(confirmed) => confirmed,
             Err(e) => {
                 tracing::debug!(node_id, "leadership check unanswered: {e}");
                 continue;
             }
         };
-        let mut still = Vec::with_capacity(waiting.len());
-        for (p, mut acks) in waiting {
-            if confirmed.contains(&p.range_id) {
-                acks.extend(
-                    p.peers
-                        .iter()
-                        .filter(|(_, node)| node.node_id == node_id)
-                        .map(|(id, _)| *id),
-                );
-            }
-            if quorum_confirms(&p.voters, p.leader, &acks) {
-                let _ = p.done.send(true);
-            } else {
-                still.push((p, acks));
+        for index in confirmed {
+            // An index the node was never sent is ignored, as is a claim already settled.
+            let (Some(claim), Some(&round)) = (claims.get(index), rounds.get(index)) else {
+                continue;
+            };
+            let Some(Some((p, acks))) = waiting.get_mut(round) else {
+                continue;
+            };
+            acks.insert(claim.replica_id);
+            if quorum_confirms(&p.voters, p.leader, acks) {
+                if let Some((p, _)) = waiting[round].take() {
+                    let _ = p.done.send(true);
+                }
+                unanswered -= 1;
             }
         }
-        waiting = still;
     }
-    // Dropping the rest answers them `false`.
+    // Dropping the rest answers them `false`, and dropping `answers` stops the stragglers.
 }
 
 #[cfg(test)]
@@ -284,6 +307,16 @@ mod tests {
         assert!(quorum_confirms(&five, 1, &[2, 5].into()));
         let one: BTreeSet<ReplicaId> = [1].into();
         assert!(quorum_confirms(&one, 1, &BTreeSet::new()));
+        let four: BTreeSet<ReplicaId> = [1, 2, 3, 4].into();
+        assert!(
+            !quorum_confirms(&four, 1, &[2].into()),
+            "half of an even set is no majority: the other half could elect"
+        );
+        assert!(quorum_confirms(&four, 1, &[2, 3].into()));
+        assert!(
+            !quorum_confirms(&three, 9, &[2].into()),
+            "a leader outside the voters counts for nothing"
+        );
     }
 
     #[test]
@@ -306,6 +339,10 @@ mod tests {
         assert!(
             !confirms_claim(&claim, 3, &vote(3, 1, true)),
             "another replica"
+        );
+        assert!(
+            !confirms_claim(&claim, 2, &vote(3, 2, false)),
+            "a vote for another candidate of the same term"
         );
         let uncommitted = LeaderClaim {
             vote: vote(3, 1, false),

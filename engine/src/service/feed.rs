@@ -41,6 +41,7 @@ use spheredb_client::proto::v1::{FeedEvent, ReadConsistency, SubscribeRequest, S
 use spheredb_client::ClientError;
 use spheredb_raft::network::Replica;
 use spheredb_storage::mvcc::changes::{scan_changes, ChangePage, ChangeResume, ChangeScan};
+use spheredb_storage::mvcc::locks::OldestLock;
 use spheredb_storage::mvcc::{self, Timestamp};
 use spheredb_storage::{keys, Db};
 use tokio::sync::{mpsc, Semaphore};
@@ -245,24 +246,35 @@ impl Stream {
         }
         // Everything committed at or below `resolve_at` has applied here now, except the
         // transactions whose locks are still on the span.
-        let oldest =
-            mvcc::locks::oldest_lock(&self.db, &self.start, &end, MAX_LOCKS_READ_PER_ROUND)
-                .map_err(|e| self.kv.read_failed(&self.replica, e))?;
-        if oldest.is_none() {
-            tracing::warn!(
-                range_id = self.replica.shared.range_id,
-                "more than {MAX_LOCKS_READ_PER_ROUND} locks on a followed span; its resolved timestamp waits"
-            );
-        }
+        let (db, start, lock_end) = (self.db.clone(), self.start.clone(), end.clone());
+        let oldest = tokio::task::spawn_blocking(move || {
+            mvcc::locks::oldest_lock(&db, &start, &lock_end, MAX_LOCKS_READ_PER_ROUND)
+        })
+        .await
+        .map_err(|e| ClientError::Internal(format!("the feed's lock read failed: {e}")))?
+        .map_err(|e| self.kv.read_failed(&self.replica, e))?;
         let oldest_start = match &oldest {
-            Some(Some(_)) if resolve_ignoring_locks() => Some(None),
-            Some(found) => Some(found.as_ref().map(|(_, lock)| lock.start_ts)),
-            None => None,
+            OldestLock::Found(..) if resolve_ignoring_locks() => Some(None),
+            OldestLock::None => Some(None),
+            OldestLock::Found(_, lock) => Some(Some(lock.start_ts)),
+            OldestLock::TooMany(..) => {
+                tracing::warn!(
+                    range_id = self.replica.shared.range_id,
+                    "more than {MAX_LOCKS_READ_PER_ROUND} locks on a followed span; its \
+                     resolved timestamp waits while the oldest of them read is resolved"
+                );
+                None
+            }
         };
         let resolved = resolved_ts(self.resolved, resolve_at, oldest_start);
-        let lock = oldest
-            .flatten()
-            .map(|(key, lock)| wire_lock(spheredb_raft::txn::lock_info(&key, &lock)));
+        // The checkpoint names the lock holding it back, for the subscriber to resolve once
+        // it is old (with too many to know the oldest, the oldest of those read).
+        let lock = match oldest {
+            OldestLock::Found(key, lock) | OldestLock::TooMany(key, lock) => {
+                Some(wire_lock(spheredb_raft::txn::lock_info(&key, &lock)))
+            }
+            OldestLock::None => None,
+        };
         let mut pages = Vec::new();
         if resolved > self.resolved {
             check_history(&self.replica, self.resolved)?;

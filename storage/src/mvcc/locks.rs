@@ -67,22 +67,39 @@ pub fn oldest_lock_start_ts(
     end: &[u8],
     max_locks: usize,
 ) -> Result<Option<Option<Timestamp>>, StorageError> {
-    Ok(oldest_lock(db, start, end, max_locks)?.map(|o| o.map(|(_, lock)| lock.start_ts)))
+    Ok(match oldest_lock(db, start, end, max_locks)? {
+        OldestLock::None => Some(None),
+        OldestLock::Found(_, lock) => Some(Some(lock.start_ts)),
+        OldestLock::TooMany(..) => None,
+    })
+}
+
+/// The oldest lock of a span, as far as a bounded read can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldestLock {
+    /// No lock on the span.
+    None,
+    /// The lock with the oldest start ts, and its key.
+    Found(Vec<u8>, LockRecord),
+    /// More locks than the read may take: the oldest is unknown. The oldest of those read,
+    /// and its key, is one a caller may resolve to make progress.
+    TooMany(Vec<u8>, LockRecord),
 }
 
 /// The lock with the oldest start ts in `[start, end)` (empty `end`: unbounded), with its
-/// key, reading at most `max_locks` locks: `Ok(None)` when there are more (the caller cannot
-/// know the oldest), `Ok(Some(None))` when there is none.
+/// key, reading at most `max_locks` locks.
 pub fn oldest_lock(
     db: &Db,
     start: &[u8],
     end: &[u8],
     max_locks: usize,
-) -> Result<Option<Option<(Vec<u8>, LockRecord)>>, StorageError> {
+) -> Result<OldestLock, StorageError> {
     let mut oldest: Option<(Vec<u8>, LockRecord)> = None;
     for (n, item) in db.iter_span(ColumnFamilyName::Lock, start, end).enumerate() {
         if n >= max_locks {
-            return Ok(None);
+            if let Some((key, lock)) = oldest {
+                return Ok(OldestLock::TooMany(key, lock));
+            }
         }
         let (key, framed) = item?;
         let lock = LockRecord::decode(&framed)?;
@@ -93,7 +110,10 @@ pub fn oldest_lock(
             oldest = Some((key.to_vec(), lock));
         }
     }
-    Ok(Some(oldest))
+    Ok(match oldest {
+        Some((key, lock)) => OldestLock::Found(key, lock),
+        None => OldestLock::None,
+    })
 }
 
 /// The newest record of `key` in the `write` family that a transaction committed (a
