@@ -324,18 +324,31 @@ async fn subscribe(
     Ok(())
 }
 
-/// Puts one key per `seq` of `0..writes`, write `seq` at `start + seq / rate`, over
-/// `writers` tasks, into sphere `1 + seq % spheres`.
-async fn write_at_rate(
-    conn: &Conn,
-    times: &Arc<Times>,
+/// When the writes of a delivery run go out: write `seq` of `0..writes` at
+/// `start + seq / rate`, over `writers` tasks, into sphere `1 + seq % spheres`.
+#[derive(Clone, Copy)]
+struct Schedule {
     start: tokio::time::Instant,
     rate: f64,
     writes: u64,
     spheres: u64,
     writers: usize,
+}
+
+/// Puts one key per write of `schedule`, each with `value`.
+async fn write_at_rate(
+    conn: &Conn,
+    times: &Arc<Times>,
+    schedule: Schedule,
     value: &[u8],
 ) -> anyhow::Result<()> {
+    let Schedule {
+        start,
+        rate,
+        writes,
+        spheres,
+        writers,
+    } = schedule;
     let mut tasks = JoinSet::new();
     let system = match conn {
         Conn::Spheredb(_) => System::Spheredb,
@@ -405,9 +418,16 @@ async fn delivery_run(
     let mut subscribers = JoinSet::new();
     subscribe(&cluster, &conn, 1..=spheres, None, &times, &mut subscribers).await?;
     let start = tokio::time::Instant::now();
+    let schedule = Schedule {
+        start,
+        rate,
+        writes,
+        spheres,
+        writers: cfg.writers,
+    };
     let value = vec![b'v'; cfg.value_size_bytes];
     tokio::select! {
-        written = write_at_rate(&conn, &times, start, rate, writes, spheres, cfg.writers, &value) => written?,
+        written = write_at_rate(&conn, &times, schedule, &value) => written?,
         Some(ended) = subscribers.join_next() => {
             ended??;
             bail!("a subscriber ended while the writes went on");

@@ -818,7 +818,7 @@ impl RaftTransport for RaftService {
         let checks = claims.iter().enumerate().map(|(index, claim)| async move {
             let replica = self.replicas.get(claim.range_id)?;
             let here = replica.raft.metrics().borrow_watched().id;
-            let vote = replica.raft.with_raft_state(|s| s.vote_ref().clone());
+            let vote = replica.raft.with_raft_state(|s| *s.vote_ref());
             let vote = tokio::time::timeout(read_timeout, vote).await.ok()?.ok()?;
             confirms_claim(claim, here, &vote).then_some(index)
         });

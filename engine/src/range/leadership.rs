@@ -125,7 +125,7 @@ impl LeaderChecks {
                     .filter_map(|id| membership.get_node(id).map(|n| (*id, n.clone())))
                     .collect();
                 let state = LeaderState {
-                    vote: s.vote_ref().clone(),
+                    vote: *s.vote_ref(),
                     last_log_index: s.log_ids.last().map(|l| l.index),
                     committed_index: s.local_committed().map(|l| l.index),
                 };
@@ -195,7 +195,7 @@ async fn check_batch(peers: &PeerChannels, batch: Vec<Pending>) {
             claims.push(LeaderClaim {
                 range_id: p.range_id,
                 replica_id: *replica_id,
-                vote: p.vote.clone(),
+                vote: p.vote,
             });
             rounds.push(round);
         }
