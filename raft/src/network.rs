@@ -642,6 +642,14 @@ pub struct RaftService {
 pub const MAX_CONCURRENT_SNAPSHOT_RECEIVES: usize = 4;
 
 impl RaftService {
+    /// Refuses a message from `from_node` while fault injection cuts the link.
+    fn check_link(&self, from_node: NodeId) -> Result<(), Status> {
+        if self.faults.is_blocked(from_node) {
+            return Err(Status::unavailable("link cut by fault injection"));
+        }
+        Ok(())
+    }
+
     /// A service dispatching to `replicas`, receiving snapshots into `snapshot_dir`.
     pub fn new(
         replicas: Arc<ReplicaDirectory>,
@@ -769,9 +777,7 @@ impl RaftTransport for RaftService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let msg = request.into_inner();
-        if self.faults.is_blocked(msg.from_node) {
-            return Err(Status::unavailable("link cut by fault injection"));
-        }
+        self.check_link(msg.from_node)?;
         let (vote, last_log_index): (Vote, Option<u64>) =
             decode(&msg).map_err(Status::invalid_argument)?;
         let replica = self
@@ -799,9 +805,7 @@ impl RaftTransport for RaftService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let msg = request.into_inner();
-        if self.faults.is_blocked(msg.from_node) {
-            return Err(Status::unavailable("link cut by fault injection"));
-        }
+        self.check_link(msg.from_node)?;
         let claims: Vec<LeaderClaim> = decode(&msg).map_err(Status::invalid_argument)?;
         if claims.len() > MAX_LEADER_CLAIMS_PER_CHECK {
             return Err(Status::invalid_argument(format!(
