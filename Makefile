@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps demo test lint build bench-compare bench-transfers bench-feed idle-ranges jepsen-deps jepsen-ci jepsen-long
+.PHONY: deps demo test lint build sql-test-deps bench-compare bench-transfers bench-feed idle-ranges jepsen-deps jepsen-ci jepsen-long
 
 deps:
 	@./scripts/install-deps.sh
@@ -15,10 +15,13 @@ demo: build
 	$(CARGO) run --quiet --bin spheredb -- demo
 
 # The workspace tests include the Jepsen tester's own tests (jepsen/tests/tester.rs), which
-# partition clusters with iptables.
-test: deps jepsen-deps
+# partition clusters with iptables, and the SQL tests, which drive psql and psycopg.
+test: deps jepsen-deps sql-test-deps
 	./scripts/test-install-deps.sh
 	$(CARGO) test --workspace
+
+sql-test-deps:
+	@./scripts/install-sql-test-deps.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check

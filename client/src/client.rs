@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spheredb_storage::keys;
+use spheredb_storage::keys::{self, Keyspace};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ClientError;
@@ -13,9 +13,9 @@ use crate::limits::{self, check_key, check_value};
 use crate::proto::v1::{
     admin_client::AdminClient, feed_client::FeedClient, kv_client::KvClient, txn_client::TxnClient,
     BatchRequest, CompareAndSwapRequest, DecommissionRequest, DeleteRequest, GetRequest,
-    GetTimestampsRequest, Header, KeyValue, MergeRequest, PutRequest, RangeDescriptor,
-    RangeListRequest, RangeListResponse, RangeRef, ReadConsistency, ScanRequest, SplitRequest,
-    SplitResponse, StatusRequest, StatusResponse, WriteOp,
+    GetTimestampsRequest, Header, KeyValue, Keyspace as WireKeyspace, MergeRequest, PutRequest,
+    RangeDescriptor, RangeListRequest, RangeListResponse, RangeRef, ReadConsistency, ScanRequest,
+    SplitRequest, SplitResponse, StatusRequest, StatusResponse, WriteOp,
 };
 
 /// Default time budget of one client call, retries included.
@@ -802,10 +802,14 @@ impl Client {
                     }
                 }
             };
+            let (keyspace, sphere_id) = match keys::decode_sphere_key(routing_key) {
+                Some((Keyspace::Sql, sphere, _)) => (WireKeyspace::Sql, sphere),
+                Some((Keyspace::Kv, sphere, _)) => (WireKeyspace::Kv, sphere),
+                None => (WireKeyspace::Kv, 0),
+            };
             let header = Header {
-                sphere_id: keys::decode_kv_key(routing_key)
-                    .map(|(s, _)| s)
-                    .unwrap_or_default(),
+                sphere_id,
+                keyspace: keyspace as i32,
                 range: Some(RangeRef {
                     range_id: range.range_id,
                     generation: range.generation,
@@ -896,7 +900,7 @@ impl Client {
 
     /// Reads `key` of `sphere`: its latest value, linearizably.
     pub async fn get(&self, sphere: u64, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
-        self.read_key(sphere, key, 0).await
+        self.read_key(Keyspace::Kv, sphere, key, 0).await
     }
 
     /// Reads `key` of `sphere` as it was at `ts`, a timestamp from [`Client::timestamp`]:
@@ -908,13 +912,25 @@ impl Client {
         key: &[u8],
         ts: u64,
     ) -> Result<Option<Vec<u8>>, ClientError> {
+        self.get_at_in(Keyspace::Kv, sphere, key, ts).await
+    }
+
+    /// As [`Client::get_at`], in either keyspace of the sphere (`Keyspace::Sql`: a SQL row,
+    /// `key` as the SQL layer encodes it after the sphere).
+    pub async fn get_at_in(
+        &self,
+        keyspace: Keyspace,
+        sphere: u64,
+        key: &[u8],
+        ts: u64,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         if ts == 0 {
             return Err(ClientError::InvalidArgument(
                 "timestamp 0 is before every write; read at a timestamp the oracle handed out"
                     .into(),
             ));
         }
-        let value = self.read_key(sphere, key, ts).await?;
+        let value = self.read_key(keyspace, sphere, key, ts).await?;
         // Served, so the oracle had handed it out.
         self.causal_ts.fetch_max(ts, Ordering::Relaxed);
         Ok(value)
@@ -922,13 +938,14 @@ impl Client {
 
     async fn read_key(
         &self,
+        keyspace: Keyspace,
         sphere: u64,
         key: &[u8],
         at_ts: u64,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         check_key(key)?;
         let consistency = self.options.consistency.wire();
-        let routing_key = keys::kv_key(sphere, key);
+        let routing_key = keyspace.key(sphere, key);
         self.resolving_locks(|| {
             self.call(
                 &routing_key,
@@ -1142,7 +1159,8 @@ impl Client {
         end: &[u8],
         limit: u32,
     ) -> Result<Vec<KeyValue>, ClientError> {
-        self.scan_span(sphere, start, end, limit, 0).await
+        self.scan_span(Keyspace::Kv, sphere, start, end, limit, 0)
+            .await
     }
 
     /// As [`Client::scan`], but every range is read as it was at `ts` (a timestamp from
@@ -1155,19 +1173,37 @@ impl Client {
         limit: u32,
         ts: u64,
     ) -> Result<Vec<KeyValue>, ClientError> {
+        self.scan_at_in(Keyspace::Kv, sphere, start, end, limit, ts)
+            .await
+    }
+
+    /// As [`Client::scan_at`], in either keyspace of the sphere; keys are those after the
+    /// keyspace's header (for `Keyspace::Sql`, as the SQL layer encodes rows).
+    pub async fn scan_at_in(
+        &self,
+        keyspace: Keyspace,
+        sphere: u64,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+        ts: u64,
+    ) -> Result<Vec<KeyValue>, ClientError> {
         if ts == 0 {
             return Err(ClientError::InvalidArgument(
                 "timestamp 0 is before every write; read at a timestamp the oracle handed out"
                     .into(),
             ));
         }
-        let pairs = self.scan_span(sphere, start, end, limit, ts).await?;
+        let pairs = self
+            .scan_span(keyspace, sphere, start, end, limit, ts)
+            .await?;
         self.causal_ts.fetch_max(ts, Ordering::Relaxed);
         Ok(pairs)
     }
 
     async fn scan_span(
         &self,
+        keyspace: Keyspace,
         sphere: u64,
         start: &[u8],
         end: &[u8],
@@ -1190,11 +1226,11 @@ impl Client {
             } else {
                 let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 cache
-                    .lookup(&keys::kv_key(sphere, &cursor))
+                    .lookup(&keyspace.key(sphere, &cursor))
                     .map(|d| d.end_key)
             };
             let cursor_ref = &cursor;
-            let routing_key = keys::kv_key(sphere, cursor_ref);
+            let routing_key = keyspace.key(sphere, cursor_ref);
             let resp = self
                 .resolving_locks(|| {
                     self.call(
@@ -1233,7 +1269,7 @@ impl Client {
                 // Deliberately broken: resumes at the end of the range this client had
                 // cached before the page, which a split since then has moved past keys the
                 // scan then skips.
-                match end_key.strip_prefix(keys::kv_key(sphere, b"").as_slice()) {
+                match end_key.strip_prefix(keyspace.key(sphere, b"").as_slice()) {
                     Some(user_key) if user_key > cursor.as_slice() => cursor = user_key.to_vec(),
                     Some(_) => {}
                     None => break,

@@ -36,6 +36,8 @@ pub use error::ClientError;
 pub use feed::{Change, Cursor, FeedItem, Subscription};
 /// The stored form of a sphere's raw key, as the admin API's split keys take it.
 pub use spheredb_storage::keys::kv_key;
+/// A sphere's raw KV keys or its SQL rows: the `_in` calls of [`Client`] and [`Txn`] take it.
+pub use spheredb_storage::keys::Keyspace;
 /// The wall-clock milliseconds of a timestamp (a cursor's, a change's commit ts).
 pub use spheredb_storage::mvcc::physical_ms;
 pub use txn::{Txn, TxnBody};

@@ -40,7 +40,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use spheredb_storage::keys;
+use spheredb_storage::keys::{self, Keyspace};
 use spheredb_storage::mvcc::physical_ms;
 
 use crate::client::{Client, Retry};
@@ -433,12 +433,24 @@ impl Txn {
 
     /// Reads `key` of `sphere` as of the transaction's start, or as this transaction wrote it.
     pub async fn get(&mut self, sphere: u64, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.get_in(Keyspace::Kv, sphere, key).await
+    }
+
+    /// As [`Txn::get`], in either keyspace of the sphere.
+    pub async fn get_in(
+        &mut self,
+        keyspace: Keyspace,
+        sphere: u64,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         self.check_active()?;
         check_key(key)?;
-        if let Some(buffered) = self.writes.get(&keys::kv_key(sphere, key)) {
+        if let Some(buffered) = self.writes.get(&keyspace.key(sphere, key)) {
             return Ok(buffered.clone());
         }
-        self.client.get_at(sphere, key, self.start_ts).await
+        self.client
+            .get_at_in(keyspace, sphere, key, self.start_ts)
+            .await
     }
 
     /// Up to `limit` pairs of `sphere` with `start <= key < end` (empty `end`: to the end of
@@ -450,24 +462,54 @@ impl Txn {
         end: &[u8],
         limit: u32,
     ) -> Result<Vec<KeyValue>, ClientError> {
+        self.scan_in(Keyspace::Kv, sphere, start, end, limit).await
+    }
+
+    /// As [`Txn::scan`], in either keyspace of the sphere.
+    pub async fn scan_in(
+        &mut self,
+        keyspace: Keyspace,
+        sphere: u64,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+    ) -> Result<Vec<KeyValue>, ClientError> {
+        Ok(self
+            .scan_page_in(keyspace, sphere, start, end, limit)
+            .await?
+            .0)
+    }
+
+    /// One page of a scan in either keyspace of the sphere: up to `limit` pairs, and where
+    /// the next page starts (inclusive) if the span may hold more. A page may hold fewer than
+    /// `limit` pairs and still have a next one (this transaction deleted some of it), so a
+    /// caller that pages goes on until there is no next start.
+    pub async fn scan_page_in(
+        &mut self,
+        keyspace: Keyspace,
+        sphere: u64,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+    ) -> Result<(Vec<KeyValue>, Option<Vec<u8>>), ClientError> {
         self.check_active()?;
         let stored = self
             .client
-            .scan_at(sphere, start, end, limit, self.start_ts)
+            .scan_at_in(keyspace, sphere, start, end, limit, self.start_ts)
             .await?;
+        // The stored page ends at its limit: own writes past its last key wait for the next.
+        let page_full = limit != 0 && stored.len() as u32 >= limit;
+        let last = stored.last().map(|kv| kv.key.clone());
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
             stored.into_iter().map(|kv| (kv.key, kv.value)).collect();
-        let lo = keys::kv_key(sphere, start);
+        let lo = keyspace.key(sphere, start);
         let hi = if end.is_empty() {
-            keys::kv_sphere_span(sphere).1
+            keyspace.span(sphere).1
         } else {
-            keys::kv_key(sphere, end)
+            keyspace.key(sphere, end)
         };
-        // The stored page ends at its limit: own writes past its last key wait for the next.
-        let page_full = limit != 0 && merged.len() as u32 >= limit;
-        let last = merged.keys().next_back().cloned();
         for (key, value) in self.writes.range(lo..hi) {
-            let Some((_, user)) = keys::decode_kv_key(key) else {
+            let Some((_, _, user)) = keys::decode_sphere_key(key) else {
                 continue;
             };
             if page_full && last.as_deref().is_some_and(|l| user > l) {
@@ -478,29 +520,64 @@ impl Txn {
                 None => merged.remove(user),
             };
         }
-        let limit = if limit == 0 { u32::MAX } else { limit };
-        Ok(merged
+        let limit = if limit == 0 { u32::MAX } else { limit } as usize;
+        let truncated = merged.len() > limit;
+        let page: Vec<KeyValue> = merged
             .into_iter()
-            .take(limit as usize)
+            .take(limit)
             .map(|(key, value)| KeyValue { key, value })
-            .collect())
+            .collect();
+        let after = |key: &[u8]| {
+            let mut next = key.to_vec();
+            next.push(0);
+            next
+        };
+        let next = if truncated {
+            page.last().map(|kv| after(&kv.key))
+        } else if page_full {
+            last.as_deref().map(after)
+        } else {
+            None
+        };
+        Ok((page, next))
     }
 
     /// Buffers `key = value` in `sphere`.
     pub fn put(&mut self, sphere: u64, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        self.put_in(Keyspace::Kv, sphere, key, value)
+    }
+
+    /// As [`Txn::put`], in either keyspace of the sphere.
+    pub fn put_in(
+        &mut self,
+        keyspace: Keyspace,
+        sphere: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), ClientError> {
         self.check_active()?;
         check_key(key)?;
         check_value(value)?;
         self.writes
-            .insert(keys::kv_key(sphere, key), Some(value.to_vec()));
+            .insert(keyspace.key(sphere, key), Some(value.to_vec()));
         Ok(())
     }
 
     /// Buffers the delete of `key` in `sphere`.
     pub fn delete(&mut self, sphere: u64, key: &[u8]) -> Result<(), ClientError> {
+        self.delete_in(Keyspace::Kv, sphere, key)
+    }
+
+    /// As [`Txn::delete`], in either keyspace of the sphere.
+    pub fn delete_in(
+        &mut self,
+        keyspace: Keyspace,
+        sphere: u64,
+        key: &[u8],
+    ) -> Result<(), ClientError> {
         self.check_active()?;
         check_key(key)?;
-        self.writes.insert(keys::kv_key(sphere, key), None);
+        self.writes.insert(keyspace.key(sphere, key), None);
         Ok(())
     }
 
@@ -508,9 +585,19 @@ impl Txn {
     /// transaction ends, other transactions cannot write it, and this one commits only if
     /// nobody wrote it since the transaction began (else `WriteConflict` at once).
     pub async fn lock(&mut self, sphere: u64, key: &[u8]) -> Result<(), ClientError> {
+        self.lock_in(Keyspace::Kv, sphere, key).await
+    }
+
+    /// As [`Txn::lock`], in either keyspace of the sphere.
+    pub async fn lock_in(
+        &mut self,
+        keyspace: Keyspace,
+        sphere: u64,
+        key: &[u8],
+    ) -> Result<(), ClientError> {
         self.check_active()?;
         check_key(key)?;
-        let key = keys::kv_key(sphere, key);
+        let key = keyspace.key(sphere, key);
         if self.locked.contains(&key) {
             return Ok(());
         }

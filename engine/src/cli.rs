@@ -78,6 +78,8 @@ pub enum Command {
         #[arg(long, env = "SPHEREDB_HOST", default_value = config::DEFAULT_LISTEN)]
         host: String,
     },
+    /// A SQL shell (PostgreSQL protocol) on a node: interactive, or -e SQL / -f FILE.
+    Sql(crate::sql_cli::SqlArgs),
     /// Start a 3-node cluster on loopback in a temporary directory, load sample data and
     /// show how to use it. Stays up until Ctrl-C; with stdin not a terminal it runs a short
     /// scripted tour and exits.
@@ -102,6 +104,11 @@ pub struct StartArgs {
     /// Address others use to reach this node [default: the bound address].
     #[arg(long, env = "SPHEREDB_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Address to serve SQL on (PostgreSQL wire protocol: `psql -h HOST -p PORT -U spheredb
+    /// spheredb`), or `off`. Given explicitly, a port in use is an error; the default is
+    /// skipped with a warning when its port is taken (another node on this machine).
+    #[arg(long, env = "SPHEREDB_SQL_LISTEN")]
+    pub sql_listen: Option<String>,
     /// Comma-separated addresses of nodes of the cluster to join.
     #[arg(long, env = "SPHEREDB_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
@@ -383,6 +390,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Feed(args) => crate::feed_cli::run(args).await,
+        Command::Sql(args) => crate::sql_cli::run(args).await,
         Command::Demo { base_port, nodes } => crate::demo::run(base_port, nodes).await,
     }
 }
@@ -681,6 +689,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         node.node_id(),
         node.addr()
     );
+    start_sql(args.sql_listen.as_deref(), node.addr().to_string()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -696,6 +705,52 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     eprintln!("shutting down");
     node.shutdown().await
+}
+
+/// The SQL front end's default address: loopback, the port PostgreSQL's plus one.
+pub const DEFAULT_SQL_LISTEN: &str = "127.0.0.1:5433";
+/// Attempts, [`SQL_CLIENT_RETRY_MS`] apart, of the SQL layer to load the cluster's range map
+/// through its own node (a joining node may not serve it yet) before it gives up.
+pub const SQL_CLIENT_CONNECT_ATTEMPTS: u32 = 120;
+pub const SQL_CLIENT_RETRY_MS: u64 = 500;
+
+/// Binds the SQL listener (now, so a taken port is reported at once) and serves it in the
+/// background through a client of this node.
+async fn start_sql(sql_listen: Option<&str>, node_addr: String) -> anyhow::Result<()> {
+    let (addr, explicit) = match sql_listen {
+        Some("off") => return Ok(()),
+        Some(addr) => (addr, true),
+        None => (DEFAULT_SQL_LISTEN, false),
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(
+                %addr,
+                "SQL is not served: the default SQL address is in use; pass --sql-listen HOST:PORT"
+            );
+            return Ok(());
+        }
+        Err(e) => anyhow::bail!("cannot serve SQL on {addr}: {e}; pass another --sql-listen"),
+    };
+    eprintln!("spheredb SQL (PostgreSQL protocol) on {addr}");
+    tokio::spawn(async move {
+        let mut last_error = String::new();
+        for _ in 0..SQL_CLIENT_CONNECT_ATTEMPTS {
+            match Client::connect(&[node_addr.as_str()], ClientOptions::default()).await {
+                Ok(client) => {
+                    if let Err(e) = spheredb_query::serve(listener, client).await {
+                        tracing::error!(error = %e, "the SQL listener failed; SQL is not served");
+                    }
+                    return;
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(SQL_CLIENT_RETRY_MS)).await;
+        }
+        tracing::error!(error = %last_error, "SQL is not served: no range map from this node");
+    });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -35,7 +35,13 @@ fn free_port(preferred: u16) -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn spawn_node(dir: &Path, index: u16, addr: &str, join: Option<&str>) -> anyhow::Result<Child> {
+fn spawn_node(
+    dir: &Path,
+    index: u16,
+    addr: &str,
+    sql_addr: &str,
+    join: Option<&str>,
+) -> anyhow::Result<Child> {
     let data = dir.join(format!("node{index}"));
     std::fs::create_dir_all(&data)?;
     let log = std::fs::File::create(dir.join(format!("node{index}.log")))?;
@@ -45,6 +51,8 @@ fn spawn_node(dir: &Path, index: u16, addr: &str, join: Option<&str>) -> anyhow:
         .arg(&data)
         .arg("--listen")
         .arg(addr)
+        .arg("--sql-listen")
+        .arg(sql_addr)
         .arg("--range-split-size-bytes")
         .arg(DEMO_RANGE_SPLIT_SIZE_BYTES.to_string())
         .stdin(Stdio::null())
@@ -119,9 +127,12 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
         .prefix("spheredb-demo-")
         .tempdir()?;
     let mut addrs = Vec::new();
+    let mut sql_addrs = Vec::new();
     for i in 0..nodes {
         let port = free_port(base_port.saturating_add(i))?;
         addrs.push(format!("127.0.0.1:{port}"));
+        let sql_port = free_port(DEMO_SQL_PORT.saturating_add(i))?;
+        sql_addrs.push(format!("127.0.0.1:{sql_port}"));
     }
     println!(
         "Starting {nodes} SphereDB nodes in {}",
@@ -131,7 +142,7 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
     children.0.push((
         1,
         addrs[0].clone(),
-        spawn_node(dir.path(), 1, &addrs[0], None)?,
+        spawn_node(dir.path(), 1, &addrs[0], &sql_addrs[0], None)?,
     ));
     wait_for("the first node", || async {
         voters(&addrs[0]).await.is_some_and(|(_, l)| l.is_some())
@@ -139,7 +150,13 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
     .await?;
     // One at a time, so node ids follow the port order.
     for i in 1..nodes {
-        let child = spawn_node(dir.path(), i + 1, &addrs[i as usize], Some(&addrs[0]))?;
+        let child = spawn_node(
+            dir.path(),
+            i + 1,
+            &addrs[i as usize],
+            &sql_addrs[i as usize],
+            Some(&addrs[0]),
+        )?;
         children
             .0
             .push((u64::from(i) + 1, addrs[i as usize].clone(), child));
@@ -156,6 +173,17 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
     let ranges = wait_for_ranges(&client).await;
     println!("{ranges} ranges.\n");
     let exe = std::env::current_exe()?.display().to_string();
+    let sql = load_sql_sample(&sql_addrs[0]).await?;
+    println!(
+        "SQL (PostgreSQL protocol) on {}; sample tables spheres, members, posts, comments.",
+        sql_addrs.join(", ")
+    );
+    let (sql_host, sql_port) = sql_addrs[0]
+        .split_once(':')
+        .unwrap_or(("127.0.0.1", "5433"));
+    println!("  psql -h {sql_host} -p {sql_port} -U spheredb spheredb");
+    println!("  {exe} sql --host {}", sql_addrs[0]);
+    println!("and try:\n{DEMO_QUERIES}");
     println!("Try, in another terminal:");
     println!("  {exe} status --host {}", addrs[0]);
     println!(
@@ -178,7 +206,76 @@ pub async fn run(base_port: u16, nodes: u16) -> anyhow::Result<()> {
         println!("\nStopping.");
         return Ok(());
     }
+    // SQL first: the KV tour kills a node, maybe the one serving this connection.
+    sql_tour(&sql).await?;
     tour(&client, &addrs, &mut children).await
+}
+
+/// The first SQL port the demo's nodes try (then the next ones).
+pub const DEMO_SQL_PORT: u16 = 5433;
+
+/// The demo's sample schema: spheres, their members, posts and comments, every table
+/// keyed by sphere first.
+pub const DEMO_SCHEMA: &str = "
+CREATE TABLE spheres (sphere_id BIGINT, name TEXT NOT NULL, created_at TIMESTAMPTZ,
+  PRIMARY KEY (sphere_id));
+CREATE TABLE members (sphere_id BIGINT, user_id BIGINT, role TEXT NOT NULL DEFAULT 'member',
+  PRIMARY KEY (sphere_id, user_id));
+CREATE TABLE posts (sphere_id BIGINT, post_id BIGINT, author_id BIGINT NOT NULL, title TEXT,
+  body TEXT, likes INT DEFAULT 0, PRIMARY KEY (sphere_id, post_id));
+CREATE TABLE comments (sphere_id BIGINT, post_id BIGINT, comment_id UUID DEFAULT gen_random_uuid(),
+  author_id BIGINT, body TEXT, PRIMARY KEY (sphere_id, post_id, comment_id));
+INSERT INTO spheres VALUES (1, 'Family album', now()), (2, 'Climbing club', now()), (3, 'Team Rocket', now());
+INSERT INTO members VALUES (1, 10, 'owner'), (1, 11, 'member'), (2, 10, 'member'), (2, 12, 'owner'), (3, 13, 'owner');
+INSERT INTO posts (sphere_id, post_id, author_id, title, body) VALUES
+  (1, 1, 10, 'Summer 2026', 'Photos from the lake'), (1, 2, 11, 'Grandma turns 90', 'Party on Sunday'),
+  (2, 1, 12, 'Route of the week', 'The arete on the north face'), (3, 1, 13, 'Launch', 'Ship it on Friday');
+INSERT INTO comments (sphere_id, post_id, author_id, body) VALUES
+  (1, 1, 11, 'Lovely!'), (1, 1, 10, 'Thanks'), (2, 1, 10, 'Done it twice');
+";
+
+/// What the demo suggests trying.
+pub const DEMO_QUERIES: &str = "  SELECT title, likes FROM posts WHERE sphere_id = 1 ORDER BY post_id;
+  SELECT s.name, count(*) AS posts FROM posts p JOIN spheres s ON s.sphere_id = p.sphere_id GROUP BY s.name ORDER BY s.name;
+  BEGIN; UPDATE posts SET likes = likes + 1 WHERE sphere_id = 1 AND post_id = 1; COMMIT;
+  SELECT p.title, c.body FROM comments c JOIN posts p USING (sphere_id, post_id) WHERE c.sphere_id = 1;
+";
+
+/// Creates the sample schema through node 1's SQL front end; returns the connection.
+async fn load_sql_sample(sql_addr: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (host, port) = sql_addr.split_once(':').context("SQL address")?;
+    let config = format!("host={host} port={port} user=spheredb dbname=spheredb");
+    let started = Instant::now();
+    let client = loop {
+        match tokio_postgres::connect(&config, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                break client;
+            }
+            Err(e) if started.elapsed() > Duration::from_millis(DEMO_STARTUP_DEADLINE_MS) => {
+                bail!("the SQL front end on {sql_addr} did not answer: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    client
+        .batch_execute(DEMO_SCHEMA)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the sample schema: {e:?}"))?;
+    Ok(client)
+}
+
+/// Runs the suggested queries and prints their results.
+async fn sql_tour(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    for query in DEMO_QUERIES.lines().filter(|q| !q.trim().is_empty()) {
+        println!("\nspheredb=> {}", query.trim());
+        let results = crate::sql_cli::execute(client, query).await?;
+        print!(
+            "{}",
+            crate::sql_cli::render(&results, crate::sql_cli::SqlFormat::Table)
+        );
+    }
+    Ok(())
 }
 
 /// Waits (bounded) until the sample data has split into [`DEMO_MIN_RANGES`] ranges; returns

@@ -56,10 +56,14 @@ pub fn storage_error(e: StorageError) -> ClientError {
     ClientError::Internal(e.to_string())
 }
 
-/// A stored key as people read it: `sphere S key "K"` for a raw KV key.
+/// A stored key as people read it: `sphere S key "K"` for a raw KV key, `sphere S row
+/// [..]` for a SQL row.
 pub fn key_text(key: &[u8]) -> String {
-    match keys::decode_kv_key(key) {
-        Some((sphere, user)) => format!("sphere {sphere} key {:?}", String::from_utf8_lossy(user)),
+    match keys::decode_sphere_key(key) {
+        Some((keys::Keyspace::Kv, sphere, user)) => {
+            format!("sphere {sphere} key {:?}", String::from_utf8_lossy(user))
+        }
+        Some((keys::Keyspace::Sql, sphere, row)) => format!("sphere {sphere} row {row:?}"),
         None => format!("key {key:?}"),
     }
 }

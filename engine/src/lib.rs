@@ -27,6 +27,7 @@ pub mod peers;
 pub mod range;
 pub mod replica;
 pub mod service;
+pub mod sql_cli;
 
 pub use config::NodeConfig;
 pub use node::Node;

@@ -154,6 +154,7 @@ async fn isolated_node_cannot_commit_and_heals_when_reconnected() {
                     generation,
                 }),
                 causal_ts: 0,
+                keyspace: 0,
             }),
             key: b"anything".to_vec(),
             consistency: spheredb_client::proto::v1::ReadConsistency::Lease as i32,
@@ -366,6 +367,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
                 generation,
             }),
             causal_ts: 0,
+            keyspace: 0,
         })
     };
     let put = |key: Vec<u8>, value: Vec<u8>, range_id| PutRequest {

@@ -285,6 +285,7 @@ async fn a_write_whose_caller_gave_up_does_not_block_reads_of_its_key() {
                     generation: range.generation,
                 }),
                 causal_ts: 0,
+                keyspace: 0,
             }),
             key: b"stuck".to_vec(),
             value: b"after".to_vec(),

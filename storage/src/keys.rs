@@ -81,9 +81,7 @@ pub fn system_key(name: &[u8]) -> Vec<u8> {
 
 /// Encodes a raw KV key of `sphere_id`.
 pub fn kv_key(sphere_id: u64, user_key: &[u8]) -> Vec<u8> {
-    let mut k = sphere_header(sphere_id, KV_KIND, SPHERE_HEADER_LEN + user_key.len());
-    k.extend_from_slice(user_key);
-    k
+    Keyspace::Kv.key(sphere_id, user_key)
 }
 
 /// Splits a raw KV key into `(sphere_id, user_key)`; `None` if it is not a raw KV key.
@@ -98,9 +96,76 @@ pub fn decode_kv_key(key: &[u8]) -> Option<(u64, &[u8])> {
 
 /// The half-open span `[start, end)` holding every raw KV key of `sphere_id`.
 pub fn kv_sphere_span(sphere_id: u64) -> (Vec<u8>, Vec<u8>) {
-    let start = kv_key(sphere_id, b"");
-    let end = prefix_end(&start);
-    (start, end)
+    Keyspace::Kv.span(sphere_id)
+}
+
+/// One of a sphere's two keyspaces: its raw KV keys or its SQL rows. A key of either is
+/// `0x01 sphere_id kind rest`; requests name the keyspace and carry `rest`.
+///
+/// ```
+/// use spheredb_storage::keys::{self, Keyspace};
+/// let row = Keyspace::Sql.key(7, b"\x00\x00\x00\x02");
+/// assert_eq!(keys::decode_sphere_key(&row), Some((Keyspace::Sql, 7, &b"\x00\x00\x00\x02"[..])));
+/// assert_eq!(Keyspace::Kv.key(7, b"a"), keys::kv_key(7, b"a"));
+/// let (start, end) = Keyspace::Sql.span(7);
+/// assert!(keys::span_contains(&start, &end, &row));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Keyspace {
+    /// Raw KV keys: `0x01 sphere_id 0x02 user_key`.
+    #[default]
+    Kv,
+    /// SQL rows and index entries: `0x01 sphere_id 0x01 table_id index_id pk`.
+    Sql,
+}
+
+impl Keyspace {
+    /// The byte after the sphere id that marks this keyspace.
+    pub fn kind(self) -> u8 {
+        match self {
+            Keyspace::Kv => KV_KIND,
+            Keyspace::Sql => SQL_KIND,
+        }
+    }
+
+    /// The keyspace a kind byte marks.
+    pub fn from_kind(kind: u8) -> Option<Keyspace> {
+        match kind {
+            KV_KIND => Some(Keyspace::Kv),
+            SQL_KIND => Some(Keyspace::Sql),
+            _ => None,
+        }
+    }
+
+    /// The encoded key of `rest` in this keyspace of `sphere_id`.
+    pub fn key(self, sphere_id: u64, rest: &[u8]) -> Vec<u8> {
+        let mut k = sphere_header(sphere_id, self.kind(), SPHERE_HEADER_LEN + rest.len());
+        k.extend_from_slice(rest);
+        k
+    }
+
+    /// The half-open span `[start, end)` of this keyspace of `sphere_id`.
+    pub fn span(self, sphere_id: u64) -> (Vec<u8>, Vec<u8>) {
+        let start = self.key(sphere_id, b"");
+        let end = prefix_end(&start);
+        (start, end)
+    }
+}
+
+/// Splits a sphere key into its keyspace, sphere and the rest; `None` for a system key or a
+/// key too short or of an unknown kind.
+pub fn decode_sphere_key(key: &[u8]) -> Option<(Keyspace, u64, &[u8])> {
+    if key.len() < SPHERE_HEADER_LEN || key[0] != SPHERE_PREFIX {
+        return None;
+    }
+    let keyspace = Keyspace::from_kind(key[9])?;
+    let mut sphere = [0u8; 8];
+    sphere.copy_from_slice(&key[1..9]);
+    Some((
+        keyspace,
+        u64::from_be_bytes(sphere),
+        &key[SPHERE_HEADER_LEN..],
+    ))
 }
 
 /// The smallest key greater than every key that starts with `prefix`

@@ -465,7 +465,14 @@ impl Feed for FeedService {
     ) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
         let opened = async {
-            let (sphere, replica) = self.kv.route(&req.header, &req.start)?;
+            let (space, replica) = self.kv.route(&req.header, &req.start)?;
+            if space.keyspace != keys::Keyspace::Kv {
+                return Err(ClientError::InvalidArgument(
+                    "feeds follow a sphere's raw KV keys; feeds of SQL tables are not built yet"
+                        .into(),
+                ));
+            }
+            let sphere = space.sphere;
             // Only the leader serves a feed; a follower says where the leader is before the
             // stream opens, so the subscriber goes there at once.
             if !replica.raft.is_leader() {

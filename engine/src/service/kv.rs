@@ -1,4 +1,4 @@
-//! The KV gRPC service over a sphere's raw keyspace.
+//! The KV gRPC service over a sphere's keyspaces: its raw KV keys and its SQL rows.
 //!
 //! Validates every request before it reaches Raft (limits, range, generation), writes through
 //! Raft, and reads after a ReadIndex (or lease) barrier so reads are linearizable.
@@ -16,8 +16,8 @@ use spheredb_client::limits::{self, check_key, check_value};
 use spheredb_client::proto::v1::kv_server::Kv;
 use spheredb_client::proto::v1::{
     BatchRequest, BatchResponse, CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest,
-    DeleteResponse, GetRequest, GetResponse, Header, KeyValue, PutRequest, PutResponse,
-    RangeDescriptor, ReadConsistency, ScanRequest, ScanResponse,
+    DeleteResponse, GetRequest, GetResponse, Header, KeyValue, Keyspace as WireKeyspace,
+    PutRequest, PutResponse, RangeDescriptor, ReadConsistency, ScanRequest, ScanResponse,
 };
 use spheredb_client::ClientError;
 use spheredb_raft::network::{Replica, ReplicaDirectory};
@@ -39,6 +39,48 @@ pub const WRITE_TIMEOUT_MS: u64 = 5_000;
 pub const READ_TIMEOUT_MS: u64 = 5_000;
 /// Locks one refused read reports, for the client to resolve together.
 pub const MAX_LOCKS_PER_ANSWER: usize = 64;
+
+/// The keyspace of one sphere a request addresses: its keys are `rest` in it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SphereSpace {
+    pub(crate) keyspace: keys::Keyspace,
+    pub(crate) sphere: u64,
+}
+
+impl SphereSpace {
+    fn of(header: &Header) -> Result<SphereSpace, ClientError> {
+        let keyspace = match WireKeyspace::try_from(header.keyspace) {
+            Ok(WireKeyspace::Kv) => keys::Keyspace::Kv,
+            Ok(WireKeyspace::Sql) => keys::Keyspace::Sql,
+            Err(_) => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "unknown keyspace {} in the request header (0: KV, 1: SQL)",
+                    header.keyspace
+                )))
+            }
+        };
+        Ok(SphereSpace {
+            keyspace,
+            sphere: header.sphere_id,
+        })
+    }
+
+    pub(crate) fn key(&self, rest: &[u8]) -> Vec<u8> {
+        self.keyspace.key(self.sphere, rest)
+    }
+
+    /// The part of `key` after this keyspace's header; `None` for a key outside it.
+    fn rest<'k>(&self, key: &'k [u8]) -> Option<&'k [u8]> {
+        match keys::decode_sphere_key(key) {
+            Some((keyspace, sphere, rest))
+                if keyspace == self.keyspace && sphere == self.sphere =>
+            {
+                Some(rest)
+            }
+            _ => None,
+        }
+    }
+}
 
 /// The KV service of a node.
 pub struct KvService {
@@ -179,13 +221,13 @@ impl KvService {
         out
     }
 
-    /// Checks the header and finds the local replica for `user_key` of the named sphere.
-    /// Returns the sphere id and the replica.
+    /// Checks the header and finds the local replica for `user_key` of the named sphere and
+    /// keyspace. Returns the keyspace and the replica.
     pub(crate) fn route(
         &self,
         header: &Option<Header>,
         user_key: &[u8],
-    ) -> Result<(u64, Arc<Replica>), ClientError> {
+    ) -> Result<(SphereSpace, Arc<Replica>), ClientError> {
         let Some(header) = header else {
             return Err(ClientError::InvalidArgument(
                 "request has no header: name the sphere and the range (Admin.RangeList lists ranges)".into(),
@@ -196,10 +238,11 @@ impl KvService {
                 "request names no range: set header.range from Admin.RangeList".into(),
             ));
         };
-        let key = keys::kv_key(header.sphere_id, user_key);
+        let space = SphereSpace::of(header)?;
+        let key = space.key(user_key);
         let replica = self.route_to(range.range_id, range.generation, &key)?;
         replica.ops.fetch_add(1, Ordering::Relaxed);
-        Ok((header.sphere_id, replica))
+        Ok((space, replica))
     }
 
     /// `KeyNotInRange` with the range's current descriptor.
@@ -530,9 +573,9 @@ impl Kv for KvService {
         answer(
             async {
                 check_key(&req.key)?;
-                let (sphere, replica) = self.route(&req.header, &req.key)?;
+                let (space, replica) = self.route(&req.header, &req.key)?;
                 let at = self.snapshot_ts(req.at_ts).await?;
-                let key = keys::kv_key(sphere, &req.key);
+                let key = space.key(&req.key);
                 let mut key_end = key.clone();
                 key_end.push(0);
                 // The read's timestamp is fixed (and the writes in flight below it waited
@@ -570,9 +613,9 @@ impl Kv for KvService {
             async {
                 check_key(&req.key)?;
                 check_value(&req.value)?;
-                let (sphere, replica) = self.route(&req.header, &req.key)?;
+                let (space, replica) = self.route(&req.header, &req.key)?;
                 let op = WriteOp {
-                    key: keys::kv_key(sphere, &req.key),
+                    key: space.key(&req.key),
                     value: Some(req.value),
                 };
                 let keys = vec![op.key.clone()];
@@ -597,8 +640,8 @@ impl Kv for KvService {
         answer(
             async {
                 check_key(&req.key)?;
-                let (sphere, replica) = self.route(&req.header, &req.key)?;
-                let key = keys::kv_key(sphere, &req.key);
+                let (space, replica) = self.route(&req.header, &req.key)?;
+                let key = space.key(&req.key);
                 match self
                     .write(&replica, &req.header, vec![key.clone()], move |ts| {
                         Command::Delete {
@@ -620,7 +663,7 @@ impl Kv for KvService {
         let req = request.into_inner();
         answer(
             async {
-                let (sphere, replica) = self.route(&req.header, &req.start)?;
+                let (space, replica) = self.route(&req.header, &req.start)?;
                 let limit = match req.limit {
                     0 => limits::DEFAULT_SCAN_LIMIT,
                     n if n > limits::MAX_SCAN_LIMIT => {
@@ -635,11 +678,11 @@ impl Kv for KvService {
                     return Ok(ScanResponse::default());
                 }
                 let at = self.snapshot_ts(req.at_ts).await?;
-                let start = keys::kv_key(sphere, &req.start);
+                let start = space.key(&req.start);
                 let request_end = if req.end.is_empty() {
-                    keys::kv_sphere_span(sphere).1
+                    space.keyspace.span(space.sphere).1
                 } else {
-                    keys::kv_key(sphere, &req.end)
+                    space.key(&req.end)
                 };
                 // As in `get`: the timestamp first, then the barrier, then the data.
                 let read_ts = self
@@ -696,11 +739,12 @@ impl Kv for KvService {
                 };
                 let resume_key = match resume_key {
                     None => None,
-                    Some(key) => match keys::decode_kv_key(&key) {
-                        Some((s, user)) if s == sphere => Some(user.to_vec()),
-                        _ => {
+                    Some(key) => match space.rest(&key) {
+                        Some(user) => Some(user.to_vec()),
+                        None => {
                             return Err(ClientError::Internal(format!(
-                                "scan of sphere {sphere} stopped at key {key:?} outside the sphere"
+                                "scan of sphere {} stopped at key {key:?} outside its keyspace",
+                                space.sphere
                             )))
                         }
                     },
@@ -709,7 +753,7 @@ impl Kv for KvService {
                     .pairs
                     .into_iter()
                     .filter_map(|(k, v)| {
-                        keys::decode_kv_key(&k).map(|(_, user)| KeyValue {
+                        space.rest(&k).map(|user| KeyValue {
                             key: user.to_vec(),
                             value: v,
                         })
@@ -734,14 +778,14 @@ impl Kv for KvService {
         answer(
             async {
                 check_key(&req.key)?;
-                let (sphere, replica) = self.route(&req.header, &req.key)?;
+                let (space, replica) = self.route(&req.header, &req.key)?;
                 if let Some(v) = &req.expected {
                     check_value(v)?;
                 }
                 if let Some(v) = &req.new_value {
                     check_value(v)?;
                 }
-                let key = keys::kv_key(sphere, &req.key);
+                let key = space.key(&req.key);
                 let (expected, new_value) = (req.expected, req.new_value);
                 match self
                     .write(&replica, &req.header, vec![key.clone()], move |ts| {
@@ -769,7 +813,7 @@ impl Kv for KvService {
         answer(
             async {
                 let first = req.ops.first().map(|op| op.key.clone()).unwrap_or_default();
-                let (sphere, replica) = self.route(&req.header, &first)?;
+                let (space, replica) = self.route(&req.header, &first)?;
                 if req.ops.len() > limits::MAX_BATCH_OPS {
                     return Err(ClientError::InvalidArgument(format!(
                         "batch of {} ops is over the limit of {}",
@@ -786,7 +830,7 @@ impl Kv for KvService {
                     }
                     total_bytes += op.key.len() + op.value.as_ref().map_or(0, Vec::len);
                     ops.push(WriteOp {
-                        key: keys::kv_key(sphere, &op.key),
+                        key: space.key(&op.key),
                         value: op.value,
                     });
                 }

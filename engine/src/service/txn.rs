@@ -84,9 +84,10 @@ impl TxnService {
         let mut total_bytes = 0usize;
         let mut replica = None;
         for key in keys {
-            if keys::decode_kv_key(key).is_none() {
+            if keys::decode_sphere_key(key).is_none() {
                 return Err(ClientError::InvalidArgument(
-                    "a transaction key is not an encoded sphere key (kv_key(sphere, key))".into(),
+                    "a transaction key is not an encoded sphere key (Keyspace::key(sphere, key))"
+                        .into(),
                 ));
             }
             limits::check_key(key)?;
@@ -171,7 +172,7 @@ impl TxnService {
     ) -> Result<Arc<Replica>, ClientError> {
         check_ttl(ttl_ms)?;
         let replica = self.route(header, keys)?;
-        if keys::decode_kv_key(primary).is_none() {
+        if keys::decode_sphere_key(primary).is_none() {
             return Err(ClientError::InvalidArgument(
                 "the primary is not an encoded sphere key".into(),
             ));

@@ -84,6 +84,8 @@ pub async fn status(addr: &str, digest: bool) -> Option<StatusResponse> {
 pub struct Proc {
     pub data_dir: PathBuf,
     pub addr: String,
+    /// Where it serves SQL (PostgreSQL protocol), unless the test's arguments say otherwise.
+    pub sql_addr: String,
     pub child: Option<Child>,
     /// Environment variables the process starts with (e.g. FAILPOINTS).
     pub env: Vec<(String, String)>,
@@ -105,6 +107,11 @@ impl ProcCluster {
         let data_dir = self.dir.path().join(format!("node{}", i + 1));
         let log = self.dir.path().join(format!("node{}.log", i + 1));
         let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let sql_addr = format!("127.0.0.1:{}", free_port());
+        if !extra_args.contains(&"--sql-listen") {
+            args.push("--sql-listen".into());
+            args.push(sql_addr.clone());
+        }
         if i > 0 {
             args.push("--join".into());
             args.push(self.procs[0].addr.clone());
@@ -112,6 +119,7 @@ impl ProcCluster {
         let mut p = Proc {
             data_dir,
             addr,
+            sql_addr,
             child: None,
             env: Vec::new(),
             extra_args: args,

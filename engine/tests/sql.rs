@@ -1,0 +1,247 @@
+//! SQL end to end: the sqllogictest suite (query/tests/slt) through the PostgreSQL wire
+//! protocol of a 3-node cluster of real processes, and the real clients people use: psql and
+//! Python's psycopg 3 (installed by scripts/install-sql-test-deps.sh).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use async_trait::async_trait;
+use common::ProcCluster;
+use sqllogictest::{DBOutput, DefaultColumnType};
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+/// One connection of the sqllogictest runner: statements go over the simple query protocol,
+/// as psql sends them, and come back as PostgreSQL's text.
+struct PgConnection {
+    client: tokio_postgres::Client,
+}
+
+#[derive(Debug)]
+struct SqlFailure(tokio_postgres::Error);
+
+impl std::fmt::Display for SqlFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => write!(f, "{} (SQLSTATE {})", db.message(), db.code().code()),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for SqlFailure {}
+
+async fn connect(sql_addr: &str) -> Result<PgConnection, SqlFailure> {
+    let (host, port) = sql_addr.split_once(':').expect("host:port");
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host={host} port={port} user=spheredb dbname=spheredb"),
+        NoTls,
+    )
+    .await
+    .map_err(SqlFailure)?;
+    tokio::spawn(connection);
+    Ok(PgConnection { client })
+}
+
+#[async_trait]
+impl sqllogictest::AsyncDB for PgConnection {
+    type Error = SqlFailure;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, SqlFailure> {
+        let messages = self.client.simple_query(sql).await.map_err(SqlFailure)?;
+        let mut columns = None;
+        let mut rows = Vec::new();
+        let mut count = 0;
+        for m in messages {
+            match m {
+                SimpleQueryMessage::RowDescription(c) => columns = Some(c.len()),
+                SimpleQueryMessage::Row(row) => rows.push(
+                    (0..row.len())
+                        .map(|i| match row.get(i) {
+                            None => "NULL".to_string(),
+                            Some("") => "(empty)".to_string(),
+                            Some(v) => v.to_string(),
+                        })
+                        .collect(),
+                ),
+                SimpleQueryMessage::CommandComplete(n) => count = n,
+                _ => {}
+            }
+        }
+        Ok(match columns {
+            Some(n) => DBOutput::Rows {
+                types: vec![DefaultColumnType::Any; n],
+                rows,
+            },
+            None => DBOutput::StatementComplete(count),
+        })
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "spheredb"
+    }
+
+    async fn sleep(dur: std::time::Duration) {
+        tokio::time::sleep(dur).await;
+    }
+
+    fn error_sql_state(err: &SqlFailure) -> Option<String> {
+        err.0.code().map(|c| c.code().to_string())
+    }
+}
+
+fn slt_files() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../query/tests/slt");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "slt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .slt files in {}", dir.display());
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sql_logic_test_suite_passes_over_the_wire_protocol() {
+    let cluster = ProcCluster::start(3, &[]).await;
+    // Each file gets its own node of the three, round robin, so every node's front end runs
+    // some of the suite; all see the same catalog and rows.
+    for (i, file) in slt_files().iter().enumerate() {
+        let sql_addr = cluster.procs[i % 3].sql_addr.clone();
+        common::eventually("the SQL front end to accept connections", || async {
+            connect(&sql_addr).await.ok().map(|_| ())
+        })
+        .await;
+        let mut runner = sqllogictest::Runner::new(move || {
+            let sql_addr = sql_addr.clone();
+            async move { connect(&sql_addr).await }
+        });
+        if let Err(e) = runner.run_file_async(file).await {
+            panic!(
+                "{}:\n{}\n--- node log ---\n{}",
+                file.display(),
+                e.display(true),
+                cluster.log(i % 3)
+            );
+        }
+    }
+}
+
+/// Runs `program` with `args`, failing with its output if it fails (or is not installed).
+fn run(program: &str, args: &[&str], input: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("{program} did not start ({e}); run scripts/install-sql-test-deps.sh")
+        });
+    if let Some(text) = input {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psql_and_psycopg_create_write_query_and_retry_conflicts() {
+    let cluster = ProcCluster::start(3, &[]).await;
+    let sql_addr = cluster.procs[1].sql_addr.clone();
+    common::eventually("the SQL front end to accept connections", || async {
+        connect(&sql_addr).await.ok().map(|_| ())
+    })
+    .await;
+    let (host, port) = sql_addr.split_once(':').unwrap();
+    // psql: a script over the simple query protocol, with a transaction.
+    let psql = |script: &str| {
+        run(
+            "psql",
+            &[
+                "-h",
+                host,
+                "-p",
+                port,
+                "-U",
+                "spheredb",
+                "-d",
+                "spheredb",
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ],
+            Some(script),
+        )
+    };
+    psql(
+        "CREATE TABLE notes (sphere_id BIGINT, id BIGINT, body TEXT NOT NULL, \
+         PRIMARY KEY (sphere_id, id));\n\
+         BEGIN;\n\
+         INSERT INTO notes VALUES (1, 1, 'one'), (1, 2, 'two'), (2, 1, 'other sphere');\n\
+         UPDATE notes SET body = 'TWO' WHERE sphere_id = 1 AND id = 2;\n\
+         COMMIT;\n",
+    );
+    let out = psql("SELECT id, body FROM notes WHERE sphere_id = 1 ORDER BY id;");
+    assert_eq!(out.trim(), "1|one\n2|TWO", "{out}");
+    let out = psql("SELECT count(*) FROM notes;");
+    assert_eq!(out.trim(), "3", "{out}");
+
+    // psycopg 3: the extended query protocol with parameters, and a transaction that
+    // conflicts with another, which the driver sees as SQLSTATE 40001 and runs again.
+    let script = r#"
+import sys, psycopg
+from psycopg import errors
+dsn = f"host={sys.argv[1]} port={sys.argv[2]} user=spheredb dbname=spheredb"
+with psycopg.connect(dsn, autocommit=True) as conn:
+    conn.execute("INSERT INTO notes (sphere_id, id, body) VALUES (%s, %s, %s)", (3, 1, "from python"))
+    row = conn.execute("SELECT body FROM notes WHERE sphere_id = %s AND id = %s", (3, 1)).fetchone()
+    assert row == ("from python",), row
+a = psycopg.connect(dsn)
+b = psycopg.connect(dsn)
+a.execute("UPDATE notes SET body = 'a' WHERE sphere_id = 3 AND id = 1")
+b.execute("UPDATE notes SET body = 'b' WHERE sphere_id = 3 AND id = 1")
+a.commit()
+try:
+    b.commit()
+    raise SystemExit("the second writer committed over the first")
+except errors.SerializationFailure:
+    b.rollback()
+attempts = 0
+while True:
+    attempts += 1
+    try:
+        with b.transaction():
+            b.execute("UPDATE notes SET body = body || '+b' WHERE sphere_id = 3 AND id = 1")
+        break
+    except errors.SerializationFailure:
+        if attempts >= 5:
+            raise
+body = b.execute("SELECT body FROM notes WHERE sphere_id = 3 AND id = 1").fetchone()[0]
+assert body == "a+b", body
+print("ok", attempts)
+"#;
+    let out = run("/usr/bin/python3", &["-c", script, host, port], None);
+    assert!(out.starts_with("ok"), "{out}");
+}

@@ -1,0 +1,26 @@
+//! SQL over SphereDB: sphere-partitioned tables queried with DataFusion, changed in
+//! transactions, served over the PostgreSQL wire protocol.
+//!
+//! - [`catalog`]: table descriptors, stored as rows of reserved tables in sphere 0;
+//! - [`types`] and [`row`]: column types and the column-id-tagged row encoding;
+//! - [`table`]: a table as a DataFusion table read in a transaction;
+//! - [`session`]: one connection's statements and transaction (DML is planned here);
+//! - [`pg`]: the PostgreSQL wire protocol front end.
+//!
+//! The SQL layer reaches data only through the [`spheredb_client`] API applications use.
+
+pub mod catalog;
+pub mod error;
+pub mod pg;
+pub mod row;
+pub mod session;
+pub mod table;
+pub mod types;
+
+pub use error::SqlError;
+pub use pg::{serve, DEFAULT_SQL_PORT};
+pub use session::{Outcome, Session};
+
+/// The PostgreSQL version clients are told (`server_version`): the protocol and catalog
+/// behaviour SphereDB follows.
+pub const SERVER_VERSION: &str = "15.0 (SphereDB)";

@@ -1,0 +1,1113 @@
+//! A SQL session: one client connection's statements and its transaction.
+//!
+//! Every statement runs in a transaction: the session's explicit one between `BEGIN` and
+//! `COMMIT`/`ROLLBACK`, or its own (committed when it succeeds, rolled back when it fails).
+//! Queries are planned and run by DataFusion over [`SphereTable`]s that read in that
+//! transaction. `INSERT`, `UPDATE` and `DELETE` are planned here, not through DataFusion's DML
+//! hooks (which change every row for some filters, see docs/sql.md): the rows a statement
+//! changes are those an ordinary `SELECT` with the statement's `WHERE` returns, so every
+//! filter shape DataFusion can query is handled, and a `WHERE` that folds to false changes
+//! nothing.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::compute::{cast_with_options, CastOptions};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::execution::context::{SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{
+    AssignmentTarget, ColumnOption, CreateTable, Delete, Expr as SqlExpr, FromTable, Insert,
+    ObjectName, ObjectType, OnConflictAction, OnInsert, Set, Statement, TableConstraint,
+    TableFactor, TableObject, TableWithJoins, TransactionIsolationLevel, TransactionMode, Update,
+};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use spheredb_client::{Client, Keyspace};
+use spheredb_storage::keys::Datum;
+
+use crate::catalog::{self, ColumnDesc, TableDesc};
+use crate::error::SqlError;
+use crate::row;
+use crate::table::{SharedTxn, SphereTable};
+use crate::types::SqlType;
+
+/// `statement_timeout` when the session sets none: 0, no limit (as PostgreSQL).
+pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 0;
+/// Most rows one `INSERT`, `UPDATE` or `DELETE` changes: a transaction's writes are buffered
+/// in memory until commit.
+pub const MAX_ROWS_PER_STATEMENT: usize = 100_000;
+
+/// What a statement produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A result set.
+    Rows {
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    },
+    /// A command and its tag (`INSERT 0 3`, `CREATE TABLE`).
+    Command {
+        tag: &'static str,
+        rows: Option<usize>,
+    },
+    /// `BEGIN` started a transaction.
+    Began,
+    /// `COMMIT` or `ROLLBACK` ended one (`ROLLBACK` also answers `COMMIT` of a failed one).
+    Ended { tag: &'static str },
+}
+
+impl Outcome {
+    fn command(tag: &'static str) -> Outcome {
+        Outcome::Command { tag, rows: None }
+    }
+    fn counted(tag: &'static str, rows: usize) -> Outcome {
+        Outcome::Command {
+            tag,
+            rows: Some(rows),
+        }
+    }
+}
+
+/// What [`Session::describe`] tells of a statement.
+#[derive(Debug, Default)]
+pub struct Described {
+    pub schema: Option<SchemaRef>,
+    /// The type of `$1`, `$2`, ... where the plan fixes it.
+    pub parameters: Vec<Option<datafusion::arrow::datatypes::DataType>>,
+}
+
+/// The state of the session's explicit transaction.
+enum Block {
+    /// No `BEGIN`: each statement is its own transaction.
+    None,
+    /// Between `BEGIN` and its end.
+    Open(SharedTxn),
+    /// A statement failed: everything but `ROLLBACK`/`COMMIT` is refused.
+    Failed,
+}
+
+/// One connection's session.
+pub struct Session {
+    client: Client,
+    block: Block,
+    statement_timeout_ms: u64,
+    /// Settings a client set (`SET x = y`), shown back by `SHOW x`.
+    settings: HashMap<String, String>,
+}
+
+impl Session {
+    pub fn new(client: Client) -> Session {
+        Session {
+            client,
+            block: Block::None,
+            statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
+            settings: HashMap::new(),
+        }
+    }
+
+    /// True between `BEGIN` and its end (failed or not).
+    pub fn in_block(&self) -> bool {
+        !matches!(self.block, Block::None)
+    }
+
+    /// Parses `sql` into statements.
+    pub fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
+        Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| SqlError::syntax(e.to_string()))
+    }
+
+    /// Runs every statement of `sql` in order, stopping at the first error (as PostgreSQL's
+    /// simple query protocol does).
+    pub async fn execute(&mut self, sql: &str) -> Vec<Result<Outcome, SqlError>> {
+        let statements = match Session::parse(sql) {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail();
+                return vec![Err(e)];
+            }
+        };
+        let mut out = Vec::with_capacity(statements.len());
+        for statement in statements {
+            let result = self.run(statement).await;
+            let failed = result.is_err();
+            out.push(result);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Runs one statement.
+    pub async fn run(&mut self, statement: Statement) -> Result<Outcome, SqlError> {
+        match statement {
+            Statement::StartTransaction { modes, .. } => self.begin(&modes).await,
+            Statement::Commit { .. } => self.commit().await,
+            Statement::Rollback { savepoint, .. } => {
+                if savepoint.is_some() {
+                    return self.failing(Err(SqlError::feature("savepoints are not supported")));
+                }
+                self.rollback().await
+            }
+            statement => {
+                if matches!(self.block, Block::Failed) {
+                    return Err(SqlError::in_failed_transaction());
+                }
+                let result = self.run_in_transaction(statement).await;
+                self.failing(result)
+            }
+        }
+    }
+
+    /// Marks the explicit transaction failed when `result` is an error.
+    fn failing<T>(&mut self, result: Result<T, SqlError>) -> Result<T, SqlError> {
+        if result.is_err() {
+            self.fail();
+        }
+        result
+    }
+
+    /// A statement failed: an explicit transaction is failed until `ROLLBACK`; outside one
+    /// nothing changes.
+    fn fail(&mut self) {
+        match std::mem::replace(&mut self.block, Block::None) {
+            Block::None => {}
+            Block::Failed => self.block = Block::Failed,
+            Block::Open(txn) => {
+                self.block = Block::Failed;
+                // Its locks go now rather than at ROLLBACK.
+                tokio::spawn(async move {
+                    if let Err(e) = txn.lock().await.rollback().await {
+                        tracing::warn!(error = %e, "rolling back a failed transaction");
+                    }
+                });
+            }
+        }
+    }
+
+    async fn begin(&mut self, modes: &[TransactionMode]) -> Result<Outcome, SqlError> {
+        for mode in modes {
+            if let TransactionMode::IsolationLevel(level) = mode {
+                match level {
+                    TransactionIsolationLevel::Serializable => {
+                        return Err(SqlError::feature(
+                            "SERIALIZABLE is not supported: SphereDB transactions are snapshot \
+                             isolation (ask for REPEATABLE READ); SELECT ... FOR UPDATE locks \
+                             the rows a transaction must keep unchanged",
+                        ))
+                    }
+                    // Snapshot isolation is at least as strong as these.
+                    TransactionIsolationLevel::ReadUncommitted
+                    | TransactionIsolationLevel::ReadCommitted
+                    | TransactionIsolationLevel::RepeatableRead
+                    | TransactionIsolationLevel::Snapshot => {}
+                }
+            }
+        }
+        match self.block {
+            // PostgreSQL warns and goes on in the open transaction.
+            Block::Open(_) => Ok(Outcome::Began),
+            Block::Failed => Err(SqlError::in_failed_transaction()),
+            Block::None => {
+                let txn = self.client.begin().await?;
+                self.block = Block::Open(Arc::new(tokio::sync::Mutex::new(txn)));
+                Ok(Outcome::Began)
+            }
+        }
+    }
+
+    async fn commit(&mut self) -> Result<Outcome, SqlError> {
+        match std::mem::replace(&mut self.block, Block::None) {
+            Block::None => Ok(Outcome::Ended { tag: "COMMIT" }),
+            Block::Failed => Ok(Outcome::Ended { tag: "ROLLBACK" }),
+            Block::Open(txn) => {
+                txn.lock().await.commit().await?;
+                Ok(Outcome::Ended { tag: "COMMIT" })
+            }
+        }
+    }
+
+    async fn rollback(&mut self) -> Result<Outcome, SqlError> {
+        if let Block::Open(txn) = std::mem::replace(&mut self.block, Block::None) {
+            txn.lock().await.rollback().await?;
+        }
+        Ok(Outcome::Ended { tag: "ROLLBACK" })
+    }
+
+    /// Runs `statement` in the explicit transaction, or in one of its own.
+    async fn run_in_transaction(&mut self, statement: Statement) -> Result<Outcome, SqlError> {
+        if let Some(outcome) = self.session_statement(&statement)? {
+            return Ok(outcome);
+        }
+        let timeout_ms = self.statement_timeout_ms;
+        let (txn, own) = match &self.block {
+            Block::Open(txn) => (txn.clone(), false),
+            _ => (
+                Arc::new(tokio::sync::Mutex::new(self.client.begin().await?)),
+                true,
+            ),
+        };
+        let work = run_statement(statement, txn.clone());
+        let result = if timeout_ms == 0 {
+            work.await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(timeout_ms), work).await {
+                Ok(r) => r,
+                Err(_) => Err(SqlError::canceled(format!(
+                    "canceling statement due to statement timeout ({timeout_ms} ms)"
+                ))),
+            }
+        };
+        if own {
+            let mut txn = txn.lock().await;
+            match &result {
+                Ok(_) => txn.commit().await?,
+                Err(_) => {
+                    if let Err(e) = txn.rollback().await {
+                        tracing::warn!(error = %e, "rolling back a failed statement");
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// What a statement would return, without running it: its result columns (`None` for a
+    /// statement that returns no rows) and the types of its `$n` parameters where the plan
+    /// fixes them.
+    pub async fn describe(&mut self, sql: &str) -> Result<Described, SqlError> {
+        let mut statements = Session::parse(sql)?;
+        let statement = match statements.len() {
+            0 => return Ok(Described::default()),
+            1 => statements.remove(0),
+            _ => {
+                return Err(SqlError::syntax(
+                    "cannot insert multiple commands into a prepared statement",
+                ))
+            }
+        };
+        match statement {
+            Statement::Query(_) | Statement::Explain { .. } => {}
+            Statement::ShowVariable { .. } => {
+                return Ok(Described {
+                    schema: Some(Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+                        datafusion::arrow::datatypes::Field::new(
+                            "setting",
+                            datafusion::arrow::datatypes::DataType::Utf8,
+                            false,
+                        ),
+                    ]))),
+                    parameters: Vec::new(),
+                })
+            }
+            _ => return Ok(Described::default()),
+        }
+        let txn = match &self.block {
+            Block::Open(txn) => txn.clone(),
+            Block::Failed => return Err(SqlError::in_failed_transaction()),
+            // Planning reads the catalog only; the transaction has nothing to commit.
+            Block::None => Arc::new(tokio::sync::Mutex::new(self.client.begin().await?)),
+        };
+        let (ctx, _) = context(&txn).await?;
+        let plan = ctx
+            .state()
+            .statement_to_plan(DfStatement::Statement(Box::new(statement)))
+            .await?;
+        let types = plan.get_parameter_types()?;
+        let count = types.len();
+        let parameters = (1..=count)
+            .map(|n| types.get(&format!("${n}")).cloned().flatten())
+            .collect();
+        Ok(Described {
+            schema: Some(Arc::new(plan.schema().as_arrow().clone())),
+            parameters,
+        })
+    }
+
+    /// `SET` and `SHOW`: the session's own settings, no transaction needed.
+    fn session_statement(&mut self, statement: &Statement) -> Result<Option<Outcome>, SqlError> {
+        match statement {
+            Statement::Set(Set::SingleAssignment {
+                variable, values, ..
+            }) => {
+                let name = variable.to_string().to_ascii_lowercase();
+                let value = values
+                    .iter()
+                    .map(|v| match v {
+                        SqlExpr::Value(v) => v.to_string().trim_matches('\'').to_string(),
+                        other => other.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if name == "statement_timeout" {
+                    self.statement_timeout_ms = parse_timeout_ms(&value)?;
+                }
+                if name == "transaction_isolation" || name == "default_transaction_isolation" {
+                    if value.eq_ignore_ascii_case("serializable") {
+                        return Err(SqlError::feature(
+                            "SERIALIZABLE is not supported: SphereDB transactions are \
+                             snapshot isolation",
+                        ));
+                    }
+                }
+                self.settings.insert(name, value);
+                Ok(Some(Outcome::command("SET")))
+            }
+            Statement::Set(_) => Ok(Some(Outcome::command("SET"))),
+            Statement::ShowVariable { variable } => {
+                let name = variable
+                    .iter()
+                    .map(|i| i.value.to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let value = match name.as_str() {
+                    "statement_timeout" => format!("{}ms", self.statement_timeout_ms),
+                    "transaction isolation level" | "transaction_isolation" => {
+                        "repeatable read".into()
+                    }
+                    "server_version" => crate::SERVER_VERSION.into(),
+                    other => self.settings.get(other).cloned().ok_or_else(|| {
+                        SqlError::new(
+                            "42704",
+                            format!("unrecognized configuration parameter \"{other}\""),
+                        )
+                    })?,
+                };
+                let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+                    datafusion::arrow::datatypes::Field::new(
+                        name.replace(' ', "_"),
+                        datafusion::arrow::datatypes::DataType::Utf8,
+                        false,
+                    ),
+                ]));
+                let batch =
+                    crate::table::batch_of(&schema, vec![vec![ScalarValue::Utf8(Some(value))]])?;
+                Ok(Some(Outcome::Rows {
+                    schema,
+                    batches: vec![batch],
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// `statement_timeout` values: a number of milliseconds or a number with a unit.
+fn parse_timeout_ms(value: &str) -> Result<u64, SqlError> {
+    let v = value.trim().trim_matches('\'').to_ascii_lowercase();
+    let (digits, unit_ms) = if let Some(d) = v.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = v.strip_suffix("min") {
+        (d, 60_000)
+    } else if let Some(d) = v.strip_suffix('s') {
+        (d, 1_000)
+    } else {
+        (v.as_str(), 1)
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_ms))
+        .ok_or_else(|| {
+            SqlError::invalid(format!(
+                "invalid value for statement_timeout: {value:?} (milliseconds, or e.g. '5s')"
+            ))
+        })
+}
+
+/// A DataFusion context whose tables are the catalog's, read in `txn`.
+async fn context(txn: &SharedTxn) -> Result<(SessionContext, Vec<Arc<TableDesc>>), SqlError> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .set_str("datafusion.sql_parser.dialect", "PostgreSQL");
+    let ctx = SessionContext::new_with_config(config);
+    let uuid = datafusion::functions::string::uuid();
+    ctx.register_udf(uuid.as_ref().clone().with_aliases(["gen_random_uuid"]));
+    let tables = catalog::load_tables(&mut *txn.lock().await).await?;
+    let mut descs = Vec::with_capacity(tables.len());
+    for desc in tables {
+        let desc = Arc::new(desc);
+        ctx.register_table(
+            desc.name.as_str(),
+            Arc::new(SphereTable::new(desc.clone(), txn.clone())),
+        )?;
+        descs.push(desc);
+    }
+    Ok((ctx, descs))
+}
+
+/// Plans and runs a query, collecting its result.
+async fn query(
+    ctx: &SessionContext,
+    statement: Statement,
+) -> Result<(SchemaRef, Vec<RecordBatch>), SqlError> {
+    let plan = ctx
+        .state()
+        .statement_to_plan(DfStatement::Statement(Box::new(statement)))
+        .await?;
+    let frame = ctx.execute_logical_plan(plan).await?;
+    let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+    let batches = frame.collect().await?;
+    Ok((schema, batches))
+}
+
+async fn query_text(
+    ctx: &SessionContext,
+    sql: &str,
+) -> Result<(SchemaRef, Vec<RecordBatch>), SqlError> {
+    let mut statements = Session::parse(sql)?;
+    if statements.len() != 1 {
+        return Err(SqlError::internal(format!(
+            "built query {sql:?} is not one statement"
+        )));
+    }
+    query(ctx, statements.remove(0)).await
+}
+
+/// Runs one statement (not a transaction-control one) in `txn`.
+async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, SqlError> {
+    match statement {
+        Statement::Query(q) => {
+            if !q.locks.is_empty() {
+                return Err(SqlError::feature(
+                    "SELECT ... FOR UPDATE is not supported yet; write the rows to be kept \
+                     unchanged in the transaction instead",
+                ));
+            }
+            let (ctx, _) = context(&txn).await?;
+            let (schema, batches) = query(&ctx, Statement::Query(q)).await?;
+            Ok(Outcome::Rows { schema, batches })
+        }
+        Statement::Explain { ref statement, .. } => {
+            if !matches!(statement.as_ref(), Statement::Query(_)) {
+                return Err(SqlError::feature(
+                    "EXPLAIN is supported for queries only (it never runs INSERT, UPDATE or \
+                     DELETE)",
+                ));
+            }
+            let (ctx, _) = context(&txn).await?;
+            let (schema, batches) = query(&ctx, (**statement).clone()).await?;
+            Ok(Outcome::Rows { schema, batches })
+        }
+        Statement::CreateTable(create) => create_table(create, &txn).await,
+        Statement::Drop {
+            object_type,
+            if_exists,
+            names,
+            ..
+        } => {
+            if object_type != ObjectType::Table {
+                return Err(SqlError::feature(format!(
+                    "DROP {object_type} is not supported"
+                )));
+            }
+            let mut txn = txn.lock().await;
+            for name in &names {
+                let name = table_name(name)?;
+                if !catalog::drop_table(&mut txn, &name).await? && !if_exists {
+                    return Err(SqlError::undefined_table(&name));
+                }
+            }
+            Ok(Outcome::command("DROP TABLE"))
+        }
+        Statement::Insert(insert) => insert_rows(insert, &txn).await,
+        Statement::Update(update) => update_rows(update, &txn).await,
+        Statement::Delete(delete) => delete_rows(delete, &txn).await,
+        other => Err(SqlError::feature(format!(
+            "statement not supported: {}",
+            first_words(&other.to_string())
+        ))),
+    }
+}
+
+/// The first words of a statement, for messages.
+fn first_words(sql: &str) -> String {
+    sql.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// A table name as the catalog keys it: unqualified (or `public.`), as written for quoted
+/// names, lower case otherwise.
+fn table_name(name: &ObjectName) -> Result<String, SqlError> {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|p| match p.as_ident() {
+            Some(ident) if ident.quote_style.is_some() => Ok(ident.value.clone()),
+            Some(ident) => Ok(ident.value.to_ascii_lowercase()),
+            None => Err(SqlError::syntax(format!("bad table name {name}"))),
+        })
+        .collect::<Result<_, _>>()?;
+    match parts.as_slice() {
+        [table] => Ok(table.clone()),
+        [schema, table] if schema == "public" => Ok(table.clone()),
+        _ => Err(SqlError::feature(format!(
+            "table name {name}: only the public schema holds tables"
+        ))),
+    }
+}
+
+fn column_name(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_ascii_lowercase()
+    }
+}
+
+/// `"name"`, quoted for SQL text.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn create_table(create: CreateTable, txn: &SharedTxn) -> Result<Outcome, SqlError> {
+    if create.query.is_some() {
+        return Err(SqlError::feature("CREATE TABLE ... AS is not supported"));
+    }
+    let name = table_name(&create.name)?;
+    let mut columns = Vec::with_capacity(create.columns.len());
+    let mut primary_key: Vec<String> = Vec::new();
+    for (i, def) in create.columns.iter().enumerate() {
+        let column = column_name(&def.name);
+        let mut desc = ColumnDesc {
+            id: i as u32 + 1,
+            name: column.clone(),
+            ty: SqlType::parse(&def.data_type.to_string())?,
+            nullable: true,
+            default: None,
+        };
+        for option in &def.options {
+            match &option.option {
+                ColumnOption::Null => {}
+                ColumnOption::NotNull => desc.nullable = false,
+                ColumnOption::Default(expr) => desc.default = Some(expr.to_string()),
+                ColumnOption::PrimaryKey(_) => {
+                    if !primary_key.is_empty() {
+                        return Err(SqlError::invalid_table(format!(
+                            "multiple primary keys for table \"{name}\" are not allowed"
+                        )));
+                    }
+                    primary_key.push(column.clone());
+                }
+                other => {
+                    return Err(SqlError::feature(format!(
+                        "column option {other} is not supported"
+                    )))
+                }
+            }
+        }
+        columns.push(desc);
+    }
+    for constraint in &create.constraints {
+        match constraint {
+            TableConstraint::PrimaryKey(pk) => {
+                if !primary_key.is_empty() {
+                    return Err(SqlError::invalid_table(format!(
+                        "multiple primary keys for table \"{name}\" are not allowed"
+                    )));
+                }
+                for c in &pk.columns {
+                    match &c.column.expr {
+                        SqlExpr::Identifier(ident) => primary_key.push(column_name(ident)),
+                        other => {
+                            return Err(SqlError::syntax(format!(
+                                "primary-key column {other} is not a column name"
+                            )))
+                        }
+                    }
+                }
+            }
+            other => {
+                return Err(SqlError::feature(format!(
+                    "table constraint {other} is not supported (only PRIMARY KEY)"
+                )))
+            }
+        }
+    }
+    let mut key_ids = Vec::with_capacity(primary_key.len());
+    for key in &primary_key {
+        let Some(c) = columns.iter_mut().find(|c| &c.name == key) else {
+            return Err(SqlError::undefined_column(&name, key));
+        };
+        c.nullable = false;
+        key_ids.push(c.id);
+    }
+    let desc = TableDesc {
+        id: 0,
+        name: name.clone(),
+        next_column_id: columns.len() as u32 + 1,
+        columns,
+        primary_key: key_ids,
+    };
+    desc.validate()?;
+    let mut txn = txn.lock().await;
+    if create.if_not_exists && catalog::table(&mut txn, &name).await?.is_some() {
+        return Ok(Outcome::command("CREATE TABLE"));
+    }
+    catalog::create_table(&mut txn, desc).await?;
+    Ok(Outcome::command("CREATE TABLE"))
+}
+
+/// The table a DML statement names, from the statement's catalog.
+fn target<'d>(
+    descs: &'d [Arc<TableDesc>],
+    name: &ObjectName,
+) -> Result<&'d Arc<TableDesc>, SqlError> {
+    let name = table_name(name)?;
+    descs
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| SqlError::undefined_table(&name))
+}
+
+/// The one table of an `UPDATE` or `DELETE`, with its alias as written.
+fn single_table(from: &TableWithJoins) -> Result<(&ObjectName, String), SqlError> {
+    if !from.joins.is_empty() {
+        return Err(SqlError::feature(
+            "joins in UPDATE or DELETE are not supported; use a subquery in WHERE",
+        ));
+    }
+    match &from.relation {
+        TableFactor::Table { name, alias, .. } => {
+            let relation = match alias {
+                Some(a) => format!("{name} AS {a}"),
+                None => name.to_string(),
+            };
+            Ok((name, relation))
+        }
+        other => Err(SqlError::feature(format!("cannot change rows of {other}"))),
+    }
+}
+
+/// Casts every column of `batch` to the table columns at `positions`.
+fn cast_to_columns(
+    desc: &TableDesc,
+    positions: &[usize],
+    columns: &[ArrayRef],
+) -> Result<Vec<ArrayRef>, SqlError> {
+    let options = CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    positions
+        .iter()
+        .zip(columns)
+        .map(|(p, array)| {
+            let column = &desc.columns[*p];
+            cast_with_options(array, &column.ty.arrow(), &options).map_err(|e| {
+                SqlError::new(
+                    "42804",
+                    format!(
+                        "column \"{}\" is of type {} but the value is {}: {e}",
+                        column.name,
+                        column.ty.name(),
+                        array.data_type()
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Checks a full row and returns its sphere and primary key.
+fn check_row(desc: &TableDesc, values: &[ScalarValue]) -> Result<(u64, Vec<Datum>), SqlError> {
+    for (column, value) in desc.columns.iter().zip(values) {
+        if value.is_null() && !column.nullable {
+            return Err(SqlError::not_null(format!(
+                "null value in column \"{}\" of relation \"{}\" violates not-null constraint",
+                column.name, desc.name
+            )));
+        }
+        column.ty.check(&column.name, value)?;
+    }
+    let mut pk = Vec::with_capacity(desc.primary_key.len());
+    for position in desc.key_positions() {
+        let column = &desc.columns[position];
+        pk.push(column.ty.datum(&column.name, &values[position])?);
+    }
+    let sphere = match pk.first() {
+        Some(Datum::Int(s)) if *s >= 0 => *s as u64,
+        _ => {
+            return Err(SqlError::invalid(format!(
+                "sphere_id of a row of {} must be a non-negative integer",
+                desc.name
+            )))
+        }
+    };
+    Ok((sphere, pk))
+}
+
+fn too_many_rows() -> SqlError {
+    SqlError::new(
+        "54000",
+        format!(
+            "a statement changes at most {MAX_ROWS_PER_STATEMENT} rows; split it (e.g. by \
+             sphere_id)"
+        ),
+    )
+}
+
+async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlError> {
+    if insert.returning.is_some() {
+        return Err(SqlError::feature(
+            "INSERT ... RETURNING is not supported yet",
+        ));
+    }
+    let do_nothing =
+        match &insert.on {
+            None => false,
+            Some(OnInsert::OnConflict(c)) => match &c.action {
+                OnConflictAction::DoNothing => true,
+                OnConflictAction::DoUpdate(_) => return Err(SqlError::feature(
+                    "INSERT ... ON CONFLICT DO UPDATE is not supported yet; use ON CONFLICT DO \
+                     NOTHING and an UPDATE",
+                )),
+            },
+            Some(_) => {
+                return Err(SqlError::feature(
+                    "ON DUPLICATE KEY UPDATE is not supported",
+                ))
+            }
+        };
+    let TableObject::TableName(name) = &insert.table else {
+        return Err(SqlError::feature(
+            "INSERT INTO a table function is not supported",
+        ));
+    };
+    let (ctx, descs) = context(txn).await?;
+    let desc = target(&descs, name)?.clone();
+    let targets: Vec<usize> = if insert.columns.is_empty() {
+        (0..desc.columns.len()).collect()
+    } else {
+        insert
+            .columns
+            .iter()
+            .map(|c| {
+                let name = c.to_string().trim_matches('"').to_string();
+                let name = if c.to_string().starts_with('"') {
+                    name
+                } else {
+                    name.to_ascii_lowercase()
+                };
+                desc.position(&name)
+                    .ok_or_else(|| SqlError::undefined_column(&desc.name, &name))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let Some(source) = insert.source else {
+        return Err(SqlError::feature(
+            "INSERT ... DEFAULT VALUES is not supported yet",
+        ));
+    };
+    let (_, batches) = query(&ctx, Statement::Query(source)).await?;
+    let mut rows_done = 0usize;
+    let mut written: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
+    let mut spheres: BTreeSet<u64> = BTreeSet::new();
+    for batch in batches {
+        if batch.num_columns() != targets.len() {
+            return Err(SqlError::syntax(format!(
+                "INSERT has {} expressions but {} target columns",
+                batch.num_columns(),
+                targets.len()
+            )));
+        }
+        let n = batch.num_rows();
+        if rows_done + n > MAX_ROWS_PER_STATEMENT {
+            return Err(too_many_rows());
+        }
+        let given = cast_to_columns(&desc, &targets, batch.columns())?;
+        let defaults = defaults(&ctx, &desc, &targets, n).await?;
+        let mut txn = txn.lock().await;
+        for r in 0..n {
+            let mut values = Vec::with_capacity(desc.columns.len());
+            for (p, column) in desc.columns.iter().enumerate() {
+                let value = match targets.iter().position(|t| *t == p) {
+                    Some(i) => ScalarValue::try_from_array(&given[i], r)?,
+                    None => match &defaults[p] {
+                        Some(array) => ScalarValue::try_from_array(array, r)?,
+                        None => ScalarValue::try_new_null(&column.ty.arrow())?,
+                    },
+                };
+                values.push(value);
+            }
+            let (sphere, pk) = check_row(&desc, &values)?;
+            let key = desc.row_key(&pk);
+            let exists = written.contains(&(sphere, key.clone()))
+                || txn.get_in(Keyspace::Sql, sphere, &key).await?.is_some();
+            if exists {
+                if do_nothing {
+                    continue;
+                }
+                return Err(SqlError::unique(format!(
+                    "duplicate key value violates unique constraint \"{}_pkey\" (key {pk:?})",
+                    desc.name
+                )));
+            }
+            txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
+            written.insert((sphere, key));
+            if spheres.insert(sphere) {
+                catalog::note_sphere(&mut txn, desc.id, sphere).await?;
+            }
+            rows_done += 1;
+        }
+    }
+    Ok(Outcome::Command {
+        tag: "INSERT",
+        rows: Some(rows_done),
+    })
+}
+
+/// For each column not among `targets`, its default evaluated `n` times (each row its own
+/// value, as `gen_random_uuid()` needs), cast to the column's type.
+async fn defaults(
+    ctx: &SessionContext,
+    desc: &TableDesc,
+    targets: &[usize],
+    n: usize,
+) -> Result<Vec<Option<ArrayRef>>, SqlError> {
+    let mut out: Vec<Option<ArrayRef>> = vec![None; desc.columns.len()];
+    let wanted: Vec<usize> = (0..desc.columns.len())
+        .filter(|p| !targets.contains(p) && desc.columns[*p].default.is_some())
+        .collect();
+    if wanted.is_empty() || n == 0 {
+        return Ok(out);
+    }
+    let exprs = wanted
+        .iter()
+        .map(|p| desc.columns[*p].default.clone().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (_, batches) =
+        query_text(ctx, &format!("SELECT {exprs} FROM generate_series(1, {n})")).await?;
+    let batch = datafusion::arrow::compute::concat_batches(
+        &batches
+            .first()
+            .map(|b| b.schema())
+            .ok_or_else(|| SqlError::internal("defaults produced no batch"))?,
+        &batches,
+    )
+    .map_err(|e| SqlError::internal(e.to_string()))?;
+    let cast = cast_to_columns(desc, &wanted, batch.columns())?;
+    for (p, array) in wanted.into_iter().zip(cast) {
+        out[p] = Some(array);
+    }
+    Ok(out)
+}
+
+async fn update_rows(update: Update, txn: &SharedTxn) -> Result<Outcome, SqlError> {
+    if update.from.is_some() {
+        return Err(SqlError::feature(
+            "UPDATE ... FROM is not supported; use a subquery in SET or WHERE",
+        ));
+    }
+    if update.returning.is_some() {
+        return Err(SqlError::feature(
+            "UPDATE ... RETURNING is not supported yet",
+        ));
+    }
+    if update.limit.is_some() || !update.order_by.is_empty() {
+        return Err(SqlError::feature(
+            "UPDATE ... ORDER BY / LIMIT is not supported",
+        ));
+    }
+    let (ctx, descs) = context(txn).await?;
+    let (name, relation) = single_table(&update.table)?;
+    let desc = target(&descs, name)?.clone();
+    let mut assigned: HashMap<usize, String> = HashMap::new();
+    for a in &update.assignments {
+        let AssignmentTarget::ColumnName(column) = &a.target else {
+            return Err(SqlError::feature(
+                "tuple assignments in UPDATE are not supported",
+            ));
+        };
+        let Some(last) = column.0.last().and_then(|p| p.as_ident()) else {
+            return Err(SqlError::syntax(format!("bad column {column}")));
+        };
+        let column = column_name(last);
+        let p = desc
+            .position(&column)
+            .ok_or_else(|| SqlError::undefined_column(&desc.name, &column))?;
+        if assigned.insert(p, a.value.to_string()).is_some() {
+            return Err(SqlError::new(
+                "42601",
+                format!("multiple assignments to same column \"{column}\""),
+            ));
+        }
+    }
+    let keys = desc.key_positions();
+    // The old key (to find the row) and every column's new value, aliased apart.
+    let mut select: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{} AS \"__old_key_{i}\"", quoted(&desc.columns[*p].name)))
+        .collect();
+    for (p, column) in desc.columns.iter().enumerate() {
+        select.push(match assigned.get(&p) {
+            Some(expr) => format!("({expr}) AS \"__new_{p}\""),
+            None => format!("{} AS \"__new_{p}\"", quoted(&column.name)),
+        });
+    }
+    let where_clause = update
+        .selection
+        .map(|w| format!(" WHERE {w}"))
+        .unwrap_or_default();
+    let sql = format!("SELECT {} FROM {relation}{where_clause}", select.join(", "));
+    let (_, batches) = query_text(&ctx, &sql).await?;
+    let all: Vec<usize> = (0..desc.columns.len()).collect();
+    let mut changed = 0usize;
+    let mut removed: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
+    let mut written: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
+    let mut txn = txn.lock().await;
+    for batch in batches {
+        if changed + batch.num_rows() > MAX_ROWS_PER_STATEMENT {
+            return Err(too_many_rows());
+        }
+        let old_keys = cast_to_columns(&desc, &keys, &batch.columns()[..keys.len()])?;
+        let new = cast_to_columns(&desc, &all, &batch.columns()[keys.len()..])?;
+        for r in 0..batch.num_rows() {
+            let old: Vec<ScalarValue> = old_keys
+                .iter()
+                .map(|a| ScalarValue::try_from_array(a, r))
+                .collect::<Result<_, _>>()?;
+            let old_pk = keys
+                .iter()
+                .zip(&old)
+                .map(|(p, v)| desc.columns[*p].ty.datum(&desc.columns[*p].name, v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let old_sphere = match old_pk.first() {
+                Some(Datum::Int(s)) => *s as u64,
+                _ => return Err(SqlError::internal("a row without sphere_id")),
+            };
+            let values: Vec<ScalarValue> = new
+                .iter()
+                .map(|a| ScalarValue::try_from_array(a, r))
+                .collect::<Result<_, _>>()?;
+            let (sphere, pk) = check_row(&desc, &values)?;
+            let key = desc.row_key(&pk);
+            let old_key = desc.row_key(&old_pk);
+            if (sphere, &key) != (old_sphere, &old_key) {
+                txn.delete_in(Keyspace::Sql, old_sphere, &old_key)?;
+                removed.insert((old_sphere, old_key));
+                let taken = written.contains(&(sphere, key.clone()))
+                    || (!removed.contains(&(sphere, key.clone()))
+                        && txn.get_in(Keyspace::Sql, sphere, &key).await?.is_some());
+                if taken {
+                    return Err(SqlError::unique(format!(
+                        "duplicate key value violates unique constraint \"{}_pkey\" (key \
+                         {pk:?})",
+                        desc.name
+                    )));
+                }
+                catalog::note_sphere(&mut txn, desc.id, sphere).await?;
+            } else if written.contains(&(sphere, key.clone())) {
+                return Err(SqlError::unique(format!(
+                    "duplicate key value violates unique constraint \"{}_pkey\" (key {pk:?})",
+                    desc.name
+                )));
+            }
+            txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
+            removed.remove(&(sphere, key.clone()));
+            written.insert((sphere, key));
+            changed += 1;
+        }
+    }
+    Ok(Outcome::counted("UPDATE", changed))
+}
+
+async fn delete_rows(delete: Delete, txn: &SharedTxn) -> Result<Outcome, SqlError> {
+    if delete.using.is_some() {
+        return Err(SqlError::feature(
+            "DELETE ... USING is not supported; use a subquery in WHERE",
+        ));
+    }
+    if delete.returning.is_some() {
+        return Err(SqlError::feature(
+            "DELETE ... RETURNING is not supported yet",
+        ));
+    }
+    if delete.limit.is_some() || !delete.order_by.is_empty() {
+        return Err(SqlError::feature(
+            "DELETE ... ORDER BY / LIMIT is not supported; select the keys to delete in WHERE",
+        ));
+    }
+    let from = match &delete.from {
+        FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+    };
+    let [table] = from.as_slice() else {
+        return Err(SqlError::feature(
+            "DELETE from several tables is not supported",
+        ));
+    };
+    let (ctx, descs) = context(txn).await?;
+    let (name, relation) = single_table(table)?;
+    let desc = target(&descs, name)?.clone();
+    let keys = desc.key_positions();
+    let select = keys
+        .iter()
+        .map(|p| quoted(&desc.columns[*p].name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let where_clause = delete
+        .selection
+        .map(|w| format!(" WHERE {w}"))
+        .unwrap_or_default();
+    let (_, batches) = query_text(
+        &ctx,
+        &format!("SELECT {select} FROM {relation}{where_clause}"),
+    )
+    .await?;
+    let mut deleted = 0usize;
+    let mut txn = txn.lock().await;
+    for batch in batches {
+        if deleted + batch.num_rows() > MAX_ROWS_PER_STATEMENT {
+            return Err(too_many_rows());
+        }
+        let columns = cast_to_columns(&desc, &keys, batch.columns())?;
+        for r in 0..batch.num_rows() {
+            let mut pk = Vec::with_capacity(keys.len());
+            for (p, array) in keys.iter().zip(&columns) {
+                let column = &desc.columns[*p];
+                pk.push(
+                    column
+                        .ty
+                        .datum(&column.name, &ScalarValue::try_from_array(array, r)?)?,
+                );
+            }
+            let sphere = match pk.first() {
+                Some(Datum::Int(s)) => *s as u64,
+                _ => return Err(SqlError::internal("a row without sphere_id")),
+            };
+            txn.delete_in(Keyspace::Sql, sphere, &desc.row_key(&pk))?;
+            deleted += 1;
+        }
+    }
+    Ok(Outcome::counted("DELETE", deleted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_timeouts_parse_with_units() {
+        assert_eq!(parse_timeout_ms("250").unwrap(), 250);
+        assert_eq!(parse_timeout_ms("'5s'").unwrap(), 5_000);
+        assert_eq!(parse_timeout_ms("2min").unwrap(), 120_000);
+        assert!(parse_timeout_ms("soon").is_err());
+    }
+
+    #[test]
+    fn table_names_fold_case_unless_quoted() {
+        let parse = |sql: &str| match Session::parse(sql).unwrap().remove(0) {
+            Statement::Drop { names, .. } => table_name(&names[0]),
+            other => panic!("{other}"),
+        };
+        assert_eq!(parse("DROP TABLE Posts").unwrap(), "posts");
+        assert_eq!(parse("DROP TABLE \"Posts\"").unwrap(), "Posts");
+        assert_eq!(parse("DROP TABLE public.posts").unwrap(), "posts");
+        assert!(parse("DROP TABLE other.posts").is_err());
+    }
+}
