@@ -218,6 +218,32 @@ with psycopg.connect(dsn, autocommit=True) as conn:
     conn.execute("INSERT INTO notes (sphere_id, id, body) VALUES (%s, %s, %s)", (3, 1, "from python"))
     row = conn.execute("SELECT body FROM notes WHERE sphere_id = %s AND id = %s", (3, 1)).fetchone()
     assert row == ("from python",), row
+    # Parameters are values, never SQL: a negative number after a minus is not a comment,
+    # and a comment in a string stays in the string.
+    assert conn.execute("SELECT 5-%s", (-3,)).fetchone()[0] == 8
+    n = conn.execute("SELECT count(*) FROM notes WHERE body = %s", ("x' OR true --",)).fetchone()[0]
+    assert n == 0, n
+    try:
+        conn.execute("SELECT 1; SELECT 2 WHERE %s", (True,))
+        raise SystemExit("a prepared statement with two commands ran")
+    except errors.SyntaxError:
+        pass
+# An error inside a transaction (here found while describing the query) fails the
+# transaction until ROLLBACK, and nothing of it commits.
+with psycopg.connect(dsn) as conn:
+    conn.execute("INSERT INTO notes (sphere_id, id, body) VALUES (%s, %s, %s)", (3, 2, "doomed"))
+    try:
+        conn.execute("SELECT nosuch FROM notes WHERE sphere_id = %s", (3,))
+        raise SystemExit("an unknown column was accepted")
+    except errors.UndefinedColumn:
+        pass
+    try:
+        conn.execute("SELECT 1")
+        raise SystemExit("a failed transaction went on")
+    except errors.InFailedSqlTransaction:
+        pass
+    conn.rollback()
+    assert conn.execute("SELECT count(*) FROM notes WHERE sphere_id = 3 AND id = 2").fetchone()[0] == 0
 a = psycopg.connect(dsn)
 b = psycopg.connect(dsn)
 a.execute("UPDATE notes SET body = 'a' WHERE sphere_id = 3 AND id = 1")
@@ -227,6 +253,9 @@ try:
     b.commit()
     raise SystemExit("the second writer committed over the first")
 except errors.SerializationFailure:
+    # A failed COMMIT ends the transaction, as in PostgreSQL.
+    status = b.info.transaction_status
+    assert status == psycopg.pq.TransactionStatus.IDLE, status
     b.rollback()
 attempts = 0
 while True:

@@ -103,15 +103,18 @@ impl From<ClientError> for SqlError {
             ClientError::Corruption(_) => "XX001",
             ClientError::DeadlineExceeded { .. } => "57014",
             ClientError::ResourceExhausted(_) => "53000",
-            ClientError::HistoryCompacted { .. } => "22023",
+            // A transaction older than the GC horizon: a new one reads fresh versions.
+            ClientError::HistoryCompacted { .. } => "40001",
             // The commit may or may not have happened: PostgreSQL's
             // transaction_resolution_unknown.
             ClientError::OutcomeUnknown(_) => "08007",
-            ClientError::Unavailable(_)
-            | ClientError::NotLeader { .. }
+            // Routing that the client's retries did not settle in time: the statement can run
+            // again (not 08006, which makes drivers drop the connection).
+            ClientError::NotLeader { .. }
             | ClientError::KeyNotInRange { .. }
             | ClientError::StaleGeneration { .. }
-            | ClientError::RangeNotFound(_) => "08006",
+            | ClientError::RangeNotFound(_) => "40001",
+            ClientError::Unavailable(_) => "57P03",
             ClientError::Internal(_) => "XX000",
         };
         SqlError::new(code, e.to_string())

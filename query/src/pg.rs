@@ -1,7 +1,9 @@
 //! The PostgreSQL wire protocol front end: one [`Session`] per connection, simple and
 //! extended query protocols, PostgreSQL command tags and SQLSTATE codes.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -9,6 +11,10 @@ use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::scalar::ScalarValue;
+use datafusion::sql::sqlparser::ast::{visit_expressions_mut, Expr as SqlExpr, Statement, Value};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::Token;
 use futures::{stream, Sink};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -20,6 +26,8 @@ use pgwire::api::stmt::{NoopQueryParser, StoredStatement};
 use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::extendedquery::Execute;
+use pgwire::messages::response::TransactionStatus;
 use pgwire::messages::PgWireBackendMessage;
 use spheredb_client::Client;
 use tokio::net::TcpListener;
@@ -30,7 +38,7 @@ use crate::session::{Outcome, Session};
 
 /// Default port of the SQL front end (PostgreSQL's is 5432).
 pub const DEFAULT_SQL_PORT: u16 = 5433;
-/// Most client connections a node serves at once; more are refused with SQLSTATE 53300.
+/// Most client connections a node serves at once; more are closed at once (and logged).
 pub const MAX_SQL_CONNECTIONS: usize = 1_000;
 
 /// Accepts connections on `listener` until the process ends, each served by its own
@@ -49,6 +57,7 @@ pub async fn serve(listener: TcpListener, client: Client) -> std::io::Result<()>
             handler: Arc::new(Handler {
                 session: Mutex::new(Session::new(client.clone())),
                 parser: Arc::new(NoopQueryParser::new()),
+                described: std::sync::Mutex::new(HashMap::new()),
             }),
         });
         let open = open.clone();
@@ -79,6 +88,8 @@ impl PgWireServerHandlers for Connection {
 struct Handler {
     session: Mutex<Session>,
     parser: Arc<NoopQueryParser>,
+    /// Parameter types this connection's Describe messages gave, by statement name and text.
+    described: std::sync::Mutex<HashMap<(String, String), Vec<Type>>>,
 }
 
 /// The ErrorResponse of a failed statement.
@@ -196,6 +207,16 @@ fn encode(
         ScalarValue::Float32(Some(v)) => encoder.encode_field(v),
         ScalarValue::Float64(Some(v)) => encoder.encode_field(v),
         ScalarValue::Decimal128(Some(v), _, scale) => {
+            if field.format() == FieldFormat::Text {
+                // Written out digit by digit: every NUMERIC(38, s) value fits, where
+                // rust_decimal holds 96 bits.
+                return encoder.encode_field_with_type_and_format(
+                    &decimal_text(*v, *scale),
+                    field.datatype(),
+                    FieldFormat::Text,
+                    field.format_options(),
+                );
+            }
             let d = rust_decimal::Decimal::try_from_i128_with_scale(*v, (*scale).max(0) as u32)
                 .map_err(|_| bad())?;
             encoder.encode_field(&d)
@@ -252,6 +273,20 @@ fn encode(
     }
 }
 
+/// A decimal of `scale` digits after the point, as PostgreSQL prints NUMERIC.
+fn decimal_text(value: i128, scale: i8) -> String {
+    let digits = value.unsigned_abs().to_string();
+    let sign = if value < 0 { "-" } else { "" };
+    if scale <= 0 {
+        let zeros = "0".repeat(scale.unsigned_abs() as usize);
+        return format!("{sign}{digits}{zeros}");
+    }
+    let scale = scale as usize;
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    format!("{sign}{whole}.{fraction}")
+}
+
 /// A timestamp as PostgreSQL prints it: `2024-02-29 12:34:56.5`, with `+00` for one with a
 /// time zone (shown in UTC).
 fn timestamp_text(t: &chrono::NaiveDateTime, utc: bool) -> String {
@@ -280,10 +315,24 @@ impl SimpleQueryHandler for Handler {
     {
         let mut session = self.session.lock().await;
         let results = session.execute(query).await;
-        results
-            .into_iter()
-            .map(|r| respond(r, &Format::UnifiedText))
-            .collect()
+        let mut responses = Vec::with_capacity(results.len());
+        for result in results {
+            match respond(result, &Format::UnifiedText) {
+                Ok(response) => responses.push(response),
+                Err(e) => {
+                    session.fail();
+                    return Err(e);
+                }
+            }
+        }
+        // A failed COMMIT ends its transaction, as in PostgreSQL: the ReadyForQuery after it
+        // must say idle, not failed, and pgwire derives that status from the responses.
+        if session.commit_failed() {
+            let error = responses.pop();
+            responses.push(Response::TransactionEnd(Tag::new("ROLLBACK")));
+            responses.extend(error);
+        }
+        Ok(responses)
     }
 }
 
@@ -294,6 +343,22 @@ impl ExtendedQueryHandler for Handler {
 
     fn query_parser(&self) -> Arc<Self::QueryParser> {
         self.parser.clone()
+    }
+
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let result = self._on_execute(client, message).await;
+        // A failed COMMIT ends its transaction, as in PostgreSQL: the ReadyForQuery at the
+        // next Sync must say idle, not failed.
+        if self.session.lock().await.commit_failed() {
+            client.set_transaction_status(TransactionStatus::Idle);
+        }
+        result
     }
 
     async fn do_query<C>(
@@ -308,19 +373,19 @@ impl ExtendedQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let sql = match bind(portal) {
-            Ok(sql) => sql,
-            Err(e) => return Ok(error_response(&e)),
-        };
         let mut session = self.session.lock().await;
-        let mut results = session.execute(&sql).await;
-        match results.len() {
-            0 => Ok(Response::EmptyQuery),
-            1 => respond(results.remove(0), &portal.result_column_format),
-            _ => Ok(error_response(&SqlError::syntax(
-                "cannot insert multiple commands into a prepared statement",
-            ))),
-        }
+        let statement = match self.bound(portal) {
+            Ok(Some(statement)) => statement,
+            Ok(None) => return Ok(Response::EmptyQuery),
+            Err(e) => return Err(failed(&mut session, e)),
+        };
+        // Errors are returned, not answered: pgwire then skips the rest of the pipeline up
+        // to the next Sync, as PostgreSQL does.
+        let outcome = session
+            .run(statement)
+            .await
+            .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
+        respond(Ok(outcome), &portal.result_column_format).inspect_err(|_| session.fail())
     }
 
     async fn do_describe_statement<C>(
@@ -335,12 +400,17 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let mut session = self.session.lock().await;
+        let statement = match one_statement(&target.statement) {
+            Ok(Some(statement)) => statement,
+            Ok(None) => return Ok(DescribeStatementResponse::new(Vec::new(), Vec::new())),
+            Err(e) => return Err(failed(&mut session, e)),
+        };
+        let count = placeholder_count(&statement).max(target.parameter_types.len());
         let described = session
-            .describe(&target.statement)
+            .describe(statement)
             .await
             .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
-        let count = placeholders(&target.statement).max(target.parameter_types.len());
-        let parameters = (0..count)
+        let parameters: Vec<Type> = (0..count)
             .map(|i| {
                 target
                     .parameter_types
@@ -358,6 +428,7 @@ impl ExtendedQueryHandler for Handler {
                     .unwrap_or(Type::TEXT)
             })
             .collect();
+        self.remember_types(&target.id, &target.statement, parameters.clone());
         let fields = described
             .schema
             .map(|s| fields(&s, &Format::UnifiedBinary))
@@ -376,10 +447,14 @@ impl ExtendedQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let sql = bind(portal).map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
         let mut session = self.session.lock().await;
+        let statement = match self.bound(portal) {
+            Ok(Some(statement)) => statement,
+            Ok(None) => return Ok(DescribePortalResponse::new(Vec::new())),
+            Err(e) => return Err(failed(&mut session, e)),
+        };
         let described = session
-            .describe(&sql)
+            .describe(statement)
             .await
             .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
         Ok(DescribePortalResponse::new(
@@ -391,66 +466,85 @@ impl ExtendedQueryHandler for Handler {
     }
 }
 
+/// Marks the session's transaction failed and turns `e` into the error pgwire sends.
+fn failed(session: &mut Session, e: SqlError) -> PgWireError {
+    session.fail();
+    PgWireError::UserError(Box::new(error_info(&e)))
+}
+
 fn error_info(e: &SqlError) -> ErrorInfo {
     ErrorInfo::new("ERROR".to_string(), e.code.to_string(), e.message.clone())
 }
 
-/// The number of `$n` placeholders `sql` refers to (the highest `n`).
-fn placeholders(sql: &str) -> usize {
+/// The one statement of a prepared statement's text (`None` for an empty one). More than
+/// one is refused before anything runs, as PostgreSQL refuses it at Parse.
+fn one_statement(sql: &str) -> Result<Option<Statement>, SqlError> {
+    let mut statements = Session::parse(sql)?;
+    match statements.len() {
+        0 => Ok(None),
+        1 => Ok(Some(statements.remove(0))),
+        _ => Err(SqlError::syntax(
+            "cannot insert multiple commands into a prepared statement",
+        )),
+    }
+}
+
+/// The number `n` of a `$n` placeholder expression.
+fn placeholder(expr: &SqlExpr) -> Option<Result<usize, String>> {
+    let SqlExpr::Value(v) = expr else {
+        return None;
+    };
+    let Value::Placeholder(p) = &v.value else {
+        return None;
+    };
+    Some(
+        p.strip_prefix('$')
+            .and_then(|d| d.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| p.clone()),
+    )
+}
+
+/// The highest `$n` a statement refers to.
+fn placeholder_count(statement: &Statement) -> usize {
+    let mut statement = statement.clone();
     let mut highest = 0;
-    scan_placeholders(sql, |n| {
-        highest = highest.max(n);
-        None
+    let _ = visit_expressions_mut(&mut statement, |expr| {
+        if let Some(Ok(n)) = placeholder(expr) {
+            highest = highest.max(n);
+        }
+        ControlFlow::<()>::Continue(())
     });
     highest
 }
 
-/// Calls `replace` with each `$n` outside string literals and quoted names; where it
-/// returns text, that text replaces the placeholder. Returns the rewritten SQL.
-fn scan_placeholders(sql: &str, mut replace: impl FnMut(usize) -> Option<String>) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.char_indices().peekable();
-    let mut quote: Option<char> = None;
-    while let Some((_, c)) = chars.next() {
-        match quote {
-            Some(q) => {
-                out.push(c);
-                if c == q {
-                    quote = None;
-                }
+/// Replaces every `$n` placeholder of the parsed statement by the expression of parameter
+/// `n`. The statement is never printed and parsed again, so no parameter value can change
+/// the statement's shape (a comment, a string or a minus sign next to a placeholder).
+fn substitute(statement: &mut Statement, values: &[SqlExpr]) -> Result<(), SqlError> {
+    let mut missing = None;
+    let _ = visit_expressions_mut(statement, |expr| {
+        match placeholder(expr) {
+            None => {}
+            Some(Ok(n)) if n <= values.len() => *expr = values[n - 1].clone(),
+            Some(Ok(n)) => {
+                missing = Some(format!("${n}"));
+                return ControlFlow::Break(());
             }
-            None if c == '\'' || c == '"' => {
-                quote = Some(c);
-                out.push(c);
+            Some(Err(p)) => {
+                missing = Some(p);
+                return ControlFlow::Break(());
             }
-            None if c == '$' => {
-                let mut digits = String::new();
-                while let Some((_, d)) = chars.peek() {
-                    if d.is_ascii_digit() {
-                        digits.push(*d);
-                        chars.next();
-                    } else {
-                        break;
-                    }
-                }
-                match digits.parse::<usize>() {
-                    Ok(n) if n > 0 => match replace(n) {
-                        Some(text) => out.push_str(&text),
-                        None => {
-                            out.push('$');
-                            out.push_str(&digits);
-                        }
-                    },
-                    _ => {
-                        out.push('$');
-                        out.push_str(&digits);
-                    }
-                }
-            }
-            None => out.push(c),
         }
+        ControlFlow::Continue(())
+    });
+    match missing {
+        Some(p) => Err(SqlError::new(
+            "08P01",
+            format!("there is no parameter {p} ({} given)", values.len()),
+        )),
+        None => Ok(()),
     }
-    out
 }
 
 /// `text` as a SQL string literal.
@@ -458,67 +552,148 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The portal's statement with its parameters written in as literals.
-fn bind(portal: &Portal<String>) -> Result<String, SqlError> {
-    let statement = &portal.statement;
-    let mut values = Vec::with_capacity(portal.parameters.len());
-    for i in 0..portal.parameters.len() {
-        let ty = statement
-            .parameter_types
-            .get(i)
-            .cloned()
-            .flatten()
-            .unwrap_or(Type::UNKNOWN);
-        let bad = |e: PgWireError| SqlError::invalid_text(format!("parameter ${}: {e}", i + 1));
-        let text = if portal.parameters[i].is_none() {
-            "NULL".to_string()
-        } else {
-            match ty {
-                Type::BOOL => portal.parameter::<bool>(i, &ty).map_err(bad)?.map(|b| b.to_string()),
-                Type::INT2 => portal.parameter::<i16>(i, &ty).map_err(bad)?.map(|v| v.to_string()),
-                Type::INT4 => portal.parameter::<i32>(i, &ty).map_err(bad)?.map(|v| v.to_string()),
-                Type::INT8 => portal.parameter::<i64>(i, &ty).map_err(bad)?.map(|v| v.to_string()),
-                Type::FLOAT4 => portal
-                    .parameter::<f32>(i, &ty)
-                    .map_err(bad)?
-                    .map(|v| format!("CAST({} AS REAL)", literal(&v.to_string()))),
-                Type::FLOAT8 => portal
-                    .parameter::<f64>(i, &ty)
-                    .map_err(bad)?
-                    .map(|v| format!("CAST({} AS DOUBLE PRECISION)", literal(&v.to_string()))),
-                Type::NUMERIC => portal
-                    .parameter::<rust_decimal::Decimal>(i, &ty)
-                    .map_err(bad)?
-                    .map(|v| format!("CAST({} AS NUMERIC)", literal(&v.to_string()))),
-                Type::BYTEA => portal.parameter::<Vec<u8>>(i, &ty).map_err(bad)?.map(|v| {
-                    let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
-                    format!("decode('{hex}', 'hex')")
-                }),
-                _ => {
-                    let bytes = portal.parameters[i].as_deref().unwrap_or_default();
-                    if portal.parameter_format.format_for(i) == FieldFormat::Binary
-                        && ty != Type::TEXT
-                        && ty != Type::VARCHAR
-                        && ty != Type::UNKNOWN
-                    {
-                        return Err(SqlError::feature(format!(
-                            "parameter ${} of type {ty} in binary format is not supported; send                              it as text",
-                            i + 1
-                        )));
-                    }
-                    let text = std::str::from_utf8(bytes).map_err(|_| {
-                        SqlError::invalid_text(format!("parameter ${} is not UTF-8", i + 1))
-                    })?;
-                    Some(literal(text))
-                }
-            }
-            .unwrap_or_else(|| "NULL".to_string())
-        };
-        values.push(text);
+/// One parameter value as an expression: parsed on its own from text this module writes, so
+/// it is exactly one expression whatever the value holds.
+fn parameter_expr(text: &str) -> Result<SqlExpr, SqlError> {
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect)
+        .try_with_sql(text)
+        .map_err(|e| SqlError::internal(format!("parameter {text:?}: {e}")))?;
+    let expr = parser
+        .parse_expr()
+        .map_err(|e| SqlError::internal(format!("parameter {text:?}: {e}")))?;
+    if parser.peek_token().token != Token::EOF {
+        return Err(SqlError::internal(format!(
+            "parameter {text:?} is more than one expression"
+        )));
     }
-    Ok(scan_placeholders(&statement.statement, |n| {
-        values.get(n - 1).cloned()
-    }))
+    Ok(expr)
+}
+
+/// Parameter `i` of `portal`, of type `ty`, as SQL text of one self-contained expression.
+fn parameter_text(portal: &Portal<String>, i: usize, ty: &Type) -> Result<String, SqlError> {
+    let bad = |e: PgWireError| SqlError::invalid_text(format!("parameter ${}: {e}", i + 1));
+    if portal.parameters[i].is_none() {
+        return Ok("NULL".to_string());
+    }
+    let cast = |value: Option<String>, sql_type: &str| {
+        value.map(|v| format!("CAST({} AS {sql_type})", literal(&v)))
+    };
+    let text = match *ty {
+        Type::BOOL => cast(
+            portal
+                .parameter::<bool>(i, ty)
+                .map_err(bad)?
+                .map(|v| v.to_string()),
+            "BOOLEAN",
+        ),
+        Type::INT2 => cast(
+            portal
+                .parameter::<i16>(i, ty)
+                .map_err(bad)?
+                .map(|v| v.to_string()),
+            "SMALLINT",
+        ),
+        Type::INT4 => cast(
+            portal
+                .parameter::<i32>(i, ty)
+                .map_err(bad)?
+                .map(|v| v.to_string()),
+            "INT",
+        ),
+        Type::INT8 => cast(
+            portal
+                .parameter::<i64>(i, ty)
+                .map_err(bad)?
+                .map(|v| v.to_string()),
+            "BIGINT",
+        ),
+        Type::FLOAT4 => cast(
+            portal
+                .parameter::<f32>(i, ty)
+                .map_err(bad)?
+                .map(|v| v.to_string()),
+            "REAL",
+        ),
+        Type::FLOAT8 => cast(
+            portal
+                .parameter::<f64>(i, ty)
+                .map_err(bad)?
+                .map(|v| v.to_string()),
+            "DOUBLE PRECISION",
+        ),
+        Type::NUMERIC => cast(
+            portal
+                .parameter::<rust_decimal::Decimal>(i, ty)
+                .map_err(bad)?
+                .map(|v| v.to_string()),
+            "NUMERIC",
+        ),
+        Type::BYTEA => portal.parameter::<Vec<u8>>(i, ty).map_err(bad)?.map(|v| {
+            let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+            format!("decode('{hex}', 'hex')")
+        }),
+        _ => {
+            if portal.parameter_format.format_for(i) == FieldFormat::Binary
+                && *ty != Type::TEXT
+                && *ty != Type::VARCHAR
+            {
+                return Err(SqlError::feature(format!(
+                    "parameter ${} of type {ty} in binary format is not supported; send it as \
+                     text, or as bool, int2/4/8, float4/8, numeric, bytea or text",
+                    i + 1
+                )));
+            }
+            let bytes = portal.parameters[i].as_deref().unwrap_or_default();
+            let text = std::str::from_utf8(bytes).map_err(|_| {
+                SqlError::invalid_text(format!("parameter ${} is not UTF-8", i + 1))
+            })?;
+            Some(literal(text))
+        }
+    };
+    Ok(text.unwrap_or_else(|| "NULL".to_string()))
+}
+
+/// Statements whose parameter types this connection described (values the client then
+/// sends in binary are read as those types): at most this many, all forgotten past it.
+pub const MAX_DESCRIBED_STATEMENTS: usize = 1_000;
+
+impl Handler {
+    fn remember_types(&self, id: &str, sql: &str, types: Vec<Type>) {
+        let mut described = self.described.lock().unwrap_or_else(|p| p.into_inner());
+        if described.len() >= MAX_DESCRIBED_STATEMENTS {
+            described.clear();
+        }
+        described.insert((id.to_string(), sql.to_string()), types);
+    }
+
+    /// The portal's statement with its parameters in place.
+    fn bound(&self, portal: &Portal<String>) -> Result<Option<Statement>, SqlError> {
+        let stored = &portal.statement;
+        let Some(mut statement) = one_statement(&stored.statement)? else {
+            return Ok(None);
+        };
+        let described = self
+            .described
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(stored.id.clone(), stored.statement.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let mut values = Vec::with_capacity(portal.parameters.len());
+        for i in 0..portal.parameters.len() {
+            let ty = stored
+                .parameter_types
+                .get(i)
+                .cloned()
+                .flatten()
+                .or_else(|| described.get(i).cloned())
+                .unwrap_or(Type::UNKNOWN);
+            values.push(parameter_expr(&parameter_text(portal, i, &ty)?)?);
+        }
+        substitute(&mut statement, &values)?;
+        Ok(Some(statement))
+    }
 }
 
 #[cfg(test)]
@@ -526,12 +701,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_are_replaced_outside_literals_only() {
-        let sql = "SELECT '$1', \"$2\", $1 + $10 FROM t WHERE a = $2";
-        let out = scan_placeholders(sql, |n| Some(format!("<{n}>")));
-        assert_eq!(out, "SELECT '$1', \"$2\", <1> + <10> FROM t WHERE a = <2>");
-        assert_eq!(placeholders(sql), 10);
+    fn parameters_cannot_change_the_statement_around_them() {
+        // `-$1` with a negative value must not become a comment, and a value with a comment
+        // and a newline must stay one string.
+        let mut statement =
+            one_statement("UPDATE t SET score = score-$1 WHERE sphere_id = $2 -- $2 in a comment")
+                .unwrap()
+                .unwrap();
+        assert_eq!(placeholder_count(&statement), 2);
+        let values = [
+            parameter_expr("CAST('-3' AS BIGINT)").unwrap(),
+            parameter_expr(&literal("x\n OR true --'")).unwrap(),
+        ];
+        substitute(&mut statement, &values).unwrap();
+        let text = statement.to_string();
+        assert!(text.contains("score - CAST('-3' AS BIGINT)"), "{text}");
+        assert!(text.contains("sphere_id = 'x\n OR true --'''"), "{text}");
+        assert!(parameter_expr("1; DROP TABLE t").is_err());
+        let mut short = one_statement("SELECT $3").unwrap().unwrap();
+        assert_eq!(substitute(&mut short, &values).unwrap_err().code, "08P01");
+        assert!(one_statement("SELECT 1; SELECT 2").is_err());
         assert_eq!(literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn decimals_print_every_digit() {
+        assert_eq!(decimal_text(12345, 2), "123.45");
+        assert_eq!(decimal_text(-5, 2), "-0.05");
+        assert_eq!(decimal_text(7, 0), "7");
+        assert_eq!(decimal_text(7, -2), "700");
+        let big = 10i128.pow(37) + 1;
+        assert_eq!(
+            decimal_text(big, 10),
+            "1000000000000000000000000000.0000000001"
+        );
     }
 
     #[test]

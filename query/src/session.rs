@@ -13,16 +13,19 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast_with_options, CastOptions};
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Float64Type};
+use datafusion::common::TableReference;
 use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
-    AssignmentTarget, ColumnOption, CreateTable, Delete, Expr as SqlExpr, FromTable, Insert,
-    ObjectName, ObjectType, OnConflictAction, OnInsert, Set, Statement, TableConstraint,
-    TableFactor, TableObject, TableWithJoins, TransactionIsolationLevel, TransactionMode, Update,
+    AssignmentTarget, ColumnOption, ConflictTarget, CreateTable, Delete, Expr as SqlExpr,
+    FromTable, Insert, ObjectName, ObjectType, OnConflictAction, OnInsert, Set, Statement,
+    TableConstraint, TableFactor, TableObject, TableWithJoins, TransactionIsolationLevel,
+    TransactionMode, Update,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -97,6 +100,9 @@ pub struct Session {
     statement_timeout_ms: u64,
     /// Settings a client set (`SET x = y`), shown back by `SHOW x`.
     settings: HashMap<String, String>,
+    /// The last statement was a `COMMIT` that failed: the transaction is over (rolled back
+    /// or, for `OutcomeUnknown`, of unknown outcome), as PostgreSQL ends it.
+    commit_failed: bool,
 }
 
 impl Session {
@@ -106,6 +112,7 @@ impl Session {
             block: Block::None,
             statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
             settings: HashMap::new(),
+            commit_failed: false,
         }
     }
 
@@ -120,7 +127,8 @@ impl Session {
     }
 
     /// Runs every statement of `sql` in order, stopping at the first error (as PostgreSQL's
-    /// simple query protocol does).
+    /// simple query protocol does). Outside `BEGIN`, several statements with no transaction
+    /// control among them run as one transaction, as PostgreSQL runs them: all or nothing.
     pub async fn execute(&mut self, sql: &str) -> Vec<Result<Outcome, SqlError>> {
         let statements = match Session::parse(sql) {
             Ok(s) => s,
@@ -129,6 +137,21 @@ impl Session {
                 return vec![Err(e)];
             }
         };
+        let implicit = statements.len() > 1
+            && matches!(self.block, Block::None)
+            && !statements.iter().any(|s| {
+                matches!(
+                    s,
+                    Statement::StartTransaction { .. }
+                        | Statement::Commit { .. }
+                        | Statement::Rollback { .. }
+                )
+            });
+        if implicit {
+            if let Err(e) = self.begin(&[]).await {
+                return vec![Err(e)];
+            }
+        }
         let mut out = Vec::with_capacity(statements.len());
         for statement in statements {
             let result = self.run(statement).await;
@@ -138,13 +161,33 @@ impl Session {
                 break;
             }
         }
+        if implicit {
+            match self.block {
+                Block::Open(_) => {
+                    if let Err(e) = self.commit().await {
+                        out.push(Err(e));
+                    }
+                    // Its end is not the client's to see: it never said BEGIN.
+                    self.commit_failed = false;
+                }
+                // The failed statement rolled it back; the client never opened a block.
+                Block::Failed | Block::None => self.block = Block::None,
+            }
+        }
         out
     }
 
     /// Runs one statement.
     pub async fn run(&mut self, statement: Statement) -> Result<Outcome, SqlError> {
+        self.commit_failed = false;
         match statement {
-            Statement::StartTransaction { modes, .. } => self.begin(&modes).await,
+            Statement::StartTransaction { modes, .. } => {
+                let result = self.begin(&modes).await;
+                self.failing(result)
+            }
+            Statement::Commit { chain: true, .. } | Statement::Rollback { chain: true, .. } => {
+                self.failing(Err(SqlError::feature("AND CHAIN is not supported")))
+            }
             Statement::Commit { .. } => self.commit().await,
             Statement::Rollback { savepoint, .. } => {
                 if savepoint.is_some() {
@@ -171,8 +214,9 @@ impl Session {
     }
 
     /// A statement failed: an explicit transaction is failed until `ROLLBACK`; outside one
-    /// nothing changes.
-    fn fail(&mut self) {
+    /// nothing changes. The wire protocol calls it for errors it finds itself (binding
+    /// parameters, describing, sending rows).
+    pub fn fail(&mut self) {
         match std::mem::replace(&mut self.block, Block::None) {
             Block::None => {}
             Block::Failed => self.block = Block::Failed,
@@ -189,24 +233,7 @@ impl Session {
     }
 
     async fn begin(&mut self, modes: &[TransactionMode]) -> Result<Outcome, SqlError> {
-        for mode in modes {
-            if let TransactionMode::IsolationLevel(level) = mode {
-                match level {
-                    TransactionIsolationLevel::Serializable => {
-                        return Err(SqlError::feature(
-                            "SERIALIZABLE is not supported: SphereDB transactions are snapshot \
-                             isolation (ask for REPEATABLE READ); SELECT ... FOR UPDATE locks \
-                             the rows a transaction must keep unchanged",
-                        ))
-                    }
-                    // Snapshot isolation is at least as strong as these.
-                    TransactionIsolationLevel::ReadUncommitted
-                    | TransactionIsolationLevel::ReadCommitted
-                    | TransactionIsolationLevel::RepeatableRead
-                    | TransactionIsolationLevel::Snapshot => {}
-                }
-            }
-        }
+        refuse_serializable(modes)?;
         match self.block {
             // PostgreSQL warns and goes on in the open transaction.
             Block::Open(_) => Ok(Outcome::Began),
@@ -224,10 +251,17 @@ impl Session {
             Block::None => Ok(Outcome::Ended { tag: "COMMIT" }),
             Block::Failed => Ok(Outcome::Ended { tag: "ROLLBACK" }),
             Block::Open(txn) => {
-                txn.lock().await.commit().await?;
+                let result = txn.lock().await.commit().await;
+                self.commit_failed = result.is_err();
+                result?;
                 Ok(Outcome::Ended { tag: "COMMIT" })
             }
         }
+    }
+
+    /// Whether the last statement was a `COMMIT` that failed, which ended its transaction.
+    pub fn commit_failed(&self) -> bool {
+        self.commit_failed
     }
 
     async fn rollback(&mut self) -> Result<Outcome, SqlError> {
@@ -278,17 +312,12 @@ impl Session {
     /// What a statement would return, without running it: its result columns (`None` for a
     /// statement that returns no rows) and the types of its `$n` parameters where the plan
     /// fixes them.
-    pub async fn describe(&mut self, sql: &str) -> Result<Described, SqlError> {
-        let mut statements = Session::parse(sql)?;
-        let statement = match statements.len() {
-            0 => return Ok(Described::default()),
-            1 => statements.remove(0),
-            _ => {
-                return Err(SqlError::syntax(
-                    "cannot insert multiple commands into a prepared statement",
-                ))
-            }
-        };
+    pub async fn describe(&mut self, statement: Statement) -> Result<Described, SqlError> {
+        let result = self.describe_statement(statement).await;
+        self.failing(result)
+    }
+
+    async fn describe_statement(&mut self, statement: Statement) -> Result<Described, SqlError> {
         match statement {
             Statement::Query(_) | Statement::Explain { .. } => {}
             Statement::ShowVariable { .. } => {
@@ -356,6 +385,10 @@ impl Session {
                 self.settings.insert(name, value);
                 Ok(Some(Outcome::command("SET")))
             }
+            Statement::Set(Set::SetTransaction { modes, .. }) => {
+                refuse_serializable(modes)?;
+                Ok(Some(Outcome::command("SET")))
+            }
             Statement::Set(_) => Ok(Some(Outcome::command("SET"))),
             Statement::ShowVariable { variable } => {
                 let name = variable
@@ -395,6 +428,21 @@ impl Session {
     }
 }
 
+/// Refuses `SERIALIZABLE` rather than give snapshot isolation, which allows write skew;
+/// weaker levels get snapshot isolation, which is at least as strong.
+fn refuse_serializable(modes: &[TransactionMode]) -> Result<(), SqlError> {
+    for mode in modes {
+        if let TransactionMode::IsolationLevel(TransactionIsolationLevel::Serializable) = mode {
+            return Err(SqlError::feature(
+                "SERIALIZABLE is not supported: SphereDB transactions are snapshot isolation \
+                 (ask for REPEATABLE READ); SELECT ... FOR UPDATE-style conflicts come from \
+                 writing the rows that must stay unchanged",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `statement_timeout` values: a number of milliseconds or a number with a unit.
 fn parse_timeout_ms(value: &str) -> Result<u64, SqlError> {
     let v = value.trim().trim_matches('\'').to_ascii_lowercase();
@@ -431,8 +479,10 @@ async fn context(txn: &SharedTxn) -> Result<(SessionContext, Vec<Arc<TableDesc>>
     let mut descs = Vec::with_capacity(tables.len());
     for desc in tables {
         let desc = Arc::new(desc);
+        // Bare: the catalog's name as stored, never parsed again (a quoted "a.b" or "Posts"
+        // is one name).
         ctx.register_table(
-            desc.name.as_str(),
+            TableReference::bare(desc.name.clone()),
             Arc::new(SphereTable::new(desc.clone(), txn.clone())),
         )?;
         descs.push(desc);
@@ -697,7 +747,25 @@ fn cast_to_columns(
         .zip(columns)
         .map(|(p, array)| {
             let column = &desc.columns[*p];
-            cast_with_options(array, &column.ty.arrow(), &options).map_err(|e| {
+            let target = column.ty.arrow();
+            // Arrow truncates fractions into integers; PostgreSQL rounds (half away from 0).
+            let rounded;
+            let array = if target.is_integer()
+                && matches!(
+                    array.data_type(),
+                    DataType::Float32 | DataType::Float64 | DataType::Decimal128(..)
+                ) {
+                let floats = cast_with_options(array, &DataType::Float64, &options)
+                    .map_err(|e| SqlError::new("22003", e.to_string()))?;
+                let floats = floats
+                    .as_primitive::<Float64Type>()
+                    .unary::<_, Float64Type>(f64::round);
+                rounded = Arc::new(floats) as ArrayRef;
+                &rounded
+            } else {
+                array
+            };
+            cast_with_options(array, &target, &options).map_err(|e| {
                 SqlError::new(
                     "42804",
                     format!(
@@ -713,8 +781,12 @@ fn cast_to_columns(
 }
 
 /// Checks a full row and returns its sphere and primary key.
-fn check_row(desc: &TableDesc, values: &[ScalarValue]) -> Result<(u64, Vec<Datum>), SqlError> {
-    for (column, value) in desc.columns.iter().zip(values) {
+fn check_row(desc: &TableDesc, values: &mut [ScalarValue]) -> Result<(u64, Vec<Datum>), SqlError> {
+    for (column, value) in desc.columns.iter().zip(values.iter_mut()) {
+        // UUIDs are stored in one spelling, so text comparisons find them.
+        if let (SqlType::Uuid, ScalarValue::Utf8(Some(text))) = (column.ty, &mut *value) {
+            *text = text.to_ascii_lowercase();
+        }
         if value.is_null() && !column.nullable {
             return Err(SqlError::not_null(format!(
                 "null value in column \"{}\" of relation \"{}\" violates not-null constraint",
@@ -779,6 +851,9 @@ async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlErro
     };
     let (ctx, descs) = context(txn).await?;
     let desc = target(&descs, name)?.clone();
+    if let Some(OnInsert::OnConflict(c)) = &insert.on {
+        check_conflict_target(&desc, c.conflict_target.as_ref())?;
+    }
     let targets: Vec<usize> = if insert.columns.is_empty() {
         (0..desc.columns.len()).collect()
     } else {
@@ -797,6 +872,17 @@ async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlErro
             })
             .collect::<Result<_, _>>()?
     };
+    for (i, t) in targets.iter().enumerate() {
+        if targets[..i].contains(t) {
+            return Err(SqlError::new(
+                "42701",
+                format!(
+                    "column \"{}\" specified more than once",
+                    desc.columns[*t].name
+                ),
+            ));
+        }
+    }
     let Some(source) = insert.source else {
         return Err(SqlError::feature(
             "INSERT ... DEFAULT VALUES is not supported yet",
@@ -833,7 +919,7 @@ async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlErro
                 };
                 values.push(value);
             }
-            let (sphere, pk) = check_row(&desc, &values)?;
+            let (sphere, pk) = check_row(&desc, &mut values)?;
             let key = desc.row_key(&pk);
             let exists = written.contains(&(sphere, key.clone()))
                 || txn.get_in(Keyspace::Sql, sphere, &key).await?.is_some();
@@ -858,6 +944,43 @@ async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlErro
         tag: "INSERT",
         rows: Some(rows_done),
     })
+}
+
+/// `ON CONFLICT (cols)` or `ON CONFLICT ON CONSTRAINT t_pkey` must name the primary key,
+/// the one unique constraint a table has.
+fn check_conflict_target(
+    desc: &TableDesc,
+    target: Option<&ConflictTarget>,
+) -> Result<(), SqlError> {
+    let key: Vec<&str> = desc
+        .key_positions()
+        .iter()
+        .map(|p| desc.columns[*p].name.as_str())
+        .collect();
+    let ok = match target {
+        None => true,
+        Some(ConflictTarget::Columns(columns)) => {
+            let mut named: Vec<String> = columns.iter().map(column_name).collect();
+            let mut key_sorted: Vec<String> = key.iter().map(|k| k.to_string()).collect();
+            named.sort();
+            key_sorted.sort();
+            named == key_sorted
+        }
+        Some(ConflictTarget::OnConstraint(name)) => {
+            table_name(name).is_ok_and(|n| n == format!("{}_pkey", desc.name))
+        }
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(SqlError::new(
+        "42P10",
+        format!(
+            "there is no unique constraint matching the ON CONFLICT specification; the only \
+             one is the primary key ({})",
+            key.join(", ")
+        ),
+    ))
 }
 
 /// For each column not among `targets`, its default evaluated `n` times (each row its own
@@ -981,11 +1104,11 @@ async fn update_rows(update: Update, txn: &SharedTxn) -> Result<Outcome, SqlErro
                 Some(Datum::Int(s)) => *s as u64,
                 _ => return Err(SqlError::internal("a row without sphere_id")),
             };
-            let values: Vec<ScalarValue> = new
+            let mut values: Vec<ScalarValue> = new
                 .iter()
                 .map(|a| ScalarValue::try_from_array(a, r))
                 .collect::<Result<_, _>>()?;
-            let (sphere, pk) = check_row(&desc, &values)?;
+            let (sphere, pk) = check_row(&desc, &mut values)?;
             let key = desc.row_key(&pk);
             let old_key = desc.row_key(&old_pk);
             if (sphere, &key) != (old_sphere, &old_key) {
