@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps demo test lint build sql-test-deps bench-compare bench-transfers bench-feed idle-ranges jepsen-deps jepsen-ci jepsen-long
+.PHONY: deps demo test lint build sql-test-deps test-tester bench-compare bench-transfers bench-feed idle-ranges jepsen-deps jepsen-ci jepsen-long
 
 deps:
 	@./scripts/install-deps.sh
@@ -22,6 +22,11 @@ test: deps jepsen-deps sql-test-deps
 
 sql-test-deps:
 	@./scripts/install-sql-test-deps.sh
+
+# Every test of the Jepsen tester itself, including those `make test` leaves to the `ci`
+# suite (about 12 minutes; root for iptables).
+test-tester: deps jepsen-deps
+	$(CARGO) test --workspace --test tester -- --include-ignored
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -924,12 +924,7 @@ impl Client {
         key: &[u8],
         ts: u64,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        if ts == 0 {
-            return Err(ClientError::InvalidArgument(
-                "timestamp 0 is before every write; read at a timestamp the oracle handed out"
-                    .into(),
-            ));
-        }
+        check_snapshot_ts(ts)?;
         let value = self.read_key(keyspace, sphere, key, ts).await?;
         // Served, so the oracle had handed it out.
         self.causal_ts.fetch_max(ts, Ordering::Relaxed);
@@ -1188,12 +1183,7 @@ impl Client {
         limit: u32,
         ts: u64,
     ) -> Result<Vec<KeyValue>, ClientError> {
-        if ts == 0 {
-            return Err(ClientError::InvalidArgument(
-                "timestamp 0 is before every write; read at a timestamp the oracle handed out"
-                    .into(),
-            ));
-        }
+        check_snapshot_ts(ts)?;
         let pairs = self
             .scan_span(keyspace, sphere, start, end, limit, ts)
             .await?;
@@ -1293,6 +1283,16 @@ impl Client {
             .map(tonic::Response::into_inner)
             .map_err(|s| ClientError::from_status(&s))
     }
+}
+
+/// A timestamp a read "as of" may name: one the oracle handed out, so never 0.
+fn check_snapshot_ts(ts: u64) -> Result<(), ClientError> {
+    if ts == 0 {
+        return Err(ClientError::InvalidArgument(
+            "timestamp 0 is before every write; read at a timestamp the oracle handed out".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the failpoint `client-scan-resume-cached-end` is active: always false unless the

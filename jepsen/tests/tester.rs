@@ -87,7 +87,10 @@ fn run(options: &TestOptions) -> TestOutcome {
     outcome
 }
 
+// The Jepsen `ci` suite runs correct builds under every fault on several seeds and checks the
+// same outcome, so `make test` leaves this one to `make test-tester`.
 #[test]
+#[ignore = "covered by `spheredb-jepsen suite ci`; run with make test-tester"]
 fn correct_build_is_linearizable_under_kill_pause_partition() {
     let nemesis = if netfilter_usable() {
         "kill,pause,partition"

@@ -579,56 +579,26 @@ fn parameter_text(portal: &Portal<String>, i: usize, ty: &Type) -> Result<String
     let cast = |value: Option<String>, sql_type: &str| {
         value.map(|v| format!("CAST({} AS {sql_type})", literal(&v)))
     };
+    // The value read as Rust type `$t`, written back as text and cast to SQL type `$sql`.
+    macro_rules! typed {
+        ($t:ty, $sql:expr) => {
+            cast(
+                portal
+                    .parameter::<$t>(i, ty)
+                    .map_err(bad)?
+                    .map(|v| v.to_string()),
+                $sql,
+            )
+        };
+    }
     let text = match *ty {
-        Type::BOOL => cast(
-            portal
-                .parameter::<bool>(i, ty)
-                .map_err(bad)?
-                .map(|v| v.to_string()),
-            "BOOLEAN",
-        ),
-        Type::INT2 => cast(
-            portal
-                .parameter::<i16>(i, ty)
-                .map_err(bad)?
-                .map(|v| v.to_string()),
-            "SMALLINT",
-        ),
-        Type::INT4 => cast(
-            portal
-                .parameter::<i32>(i, ty)
-                .map_err(bad)?
-                .map(|v| v.to_string()),
-            "INT",
-        ),
-        Type::INT8 => cast(
-            portal
-                .parameter::<i64>(i, ty)
-                .map_err(bad)?
-                .map(|v| v.to_string()),
-            "BIGINT",
-        ),
-        Type::FLOAT4 => cast(
-            portal
-                .parameter::<f32>(i, ty)
-                .map_err(bad)?
-                .map(|v| v.to_string()),
-            "REAL",
-        ),
-        Type::FLOAT8 => cast(
-            portal
-                .parameter::<f64>(i, ty)
-                .map_err(bad)?
-                .map(|v| v.to_string()),
-            "DOUBLE PRECISION",
-        ),
-        Type::NUMERIC => cast(
-            portal
-                .parameter::<rust_decimal::Decimal>(i, ty)
-                .map_err(bad)?
-                .map(|v| v.to_string()),
-            "NUMERIC",
-        ),
+        Type::BOOL => typed!(bool, "BOOLEAN"),
+        Type::INT2 => typed!(i16, "SMALLINT"),
+        Type::INT4 => typed!(i32, "INT"),
+        Type::INT8 => typed!(i64, "BIGINT"),
+        Type::FLOAT4 => typed!(f32, "REAL"),
+        Type::FLOAT8 => typed!(f64, "DOUBLE PRECISION"),
+        Type::NUMERIC => typed!(rust_decimal::Decimal, "NUMERIC"),
         Type::BYTEA => portal.parameter::<Vec<u8>>(i, ty).map_err(bad)?.map(|v| {
             let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
             format!("decode('{hex}', 'hex')")

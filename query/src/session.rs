@@ -23,9 +23,9 @@ use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
     AssignmentTarget, ColumnOption, ConflictTarget, CreateTable, Delete, Expr as SqlExpr,
-    FromTable, Insert, ObjectName, ObjectType, OnConflictAction, OnInsert, Set, Statement,
-    TableConstraint, TableFactor, TableObject, TableWithJoins, TransactionIsolationLevel,
-    TransactionMode, Update,
+    FromTable, GroupByExpr, Insert, ObjectName, ObjectType, OnConflictAction, OnInsert, Query,
+    SelectItem, Set, SetExpr, Statement, TableConstraint, TableFactor, TableObject, TableWithJoins,
+    TransactionIsolationLevel, TransactionMode, Update,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -374,13 +374,13 @@ impl Session {
                 if name == "statement_timeout" {
                     self.statement_timeout_ms = parse_timeout_ms(&value)?;
                 }
-                if name == "transaction_isolation" || name == "default_transaction_isolation" {
-                    if value.eq_ignore_ascii_case("serializable") {
-                        return Err(SqlError::feature(
-                            "SERIALIZABLE is not supported: SphereDB transactions are \
-                             snapshot isolation",
-                        ));
-                    }
+                let isolation =
+                    name == "transaction_isolation" || name == "default_transaction_isolation";
+                if isolation && value.eq_ignore_ascii_case("serializable") {
+                    return Err(SqlError::feature(
+                        "SERIALIZABLE is not supported: SphereDB transactions are snapshot \
+                         isolation",
+                    ));
                 }
                 self.settings.insert(name, value);
                 Ok(Some(Outcome::command("SET")))
@@ -435,8 +435,8 @@ fn refuse_serializable(modes: &[TransactionMode]) -> Result<(), SqlError> {
         if let TransactionMode::IsolationLevel(TransactionIsolationLevel::Serializable) = mode {
             return Err(SqlError::feature(
                 "SERIALIZABLE is not supported: SphereDB transactions are snapshot isolation \
-                 (ask for REPEATABLE READ); SELECT ... FOR UPDATE-style conflicts come from \
-                 writing the rows that must stay unchanged",
+                 (ask for REPEATABLE READ); SELECT ... FOR UPDATE locks the rows a \
+                 transaction must keep unchanged",
             ));
         }
     }
@@ -521,14 +521,12 @@ async fn query_text(
 /// Runs one statement (not a transaction-control one) in `txn`.
 async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, SqlError> {
     match statement {
-        Statement::Query(q) => {
+        Statement::Query(mut q) => {
+            let (ctx, descs) = context(&txn).await?;
             if !q.locks.is_empty() {
-                return Err(SqlError::feature(
-                    "SELECT ... FOR UPDATE is not supported yet; write the rows to be kept \
-                     unchanged in the transaction instead",
-                ));
+                lock_rows(&ctx, &descs, &q, &txn).await?;
+                q.locks.clear();
             }
-            let (ctx, _) = context(&txn).await?;
             let (schema, batches) = query(&ctx, Statement::Query(q)).await?;
             Ok(Outcome::Rows { schema, batches })
         }
@@ -572,6 +570,106 @@ async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, 
             first_words(&other.to_string())
         ))),
     }
+}
+
+/// `SELECT ... FOR UPDATE` (or `FOR SHARE`, taken as `FOR UPDATE`): locks the rows of the
+/// query's one table that its WHERE, ORDER BY and LIMIT select, before the query reads them.
+/// A locked row cannot be written by another transaction until this one ends, and a row
+/// written by another since this transaction began fails the lock at once with 40001.
+async fn lock_rows(
+    ctx: &SessionContext,
+    descs: &[Arc<TableDesc>],
+    query_with_locks: &Query,
+    txn: &SharedTxn,
+) -> Result<(), SqlError> {
+    let unsupported = || {
+        SqlError::feature(
+            "SELECT ... FOR UPDATE is supported on queries of one table without GROUP BY, \
+             HAVING or DISTINCT",
+        )
+    };
+    let mut keys_query = query_with_locks.clone();
+    keys_query.locks.clear();
+    let SetExpr::Select(select) = keys_query.body.as_mut() else {
+        return Err(unsupported());
+    };
+    let plain = select.from.len() == 1
+        && select.having.is_none()
+        && select.distinct.is_none()
+        && matches!(&select.group_by, GroupByExpr::Expressions(e, _) if e.is_empty());
+    if !plain {
+        return Err(unsupported());
+    }
+    let (name, _) = single_table(&select.from[0])?;
+    let desc = target(descs, name)?.clone();
+    let qualifier = match &select.from[0].relation {
+        TableFactor::Table {
+            alias: Some(alias), ..
+        } => format!("{}.", quoted(&alias.name.value)),
+        _ => String::new(),
+    };
+    let keys = desc.key_positions();
+    select.projection = keys
+        .iter()
+        .map(|p| {
+            parse_expr(&format!("{qualifier}{}", quoted(&desc.columns[*p].name)))
+                .map(SelectItem::UnnamedExpr)
+        })
+        .collect::<Result<_, _>>()?;
+    let (_, batches) = query(ctx, Statement::Query(Box::new(keys_query))).await?;
+    let mut txn = txn.lock().await;
+    let mut locked = 0usize;
+    for batch in batches {
+        locked += batch.num_rows();
+        if locked > MAX_ROWS_PER_STATEMENT {
+            return Err(too_many_rows());
+        }
+        let columns = cast_to_columns(&desc, &keys, batch.columns())?;
+        for r in 0..batch.num_rows() {
+            let pk = key_of(&desc, &keys, &columns, r)?;
+            let sphere = sphere_of(&pk)?;
+            txn.lock_in(Keyspace::Sql, sphere, &desc.row_key(&pk))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The primary key of row `r` of `columns` (the key columns, cast to their types).
+fn key_of(
+    desc: &TableDesc,
+    keys: &[usize],
+    columns: &[ArrayRef],
+    r: usize,
+) -> Result<Vec<Datum>, SqlError> {
+    keys.iter()
+        .zip(columns)
+        .map(|(p, array)| {
+            let column = &desc.columns[*p];
+            column
+                .ty
+                .datum(&column.name, &ScalarValue::try_from_array(array, r)?)
+        })
+        .collect()
+}
+
+/// The sphere of a primary key (its first column).
+fn sphere_of(pk: &[Datum]) -> Result<u64, SqlError> {
+    match pk.first() {
+        Some(Datum::Int(s)) if *s >= 0 => Ok(*s as u64),
+        _ => Err(SqlError::internal(format!(
+            "a row key without sphere_id: {pk:?}"
+        ))),
+    }
+}
+
+/// One expression parsed from text this module writes.
+fn parse_expr(text: &str) -> Result<SqlExpr, SqlError> {
+    let dialect = PostgreSqlDialect {};
+    Parser::new(&dialect)
+        .try_with_sql(text)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| SqlError::internal(format!("expression {text:?}: {e}")))
 }
 
 /// The first words of a statement, for messages.
@@ -1091,19 +1189,8 @@ async fn update_rows(update: Update, txn: &SharedTxn) -> Result<Outcome, SqlErro
         let old_keys = cast_to_columns(&desc, &keys, &batch.columns()[..keys.len()])?;
         let new = cast_to_columns(&desc, &all, &batch.columns()[keys.len()..])?;
         for r in 0..batch.num_rows() {
-            let old: Vec<ScalarValue> = old_keys
-                .iter()
-                .map(|a| ScalarValue::try_from_array(a, r))
-                .collect::<Result<_, _>>()?;
-            let old_pk = keys
-                .iter()
-                .zip(&old)
-                .map(|(p, v)| desc.columns[*p].ty.datum(&desc.columns[*p].name, v))
-                .collect::<Result<Vec<_>, _>>()?;
-            let old_sphere = match old_pk.first() {
-                Some(Datum::Int(s)) => *s as u64,
-                _ => return Err(SqlError::internal("a row without sphere_id")),
-            };
+            let old_pk = key_of(&desc, &keys, &old_keys, r)?;
+            let old_sphere = sphere_of(&old_pk)?;
             let mut values: Vec<ScalarValue> = new
                 .iter()
                 .map(|a| ScalarValue::try_from_array(a, r))
@@ -1190,19 +1277,8 @@ async fn delete_rows(delete: Delete, txn: &SharedTxn) -> Result<Outcome, SqlErro
         }
         let columns = cast_to_columns(&desc, &keys, batch.columns())?;
         for r in 0..batch.num_rows() {
-            let mut pk = Vec::with_capacity(keys.len());
-            for (p, array) in keys.iter().zip(&columns) {
-                let column = &desc.columns[*p];
-                pk.push(
-                    column
-                        .ty
-                        .datum(&column.name, &ScalarValue::try_from_array(array, r)?)?,
-                );
-            }
-            let sphere = match pk.first() {
-                Some(Datum::Int(s)) => *s as u64,
-                _ => return Err(SqlError::internal("a row without sphere_id")),
-            };
+            let pk = key_of(&desc, &keys, &columns, r)?;
+            let sphere = sphere_of(&pk)?;
             txn.delete_in(Keyspace::Sql, sphere, &desc.row_key(&pk))?;
             deleted += 1;
         }
