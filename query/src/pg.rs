@@ -319,15 +319,23 @@ impl SimpleQueryHandler for Handler {
         for result in results {
             match respond(result, &Format::UnifiedText) {
                 Ok(response) => responses.push(response),
+                // The statements before it did run (and may have committed): their answers
+                // stay, and this one's error takes its place.
                 Err(e) => {
                     session.fail();
-                    return Err(e);
+                    let message = e.to_string();
+                    responses.push(error_response(&SqlError::internal(format!(
+                        "a result could not be sent: {message}"
+                    ))));
+                    break;
                 }
             }
         }
         // A failed COMMIT ends its transaction, as in PostgreSQL: the ReadyForQuery after it
-        // must say idle, not failed, and pgwire derives that status from the responses.
-        if session.commit_failed() {
+        // must say idle, not failed, and pgwire derives that status from the responses. (Not
+        // for an unknown outcome, which a ROLLBACK tag would misstate.)
+        let unknown = matches!(responses.last(), Some(Response::Error(e)) if e.code == "08007");
+        if session.commit_failed() && !unknown {
             let error = responses.pop();
             responses.push(Response::TransactionEnd(Tag::new("ROLLBACK")));
             responses.extend(error);

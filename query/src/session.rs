@@ -10,13 +10,14 @@
 //! nothing.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast_with_options, CastOptions};
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::datatypes::{DataType, Float64Type};
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type};
 use datafusion::common::TableReference;
 use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
@@ -25,7 +26,7 @@ use datafusion::sql::sqlparser::ast::{
     AssignmentTarget, ColumnOption, ConflictTarget, CreateTable, Delete, Expr as SqlExpr,
     FromTable, GroupByExpr, Insert, ObjectName, ObjectType, OnConflictAction, OnInsert, Query,
     SelectItem, Set, SetExpr, Statement, TableConstraint, TableFactor, TableObject, TableWithJoins,
-    TransactionIsolationLevel, TransactionMode, Update,
+    TransactionIsolationLevel, TransactionMode, Update, Visit, Visitor,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -130,6 +131,7 @@ impl Session {
     /// simple query protocol does). Outside `BEGIN`, several statements with no transaction
     /// control among them run as one transaction, as PostgreSQL runs them: all or nothing.
     pub async fn execute(&mut self, sql: &str) -> Vec<Result<Outcome, SqlError>> {
+        self.commit_failed = false;
         let statements = match Session::parse(sql) {
             Ok(s) => s,
             Err(e) => {
@@ -266,7 +268,10 @@ impl Session {
 
     async fn rollback(&mut self) -> Result<Outcome, SqlError> {
         if let Block::Open(txn) = std::mem::replace(&mut self.block, Block::None) {
-            txn.lock().await.rollback().await?;
+            // The transaction is over either way: locks left behind expire with their TTL.
+            if let Err(e) = txn.lock().await.rollback().await {
+                tracing::warn!(error = %e, "rolling back a transaction");
+            }
         }
         Ok(Outcome::Ended { tag: "ROLLBACK" })
     }
@@ -522,6 +527,7 @@ async fn query_text(
 async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, SqlError> {
     match statement {
         Statement::Query(mut q) => {
+            check_locks(&q)?;
             let (ctx, descs) = context(&txn).await?;
             if !q.locks.is_empty() {
                 lock_rows(&ctx, &descs, &q, &txn).await?;
@@ -572,6 +578,55 @@ async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, 
     }
 }
 
+/// Where `FOR UPDATE` may stand: on the top-level query only, without WITH, ORDER BY,
+/// LIMIT or OFFSET (whose rows a second run might pick differently), NOWAIT, SKIP LOCKED or
+/// OF. Anything else is refused rather than run without the locks it asks for.
+fn check_locks(top: &Query) -> Result<(), SqlError> {
+    struct Nested(bool);
+    impl Visitor for Nested {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            if query.locks.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            self.0 = true;
+            ControlFlow::Break(())
+        }
+    }
+    let mut inner = top.clone();
+    inner.locks.clear();
+    let mut nested = Nested(false);
+    let _ = inner.visit(&mut nested);
+    if nested.0 {
+        return Err(SqlError::feature(
+            "FOR UPDATE is supported on the outermost SELECT only",
+        ));
+    }
+    if top.locks.is_empty() {
+        return Ok(());
+    }
+    if top.with.is_some()
+        || top.order_by.is_some()
+        || top.limit_clause.is_some()
+        || top.fetch.is_some()
+    {
+        return Err(SqlError::feature(
+            "SELECT ... FOR UPDATE with WITH, ORDER BY, LIMIT or OFFSET is not supported; \
+             lock the rows by key (WHERE) and order them afterwards",
+        ));
+    }
+    if top
+        .locks
+        .iter()
+        .any(|l| l.of.is_some() || l.nonblock.is_some())
+    {
+        return Err(SqlError::feature(
+            "FOR UPDATE OF, NOWAIT and SKIP LOCKED are not supported",
+        ));
+    }
+    Ok(())
+}
+
 /// `SELECT ... FOR UPDATE` (or `FOR SHARE`, taken as `FOR UPDATE`): locks the rows of the
 /// query's one table that its WHERE, ORDER BY and LIMIT select, before the query reads them.
 /// A locked row cannot be written by another transaction until this one ends, and a row
@@ -605,7 +660,7 @@ async fn lock_rows(
     let qualifier = match &select.from[0].relation {
         TableFactor::Table {
             alias: Some(alias), ..
-        } => format!("{}.", quoted(&alias.name.value)),
+        } => format!("{}.", quoted(&column_name(&alias.name))),
         _ => String::new(),
     };
     let keys = desc.key_positions();
@@ -847,21 +902,32 @@ fn cast_to_columns(
             let column = &desc.columns[*p];
             let target = column.ty.arrow();
             // Arrow truncates fractions into integers; PostgreSQL rounds (half away from 0).
-            let rounded;
-            let array = if target.is_integer()
-                && matches!(
-                    array.data_type(),
-                    DataType::Float32 | DataType::Float64 | DataType::Decimal128(..)
-                ) {
-                let floats = cast_with_options(array, &DataType::Float64, &options)
-                    .map_err(|e| SqlError::new("22003", e.to_string()))?;
-                let floats = floats
-                    .as_primitive::<Float64Type>()
-                    .unary::<_, Float64Type>(f64::round);
-                rounded = Arc::new(floats) as ArrayRef;
-                &rounded
-            } else {
-                array
+            let rounded: ArrayRef;
+            let array = match array.data_type() {
+                // Half away from zero, as PostgreSQL rounds numeric literals such as 2.5
+                // (DataFusion types those as floats).
+                DataType::Float32 | DataType::Float64 if target.is_integer() => {
+                    let floats = cast_with_options(array, &DataType::Float64, &options)
+                        .map_err(|e| SqlError::new("22003", e.to_string()))?;
+                    rounded = Arc::new(
+                        floats
+                            .as_primitive::<Float64Type>()
+                            .unary::<_, Float64Type>(f64::round),
+                    );
+                    &rounded
+                }
+                // Decimals round half away from zero, in exact integer arithmetic.
+                DataType::Decimal128(precision, scale) if target.is_integer() && *scale > 0 => {
+                    let unit = 10i128.pow(*scale as u32);
+                    let whole = array
+                        .as_primitive::<Decimal128Type>()
+                        .unary::<_, Decimal128Type>(|v| (v + v.signum() * (unit / 2)) / unit)
+                        .with_precision_and_scale(*precision, 0)
+                        .map_err(|e| SqlError::new("22003", e.to_string()))?;
+                    rounded = Arc::new(whole);
+                    &rounded
+                }
+                _ => array,
             };
             cast_with_options(array, &target, &options).map_err(|e| {
                 SqlError::new(
