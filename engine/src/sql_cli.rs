@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::ValueEnum;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
-/// The SQL address `spheredb sql` connects to by default (the node's default).
-pub const DEFAULT_SQL_HOST: &str = "127.0.0.1:5433";
+/// The SQL address `spheredb sql` connects to by default: the node's default.
+pub const DEFAULT_SQL_HOST: &str = crate::cli::DEFAULT_SQL_LISTEN;
 /// Lines of shell history kept in `~/.spheredb_sql_history`.
 pub const MAX_HISTORY_LINES: usize = 1_000;
 

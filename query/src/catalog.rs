@@ -61,10 +61,6 @@ pub struct TableDesc {
 }
 
 impl TableDesc {
-    pub fn column(&self, name: &str) -> Option<&ColumnDesc> {
-        self.columns.iter().find(|c| c.name == name)
-    }
-
     pub fn column_by_id(&self, id: u32) -> Option<&ColumnDesc> {
         self.columns.iter().find(|c| c.id == id)
     }

@@ -18,7 +18,7 @@ pub mod table;
 pub mod types;
 
 pub use error::SqlError;
-pub use pg::{serve, DEFAULT_SQL_PORT};
+pub use pg::serve;
 pub use session::{Outcome, Session};
 
 /// The PostgreSQL version clients are told (`server_version`): the protocol and catalog

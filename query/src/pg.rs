@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::scalar::ScalarValue;
-use datafusion::sql::sqlparser::ast::{visit_expressions_mut, Expr as SqlExpr, Statement, Value};
+use datafusion::sql::sqlparser::ast::{
+    visit_expressions, visit_expressions_mut, Expr as SqlExpr, Statement, Value,
+};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Token;
@@ -36,8 +38,6 @@ use tokio::sync::Mutex;
 use crate::error::SqlError;
 use crate::session::{Outcome, Session};
 
-/// Default port of the SQL front end (PostgreSQL's is 5432).
-pub const DEFAULT_SQL_PORT: u16 = 5433;
 /// Most client connections a node serves at once; more are closed at once (and logged).
 pub const MAX_SQL_CONNECTIONS: usize = 1_000;
 
@@ -94,11 +94,7 @@ struct Handler {
 
 /// The ErrorResponse of a failed statement.
 fn error_response(e: &SqlError) -> Response {
-    Response::Error(Box::new(ErrorInfo::new(
-        "ERROR".to_string(),
-        e.code.to_string(),
-        e.message.clone(),
-    )))
+    Response::Error(Box::new(error_info(e)))
 }
 
 /// The response to one statement's outcome.
@@ -515,9 +511,8 @@ fn placeholder(expr: &SqlExpr) -> Option<Result<usize, String>> {
 
 /// The highest `$n` a statement refers to.
 fn placeholder_count(statement: &Statement) -> usize {
-    let mut statement = statement.clone();
     let mut highest = 0;
-    let _ = visit_expressions_mut(&mut statement, |expr| {
+    let _ = visit_expressions(statement, |expr| {
         if let Some(Ok(n)) = placeholder(expr) {
             highest = highest.max(n);
         }

@@ -117,11 +117,6 @@ impl Session {
         }
     }
 
-    /// True between `BEGIN` and its end (failed or not).
-    pub fn in_block(&self) -> bool {
-        !matches!(self.block, Block::None)
-    }
-
     /// Parses `sql` into statements.
     pub fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
         Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| SqlError::syntax(e.to_string()))

@@ -3,7 +3,6 @@
 
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::scalar::ScalarValue;
-use pgwire::api::Type;
 use serde::{Deserialize, Serialize};
 use spheredb_storage::keys::Datum;
 
@@ -90,27 +89,6 @@ impl SqlType {
             SqlType::Date => DataType::Date32,
             SqlType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
             SqlType::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
-        }
-    }
-
-    /// The PostgreSQL type clients are told.
-    pub fn pg(self) -> Type {
-        match self {
-            SqlType::Bool => Type::BOOL,
-            SqlType::Int16 => Type::INT2,
-            SqlType::Int32 => Type::INT4,
-            SqlType::Int64 => Type::INT8,
-            SqlType::Float32 => Type::FLOAT4,
-            SqlType::Float64 => Type::FLOAT8,
-            SqlType::Numeric { .. } => Type::NUMERIC,
-            SqlType::Text => Type::TEXT,
-            SqlType::Bytea => Type::BYTEA,
-            SqlType::Date => Type::DATE,
-            SqlType::Timestamp => Type::TIMESTAMP,
-            SqlType::TimestampTz => Type::TIMESTAMPTZ,
-            // Sent as text: the text of a UUID or of JSON is what clients parse.
-            SqlType::Uuid => Type::UUID,
-            SqlType::Jsonb => Type::JSONB,
         }
     }
 
