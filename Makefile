@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps demo test lint build sql-test-deps test-tester bench-compare bench-transfers bench-feed idle-ranges jepsen-deps jepsen-ci jepsen-long
+.PHONY: deps demo test lint build sql-test-deps test-tester bench-compare bench-transfers bench-sql bench-feed idle-ranges jepsen-deps jepsen-ci jepsen-long
 
 deps:
 	@./scripts/install-deps.sh
@@ -49,6 +49,14 @@ bench-transfers: deps
 	@./benches/install-postgres.sh
 	$(CARGO) build --release --bin spheredb --bin spheredb-bench
 	./target/release/spheredb-bench transfers --clients 1,16,64 --pairs 2 --duration-secs 10 --out-dir bench-results/transfers
+
+# SQL against PostgreSQL 15 over the PostgreSQL wire protocol: point selects, single-row
+# inserts and upserts, and pgbench's TPC-B-like transaction at 1/16/64 clients, ABBA pairs
+# (about 20 minutes after the release build). Results go to bench-results/sql/.
+bench-sql: deps
+	@./benches/install-postgres.sh
+	$(CARGO) build --release --bin spheredb --bin spheredb-bench
+	./target/release/spheredb-bench sql --clients 1,16,64 --pairs 2 --duration-secs 10 --out-dir bench-results/sql
 
 # Change feeds against etcd watch (release build; about 15 minutes of runs): delivery latency
 # for one subscriber at 1k and 5k writes/s and for 1,000 subscribers on 1,000 spheres,

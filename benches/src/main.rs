@@ -1,5 +1,6 @@
 //! `spheredb-bench`: load generator for SphereDB and etcd, and their side-by-side comparison.
 
+mod closed_loop;
 mod compare;
 mod cpu;
 /// Generated client of etcd's KV, Maintenance and Watch services (subset).
@@ -9,6 +10,7 @@ mod etcd {
 mod feed;
 mod postgres;
 mod runner;
+mod sql;
 mod target;
 mod transfer;
 mod tso;
@@ -36,7 +38,7 @@ const DEFAULT_VALUE_SIZE_BYTES: usize = 256;
 #[command(
     name = "spheredb-bench",
     version,
-    about = "Load generator comparing SphereDB with etcd"
+    about = "Load generator comparing SphereDB with etcd and PostgreSQL"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -98,6 +100,11 @@ enum Cmd {
     /// machine, over a client sweep, ABBA pairs on fresh servers: a Markdown table of
     /// medians, ratios against PostgreSQL and abort rates, plus JSON.
     Transfers(transfer::TransferConfig),
+    /// SphereDB's SQL beside PostgreSQL 15 over the PostgreSQL wire protocol: point selects,
+    /// single-row inserts and upserts by primary key, and pgbench's TPC-B-like transaction,
+    /// over a client sweep, ABBA pairs on fresh servers: a Markdown table of medians, ratios
+    /// against PostgreSQL and abort rates, plus JSON.
+    Sql(sql::SqlConfig),
     /// Change feeds beside etcd watch: write→delivery latency for one subscriber at fixed
     /// write rates and for a subscriber on each of many spheres, catch-up speed from a cursor
     /// behind many writes, and what a following feed costs kv0's throughput; ABBA pairs on
@@ -237,6 +244,12 @@ async fn main_inner() -> anyhow::Result<()> {
                 "wrote {0}/transfers.md, {0}/transfers.json",
                 out_dir.display()
             );
+        }
+        Cmd::Sql(cfg) => {
+            let out_dir = cfg.out_dir.clone();
+            let md = sql::run(cfg).await?;
+            println!("{md}");
+            eprintln!("wrote {0}/sql.md, {0}/sql.json", out_dir.display());
         }
         Cmd::Feed(cfg) => {
             let out_dir = cfg.out_dir.clone();

@@ -80,6 +80,8 @@ pub enum ReadConsistency {
 pub struct Cluster {
     pub system: System,
     pub endpoints: Vec<String>,
+    /// SphereDB's SQL (PostgreSQL protocol) addresses, one per node; empty for etcd.
+    pub sql_endpoints: Vec<String>,
     children: Vec<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -90,6 +92,7 @@ impl Cluster {
         Cluster {
             system,
             endpoints,
+            sql_endpoints: Vec::new(),
             children: Vec::new(),
             _dir: None,
         }
@@ -163,6 +166,7 @@ pub async fn start_spheredb(bin: &Path, nodes: usize, system: System) -> anyhow:
     let mut cluster = Cluster {
         system,
         endpoints: Vec::new(),
+        sql_endpoints: Vec::new(),
         children: Vec::new(),
         _dir: Some(dir),
     };
@@ -173,6 +177,7 @@ pub async fn start_spheredb(bin: &Path, nodes: usize, system: System) -> anyhow:
         .unwrap_or_default();
     for i in 0..nodes {
         let addr = format!("127.0.0.1:{}", free_port()?);
+        let sql_addr = format!("127.0.0.1:{}", free_port()?);
         let (out, err) = log_file(&dir, &format!("node{i}.log"))?;
         let mut cmd = Command::new(bin);
         cmd.arg("start")
@@ -180,6 +185,8 @@ pub async fn start_spheredb(bin: &Path, nodes: usize, system: System) -> anyhow:
             .arg(dir.join(format!("node{i}")))
             .arg("--listen")
             .arg(&addr)
+            .arg("--sql-listen")
+            .arg(&sql_addr)
             .arg("--replication-factor")
             .arg(nodes.min(3).to_string())
             .stdin(Stdio::null())
@@ -199,6 +206,7 @@ pub async fn start_spheredb(bin: &Path, nodes: usize, system: System) -> anyhow:
                 .with_context(|| format!("starting {}", bin.display()))?,
         );
         cluster.endpoints.push(addr);
+        cluster.sql_endpoints.push(sql_addr);
         let (first, want) = (cluster.endpoints[0].clone(), i + 1);
         wait_until("spheredb", || async {
             spheredb_voters(&first).await >= want.min(3)
@@ -271,6 +279,7 @@ pub async fn start_etcd(bin: &Path, members: usize, system: System) -> anyhow::R
     let cluster = Cluster {
         system,
         endpoints: clients,
+        sql_endpoints: Vec::new(),
         children,
         _dir: Some(dir),
     };

@@ -9,28 +9,21 @@
 //! the money they started with.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::Serialize;
 use spheredb_client::{Client, ClientError};
 
+use crate::closed_loop::{
+    self, Failure, MAX_ATTEMPTS, RETRY_BACKOFF_INITIAL_MS, RETRY_BACKOFF_MAX_MS,
+};
 use crate::compare::{median, pair_order, pair_ratios_cell, ratio_cell};
 use crate::postgres::PgServer;
-use crate::runner::{HISTOGRAM_PRECISION_DIGITS, MAX_TRACKED_LATENCY_US};
 use crate::target::{self, System, BENCH_SPHERE};
 
-/// Attempts of one transfer before it counts as an error.
-pub const MAX_TRANSFER_ATTEMPTS: u32 = 32;
-/// Backoff between attempts: doubles from the first to the last value, jittered (the
-/// values `Client::transact` uses).
-pub const RETRY_BACKOFF_INITIAL_MS: u64 = spheredb_client::txn::TRANSACT_BACKOFF_INITIAL_MS;
-pub const RETRY_BACKOFF_MAX_MS: u64 = spheredb_client::txn::TRANSACT_BACKOFF_MAX_MS;
 /// Every account's opening balance.
 pub const OPENING_BALANCE: i64 = 1_000_000;
 /// Transfers move 1 to this much.
@@ -172,17 +165,6 @@ fn pick_accounts(rng: &mut StdRng, accounts: u64, same_half: bool) -> (u64, u64)
             (b, a)
         }
     }
-}
-
-fn jitter_ms(rng: &mut StdRng, ms: u64) -> u64 {
-    ms / 2 + rng.random_range(0..=ms / 2 + 1)
-}
-
-/// How an attempt ended, when it did not commit.
-enum Failure {
-    /// A conflict: run the transfer again.
-    Conflict,
-    Other(anyhow::Error),
 }
 
 fn parse_balance(v: Option<Vec<u8>>, key: &[u8]) -> Result<i64, Failure> {
@@ -331,6 +313,27 @@ impl Session {
     }
 }
 
+/// One client of the run: its session and how it picks accounts.
+struct TransferClient {
+    session: Session,
+    accounts: u64,
+    same_half: bool,
+}
+
+impl closed_loop::Client for TransferClient {
+    /// From, to, amount.
+    type Op = (u64, u64, i64);
+
+    fn pick(&mut self, rng: &mut StdRng) -> Self::Op {
+        let (from, to) = pick_accounts(rng, self.accounts, self.same_half);
+        (from, to, rng.random_range(1..=MAX_TRANSFER_AMOUNT))
+    }
+
+    async fn attempt(&mut self, &(from, to, amount): &Self::Op) -> Result<(), Failure> {
+        self.session.attempt(from, to, self.accounts, amount).await
+    }
+}
+
 /// A fresh server of `system` with its accounts loaded.
 enum Server {
     /// The cluster's processes live as long as this value.
@@ -476,112 +479,31 @@ async fn run_one(
     let server = Server::start(system, cfg).await?;
     // Every client's connection before the clock starts: 64 PostgreSQL connections and
     // their prepared statements are setup, not warm-up.
+    let same_half = system != TxnSystem::Spheredb2pc;
     let mut sessions = Vec::with_capacity(clients);
     for _ in 0..clients {
-        sessions.push(server.session().await?);
+        sessions.push(TransferClient {
+            session: server.session().await?,
+            accounts: cfg.accounts,
+            same_half,
+        });
     }
-    let start = Instant::now();
-    let warm_end = start + Duration::from_secs_f64(cfg.warmup_secs);
-    let end = warm_end + Duration::from_secs_f64(cfg.duration_secs);
-    let transfers = Arc::new(AtomicU64::new(0));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let aborts = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let same_half = system != TxnSystem::Spheredb2pc;
-    let accounts = cfg.accounts;
-    let mut tasks = Vec::new();
-    for (c, mut session) in sessions.into_iter().enumerate() {
-        let (transfers, attempts, aborts, errors) = (
-            transfers.clone(),
-            attempts.clone(),
-            aborts.clone(),
-            errors.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(
-                1,
-                MAX_TRACKED_LATENCY_US,
-                HISTOGRAM_PRECISION_DIGITS,
-            )
-            .expect("valid histogram bounds");
-            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(c as u64 * 7919));
-            // Backoff jitter from its own generator, so that conflicts do not change which
-            // transfers a client makes: every system gets the same sequence.
-            let mut jitter_rng = StdRng::seed_from_u64(!seed.wrapping_add(c as u64));
-            let mut first_error = None;
-            while Instant::now() < end {
-                let began = Instant::now();
-                let measured = began >= warm_end;
-                let (from, to) = pick_accounts(&mut rng, accounts, same_half);
-                let amount = rng.random_range(1..=MAX_TRANSFER_AMOUNT);
-                let mut backoff_ms = RETRY_BACKOFF_INITIAL_MS;
-                let mut committed = false;
-                for _ in 0..MAX_TRANSFER_ATTEMPTS {
-                    let outcome = session.attempt(from, to, accounts, amount).await;
-                    if measured {
-                        attempts.fetch_add(1, Ordering::Relaxed);
-                    }
-                    match outcome {
-                        Ok(()) => {
-                            committed = true;
-                            break;
-                        }
-                        Err(Failure::Conflict) => {
-                            if measured {
-                                aborts.fetch_add(1, Ordering::Relaxed);
-                            }
-                            let ms = jitter_ms(&mut jitter_rng, backoff_ms);
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                            backoff_ms = (backoff_ms * 2).min(RETRY_BACKOFF_MAX_MS);
-                        }
-                        Err(Failure::Other(e)) => {
-                            first_error.get_or_insert(e);
-                            break;
-                        }
-                    }
-                }
-                if !measured {
-                    continue;
-                }
-                if committed {
-                    // Transfers that end after the window count neither way.
-                    if Instant::now() <= end {
-                        transfers.fetch_add(1, Ordering::Relaxed);
-                        let us =
-                            (began.elapsed().as_micros() as u64).clamp(1, MAX_TRACKED_LATENCY_US);
-                        hist.record(us).expect("value within bounds");
-                    }
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            (hist, first_error)
-        }));
-    }
-    let mut total =
-        Histogram::<u64>::new_with_bounds(1, MAX_TRACKED_LATENCY_US, HISTOGRAM_PRECISION_DIGITS)?;
-    for t in tasks {
-        let (hist, first_error) = t.await?;
-        total.add(hist)?;
-        if let Some(e) = first_error {
-            eprintln!("    a client's first error: {e:#}");
-        }
-    }
-    let money = server.total_balance(accounts).await?;
-    let expected = OPENING_BALANCE * accounts as i64;
+    let totals = closed_loop::run(sessions, seed, cfg.warmup_secs, cfg.duration_secs).await?;
+    let money = server.total_balance(cfg.accounts).await?;
+    let expected = OPENING_BALANCE * cfg.accounts as i64;
     if money != expected {
         bail!("{system}: the accounts hold {money} after the run, {expected} before");
     }
     let result = TransferResult {
         system,
         clients,
-        transfers: transfers.load(Ordering::Relaxed),
-        transfers_per_sec: transfers.load(Ordering::Relaxed) as f64 / cfg.duration_secs,
-        attempts: attempts.load(Ordering::Relaxed),
-        aborts: aborts.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        p50_us: total.value_at_quantile(0.50),
-        p99_us: total.value_at_quantile(0.99),
+        transfers: totals.done,
+        transfers_per_sec: totals.done as f64 / cfg.duration_secs,
+        attempts: totals.attempts,
+        aborts: totals.aborts,
+        errors: totals.errors,
+        p50_us: totals.latency_us.value_at_quantile(0.50),
+        p99_us: totals.latency_us.value_at_quantile(0.99),
     };
     drop(server);
     Ok(result)
@@ -707,7 +629,7 @@ pub async fn run(cfg: TransferConfig) -> anyhow::Result<String> {
          servers per run, {} cores. SphereDB: 3 nodes, replication factor 3, the accounts in \
          two ranges; `1pc` moves money within a range, `2pc` across the two. PostgreSQL{}: one \
          server, fsync and synchronous_commit on, REPEATABLE READ. Conflicts are retried (at \
-         most {MAX_TRANSFER_ATTEMPTS} attempts, jittered backoff {RETRY_BACKOFF_INITIAL_MS}–\
+         most {MAX_ATTEMPTS} attempts, jittered backoff {RETRY_BACKOFF_INITIAL_MS}–\
          {RETRY_BACKOFF_MAX_MS} ms); the abort rate is the share of attempts that ended in a \
          conflict. Latency runs from a transfer's first attempt to its commit. Medians; ratios \
          are throughput over PostgreSQL's in the same pair. Every run ends with the total of \

@@ -5,17 +5,23 @@
 //! - [`types`] and [`row`]: column types and the column-id-tagged row encoding;
 //! - [`table`]: a table as a DataFusion table read in a transaction;
 //! - [`session`]: one connection's statements and transaction (DML is planned here);
+//! - [`returning`]: the RETURNING list over the rows a statement changed;
+//! - [`upsert`]: the new values of `INSERT ... ON CONFLICT DO UPDATE`;
+//! - [`params`]: the types of `$n` parameters a statement's text fixes;
 //! - [`pg`]: the PostgreSQL wire protocol front end.
 //!
 //! The SQL layer reaches data only through the [`spheredb_client`] API applications use.
 
 pub mod catalog;
 pub mod error;
+pub mod params;
 pub mod pg;
+pub mod returning;
 pub mod row;
 pub mod session;
 pub mod table;
 pub mod types;
+pub mod upsert;
 
 pub use error::SqlError;
 pub use pg::serve;

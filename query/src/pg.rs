@@ -112,7 +112,12 @@ fn respond(outcome: Result<Outcome, SqlError>, format: &Format) -> PgWireResult<
         } => Response::Execution(Tag::new("INSERT").with_oid(0).with_rows(rows.unwrap_or(0))),
         Outcome::Command { tag, rows: Some(n) } => Response::Execution(Tag::new(tag).with_rows(n)),
         Outcome::Command { tag, rows: None } => Response::Execution(Tag::new(tag)),
-        Outcome::Rows { schema, batches } => rows_response(&schema, batches, format)?,
+        Outcome::Rows { schema, batches } => rows_response(&schema, batches, format, "SELECT")?,
+        Outcome::Returned {
+            tag,
+            schema,
+            batches,
+        } => rows_response(&schema, batches, format, tag)?,
     })
 }
 
@@ -152,10 +157,13 @@ fn fields(schema: &SchemaRef, format: &Format) -> Vec<FieldInfo> {
         .collect()
 }
 
+/// A result set; `tag` is its CommandComplete tag before the row count (`SELECT`,
+/// `INSERT 0`, `UPDATE`, `DELETE`).
 fn rows_response(
     schema: &SchemaRef,
     batches: Vec<RecordBatch>,
     format: &Format,
+    tag: &str,
 ) -> PgWireResult<Response> {
     let fields = Arc::new(fields(schema, format));
     let mut encoder = DataRowEncoder::new(fields.clone());
@@ -170,10 +178,9 @@ fn rows_response(
             rows.push(Ok(encoder.take_row()));
         }
     }
-    Ok(Response::Query(QueryResponse::new(
-        fields,
-        stream::iter(rows),
-    )))
+    let mut response = QueryResponse::new(fields, stream::iter(rows));
+    response.command_tag = tag.to_string();
+    Ok(Response::Query(response))
 }
 
 /// Encodes one value as its column's PostgreSQL type says.

@@ -10,6 +10,7 @@
 //! every stored record's checksum; a row that still does not decode is corruption.)
 
 use datafusion::scalar::ScalarValue;
+use spheredb_storage::keys::Datum;
 
 use crate::catalog::TableDesc;
 use crate::error::SqlError;
@@ -57,6 +58,19 @@ pub fn encode(table: &TableDesc, values: &[ScalarValue]) -> Result<Vec<u8>, SqlE
         out.extend_from_slice(&payload);
     }
     Ok(out)
+}
+
+/// A whole row: the values of `bytes` with the key columns filled from its primary key `pk`.
+pub fn decode_with_key(
+    table: &TableDesc,
+    pk: &[Datum],
+    bytes: &[u8],
+) -> Result<Vec<ScalarValue>, SqlError> {
+    let mut values = decode(table, bytes)?;
+    for (position, datum) in table.key_positions().into_iter().zip(pk) {
+        values[position] = table.columns[position].ty.from_datum(datum)?;
+    }
+    Ok(values)
 }
 
 /// Decodes a row value into one value per column of `table` (key columns and absent

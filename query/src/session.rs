@@ -23,7 +23,7 @@ use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
-    AssignmentTarget, ColumnOption, ConflictTarget, CreateTable, Delete, Expr as SqlExpr,
+    AssignmentTarget, ColumnOption, ConflictTarget, CreateTable, Delete, DoUpdate, Expr as SqlExpr,
     FromTable, GroupByExpr, Insert, ObjectName, ObjectType, OnConflictAction, OnInsert, Query,
     SelectItem, Set, SetExpr, Statement, TableConstraint, TableFactor, TableObject, TableWithJoins,
     TransactionIsolationLevel, TransactionMode, Update, Visit, Visitor,
@@ -35,9 +35,12 @@ use spheredb_storage::keys::Datum;
 
 use crate::catalog::{self, ColumnDesc, TableDesc};
 use crate::error::SqlError;
+use crate::params;
+use crate::returning;
 use crate::row;
 use crate::table::{SharedTxn, SphereTable};
 use crate::types::SqlType;
+use crate::upsert::{self, Conflict};
 
 /// `statement_timeout` when the session sets none: 0, no limit (as PostgreSQL).
 pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 0;
@@ -50,6 +53,13 @@ pub const MAX_ROWS_PER_STATEMENT: usize = 100_000;
 pub enum Outcome {
     /// A result set.
     Rows {
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    },
+    /// The rows an INSERT, UPDATE or DELETE returned (`RETURNING`), with the statement's
+    /// tag before its row count (`INSERT 0`, `UPDATE`, `DELETE`).
+    Returned {
+        tag: &'static str,
         schema: SchemaRef,
         batches: Vec<RecordBatch>,
     },
@@ -97,6 +107,8 @@ enum Block {
 /// One connection's session.
 pub struct Session {
     client: Client,
+    /// DataFusion's context, reused by every statement (`context` swaps its tables).
+    ctx: SessionContext,
     block: Block,
     statement_timeout_ms: u64,
     /// Settings a client set (`SET x = y`), shown back by `SHOW x`.
@@ -110,6 +122,7 @@ impl Session {
     pub fn new(client: Client) -> Session {
         Session {
             client,
+            ctx: base_context(),
             block: Block::None,
             statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
             settings: HashMap::new(),
@@ -284,7 +297,7 @@ impl Session {
                 true,
             ),
         };
-        let work = run_statement(statement, txn.clone());
+        let work = run_statement(statement, &self.ctx, txn.clone());
         let result = if timeout_ms == 0 {
             work.await
         } else {
@@ -318,8 +331,13 @@ impl Session {
     }
 
     async fn describe_statement(&mut self, statement: Statement) -> Result<Described, SqlError> {
+        let changes_rows = matches!(
+            statement,
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
+        );
         match statement {
             Statement::Query(_) | Statement::Explain { .. } => {}
+            _ if changes_rows => {}
             Statement::ShowVariable { .. } => {
                 return Ok(Described {
                     schema: Some(Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
@@ -340,19 +358,38 @@ impl Session {
             // Planning reads the catalog only; the transaction has nothing to commit.
             Block::None => Arc::new(tokio::sync::Mutex::new(self.client.begin().await?)),
         };
-        let (ctx, _) = context(&txn).await?;
+        let (ctx, descs) = context(&self.ctx, &txn).await?;
+        if changes_rows {
+            // DataFusion does not plan these: their parameters' types come from the text
+            // and the changed table's columns.
+            let (name, qualifier) = changed_table(&statement)?;
+            let desc = target(&descs, name)?;
+            let fixed = params::fixed_types(&statement, Some(desc));
+            let schema = match returning_list(&statement) {
+                Some(items) => {
+                    let qualifier = qualifier.unwrap_or_else(|| desc.name.clone());
+                    Some(
+                        returning::project(&ctx, desc, &qualifier, items, Vec::new())
+                            .await?
+                            .0,
+                    )
+                }
+                None => None,
+            };
+            return Ok(Described {
+                schema,
+                parameters: numbered(fixed, &HashMap::new()),
+            });
+        }
+        let fixed = params::fixed_types(&statement, None);
         let plan = ctx
             .state()
             .statement_to_plan(DfStatement::Statement(Box::new(statement)))
             .await?;
-        let types = plan.get_parameter_types()?;
-        let count = types.len();
-        let parameters = (1..=count)
-            .map(|n| types.get(&format!("${n}")).cloned().flatten())
-            .collect();
+        let planned = plan.get_parameter_types()?;
         Ok(Described {
             schema: Some(Arc::new(plan.schema().as_arrow().clone())),
-            parameters,
+            parameters: numbered(fixed, &planned),
         })
     }
 
@@ -467,27 +504,42 @@ fn parse_timeout_ms(value: &str) -> Result<u64, SqlError> {
         })
 }
 
-/// A DataFusion context whose tables are the catalog's, read in `txn`.
-async fn context(txn: &SharedTxn) -> Result<(SessionContext, Vec<Arc<TableDesc>>), SqlError> {
+/// A session's DataFusion context, built once per connection: building one (configuration,
+/// every function, every optimizer rule) costs more than planning a point query.
+fn base_context() -> SessionContext {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .set_str("datafusion.sql_parser.dialect", "PostgreSQL");
     let ctx = SessionContext::new_with_config(config);
     let uuid = datafusion::functions::string::uuid();
     ctx.register_udf(uuid.as_ref().clone().with_aliases(["gen_random_uuid"]));
+    ctx
+}
+
+/// The session's context with the catalog's tables, read in `txn`, as its only tables: the
+/// previous statement's tables (bound to its transaction) and the rows RETURNING or ON
+/// CONFLICT registered are gone.
+async fn context(
+    base: &SessionContext,
+    txn: &SharedTxn,
+) -> Result<(SessionContext, Vec<Arc<TableDesc>>), SqlError> {
     let tables = catalog::load_tables(&mut *txn.lock().await).await?;
+    let schema = base.state().schema_for_ref(TableReference::bare("any"))?;
+    for name in schema.table_names() {
+        schema.deregister_table(&name)?;
+    }
     let mut descs = Vec::with_capacity(tables.len());
     for desc in tables {
         let desc = Arc::new(desc);
         // Bare: the catalog's name as stored, never parsed again (a quoted "a.b" or "Posts"
         // is one name).
-        ctx.register_table(
+        base.register_table(
             TableReference::bare(desc.name.clone()),
             Arc::new(SphereTable::new(desc.clone(), txn.clone())),
         )?;
         descs.push(desc);
     }
-    Ok((ctx, descs))
+    Ok((base.clone(), descs))
 }
 
 /// Plans and runs a query, collecting its result.
@@ -505,7 +557,7 @@ async fn query(
     Ok((schema, batches))
 }
 
-async fn query_text(
+pub(crate) async fn query_text(
     ctx: &SessionContext,
     sql: &str,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), SqlError> {
@@ -519,11 +571,15 @@ async fn query_text(
 }
 
 /// Runs one statement (not a transaction-control one) in `txn`.
-async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, SqlError> {
+async fn run_statement(
+    statement: Statement,
+    base: &SessionContext,
+    txn: SharedTxn,
+) -> Result<Outcome, SqlError> {
     match statement {
         Statement::Query(mut q) => {
             check_locks(&q)?;
-            let (ctx, descs) = context(&txn).await?;
+            let (ctx, descs) = context(base, &txn).await?;
             if !q.locks.is_empty() {
                 lock_rows(&ctx, &descs, &q, &txn).await?;
                 q.locks.clear();
@@ -531,15 +587,19 @@ async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, 
             let (schema, batches) = query(&ctx, Statement::Query(q)).await?;
             Ok(Outcome::Rows { schema, batches })
         }
-        Statement::Explain { ref statement, .. } => {
-            if !matches!(statement.as_ref(), Statement::Query(_)) {
+        Statement::Explain {
+            statement: ref explained,
+            ..
+        } => {
+            if !matches!(explained.as_ref(), Statement::Query(_)) {
                 return Err(SqlError::feature(
                     "EXPLAIN is supported for queries only (it never runs INSERT, UPDATE or \
                      DELETE)",
                 ));
             }
-            let (ctx, _) = context(&txn).await?;
-            let (schema, batches) = query(&ctx, (**statement).clone()).await?;
+            let (ctx, _) = context(base, &txn).await?;
+            // The EXPLAIN itself: its answer is the plan, not the query's rows.
+            let (schema, batches) = query(&ctx, statement.clone()).await?;
             Ok(Outcome::Rows { schema, batches })
         }
         Statement::CreateTable(create) => create_table(create, &txn).await,
@@ -563,9 +623,9 @@ async fn run_statement(statement: Statement, txn: SharedTxn) -> Result<Outcome, 
             }
             Ok(Outcome::command("DROP TABLE"))
         }
-        Statement::Insert(insert) => insert_rows(insert, &txn).await,
-        Statement::Update(update) => update_rows(update, &txn).await,
-        Statement::Delete(delete) => delete_rows(delete, &txn).await,
+        Statement::Insert(insert) => insert_rows(insert, base, &txn).await,
+        Statement::Update(update) => update_rows(update, base, &txn).await,
+        Statement::Delete(delete) => delete_rows(delete, base, &txn).await,
         other => Err(SqlError::feature(format!(
             "statement not supported: {}",
             first_words(&other.to_string())
@@ -650,7 +710,7 @@ async fn lock_rows(
     if !plain {
         return Err(unsupported());
     }
-    let (name, _) = single_table(&select.from[0])?;
+    let (name, _, _) = single_table(&select.from[0])?;
     let desc = target(descs, name)?.clone();
     let qualifier = match &select.from[0].relation {
         TableFactor::Table {
@@ -748,7 +808,7 @@ fn table_name(name: &ObjectName) -> Result<String, SqlError> {
     }
 }
 
-fn column_name(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
+pub(crate) fn column_name(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
     if ident.quote_style.is_some() {
         ident.value.clone()
     } else {
@@ -757,7 +817,7 @@ fn column_name(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
 }
 
 /// `"name"`, quoted for SQL text.
-fn quoted(name: &str) -> String {
+pub(crate) fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -861,8 +921,9 @@ fn target<'d>(
         .ok_or_else(|| SqlError::undefined_table(&name))
 }
 
-/// The one table of an `UPDATE` or `DELETE`, with its alias as written.
-fn single_table(from: &TableWithJoins) -> Result<(&ObjectName, String), SqlError> {
+/// The one table of an `UPDATE` or `DELETE`: its name, the relation as written (with its
+/// alias) and the name its rows go by (the alias, or the table's).
+fn single_table(from: &TableWithJoins) -> Result<(&ObjectName, String, String), SqlError> {
     if !from.joins.is_empty() {
         return Err(SqlError::feature(
             "joins in UPDATE or DELETE are not supported; use a subquery in WHERE",
@@ -870,18 +931,24 @@ fn single_table(from: &TableWithJoins) -> Result<(&ObjectName, String), SqlError
     }
     match &from.relation {
         TableFactor::Table { name, alias, .. } => {
-            let relation = match alias {
-                Some(a) => format!("{name} AS {a}"),
-                None => name.to_string(),
+            let (relation, qualifier) = match alias {
+                Some(a) if !a.columns.is_empty() || a.at.is_some() => {
+                    return Err(SqlError::feature(format!(
+                        "column aliases on the changed table ({a}) are not supported"
+                    )))
+                }
+                // The alias's name only: its own Display may already hold `AS`.
+                Some(a) => (format!("{name} AS {}", a.name), column_name(&a.name)),
+                None => (name.to_string(), table_name(name)?),
             };
-            Ok((name, relation))
+            Ok((name, relation, qualifier))
         }
         other => Err(SqlError::feature(format!("cannot change rows of {other}"))),
     }
 }
 
 /// Casts every column of `batch` to the table columns at `positions`.
-fn cast_to_columns(
+pub(crate) fn cast_to_columns(
     desc: &TableDesc,
     positions: &[usize],
     columns: &[ArrayRef],
@@ -939,6 +1006,74 @@ fn cast_to_columns(
         .collect()
 }
 
+/// Parameter types by position: those the text fixes, else those the plan inferred (keyed
+/// `$n`), as many as the highest number either knows.
+fn numbered(
+    fixed: HashMap<usize, DataType>,
+    planned: &HashMap<String, Option<DataType>>,
+) -> Vec<Option<DataType>> {
+    let highest = planned
+        .keys()
+        .filter_map(|k| k.strip_prefix('$')?.parse::<usize>().ok())
+        .chain(fixed.keys().copied())
+        .max()
+        .unwrap_or(0);
+    (1..=highest)
+        .map(|n| {
+            fixed
+                .get(&n)
+                .cloned()
+                .or_else(|| planned.get(&format!("${n}")).cloned().flatten())
+        })
+        .collect()
+}
+
+/// The table an INSERT, UPDATE or DELETE changes, and the name its rows go by when the
+/// statement gives it an alias.
+fn changed_table(statement: &Statement) -> Result<(&ObjectName, Option<String>), SqlError> {
+    match statement {
+        Statement::Insert(insert) => match &insert.table {
+            TableObject::TableName(name) => Ok((
+                name,
+                insert.table_alias.as_ref().map(|a| column_name(&a.alias)),
+            )),
+            _ => Err(SqlError::feature(
+                "INSERT INTO a table function is not supported",
+            )),
+        },
+        Statement::Update(update) => {
+            let (name, _, qualifier) = single_table(&update.table)?;
+            Ok((name, Some(qualifier)))
+        }
+        Statement::Delete(delete) => {
+            let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &delete.from;
+            match from.as_slice() {
+                [table] => {
+                    let (name, _, qualifier) = single_table(table)?;
+                    Ok((name, Some(qualifier)))
+                }
+                _ => Err(SqlError::feature(
+                    "DELETE from several tables is not supported",
+                )),
+            }
+        }
+        other => Err(SqlError::internal(format!(
+            "{} changes no table",
+            first_words(&other.to_string())
+        ))),
+    }
+}
+
+/// The RETURNING list of an INSERT, UPDATE or DELETE.
+fn returning_list(statement: &Statement) -> Option<&[SelectItem]> {
+    match statement {
+        Statement::Insert(insert) => insert.returning.as_deref(),
+        Statement::Update(update) => update.returning.as_deref(),
+        Statement::Delete(delete) => delete.returning.as_deref(),
+        _ => None,
+    }
+}
+
 /// Checks a full row and returns its sphere and primary key.
 fn check_row(desc: &TableDesc, values: &mut [ScalarValue]) -> Result<(u64, Vec<Datum>), SqlError> {
     for (column, value) in desc.columns.iter().zip(values.iter_mut()) {
@@ -981,37 +1116,43 @@ fn too_many_rows() -> SqlError {
     )
 }
 
-async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlError> {
-    if insert.returning.is_some() {
-        return Err(SqlError::feature(
-            "INSERT ... RETURNING is not supported yet",
-        ));
-    }
-    let do_nothing =
-        match &insert.on {
-            None => false,
-            Some(OnInsert::OnConflict(c)) => match &c.action {
-                OnConflictAction::DoNothing => true,
-                OnConflictAction::DoUpdate(_) => return Err(SqlError::feature(
-                    "INSERT ... ON CONFLICT DO UPDATE is not supported yet; use ON CONFLICT DO \
-                     NOTHING and an UPDATE",
-                )),
-            },
-            Some(_) => {
-                return Err(SqlError::feature(
-                    "ON DUPLICATE KEY UPDATE is not supported",
-                ))
-            }
-        };
+async fn insert_rows(
+    insert: Insert,
+    base: &SessionContext,
+    txn: &SharedTxn,
+) -> Result<Outcome, SqlError> {
+    let on_conflict = match &insert.on {
+        None => OnConflict::Refuse,
+        Some(OnInsert::OnConflict(c)) => match &c.action {
+            OnConflictAction::DoNothing => OnConflict::Skip,
+            OnConflictAction::DoUpdate(update) => OnConflict::Update(update.clone()),
+        },
+        Some(_) => {
+            return Err(SqlError::feature(
+                "ON DUPLICATE KEY UPDATE is not supported",
+            ))
+        }
+    };
     let TableObject::TableName(name) = &insert.table else {
         return Err(SqlError::feature(
             "INSERT INTO a table function is not supported",
         ));
     };
-    let (ctx, descs) = context(txn).await?;
+    let (ctx, descs) = context(base, txn).await?;
     let desc = target(&descs, name)?.clone();
+    let qualifier = insert_qualifier(&insert, &desc);
     if let Some(OnInsert::OnConflict(c)) = &insert.on {
         check_conflict_target(&desc, c.conflict_target.as_ref())?;
+        if let OnConflict::Update(update) = &on_conflict {
+            if c.conflict_target.is_none() {
+                return Err(SqlError::syntax(
+                    "ON CONFLICT DO UPDATE requires inference specification or constraint \
+                     name; name the primary key: ON CONFLICT (sphere_id, ...)",
+                ));
+            }
+            // Refused before any row is written: key columns, unknown columns, repeats.
+            upsert::assignments(&desc, update)?;
+        }
     }
     let targets: Vec<usize> = if insert.columns.is_empty() {
         (0..desc.columns.len()).collect()
@@ -1051,6 +1192,10 @@ async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlErro
     let mut rows_done = 0usize;
     let mut written: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
     let mut spheres: BTreeSet<u64> = BTreeSet::new();
+    // Rows found taken under DO UPDATE: their new values come from one query at the end.
+    let mut conflicts: Vec<Conflict> = Vec::new();
+    let mut conflict_keys: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut returned: Vec<Vec<ScalarValue>> = Vec::new();
     for batch in batches {
         if batch.num_columns() != targets.len() {
             return Err(SqlError::syntax(format!(
@@ -1080,18 +1225,44 @@ async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlErro
             }
             let (sphere, pk) = check_row(&desc, &mut values)?;
             let key = desc.row_key(&pk);
-            let exists = written.contains(&(sphere, key.clone()))
-                || txn.get_in(Keyspace::Sql, sphere, &key).await?.is_some();
-            if exists {
-                if do_nothing {
-                    continue;
+            let in_statement = written.contains(&(sphere, key.clone()));
+            let stored = match in_statement {
+                true => None,
+                false => txn.get_in(Keyspace::Sql, sphere, &key).await?,
+            };
+            if in_statement || stored.is_some() {
+                let duplicate = || {
+                    SqlError::unique(format!(
+                        "duplicate key value violates unique constraint \"{}_pkey\" (key \
+                         {pk:?})",
+                        desc.name
+                    ))
+                };
+                match (&on_conflict, stored) {
+                    (OnConflict::Skip, _) => continue,
+                    (OnConflict::Refuse, _) => return Err(duplicate()),
+                    (OnConflict::Update(_), None) => {
+                        return Err(SqlError::new(
+                            "21000",
+                            "ON CONFLICT DO UPDATE command cannot affect row a second time; \
+                             no two rows of one INSERT may have the same primary key",
+                        ))
+                    }
+                    (OnConflict::Update(_), Some(bytes)) => {
+                        conflicts.push(Conflict {
+                            existing: row::decode_with_key(&desc, &pk, &bytes)?,
+                            proposed: values,
+                        });
+                        conflict_keys.push((sphere, key.clone()));
+                        written.insert((sphere, key));
+                        continue;
+                    }
                 }
-                return Err(SqlError::unique(format!(
-                    "duplicate key value violates unique constraint \"{}_pkey\" (key {pk:?})",
-                    desc.name
-                )));
             }
             txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
+            if insert.returning.is_some() {
+                returned.push(values);
+            }
             written.insert((sphere, key));
             if spheres.insert(sphere) {
                 catalog::note_sphere(&mut txn, desc.id, sphere).await?;
@@ -1099,10 +1270,67 @@ async fn insert_rows(insert: Insert, txn: &SharedTxn) -> Result<Outcome, SqlErro
             rows_done += 1;
         }
     }
-    Ok(Outcome::Command {
-        tag: "INSERT",
-        rows: Some(rows_done),
+    if let OnConflict::Update(update) = &on_conflict {
+        // Without the transaction's lock: a subquery in SET reads through it.
+        let new_rows = upsert::new_rows(&ctx, &desc, &qualifier, update, &conflicts).await?;
+        let mut txn = txn.lock().await;
+        for (row, (sphere, key)) in new_rows.into_iter().zip(conflict_keys) {
+            let Some(mut values) = row else { continue };
+            let (new_sphere, pk) = check_row(&desc, &mut values)?;
+            if (new_sphere, desc.row_key(&pk)) != (sphere, key.clone()) {
+                return Err(SqlError::internal("ON CONFLICT DO UPDATE moved a row"));
+            }
+            txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
+            if insert.returning.is_some() {
+                returned.push(values);
+            }
+            rows_done += 1;
+        }
+    }
+    match &insert.returning {
+        Some(items) => {
+            returning_outcome("INSERT 0", &ctx, &desc, &qualifier, items, returned).await
+        }
+        None => Ok(Outcome::Command {
+            tag: "INSERT",
+            rows: Some(rows_done),
+        }),
+    }
+}
+
+/// The name an INSERT's rows go by in ON CONFLICT and RETURNING: its alias, or the table's.
+fn insert_qualifier(insert: &Insert, desc: &TableDesc) -> String {
+    match &insert.table_alias {
+        Some(alias) => column_name(&alias.alias),
+        None => desc.name.clone(),
+    }
+}
+
+/// The RETURNING list over the rows a statement changed, as its result.
+async fn returning_outcome(
+    tag: &'static str,
+    ctx: &SessionContext,
+    desc: &TableDesc,
+    qualifier: &str,
+    items: &[SelectItem],
+    rows: Vec<Vec<ScalarValue>>,
+) -> Result<Outcome, SqlError> {
+    let (schema, batches) = returning::project(ctx, desc, qualifier, items, rows).await?;
+    Ok(Outcome::Returned {
+        tag,
+        schema,
+        batches,
     })
+}
+
+/// What an INSERT does with a row whose primary key is taken.
+enum OnConflict {
+    /// No ON CONFLICT: a unique violation.
+    Refuse,
+    /// DO NOTHING: the row is left out.
+    Skip,
+    /// DO UPDATE: the existing row takes the assigned values.
+    Update(DoUpdate),
 }
 
 /// `ON CONFLICT (cols)` or `ON CONFLICT ON CONSTRAINT t_pkey` must name the primary key,
@@ -1179,15 +1407,14 @@ async fn defaults(
     Ok(out)
 }
 
-async fn update_rows(update: Update, txn: &SharedTxn) -> Result<Outcome, SqlError> {
+async fn update_rows(
+    update: Update,
+    base: &SessionContext,
+    txn: &SharedTxn,
+) -> Result<Outcome, SqlError> {
     if update.from.is_some() {
         return Err(SqlError::feature(
             "UPDATE ... FROM is not supported; use a subquery in SET or WHERE",
-        ));
-    }
-    if update.returning.is_some() {
-        return Err(SqlError::feature(
-            "UPDATE ... RETURNING is not supported yet",
         ));
     }
     if update.limit.is_some() || !update.order_by.is_empty() {
@@ -1195,8 +1422,8 @@ async fn update_rows(update: Update, txn: &SharedTxn) -> Result<Outcome, SqlErro
             "UPDATE ... ORDER BY / LIMIT is not supported",
         ));
     }
-    let (ctx, descs) = context(txn).await?;
-    let (name, relation) = single_table(&update.table)?;
+    let (ctx, descs) = context(base, txn).await?;
+    let (name, relation, qualifier) = single_table(&update.table)?;
     let desc = target(&descs, name)?.clone();
     let mut assigned: HashMap<usize, String> = HashMap::new();
     for a in &update.assignments {
@@ -1242,6 +1469,7 @@ async fn update_rows(update: Update, txn: &SharedTxn) -> Result<Outcome, SqlErro
     let mut changed = 0usize;
     let mut removed: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
     let mut written: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
+    let mut returned: Vec<Vec<ScalarValue>> = Vec::new();
     let mut txn = txn.lock().await;
     for batch in batches {
         if changed + batch.num_rows() > MAX_ROWS_PER_STATEMENT {
@@ -1280,23 +1508,29 @@ async fn update_rows(update: Update, txn: &SharedTxn) -> Result<Outcome, SqlErro
                 )));
             }
             txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
+            if update.returning.is_some() {
+                returned.push(values);
+            }
             removed.remove(&(sphere, key.clone()));
             written.insert((sphere, key));
             changed += 1;
         }
     }
-    Ok(Outcome::counted("UPDATE", changed))
+    drop(txn);
+    match &update.returning {
+        Some(items) => returning_outcome("UPDATE", &ctx, &desc, &qualifier, items, returned).await,
+        None => Ok(Outcome::counted("UPDATE", changed)),
+    }
 }
 
-async fn delete_rows(delete: Delete, txn: &SharedTxn) -> Result<Outcome, SqlError> {
+async fn delete_rows(
+    delete: Delete,
+    base: &SessionContext,
+    txn: &SharedTxn,
+) -> Result<Outcome, SqlError> {
     if delete.using.is_some() {
         return Err(SqlError::feature(
             "DELETE ... USING is not supported; use a subquery in WHERE",
-        ));
-    }
-    if delete.returning.is_some() {
-        return Err(SqlError::feature(
-            "DELETE ... RETURNING is not supported yet",
         ));
     }
     if delete.limit.is_some() || !delete.order_by.is_empty() {
@@ -1312,13 +1546,15 @@ async fn delete_rows(delete: Delete, txn: &SharedTxn) -> Result<Outcome, SqlErro
             "DELETE from several tables is not supported",
         ));
     };
-    let (ctx, descs) = context(txn).await?;
-    let (name, relation) = single_table(table)?;
+    let (ctx, descs) = context(base, txn).await?;
+    let (name, relation, qualifier) = single_table(table)?;
     let desc = target(&descs, name)?.clone();
     let keys = desc.key_positions();
-    let select = keys
+    // Whole rows: their keys to delete them, and their values for RETURNING.
+    let select = desc
+        .columns
         .iter()
-        .map(|p| quoted(&desc.columns[*p].name))
+        .map(|c| quoted(&c.name))
         .collect::<Vec<_>>()
         .join(", ");
     let where_clause = delete
@@ -1330,21 +1566,36 @@ async fn delete_rows(delete: Delete, txn: &SharedTxn) -> Result<Outcome, SqlErro
         &format!("SELECT {select} FROM {relation}{where_clause}"),
     )
     .await?;
+    let all: Vec<usize> = (0..desc.columns.len()).collect();
     let mut deleted = 0usize;
+    let mut returned: Vec<Vec<ScalarValue>> = Vec::new();
     let mut txn = txn.lock().await;
     for batch in batches {
         if deleted + batch.num_rows() > MAX_ROWS_PER_STATEMENT {
             return Err(too_many_rows());
         }
-        let columns = cast_to_columns(&desc, &keys, batch.columns())?;
+        let columns = cast_to_columns(&desc, &all, batch.columns())?;
+        let key_columns: Vec<ArrayRef> = keys.iter().map(|p| columns[*p].clone()).collect();
         for r in 0..batch.num_rows() {
-            let pk = key_of(&desc, &keys, &columns, r)?;
+            let pk = key_of(&desc, &keys, &key_columns, r)?;
             let sphere = sphere_of(&pk)?;
             txn.delete_in(Keyspace::Sql, sphere, &desc.row_key(&pk))?;
+            if delete.returning.is_some() {
+                returned.push(
+                    columns
+                        .iter()
+                        .map(|a| ScalarValue::try_from_array(a, r))
+                        .collect::<Result<_, _>>()?,
+                );
+            }
             deleted += 1;
         }
     }
-    Ok(Outcome::counted("DELETE", deleted))
+    drop(txn);
+    match &delete.returning {
+        Some(items) => returning_outcome("DELETE", &ctx, &desc, &qualifier, items, returned).await,
+        None => Ok(Outcome::counted("DELETE", deleted)),
+    }
 }
 
 #[cfg(test)]

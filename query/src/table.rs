@@ -1,6 +1,7 @@
 //! A table's rows as a DataFusion table: read in the statement's transaction (its snapshot
-//! plus its own writes), one sphere's span when the query names `sphere_id`, every sphere
-//! that holds the table's rows otherwise.
+//! plus its own writes). Equality filters on primary-key columns narrow the read: the span
+//! of the pinned key prefix in one sphere (one row when the whole key is pinned), every
+//! sphere that holds the table's rows when `sphere_id` is not pinned.
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,11 +17,13 @@ use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPu
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::scalar::ScalarValue;
 use spheredb_client::{Keyspace, Txn};
+use spheredb_storage::keys::{self, Datum};
 use tokio::sync::Mutex;
 
 use crate::catalog::{self, TableDesc};
 use crate::error::{to_datafusion, SqlError};
 use crate::row;
+use crate::types::SqlType;
 
 /// The statement's transaction, shared by the tables it reads.
 pub type SharedTxn = Arc<Mutex<Txn>>;
@@ -63,8 +66,12 @@ impl SphereTable {
     }
 }
 
-/// The sphere a filter pins the scan to: `sphere_id = <integer>` either way round.
-fn sphere_filter(expr: &Expr) -> Option<i64> {
+/// A primary-key column a filter pins to one value: `key_column = <literal>` either way
+/// round, as (the column's place in the primary key, its key datum). Only literals whose
+/// type is the column's own (any integer type for an integer column) qualify, so that
+/// comparing key datums is exactly the comparison DataFusion would make; UUIDs only in
+/// their stored lowercase spelling.
+fn key_filter(desc: &TableDesc, expr: &Expr) -> Option<(usize, Datum)> {
     let Expr::BinaryExpr(BinaryExpr { left, op, right }) = expr else {
         return None;
     };
@@ -75,13 +82,35 @@ fn sphere_filter(expr: &Expr) -> Option<i64> {
         (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => (c, v),
         _ => return None,
     };
-    if column.name != "sphere_id" {
+    let position = desc.position(&column.name)?;
+    let key_index = desc.key_positions().iter().position(|p| *p == position)?;
+    let ty = desc.columns[position].ty;
+    let integers = |t: &DataType| matches!(t, DataType::Int16 | DataType::Int32 | DataType::Int64);
+    let same_type = literal.data_type() == ty.arrow()
+        || (integers(&literal.data_type()) && integers(&ty.arrow()));
+    if literal.is_null() || !same_type {
         return None;
     }
-    match literal.cast_to(&DataType::Int64).ok()? {
-        ScalarValue::Int64(Some(v)) => Some(v),
-        _ => None,
+    if let (SqlType::Uuid, ScalarValue::Utf8(Some(text))) = (ty, literal) {
+        if text.chars().any(|c| c.is_ascii_uppercase()) {
+            return None;
+        }
     }
+    let datum = ty.datum(&column.name, literal).ok()?;
+    Some((key_index, datum))
+}
+
+/// What the filters pin of a primary key: one value per pinned key column, or `None` when
+/// two filters pin a column to different values (nothing matches).
+fn key_pins(desc: &TableDesc, filters: &[Expr]) -> Option<Vec<Option<Datum>>> {
+    let mut pins: Vec<Option<Datum>> = vec![None; desc.primary_key.len()];
+    for (index, datum) in filters.iter().filter_map(|f| key_filter(desc, f)) {
+        match &pins[index] {
+            Some(pinned) if *pinned != datum => return None,
+            _ => pins[index] = Some(datum),
+        }
+    }
+    Some(pins)
 }
 
 #[async_trait]
@@ -98,11 +127,12 @@ impl TableProvider for SphereTable {
         &self,
         filters: &[&Expr],
     ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        // `sphere_id = X` is exact: the scan reads sphere X's span only, where every row has
-        // sphere_id X. Everything else DataFusion filters.
+        // `key_column = X` is exact: the scan reads the span of the pinned key prefix and
+        // checks every other pinned key column on the decoded key. Everything else
+        // DataFusion filters.
         Ok(filters
             .iter()
-            .map(|f| match sphere_filter(f) {
+            .map(|f| match key_filter(&self.desc, f) {
                 Some(_) => TableProviderFilterPushDown::Exact,
                 None => TableProviderFilterPushDown::Unsupported,
             })
@@ -116,8 +146,10 @@ impl TableProvider for SphereTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let pinned: Vec<i64> = filters.iter().filter_map(sphere_filter).collect();
-        let batch = self.read(&pinned, limit).await.map_err(to_datafusion)?;
+        let batch = match key_pins(&self.desc, filters) {
+            Some(pins) => self.read(&pins, limit).await.map_err(to_datafusion)?,
+            None => batch_of(&self.schema, Vec::new()).map_err(to_datafusion)?,
+        };
         let plan = MemorySourceConfig::try_new_exec(
             &[vec![batch]],
             self.schema.clone(),
@@ -128,20 +160,34 @@ impl TableProvider for SphereTable {
 }
 
 impl SphereTable {
-    /// Every row of the table (of the pinned sphere, if any), up to `limit`.
-    async fn read(&self, pinned: &[i64], limit: Option<usize>) -> Result<RecordBatch, SqlError> {
+    /// Every row of the table whose key holds the pinned values, up to `limit`: the span of
+    /// the pinned key prefix in the pinned sphere (every sphere of the table when
+    /// `sphere_id` is not pinned).
+    async fn read(
+        &self,
+        pins: &[Option<Datum>],
+        limit: Option<usize>,
+    ) -> Result<RecordBatch, SqlError> {
         let mut txn = self.txn.lock().await;
-        let spheres: Vec<u64> = match pinned.split_first() {
-            // Two different pins match nothing; a negative sphere id names no sphere.
-            Some((first, rest)) if rest.iter().all(|p| p == first) => {
-                u64::try_from(*first).into_iter().collect()
+        let spheres: Vec<u64> = match pins.first() {
+            // A negative sphere id names no sphere.
+            Some(Some(Datum::Int(sphere))) => u64::try_from(*sphere).into_iter().collect(),
+            Some(Some(other)) => {
+                return Err(SqlError::internal(format!(
+                    "sphere_id pinned to {other:?}, not an integer"
+                )))
             }
-            Some(_) => Vec::new(),
-            None => catalog::spheres_of(&mut txn, self.desc.id).await?,
+            _ => catalog::spheres_of(&mut txn, self.desc.id).await?,
+        };
+        let prefix: Vec<Datum> = pins.iter().map_while(Clone::clone).collect();
+        let (start, end) = if prefix.is_empty() {
+            self.desc.rows_span()
+        } else {
+            let start = self.desc.row_key(&prefix);
+            let end = keys::prefix_end(&start);
+            (start, end)
         };
         let limit = limit.unwrap_or(usize::MAX);
-        let key_positions = self.desc.key_positions();
-        let (start, end) = self.desc.rows_span();
         let mut rows: Vec<Vec<ScalarValue>> = Vec::new();
         'spheres: for sphere in spheres {
             let mut cursor = start.clone();
@@ -163,12 +209,15 @@ impl SphereTable {
                             ),
                         ));
                     }
-                    let mut values = row::decode(&self.desc, &kv.value)?;
                     let pk = self.desc.decode_row_key(&kv.key)?;
-                    for (position, datum) in key_positions.iter().zip(&pk) {
-                        values[*position] = self.desc.columns[*position].ty.from_datum(datum)?;
+                    let pinned_match = pins
+                        .iter()
+                        .zip(&pk)
+                        .all(|(pin, datum)| pin.as_ref().is_none_or(|p| p == datum));
+                    if !pinned_match {
+                        continue;
                     }
-                    rows.push(values);
+                    rows.push(row::decode_with_key(&self.desc, &pk, &kv.value)?);
                 }
                 match next {
                     Some(next) => cursor = next,

@@ -1,0 +1,156 @@
+//! Closed-loop clients that retry their own conflicts: each client runs one operation after
+//! another for a warm-up and a measured window, runs an operation again after a conflict
+//! (bounded attempts, jittered exponential backoff) and counts attempts, aborts and errors.
+//! The transaction benchmarks (`transfers`, `sql`) share it so that every system they
+//! compare is driven the same way.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::runner::{HISTOGRAM_PRECISION_DIGITS, MAX_TRACKED_LATENCY_US};
+
+/// Attempts of one operation before it counts as an error.
+pub const MAX_ATTEMPTS: u32 = 32;
+/// Backoff between attempts: doubles from the first to the last value, jittered (the
+/// values `Client::transact` uses).
+pub const RETRY_BACKOFF_INITIAL_MS: u64 = spheredb_client::txn::TRANSACT_BACKOFF_INITIAL_MS;
+pub const RETRY_BACKOFF_MAX_MS: u64 = spheredb_client::txn::TRANSACT_BACKOFF_MAX_MS;
+
+/// How an attempt ended, when it did not commit.
+pub enum Failure {
+    /// A conflict: run the operation again.
+    Conflict,
+    Other(anyhow::Error),
+}
+
+/// One client's connection and what it does.
+pub trait Client: Send + 'static {
+    /// One operation's parameters, chosen before its first attempt and kept for its retries.
+    type Op: Send + Sync;
+    fn pick(&mut self, rng: &mut StdRng) -> Self::Op;
+    fn attempt(&mut self, op: &Self::Op) -> impl Future<Output = Result<(), Failure>> + Send;
+}
+
+/// What the clients did in the measured window.
+pub struct Totals {
+    /// Operations committed within the window.
+    pub done: u64,
+    /// Attempts in the window, and those that ended in a conflict and were retried.
+    pub attempts: u64,
+    pub aborts: u64,
+    /// Operations that failed for another reason or ran out of attempts.
+    pub errors: u64,
+    /// From an operation's first attempt to its commit, retries included.
+    pub latency_us: Histogram<u64>,
+}
+
+fn jitter_ms(rng: &mut StdRng, ms: u64) -> u64 {
+    ms / 2 + rng.random_range(0..=ms / 2 + 1)
+}
+
+/// Runs `clients` (each with its own seeded generator) for `warmup_secs`, then measures for
+/// `duration_secs`. A client's first error other than a conflict is printed.
+pub async fn run<C: Client>(
+    clients: Vec<C>,
+    seed: u64,
+    warmup_secs: f64,
+    duration_secs: f64,
+) -> anyhow::Result<Totals> {
+    let start = Instant::now();
+    let warm_end = start + Duration::from_secs_f64(warmup_secs);
+    let end = warm_end + Duration::from_secs_f64(duration_secs);
+    let done = Arc::new(AtomicU64::new(0));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let aborts = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (c, mut client) in clients.into_iter().enumerate() {
+        let (done, attempts, aborts, errors) = (
+            done.clone(),
+            attempts.clone(),
+            aborts.clone(),
+            errors.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(
+                1,
+                MAX_TRACKED_LATENCY_US,
+                HISTOGRAM_PRECISION_DIGITS,
+            )
+            .expect("valid histogram bounds");
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(c as u64 * 7919));
+            // Backoff jitter from its own generator, so that conflicts do not change which
+            // operations a client makes: every system gets the same sequence.
+            let mut jitter_rng = StdRng::seed_from_u64(!seed.wrapping_add(c as u64));
+            let mut first_error = None;
+            while Instant::now() < end {
+                let began = Instant::now();
+                let measured = began >= warm_end;
+                let op = client.pick(&mut rng);
+                let mut backoff_ms = RETRY_BACKOFF_INITIAL_MS;
+                let mut committed = false;
+                for _ in 0..MAX_ATTEMPTS {
+                    let outcome = client.attempt(&op).await;
+                    if measured {
+                        attempts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match outcome {
+                        Ok(()) => {
+                            committed = true;
+                            break;
+                        }
+                        Err(Failure::Conflict) => {
+                            if measured {
+                                aborts.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let ms = jitter_ms(&mut jitter_rng, backoff_ms);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            backoff_ms = (backoff_ms * 2).min(RETRY_BACKOFF_MAX_MS);
+                        }
+                        Err(Failure::Other(e)) => {
+                            first_error.get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                if !measured {
+                    continue;
+                }
+                if committed {
+                    // Operations that end after the window count neither way.
+                    if Instant::now() <= end {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        let us =
+                            (began.elapsed().as_micros() as u64).clamp(1, MAX_TRACKED_LATENCY_US);
+                        hist.record(us).expect("value within bounds");
+                    }
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (hist, first_error)
+        }));
+    }
+    let mut latency_us =
+        Histogram::<u64>::new_with_bounds(1, MAX_TRACKED_LATENCY_US, HISTOGRAM_PRECISION_DIGITS)?;
+    for t in tasks {
+        let (hist, first_error) = t.await?;
+        latency_us.add(hist)?;
+        if let Some(e) = first_error {
+            eprintln!("    a client's first error: {e:#}");
+        }
+    }
+    Ok(Totals {
+        done: done.load(Ordering::Relaxed),
+        attempts: attempts.load(Ordering::Relaxed),
+        aborts: aborts.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed),
+        latency_us,
+    })
+}
