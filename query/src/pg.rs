@@ -88,8 +88,8 @@ impl PgWireServerHandlers for Connection {
 struct Handler {
     session: Mutex<Session>,
     parser: Arc<NoopQueryParser>,
-    /// Parameter types this connection's Describe messages gave, by statement name and text.
-    described: std::sync::Mutex<HashMap<(String, String), Vec<Type>>>,
+    /// What this connection's Describe messages answered, by statement name and text.
+    described: std::sync::Mutex<HashMap<(String, String), Description>>,
 }
 
 /// The ErrorResponse of a failed statement.
@@ -439,7 +439,10 @@ impl ExtendedQueryHandler for Handler {
                     .unwrap_or(Type::TEXT)
             })
             .collect();
-        self.remember_types(&target.id, &target.statement, parameters.clone());
+        self.remember(&target.id, &target.statement, |d| {
+            d.parameters = Some(parameters.clone());
+            d.result = Some(described.schema.clone());
+        });
         let fields = described
             .schema
             .map(|s| fields(&s, &Format::UnifiedBinary))
@@ -458,19 +461,33 @@ impl ExtendedQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let mut session = self.session.lock().await;
-        let statement = match self.bound(portal) {
-            Ok(Some(statement)) => statement,
-            Ok(None) => return Ok(DescribePortalResponse::new(Vec::new())),
-            Err(e) => return Err(failed(&mut session, e)),
+        let stored = &portal.statement;
+        // A statement's result columns do not depend on its parameters' values: drivers that
+        // describe every portal they run (libpq, JDBC) get the answer planned once.
+        let known = self
+            .description(&stored.id, &stored.statement)
+            .and_then(|d| d.result);
+        let schema = match known {
+            Some(schema) => schema,
+            None => {
+                let mut session = self.session.lock().await;
+                let statement = match self.bound(portal) {
+                    Ok(Some(statement)) => statement,
+                    Ok(None) => return Ok(DescribePortalResponse::new(Vec::new())),
+                    Err(e) => return Err(failed(&mut session, e)),
+                };
+                let described = session
+                    .describe(statement)
+                    .await
+                    .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
+                self.remember(&stored.id, &stored.statement, |d| {
+                    d.result = Some(described.schema.clone())
+                });
+                described.schema
+            }
         };
-        let described = session
-            .describe(statement)
-            .await
-            .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
         Ok(DescribePortalResponse::new(
-            described
-                .schema
+            schema
                 .map(|s| fields(&s, &portal.result_column_format))
                 .unwrap_or_default(),
         ))
@@ -634,17 +651,40 @@ fn parameter_text(portal: &Portal<String>, i: usize, ty: &Type) -> Result<String
     Ok(text.unwrap_or_else(|| "NULL".to_string()))
 }
 
-/// Statements whose parameter types this connection described (values the client then
-/// sends in binary are read as those types): at most this many, all forgotten past it.
+/// Statements whose descriptions this connection keeps (parameter types for values the
+/// client then sends in binary, result columns for Describe of a portal): at most this
+/// many, all forgotten past it.
 pub const MAX_DESCRIBED_STATEMENTS: usize = 1_000;
 
+/// What Describe answered for one prepared statement.
+#[derive(Clone, Default)]
+struct Description {
+    parameters: Option<Vec<Type>>,
+    /// Its result columns (`Some(None)`: it returns no rows). A table dropped and created
+    /// again with other columns after Describe is not noticed: PostgreSQL would refuse the
+    /// cached plan ("cached plan must not change result type").
+    result: Option<Option<SchemaRef>>,
+}
+
 impl Handler {
-    fn remember_types(&self, id: &str, sql: &str, types: Vec<Type>) {
+    fn remember(&self, id: &str, sql: &str, update: impl FnOnce(&mut Description)) {
         let mut described = self.described.lock().unwrap_or_else(|p| p.into_inner());
         if described.len() >= MAX_DESCRIBED_STATEMENTS {
             described.clear();
         }
-        described.insert((id.to_string(), sql.to_string()), types);
+        update(
+            described
+                .entry((id.to_string(), sql.to_string()))
+                .or_default(),
+        );
+    }
+
+    fn description(&self, id: &str, sql: &str) -> Option<Description> {
+        self.described
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(id.to_string(), sql.to_string()))
+            .cloned()
     }
 
     /// The portal's statement with its parameters in place.
@@ -654,11 +694,8 @@ impl Handler {
             return Ok(None);
         };
         let described = self
-            .described
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(stored.id.clone(), stored.statement.clone()))
-            .cloned()
+            .description(&stored.id, &stored.statement)
+            .and_then(|d| d.parameters)
             .unwrap_or_default();
         let mut values = Vec::with_capacity(portal.parameters.len());
         for i in 0..portal.parameters.len() {
