@@ -678,6 +678,7 @@ pub async fn run(cfg: TransferConfig) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn one_phase_pairs_stay_in_a_half_and_two_phase_pairs_cross() {

@@ -375,4 +375,17 @@ async fn prepared_dml_binds_typed_parameters_and_returns_rows() {
         .await
         .unwrap()
         .is_none());
+
+    // A prepared statement whose table came back with other columns is refused, as
+    // PostgreSQL refuses a cached plan whose result type changed, rather than answered under
+    // the columns the client was told.
+    let all = client.prepare("SELECT * FROM kv").await.unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE kv; CREATE TABLE kv (sphere_id BIGINT, id INT, PRIMARY KEY (sphere_id, id))",
+        )
+        .await
+        .unwrap();
+    let e = client.query(&all, &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
 }

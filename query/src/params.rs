@@ -26,15 +26,47 @@ fn placeholder(expr: &Expr) -> Option<usize> {
     p.strip_prefix('$')?.parse().ok().filter(|n| *n > 0)
 }
 
-/// The column of `desc` an expression names (`c` or `t.c`).
-fn column_of<'d>(desc: &'d TableDesc, expr: &Expr) -> Option<&'d ColumnDesc> {
+/// The column of `desc` an expression names: `c`, or `q.c` where `q` is the name the changed
+/// table's rows go by.
+fn column_of<'d>(desc: &'d TableDesc, qualifier: &str, expr: &Expr) -> Option<&'d ColumnDesc> {
     let ident = match expr {
         Expr::Identifier(i) => i,
-        Expr::CompoundIdentifier(parts) => parts.last()?,
+        Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+            [table, column] if column_name(table) == qualifier => column,
+            _ => return None,
+        },
         _ => return None,
     };
     let p = desc.position(&column_name(ident))?;
     Some(&desc.columns[p])
+}
+
+/// Comparisons of a parameter with a column of the changed table in a WHERE, through AND,
+/// OR, NOT and parentheses only: a subquery's columns are another table's.
+fn comparisons<'d>(
+    desc: &'d TableDesc,
+    qualifier: &str,
+    expr: &Expr,
+    pairs: &mut Vec<(Option<usize>, Option<&'d ColumnDesc>)>,
+) {
+    match expr {
+        Expr::BinaryOp { left, op, right } if is_comparison(op) => {
+            pairs.push((placeholder(right), column_of(desc, qualifier, left)));
+            pairs.push((placeholder(left), column_of(desc, qualifier, right)));
+        }
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And | BinaryOperator::Or,
+            right,
+        } => {
+            comparisons(desc, qualifier, left, pairs);
+            comparisons(desc, qualifier, right, pairs);
+        }
+        Expr::Nested(inner) | Expr::UnaryOp { expr: inner, .. } => {
+            comparisons(desc, qualifier, inner, pairs)
+        }
+        _ => {}
+    }
 }
 
 fn is_comparison(op: &BinaryOperator) -> bool {
@@ -50,8 +82,12 @@ fn is_comparison(op: &BinaryOperator) -> bool {
 }
 
 /// Parameter types the statement's text fixes, by 1-based number. A cast wins over a
-/// column; `desc`, the table a DML statement changes, supplies the columns.
-pub fn fixed_types(statement: &Statement, desc: Option<&TableDesc>) -> HashMap<usize, DataType> {
+/// column; `changed`, the table a DML statement changes and the name its rows go by (its
+/// alias, or its name), supplies the columns.
+pub fn fixed_types(
+    statement: &Statement,
+    changed: Option<(&TableDesc, &str)>,
+) -> HashMap<usize, DataType> {
     let mut types: HashMap<usize, DataType> = HashMap::new();
     let _ = visit_expressions(statement, |expr| {
         if let Expr::Cast {
@@ -67,7 +103,9 @@ pub fn fixed_types(statement: &Statement, desc: Option<&TableDesc>) -> HashMap<u
         }
         ControlFlow::<()>::Continue(())
     });
-    let Some(desc) = desc else { return types };
+    let Some((desc, qualifier)) = changed else {
+        return types;
+    };
     let mut pairs: Vec<(Option<usize>, Option<&ColumnDesc>)> = Vec::new();
     let named = |name: &ObjectName| {
         name.0
@@ -106,18 +144,21 @@ pub fn fixed_types(statement: &Statement, desc: Option<&TableDesc>) -> HashMap<u
         Statement::Update(update) => assigned(&update.assignments, &mut pairs),
         _ => {}
     }
-    let _ = visit_expressions(statement, |expr| {
-        if let Expr::BinaryOp { left, op, right } = expr {
-            if is_comparison(op) {
-                pairs.push((placeholder(right), column_of(desc, left)));
-                pairs.push((placeholder(left), column_of(desc, right)));
-            }
-        }
-        ControlFlow::<()>::Continue(())
-    });
+    let selection = match statement {
+        Statement::Update(update) => update.selection.as_ref(),
+        Statement::Delete(delete) => delete.selection.as_ref(),
+        _ => None,
+    };
+    if let Some(selection) = selection {
+        comparisons(desc, qualifier, selection, &mut pairs);
+    }
     for (n, column) in pairs {
+        // NUMERIC values stay text: a binary NUMERIC would pass through rust_decimal, which
+        // holds 28 digits, where the column holds up to 38.
         if let (Some(n), Some(c)) = (n, column) {
-            types.entry(n).or_insert(c.ty.arrow());
+            if !matches!(c.ty, SqlType::Numeric { .. }) {
+                types.entry(n).or_insert(c.ty.arrow());
+            }
         }
     }
     types
@@ -152,7 +193,7 @@ mod tests {
 
     fn fixed(sql: &str) -> Vec<(usize, DataType)> {
         let statement = Session::parse(sql).unwrap().remove(0);
-        let mut types: Vec<_> = fixed_types(&statement, Some(&items()))
+        let mut types: Vec<_> = fixed_types(&statement, Some((&items(), "items")))
             .into_iter()
             .collect();
         types.sort_by_key(|(n, _)| *n);
@@ -194,6 +235,19 @@ mod tests {
         assert_eq!(
             fixed("DELETE FROM items WHERE id = $1 OR v = lower($2)"),
             vec![(1, DataType::Int32)]
+        );
+    }
+
+    #[test]
+    fn columns_of_subqueries_and_other_tables_fix_nothing() {
+        assert!(
+            fixed("DELETE FROM items WHERE id IN (SELECT id FROM scores WHERE score = $1)")
+                .is_empty()
+        );
+        assert!(fixed("DELETE FROM items WHERE other.id = $1").is_empty());
+        assert_eq!(
+            fixed("DELETE FROM items WHERE NOT (items.id = $1 OR v = $2)"),
+            vec![(1, DataType::Int32), (2, DataType::Utf8)]
         );
     }
 

@@ -121,6 +121,15 @@ fn respond(outcome: Result<Outcome, SqlError>, format: &Format) -> PgWireResult<
     })
 }
 
+/// Whether two results have the same columns as the client sees them (names and types).
+fn same_columns(a: &SchemaRef, b: &SchemaRef) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields()
+            .iter()
+            .zip(b.fields())
+            .all(|(x, y)| x.name() == y.name() && pg_type(x.data_type()) == pg_type(y.data_type()))
+}
+
 /// The PostgreSQL type a result column is sent as.
 fn pg_type(data_type: &DataType) -> Type {
     match data_type {
@@ -396,6 +405,28 @@ impl ExtendedQueryHandler for Handler {
             .run(statement)
             .await
             .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
+        let stored = &portal.statement;
+        if let Some(Some(described)) = self
+            .description(&stored.id, &stored.statement)
+            .filter(|_| !stored.id.is_empty())
+            .and_then(|d| d.result)
+        {
+            let answered = match &outcome {
+                Outcome::Rows { schema, .. } | Outcome::Returned { schema, .. } => Some(schema),
+                _ => None,
+            };
+            if answered.is_some_and(|a| !same_columns(a, &described)) {
+                // The client decodes rows by the columns it was told; a table dropped and
+                // created again with others since must not be answered under the old ones.
+                return Err(failed(
+                    &mut session,
+                    SqlError::new(
+                        "0A000",
+                        "cached plan must not change result type; prepare the statement again",
+                    ),
+                ));
+            }
+        }
         respond(Ok(outcome), &portal.result_column_format).inspect_err(|_| session.fail())
     }
 
@@ -417,6 +448,15 @@ impl ExtendedQueryHandler for Handler {
             Err(e) => return Err(failed(&mut session, e)),
         };
         let count = placeholder_count(&statement).max(target.parameter_types.len());
+        if count > MAX_PARAMETERS {
+            return Err(failed(
+                &mut session,
+                SqlError::new(
+                    "54023",
+                    format!("a statement has at most {MAX_PARAMETERS} parameters, not {count}"),
+                ),
+            ));
+        }
         let described = session
             .describe(statement)
             .await
@@ -439,9 +479,13 @@ impl ExtendedQueryHandler for Handler {
                     .unwrap_or(Type::TEXT)
             })
             .collect();
+        let named = !target.id.is_empty();
         self.remember(&target.id, &target.statement, |d| {
             d.parameters = Some(parameters.clone());
-            d.result = Some(described.schema.clone());
+            // Unnamed statements are planned again for every portal.
+            if named {
+                d.result = Some(described.schema.clone());
+            }
         });
         let fields = described
             .schema
@@ -462,8 +506,9 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let stored = &portal.statement;
-        // A statement's result columns do not depend on its parameters' values: drivers that
-        // describe every portal they run (libpq, JDBC) get the answer planned once.
+        // A named statement's result columns do not depend on its parameters' values:
+        // drivers that describe every portal they run (libpq, JDBC) get the answer planned
+        // once. Unnamed statements are planned every time, as PostgreSQL re-plans them.
         let known = self
             .description(&stored.id, &stored.statement)
             .and_then(|d| d.result);
@@ -480,9 +525,11 @@ impl ExtendedQueryHandler for Handler {
                     .describe(statement)
                     .await
                     .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
-                self.remember(&stored.id, &stored.statement, |d| {
-                    d.result = Some(described.schema.clone())
-                });
+                if !stored.id.is_empty() {
+                    self.remember(&stored.id, &stored.statement, |d| {
+                        d.result = Some(described.schema.clone())
+                    });
+                }
                 described.schema
             }
         };
@@ -532,6 +579,10 @@ fn placeholder(expr: &SqlExpr) -> Option<Result<usize, String>> {
             .ok_or_else(|| p.clone()),
     )
 }
+
+/// Parameters one statement may have, as in PostgreSQL (the Bind message counts them in 16
+/// bits); a higher `$n` is refused before anything is sized by it.
+pub const MAX_PARAMETERS: usize = 65_535;
 
 /// The highest `$n` a statement refers to.
 fn placeholder_count(statement: &Statement) -> usize {

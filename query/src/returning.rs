@@ -43,6 +43,7 @@ pub async fn project(
     if items.is_empty() {
         return Err(SqlError::syntax("RETURNING needs at least one column"));
     }
+    let count = rows.len();
     register_rows(ctx, ROWS_TABLE, schema_of(desc), rows)?;
     let list: Vec<String> = items.iter().map(ToString::to_string).collect();
     let sql = format!(
@@ -50,5 +51,18 @@ pub async fn project(
         list.join(", "),
         quoted(qualifier)
     );
-    query_text(ctx, &sql).await
+    let (schema, batches) = query_text(ctx, &sql).await?;
+    // One returned row per changed row: an aggregate (`count(*)`) or a set-returning function
+    // would change the count, and the tag would no longer say how many rows changed.
+    let returned: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    if returned != count {
+        return Err(SqlError::new(
+            "42803",
+            format!(
+                "RETURNING answers one row per changed row; aggregate and set-returning \
+                 functions are not allowed in RETURNING ({returned} rows for {count})"
+            ),
+        ));
+    }
+    Ok((schema, batches))
 }

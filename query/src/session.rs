@@ -364,16 +364,14 @@ impl Session {
             // and the changed table's columns.
             let (name, qualifier) = changed_table(&statement)?;
             let desc = target(&descs, name)?;
-            let fixed = params::fixed_types(&statement, Some(desc));
+            let qualifier = qualifier.unwrap_or_else(|| desc.name.clone());
+            let fixed = params::fixed_types(&statement, Some((desc, &qualifier)));
             let schema = match returning_list(&statement) {
-                Some(items) => {
-                    let qualifier = qualifier.unwrap_or_else(|| desc.name.clone());
-                    Some(
-                        returning::project(&ctx, desc, &qualifier, items, Vec::new())
-                            .await?
-                            .0,
-                    )
-                }
+                Some(items) => Some(
+                    returning::project(&ctx, desc, &qualifier, items, Vec::new())
+                        .await?
+                        .0,
+                ),
                 None => None,
             };
             return Ok(Described {
@@ -1012,12 +1010,14 @@ fn numbered(
     fixed: HashMap<usize, DataType>,
     planned: &HashMap<String, Option<DataType>>,
 ) -> Vec<Option<DataType>> {
+    // Bounded: a `$4000000000` must not size an allocation (the wire layer refuses it).
     let highest = planned
         .keys()
         .filter_map(|k| k.strip_prefix('$')?.parse::<usize>().ok())
         .chain(fixed.keys().copied())
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(crate::pg::MAX_PARAMETERS);
     (1..=highest)
         .map(|n| {
             fixed
@@ -1125,7 +1125,7 @@ async fn insert_rows(
         None => OnConflict::Refuse,
         Some(OnInsert::OnConflict(c)) => match &c.action {
             OnConflictAction::DoNothing => OnConflict::Skip,
-            OnConflictAction::DoUpdate(update) => OnConflict::Update(update.clone()),
+            OnConflictAction::DoUpdate(update) => OnConflict::Update(Box::new(update.clone())),
         },
         Some(_) => {
             return Err(SqlError::feature(
@@ -1194,8 +1194,10 @@ async fn insert_rows(
     let mut spheres: BTreeSet<u64> = BTreeSet::new();
     // Rows found taken under DO UPDATE: their new values come from one query at the end.
     let mut conflicts: Vec<Conflict> = Vec::new();
-    let mut conflict_keys: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut returned: Vec<Vec<ScalarValue>> = Vec::new();
+    // What the statement writes, in input order. Nothing is written until every value (DO
+    // UPDATE's, RETURNING's) is computed: the statement's subqueries see the rows as they
+    // were before it, as in PostgreSQL.
+    let mut changes: Vec<Change> = Vec::new();
     for batch in batches {
         if batch.num_columns() != targets.len() {
             return Err(SqlError::syntax(format!(
@@ -1253,49 +1255,92 @@ async fn insert_rows(
                             existing: row::decode_with_key(&desc, &pk, &bytes)?,
                             proposed: values,
                         });
-                        conflict_keys.push((sphere, key.clone()));
+                        changes.push(Change::Update {
+                            conflict: conflicts.len() - 1,
+                            sphere,
+                            key: key.clone(),
+                        });
                         written.insert((sphere, key));
+                        rows_done += 1;
                         continue;
                     }
                 }
             }
-            txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
-            if insert.returning.is_some() {
-                returned.push(values);
-            }
-            written.insert((sphere, key));
-            if spheres.insert(sphere) {
-                catalog::note_sphere(&mut txn, desc.id, sphere).await?;
-            }
+            written.insert((sphere, key.clone()));
+            changes.push(Change::Insert {
+                sphere,
+                key,
+                values,
+            });
             rows_done += 1;
         }
     }
-    if let OnConflict::Update(update) = &on_conflict {
-        // Without the transaction's lock: a subquery in SET reads through it.
-        let new_rows = upsert::new_rows(&ctx, &desc, &qualifier, update, &conflicts).await?;
-        let mut txn = txn.lock().await;
-        for (row, (sphere, key)) in new_rows.into_iter().zip(conflict_keys) {
-            let Some(mut values) = row else { continue };
-            let (new_sphere, pk) = check_row(&desc, &mut values)?;
-            if (new_sphere, desc.row_key(&pk)) != (sphere, key.clone()) {
-                return Err(SqlError::internal("ON CONFLICT DO UPDATE moved a row"));
+    // Without the transaction's lock: a subquery in SET reads through it.
+    let mut updated = match &on_conflict {
+        OnConflict::Update(update) => {
+            upsert::new_rows(&ctx, &desc, &qualifier, update, &conflicts).await?
+        }
+        _ => Vec::new(),
+    };
+    // (sphere, key, values, whether the row is new), in input order.
+    let mut rows: Vec<(u64, Vec<u8>, Vec<ScalarValue>, bool)> = Vec::with_capacity(changes.len());
+    for change in changes {
+        match change {
+            Change::Insert {
+                sphere,
+                key,
+                values,
+            } => rows.push((sphere, key, values, true)),
+            Change::Update {
+                conflict,
+                sphere,
+                key,
+            } => {
+                // A row DO UPDATE's WHERE rejected stays as it is.
+                let Some(mut values) = updated.get_mut(conflict).and_then(Option::take) else {
+                    continue;
+                };
+                let (new_sphere, pk) = check_row(&desc, &mut values)?;
+                if (new_sphere, desc.row_key(&pk)) != (sphere, key.clone()) {
+                    return Err(SqlError::internal("ON CONFLICT DO UPDATE moved a row"));
+                }
+                rows.push((sphere, key, values, false));
             }
-            txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
-            if insert.returning.is_some() {
-                returned.push(values);
-            }
-            rows_done += 1;
         }
     }
-    match &insert.returning {
+    let outcome = match &insert.returning {
         Some(items) => {
-            returning_outcome("INSERT 0", &ctx, &desc, &qualifier, items, returned).await
+            let returned = rows.iter().map(|r| r.2.clone()).collect();
+            returning_outcome("INSERT 0", &ctx, &desc, &qualifier, items, returned).await?
         }
-        None => Ok(Outcome::Command {
+        None => Outcome::Command {
             tag: "INSERT",
-            rows: Some(rows_done),
-        }),
+            rows: Some(rows.len()),
+        },
+    };
+    let mut txn = txn.lock().await;
+    for (sphere, key, values, new) in rows {
+        txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
+        if new && spheres.insert(sphere) {
+            catalog::note_sphere(&mut txn, desc.id, sphere).await?;
+        }
     }
+    Ok(outcome)
+}
+
+/// A row an INSERT writes: a new one, or one found taken under DO UPDATE (its new values come
+/// from [`upsert::new_rows`], by its place among the conflicts).
+enum Change {
+    Insert {
+        sphere: u64,
+        key: Vec<u8>,
+        values: Vec<ScalarValue>,
+    },
+    Update {
+        conflict: usize,
+        sphere: u64,
+        key: Vec<u8>,
+    },
 }
 
 /// The name an INSERT's rows go by in ON CONFLICT and RETURNING: its alias, or the table's.
@@ -1330,7 +1375,7 @@ enum OnConflict {
     /// DO NOTHING: the row is left out.
     Skip,
     /// DO UPDATE: the existing row takes the assigned values.
-    Update(DoUpdate),
+    Update(Box<DoUpdate>),
 }
 
 /// `ON CONFLICT (cols)` or `ON CONFLICT ON CONSTRAINT t_pkey` must name the primary key,
@@ -1470,7 +1515,10 @@ async fn update_rows(
     let mut removed: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
     let mut written: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
     let mut returned: Vec<Vec<ScalarValue>> = Vec::new();
-    let mut txn = txn.lock().await;
+    // Writes (None: a delete), applied in order once RETURNING is computed, so that its
+    // subqueries see the rows as they were before the statement.
+    let mut writes: Vec<(u64, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    let mut txn_guard = txn.lock().await;
     for batch in batches {
         if changed + batch.num_rows() > MAX_ROWS_PER_STATEMENT {
             return Err(too_many_rows());
@@ -1488,11 +1536,16 @@ async fn update_rows(
             let key = desc.row_key(&pk);
             let old_key = desc.row_key(&old_pk);
             if (sphere, &key) != (old_sphere, &old_key) {
-                txn.delete_in(Keyspace::Sql, old_sphere, &old_key)?;
+                writes.push((old_sphere, old_key.clone(), None));
                 removed.insert((old_sphere, old_key));
+                // Keys this statement wrote or removed are in `written` and `removed`; the
+                // store answers for the others.
                 let taken = written.contains(&(sphere, key.clone()))
                     || (!removed.contains(&(sphere, key.clone()))
-                        && txn.get_in(Keyspace::Sql, sphere, &key).await?.is_some());
+                        && txn_guard
+                            .get_in(Keyspace::Sql, sphere, &key)
+                            .await?
+                            .is_some());
                 if taken {
                     return Err(SqlError::unique(format!(
                         "duplicate key value violates unique constraint \"{}_pkey\" (key \
@@ -1500,14 +1553,14 @@ async fn update_rows(
                         desc.name
                     )));
                 }
-                catalog::note_sphere(&mut txn, desc.id, sphere).await?;
+                catalog::note_sphere(&mut txn_guard, desc.id, sphere).await?;
             } else if written.contains(&(sphere, key.clone())) {
                 return Err(SqlError::unique(format!(
                     "duplicate key value violates unique constraint \"{}_pkey\" (key {pk:?})",
                     desc.name
                 )));
             }
-            txn.put_in(Keyspace::Sql, sphere, &key, &row::encode(&desc, &values)?)?;
+            writes.push((sphere, key.clone(), Some(row::encode(&desc, &values)?)));
             if update.returning.is_some() {
                 returned.push(values);
             }
@@ -1516,11 +1569,30 @@ async fn update_rows(
             changed += 1;
         }
     }
-    drop(txn);
-    match &update.returning {
-        Some(items) => returning_outcome("UPDATE", &ctx, &desc, &qualifier, items, returned).await,
-        None => Ok(Outcome::counted("UPDATE", changed)),
+    drop(txn_guard);
+    let outcome = match &update.returning {
+        Some(items) => {
+            returning_outcome("UPDATE", &ctx, &desc, &qualifier, items, returned).await?
+        }
+        None => Outcome::counted("UPDATE", changed),
+    };
+    apply(txn, writes).await?;
+    Ok(outcome)
+}
+
+/// Applies a statement's writes in order (`None`: a delete).
+async fn apply(
+    txn: &SharedTxn,
+    writes: Vec<(u64, Vec<u8>, Option<Vec<u8>>)>,
+) -> Result<(), SqlError> {
+    let mut txn = txn.lock().await;
+    for (sphere, key, value) in writes {
+        match value {
+            Some(value) => txn.put_in(Keyspace::Sql, sphere, &key, &value)?,
+            None => txn.delete_in(Keyspace::Sql, sphere, &key)?,
+        }
     }
+    Ok(())
 }
 
 async fn delete_rows(
@@ -1569,7 +1641,7 @@ async fn delete_rows(
     let all: Vec<usize> = (0..desc.columns.len()).collect();
     let mut deleted = 0usize;
     let mut returned: Vec<Vec<ScalarValue>> = Vec::new();
-    let mut txn = txn.lock().await;
+    let mut writes: Vec<(u64, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     for batch in batches {
         if deleted + batch.num_rows() > MAX_ROWS_PER_STATEMENT {
             return Err(too_many_rows());
@@ -1579,7 +1651,7 @@ async fn delete_rows(
         for r in 0..batch.num_rows() {
             let pk = key_of(&desc, &keys, &key_columns, r)?;
             let sphere = sphere_of(&pk)?;
-            txn.delete_in(Keyspace::Sql, sphere, &desc.row_key(&pk))?;
+            writes.push((sphere, desc.row_key(&pk), None));
             if delete.returning.is_some() {
                 returned.push(
                     columns
@@ -1591,11 +1663,14 @@ async fn delete_rows(
             deleted += 1;
         }
     }
-    drop(txn);
-    match &delete.returning {
-        Some(items) => returning_outcome("DELETE", &ctx, &desc, &qualifier, items, returned).await,
-        None => Ok(Outcome::counted("DELETE", deleted)),
-    }
+    let outcome = match &delete.returning {
+        Some(items) => {
+            returning_outcome("DELETE", &ctx, &desc, &qualifier, items, returned).await?
+        }
+        None => Outcome::counted("DELETE", deleted),
+    };
+    apply(txn, writes).await?;
+    Ok(outcome)
 }
 
 #[cfg(test)]
