@@ -154,3 +154,45 @@ pub async fn run<C: Client>(
         latency_us,
     })
 }
+
+/// Checks a sweep's arguments: at least one pair, a positive window, a warm-up of zero or
+/// more seconds, and client counts from 1 to what PostgreSQL's connections allow with
+/// `reserved` kept for setup.
+pub fn check_sweep(
+    clients: &[usize],
+    pairs: usize,
+    duration_secs: f64,
+    warmup_secs: f64,
+    reserved: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(pairs > 0, "--pairs must be at least 1");
+    anyhow::ensure!(
+        duration_secs.is_finite() && duration_secs > 0.0,
+        "--duration-secs must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        warmup_secs.is_finite() && warmup_secs >= 0.0,
+        "--warmup-secs must be zero or more seconds"
+    );
+    let most = crate::postgres::PG_MAX_CONNECTIONS - reserved;
+    anyhow::ensure!(
+        clients.iter().all(|c| (1..=most).contains(c)),
+        "--clients must be 1 to {most} (PostgreSQL's connections, {reserved} kept for setup)"
+    );
+    Ok(())
+}
+
+/// Throughput over the baseline's in the same pair, for every pair both ran (`runs` and
+/// `baseline` are (pair, result) of one point).
+pub fn pair_ratios<R>(
+    runs: &[&(usize, R)],
+    baseline: &[&(usize, R)],
+    throughput: fn(&R) -> f64,
+) -> Vec<f64> {
+    runs.iter()
+        .filter_map(|(pair, r)| {
+            let (_, base) = baseline.iter().find(|(p, _)| p == pair)?;
+            (throughput(base) > 0.0).then(|| throughput(r) / throughput(base))
+        })
+        .collect()
+}

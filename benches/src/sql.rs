@@ -20,7 +20,7 @@ use crate::closed_loop::{
     self, Failure, MAX_ATTEMPTS, RETRY_BACKOFF_INITIAL_MS, RETRY_BACKOFF_MAX_MS,
 };
 use crate::compare::{median, pair_order, pair_ratios_cell, ratio_cell};
-use crate::postgres::{PgServer, PG_MAX_CONNECTIONS};
+use crate::postgres::PgServer;
 use crate::target::{self, System};
 
 /// Rows per INSERT while loading, and connections loading at once.
@@ -564,12 +564,7 @@ fn rows_of(cfg: &SqlConfig, results: &[(usize, SqlResult)]) -> Vec<Row> {
                 let pair_ratios: Vec<f64> = if system == SqlSystem::Postgres {
                     Vec::new()
                 } else {
-                    runs.iter()
-                        .filter_map(|(pair, r)| {
-                            let base = pg.iter().find(|(p, _)| p == pair)?;
-                            (base.1.ops_per_sec > 0.0).then(|| r.ops_per_sec / base.1.ops_per_sec)
-                        })
-                        .collect()
+                    closed_loop::pair_ratios(&runs, &pg, |r| r.ops_per_sec)
                 };
                 rows.push(Row {
                     workload,
@@ -594,26 +589,17 @@ fn rows_of(cfg: &SqlConfig, results: &[(usize, SqlResult)]) -> Vec<Row> {
 pub async fn run(cfg: SqlConfig) -> anyhow::Result<String> {
     anyhow::ensure!(!cfg.systems.is_empty(), "--systems names no system");
     anyhow::ensure!(!cfg.workloads.is_empty(), "--workloads names no workload");
-    anyhow::ensure!(cfg.pairs > 0, "--pairs must be at least 1");
     anyhow::ensure!(
         cfg.spheres > 0 && cfg.rows_per_sphere > 0,
         "--spheres and --rows-per-sphere must be at least 1"
     );
-    anyhow::ensure!(
-        cfg.duration_secs.is_finite() && cfg.duration_secs > 0.0,
-        "--duration-secs must be a positive number of seconds"
-    );
-    anyhow::ensure!(
-        cfg.warmup_secs.is_finite() && cfg.warmup_secs >= 0.0,
-        "--warmup-secs must be zero or more seconds"
-    );
-    let max_clients = cfg.clients.iter().copied().max().unwrap_or(0);
-    anyhow::ensure!(
-        cfg.clients.iter().all(|c| *c > 0)
-            && max_clients + LOAD_CONNECTIONS + 2 <= PG_MAX_CONNECTIONS,
-        "--clients must be 1 to {} (PostgreSQL's connections, some kept for loading)",
-        PG_MAX_CONNECTIONS - LOAD_CONNECTIONS - 2
-    );
+    closed_loop::check_sweep(
+        &cfg.clients,
+        cfg.pairs,
+        cfg.duration_secs,
+        cfg.warmup_secs,
+        LOAD_CONNECTIONS + 2,
+    )?;
     std::fs::create_dir_all(&cfg.out_dir)?;
     let total_runs = cfg.workloads.len() * cfg.clients.len() * cfg.pairs * cfg.systems.len();
     let mut done = 0;

@@ -33,6 +33,8 @@ const SPLIT_VISIBLE_POLLS: usize = 100;
 const SPLIT_VISIBLE_POLL_MS: u64 = 100;
 /// Accounts per page of the closing balance check.
 const TOTAL_SCAN_PAGE_KEYS: u32 = 1_000;
+/// PostgreSQL connections kept for setup and the closing check.
+const SETUP_CONNECTIONS: usize = 4;
 /// Accounts per preload write.
 const PRELOAD_CHUNK_ACCOUNTS: usize = 128;
 
@@ -545,13 +547,7 @@ fn rows_of(
             let pair_ratios: Vec<f64> = if system == TxnSystem::Postgres {
                 Vec::new()
             } else {
-                runs.iter()
-                    .filter_map(|(pair, r)| {
-                        let base = pg.iter().find(|(p, _)| p == pair)?;
-                        (base.1.transfers_per_sec > 0.0)
-                            .then(|| r.transfers_per_sec / base.1.transfers_per_sec)
-                    })
-                    .collect()
+                closed_loop::pair_ratios(&runs, &pg, |r| r.transfers_per_sec)
             };
             rows.push(Row {
                 clients: c,
@@ -572,26 +568,17 @@ fn rows_of(
 /// Runs the sweep and writes `transfers.md` and `transfers.json` into the output directory.
 pub async fn run(cfg: TransferConfig) -> anyhow::Result<String> {
     anyhow::ensure!(!cfg.systems.is_empty(), "--systems names no system");
-    anyhow::ensure!(cfg.pairs > 0, "--pairs must be at least 1");
     anyhow::ensure!(
         cfg.accounts >= 4,
         "--accounts must be at least 4 (two in each range)"
     );
-    anyhow::ensure!(
-        cfg.duration_secs.is_finite() && cfg.duration_secs > 0.0,
-        "--duration-secs must be a positive number of seconds"
-    );
-    anyhow::ensure!(
-        cfg.warmup_secs.is_finite() && cfg.warmup_secs >= 0.0,
-        "--warmup-secs must be zero or more seconds"
-    );
-    let max_clients = cfg.clients.iter().copied().max().unwrap_or(0);
-    anyhow::ensure!(
-        cfg.clients.iter().all(|c| *c > 0)
-            && max_clients + 4 <= crate::postgres::PG_MAX_CONNECTIONS,
-        "--clients must be 1 to {} (PostgreSQL's connections, a few kept for setup)",
-        crate::postgres::PG_MAX_CONNECTIONS - 4
-    );
+    closed_loop::check_sweep(
+        &cfg.clients,
+        cfg.pairs,
+        cfg.duration_secs,
+        cfg.warmup_secs,
+        SETUP_CONNECTIONS,
+    )?;
     std::fs::create_dir_all(&cfg.out_dir)?;
     let total_runs = cfg.clients.len() * cfg.pairs * cfg.systems.len();
     let mut done = 0;

@@ -121,15 +121,6 @@ fn respond(outcome: Result<Outcome, SqlError>, format: &Format) -> PgWireResult<
     })
 }
 
-/// Whether two results have the same columns as the client sees them (names and types).
-fn same_columns(a: &SchemaRef, b: &SchemaRef) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields()
-            .iter()
-            .zip(b.fields())
-            .all(|(x, y)| x.name() == y.name() && pg_type(x.data_type()) == pg_type(y.data_type()))
-}
-
 /// The PostgreSQL type a result column is sent as.
 fn pg_type(data_type: &DataType) -> Type {
     match data_type {
@@ -329,6 +320,9 @@ impl SimpleQueryHandler for Handler {
         let results = session.execute(query).await;
         let mut responses = Vec::with_capacity(results.len());
         for result in results {
+            if let Ok(outcome) = &result {
+                self.note_schema_change(outcome);
+            }
             match respond(result, &Format::UnifiedText) {
                 Ok(response) => responses.push(response),
                 // The statements before it did run (and may have committed): their answers
@@ -405,28 +399,7 @@ impl ExtendedQueryHandler for Handler {
             .run(statement)
             .await
             .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
-        let stored = &portal.statement;
-        if let Some(Some(described)) = self
-            .description(&stored.id, &stored.statement)
-            .filter(|_| !stored.id.is_empty())
-            .and_then(|d| d.result)
-        {
-            let answered = match &outcome {
-                Outcome::Rows { schema, .. } | Outcome::Returned { schema, .. } => Some(schema),
-                _ => None,
-            };
-            if answered.is_some_and(|a| !same_columns(a, &described)) {
-                // The client decodes rows by the columns it was told; a table dropped and
-                // created again with others since must not be answered under the old ones.
-                return Err(failed(
-                    &mut session,
-                    SqlError::new(
-                        "0A000",
-                        "cached plan must not change result type; prepare the statement again",
-                    ),
-                ));
-            }
-        }
+        self.note_schema_change(&outcome);
         respond(Ok(outcome), &portal.result_column_format).inspect_err(|_| session.fail())
     }
 
@@ -711,9 +684,12 @@ pub const MAX_DESCRIBED_STATEMENTS: usize = 1_000;
 #[derive(Clone, Default)]
 struct Description {
     parameters: Option<Vec<Type>>,
-    /// Its result columns (`Some(None)`: it returns no rows). A table dropped and created
-    /// again with other columns after Describe is not noticed: PostgreSQL would refuse the
-    /// cached plan ("cached plan must not change result type").
+    /// Its result columns (`Some(None)`: it returns no rows); named statements only, and
+    /// forgotten when this connection changes a table. A table another connection drops
+    /// and creates again with other columns is not noticed: the client is answered rows
+    /// of the new columns under the old description (PostgreSQL refuses such a cached plan
+    /// with "cached plan must not change result type"); prepare the statement again under
+    /// another name.
     result: Option<Option<SchemaRef>>,
 }
 
@@ -728,6 +704,21 @@ impl Handler {
                 .entry((id.to_string(), sql.to_string()))
                 .or_default(),
         );
+    }
+
+    /// Forgets the result columns of every described statement after this connection
+    /// created or dropped a table.
+    fn note_schema_change(&self, outcome: &Outcome) {
+        if let Outcome::Command {
+            tag: "CREATE TABLE" | "DROP TABLE",
+            ..
+        } = outcome
+        {
+            let mut described = self.described.lock().unwrap_or_else(|p| p.into_inner());
+            for d in described.values_mut() {
+                d.result = None;
+            }
+        }
     }
 
     fn description(&self, id: &str, sql: &str) -> Option<Description> {

@@ -505,7 +505,10 @@ fn parse_timeout_ms(value: &str) -> Result<u64, SqlError> {
 /// A session's DataFusion context, built once per connection: building one (configuration,
 /// every function, every optimizer rule) costs more than planning a point query.
 fn base_context() -> SessionContext {
+    // One partition: statements read rows one scan at a time anyway (scans do not stream
+    // yet), and plans keep their input's order, which RETURNING's answers rely on.
     let config = SessionConfig::new()
+        .with_target_partitions(1)
         .with_information_schema(true)
         .set_str("datafusion.sql_parser.dialect", "PostgreSQL");
     let ctx = SessionContext::new_with_config(config);
