@@ -23,10 +23,11 @@ use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
-    AssignmentTarget, ColumnOption, ConflictTarget, CreateTable, Delete, DoUpdate, Expr as SqlExpr,
-    FromTable, GroupByExpr, Insert, ObjectName, ObjectType, OnConflictAction, OnInsert, Query,
-    SelectItem, Set, SetExpr, Statement, TableConstraint, TableFactor, TableObject, TableWithJoins,
-    TransactionIsolationLevel, TransactionMode, Update, Visit, Visitor,
+    Assignment, AssignmentTarget, ColumnOption, ConflictTarget, CreateTable, Delete, DoUpdate,
+    Expr as SqlExpr, FromTable, GroupByExpr, Insert, ObjectName, ObjectType, OnConflictAction,
+    OnInsert, Query, SelectItem, Set, SetExpr, Statement, TableConstraint, TableFactor,
+    TableObject, TableWithJoins, TransactionIsolationLevel, TransactionMode, Update, Visit,
+    Visitor,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -525,7 +526,11 @@ async fn context(
     txn: &SharedTxn,
 ) -> Result<(SessionContext, Vec<Arc<TableDesc>>), SqlError> {
     let tables = catalog::load_tables(&mut *txn.lock().await).await?;
-    let schema = base.state().schema_for_ref(TableReference::bare("any"))?;
+    // Through the lock, not `state()`, which clones the whole state (every function).
+    let schema = base
+        .state_ref()
+        .read()
+        .schema_for_ref(TableReference::bare("any"))?;
     for name in schema.table_names() {
         schema.deregister_table(&name)?;
     }
@@ -1475,23 +1480,9 @@ async fn update_rows(
     let desc = target(&descs, name)?.clone();
     let mut assigned: HashMap<usize, String> = HashMap::new();
     for a in &update.assignments {
-        let AssignmentTarget::ColumnName(column) = &a.target else {
-            return Err(SqlError::feature(
-                "tuple assignments in UPDATE are not supported",
-            ));
-        };
-        let Some(last) = column.0.last().and_then(|p| p.as_ident()) else {
-            return Err(SqlError::syntax(format!("bad column {column}")));
-        };
-        let column = column_name(last);
-        let p = desc
-            .position(&column)
-            .ok_or_else(|| SqlError::undefined_column(&desc.name, &column))?;
+        let p = assigned_column(&desc, a, "UPDATE")?;
         if assigned.insert(p, a.value.to_string()).is_some() {
-            return Err(SqlError::new(
-                "42601",
-                format!("multiple assignments to same column \"{column}\""),
-            ));
+            return Err(multiple_assignments(&desc.columns[p].name));
         }
     }
     let keys = desc.key_positions();
@@ -1581,6 +1572,33 @@ async fn update_rows(
     };
     apply(txn, writes).await?;
     Ok(outcome)
+}
+
+/// The position in `desc` of the column an assignment of `statement` (`UPDATE`, `ON
+/// CONFLICT DO UPDATE`) sets.
+pub(crate) fn assigned_column(
+    desc: &TableDesc,
+    assignment: &Assignment,
+    statement: &str,
+) -> Result<usize, SqlError> {
+    let AssignmentTarget::ColumnName(column) = &assignment.target else {
+        return Err(SqlError::feature(format!(
+            "tuple assignments in {statement} are not supported"
+        )));
+    };
+    let Some(last) = column.0.last().and_then(|p| p.as_ident()) else {
+        return Err(SqlError::syntax(format!("bad column {column}")));
+    };
+    let column = column_name(last);
+    desc.position(&column)
+        .ok_or_else(|| SqlError::undefined_column(&desc.name, &column))
+}
+
+pub(crate) fn multiple_assignments(column: &str) -> SqlError {
+    SqlError::new(
+        "42601",
+        format!("multiple assignments to same column \"{column}\""),
+    )
 }
 
 /// Applies a statement's writes in order (`None`: a delete).

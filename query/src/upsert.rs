@@ -14,14 +14,14 @@ use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::execution::context::SessionContext;
 use datafusion::scalar::ScalarValue;
-use datafusion::sql::sqlparser::ast::{
-    AssignmentTarget, DoUpdate, Expr as SqlExpr, Ident, VisitMut, VisitorMut,
-};
+use datafusion::sql::sqlparser::ast::{DoUpdate, Expr as SqlExpr, Ident, VisitMut, VisitorMut};
 
 use crate::catalog::TableDesc;
 use crate::error::SqlError;
 use crate::returning::register_rows;
-use crate::session::{cast_to_columns, column_name, query_text, quoted};
+use crate::session::{
+    assigned_column, cast_to_columns, column_name, multiple_assignments, query_text, quoted,
+};
 
 /// Names under which the two sides of the conflicts are registered for the one query.
 const EXISTING_TABLE: &str = "__conflict_existing";
@@ -42,18 +42,8 @@ pub struct Conflict {
 pub fn assignments(desc: &TableDesc, update: &DoUpdate) -> Result<Vec<(usize, SqlExpr)>, SqlError> {
     let mut assigned: Vec<(usize, SqlExpr)> = Vec::with_capacity(update.assignments.len());
     for a in &update.assignments {
-        let AssignmentTarget::ColumnName(column) = &a.target else {
-            return Err(SqlError::feature(
-                "tuple assignments in ON CONFLICT DO UPDATE are not supported",
-            ));
-        };
-        let Some(last) = column.0.last().and_then(|p| p.as_ident()) else {
-            return Err(SqlError::syntax(format!("bad column {column}")));
-        };
-        let name = column_name(last);
-        let p = desc
-            .position(&name)
-            .ok_or_else(|| SqlError::undefined_column(&desc.name, &name))?;
+        let p = assigned_column(desc, a, "ON CONFLICT DO UPDATE")?;
+        let name = &desc.columns[p].name;
         if desc.is_key_column(desc.columns[p].id) {
             return Err(SqlError::feature(format!(
                 "ON CONFLICT DO UPDATE cannot change primary-key column \"{name}\"; delete \
@@ -61,10 +51,7 @@ pub fn assignments(desc: &TableDesc, update: &DoUpdate) -> Result<Vec<(usize, Sq
             )));
         }
         if assigned.iter().any(|(q, _)| *q == p) {
-            return Err(SqlError::new(
-                "42601",
-                format!("multiple assignments to same column \"{name}\""),
-            ));
+            return Err(multiple_assignments(name));
         }
         assigned.push((p, a.value.clone()));
     }
