@@ -452,6 +452,8 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
     const QUIESCE_AFTER_MS: &str = "500";
     /// Checkpoints followed while the range sleeps.
     const QUIET_CHECKPOINTS: usize = 20;
+    /// Quiet phases started over because something woke the range meanwhile.
+    const MAX_QUIET_PHASE_RESTARTS: usize = 3;
     let mut args = FAST_ELECTIONS.to_vec();
     args.extend(["--quiesce-after-ms", QUIESCE_AFTER_MS]);
     let cluster = ProcCluster::start(3, &args).await;
@@ -481,11 +483,20 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
         Some(quiesced == cluster.procs.len())
     };
     // The subscription's rounds go on meanwhile (every 50 ms); they must not keep it awake.
-    eventually("the followed range to quiesce on every replica", || async {
-        quiesced_everywhere().await?.then_some(())
-    })
-    .await;
-    let after_quiesce = client.timestamp().await.unwrap();
+    let quiesce = || async {
+        eventually("the followed range to quiesce on every replica", || async {
+            quiesced_everywhere().await?.then_some(())
+        })
+        .await
+    };
+    quiesce().await;
+    // Something else may wake the range once: the allocator still spreading leaders (a
+    // transfer wakes the range), or a check that a starved peer core answered too late (the
+    // round then falls back to a ReadIndex). A quiet phase woken starts over, a bounded number
+    // of times; rounds that keep waking the range wake every phase and fail.
+    let mut restarts = 0;
+    let mut actions_before = common::placement_actions(&cluster).await;
+    let mut after_quiesce = client.timestamp().await.unwrap();
     let mut checkpoints = 0;
     // Sampled after every checkpoint: a woken range stays awake for at least the quiesce
     // delay (500 ms, ten resolve intervals), so a round that woke it would show.
@@ -493,11 +504,24 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
         let before = seen.resolved;
         follow_until(&mut sub, &mut seen, before + 1).await;
         checkpoints += 1;
-        assert_eq!(
-            quiesced_everywhere().await,
-            Some(true),
-            "checkpoint {checkpoints} of the quiesced range woke it"
+        if quiesced_everywhere().await == Some(true) {
+            continue;
+        }
+        quiesce().await;
+        let actions = common::placement_actions(&cluster).await;
+        eprintln!(
+            "checkpoint {checkpoints} of a quiet phase woke the range (placement actions \
+             {actions_before} -> {actions}); starting the phase over"
         );
+        restarts += 1;
+        assert!(
+            restarts <= MAX_QUIET_PHASE_RESTARTS,
+            "the quiesced range woke in {restarts} quiet phases of {QUIET_CHECKPOINTS} \
+             checkpoints: the feed's rounds keep it awake"
+        );
+        actions_before = actions;
+        after_quiesce = client.timestamp().await.unwrap();
+        checkpoints = 0;
     }
     client.put(SPHERE, b"after", b"2").await.unwrap();
     let ts = client.timestamp().await.unwrap();

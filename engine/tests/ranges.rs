@@ -277,19 +277,8 @@ async fn ranges_split_spread_to_new_nodes_and_drain_without_losing_a_key() {
         "{} reads by the stale client while ranges changed",
         reads.load(Ordering::Relaxed)
     );
-    let counters = node_counters(&cluster).await;
+    let counters = common::node_counters(&cluster).await;
     eprintln!("actions per node: {counters:?}");
-}
-
-/// Counters (splits, replicas added/removed, leader transfers) of every live node.
-async fn node_counters(cluster: &ProcCluster) -> Vec<(String, HashMap<String, u64>)> {
-    let mut out = Vec::new();
-    for p in cluster.procs.iter().filter(|p| p.child.is_some()) {
-        if let Some(s) = common::status(&p.addr, false).await {
-            out.push((p.addr.clone(), s.counters));
-        }
-    }
-    out
 }
 
 /// Merges the big test asks for by hand.
@@ -342,7 +331,7 @@ async fn small_cold_neighbours_merge_back_by_themselves() {
     stop.store(true, Ordering::Relaxed);
     reader.await.unwrap();
     check_all(&stale, KEYS, "stale client after merges").await;
-    let merges: u64 = node_counters(&cluster)
+    let merges: u64 = common::node_counters(&cluster)
         .await
         .iter()
         .map(|(_, c)| c.get("merges").copied().unwrap_or(0))

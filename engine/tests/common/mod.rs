@@ -2,6 +2,7 @@
 //! generous deadlines (tests never assert timings).
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -58,6 +59,30 @@ pub async fn fully_replicated(client: &Client, want: usize) -> bool {
         }),
         Err(_) => false,
     }
+}
+
+/// Counters (splits, merges, replicas added/removed, leader transfers, WAL syncs) of every
+/// live node.
+pub async fn node_counters(cluster: &ProcCluster) -> Vec<(String, HashMap<String, u64>)> {
+    let mut out = Vec::new();
+    for p in cluster.procs.iter().filter(|p| p.child.is_some()) {
+        if let Some(s) = status(&p.addr, false).await {
+            out.push((p.addr.clone(), s.counters));
+        }
+    }
+    out
+}
+
+/// Placement actions (splits, merges, replica and leader moves) every live node has made
+/// since it started: each wakes the ranges it touches.
+pub async fn placement_actions(cluster: &ProcCluster) -> u64 {
+    node_counters(cluster)
+        .await
+        .iter()
+        .flat_map(|(_, counters)| counters.iter())
+        .filter(|(name, _)| !name.starts_with("wal_"))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// A loopback port nobody is listening on right now.
