@@ -118,6 +118,8 @@ pub struct Txn {
     state: TxnState,
     /// When the start timestamp was handed out (about): lock TTLs count from it.
     began: Instant,
+    /// Begun at a timestamp of the caller's ([`Client::begin_at`]): reads only.
+    read_only: bool,
 }
 
 impl Client {
@@ -125,7 +127,25 @@ impl Client {
     /// and write acknowledged before this call.
     pub async fn begin(&self) -> Result<Txn, ClientError> {
         let start_ts = self.timestamp().await?;
-        Ok(Txn {
+        Ok(self.txn_at(start_ts, false))
+    }
+
+    /// Begins a read-only transaction that sees the database as of `ts` (history): every
+    /// transaction committed at or below `ts`, none above. Reads at a `ts` the oracle has not
+    /// handed out yet are refused (`InvalidArgument`), and reads below the GC horizon answer
+    /// `HistoryCompacted`; writes and locks are refused. Timestamp 0 is refused: reads take
+    /// it for "the latest".
+    pub fn begin_at(&self, ts: u64) -> Result<Txn, ClientError> {
+        if ts == 0 {
+            return Err(ClientError::InvalidArgument(
+                "timestamp 0 is before any write; read at a timestamp the oracle handed out".into(),
+            ));
+        }
+        Ok(self.txn_at(ts, true))
+    }
+
+    fn txn_at(&self, start_ts: u64, read_only: bool) -> Txn {
+        Txn {
             client: self.clone(),
             start_ts,
             writes: BTreeMap::new(),
@@ -135,7 +155,8 @@ impl Client {
             heartbeat: None,
             state: TxnState::Active,
             began: Instant::now(),
-        })
+            read_only,
+        }
     }
 
     /// Runs `body` in a transaction and commits it; on a write conflict, a lock that outlived
@@ -431,6 +452,24 @@ impl Txn {
         }
     }
 
+    /// Refuses a write or a lock in a read-only transaction.
+    fn check_writable(&self) -> Result<(), ClientError> {
+        self.check_active()?;
+        if self.read_only {
+            return Err(ClientError::InvalidArgument(format!(
+                "the transaction reads history as of {} and cannot write or lock; write in a \
+                 transaction begun now",
+                self.start_ts
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the transaction reads history only ([`Client::begin_at`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// Reads `key` of `sphere` as of the transaction's start, or as this transaction wrote it.
     pub async fn get(&mut self, sphere: u64, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
         self.get_in(Keyspace::Kv, sphere, key).await
@@ -555,7 +594,7 @@ impl Txn {
         key: &[u8],
         value: &[u8],
     ) -> Result<(), ClientError> {
-        self.check_active()?;
+        self.check_writable()?;
         check_key(key)?;
         check_value(value)?;
         self.writes
@@ -575,7 +614,7 @@ impl Txn {
         sphere: u64,
         key: &[u8],
     ) -> Result<(), ClientError> {
-        self.check_active()?;
+        self.check_writable()?;
         check_key(key)?;
         self.writes.insert(keyspace.key(sphere, key), None);
         Ok(())
@@ -595,7 +634,7 @@ impl Txn {
         sphere: u64,
         key: &[u8],
     ) -> Result<(), ClientError> {
-        self.check_active()?;
+        self.check_writable()?;
         check_key(key)?;
         let key = keyspace.key(sphere, key);
         if self.locked.contains(&key) {

@@ -399,3 +399,174 @@ async fn prepared_dml_binds_typed_parameters_and_returns_rows() {
     assert_eq!(upper.get::<_, &str>(0), "AB");
     client.query("SHOW statement_timeout", &[]).await.unwrap();
 }
+
+/// `AS OF SYSTEM TIME` reads the rows as they were at a timestamp: in a query of its own
+/// (simple and extended protocol) and in a `BEGIN AS OF SYSTEM TIME` transaction, which
+/// refuses writes. A time the oracle has not reached, and the clause on statements that
+/// write or inside a transaction, are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn as_of_system_time_reads_history_and_writes_nothing() {
+    let cluster = ProcCluster::start(1, &[]).await;
+    let sql_addr = cluster.procs[0].sql_addr.clone();
+    common::eventually("the SQL front end to accept connections", || async {
+        connect(&sql_addr).await.ok().map(|_| ())
+    })
+    .await;
+    let sql = connect(&sql_addr).await.unwrap().client;
+    sql.batch_execute(
+        "CREATE TABLE h (sphere_id BIGINT, id INT, v TEXT, PRIMARY KEY (sphere_id, id)); \
+         INSERT INTO h VALUES (1, 1, 'old')",
+    )
+    .await
+    .unwrap();
+    // Every transaction acknowledged before it took a lower timestamp; every later one, which
+    // begins at a fresh timestamp, commits above it.
+    let ts = cluster.client().await.timestamp().await.unwrap();
+    sql.batch_execute(
+        "UPDATE h SET v = 'new' WHERE sphere_id = 1 AND id = 1; INSERT INTO h VALUES (1, 2, 'later')",
+    )
+    .await
+    .unwrap();
+
+    let rows_of = |messages: Vec<SimpleQueryMessage>| -> Vec<String> {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("NULL"))
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect()
+    };
+    let then = sql
+        .simple_query(&format!(
+            "SELECT id, v FROM h AS OF SYSTEM TIME {ts} WHERE sphere_id = 1 ORDER BY id"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows_of(then), ["1|old"]);
+    let now = sql
+        .simple_query("SELECT id, v FROM h WHERE sphere_id = 1 ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(rows_of(now), ["1|new", "2|later"]);
+
+    let prepared = sql
+        .prepare(&format!(
+            "SELECT v FROM h AS OF SYSTEM TIME '{ts}' WHERE sphere_id = $1 AND id = $2"
+        ))
+        .await
+        .unwrap();
+    let row = sql.query_one(&prepared, &[&1i64, &1i32]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "old");
+
+    sql.batch_execute(&format!("BEGIN AS OF SYSTEM TIME {ts}"))
+        .await
+        .unwrap();
+    let count = sql
+        .query_one("SELECT count(*) FROM h WHERE sphere_id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(count.get::<_, i64>(0), 1);
+    let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_string());
+    let write = sql
+        .batch_execute("UPDATE h SET v = 'x' WHERE sphere_id = 1")
+        .await
+        .unwrap_err();
+    assert_eq!(code(write).as_deref(), Some("25006"));
+    sql.batch_execute("ROLLBACK").await.unwrap();
+
+    for (statement, expected) in [
+        (
+            "SELECT v FROM h AS OF SYSTEM TIME '2100-01-01 00:00:00' WHERE sphere_id = 1",
+            "22023",
+        ),
+        (
+            "INSERT INTO h AS OF SYSTEM TIME '-1s' VALUES (1, 3, 'x')",
+            "0A000",
+        ),
+        ("SELECT 1 AS OF SYSTEM TIME 'yesterday'", "22023"),
+        // Reads take timestamp 0 for "the latest": refused rather than read the present.
+        ("SELECT v FROM h AS OF SYSTEM TIME 0", "22023"),
+    ] {
+        let e = sql.batch_execute(statement).await.unwrap_err();
+        assert_eq!(code(e).as_deref(), Some(expected), "{statement}");
+    }
+    sql.batch_execute("BEGIN").await.unwrap();
+    let inside = sql
+        .batch_execute("SELECT v FROM h AS OF SYSTEM TIME '-1s'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(inside).as_deref(), Some("25001"));
+    sql.batch_execute("ROLLBACK").await.unwrap();
+    let rows = sql
+        .query("SELECT v FROM h WHERE sphere_id = 1 ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        2,
+        "nothing the refused statements tried was written"
+    );
+}
+
+/// A cancel request (sent on its own connection with the session's key) stops the running
+/// statement with 57014; its writes are never committed, an explicit transaction is failed
+/// until ROLLBACK, and the connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_request_stops_the_running_statement_and_commits_nothing() {
+    /// A query that would run for hours.
+    const ENDLESS: &str = "SELECT count(*) FROM generate_series(1, 100000000000)";
+    /// Cancels sent, one every 100 ms, before the test gives up: a cancel that arrives
+    /// before the statement starts is forgotten, as in PostgreSQL.
+    const MAX_CANCELS: usize = 600;
+    let cluster = ProcCluster::start(1, &[]).await;
+    let sql_addr = cluster.procs[0].sql_addr.clone();
+    common::eventually("the SQL front end to accept connections", || async {
+        connect(&sql_addr).await.ok().map(|_| ())
+    })
+    .await;
+    let sql = std::sync::Arc::new(connect(&sql_addr).await.unwrap().client);
+    sql.batch_execute(
+        "CREATE TABLE c (sphere_id BIGINT, id INT, PRIMARY KEY (sphere_id, id)); \
+         BEGIN; INSERT INTO c VALUES (1, 1)",
+    )
+    .await
+    .unwrap();
+    let token = sql.cancel_token();
+    let running = {
+        let sql = sql.clone();
+        tokio::spawn(async move { sql.simple_query(ENDLESS).await })
+    };
+    let mut cancels = 0;
+    while !running.is_finished() {
+        assert!(
+            cancels < MAX_CANCELS,
+            "{cancels} cancel requests did not stop the query"
+        );
+        token.cancel_query(NoTls).await.unwrap();
+        cancels += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let e = running.await.unwrap().unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    let after = sql.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(after.code().map(|c| c.code()), Some("25P02"), "{after}");
+    sql.batch_execute("COMMIT").await.unwrap();
+    // Read on another connection: a cancel sent just before the query ended may still be
+    // on its way to this one.
+    let other = connect(&sql_addr).await.unwrap().client;
+    let rows = other.query("SELECT * FROM c", &[]).await.unwrap();
+    assert!(
+        rows.is_empty(),
+        "the canceled transaction's insert was committed"
+    );
+    common::eventually("the canceled connection to serve again", || async {
+        sql.query_one("SELECT 1", &[]).await.ok().map(|_| ())
+    })
+    .await;
+}

@@ -135,6 +135,28 @@ async fn transactions_across_ranges_commit_whole_and_conflicting_ones_abort() {
         Err(ClientError::WriteConflict { .. }) => {}
         other => panic!("locked a key written after the transaction began: {other:?}"),
     }
+
+    // A transaction begun at an earlier timestamp reads history and writes nothing.
+    let mut past = client.begin_at(ts).unwrap();
+    assert!(client.begin_at(0).is_err());
+    assert_eq!(
+        past.get(SPHERE, b"c").await.unwrap(),
+        Some(b"100".to_vec()),
+        "history as of {ts}"
+    );
+    assert!(matches!(
+        past.put(SPHERE, b"c", b"rewritten"),
+        Err(ClientError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        past.lock(SPHERE, b"c").await,
+        Err(ClientError::InvalidArgument(_))
+    ));
+    past.commit().await.unwrap();
+    assert_eq!(
+        client.get(SPHERE, b"c").await.unwrap(),
+        Some(b"free".to_vec())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

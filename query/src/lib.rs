@@ -7,11 +7,15 @@
 //! - [`session`]: one connection's statements and transaction (DML is planned here);
 //! - [`returning`]: the RETURNING list over the rows a statement changed;
 //! - [`upsert`]: the new values of `INSERT ... ON CONFLICT DO UPDATE`;
+//! - [`as_of`]: `AS OF SYSTEM TIME`, cut from a statement's text;
+//! - [`cancel`]: cancel requests for a session's running statement;
 //! - [`params`]: the types of `$n` parameters a statement's text fixes;
 //! - [`pg`]: the PostgreSQL wire protocol front end.
 //!
 //! The SQL layer reaches data only through the [`spheredb_client`] API applications use.
 
+pub mod as_of;
+pub mod cancel;
 pub mod catalog;
 pub mod error;
 pub mod params;

@@ -18,6 +18,9 @@ use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Token;
 use futures::{stream, Sink};
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::auth::StartupHandler;
+use pgwire::api::cancel::CancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
@@ -30,11 +33,13 @@ use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::extendedquery::Execute;
 use pgwire::messages::response::TransactionStatus;
-use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use spheredb_client::Client;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
+use crate::as_of::{self, AsOf};
+use crate::cancel::{Canceler, Cancelers};
 use crate::error::SqlError;
 use crate::session::{Outcome, Session};
 
@@ -45,6 +50,7 @@ pub const MAX_SQL_CONNECTIONS: usize = 1_000;
 /// session over `client`.
 pub async fn serve(listener: TcpListener, client: Client) -> std::io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
+    let cancelers = Arc::new(Cancelers::default());
     loop {
         let (socket, peer) = listener.accept().await?;
         let _ = socket.set_nodelay(true);
@@ -53,18 +59,25 @@ pub async fn serve(listener: TcpListener, client: Client) -> std::io::Result<()>
             tracing::warn!(%peer, limit = MAX_SQL_CONNECTIONS, "SQL connection refused: too many");
             continue;
         }
+        let session = Session::new(client.clone());
+        let handler = Arc::new(Handler {
+            canceler: session.canceler(),
+            session: Mutex::new(session),
+            parser: Arc::new(NoopQueryParser::new()),
+            described: std::sync::Mutex::new(HashMap::new()),
+            cancelers: cancelers.clone(),
+            cancel_key: std::sync::Mutex::new(None),
+        });
         let connection = Arc::new(Connection {
-            handler: Arc::new(Handler {
-                session: Mutex::new(Session::new(client.clone())),
-                parser: Arc::new(NoopQueryParser::new()),
-                described: std::sync::Mutex::new(HashMap::new()),
-            }),
+            handler: handler.clone(),
+            cancelers: cancelers.clone(),
         });
         let open = open.clone();
         tokio::spawn(async move {
             if let Err(e) = pgwire::tokio::process_socket(socket, None, connection).await {
                 tracing::debug!(%peer, error = %e, "SQL connection ended");
             }
+            handler.forget_cancel_key();
             open.fetch_sub(1, Ordering::SeqCst);
         });
     }
@@ -73,6 +86,9 @@ pub async fn serve(listener: TcpListener, client: Client) -> std::io::Result<()>
 /// One client connection: its handlers share its session.
 struct Connection {
     handler: Arc<Handler>,
+    /// Every session of the node, for cancel requests (which come on connections of their
+    /// own).
+    cancelers: Arc<Cancelers>,
 }
 
 impl PgWireServerHandlers for Connection {
@@ -83,6 +99,14 @@ impl PgWireServerHandlers for Connection {
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
         self.handler.clone()
     }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.handler.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.cancelers.clone()
+    }
 }
 
 struct Handler {
@@ -90,6 +114,47 @@ struct Handler {
     parser: Arc<NoopQueryParser>,
     /// What this connection's Describe messages answered, by statement name and text.
     described: std::sync::Mutex<HashMap<(String, String), Description>>,
+    /// Cancels the session's running statement without waiting for the session's lock.
+    canceler: Canceler,
+    cancelers: Arc<Cancelers>,
+    /// The process id and secret key the client was given at startup, under which
+    /// `cancelers` knows this session.
+    cancel_key: std::sync::Mutex<Option<(i32, Vec<u8>)>>,
+}
+
+impl Handler {
+    fn forget_cancel_key(&self) {
+        let key = self
+            .cancel_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(key) = key {
+            self.cancelers.unregister(&key);
+        }
+    }
+}
+
+/// Startup without authentication (it comes with the security work); the session is
+/// registered for cancel requests under the key the client is sent (BackendKeyData).
+#[async_trait]
+impl NoopStartupHandler for Handler {
+    async fn post_startup<C>(
+        &self,
+        client: &mut C,
+        _message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (pid, secret_key) = client.pid_and_secret_key();
+        let key = (pid, secret_key.to_bytes().to_vec());
+        self.cancelers.register(key.clone(), self.canceler.clone());
+        *self.cancel_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+        Ok(())
+    }
 }
 
 /// The ErrorResponse of a failed statement.
@@ -388,15 +453,15 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let mut session = self.session.lock().await;
-        let statement = match self.bound(portal) {
-            Ok(Some(statement)) => statement,
+        let (statement, as_of) = match self.bound(portal) {
+            Ok(Some(bound)) => bound,
             Ok(None) => return Ok(Response::EmptyQuery),
             Err(e) => return Err(failed(&mut session, e)),
         };
         // Errors are returned, not answered: pgwire then skips the rest of the pipeline up
         // to the next Sync, as PostgreSQL does.
         let outcome = session
-            .run(statement)
+            .run_at(statement, as_of)
             .await
             .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
         self.note_schema_change(&outcome);
@@ -415,8 +480,9 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let mut session = self.session.lock().await;
+        // The time a statement reads at does not change its result columns.
         let statement = match one_statement(&target.statement) {
-            Ok(Some(statement)) => statement,
+            Ok(Some((statement, _as_of))) => statement,
             Ok(None) => return Ok(DescribeStatementResponse::new(Vec::new(), Vec::new())),
             Err(e) => return Err(failed(&mut session, e)),
         };
@@ -490,7 +556,7 @@ impl ExtendedQueryHandler for Handler {
             None => {
                 let mut session = self.session.lock().await;
                 let statement = match self.bound(portal) {
-                    Ok(Some(statement)) => statement,
+                    Ok(Some((statement, _as_of))) => statement,
                     Ok(None) => return Ok(DescribePortalResponse::new(Vec::new())),
                     Err(e) => return Err(failed(&mut session, e)),
                 };
@@ -526,11 +592,12 @@ fn error_info(e: &SqlError) -> ErrorInfo {
 
 /// The one statement of a prepared statement's text (`None` for an empty one). More than
 /// one is refused before anything runs, as PostgreSQL refuses it at Parse.
-fn one_statement(sql: &str) -> Result<Option<Statement>, SqlError> {
-    let mut statements = Session::parse(sql)?;
+fn one_statement(sql: &str) -> Result<Option<(Statement, Option<AsOf>)>, SqlError> {
+    let (sql, as_of) = as_of::split(sql)?;
+    let mut statements = Session::parse(&sql)?;
     match statements.len() {
         0 => Ok(None),
-        1 => Ok(Some(statements.remove(0))),
+        1 => Ok(Some((statements.remove(0), as_of))),
         _ => Err(SqlError::syntax(
             "cannot insert multiple commands into a prepared statement",
         )),
@@ -730,9 +797,12 @@ impl Handler {
     }
 
     /// The portal's statement with its parameters in place.
-    fn bound(&self, portal: &Portal<String>) -> Result<Option<Statement>, SqlError> {
+    fn bound(
+        &self,
+        portal: &Portal<String>,
+    ) -> Result<Option<(Statement, Option<AsOf>)>, SqlError> {
         let stored = &portal.statement;
-        let Some(mut statement) = one_statement(&stored.statement)? else {
+        let Some((mut statement, as_of)) = one_statement(&stored.statement)? else {
             return Ok(None);
         };
         let described = self
@@ -751,7 +821,7 @@ impl Handler {
             values.push(parameter_expr(&parameter_text(portal, i, &ty)?)?);
         }
         substitute(&mut statement, &values)?;
-        Ok(Some(statement))
+        Ok(Some((statement, as_of)))
     }
 }
 
@@ -766,7 +836,8 @@ mod tests {
         let mut statement =
             one_statement("UPDATE t SET score = score-$1 WHERE sphere_id = $2 -- $2 in a comment")
                 .unwrap()
-                .unwrap();
+                .unwrap()
+                .0;
         assert_eq!(placeholder_count(&statement), 2);
         let values = [
             parameter_expr("CAST('-3' AS BIGINT)").unwrap(),
@@ -777,7 +848,7 @@ mod tests {
         assert!(text.contains("score - CAST('-3' AS BIGINT)"), "{text}");
         assert!(text.contains("sphere_id = 'x\n OR true --'''"), "{text}");
         assert!(parameter_expr("1; DROP TABLE t").is_err());
-        let mut short = one_statement("SELECT $3").unwrap().unwrap();
+        let mut short = one_statement("SELECT $3").unwrap().unwrap().0;
         assert_eq!(substitute(&mut short, &values).unwrap_err().code, "08P01");
         assert!(one_statement("SELECT 1; SELECT 2").is_err());
         assert_eq!(literal("it's"), "'it''s'");

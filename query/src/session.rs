@@ -34,6 +34,8 @@ use datafusion::sql::sqlparser::parser::Parser;
 use spheredb_client::{Client, Keyspace};
 use spheredb_storage::keys::Datum;
 
+use crate::as_of::{self, AsOf};
+use crate::cancel::{self, CancelWatch, Canceler};
 use crate::catalog::{self, ColumnDesc, TableDesc};
 use crate::error::SqlError;
 use crate::params;
@@ -117,10 +119,14 @@ pub struct Session {
     /// The last statement was a `COMMIT` that failed: the transaction is over (rolled back
     /// or, for `OutcomeUnknown`, of unknown outcome), as PostgreSQL ends it.
     commit_failed: bool,
+    /// Cancel requests for the running statement, and the handle that sends them.
+    cancels: CancelWatch,
+    canceler: Canceler,
 }
 
 impl Session {
     pub fn new(client: Client) -> Session {
+        let (canceler, cancels) = cancel::channel();
         Session {
             client,
             ctx: base_context(),
@@ -128,7 +134,14 @@ impl Session {
             statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
             settings: HashMap::new(),
             commit_failed: false,
+            cancels,
+            canceler,
         }
+    }
+
+    /// Cancels the statement running when it is called (see [`crate::cancel`]).
+    pub fn canceler(&self) -> Canceler {
+        self.canceler.clone()
     }
 
     /// Parses `sql` into statements.
@@ -141,8 +154,19 @@ impl Session {
     /// control among them run as one transaction, as PostgreSQL runs them: all or nothing.
     pub async fn execute(&mut self, sql: &str) -> Vec<Result<Outcome, SqlError>> {
         self.commit_failed = false;
-        let statements = match Session::parse(sql) {
-            Ok(s) => s,
+        let parsed = as_of::split(sql).and_then(|(sql, as_of)| Ok((Session::parse(&sql)?, as_of)));
+        let statements = match parsed {
+            Ok((statements, None)) => statements,
+            Ok((mut statements, Some(as_of))) if statements.len() == 1 => {
+                return vec![self.run_at(statements.remove(0), Some(as_of)).await];
+            }
+            Ok((_, Some(_))) => {
+                self.fail();
+                return vec![Err(SqlError::feature(
+                    "AS OF SYSTEM TIME in a query string of several statements: send its \
+                     statement alone",
+                ))];
+            }
             Err(e) => {
                 self.fail();
                 return vec![Err(e)];
@@ -186,6 +210,52 @@ impl Session {
             }
         }
         out
+    }
+
+    /// Runs one statement, reading history when `as_of` names a time (`AS OF SYSTEM TIME`,
+    /// cut out of its text by [`as_of::split`]).
+    pub async fn run_at(
+        &mut self,
+        statement: Statement,
+        as_of: Option<AsOf>,
+    ) -> Result<Outcome, SqlError> {
+        let Some(as_of) = as_of else {
+            return self.run(statement).await;
+        };
+        self.commit_failed = false;
+        let result = self.run_as_of(statement, as_of).await;
+        self.failing(result)
+    }
+
+    /// `BEGIN AS OF SYSTEM TIME` opens a read-only transaction at that time; a query with the
+    /// clause runs in one of its own. Other statements cannot read history.
+    async fn run_as_of(&mut self, statement: Statement, as_of: AsOf) -> Result<Outcome, SqlError> {
+        match self.block {
+            Block::None => {}
+            Block::Failed => return Err(SqlError::in_failed_transaction()),
+            Block::Open(_) => {
+                return Err(SqlError::new(
+                    "25001",
+                    "AS OF SYSTEM TIME inside a transaction: the transaction reads at one \
+                     time; begin it with BEGIN AS OF SYSTEM TIME",
+                ))
+            }
+        }
+        let ts = as_of.timestamp(as_of::now_unix_ms())?;
+        let txn = Arc::new(tokio::sync::Mutex::new(self.client.begin_at(ts)?));
+        match statement {
+            Statement::StartTransaction { modes, .. } => {
+                refuse_serializable(&modes)?;
+                self.block = Block::Open(txn);
+                Ok(Outcome::Began)
+            }
+            statement @ (Statement::Query(_) | Statement::Explain { .. }) => {
+                self.run_with(statement, txn, true).await
+            }
+            _ => Err(SqlError::feature(
+                "AS OF SYSTEM TIME applies to SELECT and BEGIN only",
+            )),
+        }
     }
 
     /// Runs one statement.
@@ -290,7 +360,6 @@ impl Session {
         if let Some(outcome) = self.session_statement(&statement)? {
             return Ok(outcome);
         }
-        let timeout_ms = self.statement_timeout_ms;
         let (txn, own) = match &self.block {
             Block::Open(txn) => (txn.clone(), false),
             _ => (
@@ -298,16 +367,47 @@ impl Session {
                 true,
             ),
         };
+        self.run_with(statement, txn, own).await
+    }
+
+    /// Runs `statement` in `txn`, which it ends when it is the statement's `own`.
+    async fn run_with(
+        &mut self,
+        statement: Statement,
+        txn: SharedTxn,
+        own: bool,
+    ) -> Result<Outcome, SqlError> {
+        if let Some(what) = writes(&statement) {
+            if txn.lock().await.is_read_only() {
+                return Err(SqlError::new(
+                    "25006",
+                    format!(
+                        "cannot execute {what} in a read-only transaction (it reads history \
+                         AS OF SYSTEM TIME)"
+                    ),
+                ));
+            }
+        }
+        let timeout_ms = self.statement_timeout_ms;
+        let canceled = self.cancels.next();
         let work = run_statement(statement, &self.ctx, txn.clone());
-        let result = if timeout_ms == 0 {
-            work.await
-        } else {
+        // A statement stopped by its timeout or a cancel request fails: its own transaction
+        // rolls back below, an explicit one is failed until ROLLBACK, so none of its writes
+        // are ever committed. The commit after it is never interrupted.
+        let limited = async {
+            if timeout_ms == 0 {
+                return work.await;
+            }
             match tokio::time::timeout(Duration::from_millis(timeout_ms), work).await {
                 Ok(r) => r,
                 Err(_) => Err(SqlError::canceled(format!(
                     "canceling statement due to statement timeout ({timeout_ms} ms)"
                 ))),
             }
+        };
+        let result = tokio::select! {
+            result = limited => result,
+            () = canceled => Err(SqlError::canceled("canceling statement due to user request")),
         };
         if own {
             let mut txn = txn.lock().await;
@@ -461,6 +561,19 @@ impl Session {
             }
             _ => Ok(None),
         }
+    }
+}
+
+/// The name of a statement that writes (rows or the catalog), for a read-only transaction's
+/// refusal; queries that lock (`FOR UPDATE`) are refused by the transaction itself.
+fn writes(statement: &Statement) -> Option<&'static str> {
+    match statement {
+        Statement::Insert(_) => Some("INSERT"),
+        Statement::Update(_) => Some("UPDATE"),
+        Statement::Delete(_) => Some("DELETE"),
+        Statement::CreateTable(_) => Some("CREATE TABLE"),
+        Statement::Drop { .. } => Some("DROP"),
+        _ => None,
     }
 }
 
