@@ -452,8 +452,10 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
     const QUIESCE_AFTER_MS: &str = "500";
     /// Checkpoints followed while the range sleeps.
     const QUIET_CHECKPOINTS: usize = 20;
-    /// Quiet phases started over because something woke the range meanwhile.
-    const MAX_QUIET_PHASE_RESTARTS: usize = 3;
+    /// Quiet phases started over because the allocator moved something meanwhile.
+    const MAX_PLACEMENT_RESTARTS: usize = 3;
+    /// Quiet phases started over though nothing was moved.
+    const MAX_OTHER_RESTARTS: usize = 1;
     let mut args = FAST_ELECTIONS.to_vec();
     args.extend(["--quiesce-after-ms", QUIESCE_AFTER_MS]);
     let cluster = ProcCluster::start(3, &args).await;
@@ -490,11 +492,12 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
         .await
     };
     quiesce().await;
-    // Something else may wake the range once: the allocator still spreading leaders (a
-    // transfer wakes the range), or a check that a starved peer core answered too late (the
-    // round then falls back to a ReadIndex). A quiet phase woken starts over, a bounded number
-    // of times; rounds that keep waking the range wake every phase and fail.
-    let mut restarts = 0;
+    // Something else may wake the range: the allocator still spreading leaders (a transfer
+    // wakes the range; counted), or, once, a check that a starved peer core answered too late
+    // (the round then falls back to a ReadIndex; not counted). A quiet phase woken starts
+    // over, a bounded number of times; rounds that wake the range wake phase after phase and
+    // fail.
+    let (mut placement_restarts, mut other_restarts) = (0, 0);
     let mut actions_before = common::placement_actions(&cluster).await;
     let mut after_quiesce = client.timestamp().await.unwrap();
     let mut checkpoints = 0;
@@ -513,11 +516,15 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
             "checkpoint {checkpoints} of a quiet phase woke the range (placement actions \
              {actions_before} -> {actions}); starting the phase over"
         );
-        restarts += 1;
+        if actions > actions_before {
+            placement_restarts += 1;
+        } else {
+            other_restarts += 1;
+        }
         assert!(
-            restarts <= MAX_QUIET_PHASE_RESTARTS,
-            "the quiesced range woke in {restarts} quiet phases of {QUIET_CHECKPOINTS} \
-             checkpoints: the feed's rounds keep it awake"
+            placement_restarts <= MAX_PLACEMENT_RESTARTS && other_restarts <= MAX_OTHER_RESTARTS,
+            "checkpoint {checkpoints} of the quiesced range woke it: {placement_restarts} quiet \
+             phases woken with placement actions, {other_restarts} without"
         );
         actions_before = actions;
         after_quiesce = client.timestamp().await.unwrap();

@@ -132,6 +132,28 @@ async fn the_sql_logic_test_suite_passes_over_the_wire_protocol() {
     }
 }
 
+/// A one-node cluster whose SQL front end accepts connections, and its SQL address.
+async fn one_node() -> (ProcCluster, String) {
+    let cluster = ProcCluster::start(1, &[]).await;
+    let sql_addr = cluster.procs[0].sql_addr.clone();
+    common::eventually("the SQL front end to accept connections", || async {
+        connect(&sql_addr).await.ok().map(|_| ())
+    })
+    .await;
+    (cluster, sql_addr)
+}
+
+/// The SQLSTATE `statement` fails with (the test fails if it succeeds).
+async fn refused(sql: &tokio_postgres::Client, statement: &str) -> String {
+    match sql.batch_execute(statement).await {
+        Ok(()) => panic!("{statement} succeeded"),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| e.to_string()),
+    }
+}
+
 /// Runs `program` with `args`, failing with its output if it fails (or is not installed).
 fn run(program: &str, args: &[&str], input: Option<&str>) -> String {
     use std::io::Write;
@@ -281,12 +303,7 @@ print("ok", attempts)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prepared_dml_binds_typed_parameters_and_returns_rows() {
     use tokio_postgres::types::Type;
-    let cluster = ProcCluster::start(1, &[]).await;
-    let sql_addr = cluster.procs[0].sql_addr.clone();
-    common::eventually("the SQL front end to accept connections", || async {
-        connect(&sql_addr).await.ok().map(|_| ())
-    })
-    .await;
+    let (_cluster, sql_addr) = one_node().await;
     let client = connect(&sql_addr).await.unwrap().client;
     client
         .batch_execute(
@@ -406,16 +423,13 @@ async fn prepared_dml_binds_typed_parameters_and_returns_rows() {
 /// write or inside a transaction, are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn as_of_system_time_reads_history_and_writes_nothing() {
-    let cluster = ProcCluster::start(1, &[]).await;
-    let sql_addr = cluster.procs[0].sql_addr.clone();
-    common::eventually("the SQL front end to accept connections", || async {
-        connect(&sql_addr).await.ok().map(|_| ())
-    })
-    .await;
+    let (cluster, sql_addr) = one_node().await;
     let sql = connect(&sql_addr).await.unwrap().client;
     sql.batch_execute(
         "CREATE TABLE h (sphere_id BIGINT, id INT, v TEXT, PRIMARY KEY (sphere_id, id)); \
-         INSERT INTO h VALUES (1, 1, 'old')",
+         INSERT INTO h VALUES (1, 1, 'old'); \
+         CREATE TABLE gone (sphere_id BIGINT, id INT, x DOUBLE PRECISION, PRIMARY KEY (sphere_id, id)); \
+         INSERT INTO gone VALUES (1, 1, 2.5)",
     )
     .await
     .unwrap();
@@ -423,7 +437,9 @@ async fn as_of_system_time_reads_history_and_writes_nothing() {
     // begins at a fresh timestamp, commits above it.
     let ts = cluster.client().await.timestamp().await.unwrap();
     sql.batch_execute(
-        "UPDATE h SET v = 'new' WHERE sphere_id = 1 AND id = 1; INSERT INTO h VALUES (1, 2, 'later')",
+        "UPDATE h SET v = 'new' WHERE sphere_id = 1 AND id = 1; INSERT INTO h VALUES (1, 2, 'later'); \
+         DROP TABLE gone; CREATE TABLE gone (sphere_id BIGINT, id INT, PRIMARY KEY (sphere_id, id)); \
+         CREATE TABLE later (sphere_id BIGINT, PRIMARY KEY (sphere_id))",
     )
     .await
     .unwrap();
@@ -463,6 +479,24 @@ async fn as_of_system_time_reads_history_and_writes_nothing() {
         .unwrap();
     let row = sql.query_one(&prepared, &[&1i64, &1i32]).await.unwrap();
     assert_eq!(row.get::<_, &str>(0), "old");
+    // Described and read over the catalog of that time: the dropped table, its columns as
+    // they were (a binary FLOAT8 read as anything else would decode wrong).
+    let dropped = sql
+        .prepare(&format!(
+            "SELECT x FROM gone AS OF SYSTEM TIME {ts} WHERE sphere_id = 1"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        dropped.columns()[0].type_(),
+        &tokio_postgres::types::Type::FLOAT8
+    );
+    let row = sql.query_one(&dropped, &[]).await.unwrap();
+    assert_eq!(row.get::<_, f64>(0), 2.5);
+    assert_eq!(
+        refused(&sql, &format!("SELECT * FROM later AS OF SYSTEM TIME {ts}")).await,
+        "42P01"
+    );
 
     sql.batch_execute(&format!("BEGIN AS OF SYSTEM TIME {ts}"))
         .await
@@ -472,13 +506,26 @@ async fn as_of_system_time_reads_history_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(count.get::<_, i64>(0), 1);
-    let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_string());
-    let write = sql
-        .batch_execute("UPDATE h SET v = 'x' WHERE sphere_id = 1")
-        .await
-        .unwrap_err();
-    assert_eq!(code(write).as_deref(), Some("25006"));
-    sql.batch_execute("ROLLBACK").await.unwrap();
+    for (statement, expected) in [
+        ("UPDATE h SET v = 'x' WHERE sphere_id = 1", "25006"),
+        ("INSERT INTO h SELECT sphere_id, id + 10, v FROM h", "25006"),
+        (
+            "CREATE TABLE t2 (sphere_id BIGINT, PRIMARY KEY (sphere_id))",
+            "25006",
+        ),
+        ("DROP TABLE h", "25006"),
+        // The lock is refused by the transaction itself.
+        ("SELECT v FROM h WHERE sphere_id = 1 FOR UPDATE", "22023"),
+    ] {
+        assert_eq!(refused(&sql, statement).await, expected, "{statement}");
+        // The block failed; start it again for the next statement.
+        sql.batch_execute("ROLLBACK").await.unwrap();
+        sql.batch_execute(&format!("BEGIN AS OF SYSTEM TIME {ts}"))
+            .await
+            .unwrap();
+    }
+    // Its COMMIT commits nothing.
+    sql.batch_execute("COMMIT").await.unwrap();
 
     for (statement, expected) in [
         (
@@ -493,24 +540,27 @@ async fn as_of_system_time_reads_history_and_writes_nothing() {
         // Reads take timestamp 0 for "the latest": refused rather than read the present.
         ("SELECT v FROM h AS OF SYSTEM TIME 0", "22023"),
     ] {
-        let e = sql.batch_execute(statement).await.unwrap_err();
-        assert_eq!(code(e).as_deref(), Some(expected), "{statement}");
+        assert_eq!(refused(&sql, statement).await, expected, "{statement}");
     }
     sql.batch_execute("BEGIN").await.unwrap();
-    let inside = sql
-        .batch_execute("SELECT v FROM h AS OF SYSTEM TIME '-1s'")
-        .await
-        .unwrap_err();
-    assert_eq!(code(inside).as_deref(), Some("25001"));
+    assert_eq!(
+        refused(&sql, "SELECT v FROM h AS OF SYSTEM TIME '-1s'").await,
+        "25001"
+    );
     sql.batch_execute("ROLLBACK").await.unwrap();
-    let rows = sql
-        .query("SELECT v FROM h WHERE sphere_id = 1 ORDER BY id", &[])
+    let now = sql
+        .simple_query("SELECT id, v FROM h WHERE sphere_id = 1 ORDER BY id")
         .await
         .unwrap();
     assert_eq!(
-        rows.len(),
-        2,
+        rows_of(now),
+        ["1|new", "2|later"],
         "nothing the refused statements tried was written"
+    );
+    assert_eq!(
+        refused(&sql, "SELECT * FROM t2").await,
+        "42P01",
+        "the read-only transaction created a table"
     );
 }
 
@@ -519,47 +569,26 @@ async fn as_of_system_time_reads_history_and_writes_nothing() {
 /// until ROLLBACK, and the connection goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_request_stops_the_running_statement_and_commits_nothing() {
-    /// A query that would run for hours.
-    const ENDLESS: &str = "SELECT count(*) FROM generate_series(1, 100000000000)";
-    /// Cancels sent, one every 100 ms, before the test gives up: a cancel that arrives
-    /// before the statement starts is forgotten, as in PostgreSQL.
-    const MAX_CANCELS: usize = 600;
-    let cluster = ProcCluster::start(1, &[]).await;
-    let sql_addr = cluster.procs[0].sql_addr.clone();
-    common::eventually("the SQL front end to accept connections", || async {
-        connect(&sql_addr).await.ok().map(|_| ())
-    })
-    .await;
+    let (_cluster, sql_addr) = one_node().await;
     let sql = std::sync::Arc::new(connect(&sql_addr).await.unwrap().client);
     sql.batch_execute(
-        "CREATE TABLE c (sphere_id BIGINT, id INT, PRIMARY KEY (sphere_id, id)); \
-         BEGIN; INSERT INTO c VALUES (1, 1)",
+        "CREATE TABLE c (sphere_id BIGINT, id INT, n BIGINT, PRIMARY KEY (sphere_id, id)); \
+         BEGIN; INSERT INTO c VALUES (1, 1, 0)",
     )
     .await
     .unwrap();
-    let token = sql.cancel_token();
-    let running = {
-        let sql = sql.clone();
-        tokio::spawn(async move { sql.simple_query(ENDLESS).await })
-    };
-    let mut cancels = 0;
-    while !running.is_finished() {
-        assert!(
-            cancels < MAX_CANCELS,
-            "{cancels} cancel requests did not stop the query"
-        );
-        token.cancel_query(NoTls).await.unwrap();
-        cancels += 1;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let e = running.await.unwrap().unwrap_err();
+    let e = cancel_until_stopped(
+        &sql,
+        "SELECT count(*) FROM generate_series(1, 100000000000)",
+    )
+    .await;
     assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
     let after = sql.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(after.code().map(|c| c.code()), Some("25P02"), "{after}");
     sql.batch_execute("COMMIT").await.unwrap();
     // Read on another connection: a cancel sent just before the query ended may still be
     // on its way to this one.
-    let other = connect(&sql_addr).await.unwrap().client;
+    let other = std::sync::Arc::new(connect(&sql_addr).await.unwrap().client);
     let rows = other.query("SELECT * FROM c", &[]).await.unwrap();
     assert!(
         rows.is_empty(),
@@ -569,4 +598,48 @@ async fn a_cancel_request_stops_the_running_statement_and_commits_nothing() {
         sql.query_one("SELECT 1", &[]).await.ok().map(|_| ())
     })
     .await;
+
+    // A write outside BEGIN, stopped while it computes its row: nothing is written.
+    let e = cancel_until_stopped(
+        &other,
+        "INSERT INTO c SELECT 1, 2, count(*) FROM generate_series(1, 100000000000)",
+    )
+    .await;
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    let third = connect(&sql_addr).await.unwrap().client;
+    assert!(third
+        .query("SELECT * FROM c", &[])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Runs `endless` (a statement that would run for hours) on `sql` and sends cancel requests
+/// until it ends; its error.
+async fn cancel_until_stopped(
+    sql: &std::sync::Arc<tokio_postgres::Client>,
+    endless: &'static str,
+) -> tokio_postgres::Error {
+    /// Cancels sent, one every 100 ms, before the test gives up: a cancel that arrives
+    /// while the session is idle is forgotten, as in PostgreSQL.
+    const MAX_CANCELS: usize = 600;
+    let token = sql.cancel_token();
+    let running = {
+        let sql = sql.clone();
+        tokio::spawn(async move { sql.simple_query(endless).await })
+    };
+    let mut cancels = 0;
+    while !running.is_finished() {
+        assert!(
+            cancels < MAX_CANCELS,
+            "{cancels} cancel requests did not stop {endless}"
+        );
+        token.cancel_query(NoTls).await.unwrap();
+        cancels += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    match running.await.unwrap() {
+        Ok(_) => panic!("{endless} ended by itself"),
+        Err(e) => e,
+    }
 }

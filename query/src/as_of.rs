@@ -102,7 +102,11 @@ fn ago_ms(text: &str) -> Option<u64> {
 /// otherwise) and the time named. Several clauses are refused: a statement reads at one time.
 pub fn split(sql: &str) -> Result<(String, Option<AsOf>), SqlError> {
     // Cheap test first: most statements have no such clause.
-    if !sql.to_ascii_uppercase().contains("SYSTEM") {
+    let mentions_system = sql
+        .as_bytes()
+        .windows(CLAUSE[2].len())
+        .any(|w| w.eq_ignore_ascii_case(CLAUSE[2].as_bytes()));
+    if !mentions_system {
         return Ok((sql.to_string(), None));
     }
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)

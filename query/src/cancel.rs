@@ -4,8 +4,10 @@
 //! A cancel stops the statement running when it arrives, as `statement_timeout` does: its
 //! work is dropped and it fails with `57014`, so its own transaction rolls back and an
 //! explicit one is failed until `ROLLBACK`. A `COMMIT` in progress is never canceled (its
-//! outcome would be unknown to the client that asked), and a cancel that arrives between
-//! statements is forgotten, as in PostgreSQL.
+//! outcome would be unknown to the client that asked). A cancel stops the statements of the
+//! message (query string or Execute) being served when it arrives, the part of it that has
+//! not run yet included; one that arrives while the session is idle is forgotten, as in
+//! PostgreSQL.
 //!
 //! pgwire's own cancel support drops the handler's whole future, which could leave an
 //! explicit transaction open with half of a statement's writes in it; this one stops only
@@ -25,9 +27,11 @@ pub struct Canceler {
     requests: Arc<watch::Sender<u64>>,
 }
 
-/// What a session watches for cancels.
+/// What a session watches for cancels: those after the message it is serving arrived.
 pub struct CancelWatch {
     requests: watch::Receiver<u64>,
+    /// The count of requests when the message being served arrived.
+    armed: u64,
 }
 
 /// A canceler and the watch it signals.
@@ -37,7 +41,10 @@ pub fn channel() -> (Canceler, CancelWatch) {
         Canceler {
             requests: Arc::new(requests),
         },
-        CancelWatch { requests: watch },
+        CancelWatch {
+            requests: watch,
+            armed: 0,
+        },
     )
 }
 
@@ -48,14 +55,22 @@ impl Canceler {
 }
 
 impl CancelWatch {
-    /// A future that completes at the first cancel after this call (earlier ones are
-    /// forgotten), and never when no canceler is left.
-    pub fn next(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+    /// A message (a query string, an Execute) arrived: cancels from now on stop its
+    /// statements; earlier ones are forgotten.
+    pub fn arm(&mut self) {
+        self.armed = *self.requests.borrow();
+    }
+
+    /// A future that completes once a cancel arrived since [`CancelWatch::arm`] (at once if
+    /// one already has), and never when no canceler is left.
+    pub fn canceled(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut requests = self.requests.clone();
-        requests.borrow_and_update();
+        let armed = self.armed;
         async move {
-            if requests.changed().await.is_err() {
-                std::future::pending::<()>().await;
+            while *requests.borrow_and_update() == armed {
+                if requests.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
             }
         }
     }
@@ -101,16 +116,22 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test]
-    async fn a_cancel_stops_only_what_runs_when_it_arrives() {
-        let (canceler, watch) = channel();
+    async fn a_cancel_stops_what_runs_after_its_message_arrived() {
+        let (canceler, mut watch) = channel();
         canceler.cancel();
-        // Sent before the statement began: forgotten.
-        let next = watch.next();
-        let waited = tokio::time::timeout(Duration::from_millis(50), next).await;
+        // Sent before the message arrived: forgotten.
+        watch.arm();
+        let waited = tokio::time::timeout(Duration::from_millis(50), watch.canceled()).await;
         assert!(waited.is_err());
-        let next = watch.next();
+        // Sent after it arrived, before its statement began waiting: kept.
         canceler.cancel();
-        tokio::time::timeout(Duration::from_secs(5), next)
+        tokio::time::timeout(Duration::from_secs(5), watch.canceled())
+            .await
+            .expect("a cancel before the statement began stops it");
+        watch.arm();
+        let canceled = watch.canceled();
+        canceler.cancel();
+        tokio::time::timeout(Duration::from_secs(5), canceled)
             .await
             .expect("a cancel during the statement stops it");
     }
@@ -118,17 +139,20 @@ mod tests {
     #[tokio::test]
     async fn requests_reach_the_session_their_key_names() {
         let cancelers = Cancelers::default();
-        let (canceler, watch) = channel();
+        let (canceler, mut watch) = channel();
         cancelers.register((7, vec![1, 2, 3, 4]), canceler);
-        let next = watch.next();
+        watch.arm();
         let wrong = CancelRequest::new(7, SecretKey::I32(5));
         cancelers.on_cancel_request(wrong).await;
         let right = CancelRequest::new(7, SecretKey::I32(0x01020304));
-        let next_wrong = tokio::time::timeout(Duration::from_millis(50), next).await;
-        assert!(next_wrong.is_err(), "a wrong secret canceled the statement");
-        let next = watch.next();
+        let wrong_canceled =
+            tokio::time::timeout(Duration::from_millis(50), watch.canceled()).await;
+        assert!(
+            wrong_canceled.is_err(),
+            "a wrong secret canceled the statement"
+        );
         cancelers.on_cancel_request(right).await;
-        tokio::time::timeout(Duration::from_secs(5), next)
+        tokio::time::timeout(Duration::from_secs(5), watch.canceled())
             .await
             .expect("the right key cancels");
         cancelers.unregister(&(7, vec![1, 2, 3, 4]));

@@ -103,8 +103,9 @@ impl From<ClientError> for SqlError {
             ClientError::Corruption(_) => "XX001",
             ClientError::DeadlineExceeded { .. } => "57014",
             ClientError::ResourceExhausted(_) => "53000",
-            // A transaction older than the GC horizon: a new one reads fresh versions.
-            ClientError::HistoryCompacted { .. } => "40001",
+            // A snapshot older than the GC horizon: PostgreSQL's snapshot_too_old. Not 40001:
+            // a driver retrying an `AS OF SYSTEM TIME` read would meet it again every time.
+            ClientError::HistoryCompacted { .. } => "72000",
             // The commit may or may not have happened: PostgreSQL's
             // transaction_resolution_unknown.
             ClientError::OutcomeUnknown(_) => "08007",

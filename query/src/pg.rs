@@ -480,9 +480,8 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let mut session = self.session.lock().await;
-        // The time a statement reads at does not change its result columns.
-        let statement = match one_statement(&target.statement) {
-            Ok(Some((statement, _as_of))) => statement,
+        let (statement, as_of) = match one_statement(&target.statement) {
+            Ok(Some(parsed)) => parsed,
             Ok(None) => return Ok(DescribeStatementResponse::new(Vec::new(), Vec::new())),
             Err(e) => return Err(failed(&mut session, e)),
         };
@@ -497,7 +496,7 @@ impl ExtendedQueryHandler for Handler {
             ));
         }
         let described = session
-            .describe(statement)
+            .describe(statement, as_of)
             .await
             .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
         let parameters: Vec<Type> = (0..count)
@@ -555,13 +554,13 @@ impl ExtendedQueryHandler for Handler {
             Some(schema) => schema,
             None => {
                 let mut session = self.session.lock().await;
-                let statement = match self.bound(portal) {
-                    Ok(Some((statement, _as_of))) => statement,
+                let (statement, as_of) = match self.bound(portal) {
+                    Ok(Some(bound)) => bound,
                     Ok(None) => return Ok(DescribePortalResponse::new(Vec::new())),
                     Err(e) => return Err(failed(&mut session, e)),
                 };
                 let described = session
-                    .describe(statement)
+                    .describe(statement, as_of)
                     .await
                     .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
                 if !stored.id.is_empty() {

@@ -154,11 +154,12 @@ impl Session {
     /// control among them run as one transaction, as PostgreSQL runs them: all or nothing.
     pub async fn execute(&mut self, sql: &str) -> Vec<Result<Outcome, SqlError>> {
         self.commit_failed = false;
+        self.cancels.arm();
         let parsed = as_of::split(sql).and_then(|(sql, as_of)| Ok((Session::parse(&sql)?, as_of)));
         let statements = match parsed {
             Ok((statements, None)) => statements,
             Ok((mut statements, Some(as_of))) if statements.len() == 1 => {
-                return vec![self.run_at(statements.remove(0), Some(as_of)).await];
+                return vec![self.run_armed(statements.remove(0), Some(as_of)).await];
             }
             Ok((_, Some(_))) => {
                 self.fail();
@@ -212,9 +213,19 @@ impl Session {
         out
     }
 
-    /// Runs one statement, reading history when `as_of` names a time (`AS OF SYSTEM TIME`,
-    /// cut out of its text by [`as_of::split`]).
+    /// Runs one statement that came in a message of its own (the extended protocol's
+    /// Execute), reading history when `as_of` names a time (`AS OF SYSTEM TIME`, cut out of
+    /// its text by [`as_of::split`]). Cancel requests from now on stop it.
     pub async fn run_at(
+        &mut self,
+        statement: Statement,
+        as_of: Option<AsOf>,
+    ) -> Result<Outcome, SqlError> {
+        self.cancels.arm();
+        self.run_armed(statement, as_of).await
+    }
+
+    async fn run_armed(
         &mut self,
         statement: Statement,
         as_of: Option<AsOf>,
@@ -230,6 +241,18 @@ impl Session {
     /// `BEGIN AS OF SYSTEM TIME` opens a read-only transaction at that time; a query with the
     /// clause runs in one of its own. Other statements cannot read history.
     async fn run_as_of(&mut self, statement: Statement, as_of: AsOf) -> Result<Outcome, SqlError> {
+        let begins = match &statement {
+            Statement::StartTransaction { modes, .. } => {
+                refuse_serializable(modes)?;
+                true
+            }
+            Statement::Query(_) | Statement::Explain { .. } => false,
+            _ => {
+                return Err(SqlError::feature(
+                    "AS OF SYSTEM TIME applies to SELECT and BEGIN only",
+                ))
+            }
+        };
         match self.block {
             Block::None => {}
             Block::Failed => return Err(SqlError::in_failed_transaction()),
@@ -241,21 +264,18 @@ impl Session {
                 ))
             }
         }
-        let ts = as_of.timestamp(as_of::now_unix_ms())?;
-        let txn = Arc::new(tokio::sync::Mutex::new(self.client.begin_at(ts)?));
-        match statement {
-            Statement::StartTransaction { modes, .. } => {
-                refuse_serializable(&modes)?;
-                self.block = Block::Open(txn);
-                Ok(Outcome::Began)
-            }
-            statement @ (Statement::Query(_) | Statement::Explain { .. }) => {
-                self.run_with(statement, txn, true).await
-            }
-            _ => Err(SqlError::feature(
-                "AS OF SYSTEM TIME applies to SELECT and BEGIN only",
-            )),
+        let txn = self.historical(as_of)?;
+        if begins {
+            self.block = Block::Open(txn);
+            return Ok(Outcome::Began);
         }
+        self.run_with(statement, txn, true).await
+    }
+
+    /// A read-only transaction at the time `as_of` names.
+    fn historical(&self, as_of: AsOf) -> Result<SharedTxn, SqlError> {
+        let ts = as_of.timestamp(as_of::now_unix_ms())?;
+        Ok(Arc::new(tokio::sync::Mutex::new(self.client.begin_at(ts)?)))
     }
 
     /// Runs one statement.
@@ -389,7 +409,7 @@ impl Session {
             }
         }
         let timeout_ms = self.statement_timeout_ms;
-        let canceled = self.cancels.next();
+        let canceled = self.cancels.canceled();
         let work = run_statement(statement, &self.ctx, txn.clone());
         // A statement stopped by its timeout or a cancel request fails: its own transaction
         // rolls back below, an explicit one is failed until ROLLBACK, so none of its writes
@@ -425,13 +445,22 @@ impl Session {
 
     /// What a statement would return, without running it: its result columns (`None` for a
     /// statement that returns no rows) and the types of its `$n` parameters where the plan
-    /// fixes them.
-    pub async fn describe(&mut self, statement: Statement) -> Result<Described, SqlError> {
-        let result = self.describe_statement(statement).await;
+    /// fixes them. A statement that reads history (`as_of`) is planned over the catalog of
+    /// that time.
+    pub async fn describe(
+        &mut self,
+        statement: Statement,
+        as_of: Option<AsOf>,
+    ) -> Result<Described, SqlError> {
+        let result = self.describe_statement(statement, as_of).await;
         self.failing(result)
     }
 
-    async fn describe_statement(&mut self, statement: Statement) -> Result<Described, SqlError> {
+    async fn describe_statement(
+        &mut self,
+        statement: Statement,
+        as_of: Option<AsOf>,
+    ) -> Result<Described, SqlError> {
         let changes_rows = matches!(
             statement,
             Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
@@ -453,11 +482,12 @@ impl Session {
             }
             _ => return Ok(Described::default()),
         }
-        let txn = match &self.block {
-            Block::Open(txn) => txn.clone(),
-            Block::Failed => return Err(SqlError::in_failed_transaction()),
+        let txn = match (&self.block, as_of) {
+            (Block::Failed, _) => return Err(SqlError::in_failed_transaction()),
             // Planning reads the catalog only; the transaction has nothing to commit.
-            Block::None => Arc::new(tokio::sync::Mutex::new(self.client.begin().await?)),
+            (_, Some(as_of)) => self.historical(as_of)?,
+            (Block::Open(txn), None) => txn.clone(),
+            (Block::None, None) => Arc::new(tokio::sync::Mutex::new(self.client.begin().await?)),
         };
         let (ctx, descs) = context(&self.ctx, &txn).await?;
         if changes_rows {
