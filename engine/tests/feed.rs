@@ -455,7 +455,7 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
     /// Quiet phases started over because the allocator moved something meanwhile.
     const MAX_PLACEMENT_RESTARTS: usize = 3;
     /// Quiet phases started over though nothing was moved.
-    const MAX_OTHER_RESTARTS: usize = 1;
+    const MAX_OTHER_RESTARTS: usize = 2;
     let mut args = FAST_ELECTIONS.to_vec();
     args.extend(["--quiesce-after-ms", QUIESCE_AFTER_MS]);
     let cluster = ProcCluster::start(3, &args).await;
@@ -493,8 +493,8 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
     };
     quiesce().await;
     // Something else may wake the range: the allocator still spreading leaders (a transfer
-    // wakes the range; counted), or, once, a check that a starved peer core answered too late
-    // (the round then falls back to a ReadIndex; not counted). A quiet phase woken starts
+    // wakes the range; counted), or, rarely, a check that a starved peer core answered too
+    // late (the round then falls back to a ReadIndex; not counted). A quiet phase woken starts
     // over, a bounded number of times; rounds that wake the range wake phase after phase and
     // fail.
     let (mut placement_restarts, mut other_restarts) = (0, 0);
@@ -507,7 +507,8 @@ async fn an_idle_followed_range_quiesces_and_keeps_resolving() {
         let before = seen.resolved;
         follow_until(&mut sub, &mut seen, before + 1).await;
         checkpoints += 1;
-        if quiesced_everywhere().await == Some(true) {
+        // A node that did not answer (a loaded machine) tells nothing either way.
+        if quiesced_everywhere().await != Some(false) {
             continue;
         }
         quiesce().await;

@@ -134,7 +134,12 @@ async fn the_sql_logic_test_suite_passes_over_the_wire_protocol() {
 
 /// A one-node cluster whose SQL front end accepts connections, and its SQL address.
 async fn one_node() -> (ProcCluster, String) {
-    let cluster = ProcCluster::start(1, &[]).await;
+    one_node_with(&[]).await
+}
+
+/// As [`one_node`], with extra `spheredb start` arguments.
+async fn one_node_with(args: &[&str]) -> (ProcCluster, String) {
+    let cluster = ProcCluster::start(1, args).await;
     let sql_addr = cluster.procs[0].sql_addr.clone();
     common::eventually("the SQL front end to accept connections", || async {
         connect(&sql_addr).await.ok().map(|_| ())
@@ -564,6 +569,43 @@ async fn as_of_system_time_reads_history_and_writes_nothing() {
     );
 }
 
+/// A read below the GC horizon answers 72000 (snapshot_too_old), which drivers do not retry:
+/// the same `AS OF SYSTEM TIME` would meet it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn as_of_below_the_gc_horizon_is_snapshot_too_old() {
+    let (cluster, sql_addr) = one_node_with(&["--gc-ttl", "2s", "--gc-interval-ms", "200"]).await;
+    let sql = connect(&sql_addr).await.unwrap().client;
+    sql.batch_execute(
+        "CREATE TABLE g (sphere_id BIGINT, id INT, PRIMARY KEY (sphere_id, id)); \
+         INSERT INTO g VALUES (1, 1)",
+    )
+    .await
+    .unwrap();
+    let ts = cluster.client().await.timestamp().await.unwrap();
+    let read = format!("SELECT * FROM g AS OF SYSTEM TIME {ts} WHERE sphere_id = 1");
+    assert_eq!(sql.query(&read, &[]).await.unwrap().len(), 1);
+    // Time passes and writes move the horizon past `ts`.
+    let mut id = 1;
+    common::eventually("the GC horizon to pass the timestamp read at", || {
+        id += 1;
+        let (sql, read) = (&sql, &read);
+        let write = format!("INSERT INTO g VALUES (1, {id})");
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            sql.batch_execute(&write).await.ok()?;
+            match sql.query(read.as_str(), &[]).await {
+                Err(e) => {
+                    let code = e.code().map(|c| c.code().to_string());
+                    assert_eq!(code.as_deref(), Some("72000"), "{e}");
+                    Some(())
+                }
+                Ok(_) => None,
+            }
+        }
+    })
+    .await;
+}
+
 /// A cancel request (sent on its own connection with the session's key) stops the running
 /// statement with 57014; its writes are never committed, an explicit transaction is failed
 /// until ROLLBACK, and the connection goes on serving.
@@ -599,19 +641,23 @@ async fn a_cancel_request_stops_the_running_statement_and_commits_nothing() {
     })
     .await;
 
-    // A write outside BEGIN, stopped while it computes its row: nothing is written.
+    // Statements sent together outside BEGIN are one transaction: the write before the
+    // canceled query is rolled back with it.
     let e = cancel_until_stopped(
         &other,
-        "INSERT INTO c SELECT 1, 2, count(*) FROM generate_series(1, 100000000000)",
+        "INSERT INTO c VALUES (1, 2, 0); SELECT count(*) FROM generate_series(1, 100000000000)",
     )
     .await;
     assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
     let third = connect(&sql_addr).await.unwrap().client;
-    assert!(third
-        .query("SELECT * FROM c", &[])
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        third
+            .query("SELECT * FROM c", &[])
+            .await
+            .unwrap()
+            .is_empty(),
+        "the write before the canceled statement was committed"
+    );
 }
 
 /// Runs `endless` (a statement that would run for hours) on `sql` and sends cancel requests

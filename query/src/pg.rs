@@ -517,11 +517,12 @@ impl ExtendedQueryHandler for Handler {
                     .unwrap_or(Type::TEXT)
             })
             .collect();
-        let named = !target.id.is_empty();
+        let keep_result = !target.id.is_empty() && !relative(as_of);
         self.remember(&target.id, &target.statement, |d| {
             d.parameters = Some(parameters.clone());
-            // Unnamed statements are planned again for every portal.
-            if named {
+            // Unnamed statements, and those reading at a time relative to the clock, are
+            // planned again for every portal.
+            if keep_result {
                 d.result = Some(described.schema.clone());
             }
         });
@@ -563,7 +564,7 @@ impl ExtendedQueryHandler for Handler {
                     .describe(statement, as_of)
                     .await
                     .map_err(|e| PgWireError::UserError(Box::new(error_info(&e))))?;
-                if !stored.id.is_empty() {
+                if !stored.id.is_empty() && !relative(as_of) {
                     self.remember(&stored.id, &stored.statement, |d| {
                         d.result = Some(described.schema.clone())
                     });
@@ -587,6 +588,12 @@ fn failed(session: &mut Session, e: SqlError) -> PgWireError {
 
 fn error_info(e: &SqlError) -> ErrorInfo {
     ErrorInfo::new("ERROR".to_string(), e.code.to_string(), e.message.clone())
+}
+
+/// Whether a statement reads at a time relative to the clock (`AS OF SYSTEM TIME '-10s'`):
+/// the tables it reads, and so its result columns, may differ at each execution.
+fn relative(as_of: Option<AsOf>) -> bool {
+    matches!(as_of, Some(AsOf::Ago { .. }))
 }
 
 /// The one statement of a prepared statement's text (`None` for an empty one). More than

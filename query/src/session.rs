@@ -256,13 +256,7 @@ impl Session {
         match self.block {
             Block::None => {}
             Block::Failed => return Err(SqlError::in_failed_transaction()),
-            Block::Open(_) => {
-                return Err(SqlError::new(
-                    "25001",
-                    "AS OF SYSTEM TIME inside a transaction: the transaction reads at one \
-                     time; begin it with BEGIN AS OF SYSTEM TIME",
-                ))
-            }
+            Block::Open(_) => return Err(as_of_inside_transaction()),
         }
         let txn = self.historical(as_of)?;
         if begins {
@@ -484,8 +478,10 @@ impl Session {
         }
         let txn = match (&self.block, as_of) {
             (Block::Failed, _) => return Err(SqlError::in_failed_transaction()),
+            // As its execution would be.
+            (Block::Open(_), Some(_)) => return Err(as_of_inside_transaction()),
             // Planning reads the catalog only; the transaction has nothing to commit.
-            (_, Some(as_of)) => self.historical(as_of)?,
+            (Block::None, Some(as_of)) => self.historical(as_of)?,
             (Block::Open(txn), None) => txn.clone(),
             (Block::None, None) => Arc::new(tokio::sync::Mutex::new(self.client.begin().await?)),
         };
@@ -592,6 +588,14 @@ impl Session {
             _ => Ok(None),
         }
     }
+}
+
+fn as_of_inside_transaction() -> SqlError {
+    SqlError::new(
+        "25001",
+        "AS OF SYSTEM TIME inside a transaction: the transaction reads at one time; begin it \
+         with BEGIN AS OF SYSTEM TIME",
+    )
 }
 
 /// The name of a statement that writes (rows or the catalog), for a read-only transaction's

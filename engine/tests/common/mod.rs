@@ -73,16 +73,22 @@ pub async fn node_counters(cluster: &ProcCluster) -> Vec<(String, HashMap<String
     out
 }
 
-/// Placement actions (splits, merges, replica and leader moves) every live node has made
-/// since it started: each wakes the ranges it touches.
+/// Placement actions (splits, merges, replica and leader moves) the live nodes have made
+/// since they started (each wakes the ranges it touches), once every live node answers.
 pub async fn placement_actions(cluster: &ProcCluster) -> u64 {
-    node_counters(cluster)
-        .await
-        .iter()
-        .flat_map(|(_, counters)| counters.iter())
-        .filter(|(name, _)| !name.starts_with("wal_"))
-        .map(|(_, n)| n)
-        .sum()
+    let live = cluster.procs.iter().filter(|p| p.child.is_some()).count();
+    eventually("every live node to report its counters", || async {
+        let counters = node_counters(cluster).await;
+        (counters.len() == live).then(|| {
+            counters
+                .iter()
+                .flat_map(|(_, counters)| counters.iter())
+                .filter(|(name, _)| !name.starts_with("wal_"))
+                .map(|(_, n)| n)
+                .sum()
+        })
+    })
+    .await
 }
 
 /// A loopback port nobody is listening on right now.
