@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::compare::{median, pair_ratios_cell, ratio_cell};
 use crate::runner::{HISTOGRAM_PRECISION_DIGITS, MAX_TRACKED_LATENCY_US};
 
 /// Attempts of one operation before it counts as an error.
@@ -182,17 +183,139 @@ pub fn check_sweep(
     Ok(())
 }
 
+/// What one closed-loop run measured, as a report needs it.
+pub trait Measured {
+    /// Operations committed per second of the measured window.
+    fn throughput(&self) -> f64;
+    fn attempts(&self) -> u64;
+    fn aborts(&self) -> u64;
+    fn errors(&self) -> u64;
+    fn p50_us(&self) -> u64;
+    fn p99_us(&self) -> u64;
+
+    /// The share of attempts that ended in a conflict.
+    fn abort_rate(&self) -> f64 {
+        if self.attempts() == 0 {
+            0.0
+        } else {
+            self.aborts() as f64 / self.attempts() as f64
+        }
+    }
+
+    /// The run's progress line.
+    fn summary(&self, unit: &str) -> String {
+        format!(
+            "{:.0} {unit}/s  p50 {} us  p99 {} us  aborts {:.1} % of {} attempts  errors {}",
+            self.throughput(),
+            self.p50_us(),
+            self.p99_us(),
+            self.abort_rate() * 100.0,
+            self.attempts(),
+            self.errors()
+        )
+    }
+}
+
+/// One point of a sweep (a system at a client count): medians over its pairs, and its
+/// throughput over PostgreSQL's in each pair.
+#[derive(Debug, serde::Serialize)]
+pub struct Point {
+    /// Reported under the benchmark's own name (`ops_per_sec`, `transfers_per_sec`).
+    #[serde(skip)]
+    pub throughput: f64,
+    /// Throughput over PostgreSQL's in the same pairs (median); `None` for PostgreSQL
+    /// itself or without it.
+    pub ratio_vs_postgres: Option<f64>,
+    pub pair_ratios_vs_postgres: Vec<f64>,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub abort_rate: f64,
+    pub errors: u64,
+}
+
+impl Point {
+    /// The point of `runs` ((pair, result) of one system at one client count), with ratios
+    /// against `baseline`, PostgreSQL's runs of the same point (`None` for PostgreSQL's own).
+    pub fn of<R: Measured>(runs: &[&(usize, R)], baseline: Option<&[&(usize, R)]>) -> Point {
+        let med = |f: &dyn Fn(&R) -> f64| median(runs.iter().map(|(_, r)| f(r)).collect());
+        let pair_ratios = baseline.map_or_else(Vec::new, |base| pair_ratios(runs, base));
+        Point {
+            throughput: med(&|r| r.throughput()),
+            ratio_vs_postgres: (!pair_ratios.is_empty()).then(|| median(pair_ratios.clone())),
+            pair_ratios_vs_postgres: pair_ratios,
+            p50_us: med(&|r| r.p50_us() as f64) as u64,
+            p99_us: med(&|r| r.p99_us() as f64) as u64,
+            abort_rate: med(&|r| r.abort_rate()),
+            errors: runs.iter().map(|(_, r)| r.errors()).sum(),
+        }
+    }
+
+    /// The report's Markdown cells for the point: throughput, ratio, per-pair ratios,
+    /// p50 / p99 ms, abort rate, errors.
+    pub fn cells(&self) -> String {
+        format!(
+            "{:.0} | {} | {} | {:.2} / {:.2} | {:.1} % | {}",
+            self.throughput,
+            ratio_cell(self.ratio_vs_postgres),
+            pair_ratios_cell(&self.pair_ratios_vs_postgres),
+            self.p50_us as f64 / 1000.0,
+            self.p99_us as f64 / 1000.0,
+            self.abort_rate * 100.0,
+            self.errors,
+        )
+    }
+}
+
 /// Throughput over the baseline's in the same pair, for every pair both ran (`runs` and
 /// `baseline` are (pair, result) of one point).
-pub fn pair_ratios<R>(
-    runs: &[&(usize, R)],
-    baseline: &[&(usize, R)],
-    throughput: fn(&R) -> f64,
-) -> Vec<f64> {
+fn pair_ratios<R: Measured>(runs: &[&(usize, R)], baseline: &[&(usize, R)]) -> Vec<f64> {
     runs.iter()
         .filter_map(|(pair, r)| {
             let (_, base) = baseline.iter().find(|(p, _)| p == pair)?;
-            (throughput(base) > 0.0).then(|| throughput(r) / throughput(base))
+            (base.throughput() > 0.0).then(|| r.throughput() / base.throughput())
         })
         .collect()
 }
+
+/// Writes a report: `<name>.md` and `<name>.json` in `out_dir`.
+pub fn write_report(
+    out_dir: &std::path::Path,
+    name: &str,
+    md: &str,
+    json: &serde_json::Value,
+) -> anyhow::Result<()> {
+    std::fs::write(out_dir.join(format!("{name}.md")), md)?;
+    std::fs::write(
+        out_dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(json)?,
+    )?;
+    Ok(())
+}
+
+/// Implements [`Measured`] for a run's result struct with `attempts`, `aborts`, `errors`,
+/// `p50_us` and `p99_us` fields and its throughput in the field named.
+macro_rules! measured {
+    ($result:ty, $throughput:ident) => {
+        impl $crate::closed_loop::Measured for $result {
+            fn throughput(&self) -> f64 {
+                self.$throughput
+            }
+            fn attempts(&self) -> u64 {
+                self.attempts
+            }
+            fn aborts(&self) -> u64 {
+                self.aborts
+            }
+            fn errors(&self) -> u64 {
+                self.errors
+            }
+            fn p50_us(&self) -> u64 {
+                self.p50_us
+            }
+            fn p99_us(&self) -> u64 {
+                self.p99_us
+            }
+        }
+    };
+}
+pub(crate) use measured;

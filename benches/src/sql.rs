@@ -17,9 +17,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, Statement};
 
 use crate::closed_loop::{
-    self, Failure, MAX_ATTEMPTS, RETRY_BACKOFF_INITIAL_MS, RETRY_BACKOFF_MAX_MS,
+    self, Failure, Measured, Point, MAX_ATTEMPTS, RETRY_BACKOFF_INITIAL_MS, RETRY_BACKOFF_MAX_MS,
 };
-use crate::compare::{median, pair_order, pair_ratios_cell, ratio_cell};
+use crate::compare::pair_order;
 use crate::postgres::PgServer;
 use crate::target::{self, System};
 
@@ -463,15 +463,7 @@ pub struct SqlResult {
     pub p99_us: u64,
 }
 
-impl SqlResult {
-    fn abort_rate(&self) -> f64 {
-        if self.attempts == 0 {
-            0.0
-        } else {
-            self.aborts as f64 / self.attempts as f64
-        }
-    }
-}
+closed_loop::measured!(SqlResult, ops_per_sec);
 
 /// One closed-loop run against a fresh, freshly loaded server.
 async fn run_one(
@@ -530,18 +522,14 @@ async fn run_one(
 }
 
 /// One row of the report: medians over a point's pairs.
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 struct Row {
     workload: SqlWorkload,
     clients: usize,
     system: SqlSystem,
     ops_per_sec: f64,
-    ratio_vs_postgres: Option<f64>,
-    pair_ratios_vs_postgres: Vec<f64>,
-    p50_us: u64,
-    p99_us: u64,
-    abort_rate: f64,
-    errors: u64,
+    #[serde(flatten)]
+    point: Point,
 }
 
 fn rows_of(cfg: &SqlConfig, results: &[(usize, SqlResult)]) -> Vec<Row> {
@@ -558,26 +546,14 @@ fn rows_of(cfg: &SqlConfig, results: &[(usize, SqlResult)]) -> Vec<Row> {
             };
             let pg = of(SqlSystem::Postgres);
             for &system in &cfg.systems {
-                let runs = of(system);
-                let med =
-                    |f: fn(&SqlResult) -> f64| median(runs.iter().map(|(_, r)| f(r)).collect());
-                let pair_ratios: Vec<f64> = if system == SqlSystem::Postgres {
-                    Vec::new()
-                } else {
-                    closed_loop::pair_ratios(&runs, &pg, |r| r.ops_per_sec)
-                };
+                let baseline = (system != SqlSystem::Postgres).then_some(pg.as_slice());
+                let point = Point::of(&of(system), baseline);
                 rows.push(Row {
                     workload,
                     clients,
                     system,
-                    ops_per_sec: med(|r| r.ops_per_sec),
-                    ratio_vs_postgres: (!pair_ratios.is_empty())
-                        .then(|| median(pair_ratios.clone())),
-                    pair_ratios_vs_postgres: pair_ratios,
-                    p50_us: med(|r| r.p50_us as f64) as u64,
-                    p99_us: med(|r| r.p99_us as f64) as u64,
-                    abort_rate: med(SqlResult::abort_rate),
-                    errors: runs.iter().map(|(_, r)| r.errors).sum(),
+                    ops_per_sec: point.throughput,
+                    point,
                 });
             }
         }
@@ -619,15 +595,7 @@ pub async fn run(cfg: SqlConfig) -> anyhow::Result<String> {
                         .with_context(|| {
                             format!("{workload} on {system} with {clients} clients")
                         })?;
-                    eprintln!(
-                        "    {:.0} ops/s  p50 {} us  p99 {} us  aborts {:.1} % of {} attempts  errors {}",
-                        r.ops_per_sec,
-                        r.p50_us,
-                        r.p99_us,
-                        r.abort_rate() * 100.0,
-                        r.attempts,
-                        r.errors
-                    );
+                    eprintln!("    {}", r.summary("ops"));
                     results.push((pair, r));
                 }
             }
@@ -664,33 +632,24 @@ pub async fn run(cfg: SqlConfig) -> anyhow::Result<String> {
     md.push_str("|---|---:|---|---:|---:|---|---:|---:|---:|\n");
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {} | {} | {:.2} / {:.2} | {:.1} % | {} |\n",
+            "| {} | {} | {} | {} |\n",
             r.workload,
             r.clients,
             r.system,
-            r.ops_per_sec,
-            ratio_cell(r.ratio_vs_postgres),
-            pair_ratios_cell(&r.pair_ratios_vs_postgres),
-            r.p50_us as f64 / 1000.0,
-            r.p99_us as f64 / 1000.0,
-            r.abort_rate * 100.0,
-            r.errors,
+            r.point.cells()
         ));
     }
-    std::fs::write(cfg.out_dir.join("sql.md"), &md)?;
     let runs: Vec<&SqlResult> = results.iter().map(|(_, r)| r).collect();
-    std::fs::write(
-        cfg.out_dir.join("sql.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "spheres": cfg.spheres,
-            "rows_per_sphere": cfg.rows_per_sphere,
-            "duration_secs": cfg.duration_secs,
-            "warmup_secs": cfg.warmup_secs,
-            "postgres": pg_version,
-            "rows": rows,
-            "runs": runs,
-        }))?,
-    )?;
+    let json = serde_json::json!({
+        "spheres": cfg.spheres,
+        "rows_per_sphere": cfg.rows_per_sphere,
+        "duration_secs": cfg.duration_secs,
+        "warmup_secs": cfg.warmup_secs,
+        "postgres": pg_version,
+        "rows": rows,
+        "runs": runs,
+    });
+    closed_loop::write_report(&cfg.out_dir, "sql", &md, &json)?;
     Ok(md)
 }
 

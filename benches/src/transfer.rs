@@ -18,9 +18,9 @@ use serde::Serialize;
 use spheredb_client::{Client, ClientError};
 
 use crate::closed_loop::{
-    self, Failure, MAX_ATTEMPTS, RETRY_BACKOFF_INITIAL_MS, RETRY_BACKOFF_MAX_MS,
+    self, Failure, Measured, Point, MAX_ATTEMPTS, RETRY_BACKOFF_INITIAL_MS, RETRY_BACKOFF_MAX_MS,
 };
-use crate::compare::{median, pair_order, pair_ratios_cell, ratio_cell};
+use crate::compare::pair_order;
 use crate::postgres::PgServer;
 use crate::target::{self, System, BENCH_SPHERE};
 
@@ -126,15 +126,7 @@ pub struct TransferResult {
     pub p99_us: u64,
 }
 
-impl TransferResult {
-    fn abort_rate(&self) -> f64 {
-        if self.attempts == 0 {
-            0.0
-        } else {
-            self.aborts as f64 / self.attempts as f64
-        }
-    }
-}
+closed_loop::measured!(TransferResult, transfers_per_sec);
 
 /// The key of account `i` (SphereDB): the first half under `acct/a/`, the second under
 /// `acct/b/`, with a range boundary at `acct/b/`.
@@ -517,13 +509,8 @@ struct Row {
     clients: usize,
     system: TxnSystem,
     transfers_per_sec: f64,
-    /// Throughput over PostgreSQL's in the same pairs (median); `None` without PostgreSQL.
-    ratio_vs_postgres: Option<f64>,
-    pair_ratios_vs_postgres: Vec<f64>,
-    p50_us: u64,
-    p99_us: u64,
-    abort_rate: f64,
-    errors: u64,
+    #[serde(flatten)]
+    point: Point,
 }
 
 fn rows_of(
@@ -541,24 +528,13 @@ fn rows_of(
         };
         let pg = of(TxnSystem::Postgres);
         for &system in systems {
-            let runs = of(system);
-            let med =
-                |f: fn(&TransferResult) -> f64| median(runs.iter().map(|(_, r)| f(r)).collect());
-            let pair_ratios: Vec<f64> = if system == TxnSystem::Postgres {
-                Vec::new()
-            } else {
-                closed_loop::pair_ratios(&runs, &pg, |r| r.transfers_per_sec)
-            };
+            let baseline = (system != TxnSystem::Postgres).then_some(pg.as_slice());
+            let point = Point::of(&of(system), baseline);
             rows.push(Row {
                 clients: c,
                 system,
-                transfers_per_sec: med(|r| r.transfers_per_sec),
-                ratio_vs_postgres: (!pair_ratios.is_empty()).then(|| median(pair_ratios.clone())),
-                pair_ratios_vs_postgres: pair_ratios,
-                p50_us: med(|r| r.p50_us as f64) as u64,
-                p99_us: med(|r| r.p99_us as f64) as u64,
-                abort_rate: med(TransferResult::abort_rate),
-                errors: runs.iter().map(|(_, r)| r.errors).sum(),
+                transfers_per_sec: point.throughput,
+                point,
             });
         }
     }
@@ -593,15 +569,7 @@ pub async fn run(cfg: TransferConfig) -> anyhow::Result<String> {
                 );
                 let seed = cfg.seed.wrapping_add(pair as u64);
                 let r = run_one(system, clients, seed, &cfg).await?;
-                eprintln!(
-                    "    {:.0} transfers/s  p50 {} us  p99 {} us  aborts {:.1} % of {} attempts  errors {}",
-                    r.transfers_per_sec,
-                    r.p50_us,
-                    r.p99_us,
-                    r.abort_rate() * 100.0,
-                    r.attempts,
-                    r.errors
-                );
+                eprintln!("    {}", r.summary("transfers"));
                 results.push((pair, r));
             }
         }
@@ -634,31 +602,22 @@ pub async fn run(cfg: TransferConfig) -> anyhow::Result<String> {
     md.push_str("|---:|---|---:|---:|---|---:|---:|---:|\n");
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {} | {} | {:.2} / {:.2} | {:.1} % | {} |\n",
+            "| {} | {} | {} |\n",
             r.clients,
             r.system,
-            r.transfers_per_sec,
-            ratio_cell(r.ratio_vs_postgres),
-            pair_ratios_cell(&r.pair_ratios_vs_postgres),
-            r.p50_us as f64 / 1000.0,
-            r.p99_us as f64 / 1000.0,
-            r.abort_rate * 100.0,
-            r.errors,
+            r.point.cells()
         ));
     }
-    std::fs::write(cfg.out_dir.join("transfers.md"), &md)?;
     let runs: Vec<&TransferResult> = results.iter().map(|(_, r)| r).collect();
-    std::fs::write(
-        cfg.out_dir.join("transfers.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "accounts": cfg.accounts,
-            "duration_secs": cfg.duration_secs,
-            "warmup_secs": cfg.warmup_secs,
-            "postgres": pg_version,
-            "rows": rows,
-            "runs": runs,
-        }))?,
-    )?;
+    let json = serde_json::json!({
+        "accounts": cfg.accounts,
+        "duration_secs": cfg.duration_secs,
+        "warmup_secs": cfg.warmup_secs,
+        "postgres": pg_version,
+        "rows": rows,
+        "runs": runs,
+    });
+    closed_loop::write_report(&cfg.out_dir, "transfers", &md, &json)?;
     Ok(md)
 }
 
@@ -716,9 +675,9 @@ mod tests {
             (1, result(TxnSystem::Spheredb1pc, 250.0)),
         ];
         let rows = rows_of(&[16], &systems, &results);
-        assert_eq!(rows[0].pair_ratios_vs_postgres, vec![0.75, 0.5]);
-        assert_eq!(rows[0].ratio_vs_postgres, Some(0.625));
-        assert!((rows[0].abort_rate - 0.1).abs() < 1e-9);
-        assert_eq!(rows[1].ratio_vs_postgres, None);
+        assert_eq!(rows[0].point.pair_ratios_vs_postgres, vec![0.75, 0.5]);
+        assert_eq!(rows[0].point.ratio_vs_postgres, Some(0.625));
+        assert!((rows[0].point.abort_rate - 0.1).abs() < 1e-9);
+        assert_eq!(rows[1].point.ratio_vs_postgres, None);
     }
 }
